@@ -1,0 +1,246 @@
+//! The admin HTTP port: `/metrics`, `/healthz`, `/readyz` and `POST /publish`.
+//!
+//! A deliberately small HTTP/1.1 server (one request per connection, `Connection: close`)
+//! on shard 0: scrapes and publishes are rare next to WebSocket traffic, and keeping it
+//! on one shard keeps it out of every other shard's way.
+
+use crate::config::Settings;
+use crate::fanout::publisher::Publisher;
+use crate::ingest::line::validate_payload;
+use crate::metrics::{self, ShardMetrics, Source};
+use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
+use crate::proto::upgrade::{percent_decode, status_text, MAX_REQUEST_HEAD};
+use crate::shard::lifecycle::{DRAINING, SHARDS_READY};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Accepts admin connections forever.
+pub async fn serve(
+    listener: TcpListener,
+    publisher: Arc<Publisher>,
+    settings: Arc<Settings>,
+    metrics: &'static ShardMetrics,
+) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                if stream
+                    .peer_addr()
+                    .is_ok_and(|a| settings.ingest_allowed(a.ip()))
+                {
+                    glommio::spawn_local(handle(
+                        stream,
+                        publisher.clone(),
+                        settings.clone(),
+                        metrics,
+                    ))
+                    .detach();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+fn text(status: u16, body: impl Into<String>) -> Response {
+    Response {
+        status,
+        content_type: "text/plain; charset=utf-8",
+        body: body.into(),
+    }
+}
+
+fn json(status: u16, body: String) -> Response {
+    Response {
+        status,
+        content_type: "application/json",
+        body,
+    }
+}
+
+fn json_error(status: u16, error: &str) -> Response {
+    json(
+        status,
+        format!(
+            "{{\"error\":{}}}\n",
+            serde_json::Value::String(error.to_string())
+        ),
+    )
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    publisher: Arc<Publisher>,
+    settings: Arc<Settings>,
+    metrics: &'static ShardMetrics,
+) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let response = match read_request(&mut stream, settings.max_message_size).await {
+        Ok((method, target, body)) => {
+            route(&method, &target, &body, &publisher, &settings, metrics)
+        }
+        Err(resp) => resp,
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        response.status,
+        status_text(response.status),
+        response.content_type,
+        response.body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(response.body.as_bytes()).await;
+    let _ = stream.close().await;
+}
+
+/// Reads one request: method, target and a Content-Length body.
+async fn read_request(
+    stream: &mut TcpStream,
+    max_body: usize,
+) -> Result<(String, String, Vec<u8>), Response> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| text(400, "incomplete request\n"))?;
+        if n == 0 {
+            return Err(text(400, "incomplete request\n"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_HEAD => continue,
+            Ok(httparse::Status::Partial) => return Err(text(431, "request head too large\n")),
+            Err(e) => return Err(text(400, format!("malformed HTTP request: {e}\n"))),
+        };
+        let method = req.method.unwrap_or("").to_string();
+        let target = req.path.unwrap_or("/").to_string();
+        let header = |name: &str| {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value)
+        };
+        if header("transfer-encoding").is_some() {
+            return Err(json_error(
+                411,
+                "chunked bodies are not supported: send Content-Length",
+            ));
+        }
+        let length = match header("content-length") {
+            None => 0,
+            Some(v) => std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| json_error(400, "malformed Content-Length"))?,
+        };
+        if length > max_body {
+            return Err(json_error(
+                413,
+                &format!("body of {length} bytes exceeds the {max_body}-byte limit"),
+            ));
+        }
+        let mut body = buf.split_off(head_len);
+        while body.len() < length {
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .map_err(|_| json_error(400, "body shorter than Content-Length"))?;
+            if n == 0 {
+                return Err(json_error(400, "body shorter than Content-Length"));
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        body.truncate(length);
+        return Ok((method, target, body));
+    }
+}
+
+fn route(
+    method: &str,
+    target: &str,
+    body: &[u8],
+    publisher: &Publisher,
+    settings: &Settings,
+    metrics: &ShardMetrics,
+) -> Response {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let draining = DRAINING.load(Ordering::Acquire);
+    match (method, path) {
+        ("GET", "/metrics") => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: metrics::get().render(draining),
+        },
+        ("GET", "/healthz") => text(200, "ok\n"),
+        ("GET", "/readyz") if draining => text(503, "draining\n"),
+        ("GET", "/readyz") if SHARDS_READY.load(Ordering::Acquire) < settings.shards => {
+            text(503, "starting\n")
+        }
+        ("GET", "/readyz") => text(200, "ready\n"),
+        ("POST", "/publish") => publish(query, body, publisher, settings, metrics),
+        (_, "/metrics" | "/healthz" | "/readyz" | "/publish") => text(405, "method not allowed\n"),
+        _ => text(
+            404,
+            "not found: try /metrics, /healthz, /readyz or POST /publish\n",
+        ),
+    }
+}
+
+fn publish(
+    query: &str,
+    body: &[u8],
+    publisher: &Publisher,
+    settings: &Settings,
+    metrics: &ShardMetrics,
+) -> Response {
+    let source = Source::Http as usize;
+    let channel = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "channel")
+        .and_then(|(_, v)| percent_decode(v));
+    let Some(channel) = channel else {
+        metrics.ingest_rejected[source][1].fetch_add(1, Ordering::Relaxed);
+        return json_error(
+            400,
+            "missing query parameter channel (POST /publish?channel=<name>)",
+        );
+    };
+    if !is_valid_channel(channel.as_bytes()) {
+        metrics.ingest_rejected[source][1].fetch_add(1, Ordering::Relaxed);
+        return json_error(
+            400,
+            &format!("invalid channel name {channel:?}: {CHANNEL_RULE}"),
+        );
+    }
+    if let Err(e) = validate_payload(body, settings.max_message_size) {
+        metrics.ingest_rejected[source][e.index()].fetch_add(1, Ordering::Relaxed);
+        return json_error(400, &e.to_string());
+    }
+    let published = publisher.publish(&channel, body);
+    metrics.messages_in[source].fetch_add(1, Ordering::Relaxed);
+    json(
+        200,
+        format!(
+            "{{\"channel\":\"{channel}\",\"offset\":{}}}\n",
+            published.offset
+        ),
+    )
+}

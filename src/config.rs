@@ -1,0 +1,474 @@
+//! Configuration: a TOML file, command-line flags and `RINGCAST_*` environment variables,
+//! merged (flag/env over file over built-in default) and validated into [`Settings`].
+//!
+//! One struct, [`ConfigLayer`], describes every key for both the file and the command
+//! line, so `--help`, the TOML keys and the docs cannot drift apart.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a wrongly typed value.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said, including the key and line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid {
+        /// The key (TOML name; the flag is the same with dashes).
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Every setting, optional, as read from one source (file or command line + environment).
+#[derive(Debug, Default, Clone, Deserialize, Parser)]
+#[serde(default, deny_unknown_fields)]
+#[command(
+    name = "ringcast",
+    version,
+    about = "Thread-per-core io_uring WebSocket fan-out server"
+)]
+pub struct ConfigLayer {
+    /// TOML configuration file; flags and environment override its values.
+    #[arg(long, env = "RINGCAST_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// WebSocket listen address. Default: 0.0.0.0:8080.
+    #[arg(long, env = "RINGCAST_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// UDP ingest address (`off` disables). Default: 127.0.0.1:9000.
+    #[arg(long, env = "RINGCAST_UDP_INGEST", value_name = "ADDR|off")]
+    pub udp_ingest: Option<String>,
+    /// TCP ingest address (`off` disables). Default: 127.0.0.1:9001.
+    #[arg(long, env = "RINGCAST_TCP_INGEST", value_name = "ADDR|off")]
+    pub tcp_ingest: Option<String>,
+    /// Admin HTTP address: /metrics, /healthz, /readyz, /publish. Default: 127.0.0.1:9090.
+    #[arg(long, env = "RINGCAST_ADMIN", value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Source addresses (CIDRs) allowed to use a non-loopback ingest or admin port.
+    /// Required when one of them binds a non-loopback address. Default: none.
+    #[arg(
+        long,
+        env = "RINGCAST_INGEST_ALLOW",
+        value_delimiter = ',',
+        value_name = "CIDR,..."
+    )]
+    pub ingest_allow: Option<Vec<String>>,
+    /// Number of shards (pinned executors, one per core); 0 means one per online CPU.
+    /// Default: 0.
+    #[arg(long, env = "RINGCAST_SHARDS", value_name = "N")]
+    pub shards: Option<usize>,
+    /// Maximum open WebSocket connections (split evenly over shards). Default: 1000000.
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Kernel accept queue length for each shard's listener (capped by
+    /// net.core.somaxconn). Default: 65535.
+    #[arg(long, env = "RINGCAST_LISTEN_BACKLOG", value_name = "N")]
+    pub listen_backlog: Option<u32>,
+    /// Largest frame or message accepted from a client, and largest published payload,
+    /// in bytes. Default: 65536.
+    #[arg(long, env = "RINGCAST_MAX_MESSAGE_SIZE", value_name = "BYTES")]
+    pub max_message_size: Option<usize>,
+    /// Per-connection send backlog in bytes above which messages are skipped for that
+    /// connection. Default: 262144.
+    #[arg(long, env = "RINGCAST_MAX_BACKLOG_BYTES", value_name = "BYTES")]
+    pub max_backlog_bytes: Option<usize>,
+    /// Per-connection send backlog in frames above which messages are skipped. Default: 4096.
+    #[arg(long, env = "RINGCAST_MAX_BACKLOG_FRAMES", value_name = "N")]
+    pub max_backlog_frames: Option<usize>,
+    /// Consecutive skipped messages after which a slow connection is closed with 1013.
+    /// Default: 1000.
+    #[arg(long, env = "RINGCAST_SLOW_CONSUMER_DROP_LIMIT", value_name = "N")]
+    pub slow_consumer_drop_limit: Option<u32>,
+    /// Channels one connection may subscribe to. Default: 64.
+    #[arg(
+        long,
+        env = "RINGCAST_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+        value_name = "N"
+    )]
+    pub max_subscriptions_per_connection: Option<usize>,
+    /// Client frames per second above which a connection is closed with 1008. Default: 200.
+    #[arg(long, env = "RINGCAST_MAX_INBOUND_PER_SEC", value_name = "N")]
+    pub max_inbound_per_sec: Option<u32>,
+    /// Seconds of silence after which the server pings a connection. Default: 25.
+    #[arg(long, env = "RINGCAST_PING_INTERVAL", value_name = "SECS")]
+    pub ping_interval: Option<u64>,
+    /// Seconds after a ping without any traffic before the connection is closed as dead.
+    /// Default: 20.
+    #[arg(long, env = "RINGCAST_PONG_TIMEOUT", value_name = "SECS")]
+    pub pong_timeout: Option<u64>,
+    /// Seconds a client has to complete the upgrade request. Default: 10.
+    #[arg(long, env = "RINGCAST_HANDSHAKE_TIMEOUT", value_name = "SECS")]
+    pub handshake_timeout: Option<u64>,
+    /// Seconds over which a drain (SIGTERM) closes connections in batches. Default: 30.
+    #[arg(long, env = "RINGCAST_DRAIN_WINDOW", value_name = "SECS")]
+    pub drain_window: Option<u64>,
+    /// Slots in the shared fan-out ring (power of two); it holds the last N messages.
+    /// Default: 16384.
+    #[arg(long, env = "RINGCAST_RING_CAPACITY", value_name = "N")]
+    pub ring_capacity: Option<usize>,
+    /// Bytes of io_uring registered buffer memory per shard (locked memory: counts
+    /// against RLIMIT_MEMLOCK). ringcast does not use registered buffers for sockets.
+    /// Default: 262144.
+    #[arg(long, env = "RINGCAST_IO_MEMORY", value_name = "BYTES")]
+    pub io_memory: Option<usize>,
+}
+
+/// Validated settings the server runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// WebSocket listen address.
+    pub listen: SocketAddr,
+    /// UDP ingest address, if enabled.
+    pub udp_ingest: Option<SocketAddr>,
+    /// TCP ingest address, if enabled.
+    pub tcp_ingest: Option<SocketAddr>,
+    /// Admin HTTP address.
+    pub admin: SocketAddr,
+    /// Allowed sources for non-loopback ingest/admin.
+    pub ingest_allow: Vec<Cidr>,
+    /// Shard count (resolved, >= 1).
+    pub shards: usize,
+    /// Connection limit over all shards.
+    pub max_connections: usize,
+    /// Listener accept queue length.
+    pub listen_backlog: u32,
+    /// Frame/message/payload size limit.
+    pub max_message_size: usize,
+    /// Backlog bytes before skipping.
+    pub max_backlog_bytes: usize,
+    /// Backlog frames before skipping.
+    pub max_backlog_frames: usize,
+    /// Skips in a row before 1013.
+    pub slow_consumer_drop_limit: u32,
+    /// Subscriptions per connection.
+    pub max_subscriptions_per_connection: usize,
+    /// Inbound frames per second per connection.
+    pub max_inbound_per_sec: u32,
+    /// Silence before a ping.
+    pub ping_interval: Duration,
+    /// Silence after a ping before the connection is dead.
+    pub pong_timeout: Duration,
+    /// Time allowed for the upgrade request.
+    pub handshake_timeout: Duration,
+    /// Drain window.
+    pub drain_window: Duration,
+    /// Ring slots.
+    pub ring_capacity: usize,
+    /// glommio io memory per shard.
+    pub io_memory: usize,
+}
+
+/// An IPv4 or IPv6 network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `::1/128` or a bare address (a /32 or /128).
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (ip, prefix) = s
+            .trim()
+            .split_once('/')
+            .map_or((s.trim(), None), |(a, p)| (a, Some(p)));
+        let addr: IpAddr = ip.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|&p| p <= max)?,
+            None => max,
+        };
+        Some(Cidr { addr, prefix })
+    }
+
+    /// True when `ip` is inside this network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Settings {
+    /// True when `ip` may use ingest/admin: loopback always, others by allowlist.
+    pub fn ingest_allowed(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        ip.is_loopback() || self.ingest_allow.iter().any(|c| c.contains(ip))
+    }
+}
+
+/// Reads the file named by `cli.config` (if any) and merges it under `cli`.
+///
+/// # Errors
+/// A [`ConfigError`] naming the file or key at fault.
+pub fn load(cli: ConfigLayer) -> Result<Settings, ConfigError> {
+    let file = match &cli.config {
+        None => ConfigLayer::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.clone(),
+                message: e.to_string(),
+            })?
+        }
+    };
+    resolve(cli, file)
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    key: &'static str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ConfigError> {
+    if v < lo || v > hi {
+        return Err(invalid(
+            key,
+            format!("must be between {lo} and {hi}, got {v}"),
+        ));
+    }
+    Ok(v)
+}
+
+fn optional_addr(key: &'static str, v: String) -> Result<Option<SocketAddr>, ConfigError> {
+    if v.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .map_err(|_| invalid(key, format!("expected ADDR:PORT or `off`, got {v:?}")))
+}
+
+/// Merges `cli` over `file` over the defaults, then validates.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming the first bad key.
+pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigError> {
+    macro_rules! pick {
+        ($field:ident, $default:expr) => {
+            cli.$field
+                .clone()
+                .or(file.$field.clone())
+                .unwrap_or_else(|| $default)
+        };
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let shards = match pick!(shards, 0) {
+        0 => cpus,
+        n => in_range("shards", n, 1, 1024)?,
+    };
+    let ingest_allow = pick!(ingest_allow, Vec::new())
+        .iter()
+        .map(|s| {
+            Cidr::parse(s).ok_or_else(|| invalid("ingest_allow", format!("not a CIDR: {s:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let s = Settings {
+        listen: pick!(listen, SocketAddr::from(([0, 0, 0, 0], 8080))),
+        udp_ingest: optional_addr("udp_ingest", pick!(udp_ingest, "127.0.0.1:9000".into()))?,
+        tcp_ingest: optional_addr("tcp_ingest", pick!(tcp_ingest, "127.0.0.1:9001".into()))?,
+        admin: pick!(admin, SocketAddr::from(([127, 0, 0, 1], 9090))),
+        ingest_allow,
+        shards,
+        max_connections: in_range(
+            "max_connections",
+            pick!(max_connections, 1_000_000),
+            1,
+            100_000_000,
+        )?,
+        listen_backlog: in_range("listen_backlog", pick!(listen_backlog, 65_535), 1, 1 << 20)?,
+        max_message_size: in_range(
+            "max_message_size",
+            pick!(max_message_size, 65_536),
+            125,
+            16 << 20,
+        )?,
+        max_backlog_bytes: in_range(
+            "max_backlog_bytes",
+            pick!(max_backlog_bytes, 256 << 10),
+            1024,
+            1 << 30,
+        )?,
+        max_backlog_frames: in_range(
+            "max_backlog_frames",
+            pick!(max_backlog_frames, 4096),
+            1,
+            1 << 20,
+        )?,
+        slow_consumer_drop_limit: in_range(
+            "slow_consumer_drop_limit",
+            pick!(slow_consumer_drop_limit, 1000),
+            1,
+            u32::MAX,
+        )?,
+        max_subscriptions_per_connection: in_range(
+            "max_subscriptions_per_connection",
+            pick!(max_subscriptions_per_connection, 64),
+            1,
+            65_536,
+        )?,
+        max_inbound_per_sec: in_range(
+            "max_inbound_per_sec",
+            pick!(max_inbound_per_sec, 200),
+            1,
+            u32::MAX,
+        )?,
+        ping_interval: Duration::from_secs(in_range(
+            "ping_interval",
+            pick!(ping_interval, 25),
+            1,
+            3600,
+        )?),
+        pong_timeout: Duration::from_secs(in_range(
+            "pong_timeout",
+            pick!(pong_timeout, 20),
+            1,
+            3600,
+        )?),
+        handshake_timeout: Duration::from_secs(in_range(
+            "handshake_timeout",
+            pick!(handshake_timeout, 10),
+            1,
+            600,
+        )?),
+        drain_window: Duration::from_secs(in_range(
+            "drain_window",
+            pick!(drain_window, 30),
+            0,
+            3600,
+        )?),
+        ring_capacity: in_range("ring_capacity", pick!(ring_capacity, 16_384), 16, 1 << 24)?,
+        io_memory: in_range("io_memory", pick!(io_memory, 256 << 10), 64 << 10, 1 << 30)?,
+    };
+    let exposed = |key: &'static str, addr: Option<SocketAddr>| match addr {
+        Some(a) if !a.ip().is_loopback() && s.ingest_allow.is_empty() => Err(invalid(
+            key,
+            format!("{a} is not loopback: set ingest_allow (CIDRs of the publishers) to expose it"),
+        )),
+        _ => Ok(()),
+    };
+    exposed("udp_ingest", s.udp_ingest)?;
+    exposed("tcp_ingest", s.tcp_ingest)?;
+    exposed("admin", Some(s.admin))?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, ConfigError> {
+        let mut argv = vec!["ringcast"];
+        argv.extend_from_slice(args);
+        resolve(
+            ConfigLayer::try_parse_from(argv).unwrap(),
+            ConfigLayer::default(),
+        )
+    }
+
+    #[test]
+    fn defaults_match_the_docs() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(s.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(s.udp_ingest.unwrap().to_string(), "127.0.0.1:9000");
+        assert_eq!(s.tcp_ingest.unwrap().to_string(), "127.0.0.1:9001");
+        assert_eq!(s.admin.to_string(), "127.0.0.1:9090");
+        assert_eq!(s.ping_interval, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: ConfigLayer =
+            toml::from_str("max_message_size = 1000\nping_interval = 5").unwrap();
+        let cli = ConfigLayer::try_parse_from(["ringcast", "--ping-interval", "7"]).unwrap();
+        let s = resolve(cli, file).unwrap();
+        assert_eq!((s.max_message_size, s.ping_interval.as_secs()), (1000, 7));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = parse(&["--max-message-size", "3"]).unwrap_err().to_string();
+        assert!(err.contains("max_message_size"), "{err}");
+        let err = parse(&["--udp-ingest", "0.0.0.0:9000"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("udp_ingest") && err.contains("ingest_allow"),
+            "{err}"
+        );
+        assert!(parse(&[
+            "--udp-ingest",
+            "0.0.0.0:9000",
+            "--ingest-allow",
+            "10.0.0.0/8"
+        ])
+        .is_ok());
+        let err = toml::from_str::<ConfigLayer>("max_mesage_size = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_mesage_size"), "{err}");
+    }
+
+    #[test]
+    fn cidrs_match() {
+        let net = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert_eq!(Cidr::parse("10.0.0.0/33"), None);
+    }
+}

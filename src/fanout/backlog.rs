@@ -1,0 +1,221 @@
+//! A connection's send backlog and the slow-consumer policy.
+//!
+//! The backlog exists only while there is something to send: an idle connection's
+//! `VecDeque` has no allocation. Frames are refcounted [`Bytes`] shared with every other
+//! subscriber, so queueing a message costs a pointer and a refcount, not a copy.
+//!
+//! Policy, per connection:
+//! 1. while the queued bytes are under `max_bytes` (and frames under `max_frames`), a
+//!    message is queued;
+//! 2. over it, messages are skipped and counted: the subscriber sees a gap in offsets and
+//!    can recover, and nobody else slows down;
+//! 3. after `drop_limit` skips in a row (the backlog never drained meanwhile), the
+//!    connection is to be closed with 1013.
+//!
+//! Control frames (replies, pongs, pings, close) are never skipped, but a connection whose
+//! control frames alone pile up past twice `max_bytes` is flooding us and is cut.
+
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+/// Bounds of one connection's backlog.
+#[derive(Debug, Clone, Copy)]
+pub struct BacklogLimits {
+    /// Queued bytes above which messages are skipped.
+    pub max_bytes: usize,
+    /// Queued frames above which messages are skipped.
+    pub max_frames: usize,
+    /// Consecutive skipped messages after which the connection is closed.
+    pub drop_limit: u32,
+}
+
+/// What happened to an offered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Queued for sending.
+    Queued,
+    /// Skipped because the backlog is full; count it as dropped.
+    Skipped,
+    /// Skipped, and the connection has now skipped too many: close it with 1013.
+    Disconnect,
+}
+
+/// The frames waiting to be written to one socket.
+#[derive(Debug, Default)]
+pub struct SendBacklog {
+    frames: VecDeque<Bytes>,
+    /// Bytes of the first frame already written (a partial write).
+    written_of_first: usize,
+    /// Unwritten bytes over all frames.
+    bytes: usize,
+    skipped_in_row: u32,
+}
+
+impl SendBacklog {
+    /// True when nothing waits to be written.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Unwritten bytes queued.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// True while a frame is partly written: nothing may be sent before its rest.
+    pub fn mid_frame(&self) -> bool {
+        self.written_of_first > 0
+    }
+
+    /// Offers a message frame, applying the slow-consumer policy.
+    pub fn offer(&mut self, frame: &Bytes, limits: &BacklogLimits) -> Offer {
+        if self.bytes >= limits.max_bytes || self.frames.len() >= limits.max_frames {
+            self.skipped_in_row += 1;
+            return if self.skipped_in_row >= limits.drop_limit {
+                Offer::Disconnect
+            } else {
+                Offer::Skipped
+            };
+        }
+        self.skipped_in_row = 0;
+        self.push(frame.clone());
+        Offer::Queued
+    }
+
+    /// Queues a control frame or reply. Returns false when control traffic alone has
+    /// exceeded twice `max_bytes`, i.e. the peer floods us with requests it does not read
+    /// the answers to.
+    pub fn push_control(&mut self, frame: Bytes, limits: &BacklogLimits) -> bool {
+        self.push(frame);
+        self.bytes <= limits.max_bytes.saturating_mul(2)
+    }
+
+    fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    /// Fills `out` with the unwritten bytes, oldest first; returns how many slices.
+    pub fn io_slices<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (i, frame) in self.frames.iter().take(out.len()).enumerate() {
+            let skip = if i == 0 { self.written_of_first } else { 0 };
+            out[i] = IoSlice::new(&frame[skip..]);
+            n += 1;
+        }
+        n
+    }
+
+    /// Records that the first `n` unwritten bytes went out.
+    pub fn advance(&mut self, mut n: usize) {
+        self.bytes -= n.min(self.bytes);
+        while n > 0 {
+            let Some(first) = self.frames.front() else {
+                break;
+            };
+            let rest = first.len() - self.written_of_first;
+            if n < rest {
+                self.written_of_first += n;
+                return;
+            }
+            n -= rest;
+            self.written_of_first = 0;
+            self.frames.pop_front();
+        }
+        if self.frames.is_empty() {
+            // Give the allocation back: idle connections hold no queue memory.
+            self.frames = VecDeque::new();
+        }
+    }
+
+    /// Drops every queued frame except the rest of a partly written one (which must be
+    /// completed to keep the stream parseable); used before sending a final close frame.
+    pub fn discard_unstarted(&mut self) {
+        let keep = usize::from(self.mid_frame());
+        while self.frames.len() > keep {
+            if let Some(f) = self.frames.pop_back() {
+                self.bytes -= f.len();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: BacklogLimits = BacklogLimits {
+        max_bytes: 100,
+        max_frames: 1000,
+        drop_limit: 3,
+    };
+
+    fn collect(b: &SendBacklog) -> Vec<u8> {
+        let mut slices = [IoSlice::new(&[]); 64];
+        let n = b.io_slices(&mut slices);
+        slices[..n].iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    #[test]
+    fn skips_then_disconnects_a_slow_consumer() {
+        let mut b = SendBacklog::default();
+        let frame = Bytes::from(vec![0u8; 60]);
+        assert_eq!(b.offer(&frame, &LIMITS), Offer::Queued);
+        assert_eq!(b.offer(&frame, &LIMITS), Offer::Queued);
+        assert_eq!(b.offer(&frame, &LIMITS), Offer::Skipped);
+        assert_eq!(b.offer(&frame, &LIMITS), Offer::Skipped);
+        assert_eq!(b.offer(&frame, &LIMITS), Offer::Disconnect);
+    }
+
+    #[test]
+    fn draining_resets_the_skip_count() {
+        let mut b = SendBacklog::default();
+        let frame = Bytes::from(vec![0u8; 100]);
+        b.offer(&frame, &LIMITS);
+        assert_eq!(b.offer(&frame, &LIMITS), Offer::Skipped);
+        assert_eq!(b.offer(&frame, &LIMITS), Offer::Skipped);
+        b.advance(100);
+        assert_eq!(b.offer(&frame, &LIMITS), Offer::Queued);
+        assert_eq!(b.offer(&frame, &LIMITS), Offer::Skipped);
+    }
+
+    #[test]
+    fn discard_keeps_a_partly_written_frame() {
+        let mut b = SendBacklog::default();
+        for i in 0..3u8 {
+            b.push_control(Bytes::from(vec![i; 10]), &LIMITS);
+        }
+        b.advance(4);
+        b.discard_unstarted();
+        assert_eq!(collect(&b), vec![0u8; 6]);
+        assert_eq!(b.bytes(), 6);
+    }
+
+    proptest! {
+        /// Whatever the write sizes, the bytes that go out are the frames in order.
+        #[test]
+        fn partial_writes_preserve_the_byte_stream(
+            frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..40), 0..20),
+            writes in proptest::collection::vec(1usize..50, 0..100),
+        ) {
+            let mut b = SendBacklog::default();
+            let big = BacklogLimits { max_bytes: usize::MAX, max_frames: usize::MAX, drop_limit: 1 };
+            let expected: Vec<u8> = frames.concat();
+            for f in &frames {
+                prop_assert_eq!(b.offer(&Bytes::from(f.clone()), &big), Offer::Queued);
+            }
+            let mut sent = Vec::new();
+            for w in writes {
+                let pending = collect(&b);
+                let n = w.min(pending.len());
+                sent.extend_from_slice(&pending[..n]);
+                b.advance(n);
+            }
+            sent.extend(collect(&b));
+            prop_assert_eq!(sent, expected.clone());
+            prop_assert_eq!(b.bytes() + 0, expected.len() - (expected.len() - b.bytes()));
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! A shard's subscription index: channel -> subscribers and subscriber -> channels.
+//!
+//! Both directions are kept so that every operation is O(1) in the number of subscribers
+//! of a channel: a subscriber remembers its position in each channel's member list, and
+//! removal is a `swap_remove` that fixes up the one member that moved. (A 1M-subscriber
+//! channel must not cost a scan when one of them disconnects.)
+
+use slab::Slab;
+use smallvec::SmallVec;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Identifies a connection within its shard (its connection-table key).
+pub type ConnKey = u32;
+
+struct ChannelMembers {
+    name: Arc<str>,
+    members: Vec<ConnKey>,
+}
+
+/// (channel id, position in that channel's member list)
+type SubRef = (u32, u32);
+
+/// The subscription index of one shard.
+#[derive(Default)]
+pub struct SubscriptionIndex {
+    ids: HashMap<Arc<str>, u32>,
+    channels: Slab<ChannelMembers>,
+    by_conn: Vec<SmallVec<[SubRef; 2]>>,
+}
+
+impl SubscriptionIndex {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Subscribes `conn` to `channel`; returns false when it already was.
+    pub fn subscribe(&mut self, conn: ConnKey, channel: &str) -> bool {
+        let id = match self.ids.get(channel) {
+            Some(&id) => id,
+            None => {
+                let name: Arc<str> = Arc::from(channel);
+                let id = self.channels.insert(ChannelMembers {
+                    name: name.clone(),
+                    members: Vec::new(),
+                }) as u32;
+                self.ids.insert(name, id);
+                id
+            }
+        };
+        let slot = conn as usize;
+        if self.by_conn.len() <= slot {
+            self.by_conn.resize_with(slot + 1, SmallVec::new);
+        }
+        if self.by_conn[slot].iter().any(|&(c, _)| c == id) {
+            return false;
+        }
+        let members = &mut self.channels[id as usize].members;
+        self.by_conn[slot].push((id, members.len() as u32));
+        members.push(conn);
+        true
+    }
+
+    /// Unsubscribes `conn` from `channel`; returns false when it was not subscribed.
+    pub fn unsubscribe(&mut self, conn: ConnKey, channel: &str) -> bool {
+        let Some(&id) = self.ids.get(channel) else {
+            return false;
+        };
+        let Some(subs) = self.by_conn.get_mut(conn as usize) else {
+            return false;
+        };
+        let Some(i) = subs.iter().position(|&(c, _)| c == id) else {
+            return false;
+        };
+        let (_, pos) = subs.swap_remove(i);
+        self.remove_member(id, pos);
+        true
+    }
+
+    /// Removes every subscription of `conn` (on disconnect).
+    pub fn remove_conn(&mut self, conn: ConnKey) {
+        let Some(subs) = self.by_conn.get_mut(conn as usize) else {
+            return;
+        };
+        for (id, pos) in std::mem::take(subs) {
+            self.remove_member(id, pos);
+        }
+    }
+
+    fn remove_member(&mut self, id: u32, pos: u32) {
+        let ch = &mut self.channels[id as usize];
+        ch.members.swap_remove(pos as usize);
+        if let Some(&moved) = ch.members.get(pos as usize) {
+            // The former last member now sits at `pos`: update its back-reference.
+            if let Some(r) = self.by_conn[moved as usize]
+                .iter_mut()
+                .find(|(c, _)| *c == id)
+            {
+                r.1 = pos;
+            }
+        } else if ch.members.is_empty() {
+            let gone = self.channels.remove(id as usize);
+            self.ids.remove(&gone.name);
+        }
+    }
+
+    /// The subscribers of `channel` on this shard.
+    pub fn members(&self, channel: &str) -> &[ConnKey] {
+        self.ids
+            .get(channel)
+            .map_or(&[], |&id| &self.channels[id as usize].members)
+    }
+
+    /// True when `conn` is subscribed to `channel`.
+    pub fn is_subscribed(&self, conn: ConnKey, channel: &str) -> bool {
+        let Some(&id) = self.ids.get(channel) else {
+            return false;
+        };
+        self.by_conn
+            .get(conn as usize)
+            .is_some_and(|subs| subs.iter().any(|&(c, _)| c == id))
+    }
+
+    /// How many channels `conn` is subscribed to.
+    pub fn count_of(&self, conn: ConnKey) -> usize {
+        self.by_conn.get(conn as usize).map_or(0, SmallVec::len)
+    }
+
+    /// Number of channels with at least one subscriber on this shard.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeSet, HashMap as Map};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Sub(u32, u8),
+        Unsub(u32, u8),
+        Drop(u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u32..20, 0u8..5).prop_map(|(c, ch)| Op::Sub(c, ch)),
+            (0u32..20, 0u8..5).prop_map(|(c, ch)| Op::Unsub(c, ch)),
+            (0u32..20).prop_map(Op::Drop),
+        ]
+    }
+
+    proptest! {
+        /// The index always agrees with a naive model of who is subscribed to what.
+        #[test]
+        fn matches_a_naive_model(ops in proptest::collection::vec(op(), 0..300)) {
+            let mut index = SubscriptionIndex::new();
+            let mut model: Map<String, BTreeSet<u32>> = Map::new();
+            for op in ops {
+                match op {
+                    Op::Sub(c, ch) => {
+                        let name = format!("ch{ch}");
+                        let fresh = model.entry(name.clone()).or_default().insert(c);
+                        prop_assert_eq!(index.subscribe(c, &name), fresh);
+                    }
+                    Op::Unsub(c, ch) => {
+                        let name = format!("ch{ch}");
+                        let was = model.get_mut(&name).is_some_and(|s| s.remove(&c));
+                        prop_assert_eq!(index.unsubscribe(c, &name), was);
+                    }
+                    Op::Drop(c) => {
+                        index.remove_conn(c);
+                        model.values_mut().for_each(|s| { s.remove(&c); });
+                    }
+                }
+                for (name, set) in &model {
+                    let got: BTreeSet<u32> = index.members(name).iter().copied().collect();
+                    prop_assert_eq!(&got, set);
+                    prop_assert_eq!(index.members(name).len(), set.len());
+                }
+                prop_assert_eq!(index.channel_count(), model.values().filter(|s| !s.is_empty()).count());
+            }
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Fan-out: from one published message to every subscriber on every shard.
+//!
+//! - [`publisher`] takes a channel's next offset, encodes the frame once and pushes it
+//!   into the ring, keeping per-channel offset order equal to ring order.
+//! - [`ring`] is the shared lock-free multi-producer ring every shard follows.
+//! - [`wake`] wakes idle shards when the ring advances, coalescing wake-ups.
+//! - [`index`] is a shard's channel -> subscribers index.
+//! - [`backlog`] is a connection's bounded send queue and the slow-consumer policy.
+
+pub mod backlog;
+pub mod index;
+pub mod publisher;
+pub mod ring;
+pub mod wake;

@@ -1,0 +1,93 @@
+//! TCP ingest: newline-delimited messages, many per connection. A malformed line is
+//! answered with `ERR <reason>\n` and the connection goes on; a line longer than the
+//! message limit cannot be framed any more, so it is answered and the connection closed.
+
+use crate::config::Settings;
+use crate::fanout::publisher::Publisher;
+use crate::ingest::line::{parse_message, strip_newline};
+use crate::metrics::{ShardMetrics, Source};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Accepts ingest connections on `listener` forever.
+pub async fn serve(
+    listener: TcpListener,
+    publisher: Arc<Publisher>,
+    settings: Arc<Settings>,
+    metrics: &'static ShardMetrics,
+) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let allowed = stream
+                    .peer_addr()
+                    .is_ok_and(|a| settings.ingest_allowed(a.ip()));
+                if allowed {
+                    glommio::spawn_local(connection(
+                        stream,
+                        publisher.clone(),
+                        settings.clone(),
+                        metrics,
+                    ))
+                    .detach();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TCP ingest accept failed");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    publisher: Arc<Publisher>,
+    settings: Arc<Settings>,
+    metrics: &'static ShardMetrics,
+) {
+    let max_line = settings.max_message_size + 256;
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut replies = Vec::new();
+        let mut start = 0;
+        while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+            let line = strip_newline(&buf[start..start + nl + 1]);
+            start += nl + 1;
+            if line.is_empty() {
+                continue;
+            }
+            match parse_message(line, settings.max_message_size) {
+                Ok((channel, payload)) => {
+                    publisher.publish(channel, payload);
+                    metrics.messages_in[Source::Tcp as usize].fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    metrics.ingest_rejected[Source::Tcp as usize][e.index()].fetch_add(1, Relaxed);
+                    replies.extend_from_slice(format!("ERR {e}\n").as_bytes());
+                }
+            }
+        }
+        buf.drain(..start);
+        let too_long = buf.len() > max_line;
+        if too_long {
+            metrics.ingest_rejected[Source::Tcp as usize][3].fetch_add(1, Relaxed);
+            replies.extend_from_slice(b"ERR line too long\n");
+        }
+        if !replies.is_empty() && stream.write_all(&replies).await.is_err() {
+            return;
+        }
+        if too_long {
+            return;
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! UDP ingest: one datagram, one message. Malformed datagrams are counted (there is no one
+//! to answer) and logged at most once per second per shard.
+
+use crate::config::Settings;
+use crate::fanout::publisher::Publisher;
+use crate::ingest::line::{parse_message, strip_newline};
+use crate::metrics::{ShardMetrics, Source};
+use glommio::net::UdpSocket;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Receives datagrams on `socket` and publishes them, forever.
+pub async fn serve(
+    socket: UdpSocket,
+    publisher: Arc<Publisher>,
+    settings: Arc<Settings>,
+    metrics: &'static ShardMetrics,
+) {
+    // Channel + space + payload + "\r\n": the largest datagram worth receiving whole.
+    let mut buf = vec![0u8; (settings.max_message_size + 256).min(65_536)];
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "UDP ingest receive failed");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !settings.ingest_allowed(from.ip()) {
+            continue;
+        }
+        match parse_message(strip_newline(&buf[..n]), settings.max_message_size) {
+            Ok((channel, payload)) => {
+                publisher.publish(channel, payload);
+                metrics.messages_in[Source::Udp as usize].fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                metrics.ingest_rejected[Source::Udp as usize][e.index()].fetch_add(1, Relaxed);
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    last_log = Some(Instant::now());
+                    tracing::warn!(%from, reason = %e, "rejected UDP ingest datagram (logged at most once per second)");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! ringcast: a thread-per-core io_uring WebSocket server that fans every published
+//! message out to every subscriber of its channel.
+//!
+//! # Layout
+//!
+//! The folders follow the data path of one message:
+//!
+//! - [`ingest`]: UDP datagrams, TCP lines and HTTP `POST /publish` become
+//!   `(channel, payload)` (pure parsing plus thin listeners).
+//! - [`fanout`]: the channel's offset is taken and the frame encoded once, then pushed into
+//!   the shared lock-free [`fanout::ring::Ring`]; every shard follows the ring with its own
+//!   cursor and is woken by coalesced cross-core wake-ups. Per connection, the
+//!   [`fanout::backlog::SendBacklog`] bounds what a slow reader can cost.
+//! - [`shard`]: one pinned glommio executor per core: SO_REUSEPORT accept, upgrade,
+//!   connection table, channel index, the send path (one `sendmsg` carries every queued
+//!   frame), heartbeats and drain.
+//! - [`proto`]: sans-io WebSocket: upgrade parsing, frame codec, masking, commands, close
+//!   codes. Nothing there touches a socket or a clock.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/publish` on the admin port.
+//! - [`config`]: TOML file + flags + environment, validated into settings.
+
+pub mod admin;
+pub mod config;
+pub mod fanout;
+pub mod ingest;
+pub mod metrics;
+pub mod proto;
+pub mod shard;

@@ -1,0 +1,247 @@
+//! Client commands (JSON text frames) and the replies to them.
+//!
+//! [`parse_command`] turns one text message into a [`Command`] or a [`CommandError`];
+//! [`Reply`] renders the answer. Every reply carries a `code` (200 on success).
+
+use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
+use serde::Deserialize;
+use serde_json::Value;
+use std::fmt::Write as _;
+
+/// A client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Start receiving a channel's messages.
+    Subscribe {
+        /// Echoed request id, already rendered as JSON.
+        id: Option<String>,
+        /// Channel name (validated).
+        channel: String,
+    },
+    /// Stop receiving a channel's messages.
+    Unsubscribe {
+        /// Echoed request id, already rendered as JSON.
+        id: Option<String>,
+        /// Channel name (validated).
+        channel: String,
+    },
+    /// Application-level ping; answered with a `pong` reply.
+    Ping {
+        /// Echoed request id, already rendered as JSON.
+        id: Option<String>,
+    },
+}
+
+/// A command that cannot be carried out, with the code of its error reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError {
+    /// Echoed request id, when one could be read.
+    pub id: Option<String>,
+    /// 400 malformed, 404 unknown command, 413 too many subscriptions.
+    pub code: u16,
+    /// Explanation for the client.
+    pub error: String,
+}
+
+#[derive(Deserialize)]
+struct RawCommand {
+    cmd: Option<Value>,
+    channel: Option<Value>,
+    id: Option<Value>,
+}
+
+/// Parses one text message as a command.
+///
+/// # Errors
+/// A [`CommandError`] (code 400 or 404) to be sent back; the connection stays open.
+pub fn parse_command(text: &str) -> Result<Command, CommandError> {
+    let raw: RawCommand = serde_json::from_str(text).map_err(|e| CommandError {
+        id: None,
+        code: 400,
+        error: format!("malformed command: {e}"),
+    })?;
+    let id = match raw.id {
+        None | Some(Value::Null) => None,
+        Some(v @ (Value::Number(_) | Value::String(_))) => Some(v.to_string()),
+        Some(_) => return Err(bad(None, "id must be a number or a string")),
+    };
+    let cmd = match raw.cmd {
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(bad(id, "cmd must be a string")),
+        None => return Err(bad(id, "missing field cmd")),
+    };
+    let channel = || match &raw.channel {
+        Some(Value::String(s)) if is_valid_channel(s.as_bytes()) => Ok(s.clone()),
+        Some(Value::String(s)) => Err(bad(
+            id.clone(),
+            &format!("invalid channel name {s:?}: {CHANNEL_RULE}"),
+        )),
+        _ => Err(bad(id.clone(), "missing string field channel")),
+    };
+    match cmd.as_str() {
+        "subscribe" => Ok(Command::Subscribe {
+            channel: channel()?,
+            id,
+        }),
+        "unsubscribe" => Ok(Command::Unsubscribe {
+            channel: channel()?,
+            id,
+        }),
+        "ping" => Ok(Command::Ping { id }),
+        other => Err(CommandError {
+            id,
+            code: 404,
+            error: format!("unknown command {other:?} (known: subscribe, unsubscribe, ping)"),
+        }),
+    }
+}
+
+fn bad(id: Option<String>, error: &str) -> CommandError {
+    CommandError {
+        id,
+        code: 400,
+        error: error.to_string(),
+    }
+}
+
+/// A reply to render as one text frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply<'a> {
+    /// Success of `kind` (subscribe, unsubscribe, pong) for `channel` if any.
+    Ok {
+        /// The reply name.
+        kind: &'static str,
+        /// The request id, rendered JSON.
+        id: Option<&'a str>,
+        /// The channel the command named.
+        channel: Option<&'a str>,
+    },
+    /// An error reply.
+    Error(&'a CommandError),
+    /// An error reply about a specific command kind (e.g. 413 on subscribe).
+    Refused {
+        /// The reply name.
+        kind: &'static str,
+        /// The request id, rendered JSON.
+        id: Option<&'a str>,
+        /// The error code.
+        code: u16,
+        /// Explanation.
+        error: &'a str,
+    },
+}
+
+impl Reply<'_> {
+    /// The JSON text of this reply.
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(96);
+        let (kind, id, code) = match self {
+            Reply::Ok { kind, id, .. } => (*kind, *id, 200),
+            Reply::Error(e) => ("error", e.id.as_deref(), e.code),
+            Reply::Refused { kind, id, code, .. } => (*kind, *id, *code),
+        };
+        let _ = write!(out, "{{\"reply\":\"{kind}\"");
+        if let Some(id) = id {
+            let _ = write!(out, ",\"id\":{id}");
+        }
+        let _ = write!(out, ",\"code\":{code}");
+        match self {
+            Reply::Ok {
+                channel: Some(ch), ..
+            } => {
+                // Channel names never need escaping (see proto::channel).
+                let _ = write!(out, ",\"channel\":\"{ch}\"");
+            }
+            Reply::Ok { .. } => {}
+            Reply::Error(CommandError { error, .. }) => push_error(&mut out, error),
+            Reply::Refused { error, .. } => push_error(&mut out, error),
+        }
+        out.push('}');
+        out
+    }
+}
+
+fn push_error(out: &mut String, error: &str) {
+    out.push_str(",\"error\":");
+    out.push_str(&Value::String(error.to_string()).to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_each_command() {
+        assert_eq!(
+            parse_command(r#"{"cmd":"subscribe","channel":"news","id":1}"#),
+            Ok(Command::Subscribe {
+                id: Some("1".into()),
+                channel: "news".into()
+            })
+        );
+        assert_eq!(
+            parse_command(r#"{"cmd":"unsubscribe","channel":"a:b","id":"x"}"#),
+            Ok(Command::Unsubscribe {
+                id: Some("\"x\"".into()),
+                channel: "a:b".into()
+            })
+        );
+        assert_eq!(
+            parse_command(r#"{"cmd":"ping"}"#),
+            Ok(Command::Ping { id: None })
+        );
+    }
+
+    #[test]
+    fn errors_carry_codes_and_ids() {
+        assert_eq!(parse_command("not json").unwrap_err().code, 400);
+        assert_eq!(parse_command("[1,2]").unwrap_err().code, 400);
+        let unknown = parse_command(r#"{"cmd":"dance","id":7}"#).unwrap_err();
+        assert_eq!((unknown.code, unknown.id.as_deref()), (404, Some("7")));
+        assert_eq!(
+            parse_command(r#"{"cmd":"subscribe","id":2}"#)
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(
+            parse_command(r#"{"cmd":"subscribe","channel":"a b"}"#)
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(
+            parse_command(r#"{"cmd":"ping","id":{}}"#).unwrap_err().code,
+            400
+        );
+    }
+
+    #[test]
+    fn replies_render_as_documented() {
+        let ok = Reply::Ok {
+            kind: "subscribe",
+            id: Some("1"),
+            channel: Some("news"),
+        };
+        assert_eq!(
+            ok.to_json(),
+            r#"{"reply":"subscribe","id":1,"code":200,"channel":"news"}"#
+        );
+        let err = parse_command(r#"{"cmd":"x","id":"q"}"#).unwrap_err();
+        let v: Value = serde_json::from_str(&Reply::Error(&err).to_json()).unwrap();
+        assert_eq!(v["reply"], "error");
+        assert_eq!(v["id"], "q");
+        assert_eq!(v["code"], 404);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics_and_errors_render_as_json(s in "\\PC{0,200}") {
+            if let Err(e) = parse_command(&s) {
+                let json = Reply::Error(&e).to_json();
+                prop_assert!(serde_json::from_str::<Value>(&json).is_ok());
+            }
+        }
+    }
+}

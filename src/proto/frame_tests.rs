@@ -1,0 +1,221 @@
+use super::*;
+use proptest::prelude::*;
+
+/// Builds a masked client frame the way a browser would.
+fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = vec![0u8; header_len(payload.len())];
+    write_header(&mut out, opcode, payload.len());
+    if !fin {
+        out[0] &= 0x7F;
+    }
+    out[1] |= 0x80;
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    apply_mask(&mut out[start..], mask, 0);
+    out
+}
+
+fn decode_all(dec: &mut FrameDecoder, mut buf: Vec<u8>) -> Result<Vec<String>, FrameError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        match dec.decode(&mut buf[at..])? {
+            None => break,
+            Some((used, ev)) => {
+                if let Some(ev) = ev {
+                    out.push(format!("{ev:?}"));
+                }
+                at += used;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn text_frame_decodes() {
+    let mut dec = FrameDecoder::new(1024);
+    let mut buf = client_frame(true, opcode::TEXT, b"{\"cmd\":\"ping\"}", [1, 2, 3, 4]);
+    let (used, ev) = dec.decode(&mut buf).unwrap().unwrap();
+    assert_eq!(used, buf.len());
+    assert_eq!(ev, Some(Inbound::Text("{\"cmd\":\"ping\"}")));
+}
+
+#[test]
+fn incomplete_frame_consumes_nothing() {
+    let mut dec = FrameDecoder::new(1024);
+    let full = client_frame(true, opcode::TEXT, b"hello world", [9, 8, 7, 6]);
+    for cut in 0..full.len() {
+        let mut part = full[..cut].to_vec();
+        assert_eq!(dec.decode(&mut part), Ok(None), "cut at {cut}");
+    }
+}
+
+#[test]
+fn fragmented_text_is_reassembled() {
+    let mut dec = FrameDecoder::new(1024);
+    let mut buf = client_frame(false, opcode::TEXT, b"hel", [1, 1, 1, 1]);
+    buf.extend(client_frame(true, opcode::PING, b"p", [2, 2, 2, 2]));
+    buf.extend(client_frame(
+        false,
+        opcode::CONTINUATION,
+        b"lo ",
+        [3, 3, 3, 3],
+    ));
+    buf.extend(client_frame(
+        true,
+        opcode::CONTINUATION,
+        b"you",
+        [4, 4, 4, 4],
+    ));
+    let events = decode_all(&mut dec, buf).unwrap();
+    assert_eq!(
+        events,
+        vec!["Ping([112])".to_string(), "Text(\"hello you\")".to_string()]
+    );
+    assert!(!dec.in_fragmented_message());
+}
+
+#[test]
+fn rule_violations_are_reported() {
+    let cases: Vec<(Vec<u8>, FrameError)> = vec![
+        (
+            {
+                let mut f = client_frame(true, opcode::TEXT, b"x", [1, 2, 3, 4]);
+                f[1] &= 0x7F;
+                f
+            },
+            FrameError::Unmasked,
+        ),
+        (
+            {
+                let mut f = client_frame(true, opcode::TEXT, b"x", [1, 2, 3, 4]);
+                f[0] |= 0x40;
+                f
+            },
+            FrameError::ReservedBits,
+        ),
+        (
+            client_frame(true, 0x3, b"x", [1, 2, 3, 4]),
+            FrameError::UnknownOpcode(3),
+        ),
+        (
+            client_frame(false, opcode::PING, b"x", [1, 2, 3, 4]),
+            FrameError::BadControlFrame,
+        ),
+        (
+            client_frame(true, opcode::CONTINUATION, b"x", [1, 2, 3, 4]),
+            FrameError::BadContinuation,
+        ),
+        (
+            client_frame(true, opcode::TEXT, &[0xff, 0xfe], [1, 2, 3, 4]),
+            FrameError::InvalidUtf8,
+        ),
+        (
+            client_frame(true, opcode::BINARY, b"x", [1, 2, 3, 4]),
+            FrameError::BinaryMessage,
+        ),
+        (
+            client_frame(true, opcode::TEXT, &[b'a'; 200], [1, 2, 3, 4]),
+            FrameError::TooBig {
+                size: 200,
+                limit: 100,
+            },
+        ),
+        (
+            client_frame(true, opcode::CLOSE, &[3, 0xE8 - 1], [1, 2, 3, 4]),
+            FrameError::BadClose,
+        ),
+    ];
+    for (frame, want) in cases {
+        let mut dec = FrameDecoder::new(100);
+        assert_eq!(decode_all(&mut dec, frame), Err(want));
+    }
+}
+
+#[test]
+fn oversized_length_is_refused_before_payload_arrives() {
+    let mut dec = FrameDecoder::new(100);
+    let mut head = vec![0x81, 0x80 | 127];
+    head.extend_from_slice(&(u64::MAX / 2).to_be_bytes());
+    head.extend_from_slice(&[1, 2, 3, 4]);
+    assert!(matches!(
+        dec.decode(&mut head),
+        Err(FrameError::TooBig { .. })
+    ));
+}
+
+#[test]
+fn fragments_over_the_limit_are_refused() {
+    let mut dec = FrameDecoder::new(10);
+    let mut buf = client_frame(false, opcode::TEXT, b"123456", [1, 2, 3, 4]);
+    buf.extend(client_frame(
+        true,
+        opcode::CONTINUATION,
+        b"789012",
+        [1, 2, 3, 4],
+    ));
+    assert!(matches!(
+        decode_all(&mut dec, buf),
+        Err(FrameError::TooBig { size: 12, .. })
+    ));
+}
+
+#[test]
+fn close_frame_with_reason() {
+    let mut dec = FrameDecoder::new(100);
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(b"bye");
+    let mut buf = client_frame(true, opcode::CLOSE, &payload, [5, 6, 7, 8]);
+    let (_, ev) = dec.decode(&mut buf).unwrap().unwrap();
+    assert_eq!(ev, Some(Inbound::Close(Some(1000))));
+}
+
+#[test]
+fn close_reason_is_cut_on_a_char_boundary() {
+    let frame = encode_close(1001, &"é".repeat(100));
+    let payload = &frame[4..];
+    assert!(payload.len() <= 125);
+    assert!(std::str::from_utf8(&payload[2..]).is_ok());
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(mut data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let mut dec = FrameDecoder::new(64);
+        let mut at = 0;
+        while at < data.len() {
+            match dec.decode(&mut data[at..]) {
+                Ok(Some((used, _))) => { prop_assert!(used > 0); at += used; }
+                _ => break,
+            }
+        }
+    }
+
+    #[test]
+    fn encode_then_decode_round_trips(text in "\\PC{0,300}", mask in any::<[u8; 4]>(),
+                                      split in 1usize..8) {
+        // Encode as a client would (fragmented into `split` pieces), decode, compare.
+        let bytes = text.as_bytes();
+        let chunk = bytes.len().div_ceil(split).max(1);
+        let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(chunk).collect() };
+        let mut wire = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            let op = if i == 0 { opcode::TEXT } else { opcode::CONTINUATION };
+            wire.extend(client_frame(i + 1 == pieces.len(), op, p, mask));
+        }
+        let mut dec = FrameDecoder::new(100_000);
+        let events = decode_all(&mut dec, wire).unwrap();
+        prop_assert_eq!(events, vec![format!("{:?}", Inbound::Text(&text))]);
+    }
+
+    #[test]
+    fn server_frames_parse_back(payload in proptest::collection::vec(any::<u8>(), 0..70_000)) {
+        let frame = encode_frame(opcode::BINARY, &payload);
+        let h = FrameHeader::parse(&frame).unwrap();
+        prop_assert!(h.fin && h.mask.is_none());
+        prop_assert_eq!(h.len as usize, payload.len());
+        prop_assert_eq!(&frame[h.header_len..], &payload[..]);
+    }
+}

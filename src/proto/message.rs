@@ -1,0 +1,96 @@
+//! A published message rendered into the one frame every subscriber is sent.
+//!
+//! The shape is `{"channel":"<name>","offset":<n>,"data":<payload>}`: the payload is
+//! embedded as-is when it is valid JSON, otherwise as a JSON string. Rendering happens once
+//! per message; the result is refcounted and shared by every subscriber on every shard.
+
+use crate::proto::frame::{header_len, opcode, write_header};
+use bytes::Bytes;
+use serde::de::IgnoredAny;
+
+/// How a payload goes into the `data` field, decided once per message before the
+/// channel's offset is taken (validation can be slow for large payloads).
+#[derive(Debug, Clone)]
+pub struct EncodedData(Vec<u8>);
+
+impl EncodedData {
+    /// Classifies `payload`: valid JSON is kept verbatim, anything else becomes a string.
+    pub fn new(payload: &[u8]) -> Self {
+        if serde_json::from_slice::<IgnoredAny>(payload).is_ok() {
+            return EncodedData(payload.to_vec());
+        }
+        let text = String::from_utf8_lossy(payload);
+        // Serializing a str cannot fail.
+        EncodedData(serde_json::to_vec(&*text).unwrap_or_default())
+    }
+
+    /// The JSON text for the `data` field.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Renders the complete WebSocket text frame for one message.
+pub fn encode_message(channel: &str, offset: u64, data: &EncodedData) -> Bytes {
+    let offset_text = offset.to_string();
+    let body_len = r#"{"channel":"","offset":,"data":}"#.len()
+        + channel.len()
+        + offset_text.len()
+        + data.0.len();
+    let hl = header_len(body_len);
+    let mut frame = vec![0u8; hl];
+    write_header(&mut frame, opcode::TEXT, body_len);
+    frame.reserve_exact(body_len);
+    frame.extend_from_slice(br#"{"channel":""#);
+    frame.extend_from_slice(channel.as_bytes());
+    frame.extend_from_slice(br#"","offset":"#);
+    frame.extend_from_slice(offset_text.as_bytes());
+    frame.extend_from_slice(br#","data":"#);
+    frame.extend_from_slice(&data.0);
+    frame.push(b'}');
+    debug_assert_eq!(frame.len(), hl + body_len);
+    Bytes::from(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::FrameHeader;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    fn body(frame: &[u8]) -> Value {
+        let h = FrameHeader::parse(frame).unwrap();
+        assert_eq!(h.len as usize, frame.len() - h.header_len);
+        serde_json::from_slice(&frame[h.header_len..]).unwrap()
+    }
+
+    #[test]
+    fn json_payload_is_embedded() {
+        let f = encode_message("news", 7, &EncodedData::new(br#"{"a":[1,2]}"#));
+        assert_eq!(
+            &f[2..],
+            br#"{"channel":"news","offset":7,"data":{"a":[1,2]}}"#
+        );
+    }
+
+    #[test]
+    fn other_payload_becomes_a_string() {
+        let v = body(&encode_message(
+            "c",
+            1,
+            &EncodedData::new(b"hello \"world\"\n\xff"),
+        ));
+        assert_eq!(v["data"], "hello \"world\"\n\u{fffd}");
+    }
+
+    proptest! {
+        #[test]
+        fn every_payload_renders_valid_json(payload in proptest::collection::vec(any::<u8>(), 0..70_000),
+                                            offset in any::<u64>()) {
+            let v = body(&encode_message("room:1", offset, &EncodedData::new(&payload)));
+            prop_assert_eq!(v["channel"].as_str(), Some("room:1"));
+            prop_assert_eq!(v["offset"].as_u64(), Some(offset));
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Sans-io WebSocket protocol: everything between raw bytes and meaning, with no sockets,
+//! rings or clocks.
+//!
+//! - [`upgrade`] parses the HTTP upgrade request and renders the answers to it.
+//! - [`frame`] decodes client frames (masking, fragmentation, limits) and encodes server
+//!   frames.
+//! - [`mask`] applies the RFC 6455 XOR mask.
+//! - [`command`] parses client JSON commands and renders replies.
+//! - [`message`] renders a published message into its one shared frame.
+//! - [`close`] is the table of close codes and where each protocol error maps.
+//! - [`channel`] validates channel names.
+
+pub mod channel;
+pub mod close;
+pub mod command;
+pub mod frame;
+pub mod mask;
+pub mod message;
+pub mod upgrade;

@@ -1,0 +1,277 @@
+//! The HTTP/1.1 upgrade request: parse it, decide, and render the answer.
+//!
+//! [`parse_upgrade`] takes the bytes received so far and returns `Ok(None)` until the
+//! request head is complete, then either an [`Upgrade`] (answer with [`accept_response`])
+//! or an [`HttpReject`] whose [`HttpReject::response`] is the complete error answer.
+
+use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
+use base64::Engine;
+
+/// Largest request head accepted.
+pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+const MAX_HEADERS: usize = 32;
+
+/// A valid upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// `Sec-WebSocket-Key` as sent.
+    pub key: String,
+    /// Channels named in the `channels` query parameter, validated.
+    pub channels: Vec<String>,
+    /// Length of the request head, including the blank line.
+    pub head_len: usize,
+}
+
+/// A request that gets an HTTP error instead of an upgrade.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpReject {
+    /// HTTP status code.
+    pub status: u16,
+    /// One-line explanation sent as the body.
+    pub reason: String,
+}
+
+impl HttpReject {
+    fn new(status: u16, reason: impl Into<String>) -> Self {
+        HttpReject {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    /// The complete HTTP response for this rejection.
+    pub fn response(&self) -> Vec<u8> {
+        let extra = match self.status {
+            405 => "Allow: GET\r\n",
+            426 => "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+            _ => "",
+        };
+        http_response(self.status, extra, &format!("{}\n", self.reason))
+    }
+}
+
+/// Renders a complete `Connection: close` HTTP/1.1 response with a plain-text body.
+pub fn http_response(status: u16, extra_headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         Connection: close\r\n{extra_headers}\r\n{body}",
+        status_text(status),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The reason phrase for the status codes ringcast sends.
+pub fn status_text(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// Parses the upgrade request at the front of `buf`.
+///
+/// `Ok(None)` means the head is not complete yet.
+///
+/// # Errors
+/// An [`HttpReject`] describing the HTTP answer when the request cannot be upgraded.
+pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, HttpReject> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD => {
+            return Err(HttpReject::new(431, "request head larger than 8 KiB"));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HttpReject::new(431, "more than 32 request headers"));
+        }
+        Err(e) => return Err(HttpReject::new(400, format!("malformed HTTP request: {e}"))),
+    };
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if path != "/ws" {
+        return Err(HttpReject::new(
+            404,
+            format!("no such path: {path} (WebSocket endpoint is /ws)"),
+        ));
+    }
+    if req.method != Some("GET") {
+        return Err(HttpReject::new(
+            405,
+            "the WebSocket endpoint accepts GET only",
+        ));
+    }
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    };
+    let has_token = |name: &str, token: &str| {
+        header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return Err(HttpReject::new(
+            426,
+            "expected Upgrade: websocket and Connection: Upgrade",
+        ));
+    }
+    if header("sec-websocket-version").map(str::trim) != Some("13") {
+        return Err(HttpReject::new(
+            426,
+            "unsupported Sec-WebSocket-Version (only 13)",
+        ));
+    }
+    let key = header("sec-websocket-key").map(str::trim).unwrap_or("");
+    let key_ok = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|raw| raw.len() == 16);
+    if !key_ok {
+        return Err(HttpReject::new(
+            400,
+            "missing or malformed Sec-WebSocket-Key",
+        ));
+    }
+    let channels = parse_channels(query)?;
+    Ok(Some(Upgrade {
+        key: key.to_string(),
+        channels,
+        head_len,
+    }))
+}
+
+fn parse_channels(query: &str) -> Result<Vec<String>, HttpReject> {
+    let mut out = Vec::new();
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name != "channels" {
+            continue;
+        }
+        let value = percent_decode(value)
+            .ok_or_else(|| HttpReject::new(400, "malformed percent-encoding in channels"))?;
+        for ch in value.split(',').filter(|c| !c.is_empty()) {
+            if !is_valid_channel(ch.as_bytes()) {
+                return Err(HttpReject::new(
+                    400,
+                    format!("invalid channel name {ch:?}: {CHANNEL_RULE}"),
+                ));
+            }
+            if !out.iter().any(|c| c == ch) {
+                out.push(ch.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes `%XX` escapes; `None` for a broken escape or non-UTF-8 result.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The `101 Switching Protocols` answer for `key`.
+pub fn accept_response(key: &str) -> Vec<u8> {
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = "GET /ws?channels=news,room%3A42 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+                        Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                        Sec-WebSocket-Version: 13\r\n\r\n";
+
+    #[test]
+    fn parses_a_browser_request() {
+        let up = parse_upgrade(GOOD.as_bytes()).unwrap().unwrap();
+        assert_eq!(up.channels, vec!["news", "room:42"]);
+        assert_eq!(up.head_len, GOOD.len());
+        let resp = String::from_utf8(accept_response(&up.key)).unwrap();
+        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    #[test]
+    fn partial_head_needs_more() {
+        for cut in 0..GOOD.len() - 1 {
+            assert_eq!(
+                parse_upgrade(&GOOD.as_bytes()[..cut]),
+                Ok(None),
+                "cut {cut}"
+            );
+        }
+    }
+
+    fn status_of(req: &str) -> u16 {
+        parse_upgrade(req.as_bytes()).unwrap_err().status
+    }
+
+    #[test]
+    fn bad_requests_get_the_right_status() {
+        assert_eq!(status_of(&GOOD.replace("/ws?", "/nope?")), 404);
+        assert_eq!(status_of(&GOOD.replace("GET", "POST")), 405);
+        assert_eq!(status_of(&GOOD.replace("Upgrade: websocket\r\n", "")), 426);
+        assert_eq!(status_of(&GOOD.replace("Version: 13", "Version: 8")), 426);
+        assert_eq!(
+            status_of(&GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")),
+            400
+        );
+        assert_eq!(status_of(&GOOD.replace("news", "bad name")), 400);
+        assert_eq!(status_of("\x16\x03\x01garbage\r\n\r\n"), 400);
+        let huge = format!(
+            "GET /ws HTTP/1.1\r\nX: {}\r\n",
+            "a".repeat(MAX_REQUEST_HEAD)
+        );
+        assert_eq!(status_of(&huge), 431);
+    }
+
+    #[test]
+    fn rejections_render_complete_responses() {
+        let text = String::from_utf8(HttpReject::new(405, "GET only").response()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(text.contains("Allow: GET\r\n"));
+        assert!(text.ends_with("\r\n\r\nGET only\n"));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = parse_upgrade(&data);
+        }
+
+        #[test]
+        fn arbitrary_query_never_panics(q in "[ -~]{0,200}") {
+            let _ = parse_upgrade(GOOD.replace("channels=news,room%3A42", &q).as_bytes());
+        }
+    }
+}

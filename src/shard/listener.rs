@@ -1,0 +1,86 @@
+//! Listening sockets, built by hand so every shard gets its own SO_REUSEPORT socket with
+//! the accept queue we ask for (glommio's own `TcpListener::bind` hard-codes 1024).
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::io;
+use std::net::SocketAddr;
+
+/// A bind failure with the context an operator needs.
+#[derive(Debug, thiserror::Error)]
+#[error("binding {what} on {addr}: {source}{hint}")]
+pub struct BindError {
+    /// Which listener.
+    pub what: &'static str,
+    /// The address.
+    pub addr: SocketAddr,
+    /// The OS error.
+    pub source: io::Error,
+    /// What to change, when we can tell.
+    pub hint: &'static str,
+}
+
+fn bind_error(what: &'static str, addr: SocketAddr, source: io::Error) -> BindError {
+    let hint = match source.raw_os_error() {
+        Some(libc::EADDRINUSE) => {
+            " (another process holds this port: stop it or choose another address)"
+        }
+        Some(libc::EACCES) => " (ports below 1024 need CAP_NET_BIND_SERVICE)",
+        Some(libc::EADDRNOTAVAIL) => " (no local interface has this address)",
+        Some(libc::EMFILE) | Some(libc::ENFILE) => {
+            " (out of file descriptors: raise LimitNOFILE, see kernel-tuning/)"
+        }
+        _ => "",
+    };
+    BindError {
+        what,
+        addr,
+        source,
+        hint,
+    }
+}
+
+fn socket_for(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    Ok(socket)
+}
+
+/// A TCP listener with SO_REUSEPORT and an accept queue of `backlog`.
+///
+/// # Errors
+/// [`BindError`] with the address and a hint.
+pub fn tcp_listener(
+    what: &'static str,
+    addr: SocketAddr,
+    backlog: u32,
+) -> Result<Socket, BindError> {
+    (|| {
+        let socket = socket_for(addr, Type::STREAM, Protocol::TCP)?;
+        socket.bind(&SockAddr::from(addr))?;
+        socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+        Ok(socket)
+    })()
+    .map_err(|e| bind_error(what, addr, e))
+}
+
+/// A UDP socket with SO_REUSEPORT (the kernel spreads senders over shards).
+///
+/// # Errors
+/// [`BindError`] with the address and a hint.
+pub fn udp_socket(what: &'static str, addr: SocketAddr) -> Result<Socket, BindError> {
+    (|| {
+        let socket = socket_for(addr, Type::DGRAM, Protocol::UDP)?;
+        // Bursts of datagrams land here while the shard is busy fanning out: give the
+        // kernel room (capped by net.core.rmem_max, see kernel-tuning/).
+        let _ = socket.set_recv_buffer_size(4 << 20);
+        socket.bind(&SockAddr::from(addr))?;
+        Ok(socket)
+    })()
+    .map_err(|e| bind_error(what, addr, e))
+}

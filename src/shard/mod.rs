@@ -1,0 +1,370 @@
+//! Shards: one pinned glommio executor per core, each serving its own SO_REUSEPORT
+//! listeners, connection table and subscription index, all following the one fan-out ring.
+//!
+//! [`run`] binds every socket first (so a bad address fails before anything starts), then
+//! starts the executors, then waits for a drain to finish.
+
+pub mod conn;
+pub mod follower;
+pub mod lifecycle;
+pub mod listener;
+pub mod send;
+pub mod state;
+pub mod table;
+
+use crate::config::Settings;
+use crate::fanout::publisher::Publisher;
+use crate::fanout::ring::Ring;
+use crate::fanout::wake::{install_senders, IdleFlags};
+use crate::metrics;
+use crate::shard::follower::LocalEvent;
+use crate::shard::listener::{tcp_listener, udp_socket, BindError};
+use crate::shard::state::Shard;
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+use glommio::net::{TcpListener, UdpSocket};
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::Socket;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Why the server could not start or run.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// An executor (io_uring instance) could not be created.
+    #[error("starting shard {shard} on CPU {cpu}: {message}")]
+    Executor {
+        /// Shard number.
+        shard: usize,
+        /// CPU it was to be pinned to.
+        cpu: usize,
+        /// What failed and what to change.
+        message: String,
+    },
+    /// Signal handling could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// The sockets one shard serves.
+struct ShardSockets {
+    ws: Socket,
+    udp: Option<Socket>,
+    tcp: Option<Socket>,
+    admin: Option<Socket>,
+}
+
+/// Everything a shard executor needs, moved into its thread.
+struct ShardSetup {
+    id: usize,
+    settings: Arc<Settings>,
+    publisher: Arc<Publisher>,
+    sockets: ShardSockets,
+    wake_senders: Vec<SharedSender<()>>,
+    wake_receivers: Vec<SharedReceiver<()>>,
+    done: mpsc::Sender<usize>,
+}
+
+/// Runs the server until a drain completes.
+///
+/// # Errors
+/// [`StartError`] when a socket cannot be bound or a shard cannot start.
+pub fn run(settings: Settings) -> Result<(), StartError> {
+    let settings = Arc::new(settings);
+    let n = settings.shards;
+    metrics::init(n);
+    raise_fd_limit(&settings);
+    let ring = Arc::new(Ring::new(settings.ring_capacity));
+    let publisher = Arc::new(Publisher::new(ring, Arc::new(IdleFlags::new(n))));
+
+    let mut sockets = Vec::with_capacity(n);
+    for id in 0..n {
+        sockets.push(ShardSockets {
+            ws: tcp_listener(
+                "WebSocket listener",
+                settings.listen,
+                settings.listen_backlog,
+            )?,
+            udp: settings
+                .udp_ingest
+                .map(|a| udp_socket("UDP ingest", a))
+                .transpose()?,
+            tcp: settings
+                .tcp_ingest
+                .map(|a| tcp_listener("TCP ingest", a, 1024))
+                .transpose()?,
+            admin: if id == 0 {
+                Some(tcp_listener("admin HTTP", settings.admin, 1024)?)
+            } else {
+                None
+            },
+        });
+    }
+
+    // Wake channels are single-producer: one per (producer shard, consumer shard) pair.
+    let mut senders: Vec<Vec<SharedSender<()>>> = (0..n).map(|_| Vec::new()).collect();
+    let mut receivers: Vec<Vec<SharedReceiver<()>>> = (0..n).map(|_| Vec::new()).collect();
+    for producer in senders.iter_mut() {
+        for consumer in receivers.iter_mut() {
+            let (tx, rx) = shared_channel::new_bounded(1);
+            producer.push(tx);
+            consumer.push(rx);
+        }
+    }
+
+    let cpus = allowed_cpus();
+    if n > cpus.len() {
+        tracing::warn!(
+            shards = n,
+            cpus = cpus.len(),
+            "more shards than CPUs: shards will share cores"
+        );
+    }
+    let (done_tx, done_rx) = mpsc::channel();
+    let (started_tx, started_rx) = mpsc::channel();
+    for (id, ((sockets, wake_senders), wake_receivers)) in
+        sockets.into_iter().zip(senders).zip(receivers).enumerate()
+    {
+        let cpu = cpus[id % cpus.len()];
+        let setup = ShardSetup {
+            id,
+            settings: settings.clone(),
+            publisher: publisher.clone(),
+            sockets,
+            wake_senders,
+            wake_receivers,
+            done: done_tx.clone(),
+        };
+        let started = started_tx.clone();
+        let builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("ringcast-{id}"))
+            .io_memory(settings.io_memory);
+        std::thread::Builder::new()
+            .name(format!("ringcast-{id}"))
+            .spawn(move || match builder.make() {
+                Err(e) => {
+                    let _ = started.send(Err(StartError::Executor {
+                        shard: id,
+                        cpu,
+                        message: explain_executor_error(&e),
+                    }));
+                }
+                Ok(executor) => {
+                    let _ = started.send(Ok(()));
+                    executor.run(shard_main(setup));
+                }
+            })
+            .map_err(|e| StartError::Executor {
+                shard: id,
+                cpu,
+                message: format!("spawning thread: {e}"),
+            })?;
+    }
+    for _ in 0..n {
+        match started_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(StartError::Executor {
+                    shard: 0,
+                    cpu: 0,
+                    message: "shard thread died at start".into(),
+                })
+            }
+        }
+    }
+    tracing::info!(
+        shards = n,
+        ws = %settings.listen,
+        udp = ?settings.udp_ingest,
+        tcp = ?settings.tcp_ingest,
+        admin = %settings.admin,
+        "ringcast started"
+    );
+    wait_for_drain(&settings, done_rx)
+}
+
+/// Blocks until SIGTERM/SIGINT starts a drain and every shard finished it (or the window
+/// plus a grace period passed). A second signal exits at once.
+fn wait_for_drain(settings: &Settings, done: mpsc::Receiver<usize>) -> Result<(), StartError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(StartError::Signals)?;
+    let first = signals.forever().next();
+    tracing::info!(signal = ?first, window_secs = settings.drain_window.as_secs(), "draining: no new connections; send the signal again to exit at once");
+    lifecycle::DRAINING.store(true, Ordering::Release);
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::warn!(
+                signal = sig,
+                "second signal: exiting without finishing the drain"
+            );
+            std::process::exit(1);
+        }
+    });
+    let deadline = Instant::now() + settings.drain_window + Duration::from_secs(5);
+    for _ in 0..settings.shards {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if done.recv_timeout(left).is_err() {
+            tracing::warn!("drain window passed with connections still open; exiting");
+            break;
+        }
+    }
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+async fn shard_main(setup: ShardSetup) {
+    let ShardSetup {
+        id,
+        settings,
+        publisher,
+        sockets,
+        wake_senders,
+        wake_receivers,
+        done,
+    } = setup;
+    let shard = Rc::new(Shard::new(id, settings.clone(), publisher.clone()));
+    let wake = Rc::new(LocalEvent::default());
+    for rx in wake_receivers {
+        let wake = wake.clone();
+        glommio::spawn_local(async move {
+            let rx = rx.connect().await;
+            while rx.recv().await.is_some() {
+                wake.notify();
+            }
+        })
+        .detach();
+    }
+    let mut connected = Vec::with_capacity(wake_senders.len());
+    for tx in wake_senders {
+        connected.push(tx.connect().await);
+    }
+    install_senders(connected);
+    glommio::spawn_local(follower::follow_ring(shard.clone(), wake)).detach();
+
+    let metrics = shard.metrics;
+    // SAFETY (all from_raw_fd below): each fd comes from a socket2::Socket we own and
+    // consumed with into_raw_fd, so the glommio object becomes its only owner.
+    if let Some(udp) = sockets.udp {
+        let socket = unsafe { UdpSocket::from_raw_fd(udp.into_raw_fd()) };
+        glommio::spawn_local(crate::ingest::udp::serve(
+            socket,
+            publisher.clone(),
+            settings.clone(),
+            metrics,
+        ))
+        .detach();
+    }
+    if let Some(tcp) = sockets.tcp {
+        let listener = unsafe { TcpListener::from_raw_fd(tcp.into_raw_fd()) };
+        glommio::spawn_local(crate::ingest::tcp::serve(
+            listener,
+            publisher.clone(),
+            settings.clone(),
+            metrics,
+        ))
+        .detach();
+    }
+    if let Some(admin) = sockets.admin {
+        let listener = unsafe { TcpListener::from_raw_fd(admin.into_raw_fd()) };
+        glommio::spawn_local(crate::admin::serve(
+            listener,
+            publisher.clone(),
+            settings.clone(),
+            metrics,
+        ))
+        .detach();
+    }
+    let ws = unsafe { TcpListener::from_raw_fd(sockets.ws.into_raw_fd()) };
+    let stop_accepting = Rc::new(LocalEvent::default());
+    glommio::spawn_local(accept_loop(shard.clone(), ws, stop_accepting.clone())).detach();
+    lifecycle::SHARDS_READY.fetch_add(1, Ordering::AcqRel);
+
+    lifecycle::run(shard, stop_accepting).await;
+    let _ = done.send(id);
+    // Keep serving ingest and admin until the process exits.
+    futures_lite::future::pending::<()>().await;
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Rc<LocalEvent>) {
+    let accept = async {
+        let mut last_warning: Option<Instant> = None;
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+                }
+                Err(e) => {
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        last_warning = Some(Instant::now());
+                        tracing::warn!(shard = shard.id, error = %e, "accept failed (EMFILE means RLIMIT_NOFILE is too low: see kernel-tuning/); retrying");
+                    }
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    };
+    futures_lite::future::or(accept, stop.wait()).await;
+    drop(listener);
+}
+
+fn explain_executor_error(e: &glommio::GlommioError<()>) -> String {
+    let text = e.to_string();
+    let os = match e {
+        glommio::GlommioError::IoError(io) => io.raw_os_error(),
+        _ => None,
+    };
+    let hint = match os {
+        Some(libc::ENOMEM) => "io_uring setup ran out of locked memory: raise RLIMIT_MEMLOCK (systemd LimitMEMLOCK=, see kernel-tuning/ringcast.service) or lower io_memory",
+        Some(libc::EPERM) => "io_uring is not permitted: check the kernel.io_uring_disabled sysctl, seccomp profile or container runtime",
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "out of file descriptors: raise LimitNOFILE",
+        Some(libc::ENOSYS) => "this kernel has no io_uring (Linux 5.8 or newer is required)",
+        _ => "see kernel-tuning/README.md for the limits ringcast needs",
+    };
+    format!("{text}: {hint}")
+}
+
+/// CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    let all = std::thread::available_parallelism().map_or(1, usize::from);
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => {
+            let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+                .filter(|&c| set.is_set(c).unwrap_or(false))
+                .collect();
+            if cpus.is_empty() {
+                (0..all).collect()
+            } else {
+                cpus
+            }
+        }
+        Err(_) => (0..all).collect(),
+    }
+}
+
+/// Raises the soft fd limit to the hard limit and says what the hard limit allows.
+fn raise_fd_limit(settings: &Settings) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let usable = hard.saturating_sub(64 + 8 * settings.shards as u64);
+    if (settings.max_connections as u64) > usable {
+        tracing::warn!(
+            rlimit_nofile = hard,
+            max_connections = settings.max_connections,
+            "RLIMIT_NOFILE allows only about {usable} connections; raise LimitNOFILE (kernel-tuning/) or lower max_connections"
+        );
+    }
+}
