@@ -19,11 +19,14 @@ use std::time::Instant;
 
 const STRIPES: usize = 64;
 
+/// The last offset given out, per channel, for the channels hashing to one stripe.
+type OffsetStripe = CachePadded<Mutex<HashMap<Arc<str>, u64>>>;
+
 /// Channel offsets, the ring, and the shards to wake: shared by every producer.
 pub struct Publisher {
     ring: Arc<Ring>,
     idle: Arc<IdleFlags>,
-    stripes: Box<[CachePadded<Mutex<HashMap<Arc<str>, u64>>>]>,
+    stripes: Box<[OffsetStripe]>,
     hasher: ahash::RandomState,
 }
 

@@ -1,70 +1,53 @@
-//! One connection's task: upgrade, then read commands and keep the socket writable.
+//! A connection's life on its shard: upgrade, input, and close.
 //!
-//! After the upgrade the task is a hand-written future ([`Session`]) rather than an
-//! `async` loop so that an idle connection costs only what it must: the glommio stream
-//! (non-buffered: glommio's buffered stream would hold a receive buffer per socket), the
-//! frame decoder (no allocation unless a fragmented message is in flight) and a partial
-//! input buffer that exists only while a frame is split across reads. Reads go into the
-//! shard's scratch buffer.
+//! The upgrade runs as a short-lived glommio task on the accepted stream (bounded by
+//! `handshake_timeout`). Once upgraded, the socket is adopted into the shard's connection
+//! table and epoll set and the task ends: from then on the connection is driven by
+//! readiness events ([`on_ready`]) and by the fan-out path, with no task of its own.
+//!
+//! Closes are decided in many places (a protocol error, the fan-out's slow-consumer
+//! policy, the heartbeat sweep, a drain) but carried out in one: [`Shard::settle`] sends
+//! the close frame, shuts the write side and lingers until the peer's EOF (bounded), so
+//! input still in flight does not turn the close into a reset that would destroy it.
 
 use crate::metrics::CloseCause;
 use crate::proto::close::{CloseCode, CloseReason};
 use crate::proto::command::{parse_command, Command, Reply};
-use crate::proto::frame::{encode_close, encode_frame, opcode, FrameDecoder, Inbound};
-use crate::proto::upgrade::{accept_response, http_response, parse_upgrade, MAX_REQUEST_HEAD};
-use crate::shard::send::Flush;
+use crate::proto::frame::{encode_close, encode_frame, opcode, Inbound};
+use crate::proto::upgrade::{accept_response, http_response, parse_upgrade};
+use crate::shard::readiness::Ready;
 use crate::shard::state::Shard;
-use crate::shard::table::Conn;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use crate::shard::table::{token, untoken, Conn, ConnState};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use std::future::Future;
-use std::os::fd::AsRawFd;
-use std::pin::Pin;
+use nix::sys::socket::{recv, shutdown, MsgFlags, Shutdown};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-/// Serves one accepted TCP connection until it closes.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+/// Input read per readiness event before yielding to other connections; the socket is
+/// re-armed so the rest is read on the next round.
+const MAX_READ_PER_EVENT: usize = 1 << 20;
+
+/// How long a closing connection waits for the peer's EOF, in shard seconds.
+pub const LINGER_SECS: u32 = 2;
+
+/// Upgrades an accepted TCP connection and adopts it into the shard.
+pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
     let Some((channels, leftover)) = handshake(&shard, &mut stream).await else {
         return;
     };
-    let now = shard.now_secs();
-    let key = {
-        let mut conns = shard.conns.borrow_mut();
-        conns.insert(Conn::new(stream.as_raw_fd(), now)) as u32
+    // The glommio stream would keep an io_uring poll armed and its own state alive; the
+    // table keeps only a plain descriptor.
+    // SAFETY: the descriptor is open for the duration of this borrow (the stream owns it
+    // and is dropped only after the duplicate exists).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let Ok(fd) = borrowed.try_clone_to_owned() else {
+        return;
     };
-    {
-        let mut index = shard.index.borrow_mut();
-        for ch in channels
-            .iter()
-            .take(shard.settings.max_subscriptions_per_connection)
-        {
-            index.subscribe(key, ch);
-        }
-    }
-    shard.metrics.connections.fetch_add(1, Relaxed);
-    shard.metrics.accepted.fetch_add(1, Relaxed);
-    let mut session = Session {
-        shard: shard.clone(),
-        key,
-        stream,
-        decoder: FrameDecoder::new(shard.settings.max_message_size),
-        pending_input: leftover,
-        inbound_window: (now, 0),
-    };
-    let outcome = if session.pending_input.is_empty() {
-        Ok(())
-    } else {
-        let mut input = std::mem::take(&mut session.pending_input);
-        session.consume(&mut input)
-    };
-    let close = match outcome {
-        Ok(()) => (&mut session).await,
-        Err(close) => close,
-    };
-    session.finish(close).await;
+    drop(stream);
+    adopt(&shard, fd, &channels, leftover);
+    shard.settle();
 }
 
 /// Reads and answers the upgrade request. Returns the channels and any bytes the client
@@ -78,8 +61,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Vec<String>
         head.extend_from_slice(&chunk[..n]);
         match parse_upgrade(&head) {
             Ok(Some(upgrade)) => break upgrade,
-            Ok(None) if head.len() <= MAX_REQUEST_HEAD => continue,
-            Ok(None) => unreachable!("parse_upgrade rejects heads over MAX_REQUEST_HEAD"),
+            Ok(None) => continue,
             Err(reject) => {
                 shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
                 let _ = stream.write_all(&reject.response()).await;
@@ -104,193 +86,164 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Vec<String>
         .write_all(&accept_response(&upgrade.key))
         .await
         .ok()?;
-    let _ = stream.set_read_timeout(None);
     let _ = stream.set_nodelay(true);
     let leftover = head.split_off(upgrade.head_len);
     Some((upgrade.channels, leftover))
 }
 
-/// The live phase of a connection, polled by glommio until it decides to close.
-struct Session {
-    shard: Rc<Shard>,
-    key: u32,
-    stream: TcpStream,
-    decoder: FrameDecoder,
-    /// Bytes of a frame split across reads; empty (unallocated) otherwise.
-    pending_input: Vec<u8>,
-    /// (second, frames received in it) for the inbound rate limit.
-    inbound_window: (u32, u32),
-}
-
-/// How a session ends: the close frame to send (if any) and the metric label.
-type Ending = (Option<CloseReason>, CloseCause);
-
-impl Future for Session {
-    type Output = Ending;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ending> {
-        let this = self.get_mut();
-        loop {
-            if let Some(end) = this.poll_write_side(cx) {
-                return Poll::Ready(end);
-            }
-            let shard = this.shard.clone();
-            let mut scratch = shard.scratch.borrow_mut();
-            let read = Pin::new(&mut this.stream).poll_read(cx, &mut scratch);
-            match read {
-                Poll::Pending => {
-                    let mut conns = shard.conns.borrow_mut();
-                    if let Some(conn) = conns.get_mut(this.key as usize) {
-                        if !conn.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                            conn.waker = Some(cx.waker().clone());
-                        }
-                    }
-                    return Poll::Pending;
-                }
-                Poll::Ready(Ok(0)) => return Poll::Ready((None, CloseCause::PeerGone)),
-                Poll::Ready(Err(_)) => return Poll::Ready((None, CloseCause::PeerGone)),
-                Poll::Ready(Ok(n)) => {
-                    let result = if this.pending_input.is_empty() {
-                        this.consume(&mut scratch[..n])
-                    } else {
-                        let mut input = std::mem::take(&mut this.pending_input);
-                        input.extend_from_slice(&scratch[..n]);
-                        this.consume(&mut input)
-                    };
-                    if let Err(end) = result {
-                        return Poll::Ready(end);
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Session {
-    /// Flushes a backlog left by the fan-out round and registers for writability when the
-    /// socket is full. Returns an ending when a close was requested or the socket failed.
-    fn poll_write_side(&mut self, cx: &mut Context<'_>) -> Option<Ending> {
-        let shard = self.shard.clone();
+/// Registers an upgraded socket in the table, index and epoll set.
+fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftover: Vec<u8>) {
+    let now = shard.now_secs();
+    let generation = shard.next_generation();
+    let key = {
         let mut conns = shard.conns.borrow_mut();
-        let conn = conns.get_mut(self.key as usize)?;
-        if let Some(close) = conn.close.take() {
-            return Some((close.reason, close.cause));
+        let entry = conns.vacant_entry();
+        let key = entry.key() as u32;
+        if let Err(e) = shard.ready_set.add(&fd, token(key, generation)) {
+            tracing::warn!(shard = shard.id, error = %e, "epoll registration failed (fs.epoll.max_user_watches?); dropping connection");
+            return;
         }
-        loop {
-            match shard.flush(conn) {
-                Flush::Done => return None,
-                Flush::Failed => return Some((None, CloseCause::IoError)),
-                Flush::Blocked => {}
-            }
-            // glommio's poll_write tries a send and, on EAGAIN, arms a writability poll
-            // that wakes this task. Hand it the first unwritten bytes.
-            let mut slices = [std::io::IoSlice::new(&[]); 1];
-            conn.backlog.io_slices(&mut slices);
-            match Pin::new(&mut self.stream).poll_write(cx, &slices[0]) {
-                Poll::Ready(Ok(n)) => conn.backlog.advance(n),
-                Poll::Ready(Err(_)) => return Some((None, CloseCause::IoError)),
-                Poll::Pending => return None,
-            }
+        entry.insert(Conn::new(
+            fd,
+            generation,
+            shard.settings.max_message_size,
+            now,
+        ));
+        key
+    };
+    {
+        let mut index = shard.index.borrow_mut();
+        for ch in channels
+            .iter()
+            .take(shard.settings.max_subscriptions_per_connection)
+        {
+            index.subscribe(key, ch);
         }
     }
-
-    /// Decodes and handles every complete frame in `input`; keeps an incomplete tail.
-    fn consume(&mut self, input: &mut [u8]) -> Result<(), Ending> {
-        let now = self.shard.now_secs();
-        if let Some(conn) = self.shard.conns.borrow_mut().get_mut(self.key as usize) {
-            conn.last_rx = now;
-            conn.pinged = false;
+    shard.metrics.connections.fetch_add(1, Relaxed);
+    shard.metrics.accepted.fetch_add(1, Relaxed);
+    if !leftover.is_empty() {
+        let mut conns = shard.conns.borrow_mut();
+        if let Some(conn) = conns.get_mut(key as usize) {
+            consume(shard, key, conn, &mut leftover);
+            shard.flush_or_close(key, conn);
         }
-        let mut at = 0;
-        while at < input.len() {
-            let (used, event) = match self.decoder.decode(&mut input[at..]) {
-                Ok(Some(step)) => step,
-                Ok(None) => break,
-                Err(e) => return Err((Some(CloseReason::from(e)), CloseCause::ProtocolError)),
-            };
-            at += used;
-            let Some(event) = event else { continue };
-            if self.inbound_window.0 != now {
-                self.inbound_window = (now, 0);
-            }
-            self.inbound_window.1 += 1;
-            if self.inbound_window.1 > self.shard.settings.max_inbound_per_sec {
-                let reason = CloseReason::new(CloseCode::Policy, "too many frames per second");
-                return Err((Some(reason), CloseCause::Policy));
-            }
-            handle_event(&self.shard, self.key, event)?;
-        }
-        if at < input.len() {
-            self.pending_input = input[at..].to_vec();
-        }
-        Ok(())
-    }
-
-    /// Sends the close frame (if any), unregisters the connection and closes the socket.
-    async fn finish(mut self, (reason, cause): Ending) {
-        let shard = self.shard.clone();
-        self.shard.index.borrow_mut().remove_conn(self.key);
-        let conn = self.shard.conns.borrow_mut().try_remove(self.key as usize);
-        shard.metrics.connections.fetch_sub(1, Relaxed);
-        shard.metrics.closed[cause as usize].fetch_add(1, Relaxed);
-        let Some(mut conn) = conn else { return };
-        let left = conn.backlog.bytes();
-        if let Some(reason) = reason {
-            conn.backlog.discard_unstarted();
-            conn.backlog.push_control(
-                encode_close(reason.code.code(), &reason.reason),
-                &shard.limits,
-            );
-            // Best effort, bounded: a peer that does not read gets its socket closed anyway.
-            let deadline = glommio::timer::sleep(Duration::from_secs(2));
-            let write_out = async {
-                while !conn.backlog.is_empty() {
-                    let mut slices = [std::io::IoSlice::new(&[]); 1];
-                    conn.backlog.io_slices(&mut slices);
-                    match self.stream.write(&slices[0]).await {
-                        Ok(n) if n > 0 => conn.backlog.advance(n),
-                        _ => break,
-                    }
-                }
-                let _ = self.stream.shutdown(std::net::Shutdown::Write).await;
-                // Wait for the peer's close/EOF so the kernel does not answer unread
-                // input with a reset that would destroy our close frame in flight.
-                let mut sink = [0u8; 256];
-                while let Ok(n) = self.stream.read(&mut sink).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-            };
-            futures_lite::future::or(write_out, async {
-                deadline.await;
-            })
-            .await;
-        }
-        shard.metrics.backlog_bytes.fetch_sub(left as u64, Relaxed);
     }
 }
 
-/// Acts on one client frame.
-fn handle_event(shard: &Shard, key: u32, event: Inbound<'_>) -> Result<(), Ending> {
-    match event {
-        Inbound::Ping(payload) => shard.send_control(key, encode_frame(opcode::PONG, payload)),
-        Inbound::Pong => {}
-        Inbound::Close(code) => {
-            // The decoder already refused codes a client may not send; answer with 1000.
-            let _ = code;
-            return Err((
-                Some(CloseReason::new(CloseCode::Normal, "")),
-                CloseCause::ClientClose,
-            ));
-        }
-        Inbound::Text(text) => {
-            shard.metrics.commands.fetch_add(1, Relaxed);
-            let reply = run_command(shard, key, text);
-            shard.send_control(key, encode_frame(opcode::TEXT, reply.as_bytes()));
+/// Handles one readiness event from the shard's epoll set.
+pub fn on_ready(shard: &Shard, ready: Ready) {
+    let (key, generation) = untoken(ready.token);
+    let mut conns = shard.conns.borrow_mut();
+    let Some(conn) = conns
+        .get_mut(key as usize)
+        .filter(|c| c.generation == generation)
+    else {
+        return;
+    };
+    if ready.writable && !conn.backlog.is_empty() && conn.state != ConnState::Doomed {
+        shard.flush_or_close(key, conn);
+    }
+    if ready.readable {
+        read_input(shard, key, conn);
+    }
+}
+
+/// Reads what the socket has (edge-triggered: until EAGAIN, or re-armed past the cap).
+fn read_input(shard: &Shard, key: u32, conn: &mut Conn) {
+    let mut scratch = shard.scratch.borrow_mut();
+    let mut total = 0;
+    loop {
+        match recv(conn.fd.as_raw_fd(), &mut scratch, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return peer_gone(shard, key, conn),
+            Ok(n) => {
+                total += n;
+                if let ConnState::Closing(_) = conn.state {
+                    // Lingering: discard until EOF.
+                } else if conn.state == ConnState::Open {
+                    if conn.pending_input.is_empty() {
+                        consume(shard, key, conn, &mut scratch[..n]);
+                    } else {
+                        let mut input = std::mem::take(&mut conn.pending_input);
+                        input.extend_from_slice(&scratch[..n]);
+                        consume(shard, key, conn, &mut input);
+                    }
+                    shard.flush_or_close(key, conn);
+                }
+                if total >= MAX_READ_PER_EVENT {
+                    // Re-registering re-reports pending input as a new edge.
+                    shard.ready_set.remove(&conn.fd);
+                    let _ = shard.ready_set.add(&conn.fd, token(key, conn.generation));
+                    return;
+                }
+            }
+            Err(nix::errno::Errno::EAGAIN) => return,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return peer_gone(shard, key, conn),
         }
     }
-    Ok(())
+}
+
+fn peer_gone(shard: &Shard, key: u32, conn: &mut Conn) {
+    match conn.state {
+        // Our close already went out and the peer finished: done.
+        ConnState::Closing(_) => shard.schedule_finalize(key),
+        _ => shard.schedule_close(key, conn, None, CloseCause::PeerGone),
+    }
+}
+
+/// Decodes and handles every complete frame in `input`; keeps an incomplete tail.
+fn consume(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
+    let now = shard.now_secs();
+    conn.last_rx = now;
+    conn.pinged = false;
+    let mut at = 0;
+    while at < input.len() && conn.is_open() {
+        let (used, event) = match conn.decoder.decode(&mut input[at..]) {
+            Ok(Some(step)) => step,
+            Ok(None) => break,
+            Err(e) => {
+                return shard.schedule_close(
+                    key,
+                    conn,
+                    Some(CloseReason::from(e)),
+                    CloseCause::ProtocolError,
+                )
+            }
+        };
+        at += used;
+        let Some(event) = event else { continue };
+        if conn.inbound_window.0 != now {
+            conn.inbound_window = (now, 0);
+        }
+        conn.inbound_window.1 += 1;
+        if conn.inbound_window.1 > shard.settings.max_inbound_per_sec {
+            let reason = CloseReason::new(CloseCode::Policy, "too many frames per second");
+            return shard.schedule_close(key, conn, Some(reason), CloseCause::Policy);
+        }
+        let reply = match event {
+            Inbound::Ping(payload) => Some(encode_frame(opcode::PONG, payload)),
+            Inbound::Pong => None,
+            Inbound::Close(_) => {
+                // The decoder refused codes a client may not send; answer with 1000.
+                let reason = CloseReason::new(CloseCode::Normal, "");
+                return shard.schedule_close(key, conn, Some(reason), CloseCause::ClientClose);
+            }
+            Inbound::Text(text) => {
+                shard.metrics.commands.fetch_add(1, Relaxed);
+                Some(encode_frame(
+                    opcode::TEXT,
+                    run_command(shard, key, text).as_bytes(),
+                ))
+            }
+        };
+        if let Some(frame) = reply {
+            shard.queue_control(key, conn, frame);
+        }
+    }
+    if at < input.len() && conn.is_open() {
+        conn.pending_input = input[at..].to_vec();
+    }
 }
 
 /// Executes a command and renders its reply.
@@ -333,5 +286,107 @@ fn run_command(shard: &Shard, key: u32, text: &str) -> String {
             }
             .to_json()
         }
+    }
+}
+
+/// A close decided but not yet carried out.
+#[derive(Debug)]
+pub struct CloseOrder {
+    key: u32,
+    generation: u32,
+    reason: Option<CloseReason>,
+    cause: CloseCause,
+}
+
+impl Shard {
+    /// Decides that `conn` closes; carried out by [`Shard::settle`].
+    pub fn schedule_close(
+        &self,
+        key: u32,
+        conn: &mut Conn,
+        reason: Option<CloseReason>,
+        cause: CloseCause,
+    ) {
+        if conn.state != ConnState::Open {
+            return;
+        }
+        conn.state = ConnState::Doomed;
+        self.closes.borrow_mut().push(CloseOrder {
+            key,
+            generation: conn.generation,
+            reason,
+            cause,
+        });
+    }
+
+    fn schedule_finalize(&self, key: u32) {
+        self.finalize.borrow_mut().push(key);
+    }
+
+    /// Flushes what the fan-out round queued, then carries out pending closes.
+    pub fn settle(&self) {
+        self.flush_dirty();
+        let orders = std::mem::take(&mut *self.closes.borrow_mut());
+        for order in orders {
+            self.begin_close(order);
+        }
+        let keys = std::mem::take(&mut *self.finalize.borrow_mut());
+        for key in keys {
+            self.finalize_close(key);
+        }
+    }
+
+    fn begin_close(&self, order: CloseOrder) {
+        let CloseOrder {
+            key,
+            generation,
+            reason,
+            cause,
+        } = order;
+        self.index.borrow_mut().remove_conn(key);
+        self.metrics.connections.fetch_sub(1, Relaxed);
+        self.metrics.closed[cause as usize].fetch_add(1, Relaxed);
+        let lingering = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(conn) = conns
+                .get_mut(key as usize)
+                .filter(|c| c.generation == generation)
+            else {
+                return;
+            };
+            conn.decoder = crate::proto::frame::FrameDecoder::new(0);
+            conn.pending_input = Vec::new();
+            match reason {
+                None => false,
+                Some(reason) => {
+                    let before = conn.backlog.bytes();
+                    conn.backlog.discard_unstarted();
+                    self.note_backlog_change(before, conn.backlog.bytes());
+                    self.queue_control(key, conn, encode_close(reason.code.code(), &reason.reason));
+                    let _ = self.flush(conn);
+                    let _ = shutdown(conn.fd.as_raw_fd(), Shutdown::Write);
+                    conn.state = ConnState::Closing(self.now_secs());
+                    true
+                }
+            }
+        };
+        if !lingering {
+            self.finalize_close(key);
+        }
+    }
+
+    /// Removes a connection from the table and closes its socket.
+    pub fn finalize_close(&self, key: u32) {
+        let Some(conn) = self.conns.borrow_mut().try_remove(key as usize) else {
+            return;
+        };
+        self.ready_set.remove(&conn.fd);
+        self.note_backlog_change(conn.backlog.bytes(), 0);
+        if conn.state == ConnState::Open {
+            // Finalized without a close order (should not happen): keep the gauge right.
+            self.index.borrow_mut().remove_conn(key);
+            self.metrics.connections.fetch_sub(1, Relaxed);
+        }
+        drop(conn);
     }
 }

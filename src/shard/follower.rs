@@ -81,7 +81,7 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
             }
         }
         if taken > 0 {
-            shard.flush_dirty();
+            shard.settle();
             shard.metrics.ring_messages.fetch_add(taken as u64, Relaxed);
             let now = Instant::now();
             for t in latencies.drain(..) {

@@ -10,8 +10,10 @@
 use crate::metrics::CloseCause;
 use crate::proto::close::{CloseCode, CloseReason};
 use crate::proto::frame::{encode_frame, opcode};
+use crate::shard::conn::LINGER_SECS;
 use crate::shard::follower::LocalEvent;
 use crate::shard::state::Shard;
+use crate::shard::table::ConnState;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -73,18 +75,33 @@ pub async fn run(shard: Rc<Shard>, stop_accepting: Rc<LocalEvent>) {
 fn sweep(shard: &Shard, ping_after: u32, dead_after: u32) {
     let now = shard.now_secs();
     let ping = encode_frame(opcode::PING, b"");
-    let mut conns = shard.conns.borrow_mut();
-    for (_, conn) in conns.iter_mut() {
-        let silent = now.saturating_sub(conn.last_rx);
-        if silent >= dead_after {
-            conn.request_close(None, CloseCause::Dead);
-        } else if silent >= ping_after && !conn.pinged {
-            conn.pinged = true;
-            shard.metrics.pings_sent.fetch_add(1, Ordering::Relaxed);
-            shard.queue_control(conn, ping.clone());
-            shard.flush_and_react(conn);
+    let mut lingered = Vec::new();
+    {
+        let mut conns = shard.conns.borrow_mut();
+        for (key, conn) in conns.iter_mut() {
+            let key = key as u32;
+            let silent = now.saturating_sub(conn.last_rx);
+            match conn.state {
+                ConnState::Closing(since) if now.saturating_sub(since) >= LINGER_SECS => {
+                    lingered.push(key)
+                }
+                ConnState::Open if silent >= dead_after => {
+                    shard.schedule_close(key, conn, None, CloseCause::Dead)
+                }
+                ConnState::Open if silent >= ping_after && !conn.pinged => {
+                    conn.pinged = true;
+                    shard.metrics.pings_sent.fetch_add(1, Ordering::Relaxed);
+                    shard.queue_control(key, conn, ping.clone());
+                    shard.flush_or_close(key, conn);
+                }
+                _ => {}
+            }
         }
     }
+    for key in lingered {
+        shard.finalize_close(key);
+    }
+    shard.settle();
 }
 
 async fn drain(shard: &Shard, jitter: &mut Jitter) {
@@ -99,22 +116,28 @@ async fn drain(shard: &Shard, jitter: &mut Jitter) {
         window_secs = window.as_secs(),
         "drain started"
     );
+    let mut last_sweep = Instant::now();
     loop {
         {
             let mut conns = shard.conns.borrow_mut();
-            let batch: Vec<usize> = conns
-                .iter()
-                .filter(|(_, c)| c.close.is_none())
-                .map(|(k, _)| k)
-                .take(per_tick)
-                .collect();
-            for key in batch {
-                let hint = format!("reconnect after {}ms", jitter.below(window_ms));
-                conns[key].request_close(
-                    Some(CloseReason::new(CloseCode::GoingAway, hint)),
-                    CloseCause::Drain,
-                );
+            let mut picked = 0;
+            for (key, conn) in conns.iter_mut() {
+                if picked == per_tick {
+                    break;
+                }
+                if conn.is_open() {
+                    picked += 1;
+                    let hint = format!("reconnect after {}ms", jitter.below(window_ms));
+                    let reason = CloseReason::new(CloseCode::GoingAway, hint);
+                    shard.schedule_close(key as u32, conn, Some(reason), CloseCause::Drain);
+                }
             }
+        }
+        shard.settle();
+        if last_sweep.elapsed() >= Duration::from_secs(1) {
+            last_sweep = Instant::now();
+            // Finalizes lingering closes; nothing is pinged during a drain.
+            sweep(shard, u32::MAX, u32::MAX);
         }
         if shard.conns.borrow().is_empty() {
             break;

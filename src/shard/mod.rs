@@ -8,6 +8,7 @@ pub mod conn;
 pub mod follower;
 pub mod lifecycle;
 pub mod listener;
+pub mod readiness;
 pub mod send;
 pub mod state;
 pub mod table;
@@ -81,6 +82,12 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     let n = settings.shards;
     metrics::init(n);
     raise_fd_limit(&settings);
+    if !settings.transparent_huge_pages {
+        // Before any large allocation, so no heap page was already made huge.
+        if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+            tracing::warn!(error = %e, "could not disable transparent huge pages");
+        }
+    }
     let ring = Arc::new(Ring::new(settings.ring_capacity));
     let publisher = Arc::new(Publisher::new(ring, Arc::new(IdleFlags::new(n))));
 
@@ -231,7 +238,13 @@ async fn shard_main(setup: ShardSetup) {
         wake_receivers,
         done,
     } = setup;
-    let shard = Rc::new(Shard::new(id, settings.clone(), publisher.clone()));
+    let shard = match Shard::new(id, settings.clone(), publisher.clone()) {
+        Ok(shard) => Rc::new(shard),
+        Err(e) => {
+            tracing::error!(shard = id, error = %e, "creating the shard's epoll set failed; exiting");
+            std::process::exit(1);
+        }
+    };
     let wake = Rc::new(LocalEvent::default());
     for rx in wake_receivers {
         let wake = wake.clone();
@@ -249,6 +262,7 @@ async fn shard_main(setup: ShardSetup) {
     }
     install_senders(connected);
     glommio::spawn_local(follower::follow_ring(shard.clone(), wake)).detach();
+    glommio::spawn_local(watch_readiness(shard.clone())).detach();
 
     let metrics = shard.metrics;
     // SAFETY (all from_raw_fd below): each fd comes from a socket2::Socket we own and
@@ -300,7 +314,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Rc<LocalEven
         loop {
             match listener.accept().await {
                 Ok(stream) => {
-                    glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+                    glommio::spawn_local(conn::upgrade(shard.clone(), stream)).detach();
                 }
                 Err(e) => {
                     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -314,6 +328,22 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Rc<LocalEven
     };
     futures_lite::future::or(accept, stop.wait()).await;
     drop(listener);
+}
+
+/// Waits for ready sockets on the blocking pool and handles them on the shard.
+async fn watch_readiness(shard: Rc<Shard>) {
+    let ready_set = shard.ready_set.clone();
+    loop {
+        let set = ready_set.clone();
+        // A bounded wait, so the blocking thread never outlives a drain by long.
+        let batch = glommio::executor()
+            .spawn_blocking(move || set.wait(1000))
+            .await;
+        for ready in batch {
+            conn::on_ready(&shard, ready);
+        }
+        shard.settle();
+    }
 }
 
 fn explain_executor_error(e: &glommio::GlommioError<()>) -> String {

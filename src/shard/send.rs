@@ -1,11 +1,11 @@
 //! The send path: frames go from a connection's backlog to its socket.
 //!
-//! Writes are direct non-blocking `sendmsg` calls on the socket with every queued frame as
-//! one iovec each, so a burst of N frames for one subscriber costs one syscall, not N.
-//! The fan-out round queues a message to every subscriber first and flushes each dirty
-//! connection once at the end of the round. Only when the kernel's send buffer is full
-//! does the connection task get involved: it waits for writability through glommio and
-//! flushes the rest.
+//! Writes are direct non-blocking `sendmsg` calls with every queued frame as one iovec, so
+//! a burst of N frames for one subscriber costs one syscall, not N. The fan-out round
+//! queues a message to every subscriber first and flushes each dirty connection once at
+//! the end of the round. When the kernel's send buffer is full the rest stays queued; the
+//! shard's epoll set reports the socket writable again (edge-triggered) and the flush
+//! resumes from there.
 
 use crate::fanout::backlog::Offer;
 use crate::metrics::CloseCause;
@@ -15,6 +15,7 @@ use crate::shard::table::Conn;
 use bytes::Bytes;
 use nix::sys::socket::{sendmsg, MsgFlags, SockaddrStorage};
 use std::io::IoSlice;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Most iovecs per `sendmsg` (well under IOV_MAX = 1024).
@@ -25,7 +26,7 @@ const MAX_IOV: usize = 64;
 pub enum Flush {
     /// The backlog is empty.
     Done,
-    /// The socket buffer is full; wait for writability.
+    /// The socket buffer is full; the epoll set reports when it drains.
     Blocked,
     /// The socket failed (peer reset, ...): close the connection.
     Failed,
@@ -43,7 +44,7 @@ impl Shard {
             let n = conn.backlog.io_slices(&mut slices);
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
             self.metrics.send_calls.fetch_add(1, Relaxed);
-            match sendmsg::<SockaddrStorage>(conn.fd, &slices[..n], &[], flags, None) {
+            match sendmsg::<SockaddrStorage>(conn.fd.as_raw_fd(), &slices[..n], &[], flags, None) {
                 Ok(written) => {
                     let asked: usize = slices[..n].iter().map(|s| s.len()).sum();
                     conn.backlog.advance(written);
@@ -57,52 +58,49 @@ impl Shard {
                 Err(_) => break Flush::Failed,
             }
         };
-        let after = conn.backlog.bytes();
-        if after != before {
-            // The gauge follows the backlog; relaxed add of a wrapping difference.
-            self.metrics
-                .backlog_bytes
-                .fetch_add(after.wrapping_sub(before) as u64, Relaxed);
-        }
+        self.note_backlog_change(before, conn.backlog.bytes());
         result
     }
 
-    /// Flushes now and reacts to the outcome (used for replies and control frames).
-    pub fn flush_and_react(&self, conn: &mut Conn) {
-        match self.flush(conn) {
-            Flush::Done => {}
-            Flush::Blocked => conn.wake(),
-            Flush::Failed => conn.request_close(None, CloseCause::PeerGone),
+    /// Keeps the backlog gauge in step with a connection's backlog going from `before`
+    /// to `after` bytes.
+    pub fn note_backlog_change(&self, before: usize, after: usize) {
+        if after >= before {
+            self.metrics
+                .backlog_bytes
+                .fetch_add((after - before) as u64, Relaxed);
+        } else {
+            self.metrics
+                .backlog_bytes
+                .fetch_sub((before - after) as u64, Relaxed);
         }
     }
 
-    /// Queues a control frame or reply for `key` and writes it out.
-    pub fn send_control(&self, key: u32, frame: Bytes) {
-        let mut conns = self.conns.borrow_mut();
-        let Some(conn) = conns.get_mut(key as usize) else {
-            return;
-        };
-        self.queue_control(conn, frame);
-        self.flush_and_react(conn);
+    /// Flushes now; a failed socket is scheduled for closing.
+    pub fn flush_or_close(&self, key: u32, conn: &mut Conn) {
+        if self.flush(conn) == Flush::Failed {
+            self.schedule_close(key, conn, None, CloseCause::IoError);
+        }
     }
 
-    /// Queues a control frame without flushing; a control flood closes with 1008.
-    pub fn queue_control(&self, conn: &mut Conn, frame: Bytes) {
-        let len = frame.len() as u64;
+    /// Queues a control frame or reply (not flushed); a control flood closes with 1008.
+    pub fn queue_control(&self, key: u32, conn: &mut Conn, frame: Bytes) {
+        self.metrics
+            .backlog_bytes
+            .fetch_add(frame.len() as u64, Relaxed);
         if !conn.backlog.push_control(frame, &self.limits) {
             let reason = CloseReason::new(
                 CloseCode::Policy,
                 "requests faster than their replies are read",
             );
-            conn.request_close(Some(reason), CloseCause::Policy);
+            self.schedule_close(key, conn, Some(reason), CloseCause::Policy);
         }
-        self.metrics.backlog_bytes.fetch_add(len, Relaxed);
     }
 
     /// Offers a message frame to `key` under the slow-consumer policy; the write happens
     /// in [`Shard::flush_dirty`] at the end of the fan-out round.
-    pub fn offer_message(&self, conn_key: u32, conn: &mut Conn, frame: &Bytes) {
-        if conn.close.is_some() {
+    pub fn offer_message(&self, key: u32, conn: &mut Conn, frame: &Bytes) {
+        if !conn.is_open() {
             return;
         }
         match conn.backlog.offer(frame, &self.limits) {
@@ -113,7 +111,7 @@ impl Shard {
                     .fetch_add(frame.len() as u64, Relaxed);
                 if !conn.dirty {
                     conn.dirty = true;
-                    self.dirty.borrow_mut().push(conn_key);
+                    self.dirty.borrow_mut().push(key);
                 }
             }
             Offer::Skipped => {
@@ -125,20 +123,30 @@ impl Shard {
                     CloseCode::TryAgainLater,
                     "slow consumer: send backlog stayed full",
                 );
-                conn.request_close(Some(reason), CloseCause::SlowConsumer);
+                self.schedule_close(key, conn, Some(reason), CloseCause::SlowConsumer);
             }
         }
     }
 
     /// Flushes every connection that got frames this round, one `sendmsg` each.
     pub fn flush_dirty(&self) {
-        let mut dirty = self.dirty.borrow_mut();
+        let keys = std::mem::take(&mut *self.dirty.borrow_mut());
         let mut conns = self.conns.borrow_mut();
-        for key in dirty.drain(..) {
+        for &key in &keys {
             if let Some(conn) = conns.get_mut(key as usize) {
                 conn.dirty = false;
-                self.flush_and_react(conn);
+                if conn.is_open() {
+                    self.flush_or_close(key, conn);
+                }
             }
+        }
+        drop(conns);
+        // Hand the (emptied) list back to keep its capacity for the next round.
+        let mut dirty = self.dirty.borrow_mut();
+        if dirty.is_empty() {
+            let mut keys = keys;
+            keys.clear();
+            *dirty = keys;
         }
     }
 }

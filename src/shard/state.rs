@@ -8,6 +8,8 @@ use crate::fanout::backlog::BacklogLimits;
 use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
 use crate::metrics::{self, Metrics, ShardMetrics};
+use crate::shard::conn::CloseOrder;
+use crate::shard::readiness::ReadySet;
 use crate::shard::table::Conn;
 use slab::Slab;
 use std::cell::{Cell, RefCell};
@@ -43,14 +45,28 @@ pub struct Shard {
     pub max_conns: usize,
     /// Set once this shard stopped accepting for a drain.
     pub draining: Cell<bool>,
+    /// Idle sockets waiting for input or writability.
+    pub ready_set: ReadySet,
+    /// Closes decided but not yet carried out (see [`Shard::settle`]).
+    pub closes: RefCell<Vec<CloseOrder>>,
+    /// Lingering closes whose peer finished.
+    pub finalize: RefCell<Vec<u32>>,
+    generation: Cell<u32>,
     started: Instant,
 }
 
 impl Shard {
     /// A shard with empty tables.
-    pub fn new(id: usize, settings: Arc<Settings>, publisher: Arc<Publisher>) -> Self {
+    ///
+    /// # Errors
+    /// Creating the shard's epoll set failed.
+    pub fn new(
+        id: usize,
+        settings: Arc<Settings>,
+        publisher: Arc<Publisher>,
+    ) -> std::io::Result<Self> {
         let all_metrics = metrics::get();
-        Shard {
+        Ok(Shard {
             id,
             limits: BacklogLimits {
                 max_bytes: settings.max_backlog_bytes,
@@ -67,8 +83,19 @@ impl Shard {
             metrics: all_metrics.shard(id),
             all_metrics,
             draining: Cell::new(false),
+            ready_set: ReadySet::new()?,
+            closes: RefCell::new(Vec::new()),
+            finalize: RefCell::new(Vec::new()),
+            generation: Cell::new(0),
             started: Instant::now(),
-        }
+        })
+    }
+
+    /// A new generation number for a table slot.
+    pub fn next_generation(&self) -> u32 {
+        let g = self.generation.get().wrapping_add(1);
+        self.generation.set(g);
+        g
     }
 
     /// Seconds since the shard started: the coarse clock of liveness checks.
