@@ -29,8 +29,9 @@ use std::sync::atomic::Ordering::Relaxed;
 /// re-armed so the rest is read on the next round.
 const MAX_READ_PER_EVENT: usize = 1 << 20;
 
-/// How long a closing connection waits for the peer's EOF, in shard seconds.
-pub const LINGER_SECS: u32 = 2;
+/// How long a closing connection may take to receive its close frame and answer with
+/// EOF, in shard seconds; then its socket is closed regardless.
+pub const LINGER_SECS: u32 = 5;
 
 /// Upgrades an accepted TCP connection and adopts it into the shard.
 pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
@@ -141,8 +142,12 @@ pub fn on_ready(shard: &Shard, ready: Ready) {
     else {
         return;
     };
-    if ready.writable && !conn.backlog.is_empty() && conn.state != ConnState::Doomed {
-        shard.flush_or_close(key, conn);
+    if ready.writable && !conn.backlog.is_empty() {
+        match conn.state {
+            ConnState::Open => shard.flush_or_close(key, conn),
+            ConnState::Closing(_) => shard.flush_closing(conn),
+            ConnState::Doomed => {}
+        }
     }
     if ready.readable {
         read_input(shard, key, conn);
@@ -363,15 +368,22 @@ impl Shard {
                     conn.backlog.discard_unstarted();
                     self.note_backlog_change(before, conn.backlog.bytes());
                     self.queue_control(key, conn, encode_close(reason.code.code(), &reason.reason));
-                    let _ = self.flush(conn);
-                    let _ = shutdown(conn.fd.as_raw_fd(), Shutdown::Write);
                     conn.state = ConnState::Closing(self.now_secs());
+                    self.flush_closing(conn);
                     true
                 }
             }
         };
         if !lingering {
             self.finalize_close(key);
+        }
+    }
+
+    /// Writes what is left before the close frame (a slow consumer may still have a
+    /// partly sent frame), then shuts the write side once everything is out.
+    fn flush_closing(&self, conn: &mut Conn) {
+        if self.flush(conn) == crate::shard::send::Flush::Done {
+            let _ = shutdown(conn.fd.as_raw_fd(), Shutdown::Write);
         }
     }
 

@@ -1,0 +1,276 @@
+//! The publish endpoints themselves: a UDP socket, a TCP line stream, keep-alive HTTP
+//! `POST`s, or a WebSocket connection sending masked text frames. Each knows how to send
+//! one payload and reports failures as text for the publisher's error count.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::PublishError;
+use crate::target::{PublishTarget, WsTarget};
+use crate::wsproto;
+
+/// One open publish endpoint.
+pub enum Sink {
+    Udp {
+        socket: UdpSocket,
+        prefix: Vec<u8>,
+        what: String,
+    },
+    Tcp {
+        stream: TcpStream,
+        prefix: Vec<u8>,
+        what: String,
+    },
+    Http {
+        stream: Option<TcpStream>,
+        target: PublishTarget,
+        head: String,
+        what: String,
+    },
+    Ws {
+        stream: TcpStream,
+        what: String,
+    },
+}
+
+impl Sink {
+    /// Connects to `target`; messages will go to `channel`.
+    pub fn open(
+        target: &PublishTarget,
+        channel: &str,
+        errors: Arc<AtomicU64>,
+    ) -> Result<Sink, PublishError> {
+        let prefix = format!("{channel} ").into_bytes();
+        match target {
+            PublishTarget::Udp(addr) => {
+                let what = format!("udp://{addr}");
+                let bind = if addr.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
+                let socket = UdpSocket::bind(bind)
+                    .and_then(|s| s.connect(addr).map(|()| s))
+                    .map_err(|source| connect_error(&what, source))?;
+                Ok(Sink::Udp {
+                    socket,
+                    prefix,
+                    what,
+                })
+            }
+            PublishTarget::Tcp(addr) => {
+                let what = format!("tcp://{addr}");
+                let stream = dial(*addr, &what)?;
+                // The server answers only bad lines, with `ERR <reason>`; count them.
+                let reader = stream
+                    .try_clone()
+                    .map_err(|source| connect_error(&what, source))?;
+                std::thread::spawn(move || {
+                    for line in BufReader::new(reader).lines() {
+                        match line {
+                            Ok(line) if line.starts_with("ERR") => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                Ok(Sink::Tcp {
+                    stream,
+                    prefix,
+                    what,
+                })
+            }
+            PublishTarget::Http { addr, host, path } => {
+                let what = format!("http://{host}{path}");
+                let stream = Some(dial(*addr, &what)?);
+                let head = format!("POST {path}?channel={channel} HTTP/1.1\r\nHost: {host}\r\n");
+                Ok(Sink::Http {
+                    stream,
+                    target: target.clone(),
+                    head,
+                    what,
+                })
+            }
+            PublishTarget::Ws(ws) => Ok(Sink::Ws {
+                stream: ws_publisher(ws)?,
+                what: ws.url.clone(),
+            }),
+        }
+    }
+
+    /// The endpoint, for messages.
+    pub fn what(&self) -> String {
+        match self {
+            Sink::Udp { what, .. }
+            | Sink::Tcp { what, .. }
+            | Sink::Http { what, .. }
+            | Sink::Ws { what, .. } => what.clone(),
+        }
+    }
+
+    /// Publishes one payload.
+    pub fn send(&mut self, payload: &[u8]) -> Result<(), String> {
+        match self {
+            Sink::Udp { socket, prefix, .. } => {
+                let mut datagram = prefix.clone();
+                datagram.extend_from_slice(payload);
+                socket.send(&datagram).map(drop).map_err(|e| e.to_string())
+            }
+            Sink::Tcp { stream, prefix, .. } => {
+                let mut line = prefix.clone();
+                line.extend_from_slice(payload);
+                line.push(b'\n');
+                stream.write_all(&line).map_err(|e| e.to_string())
+            }
+            Sink::Http {
+                stream,
+                target,
+                head,
+                what,
+            } => http_post(stream, target, head, what, payload),
+            Sink::Ws { stream, .. } => {
+                let mut frame = Vec::with_capacity(payload.len() + 14);
+                wsproto::encode_client_frame(wsproto::OP_TEXT, payload, &mut frame);
+                stream.write_all(&frame).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Ends the stream politely where the protocol has a way to.
+    pub fn finish(&mut self) {
+        if let Sink::Ws { stream, .. } = self {
+            let mut frame = Vec::new();
+            wsproto::encode_client_frame(wsproto::OP_CLOSE, &1000u16.to_be_bytes(), &mut frame);
+            let _ = stream.write_all(&frame);
+        }
+    }
+}
+
+fn connect_error(what: &str, source: std::io::Error) -> PublishError {
+    let hint = if source.kind() == std::io::ErrorKind::ConnectionRefused {
+        " (connection refused: is the server running and listening there?)"
+    } else {
+        ""
+    };
+    PublishError::Connect {
+        what: what.to_owned(),
+        source,
+        hint,
+    }
+}
+
+fn dial(addr: std::net::SocketAddr, what: &str) -> Result<TcpStream, PublishError> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|source| connect_error(what, source))?;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    Ok(stream)
+}
+
+/// One keep-alive `POST`; reconnects once if the server closed the previous connection.
+fn http_post(
+    stream: &mut Option<TcpStream>,
+    target: &PublishTarget,
+    head: &str,
+    what: &str,
+    body: &[u8],
+) -> Result<(), String> {
+    let mut request = format!("{head}Content-Length: {}\r\n\r\n", body.len()).into_bytes();
+    request.extend_from_slice(body);
+    for attempt in 0..2 {
+        if stream.is_none() {
+            *stream = Some(dial(target.addr(), what).map_err(|e| e.to_string())?);
+        }
+        let Some(conn) = stream.as_mut() else {
+            continue;
+        };
+        match conn
+            .write_all(&request)
+            .and_then(|()| read_http_status(conn))
+        {
+            Ok((status, keep_alive)) => {
+                if !keep_alive {
+                    *stream = None;
+                }
+                return if status == 200 {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP {status}"))
+                };
+            }
+            Err(err) if attempt == 0 => {
+                let _ = err;
+                *stream = None;
+            }
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    Err("no connection".into())
+}
+
+/// Reads one response; returns its status and whether the connection stays open.
+fn read_http_status(conn: &mut TcpStream) -> std::io::Result<(u16, bool)> {
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte)? == 0 || head.len() > 16 * 1024 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let header = |name: &str| {
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(n, _)| n.trim() == name)
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let length: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body)?;
+    Ok((status, header("connection").as_deref() != Some("close")))
+}
+
+/// Opens the dedicated publisher WebSocket; whatever the server sends it is discarded.
+fn ws_publisher(ws: &WsTarget) -> Result<TcpStream, PublishError> {
+    let mut stream = dial(ws.addr, &ws.url)?;
+    let key = wsproto::new_key();
+    let fail = |why: String| PublishError::Handshake {
+        what: ws.url.clone(),
+        why,
+    };
+    stream
+        .write_all(&wsproto::request(&ws.host, &ws.path, &key))
+        .map_err(|e| fail(e.to_string()))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).map_err(|e| fail(e.to_string()))?;
+        if n == 0 {
+            return Err(fail("connection closed during the handshake".into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match wsproto::parse_response(&buf, &key) {
+            Ok(Some(_)) => break,
+            Ok(None) => {}
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    }
+    if let Ok(mut reader) = stream.try_clone() {
+        let _ = reader.set_read_timeout(None);
+        std::thread::spawn(move || while matches!(reader.read(&mut chunk), Ok(n) if n > 0) {});
+    }
+    Ok(stream)
+}

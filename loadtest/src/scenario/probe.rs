@@ -1,0 +1,86 @@
+//! Named samples of the server's CPU time and RSS (`--server-pid`), and the ratios built
+//! from them: RSS per connection and deliveries per server CPU second.
+//!
+//! Marks used by the scenarios: `before` (no connection yet), `connected`, `publish`
+//! (just before the first message) and `drained` (after the last delivery).
+
+use crate::procstat::{self, ProcError, ProcSample};
+use crate::report::ServerResults;
+
+/// The server sampler; does nothing without a pid.
+pub struct Probe {
+    pid: Option<u32>,
+    marks: Vec<(&'static str, ProcSample)>,
+    /// Marks that could not be taken (the process went away, e.g. during a restart).
+    pub missed: Vec<&'static str>,
+}
+
+impl Probe {
+    /// Checks that `pid` can be sampled.
+    ///
+    /// # Errors
+    /// The process does not exist or its /proc files are unreadable.
+    pub fn new(pid: Option<u32>) -> Result<Probe, ProcError> {
+        if let Some(pid) = pid {
+            procstat::sample(pid)?;
+        }
+        Ok(Probe {
+            pid,
+            marks: Vec::new(),
+            missed: Vec::new(),
+        })
+    }
+
+    /// Takes a sample named `name`.
+    pub fn mark(&mut self, name: &'static str) {
+        let Some(pid) = self.pid else { return };
+        match procstat::sample(pid) {
+            Ok(sample) => self.marks.push((name, sample)),
+            Err(_) => self.missed.push(name),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<ProcSample> {
+        self.marks
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+    }
+
+    /// The ratios, given the subscribers connected and the deliveries made between the
+    /// `publish` and `drained` marks.
+    pub fn results(&self, connected: u64, deliveries: u64) -> Option<ServerResults> {
+        let pid = self.pid?;
+        let before = self.get("before");
+        let conn = self.get("connected");
+        let publish = self.get("publish");
+        let drained = self.get("drained");
+        let end = drained.or(publish).or(conn)?;
+        let mut out = ServerResults {
+            pid,
+            rss_end_bytes: end.rss_bytes,
+            ..ServerResults::default()
+        };
+        if let (Some(b), Some(c)) = (before, conn) {
+            out.rss_before_bytes = b.rss_bytes;
+            out.rss_connected_bytes = c.rss_bytes;
+            out.cpu_connect_secs = c.cpu_secs - b.cpu_secs;
+            if connected > 0 {
+                out.rss_per_connection_bytes =
+                    (c.rss_bytes as f64 - b.rss_bytes as f64) / connected as f64;
+            }
+        }
+        if let (Some(p), Some(d)) = (publish, drained) {
+            out.cpu_delivery_secs = d.cpu_secs - p.cpu_secs;
+            let wall = d.at.duration_since(p.at).as_secs_f64();
+            if wall > 0.0 {
+                out.cpu_percent_during_delivery = 100.0 * out.cpu_delivery_secs / wall;
+            }
+            if out.cpu_delivery_secs > 0.0 {
+                out.deliveries_per_cpu_sec = Some(deliveries as f64 / out.cpu_delivery_secs);
+            }
+        }
+        Some(out)
+    }
+}

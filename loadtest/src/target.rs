@@ -1,0 +1,276 @@
+//! Where the load goes: the subscriber URL (`ws://host:port/path?query`) and the publish
+//! endpoint (`udp://`, `tcp://`, `http://…/publish`, or `ws`), parsed and checked.
+//!
+//! Only loopback addresses (127.0.0.0/8, ::1) are accepted unless `--allow-remote` is
+//! given: a load test pointed at the wrong host is an outage, not a benchmark.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+
+/// A URL that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UrlError {
+    /// Wrong shape.
+    #[error("bad URL {url:?}: {why}")]
+    Bad {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The host name did not resolve.
+    #[error("cannot resolve {host:?} in {url:?}: {why}")]
+    Resolve {
+        /// The URL given.
+        url: String,
+        /// Its host part.
+        host: String,
+        /// The resolver's answer.
+        why: String,
+    },
+    /// Not a loopback address and `--allow-remote` was not given.
+    #[error(
+        "{addr} (from {url:?}) is not a loopback address; pass --allow-remote to load a \
+         remote host on purpose"
+    )]
+    Remote {
+        /// The URL given.
+        url: String,
+        /// What it resolved to.
+        addr: SocketAddr,
+    },
+}
+
+/// A WebSocket endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsTarget {
+    /// The URL as given.
+    pub url: String,
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// `Host` header (host and port as written).
+    pub host: String,
+    /// Path and query for the request line.
+    pub path: String,
+}
+
+impl WsTarget {
+    /// The first channel of a `channels=` query parameter, if any.
+    pub fn channel(&self) -> Option<String> {
+        let query = self.path.split_once('?')?.1;
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "channels")
+            .and_then(|(_, v)| v.split(',').next())
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+    }
+}
+
+/// Where and how messages are published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishTarget {
+    /// One `<channel> <payload>` datagram per message.
+    Udp(SocketAddr),
+    /// `<channel> <payload>\n` lines on one TCP connection.
+    Tcp(SocketAddr),
+    /// `POST <path>?channel=<ch>` with the payload as body, one request per message.
+    Http {
+        /// Resolved address.
+        addr: SocketAddr,
+        /// `Host` header.
+        host: String,
+        /// Path without query, e.g. `/publish`.
+        path: String,
+    },
+    /// Masked text frames on a dedicated WebSocket connection.
+    Ws(WsTarget),
+}
+
+impl PublishTarget {
+    /// The address messages go to.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            PublishTarget::Udp(a) | PublishTarget::Tcp(a) => *a,
+            PublishTarget::Http { addr, .. } => *addr,
+            PublishTarget::Ws(t) => t.addr,
+        }
+    }
+}
+
+/// Parses `ws://host[:port][/path][?query]`.
+///
+/// # Errors
+/// Another scheme, a missing host, a bad port or an unresolvable name.
+pub fn parse_ws(url: &str) -> Result<WsTarget, UrlError> {
+    let rest = strip_scheme(url, "ws")?;
+    let (authority, path) = split_authority(rest);
+    let addr = resolve(url, authority, 80)?;
+    Ok(WsTarget {
+        url: url.to_owned(),
+        addr,
+        host: authority.to_owned(),
+        path: match path {
+            "" => "/".into(),
+            query if query.starts_with('?') => format!("/{query}"),
+            path => path.to_owned(),
+        },
+    })
+}
+
+/// Parses a publish endpoint; `ws` alone means a publisher connection to `subscribe`.
+///
+/// # Errors
+/// An unknown scheme or a bad address.
+pub fn parse_publish(url: &str, subscribe: &WsTarget) -> Result<PublishTarget, UrlError> {
+    if url == "ws" {
+        return Ok(PublishTarget::Ws(subscribe.clone()));
+    }
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or_default();
+    match scheme {
+        "ws" => Ok(PublishTarget::Ws(parse_ws(url)?)),
+        "udp" | "tcp" => {
+            let (authority, _) = split_authority(strip_scheme(url, scheme)?);
+            let addr = resolve(url, authority, 0)?;
+            Ok(if scheme == "udp" {
+                PublishTarget::Udp(addr)
+            } else {
+                PublishTarget::Tcp(addr)
+            })
+        }
+        "http" => {
+            let (authority, path) = split_authority(strip_scheme(url, "http")?);
+            let path = path.split('?').next().unwrap_or_default();
+            Ok(PublishTarget::Http {
+                addr: resolve(url, authority, 80)?,
+                host: authority.to_owned(),
+                path: if path.is_empty() {
+                    "/publish".into()
+                } else {
+                    path.to_owned()
+                },
+            })
+        }
+        _ => Err(bad(
+            url,
+            "expected udp://host:port, tcp://host:port, http://host:port/publish or ws",
+        )),
+    }
+}
+
+/// Refuses non-loopback addresses unless `allow_remote`.
+///
+/// # Errors
+/// [`UrlError::Remote`] for a non-loopback address without permission.
+pub fn check_local(url: &str, addr: SocketAddr, allow_remote: bool) -> Result<(), UrlError> {
+    if allow_remote || addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(UrlError::Remote {
+            url: url.to_owned(),
+            addr,
+        })
+    }
+}
+
+fn bad(url: &str, why: &str) -> UrlError {
+    UrlError::Bad {
+        url: url.to_owned(),
+        why: why.to_owned(),
+    }
+}
+
+fn strip_scheme<'a>(url: &'a str, scheme: &str) -> Result<&'a str, UrlError> {
+    match url.split_once("://") {
+        Some((s, rest)) if s.eq_ignore_ascii_case(scheme) => Ok(rest),
+        Some(("wss", _)) => Err(bad(url, "wss:// (TLS) is not supported; use ws://")),
+        _ => Err(bad(url, &format!("expected a {scheme}:// URL"))),
+    }
+}
+
+/// Splits `host:port/path?q` into the authority and the rest (starting at `/` or `?`).
+fn split_authority(rest: &str) -> (&str, &str) {
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    rest.split_at(end)
+}
+
+fn resolve(url: &str, authority: &str, default_port: u16) -> Result<SocketAddr, UrlError> {
+    if authority.is_empty() {
+        return Err(bad(url, "missing host"));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| bad(url, &format!("bad port {port:?}")))?;
+            (host, port)
+        }
+        _ if default_port == 0 => return Err(bad(url, "missing port")),
+        _ => (authority, default_port),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let resolved = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| UrlError::Resolve {
+            url: url.to_owned(),
+            host: host.to_owned(),
+            why: e.to_string(),
+        })?;
+    let all: Vec<SocketAddr> = resolved.collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| bad(url, "host resolved to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_urls_parse() -> Result<(), UrlError> {
+        let t = parse_ws("ws://127.0.0.1:8080/ws?channels=bench,other")?;
+        assert_eq!(t.addr, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(t.path, "/ws?channels=bench,other");
+        assert_eq!(t.host, "127.0.0.1:8080");
+        assert_eq!(t.channel().as_deref(), Some("bench"));
+        let bare = parse_ws("ws://[::1]:9")?;
+        assert_eq!((bare.path.as_str(), bare.addr.port()), ("/", 9));
+        assert_eq!(bare.channel(), None);
+        assert!(parse_ws("http://127.0.0.1/").is_err());
+        assert!(parse_ws("wss://127.0.0.1/").is_err());
+        assert!(parse_ws("ws://127.0.0.1:notaport/").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn publish_urls_parse() -> Result<(), UrlError> {
+        let sub = parse_ws("ws://127.0.0.1:8080/ws")?;
+        assert_eq!(
+            parse_publish("udp://127.0.0.1:9000", &sub)?,
+            PublishTarget::Udp(([127, 0, 0, 1], 9000).into())
+        );
+        assert!(matches!(
+            parse_publish("tcp://127.0.0.1:9001", &sub)?,
+            PublishTarget::Tcp(_)
+        ));
+        match parse_publish("http://127.0.0.1:9090/publish", &sub)? {
+            PublishTarget::Http { path, .. } => assert_eq!(path, "/publish"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse_publish("ws", &sub)?, PublishTarget::Ws(sub.clone()));
+        assert!(parse_publish("udp://127.0.0.1", &sub).is_err());
+        assert!(parse_publish("ftp://x", &sub).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn remote_needs_permission() {
+        let remote: SocketAddr = ([10, 0, 0, 1], 80).into();
+        assert!(check_local("ws://10.0.0.1/", remote, false).is_err());
+        assert!(check_local("ws://10.0.0.1/", remote, true).is_ok());
+        assert!(check_local("ws://127.0.0.9/", ([127, 0, 0, 9], 80).into(), false).is_ok());
+    }
+}

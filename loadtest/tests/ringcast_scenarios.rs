@@ -1,0 +1,217 @@
+//! Every scenario against a real ringcast server (two shards) at small scale.
+//!
+//! The binary comes from `RINGCAST_BIN`, else `target/release/ringcast`, else
+//! `target/debug/ringcast`; without one these tests fail (they are never skipped).
+//! ringcast adds per-channel offsets, so besides the publisher's `seq` every delivery is
+//! also checked for offsets growing by exactly one.
+
+mod common;
+
+use common::{assert_exact, num, run_ok, start_ringcast, Ringcast};
+
+fn url(rc: &Ringcast) -> String {
+    format!("ws://127.0.0.1:{}/ws?channels=bench", rc.ws)
+}
+
+fn fanout_over(publish: &str, rc: &Ringcast, rate: &str) {
+    let (url, pid) = (url(rc), rc.proc.pid().to_string());
+    let r = run_ok(&[
+        "fanout",
+        "--url",
+        &url,
+        "-n",
+        "200",
+        "--publish",
+        publish,
+        "--messages",
+        "100",
+        "--msg-rate",
+        rate,
+        "--server-pid",
+        &pid,
+        "--timeout",
+        "60",
+    ]);
+    assert_exact(&r, "delivery", 200, 100);
+    assert_eq!(
+        num(&r, &["delivery", "offset_skipped"]),
+        0,
+        "no backpressure skips expected"
+    );
+    assert_eq!(
+        r["problems"].as_array().map(Vec::len),
+        Some(0),
+        "{:#}",
+        r["problems"]
+    );
+    assert!(
+        r["server"]["deliveries_per_cpu_sec"].is_number()
+            || r["server"]["cpu_delivery_secs"] == 0.0
+    );
+}
+
+#[test]
+fn connect_holds_every_connection() {
+    let rc = start_ringcast(&[]);
+    let (url, pid) = (url(&rc), rc.proc.pid().to_string());
+    let r = run_ok(&[
+        "connect",
+        "--url",
+        &url,
+        "-n",
+        "300",
+        "--hold",
+        "1",
+        "--server-pid",
+        &pid,
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(num(&r, &["connections", "connected"]), 300);
+    assert_eq!(num(&r, &["connections", "open_at_end"]), 300);
+    assert_eq!(
+        num(&r, &["connections", "failed"]),
+        0,
+        "{:#}",
+        r["connections"]["failures"]
+    );
+    assert_eq!(
+        r["connections"]["close_codes"].as_object().map(|m| m.len()),
+        Some(0)
+    );
+    assert!(r["server"]["rss_per_connection_bytes"].is_number());
+}
+
+#[test]
+fn fanout_over_udp_is_exact() {
+    let rc = start_ringcast(&[]);
+    fanout_over(&format!("udp://127.0.0.1:{}", rc.udp), &rc, "2000");
+}
+
+#[test]
+fn fanout_over_tcp_is_exact() {
+    let rc = start_ringcast(&[]);
+    fanout_over(&format!("tcp://127.0.0.1:{}", rc.tcp), &rc, "0");
+}
+
+#[test]
+fn fanout_over_http_is_exact() {
+    let rc = start_ringcast(&[]);
+    fanout_over(
+        &format!("http://127.0.0.1:{}/publish", rc.admin),
+        &rc,
+        "1000",
+    );
+}
+
+#[test]
+fn latency_collects_every_sample() {
+    let rc = start_ringcast(&[]);
+    let (url, publish) = (url(&rc), format!("tcp://127.0.0.1:{}", rc.tcp));
+    let r = run_ok(&[
+        "latency",
+        "--url",
+        &url,
+        "-n",
+        "50",
+        "--publish",
+        &publish,
+        "--msg-rate",
+        "200",
+        "--duration",
+        "2",
+        "--timeout",
+        "60",
+    ]);
+    assert_exact(&r, "delivery", 50, 400);
+    assert!(r["delivery"]["latency_us"]["p99"]
+        .as_f64()
+        .is_some_and(|p| p > 0.0));
+}
+
+#[test]
+fn storm_of_client_drops_recovers() {
+    let rc = start_ringcast(&[]);
+    let (url, publish) = (url(&rc), format!("tcp://127.0.0.1:{}", rc.tcp));
+    let r = run_ok(&[
+        "storm",
+        "--url",
+        &url,
+        "-n",
+        "300",
+        "--publish",
+        &publish,
+        "--mode",
+        "drop",
+        "--hold",
+        "0.5",
+        "--msg-rate",
+        "50",
+        "--after",
+        "0.5",
+        "--restart-wait",
+        "20",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(r["storm"]["all_back"], true, "{:#}", r["storm"]);
+    assert_eq!(num(&r, &["storm", "reconnect_us", "count"]), 300);
+    assert_eq!(num(&r, &["connections", "open_at_end"]), 300);
+    assert_eq!(num(&r, &["delivery", "duplicates"]), 0);
+    assert_eq!(num(&r, &["delivery", "offset_regressions"]), 0);
+}
+
+#[test]
+fn slow_subscribers_do_not_hurt_healthy_ones() {
+    // A small backlog so that slow consumers hit backpressure within a few megabytes.
+    let rc = start_ringcast(&[
+        "--max-backlog-bytes",
+        "65536",
+        "--slow-consumer-drop-limit",
+        "200",
+    ]);
+    let (url, publish) = (url(&rc), format!("tcp://127.0.0.1:{}", rc.tcp));
+    let r = run_ok(&[
+        "slow",
+        "--url",
+        &url,
+        "-n",
+        "20",
+        "--publish",
+        &publish,
+        "--slow-fraction",
+        "0.5",
+        "--messages",
+        "4000",
+        "--msg-rate",
+        "2000",
+        "--size",
+        "1024",
+        "--timeout",
+        "90",
+    ]);
+    let healthy = &r["delivery"];
+    assert_eq!(num(healthy, &["subscribers"]), 10);
+    assert_eq!(
+        num(healthy, &["lost"]),
+        0,
+        "healthy subscribers lost messages: {healthy:#}"
+    );
+    assert_eq!(num(healthy, &["duplicates"]), 0);
+    assert_eq!(num(healthy, &["offset_skipped"]), 0);
+    assert_eq!(healthy["close_codes"].as_object().map(|m| m.len()), Some(0));
+    let slow = &r["slow"];
+    assert_eq!(num(slow, &["subscribers"]), 10);
+    assert_eq!(num(slow, &["duplicates"]), 0);
+    assert_eq!(num(slow, &["offset_regressions"]), 0);
+    // ringcast either skipped messages for the slow ones or closed them with 1013.
+    let closes = slow["close_codes"].as_object().cloned().unwrap_or_default();
+    assert!(
+        closes.keys().all(|code| code == "1013"),
+        "unexpected close codes for slow subscribers: {closes:?}"
+    );
+    println!(
+        "slow subscribers: lost {} skipped {} closes {closes:?}",
+        slow["lost"], slow["offset_skipped"]
+    );
+}
