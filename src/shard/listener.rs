@@ -51,15 +51,57 @@ fn socket_for(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Sock
     Ok(socket)
 }
 
+/// Fails with EADDRINUSE when another socket already holds `addr`.
+///
+/// SO_REUSEPORT lets any process of the same user bind the same port and silently take
+/// half the traffic; a second ringcast started by mistake must fail instead. A probe
+/// bound without SO_REUSEPORT conflicts with every existing holder of the port.
+fn ensure_free(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(false)?;
+    }
+    probe.bind(&SockAddr::from(addr))
+}
+
+/// Binds one socket per shard on `addr`, after checking no other process holds it.
+///
+/// # Errors
+/// [`BindError`] with the address and a hint.
+pub fn tcp_listeners(
+    what: &'static str,
+    addr: SocketAddr,
+    backlog: u32,
+    count: usize,
+) -> Result<Vec<Socket>, BindError> {
+    ensure_free(addr, Type::STREAM, Protocol::TCP).map_err(|e| bind_error(what, addr, e))?;
+    (0..count)
+        .map(|_| tcp_listener(what, addr, backlog))
+        .collect()
+}
+
+/// Binds one UDP socket per shard on `addr`, after checking no other process holds it.
+///
+/// # Errors
+/// [`BindError`] with the address and a hint.
+pub fn udp_sockets(
+    what: &'static str,
+    addr: SocketAddr,
+    count: usize,
+) -> Result<Vec<Socket>, BindError> {
+    ensure_free(addr, Type::DGRAM, Protocol::UDP).map_err(|e| bind_error(what, addr, e))?;
+    (0..count).map(|_| udp_socket(what, addr)).collect()
+}
+
 /// A TCP listener with SO_REUSEPORT and an accept queue of `backlog`.
 ///
 /// # Errors
 /// [`BindError`] with the address and a hint.
-pub fn tcp_listener(
-    what: &'static str,
-    addr: SocketAddr,
-    backlog: u32,
-) -> Result<Socket, BindError> {
+fn tcp_listener(what: &'static str, addr: SocketAddr, backlog: u32) -> Result<Socket, BindError> {
     (|| {
         let socket = socket_for(addr, Type::STREAM, Protocol::TCP)?;
         socket.bind(&SockAddr::from(addr))?;
@@ -73,7 +115,7 @@ pub fn tcp_listener(
 ///
 /// # Errors
 /// [`BindError`] with the address and a hint.
-pub fn udp_socket(what: &'static str, addr: SocketAddr) -> Result<Socket, BindError> {
+fn udp_socket(what: &'static str, addr: SocketAddr) -> Result<Socket, BindError> {
     (|| {
         let socket = socket_for(addr, Type::DGRAM, Protocol::UDP)?;
         // Bursts of datagrams land here while the shard is busy fanning out: give the

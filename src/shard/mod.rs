@@ -19,7 +19,7 @@ use crate::fanout::ring::Ring;
 use crate::fanout::wake::{install_senders, IdleFlags};
 use crate::metrics;
 use crate::shard::follower::LocalEvent;
-use crate::shard::listener::{tcp_listener, udp_socket, BindError};
+use crate::shard::listener::{tcp_listeners, udp_sockets, BindError};
 use crate::shard::state::Shard;
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::net::{TcpListener, UdpSocket};
@@ -56,7 +56,7 @@ pub enum StartError {
 
 /// The sockets one shard serves.
 struct ShardSockets {
-    ws: Socket,
+    ws: Option<Socket>,
     udp: Option<Socket>,
     tcp: Option<Socket>,
     admin: Option<Socket>,
@@ -91,29 +91,38 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     let ring = Arc::new(Ring::new(settings.ring_capacity));
     let publisher = Arc::new(Publisher::new(ring, Arc::new(IdleFlags::new(n))));
 
-    let mut sockets = Vec::with_capacity(n);
-    for id in 0..n {
-        sockets.push(ShardSockets {
-            ws: tcp_listener(
-                "WebSocket listener",
-                settings.listen,
-                settings.listen_backlog,
-            )?,
-            udp: settings
-                .udp_ingest
-                .map(|a| udp_socket("UDP ingest", a))
-                .transpose()?,
-            tcp: settings
-                .tcp_ingest
-                .map(|a| tcp_listener("TCP ingest", a, 1024))
-                .transpose()?,
-            admin: if id == 0 {
-                Some(tcp_listener("admin HTTP", settings.admin, 1024)?)
-            } else {
-                None
-            },
-        });
+    let mut ws = tcp_listeners(
+        "WebSocket listener",
+        settings.listen,
+        settings.listen_backlog,
+        n,
+    )?
+    .into_iter();
+    let mut udp: std::vec::IntoIter<Option<Socket>> = match settings.udp_ingest {
+        Some(a) => udp_sockets("UDP ingest", a, n)?
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>(),
+        None => (0..n).map(|_| None).collect::<Vec<_>>(),
     }
+    .into_iter();
+    let mut tcp: std::vec::IntoIter<Option<Socket>> = match settings.tcp_ingest {
+        Some(a) => tcp_listeners("TCP ingest", a, 1024, n)?
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>(),
+        None => (0..n).map(|_| None).collect::<Vec<_>>(),
+    }
+    .into_iter();
+    let mut admin = tcp_listeners("admin HTTP", settings.admin, 1024, 1)?.into_iter();
+    let sockets: Vec<ShardSockets> = (0..n)
+        .map(|_| ShardSockets {
+            ws: ws.next(),
+            udp: udp.next().flatten(),
+            tcp: tcp.next().flatten(),
+            admin: admin.next(),
+        })
+        .collect();
 
     // Wake channels are single-producer: one per (producer shard, consumer shard) pair.
     let mut senders: Vec<Vec<SharedSender<()>>> = (0..n).map(|_| Vec::new()).collect();
@@ -297,9 +306,11 @@ async fn shard_main(setup: ShardSetup) {
         ))
         .detach();
     }
-    let ws = unsafe { TcpListener::from_raw_fd(sockets.ws.into_raw_fd()) };
     let stop_accepting = Rc::new(LocalEvent::default());
-    glommio::spawn_local(accept_loop(shard.clone(), ws, stop_accepting.clone())).detach();
+    if let Some(ws) = sockets.ws {
+        let ws = unsafe { TcpListener::from_raw_fd(ws.into_raw_fd()) };
+        glommio::spawn_local(accept_loop(shard.clone(), ws, stop_accepting.clone())).detach();
+    }
     lifecycle::SHARDS_READY.fetch_add(1, Ordering::AcqRel);
 
     lifecycle::run(shard, stop_accepting).await;
