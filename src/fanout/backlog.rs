@@ -213,9 +213,12 @@ mod tests {
                 sent.extend_from_slice(&pending[..n]);
                 b.advance(n);
             }
-            sent.extend(collect(&b));
-            prop_assert_eq!(sent, expected.clone());
-            prop_assert_eq!(b.bytes() + 0, expected.len() - (expected.len() - b.bytes()));
+            let rest = collect(&b);
+            prop_assert_eq!(rest.len(), b.bytes());
+            b.advance(rest.len());
+            sent.extend(rest);
+            prop_assert_eq!(sent, expected);
+            prop_assert!(b.is_empty() && b.bytes() == 0);
         }
     }
 }

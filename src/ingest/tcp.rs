@@ -1,10 +1,12 @@
 //! TCP ingest: newline-delimited messages, many per connection. A malformed line is
-//! answered with `ERR <reason>\n` and the connection goes on; a line longer than the
-//! message limit cannot be framed any more, so it is answered and the connection closed.
+//! answered with `ERR <reason>\n` and the connection goes on. A line longer than
+//! `max_message_size` plus room for the channel (256 bytes) gets `ERR line too long` and
+//! the connection is closed: past that length the stream can no longer be trusted to be
+//! framed the way the publisher meant.
 
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
-use crate::ingest::line::{parse_message, strip_newline};
+use crate::ingest::line::{parse_message, strip_newline, IngestError};
 use crate::metrics::{ShardMetrics, Source};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
@@ -60,7 +62,14 @@ async fn connection(
         buf.extend_from_slice(&chunk[..n]);
         let mut replies = Vec::new();
         let mut start = 0;
+        let mut too_long = false;
         while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+            if nl > max_line {
+                // Judged by length alone, so the answer does not depend on how the line
+                // was split across reads.
+                too_long = true;
+                break;
+            }
             let line = strip_newline(&buf[start..start + nl + 1]);
             start += nl + 1;
             if line.is_empty() {
@@ -78,9 +87,11 @@ async fn connection(
             }
         }
         buf.drain(..start);
-        let too_long = buf.len() > max_line;
+        too_long |= buf.len() > max_line;
         if too_long {
-            metrics.ingest_rejected[Source::Tcp as usize][3].fetch_add(1, Relaxed);
+            metrics.ingest_rejected[Source::Tcp as usize]
+                [IngestError::TooLarge { size: 0, limit: 0 }.index()]
+            .fetch_add(1, Relaxed);
             replies.extend_from_slice(b"ERR line too long\n");
         }
         if !replies.is_empty() && stream.write_all(&replies).await.is_err() {

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# ringcast's full check: installs what the end-to-end tests need, then runs
+# rustfmt, clippy, a release build and every test of the workspace.
+#
+# Runs as root on a fresh Debian/Ubuntu machine that has only the Rust toolchain
+# (CI=true, no stdin); on a machine that already has everything it installs nothing.
+#
+#   scripts/test.sh            # from anywhere
+#
+# What the tests need besides Rust:
+#   - a C compiler (glommio builds liburing from source)
+#   - python3 with the `websockets` package  (tests/clients/py_sub.py)
+#   - node + npm, and `ws` in tests/clients   (tests/clients/node_sub.js)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+export CI="${CI:-true}"
+export DEBIAN_FRONTEND=noninteractive
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+die() {
+	printf '\nscripts/test.sh: FAILED: %s\n' "$*" >&2
+	exit 1
+}
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+	if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+fi
+
+APT_UPDATED=0
+apt_install() {
+	command -v apt-get >/dev/null 2>&1 || die "need to install $* but apt-get is not available"
+	if [ "$APT_UPDATED" -eq 0 ]; then
+		log "apt-get update"
+		$SUDO apt-get update -qq </dev/null || die "apt-get update failed"
+		APT_UPDATED=1
+	fi
+	log "apt-get install $*"
+	$SUDO apt-get install -y -qq --no-install-recommends "$@" </dev/null || die "apt-get install $* failed"
+}
+
+# ---- Rust toolchain ------------------------------------------------------------------
+command -v cargo >/dev/null 2>&1 || die "cargo is not on PATH; install the Rust toolchain (rustup) first"
+for component in rustfmt clippy; do
+	subcommand="${component/rustfmt/fmt}"
+	if ! cargo "$subcommand" --version >/dev/null 2>&1; then
+		command -v rustup >/dev/null 2>&1 || die "cargo $subcommand is missing and rustup is not available to add $component"
+		log "rustup component add $component"
+		rustup component add "$component" || die "rustup component add $component failed"
+	fi
+	cargo "$subcommand" --version >/dev/null 2>&1 || die "cargo $subcommand still missing"
+done
+
+# ---- C toolchain (liburing is compiled by glommio's build script) ---------------------
+if ! command -v cc >/dev/null 2>&1 || ! command -v make >/dev/null 2>&1; then
+	apt_install build-essential pkg-config
+fi
+command -v cc >/dev/null 2>&1 || die "no C compiler (cc) after installing build-essential"
+
+# ---- Python + websockets ---------------------------------------------------------------
+if ! command -v python3 >/dev/null 2>&1; then
+	apt_install python3 python3-pip
+fi
+command -v python3 >/dev/null 2>&1 || die "python3 is not on PATH after installing it"
+if ! python3 -c 'import websockets' >/dev/null 2>&1; then
+	if ! python3 -m pip --version >/dev/null 2>&1; then
+		apt_install python3-pip
+	fi
+	log "pip install websockets"
+	python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore websockets </dev/null ||
+		python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+			--break-system-packages websockets </dev/null ||
+		apt_install python3-websockets
+fi
+python3 -c 'import websockets' >/dev/null 2>&1 ||
+	die "python3 cannot import websockets (needed by tests/clients/py_sub.py)"
+
+# ---- Node + ws -----------------------------------------------------------------------
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+	apt_install nodejs npm
+fi
+command -v node >/dev/null 2>&1 || die "node is not on PATH after installing nodejs"
+command -v npm >/dev/null 2>&1 || die "npm is not on PATH after installing it"
+if ! (cd tests/clients && node -e "require('ws')") >/dev/null 2>&1; then
+	log "npm install (tests/clients)"
+	(cd tests/clients && npm install --no-audit --no-fund --loglevel=error </dev/null) ||
+		die "npm install in tests/clients failed"
+fi
+(cd tests/clients && node -e "require('ws')") >/dev/null 2>&1 ||
+	die "node cannot load the ws package from tests/clients (needed by tests/clients/node_sub.js)"
+
+log "tools: $(cargo --version); $(cc --version | head -n1); python3 $(python3 -c 'import sys, websockets; print(sys.version.split()[0], "websockets", websockets.__version__)'); node $(node --version) ws $(cd tests/clients && node -p "require('ws/package.json').version")"
+
+# The fan-out tests hold a few hundred sockets in one process.
+hard_nofile="$(ulimit -Hn)"
+if [ "$hard_nofile" = unlimited ] || [ "$hard_nofile" -gt 65536 ]; then hard_nofile=65536; fi
+ulimit -n "$hard_nofile" 2>/dev/null || true
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge 4096 ] ||
+	die "RLIMIT_NOFILE is $(ulimit -n); the end-to-end tests need at least 4096 open files"
+
+# ---- checks --------------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check --color never
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "cargo build --release"
+cargo build --release --workspace
+
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+export RINGCAST_BIN="$TARGET_DIR/release/ringcast"
+[ -x "$RINGCAST_BIN" ] || die "the release build did not produce $RINGCAST_BIN"
+
+log "cargo test --release (RINGCAST_BIN=$RINGCAST_BIN)"
+cargo test --release --workspace --no-fail-fast
+
+log "all checks passed"

@@ -1,0 +1,113 @@
+//! Harness for ringcast's end-to-end tests: the real binary, real sockets, real clients.
+//!
+//! Every test starts its own `ringcast` process on free loopback ports
+//! ([`Server::start`]), talks to it the way production clients and publishers do, and
+//! asserts on what docs/protocol.md promises. Nothing here fakes the server.
+//!
+//! # Layout
+//!
+//! - [`server`]: spawn the binary, wait for `/healthz`, publish (UDP, TCP, HTTP),
+//!   read metrics, send SIGTERM; killed on drop, its log printed when a test fails.
+//! - [`http`]: a tiny HTTP/1.1 client over `std::net::TcpStream` (admin API, bad upgrades).
+//! - [`metrics`]: Prometheus text parsing with sums over label sets.
+//! - [`subscriber`]: a tungstenite client that decodes ringcast messages and checks offsets.
+//! - [`raw_ws`]: a hand-driven WebSocket for crafted frames and close codes.
+//! - [`external`]: the Node (`ws`) and Python (`websockets`) subscriber fleets in
+//!   tests/clients, run as subprocesses.
+//!
+//! Every wait is bounded: helpers take a timeout and panic with a message saying what
+//! did not happen, and [`Deadline`] aborts a test binary that hangs anyway.
+
+// Each test file compiles this module on its own and uses only part of it.
+#![allow(dead_code, unused_imports)]
+
+pub mod external;
+pub mod http;
+pub mod metrics;
+pub mod raw_ws;
+pub mod server;
+pub mod subscriber;
+
+pub use external::{ClientKind, ExternalFleet, FleetSummary};
+pub use metrics::Metrics;
+pub use raw_ws::{CloseSeen, OutFrame, RawWs};
+pub use server::{Server, TcpIngest};
+pub use subscriber::{Delivery, OffsetLog, Subscriber};
+
+use std::net::{TcpListener, UdpSocket};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A loopback TCP port that was free a moment ago.
+///
+/// The socket is dropped before returning, so another process may take the port in the
+/// meantime; [`Server::start`] retries with new ports when ringcast reports a bind clash.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0 to find a free TCP port")
+        .port()
+}
+
+/// A loopback UDP port that was free a moment ago (see [`free_tcp_port`]).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("binding 127.0.0.1:0 to find a free UDP port")
+        .port()
+}
+
+/// Polls `probe` every 20 ms until it returns `Some`, or gives up after `timeout`.
+pub fn try_wait_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Like [`try_wait_until`], but panics with `what` when the time runs out.
+pub fn wait_until<T>(timeout: Duration, what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    try_wait_until(timeout, probe)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting until {what}"))
+}
+
+/// Aborts the whole test binary when a test outlives its time bound.
+///
+/// The socket helpers all time out on their own; this is the backstop that turns a hang
+/// nobody foresaw into a loud failure instead of a stuck CI run. Child processes die
+/// with the test binary (they are spawned with `PR_SET_PDEATHSIG`).
+pub struct Deadline {
+    cancel: Option<mpsc::Sender<()>>,
+}
+
+impl Deadline {
+    /// Starts the clock for the test called `test`.
+    pub fn new(test: &'static str, limit: Duration) -> Deadline {
+        let (cancel, cancelled) = mpsc::channel::<()>();
+        thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit) {
+                eprintln!(
+                    "\n{test}: still running after its {limit:?} bound; aborting the test binary"
+                );
+                std::process::exit(101);
+            }
+        });
+        Deadline {
+            cancel: Some(cancel),
+        }
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        // Dropping the sender disconnects the watchdog, which then exits quietly.
+        self.cancel.take();
+    }
+}
