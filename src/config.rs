@@ -4,7 +4,7 @@
 //! One struct, [`ConfigLayer`], describes every key for both the file and the command
 //! line, so `--help`, the TOML keys and the docs cannot drift apart.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -139,6 +139,28 @@ pub struct ConfigLayer {
     /// MongoDB give too). Default: false.
     #[arg(long, env = "RINGCAST_TRANSPARENT_HUGE_PAGES", value_name = "BOOL")]
     pub transparent_huge_pages: Option<bool>,
+    /// A tool to run instead of the server; without one, `ringcast` serves.
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub command: Option<Command>,
+}
+
+/// A tool `ringcast` runs instead of the server.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Read this host's limits and sysctls and print what to change for a connection
+    /// count, with the memory math. Exit code 0: all OK, 1: something must change.
+    CheckHost {
+        /// Connections the host should hold. Default: 1000000.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 1_000_000,
+            hide_default_value = true,
+            value_parser = clap::value_parser!(u64).range(1..=100_000_000)
+        )]
+        connections: u64,
+    },
 }
 
 /// Validated settings the server runs with.

@@ -18,8 +18,10 @@
 //!   codes. Nothing there touches a socket or a clock.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/publish` on the admin port.
 //! - [`config`]: TOML file + flags + environment, validated into settings.
+//! - [`check_host`]: `ringcast check-host`, the host's limits against a connection target.
 
 pub mod admin;
+pub mod check_host;
 pub mod config;
 pub mod fanout;
 pub mod ingest;

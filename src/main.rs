@@ -1,7 +1,9 @@
-//! The `ringcast` binary: configuration, then shards, then run until drained.
+//! The `ringcast` binary: configuration, then shards, then run until drained;
+//! `ringcast check-host` inspects the host instead (see [`ringcast::check_host`]).
 
 use clap::Parser;
-use ringcast::config::{self, ConfigLayer};
+use ringcast::check_host;
+use ringcast::config::{self, Command, ConfigLayer};
 use std::process::ExitCode;
 
 #[global_allocator]
@@ -9,6 +11,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = ConfigLayer::parse();
+    if let Some(Command::CheckHost { connections }) = cli.command {
+        return check_host::run(connections);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RINGCAST_LOG")
