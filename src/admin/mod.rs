@@ -11,6 +11,7 @@ use crate::metrics::{self, ShardMetrics, Source};
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use crate::proto::upgrade::{percent_decode, status_text, MAX_REQUEST_HEAD};
 use crate::shard::lifecycle::{DRAINING, SHARDS_READY};
+use crate::shard::listener::accept_allowed;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
@@ -24,28 +25,10 @@ pub async fn serve(
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
 ) {
-    loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                if stream
-                    .peer_addr()
-                    .is_ok_and(|a| settings.ingest_allowed(a.ip()))
-                {
-                    glommio::spawn_local(handle(
-                        stream,
-                        publisher.clone(),
-                        settings.clone(),
-                        metrics,
-                    ))
-                    .detach();
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                glommio::timer::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    accept_allowed(listener, "admin", &settings.clone(), |stream| {
+        handle(stream, publisher.clone(), settings.clone(), metrics)
+    })
+    .await
 }
 
 struct Response {

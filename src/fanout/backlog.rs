@@ -58,6 +58,11 @@ impl SendBacklog {
         self.frames.is_empty()
     }
 
+    /// Frames queued (the first may be partly written).
+    pub fn frame_count(&self) -> usize {
+        self.frames.len()
+    }
+
     /// Unwritten bytes queued.
     pub fn bytes(&self) -> usize {
         self.bytes

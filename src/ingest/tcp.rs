@@ -8,11 +8,11 @@ use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
 use crate::ingest::line::{parse_message, strip_newline, IngestError};
 use crate::metrics::{ShardMetrics, Source};
+use crate::shard::listener::accept_allowed;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Accepts ingest connections on `listener` forever.
 pub async fn serve(
@@ -21,28 +21,10 @@ pub async fn serve(
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
 ) {
-    loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                let allowed = stream
-                    .peer_addr()
-                    .is_ok_and(|a| settings.ingest_allowed(a.ip()));
-                if allowed {
-                    glommio::spawn_local(connection(
-                        stream,
-                        publisher.clone(),
-                        settings.clone(),
-                        metrics,
-                    ))
-                    .detach();
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "TCP ingest accept failed");
-                glommio::timer::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    accept_allowed(listener, "TCP ingest", &settings.clone(), |stream| {
+        connection(stream, publisher.clone(), settings.clone(), metrics)
+    })
+    .await
 }
 
 async fn connection(

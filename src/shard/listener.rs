@@ -1,9 +1,13 @@
 //! Listening sockets, built by hand so every shard gets its own SO_REUSEPORT socket with
 //! the accept queue we ask for (glommio's own `TcpListener::bind` hard-codes 1024).
 
+use crate::config::Settings;
+use glommio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// A bind failure with the context an operator needs.
 #[derive(Debug, thiserror::Error)]
@@ -125,4 +129,33 @@ fn udp_socket(what: &'static str, addr: SocketAddr) -> Result<Socket, BindError>
         Ok(socket)
     })()
     .map_err(|e| bind_error(what, addr, e))
+}
+
+/// Accepts on `listener` forever and spawns `handle` for every connection whose source
+/// may use ingest/admin ports (loopback or `ingest_allow`); others are closed at once.
+pub async fn accept_allowed<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    settings: &Settings,
+    handle: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                if stream
+                    .peer_addr()
+                    .is_ok_and(|a| settings.ingest_allowed(a.ip()))
+                {
+                    glommio::spawn_local(handle(stream)).detach();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} accept failed");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

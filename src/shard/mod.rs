@@ -4,6 +4,7 @@
 //! [`run`] binds every socket first (so a bad address fails before anything starts), then
 //! starts the executors, then waits for a drain to finish.
 
+pub mod batch;
 pub mod conn;
 pub mod follower;
 pub mod lifecycle;

@@ -1,20 +1,23 @@
 //! The send path: frames go from a connection's backlog to its socket.
 //!
-//! Writes are direct non-blocking `sendmsg` calls with every queued frame as one iovec, so
-//! a burst of N frames for one subscriber costs one syscall, not N. The fan-out round
-//! queues a message to every subscriber first and flushes each dirty connection once at
-//! the end of the round. When the kernel's send buffer is full the rest stays queued; the
+//! Writes are non-blocking `sendmsg`s with every queued frame as one iovec, so a burst of N
+//! frames for one subscriber costs one write, not N. The fan-out round queues a message to
+//! every subscriber first, then flushes each dirty connection once, all of them submitted
+//! together through the shard's io_uring ([`crate::shard::batch`]); a single connection
+//! (a reply, a pong) is written with a direct `sendmsg`. When the kernel's send buffer is full the rest stays queued; the
 //! shard's epoll set reports the socket writable again (edge-triggered) and the flush
 //! resumes from there.
 
 use crate::fanout::backlog::Offer;
 use crate::metrics::CloseCause;
 use crate::proto::close::{CloseCode, CloseReason};
+use crate::shard::batch::{BatchEntry, SendRing, DEPTH};
 use crate::shard::follower::ROUND;
 use crate::shard::state::Shard;
 use crate::shard::table::Conn;
 use bytes::Bytes;
 use nix::sys::socket::{sendmsg, MsgFlags, SockaddrStorage};
+use slab::Slab;
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
@@ -132,18 +135,30 @@ impl Shard {
         }
     }
 
-    /// Flushes every connection that got frames this round, one `sendmsg` each.
+    /// Flushes every connection that got frames this round, one `sendmsg` each, all
+    /// submitted to the kernel at once through the shard's send ring when it has one.
     pub fn flush_dirty(&self) {
         let keys = std::mem::take(&mut *self.dirty.borrow_mut());
         let mut conns = self.conns.borrow_mut();
-        for &key in &keys {
-            if let Some(conn) = conns.get_mut(key as usize) {
-                conn.dirty = false;
-                if conn.is_open() {
-                    self.flush_or_close(key, conn);
+        let mut ring = self.send_ring.borrow_mut();
+        match ring.as_mut() {
+            Some(ring) if keys.len() > 1 => {
+                for chunk in keys.chunks(DEPTH as usize) {
+                    self.flush_batch(ring, &mut conns, chunk);
+                }
+            }
+            _ => {
+                for &key in &keys {
+                    if let Some(conn) = conns.get_mut(key as usize) {
+                        conn.dirty = false;
+                        if conn.is_open() {
+                            self.flush_or_close(key, conn);
+                        }
+                    }
                 }
             }
         }
+        drop(ring);
         drop(conns);
         // Hand the (emptied) list back to keep its capacity for the next round.
         let mut dirty = self.dirty.borrow_mut();
@@ -151,6 +166,74 @@ impl Shard {
             let mut keys = keys;
             keys.clear();
             *dirty = keys;
+        }
+    }
+
+    fn flush_batch(&self, ring: &mut SendRing, conns: &mut Slab<Conn>, keys: &[u32]) {
+        let mut selected = Vec::with_capacity(keys.len());
+        let mut total = 0;
+        for &key in keys {
+            if let Some(conn) = conns.get_mut(key as usize) {
+                conn.dirty = false;
+                if conn.is_open() && !conn.backlog.is_empty() {
+                    total += conn.backlog.frame_count().min(MAX_IOV);
+                    selected.push(key);
+                }
+            }
+        }
+        let mut store = vec![IoSlice::new(&[]); total];
+        let mut lengths = Vec::with_capacity(selected.len());
+        let mut rest: &mut [IoSlice<'_>] = &mut store;
+        for &key in &selected {
+            let conn = &conns[key as usize];
+            let n = conn.backlog.frame_count().min(MAX_IOV);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            conn.backlog.io_slices(head);
+            lengths.push(n);
+            rest = tail;
+        }
+        let mut entries = Vec::with_capacity(selected.len());
+        let mut asked = Vec::with_capacity(selected.len());
+        let mut at = 0;
+        for (&key, &n) in selected.iter().zip(&lengths) {
+            let slices = &store[at..at + n];
+            at += n;
+            asked.push(slices.iter().map(|s| s.len()).sum::<usize>());
+            entries.push(BatchEntry {
+                fd: conns[key as usize].fd.as_raw_fd(),
+                slices,
+            });
+        }
+        let mut results = Vec::new();
+        let sent = ring.send_all(&entries, &mut results);
+        drop(entries);
+        drop(store);
+        self.metrics
+            .send_calls
+            .fetch_add(selected.len() as u64, Relaxed);
+        for (i, &key) in selected.iter().enumerate() {
+            let Some(conn) = conns.get_mut(key as usize) else {
+                continue;
+            };
+            let before = conn.backlog.bytes();
+            match results.get(i).copied() {
+                Some(written) if written >= 0 && sent.is_ok() => {
+                    conn.backlog.advance(written as usize);
+                    self.metrics.bytes_out.fetch_add(written as u64, Relaxed);
+                    self.note_backlog_change(before, conn.backlog.bytes());
+                    if written as usize == asked[i] && !conn.backlog.is_empty() {
+                        // More than one call's worth was queued and the socket took it
+                        // all: no writable edge will come, so continue directly.
+                        self.flush_or_close(key, conn);
+                    }
+                }
+                Some(e) if e == -libc::EAGAIN => {}
+                Some(e) if e < 0 && e != -libc::ECANCELED => {
+                    self.schedule_close(key, conn, None, CloseCause::IoError);
+                }
+                // Not submitted (ring full or setup error): the plain path takes it.
+                _ => self.flush_or_close(key, conn),
+            }
         }
     }
 }

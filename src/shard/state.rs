@@ -8,6 +8,7 @@ use crate::fanout::backlog::BacklogLimits;
 use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
 use crate::metrics::{self, Metrics, ShardMetrics};
+use crate::shard::batch::SendRing;
 use crate::shard::conn::CloseOrder;
 use crate::shard::readiness::ReadySet;
 use crate::shard::table::Conn;
@@ -51,6 +52,8 @@ pub struct Shard {
     pub closes: RefCell<Vec<CloseOrder>>,
     /// Lingering closes whose peer finished.
     pub finalize: RefCell<Vec<u32>>,
+    /// The io_uring that submits a fan-out round's writes at once (`None`: plain sends).
+    pub send_ring: RefCell<Option<SendRing>>,
     generation: Cell<u32>,
     started: Instant,
 }
@@ -86,6 +89,13 @@ impl Shard {
             ready_set: ReadySet::new()?,
             closes: RefCell::new(Vec::new()),
             finalize: RefCell::new(Vec::new()),
+            send_ring: RefCell::new(match SendRing::new() {
+                Ok(ring) => Some(ring),
+                Err(e) => {
+                    tracing::warn!(shard = id, error = %e, "no io_uring for batched sends; writing with one syscall per socket");
+                    None
+                }
+            }),
             generation: Cell::new(0),
             started: Instant::now(),
         })
