@@ -82,7 +82,6 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
         }
         if taken > 0 {
             shard.settle();
-            shard.metrics.ring_messages.fetch_add(taken as u64, Relaxed);
             let now = Instant::now();
             for t in latencies.drain(..) {
                 shard
