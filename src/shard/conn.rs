@@ -1,9 +1,8 @@
-//! A connection's life on its shard: upgrade, input, and close.
+//! A connection's life on its shard after the upgrade: input, and close.
 //!
-//! The upgrade runs as a short-lived glommio task on the accepted stream (bounded by
-//! `handshake_timeout`). Once upgraded, the socket is adopted into the shard's connection
-//! table and epoll set and the task ends: from then on the connection is driven by
-//! readiness events ([`on_ready`]) and by the fan-out path, with no task of its own.
+//! Once upgraded ([`crate::shard::handshake`]), the socket is adopted into the shard's
+//! connection table and epoll set: from then on the connection is driven by readiness
+//! events ([`on_ready`]) and by the fan-out path, with no task of its own.
 //!
 //! Closes are decided in many places (a protocol error, the fan-out's slow-consumer
 //! policy, the heartbeat sweep, a drain) but carried out in one: [`Shard::settle`] sends
@@ -14,15 +13,11 @@ use crate::metrics::CloseCause;
 use crate::proto::close::{CloseCode, CloseReason};
 use crate::proto::command::{parse_command, Command, Reply};
 use crate::proto::frame::{encode_close, encode_frame, opcode, Inbound};
-use crate::proto::upgrade::{accept_response, http_response, parse_upgrade};
 use crate::shard::readiness::Ready;
 use crate::shard::state::Shard;
 use crate::shard::table::{token, untoken, Conn, ConnState};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 use nix::sys::socket::{recv, shutdown, MsgFlags, Shutdown};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::rc::Rc;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Input read per readiness event before yielding to other connections; the socket is
@@ -33,67 +28,8 @@ const MAX_READ_PER_EVENT: usize = 1 << 20;
 /// EOF, in shard seconds; then its socket is closed regardless.
 pub const LINGER_SECS: u32 = 5;
 
-/// Upgrades an accepted TCP connection and adopts it into the shard.
-pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
-    let Some((channels, leftover)) = handshake(&shard, &mut stream).await else {
-        return;
-    };
-    // The glommio stream would keep an io_uring poll armed and its own state alive; the
-    // table keeps only a plain descriptor.
-    // SAFETY: the descriptor is open for the duration of this borrow (the stream owns it
-    // and is dropped only after the duplicate exists).
-    let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-    let Ok(fd) = borrowed.try_clone_to_owned() else {
-        return;
-    };
-    drop(stream);
-    adopt(&shard, fd, &channels, leftover);
-    shard.settle();
-}
-
-/// Reads and answers the upgrade request. Returns the channels and any bytes the client
-/// sent after the request head, or `None` when the connection got an HTTP error.
-async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Vec<String>, Vec<u8>)> {
-    let _ = stream.set_read_timeout(Some(shard.settings.handshake_timeout));
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = vec![0u8; 2048];
-    let upgrade = loop {
-        let n = stream.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
-        head.extend_from_slice(&chunk[..n]);
-        match parse_upgrade(&head) {
-            Ok(Some(upgrade)) => break upgrade,
-            Ok(None) => continue,
-            Err(reject) => {
-                shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
-                let _ = stream.write_all(&reject.response()).await;
-                return None;
-            }
-        }
-    };
-    let open = shard.metrics.connections.load(Relaxed) as usize;
-    if open >= shard.max_conns || shard.draining.get() {
-        shard.metrics.refused_full.fetch_add(1, Relaxed);
-        let body = if shard.draining.get() {
-            "server is draining\n"
-        } else {
-            "server is at its connection limit\n"
-        };
-        let _ = stream
-            .write_all(&http_response(503, "Retry-After: 5\r\n", body))
-            .await;
-        return None;
-    }
-    stream
-        .write_all(&accept_response(&upgrade.key))
-        .await
-        .ok()?;
-    let _ = stream.set_nodelay(true);
-    let leftover = head.split_off(upgrade.head_len);
-    Some((upgrade.channels, leftover))
-}
-
 /// Registers an upgraded socket in the table, index and epoll set.
-fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftover: Vec<u8>) {
+pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftover: Vec<u8>) {
     let now = shard.now_secs();
     let generation = shard.next_generation();
     let key = {

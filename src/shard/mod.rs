@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod conn;
 pub mod follower;
+pub mod handshake;
 pub mod lifecycle;
 pub mod listener;
 pub mod readiness;
@@ -326,7 +327,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Rc<LocalEven
         loop {
             match listener.accept().await {
                 Ok(stream) => {
-                    glommio::spawn_local(conn::upgrade(shard.clone(), stream)).detach();
+                    glommio::spawn_local(handshake::upgrade(shard.clone(), stream)).detach();
                 }
                 Err(e) => {
                     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
