@@ -5,47 +5,11 @@
 
 use crate::ingest::line::IngestError;
 use crossbeam_utils::CachePadded;
-use hdrhistogram::Histogram;
-use parking_lot::Mutex;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 
-/// Why a connection closed (metric label `reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum CloseCause {
-    /// The client sent a close frame.
-    ClientClose = 0,
-    /// The peer vanished (EOF or reset).
-    PeerGone,
-    /// No traffic within ping interval + pong timeout.
-    Dead,
-    /// Slow consumer past its drop limit (1013).
-    SlowConsumer,
-    /// A framing violation (1002/1003/1007/1009).
-    ProtocolError,
-    /// Inbound flood (1008).
-    Policy,
-    /// Drained on shutdown (1001).
-    Drain,
-    /// I/O error on the socket.
-    IoError,
-}
-
-impl CloseCause {
-    /// Every label, indexed by discriminant.
-    pub const LABELS: [&'static str; 8] = [
-        "client_close",
-        "peer_gone",
-        "dead",
-        "slow_consumer",
-        "protocol_error",
-        "policy",
-        "drain",
-        "io_error",
-    ];
-}
+pub use crate::proto::close::CloseCause;
 
 /// Where a published message came from (metric label `source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,10 +65,40 @@ pub struct ShardMetrics {
     pub pings_sent: AtomicU64,
 }
 
+/// Upper bounds (seconds) of the delivery latency histogram's buckets: from 100 µs (a
+/// paced message on an idle shard) to 10 s (a shard that fell far behind).
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// One shard's delivery latency histogram: cumulative-on-render bucket counts, a sum and
+/// a count, all written only by that shard (relaxed atomics, no lock).
+#[derive(Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative); the last is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// Sum of observations in microseconds.
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn record(&self, micros: u64) {
+        let seconds = micros as f64 / 1e6;
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(micros, Relaxed);
+    }
+}
+
 /// All shards' counters plus the delivery latency histograms.
 pub struct Metrics {
     shards: Box<[CachePadded<ShardMetrics>]>,
-    latency: Box<[Mutex<Histogram<u64>>]>,
+    latency: Box<[CachePadded<LatencyHistogram>]>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -116,13 +110,7 @@ pub fn init(shards: usize) -> &'static Metrics {
             .map(|_| CachePadded::new(ShardMetrics::default()))
             .collect(),
         latency: (0..shards)
-            .map(|_| {
-                // Three significant figures up to one minute, in microseconds: fixed ~40 KB.
-                // The bounds are constants within hdrhistogram's limits: cannot fail.
-                Mutex::new(
-                    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid constant bounds"),
-                )
-            })
+            .map(|_| CachePadded::new(LatencyHistogram::default()))
             .collect(),
     })
 }
@@ -138,10 +126,11 @@ impl Metrics {
         &self.shards[shard % self.shards.len()]
     }
 
-    /// Records one message's ingest-to-send latency on `shard`.
+    /// Records one message's ingest-to-send latency on `shard` (only messages that had a
+    /// subscriber on that shard).
     pub fn record_latency(&self, shard: usize, micros: u64) {
         if let Some(h) = self.latency.get(shard) {
-            let _ = h.lock().record(micros.clamp(1, 60_000_000));
+            h.record(micros);
         }
     }
 
@@ -286,26 +275,30 @@ impl Metrics {
     }
 
     fn render_latency(&self, out: &mut String) {
-        let mut merged = Histogram::<u64>::new(3).expect("histogram with 3 sigfigs");
-        for h in self.latency.iter() {
-            let _ = merged.add(&*h.lock());
-        }
         let _ = writeln!(
             out,
-            "# HELP ringcast_delivery_latency_seconds Ingest-to-send latency per message per shard.\n\
-             # TYPE ringcast_delivery_latency_seconds summary"
+            "# HELP ringcast_delivery_latency_seconds Ingest-to-write latency of each message, per shard that had a subscriber for it.\n\
+             # TYPE ringcast_delivery_latency_seconds histogram"
         );
-        for q in [0.5, 0.9, 0.99, 0.999] {
-            let v = merged.value_at_quantile(q) as f64 / 1e6;
+        let mut cumulative = 0u64;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += self.latency_sum(|h| &h.buckets[i]);
             let _ = writeln!(
                 out,
-                "ringcast_delivery_latency_seconds{{quantile=\"{q}\"}} {v}"
+                "ringcast_delivery_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
             );
         }
+        cumulative += self.latency_sum(|h| &h.buckets[LATENCY_BUCKETS.len()]);
+        let sum = self.latency_sum(|h| &h.sum_micros) as f64 / 1e6;
         let _ = writeln!(
             out,
-            "ringcast_delivery_latency_seconds_count {}",
-            merged.len()
+            "ringcast_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}\n\
+             ringcast_delivery_latency_seconds_sum {sum}\n\
+             ringcast_delivery_latency_seconds_count {cumulative}"
         );
+    }
+
+    fn latency_sum(&self, f: impl Fn(&LatencyHistogram) -> &AtomicU64) -> u64 {
+        self.latency.iter().map(|h| f(h).load(Relaxed)).sum()
     }
 }

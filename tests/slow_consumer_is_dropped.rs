@@ -63,9 +63,12 @@ fn read_all(mut sub: Subscriber, target: Arc<AtomicU64>) -> (Subscriber, Vec<Del
         match sub.next_delivery(left.min(Duration::from_millis(500))) {
             Some(d) => got.push(d),
             None if left.is_zero() => panic!(
-                "received {} of {} messages within 60 s; last offset {:?}",
+                "received {} of {} messages within 60 s; missing {:?} last offset {:?}",
                 got.len(),
                 want,
+                (1..=want)
+                    .filter(|o| !got.iter().any(|d: &Delivery| d.offset == *o))
+                    .collect::<Vec<_>>(),
                 got.last().map(|d: &Delivery| d.offset)
             ),
             None => {}

@@ -96,6 +96,11 @@ impl SendBacklog {
         self.bytes <= limits.max_bytes.saturating_mul(2)
     }
 
+    /// Queues the final close frame (never refused: it is the last frame).
+    pub fn push_close(&mut self, frame: Bytes) {
+        self.push(frame);
+    }
+
     fn push(&mut self, frame: Bytes) {
         self.bytes += frame.len();
         self.frames.push_back(frame);

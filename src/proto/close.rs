@@ -18,8 +18,6 @@ pub enum CloseCode {
     Policy,
     /// 1009: frame or message over `max_message_size`.
     TooBig,
-    /// 1011: the server failed internally.
-    Internal,
     /// 1013: try again later: the connection could not keep up (slow consumer).
     TryAgainLater,
 }
@@ -35,23 +33,7 @@ impl CloseCode {
             CloseCode::InvalidPayload => 1007,
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
-            CloseCode::Internal => 1011,
             CloseCode::TryAgainLater => 1013,
-        }
-    }
-
-    /// Metric label for connections closed with this code.
-    pub fn label(self) -> &'static str {
-        match self {
-            CloseCode::Normal => "client_close",
-            CloseCode::GoingAway => "drain",
-            CloseCode::Protocol => "protocol_error",
-            CloseCode::Unsupported => "unsupported_data",
-            CloseCode::InvalidPayload => "invalid_utf8",
-            CloseCode::Policy => "policy",
-            CloseCode::TooBig => "too_big",
-            CloseCode::Internal => "internal",
-            CloseCode::TryAgainLater => "slow_consumer",
         }
     }
 }
@@ -86,4 +68,40 @@ impl From<crate::proto::frame::FrameError> for CloseReason {
         };
         CloseReason::new(code, err.to_string())
     }
+}
+
+/// Why a connection closed (metric label `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum CloseCause {
+    /// The client sent a close frame.
+    ClientClose = 0,
+    /// The peer vanished (EOF or reset).
+    PeerGone,
+    /// No traffic within ping interval + pong timeout.
+    Dead,
+    /// Slow consumer past its drop limit (1013).
+    SlowConsumer,
+    /// A framing violation (1002/1003/1007/1009).
+    ProtocolError,
+    /// Inbound flood (1008).
+    Policy,
+    /// Drained on shutdown (1001).
+    Drain,
+    /// I/O error on the socket.
+    IoError,
+}
+
+impl CloseCause {
+    /// Every label, indexed by discriminant.
+    pub const LABELS: [&'static str; 8] = [
+        "client_close",
+        "peer_gone",
+        "dead",
+        "slow_consumer",
+        "protocol_error",
+        "policy",
+        "drain",
+        "io_error",
+    ];
 }

@@ -7,12 +7,14 @@
 //! - [`mask`] applies the RFC 6455 XOR mask.
 //! - [`command`] parses client JSON commands and renders replies.
 //! - [`message`] renders a published message into its one shared frame.
+//! - [`conn`] is one connection's state machine: input, limits, heartbeats, close.
 //! - [`close`] is the table of close codes and where each protocol error maps.
 //! - [`channel`] validates channel names.
 
 pub mod channel;
 pub mod close;
 pub mod command;
+pub mod conn;
 pub mod frame;
 pub mod mask;
 pub mod message;

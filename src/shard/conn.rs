@@ -1,22 +1,29 @@
-//! A connection's life on its shard after the upgrade: input, and close.
+//! A connection's life on its shard after the upgrade: the driver around its state
+//! machine.
 //!
 //! Once upgraded ([`crate::shard::handshake`]), the socket is adopted into the shard's
 //! connection table and epoll set: from then on the connection is driven by readiness
-//! events ([`on_ready`]) and by the fan-out path, with no task of its own.
+//! events ([`on_ready`]), the fan-out path and the heartbeat sweep, with no task of its
+//! own. Every decision (what to answer, when to close, what a frame violates) is made by
+//! the connection's sans-io [`crate::proto::conn::Connection`]; this module only moves
+//! bytes between it and the socket and carries its decisions out.
 //!
 //! Closes are decided in many places (a protocol error, the fan-out's slow-consumer
-//! policy, the heartbeat sweep, a drain) but carried out in one: [`Shard::settle`] sends
-//! the close frame, shuts the write side and lingers until the peer's EOF (bounded), so
-//! input still in flight does not turn the close into a reset that would destroy it.
+//! policy, the heartbeat sweep, a drain) but carried out in one: [`Shard::settle`] removes
+//! the connection from the index, queues the close frame after whatever was partly
+//! written, shuts the write side once it is out and lingers until the peer's EOF
+//! (bounded), so input still in flight does not turn the close into a reset.
 
 use crate::metrics::CloseCause;
-use crate::proto::close::{CloseCode, CloseReason};
+use crate::proto::close::CloseReason;
 use crate::proto::command::{parse_command, Command, Reply};
-use crate::proto::frame::{encode_close, encode_frame, opcode, Inbound};
+use crate::proto::conn::{CloseDecision, Connection, Eof, Phase};
+use crate::proto::frame::{encode_frame, opcode};
 use crate::shard::readiness::Ready;
+use crate::shard::send::Flush;
 use crate::shard::state::Shard;
-use crate::shard::table::{token, untoken, Conn, ConnState};
-use nix::sys::socket::{recv, shutdown, MsgFlags, Shutdown};
+use crate::shard::table::{token, untoken, Conn};
+use nix::sys::socket::{recv, MsgFlags};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -28,25 +35,26 @@ const MAX_READ_PER_EVENT: usize = 1 << 20;
 /// EOF, in shard seconds; then its socket is closed regardless.
 pub const LINGER_SECS: u32 = 5;
 
-/// Registers an upgraded socket in the table, index and epoll set.
+/// Registers an upgraded socket in the table, index and epoll set, then handles any
+/// bytes the client sent after the request head.
 pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftover: Vec<u8>) {
     let now = shard.now_secs();
     let generation = shard.next_generation();
     let key = {
         let mut conns = shard.conns.borrow_mut();
-        let entry = conns.vacant_entry();
-        let key = entry.key() as u32;
-        if let Err(e) = shard.ready_set.add(&fd, token(key, generation)) {
+        if let Err(e) = shard
+            .ready_set
+            .add(&fd, token(conns.next_key(), generation))
+        {
             tracing::warn!(shard = shard.id, error = %e, "epoll registration failed (fs.epoll.max_user_watches?); dropping connection");
             return;
         }
-        entry.insert(Conn::new(
+        conns.insert(Conn {
             fd,
             generation,
-            shard.settings.max_message_size,
-            now,
-        ));
-        key
+            dirty: false,
+            machine: Connection::new(&shard.conn_config, now),
+        })
     };
     {
         let mut index = shard.index.borrow_mut();
@@ -61,9 +69,8 @@ pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftove
     shard.metrics.accepted.fetch_add(1, Relaxed);
     if !leftover.is_empty() {
         let mut conns = shard.conns.borrow_mut();
-        if let Some(conn) = conns.get_mut(key as usize) {
-            consume(shard, key, conn, &mut leftover);
-            shard.flush_or_close(key, conn);
+        if let Some(conn) = conns.get_mut(key) {
+            receive(shard, key, conn, &mut leftover);
         }
     }
 }
@@ -72,17 +79,19 @@ pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftove
 pub fn on_ready(shard: &Shard, ready: Ready) {
     let (key, generation) = untoken(ready.token);
     let mut conns = shard.conns.borrow_mut();
-    let Some(conn) = conns
-        .get_mut(key as usize)
-        .filter(|c| c.generation == generation)
-    else {
+    let Some(conn) = conns.get_current(key, generation) else {
         return;
     };
-    if ready.writable && !conn.backlog.is_empty() {
-        match conn.state {
-            ConnState::Open => shard.flush_or_close(key, conn),
-            ConnState::Closing(_) => shard.flush_closing(conn),
-            ConnState::Doomed => {}
+    if ready.writable && !conn.machine.backlog().is_empty() {
+        match conn.machine.phase() {
+            Phase::Open => shard.flush_or_close(key, conn),
+            Phase::Closing { .. } => {
+                if shard.flush(conn) == Flush::Failed {
+                    // The peer is gone: nothing left to linger for.
+                    shard.schedule_finalize(key);
+                }
+            }
+            Phase::Doomed => {}
         }
     }
     if ready.readable {
@@ -99,18 +108,8 @@ fn read_input(shard: &Shard, key: u32, conn: &mut Conn) {
             Ok(0) => return peer_gone(shard, key, conn),
             Ok(n) => {
                 total += n;
-                if let ConnState::Closing(_) = conn.state {
-                    // Lingering: discard until EOF.
-                } else if conn.state == ConnState::Open {
-                    if conn.pending_input.is_empty() {
-                        consume(shard, key, conn, &mut scratch[..n]);
-                    } else {
-                        let mut input = std::mem::take(&mut conn.pending_input);
-                        input.extend_from_slice(&scratch[..n]);
-                        consume(shard, key, conn, &mut input);
-                    }
-                    shard.flush_or_close(key, conn);
-                }
+                // A closing connection's input is read only to reach its EOF.
+                receive(shard, key, conn, &mut scratch[..n]);
                 if total >= MAX_READ_PER_EVENT {
                     // Re-registering re-reports pending input as a new edge.
                     shard.ready_set.remove(&conn.fd);
@@ -125,65 +124,33 @@ fn read_input(shard: &Shard, key: u32, conn: &mut Conn) {
     }
 }
 
-fn peer_gone(shard: &Shard, key: u32, conn: &mut Conn) {
-    match conn.state {
-        // Our close already went out and the peer finished: done.
-        ConnState::Closing(_) => shard.schedule_finalize(key),
-        _ => shard.schedule_close(key, conn, None, CloseCause::PeerGone),
+/// Feeds client bytes to the machine, then writes its answers.
+fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
+    if !conn.machine.is_open() {
+        return;
+    }
+    let before = conn.machine.backlog().bytes();
+    let now = shard.now_secs();
+    let close = conn
+        .machine
+        .on_input(now, input, &shard.conn_config, &mut |text| {
+            shard.metrics.commands.fetch_add(1, Relaxed);
+            encode_frame(opcode::TEXT, run_command(shard, key, text).as_bytes())
+        });
+    shard.note_backlog_change(before, conn.machine.backlog().bytes());
+    if let Some(close) = close {
+        shard.enqueue_close(key, conn.generation, close);
+    }
+    if conn.machine.is_open() {
+        shard.flush_or_close(key, conn);
     }
 }
 
-/// Decodes and handles every complete frame in `input`; keeps an incomplete tail.
-fn consume(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
-    let now = shard.now_secs();
-    conn.last_rx = now;
-    conn.pinged = false;
-    let mut at = 0;
-    while at < input.len() && conn.is_open() {
-        let (used, event) = match conn.decoder.decode(&mut input[at..]) {
-            Ok(Some(step)) => step,
-            Ok(None) => break,
-            Err(e) => {
-                return shard.schedule_close(
-                    key,
-                    conn,
-                    Some(CloseReason::from(e)),
-                    CloseCause::ProtocolError,
-                )
-            }
-        };
-        at += used;
-        let Some(event) = event else { continue };
-        if conn.inbound_window.0 != now {
-            conn.inbound_window = (now, 0);
-        }
-        conn.inbound_window.1 += 1;
-        if conn.inbound_window.1 > shard.settings.max_inbound_per_sec {
-            let reason = CloseReason::new(CloseCode::Policy, "too many frames per second");
-            return shard.schedule_close(key, conn, Some(reason), CloseCause::Policy);
-        }
-        let reply = match event {
-            Inbound::Ping(payload) => Some(encode_frame(opcode::PONG, payload)),
-            Inbound::Pong => None,
-            Inbound::Close(_) => {
-                // The decoder refused codes a client may not send; answer with 1000.
-                let reason = CloseReason::new(CloseCode::Normal, "");
-                return shard.schedule_close(key, conn, Some(reason), CloseCause::ClientClose);
-            }
-            Inbound::Text(text) => {
-                shard.metrics.commands.fetch_add(1, Relaxed);
-                Some(encode_frame(
-                    opcode::TEXT,
-                    run_command(shard, key, text).as_bytes(),
-                ))
-            }
-        };
-        if let Some(frame) = reply {
-            shard.queue_control(key, conn, frame);
-        }
-    }
-    if at < input.len() && conn.is_open() {
-        conn.pending_input = input[at..].to_vec();
+fn peer_gone(shard: &Shard, key: u32, conn: &mut Conn) {
+    match conn.machine.on_eof() {
+        Eof::Finished => shard.schedule_finalize(key),
+        Eof::Close(close) => shard.enqueue_close(key, conn.generation, close),
+        Eof::Ignored => {}
     }
 }
 
@@ -235,12 +202,12 @@ fn run_command(shard: &Shard, key: u32, text: &str) -> String {
 pub struct CloseOrder {
     key: u32,
     generation: u32,
-    reason: Option<CloseReason>,
-    cause: CloseCause,
+    decision: CloseDecision,
 }
 
 impl Shard {
-    /// Decides that `conn` closes; carried out by [`Shard::settle`].
+    /// Decides that `conn` closes (unless a close was already decided); carried out by
+    /// [`Shard::settle`].
     pub fn schedule_close(
         &self,
         key: u32,
@@ -248,19 +215,21 @@ impl Shard {
         reason: Option<CloseReason>,
         cause: CloseCause,
     ) {
-        if conn.state != ConnState::Open {
-            return;
+        if let Some(decision) = conn.machine.close(reason, cause) {
+            self.enqueue_close(key, conn.generation, decision);
         }
-        conn.state = ConnState::Doomed;
+    }
+
+    /// Queues a close the connection's machine decided.
+    pub(super) fn enqueue_close(&self, key: u32, generation: u32, decision: CloseDecision) {
         self.closes.borrow_mut().push(CloseOrder {
             key,
-            generation: conn.generation,
-            reason,
-            cause,
+            generation,
+            decision,
         });
     }
 
-    fn schedule_finalize(&self, key: u32) {
+    pub(super) fn schedule_finalize(&self, key: u32) {
         self.finalize.borrow_mut().push(key);
     }
 
@@ -281,56 +250,41 @@ impl Shard {
         let CloseOrder {
             key,
             generation,
-            reason,
-            cause,
+            decision,
         } = order;
         self.index.borrow_mut().remove_conn(key);
         self.metrics.connections.fetch_sub(1, Relaxed);
-        self.metrics.closed[cause as usize].fetch_add(1, Relaxed);
+        self.metrics.closed[decision.cause as usize].fetch_add(1, Relaxed);
         let lingering = {
             let mut conns = self.conns.borrow_mut();
-            let Some(conn) = conns
-                .get_mut(key as usize)
-                .filter(|c| c.generation == generation)
-            else {
+            let Some(conn) = conns.get_current(key, generation) else {
                 return;
             };
-            conn.decoder = crate::proto::frame::FrameDecoder::new(0);
-            conn.pending_input = Vec::new();
-            match reason {
-                None => false,
-                Some(reason) => {
-                    let before = conn.backlog.bytes();
-                    conn.backlog.discard_unstarted();
-                    self.note_backlog_change(before, conn.backlog.bytes());
-                    self.queue_control(key, conn, encode_close(reason.code.code(), &reason.reason));
-                    conn.state = ConnState::Closing(self.now_secs());
-                    self.flush_closing(conn);
-                    true
-                }
+            let before = conn.machine.backlog().bytes();
+            let lingering = conn
+                .machine
+                .start_close(self.now_secs(), decision.reason.as_ref());
+            self.note_backlog_change(before, conn.machine.backlog().bytes());
+            if lingering {
+                // Writes what is left before the close frame (a slow consumer may still
+                // have a partly sent frame), then shuts the write side once all is out.
+                let _ = self.flush(conn);
             }
+            lingering
         };
         if !lingering {
             self.finalize_close(key);
         }
     }
 
-    /// Writes what is left before the close frame (a slow consumer may still have a
-    /// partly sent frame), then shuts the write side once everything is out.
-    fn flush_closing(&self, conn: &mut Conn) {
-        if self.flush(conn) == crate::shard::send::Flush::Done {
-            let _ = shutdown(conn.fd.as_raw_fd(), Shutdown::Write);
-        }
-    }
-
     /// Removes a connection from the table and closes its socket.
     pub fn finalize_close(&self, key: u32) {
-        let Some(conn) = self.conns.borrow_mut().try_remove(key as usize) else {
+        let Some(conn) = self.conns.borrow_mut().remove(key) else {
             return;
         };
         self.ready_set.remove(&conn.fd);
-        self.note_backlog_change(conn.backlog.bytes(), 0);
-        if conn.state == ConnState::Open {
+        self.note_backlog_change(conn.machine.backlog().bytes(), 0);
+        if conn.machine.is_open() {
             // Finalized without a close order (should not happen): keep the gauge right.
             self.index.borrow_mut().remove_conn(key);
             self.metrics.connections.fetch_sub(1, Relaxed);

@@ -59,15 +59,15 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
             match ring.poll(&mut cursor) {
                 RingPoll::Message(msg) => {
                     taken += 1;
-                    latencies.push(msg.published_at);
                     let index = shard.index.borrow();
                     let members = index.members(&msg.channel);
                     if members.is_empty() {
                         continue;
                     }
+                    latencies.push(msg.published_at);
                     let mut conns = shard.conns.borrow_mut();
                     for &key in members {
-                        if let Some(conn) = conns.get_mut(key as usize) {
+                        if let Some(conn) = conns.get_mut(key) {
                             shard.offer_message(key, conn, &msg.frame);
                         }
                     }

@@ -1,22 +1,22 @@
 //! Liveness and shutdown: heartbeats, dead-peer detection and the SIGTERM drain.
 //!
-//! One sweep per second walks the shard's connection table: a connection silent for
-//! `ping_interval` (jittered per shard so a fleet does not ping in lockstep) gets a ping;
-//! one silent for `ping_interval + pong_timeout` is closed as dead. A drain (first SIGTERM
+//! Every connection's state machine is ticked once per second by a sweep spread over ten
+//! 100 ms ticks (a tenth of the table each), so a million-entry table never stalls the
+//! shard: a connection silent for `ping_interval` (jittered per shard so a fleet does not
+//! ping in lockstep) gets a ping, written with the round's other pings in one io_uring
+//! submission; one silent for `ping_interval + pong_timeout` is closed as dead. A drain (first SIGTERM
 //! or SIGINT) stops accepting, then closes connections with 1001 in equal batches over
 //! `drain_window`, each with a random reconnect hint inside the window, so clients do not
 //! come back all at once.
 
 use crate::metrics::CloseCause;
 use crate::proto::close::{CloseCode, CloseReason};
-use crate::proto::frame::{encode_frame, opcode};
-use crate::shard::conn::LINGER_SECS;
+use crate::proto::conn::Tick;
 use crate::shard::follower::LocalEvent;
 use crate::shard::state::Shard;
-use crate::shard::table::ConnState;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Set by the signal thread when a drain starts.
 pub static DRAINING: AtomicBool = AtomicBool::new(false);
@@ -49,62 +49,72 @@ impl Jitter {
 
 /// Runs heartbeats until a drain starts, then drains this shard and returns.
 pub async fn run(shard: Rc<Shard>, stop_accepting: Rc<LocalEvent>) {
-    let mut jitter = Jitter::new(shard.id as u64 + 1);
-    let base = shard.settings.ping_interval.as_secs();
-    // +-10% per shard, at least a second apart from the pong timeout arithmetic.
-    let ping_after = (base + jitter.below(base / 5 + 1))
-        .saturating_sub(base / 10)
-        .max(1) as u32;
-    let dead_after = ping_after + shard.settings.pong_timeout.as_secs() as u32;
-    let mut last_sweep = Instant::now();
+    let mut sweep = Sweep::default();
     loop {
         glommio::timer::sleep(TICK).await;
         if DRAINING.load(Ordering::Acquire) {
             break;
         }
-        if last_sweep.elapsed() >= Duration::from_secs(1) {
-            last_sweep = Instant::now();
-            sweep(&shard, ping_after, dead_after);
-        }
+        sweep.step(&shard);
     }
     shard.draining.set(true);
     stop_accepting.notify();
-    drain(&shard, &mut jitter).await;
+    drain(&shard, &mut Jitter::new(shard.id as u64 + 1), &mut sweep).await;
 }
 
-fn sweep(shard: &Shard, ping_after: u32, dead_after: u32) {
-    let now = shard.now_secs();
-    let ping = encode_frame(opcode::PING, b"");
-    let mut lingered = Vec::new();
-    {
-        let mut conns = shard.conns.borrow_mut();
-        for (key, conn) in conns.iter_mut() {
-            let key = key as u32;
-            let silent = now.saturating_sub(conn.last_rx);
-            match conn.state {
-                ConnState::Closing(since) if now.saturating_sub(since) >= LINGER_SECS => {
-                    lingered.push(key)
-                }
-                ConnState::Open if silent >= dead_after => {
-                    shard.schedule_close(key, conn, None, CloseCause::Dead)
-                }
-                ConnState::Open if silent >= ping_after && !conn.pinged => {
-                    conn.pinged = true;
-                    shard.metrics.pings_sent.fetch_add(1, Ordering::Relaxed);
-                    shard.queue_control(key, conn, ping.clone());
-                    shard.flush_or_close(key, conn);
-                }
-                _ => {}
+/// The heartbeat sweep: every connection's machine is ticked once per second, spread over
+/// the second's ticks so no single tick walks a whole million-entry table.
+#[derive(Default)]
+struct Sweep {
+    cursor: u32,
+}
+
+/// Ticks per full pass over the table.
+const TICKS_PER_PASS: u32 = (1000 / TICK.as_millis()) as u32;
+
+impl Sweep {
+    /// Ticks the next slice of the table: pings go out through the batched send path,
+    /// dead peers and expired lingers are closed.
+    fn step(&mut self, shard: &Shard) {
+        let now = shard.now_secs();
+        let mut lingered = Vec::new();
+        {
+            let mut conns = shard.conns.borrow_mut();
+            let high = conns.high();
+            if self.cursor >= high {
+                self.cursor = 0;
             }
+            let end = high.min(self.cursor + high.div_ceil(TICKS_PER_PASS).max(1));
+            let mut pings = 0;
+            for key in self.cursor..end {
+                let Some(conn) = conns.get_mut(key) else {
+                    continue;
+                };
+                let before = conn.machine.backlog().bytes();
+                match conn.machine.on_tick(now, &shard.conn_config) {
+                    Tick::Idle => {}
+                    Tick::Ping => {
+                        pings += 1;
+                        shard.note_backlog_change(before, conn.machine.backlog().bytes());
+                        shard.mark_dirty(key, conn);
+                    }
+                    Tick::Close(close) => shard.enqueue_close(key, conn.generation, close),
+                    Tick::LingerOver => lingered.push(key),
+                }
+            }
+            self.cursor = end;
+            shard.metrics.pings_sent.fetch_add(pings, Ordering::Relaxed);
         }
+        for key in lingered {
+            shard.finalize_close(key);
+        }
+        shard.settle();
     }
-    for key in lingered {
-        shard.finalize_close(key);
-    }
-    shard.settle();
 }
 
-async fn drain(shard: &Shard, jitter: &mut Jitter) {
+/// Closes every connection with 1001 in equal batches over `drain_window`, walking the
+/// table with a cursor (never rescanning connections already closing).
+async fn drain(shard: &Shard, jitter: &mut Jitter, sweep: &mut Sweep) {
     let window = shard.settings.drain_window;
     let total = shard.conns.borrow().len();
     let ticks = (window.as_millis() / TICK.as_millis()).max(1) as usize;
@@ -116,29 +126,35 @@ async fn drain(shard: &Shard, jitter: &mut Jitter) {
         window_secs = window.as_secs(),
         "drain started"
     );
-    let mut last_sweep = Instant::now();
+    let mut cursor = 0u32;
     loop {
         {
             let mut conns = shard.conns.borrow_mut();
             let mut picked = 0;
-            for (key, conn) in conns.iter_mut() {
-                if picked == per_tick {
-                    break;
+            let high = conns.high();
+            // Wraps once: a handshake that finished after the drain began lands anywhere.
+            let mut steps = 0;
+            while picked < per_tick && steps < high {
+                if cursor >= high {
+                    cursor = 0;
                 }
-                if conn.is_open() {
+                let key = cursor;
+                cursor += 1;
+                steps += 1;
+                let Some(conn) = conns.get_mut(key) else {
+                    continue;
+                };
+                if conn.machine.is_open() {
                     picked += 1;
                     let hint = format!("reconnect after {}ms", jitter.below(window_ms));
                     let reason = CloseReason::new(CloseCode::GoingAway, hint);
-                    shard.schedule_close(key as u32, conn, Some(reason), CloseCause::Drain);
+                    shard.schedule_close(key, conn, Some(reason), CloseCause::Drain);
                 }
             }
         }
         shard.settle();
-        if last_sweep.elapsed() >= Duration::from_secs(1) {
-            last_sweep = Instant::now();
-            // Finalizes lingering closes; nothing is pinged during a drain.
-            sweep(shard, u32::MAX, u32::MAX);
-        }
+        // Finalizes lingering closes (and keeps detecting dead peers).
+        sweep.step(shard);
         if shard.conns.borrow().is_empty() {
             break;
         }

@@ -10,14 +10,13 @@
 
 use crate::fanout::backlog::Offer;
 use crate::metrics::CloseCause;
-use crate::proto::close::{CloseCode, CloseReason};
+use crate::proto::conn::Written;
 use crate::shard::batch::{BatchEntry, SendRing, DEPTH};
 use crate::shard::follower::ROUND;
 use crate::shard::state::Shard;
-use crate::shard::table::Conn;
+use crate::shard::table::{Conn, ConnTable};
 use bytes::Bytes;
-use nix::sys::socket::{sendmsg, MsgFlags, SockaddrStorage};
-use slab::Slab;
+use nix::sys::socket::{sendmsg, shutdown, MsgFlags, Shutdown, SockaddrStorage};
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
@@ -42,20 +41,19 @@ pub enum Flush {
 impl Shard {
     /// Writes as much of `conn`'s backlog as the socket takes right now.
     pub fn flush(&self, conn: &mut Conn) -> Flush {
-        let before = conn.backlog.bytes();
+        let before = conn.machine.backlog().bytes();
         let result = loop {
-            if conn.backlog.is_empty() {
+            if conn.machine.backlog().is_empty() {
                 break Flush::Done;
             }
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let n = conn.backlog.io_slices(&mut slices);
+            let n = conn.machine.backlog().io_slices(&mut slices);
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
             self.metrics.send_calls.fetch_add(1, Relaxed);
             match sendmsg::<SockaddrStorage>(conn.fd.as_raw_fd(), &slices[..n], &[], flags, None) {
                 Ok(written) => {
                     let asked: usize = slices[..n].iter().map(|s| s.len()).sum();
-                    conn.backlog.advance(written);
-                    self.metrics.bytes_out.fetch_add(written as u64, Relaxed);
+                    self.wrote(conn, written);
                     if written < asked {
                         break Flush::Blocked;
                     }
@@ -65,8 +63,17 @@ impl Shard {
                 Err(_) => break Flush::Failed,
             }
         };
-        self.note_backlog_change(before, conn.backlog.bytes());
+        self.note_backlog_change(before, conn.machine.backlog().bytes());
         result
+    }
+
+    /// Tells `conn`'s machine that the socket took `n` bytes, and shuts the write side
+    /// once a close frame is out.
+    fn wrote(&self, conn: &mut Conn, n: usize) {
+        self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+        if conn.machine.on_written(n) == Written::ShutWrite {
+            let _ = shutdown(conn.fd.as_raw_fd(), Shutdown::Write);
+        }
     }
 
     /// Keeps the backlog gauge in step with a connection's backlog going from `before`
@@ -92,46 +99,43 @@ impl Shard {
 
     /// Queues a control frame or reply (not flushed); a control flood closes with 1008.
     pub fn queue_control(&self, key: u32, conn: &mut Conn, frame: Bytes) {
-        self.metrics
-            .backlog_bytes
-            .fetch_add(frame.len() as u64, Relaxed);
-        if !conn.backlog.push_control(frame, &self.limits) {
-            let reason = CloseReason::new(
-                CloseCode::Policy,
-                "requests faster than their replies are read",
-            );
-            self.schedule_close(key, conn, Some(reason), CloseCause::Policy);
+        let before = conn.machine.backlog().bytes();
+        let flood = conn.machine.queue_control(frame, &self.conn_config);
+        self.note_backlog_change(before, conn.machine.backlog().bytes());
+        if let Err(close) = flood {
+            self.enqueue_close(key, conn.generation, close);
+        }
+    }
+
+    /// Marks `conn` to be flushed with the rest of this round.
+    pub(super) fn mark_dirty(&self, key: u32, conn: &mut Conn) {
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.borrow_mut().push(key);
         }
     }
 
     /// Offers a message frame to `key` under the slow-consumer policy; the write happens
     /// in [`Shard::flush_dirty`] at the end of the fan-out round.
     pub fn offer_message(&self, key: u32, conn: &mut Conn, frame: &Bytes) {
-        if !conn.is_open() {
+        if !conn.machine.is_open() {
             return;
         }
-        match conn.backlog.offer(frame, &self.limits) {
+        let (offer, close) = conn.machine.offer(frame, &self.conn_config);
+        match offer {
             Offer::Queued => {
                 self.metrics.deliveries.fetch_add(1, Relaxed);
                 self.metrics
                     .backlog_bytes
                     .fetch_add(frame.len() as u64, Relaxed);
-                if !conn.dirty {
-                    conn.dirty = true;
-                    self.dirty.borrow_mut().push(key);
-                }
+                self.mark_dirty(key, conn);
             }
-            Offer::Skipped => {
+            Offer::Skipped | Offer::Disconnect => {
                 self.metrics.dropped_slow.fetch_add(1, Relaxed);
             }
-            Offer::Disconnect => {
-                self.metrics.dropped_slow.fetch_add(1, Relaxed);
-                let reason = CloseReason::new(
-                    CloseCode::TryAgainLater,
-                    "slow consumer: send backlog stayed full",
-                );
-                self.schedule_close(key, conn, Some(reason), CloseCause::SlowConsumer);
-            }
+        }
+        if let Some(close) = close {
+            self.enqueue_close(key, conn.generation, close);
         }
     }
 
@@ -149,9 +153,9 @@ impl Shard {
             }
             _ => {
                 for &key in &keys {
-                    if let Some(conn) = conns.get_mut(key as usize) {
+                    if let Some(conn) = conns.get_mut(key) {
                         conn.dirty = false;
-                        if conn.is_open() {
+                        if conn.machine.is_open() {
                             self.flush_or_close(key, conn);
                         }
                     }
@@ -169,40 +173,42 @@ impl Shard {
         }
     }
 
-    fn flush_batch(&self, ring: &mut SendRing, conns: &mut Slab<Conn>, keys: &[u32]) {
+    fn flush_batch(&self, ring: &mut SendRing, conns: &mut ConnTable, keys: &[u32]) {
         let mut selected = Vec::with_capacity(keys.len());
         let mut total = 0;
         for &key in keys {
-            if let Some(conn) = conns.get_mut(key as usize) {
+            if let Some(conn) = conns.get_mut(key) {
                 conn.dirty = false;
-                if conn.is_open() && !conn.backlog.is_empty() {
-                    total += conn.backlog.frame_count().min(MAX_IOV);
+                if conn.machine.is_open() && !conn.machine.backlog().is_empty() {
+                    total += conn.machine.backlog().frame_count().min(MAX_IOV);
                     selected.push(key);
                 }
             }
         }
         let mut store = vec![IoSlice::new(&[]); total];
-        let mut lengths = Vec::with_capacity(selected.len());
-        let mut rest: &mut [IoSlice<'_>] = &mut store;
-        for &key in &selected {
-            let conn = &conns[key as usize];
-            let n = conn.backlog.frame_count().min(MAX_IOV);
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
-            conn.backlog.io_slices(head);
-            lengths.push(n);
-            rest = tail;
-        }
         let mut entries = Vec::with_capacity(selected.len());
         let mut asked = Vec::with_capacity(selected.len());
-        let mut at = 0;
-        for (&key, &n) in selected.iter().zip(&lengths) {
-            let slices = &store[at..at + n];
-            at += n;
-            asked.push(slices.iter().map(|s| s.len()).sum::<usize>());
-            entries.push(BatchEntry {
-                fd: conns[key as usize].fd.as_raw_fd(),
-                slices,
-            });
+        {
+            let chosen: Vec<&Conn> = selected.iter().filter_map(|&k| conns.get(k)).collect();
+            let mut rest: &mut [IoSlice<'_>] = &mut store;
+            let mut lengths = Vec::with_capacity(chosen.len());
+            for conn in &chosen {
+                let n = conn.machine.backlog().frame_count().min(MAX_IOV);
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                conn.machine.backlog().io_slices(head);
+                lengths.push(n);
+                rest = tail;
+            }
+            let mut at = 0;
+            for (conn, &n) in chosen.iter().zip(&lengths) {
+                let slices = &store[at..at + n];
+                at += n;
+                asked.push(slices.iter().map(|s| s.len()).sum::<usize>());
+                entries.push(BatchEntry {
+                    fd: conn.fd.as_raw_fd(),
+                    slices,
+                });
+            }
         }
         let mut results = Vec::new();
         let sent = ring.send_all(&entries, &mut results);
@@ -212,16 +218,15 @@ impl Shard {
             .send_calls
             .fetch_add(selected.len() as u64, Relaxed);
         for (i, &key) in selected.iter().enumerate() {
-            let Some(conn) = conns.get_mut(key as usize) else {
+            let Some(conn) = conns.get_mut(key) else {
                 continue;
             };
-            let before = conn.backlog.bytes();
+            let before = conn.machine.backlog().bytes();
             match results.get(i).copied() {
                 Some(written) if written >= 0 && sent.is_ok() => {
-                    conn.backlog.advance(written as usize);
-                    self.metrics.bytes_out.fetch_add(written as u64, Relaxed);
-                    self.note_backlog_change(before, conn.backlog.bytes());
-                    if written as usize == asked[i] && !conn.backlog.is_empty() {
+                    self.wrote(conn, written as usize);
+                    self.note_backlog_change(before, conn.machine.backlog().bytes());
+                    if written as usize == asked[i] && !conn.machine.backlog().is_empty() {
                         // More than one call's worth was queued and the socket took it
                         // all: no writable edge will come, so continue directly.
                         self.flush_or_close(key, conn);

@@ -1,18 +1,22 @@
 //! What one shard owns: its connection table, subscription index and counters.
 //!
 //! A shard is single-threaded (one pinned glommio executor), so its state sits in
-//! `RefCell`s shared by its tasks through an `Rc`; borrows never cross an `.await`.
+//! `RefCell`s shared by its tasks through an `Rc`; borrows never cross an `.await`. The
+//! fields are private to the shard's driver modules (`pub(super)`): protocol decisions
+//! live in [`crate::proto::conn::Connection`], and this struct only holds what the driver
+//! needs to carry them out.
 
 use crate::config::Settings;
 use crate::fanout::backlog::BacklogLimits;
 use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
 use crate::metrics::{self, Metrics, ShardMetrics};
+use crate::proto::conn::ConnConfig;
 use crate::shard::batch::SendRing;
 use crate::shard::conn::CloseOrder;
+use crate::shard::lifecycle::Jitter;
 use crate::shard::readiness::ReadySet;
-use crate::shard::table::Conn;
-use slab::Slab;
+use crate::shard::table::ConnTable;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,37 +27,37 @@ pub const SCRATCH_SIZE: usize = 64 * 1024;
 /// A shard's state.
 pub struct Shard {
     /// Shard number (0-based), also its CPU when pinned.
-    pub id: usize,
+    pub(super) id: usize,
     /// Validated settings.
-    pub settings: Arc<Settings>,
+    pub(super) settings: Arc<Settings>,
     /// Connection table.
-    pub conns: RefCell<Slab<Conn>>,
+    pub(super) conns: RefCell<ConnTable>,
     /// Channel -> subscribers on this shard.
-    pub index: RefCell<SubscriptionIndex>,
+    pub(super) index: RefCell<SubscriptionIndex>,
     /// Connections with frames queued in this fan-out round.
-    pub dirty: RefCell<Vec<u32>>,
+    pub(super) dirty: RefCell<Vec<u32>>,
     /// Read buffer shared by every connection of the shard.
-    pub scratch: RefCell<Box<[u8]>>,
+    pub(super) scratch: RefCell<Box<[u8]>>,
     /// Offsets + ring.
-    pub publisher: Arc<Publisher>,
-    /// Per-connection backlog bounds.
-    pub limits: BacklogLimits,
+    pub(super) publisher: Arc<Publisher>,
+    /// Per-connection bounds and timers (heartbeat jittered per shard).
+    pub(super) conn_config: ConnConfig,
     /// This shard's counters.
-    pub metrics: &'static ShardMetrics,
+    pub(super) metrics: &'static ShardMetrics,
     /// All counters (for latency recording).
-    pub all_metrics: &'static Metrics,
+    pub(super) all_metrics: &'static Metrics,
     /// Connection limit of this shard.
-    pub max_conns: usize,
+    pub(super) max_conns: usize,
     /// Set once this shard stopped accepting for a drain.
-    pub draining: Cell<bool>,
+    pub(super) draining: Cell<bool>,
     /// Idle sockets waiting for input or writability.
-    pub ready_set: ReadySet,
+    pub(super) ready_set: ReadySet,
     /// Closes decided but not yet carried out (see [`Shard::settle`]).
-    pub closes: RefCell<Vec<CloseOrder>>,
+    pub(super) closes: RefCell<Vec<CloseOrder>>,
     /// Lingering closes whose peer finished.
-    pub finalize: RefCell<Vec<u32>>,
+    pub(super) finalize: RefCell<Vec<u32>>,
     /// The io_uring that submits a fan-out round's writes at once (`None`: plain sends).
-    pub send_ring: RefCell<Option<SendRing>>,
+    pub(super) send_ring: RefCell<Option<SendRing>>,
     generation: Cell<u32>,
     started: Instant,
 }
@@ -69,16 +73,32 @@ impl Shard {
         publisher: Arc<Publisher>,
     ) -> std::io::Result<Self> {
         let all_metrics = metrics::get();
-        Ok(Shard {
-            id,
-            limits: BacklogLimits {
+        let base = settings.ping_interval.as_secs();
+        // +-10% per shard, so a fleet's shards do not ping in lockstep.
+        let ping_after = (base + Jitter::new(id as u64 + 1).below(base / 5 + 1))
+            .saturating_sub(base / 10)
+            .max(1) as u32;
+        let conn_config = ConnConfig {
+            max_message_size: settings.max_message_size,
+            max_inbound_per_sec: settings.max_inbound_per_sec,
+            backlog: BacklogLimits {
                 max_bytes: settings.max_backlog_bytes,
                 max_frames: settings.max_backlog_frames,
                 drop_limit: settings.slow_consumer_drop_limit,
             },
+            ping_after,
+            dead_after: ping_after + settings.pong_timeout.as_secs() as u32,
+            linger: crate::shard::conn::LINGER_SECS,
+        };
+        // Room for every connection the process may hold: SO_REUSEPORT does not promise
+        // an even spread, so one shard may end up with most of them.
+        let capacity = settings.max_connections;
+        Ok(Shard {
+            id,
+            conn_config,
             max_conns: settings.max_connections.div_ceil(settings.shards),
             settings,
-            conns: RefCell::new(Slab::new()),
+            conns: RefCell::new(ConnTable::with_capacity(capacity)),
             index: RefCell::new(SubscriptionIndex::new()),
             dirty: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),

@@ -1,72 +1,96 @@
-//! A shard's connection table: everything one upgraded WebSocket connection owns.
+//! A shard's connection table: the socket of each upgraded connection next to its sans-io
+//! state machine ([`Connection`]).
 //!
-//! There is no task, future or buffer per connection. An idle connection is this entry
-//! (about 200 bytes: the socket, an empty send backlog, the frame decoder, liveness
-//! stamps) plus its slot in the subscription index; its socket waits in the shard's epoll
-//! set ([`crate::shard::readiness`]). Input is read into the shard's scratch buffer; a
-//! partial frame is kept only while it is split across reads.
+//! There is no task, future or buffer per connection. An idle connection is its entry here
+//! (the descriptor, a generation, and the machine with an empty backlog and no input
+//! buffer) plus its slot in the subscription index; its socket waits in the shard's epoll
+//! set ([`crate::shard::readiness`]).
+//!
+//! The table reserves its capacity up front: growing a slab by doubling at a million
+//! entries copies ~200 MB while an accept waits. Untouched capacity costs address space,
+//! not resident memory.
 
-use crate::fanout::backlog::SendBacklog;
-use crate::proto::frame::FrameDecoder;
+use crate::proto::conn::Connection;
+use slab::Slab;
 use std::os::fd::OwnedFd;
-
-/// Where a connection is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnState {
-    /// Serving.
-    Open,
-    /// A close was decided (queued in the shard's close list); nothing more is sent.
-    Doomed,
-    /// Close frame sent and write side shut since this shard second; waiting for the
-    /// peer's EOF so unread input does not turn our close into a reset.
-    Closing(u32),
-}
 
 /// One WebSocket connection.
 #[derive(Debug)]
 pub struct Conn {
     /// The socket (closed when the entry is dropped).
     pub fd: OwnedFd,
-    /// Generation of this table slot, so epoll events for a previous occupant are ignored.
+    /// Generation of this table slot, so events for a previous occupant are ignored.
     pub generation: u32,
-    /// Frames waiting to be written.
-    pub backlog: SendBacklog,
-    /// Inbound frame state.
-    pub decoder: FrameDecoder,
-    /// Bytes of a frame split across reads; empty (unallocated) otherwise.
-    pub pending_input: Vec<u8>,
-    /// Shard clock second of the last byte received.
-    pub last_rx: u32,
-    /// (second, frames received in it) for the inbound rate limit.
-    pub inbound_window: (u32, u32),
-    /// A ping went out since `last_rx`.
-    pub pinged: bool,
     /// In the shard's list of connections to flush after this fan-out round.
     pub dirty: bool,
-    /// Lifecycle state.
-    pub state: ConnState,
+    /// Protocol state: input, limits, backlog, heartbeat, close.
+    pub machine: Connection,
 }
 
-impl Conn {
-    /// A fresh connection entry for `fd`, alive as of `now`.
-    pub fn new(fd: OwnedFd, generation: u32, max_message_size: usize, now: u32) -> Self {
-        Conn {
-            fd,
-            generation,
-            backlog: SendBacklog::default(),
-            decoder: FrameDecoder::new(max_message_size),
-            pending_input: Vec::new(),
-            last_rx: now,
-            inbound_window: (now, 0),
-            pinged: false,
-            dirty: false,
-            state: ConnState::Open,
+/// The connections of one shard, keyed by slot.
+#[derive(Debug)]
+pub struct ConnTable {
+    slots: Slab<Conn>,
+    /// One past the highest key ever used: the range a cursor walk covers.
+    high: u32,
+}
+
+impl ConnTable {
+    /// A table with room for `capacity` connections before it grows.
+    pub fn with_capacity(capacity: usize) -> Self {
+        ConnTable {
+            slots: Slab::with_capacity(capacity),
+            high: 0,
         }
     }
 
-    /// True while frames may still be queued to this connection.
-    pub fn is_open(&self) -> bool {
-        self.state == ConnState::Open
+    /// Stores a connection; returns its key.
+    pub fn insert(&mut self, conn: Conn) -> u32 {
+        let key = self.slots.insert(conn) as u32;
+        self.high = self.high.max(key + 1);
+        key
+    }
+
+    /// The key the next [`ConnTable::insert`] will use.
+    pub fn next_key(&self) -> u32 {
+        self.slots.vacant_key() as u32
+    }
+
+    /// The connection in slot `key`, whatever its generation.
+    pub fn get(&self, key: u32) -> Option<&Conn> {
+        self.slots.get(key as usize)
+    }
+
+    /// The connection in slot `key`, whatever its generation, to change.
+    pub fn get_mut(&mut self, key: u32) -> Option<&mut Conn> {
+        self.slots.get_mut(key as usize)
+    }
+
+    /// The connection in slot `key` if it is still generation `generation`.
+    pub fn get_current(&mut self, key: u32, generation: u32) -> Option<&mut Conn> {
+        self.slots
+            .get_mut(key as usize)
+            .filter(|c| c.generation == generation)
+    }
+
+    /// Removes and returns the connection in slot `key`.
+    pub fn remove(&mut self, key: u32) -> Option<Conn> {
+        self.slots.try_remove(key as usize)
+    }
+
+    /// Open entries (any phase).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when no connection is left.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// One past the highest key in use so far: cursor walks cover `0..high()`.
+    pub fn high(&self) -> u32 {
+        self.high
     }
 }
 
@@ -78,4 +102,14 @@ pub fn token(key: u32, generation: u32) -> u64 {
 /// Splits an epoll token into (key, generation).
 pub fn untoken(token: u64) -> (u32, u32) {
     (token as u32, (token >> 32) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        assert_eq!(untoken(token(7, u32::MAX)), (7, u32::MAX));
+    }
 }

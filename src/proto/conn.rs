@@ -1,0 +1,369 @@
+//! One WebSocket connection as a sans-io state machine: bytes and time in, frames and
+//! decisions out.
+//!
+//! [`Connection`] never touches a socket or a clock. The shard's driver feeds it what the
+//! socket delivered ([`Connection::on_input`]), the end of input ([`Connection::on_eof`]),
+//! the passing of time ([`Connection::on_tick`], in shard seconds) and how much of its
+//! output the socket took ([`Connection::on_written`]). It answers with frames queued in
+//! its [`SendBacklog`] (read them with [`Connection::backlog`]) and with decisions the
+//! driver carries out: a [`CloseDecision`] (remove from the index, then
+//! [`Connection::start_close`]), [`Tick::Ping`] (flush), [`Written::ShutWrite`] (shut the
+//! socket's write side), [`Eof::Finished`] (free the slot).
+//!
+//! Lifecycle: `Open` → (a close is decided) `Doomed` → (the driver starts it) `Closing`,
+//! in which the close frame is written after what was already partly sent, the write
+//! side is shut, and input is discarded until the peer's EOF or the linger bound.
+//!
+//! Inbound limits: every frame counts toward `max_inbound_per_sec` (empty continuation
+//! frames included), and a frame split across reads is appended in place to one buffer,
+//! so a 64 KiB frame arriving one byte per segment costs O(n), not O(n²).
+
+use crate::fanout::backlog::{BacklogLimits, Offer, SendBacklog};
+use crate::proto::close::{CloseCause, CloseCode, CloseReason};
+use crate::proto::frame::{encode_close, encode_frame, opcode, FrameDecoder, Inbound};
+use bytes::Bytes;
+
+/// The bounds and timers every connection of a shard shares.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnConfig {
+    /// Largest client frame or reassembled message. Default: 65536.
+    pub max_message_size: usize,
+    /// Client frames per second before close 1008. Default: 200.
+    pub max_inbound_per_sec: u32,
+    /// Send backlog bounds and slow-consumer policy.
+    pub backlog: BacklogLimits,
+    /// Seconds of silence before a ping.
+    pub ping_after: u32,
+    /// Seconds of silence before the peer counts as dead.
+    pub dead_after: u32,
+    /// Seconds a closing connection may take to answer our close with EOF.
+    pub linger: u32,
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving.
+    Open,
+    /// A close was decided; nothing more is queued until the driver starts it.
+    Doomed,
+    /// Close frame queued at this shard second; input is discarded until EOF.
+    Closing {
+        /// When the close started.
+        since: u32,
+    },
+}
+
+/// A close the machine decided, for the driver to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseDecision {
+    /// The close frame to send; `None` closes the socket without one (peer gone, dead).
+    pub reason: Option<CloseReason>,
+    /// Why (metric label).
+    pub cause: CloseCause,
+}
+
+/// What the passing of time asks of the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tick {
+    /// Nothing to do.
+    Idle,
+    /// A ping was queued: flush the connection.
+    Ping,
+    /// The peer is silent past the dead bound: close it.
+    Close(CloseDecision),
+    /// A closing peer never answered within the linger bound: free the slot.
+    LingerOver,
+}
+
+/// What the end of input means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Eof {
+    /// Our close went out and the peer finished: free the slot.
+    Finished,
+    /// The peer left first: close without a frame.
+    Close(CloseDecision),
+    /// A close is already decided; nothing new.
+    Ignored,
+}
+
+/// What a write left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Bytes remain queued.
+    More,
+    /// Everything queued went out.
+    Drained,
+    /// Everything went out, including our close frame: shut the write side.
+    ShutWrite,
+}
+
+/// A pre-encoded empty ping frame.
+const PING: [u8; 2] = [0x80 | opcode::PING, 0];
+
+/// The state of one WebSocket connection (no socket, no clock).
+#[derive(Debug)]
+pub struct Connection {
+    backlog: SendBacklog,
+    decoder: FrameDecoder,
+    /// Bytes of a frame split across reads; empty (unallocated) otherwise.
+    input: Vec<u8>,
+    /// Shard second of the last byte received.
+    last_rx: u32,
+    /// (second, frames received in it) for the inbound rate limit.
+    window: (u32, u32),
+    phase: Phase,
+    /// A ping went out since `last_rx`.
+    pinged: bool,
+}
+
+impl Connection {
+    /// A fresh open connection, alive as of `now`.
+    pub fn new(config: &ConnConfig, now: u32) -> Self {
+        Connection {
+            backlog: SendBacklog::default(),
+            decoder: FrameDecoder::new(config.max_message_size),
+            input: Vec::new(),
+            last_rx: now,
+            window: (now, 0),
+            phase: Phase::Open,
+            pinged: false,
+        }
+    }
+
+    /// Where the connection is in its life.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// True while frames may be queued to it.
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+
+    /// The frames waiting to be written, oldest first.
+    pub fn backlog(&self) -> &SendBacklog {
+        &self.backlog
+    }
+
+    /// Handles bytes the client sent (unmasked in place). Text messages go to `command`,
+    /// whose answer is queued as a reply frame. Returns a close when the input broke a
+    /// rule; replies queued before the violation stay queued.
+    pub fn on_input(
+        &mut self,
+        now: u32,
+        bytes: &mut [u8],
+        config: &ConnConfig,
+        command: &mut dyn FnMut(&str) -> Bytes,
+    ) -> Option<CloseDecision> {
+        if self.phase != Phase::Open {
+            // Lingering or doomed: input is read only to reach EOF.
+            return None;
+        }
+        self.last_rx = now;
+        self.pinged = false;
+        if self.input.is_empty() {
+            let used = self.consume(now, bytes, config, command);
+            if let Ok(used) = used {
+                if used < bytes.len() && self.is_open() {
+                    self.input.extend_from_slice(&bytes[used..]);
+                }
+            }
+            return used.err();
+        }
+        // Append in place: the split frame's earlier bytes are never copied again.
+        self.input.extend_from_slice(bytes);
+        let mut input = std::mem::take(&mut self.input);
+        let result = self.consume(now, &mut input, config, command);
+        match result {
+            Ok(used) if used < input.len() && self.is_open() => {
+                input.drain(..used);
+                self.input = input;
+            }
+            // Fully consumed (or closing): give the allocation back.
+            _ => {}
+        }
+        result.err()
+    }
+
+    /// Decodes and handles every complete frame at the front of `input`; returns the bytes
+    /// used, or the close a violation calls for.
+    fn consume(
+        &mut self,
+        now: u32,
+        input: &mut [u8],
+        config: &ConnConfig,
+        command: &mut dyn FnMut(&str) -> Bytes,
+    ) -> Result<usize, CloseDecision> {
+        let mut at = 0;
+        while at < input.len() && self.is_open() {
+            let (used, event) = match self.decoder.decode(&mut input[at..]) {
+                Ok(Some(step)) => step,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(self.decide(Some(CloseReason::from(e)), CloseCause::ProtocolError))
+                }
+            };
+            at += used;
+            // Every frame counts, events or not: empty non-final fragments are not free.
+            if self.window.0 != now {
+                self.window = (now, 0);
+            }
+            self.window.1 += 1;
+            if self.window.1 > config.max_inbound_per_sec {
+                let reason = CloseReason::new(CloseCode::Policy, "too many frames per second");
+                return Err(self.decide(Some(reason), CloseCause::Policy));
+            }
+            let reply = match event {
+                None | Some(Inbound::Pong) => continue,
+                Some(Inbound::Ping(payload)) => encode_frame(opcode::PONG, payload),
+                Some(Inbound::Close(_)) => {
+                    // The decoder refused codes a client may not send; answer with 1000.
+                    let reason = CloseReason::new(CloseCode::Normal, "");
+                    return Err(self.decide(Some(reason), CloseCause::ClientClose));
+                }
+                Some(Inbound::Text(text)) => command(text),
+            };
+            self.queue_control(reply, config)?;
+        }
+        Ok(at)
+    }
+
+    /// Queues a control frame or reply; a peer whose unread replies pile up past twice
+    /// the backlog bound is flooding us and is closed with 1008.
+    ///
+    /// # Errors
+    /// The close decided for the flood.
+    pub fn queue_control(
+        &mut self,
+        frame: Bytes,
+        config: &ConnConfig,
+    ) -> Result<(), CloseDecision> {
+        if self.backlog.push_control(frame, &config.backlog) {
+            return Ok(());
+        }
+        let reason = CloseReason::new(
+            CloseCode::Policy,
+            "requests faster than their replies are read",
+        );
+        Err(self.decide(Some(reason), CloseCause::Policy))
+    }
+
+    /// Offers a published message's frame under the slow-consumer policy.
+    ///
+    /// Returns the offer's outcome and, past the drop limit, the close it calls for.
+    pub fn offer(&mut self, frame: &Bytes, config: &ConnConfig) -> (Offer, Option<CloseDecision>) {
+        if !self.is_open() {
+            return (Offer::Skipped, None);
+        }
+        let offer = self.backlog.offer(frame, &config.backlog);
+        let close = (offer == Offer::Disconnect).then(|| {
+            let reason = CloseReason::new(
+                CloseCode::TryAgainLater,
+                "slow consumer: send backlog stayed full",
+            );
+            self.decide(Some(reason), CloseCause::SlowConsumer)
+        });
+        (offer, close)
+    }
+
+    /// Decides a close from outside the protocol (drain, I/O error, admin); `None` when a
+    /// close was already decided.
+    pub fn close(
+        &mut self,
+        reason: Option<CloseReason>,
+        cause: CloseCause,
+    ) -> Option<CloseDecision> {
+        self.is_open().then(|| self.decide(reason, cause))
+    }
+
+    fn decide(&mut self, reason: Option<CloseReason>, cause: CloseCause) -> CloseDecision {
+        self.phase = Phase::Doomed;
+        CloseDecision { reason, cause }
+    }
+
+    /// Starts a decided close at `now`: drops queued frames nobody started reading (the
+    /// rest of a partly written frame stays, to keep the stream parseable) and queues the
+    /// close frame. Returns false when there is no frame to send and the slot can be
+    /// freed at once.
+    pub fn start_close(&mut self, now: u32, reason: Option<&CloseReason>) -> bool {
+        self.decoder = FrameDecoder::new(0);
+        self.input = Vec::new();
+        self.phase = Phase::Closing { since: now };
+        let Some(reason) = reason else {
+            return false;
+        };
+        self.backlog.discard_unstarted();
+        self.backlog
+            .push_close(encode_close(reason.code.code(), &reason.reason));
+        true
+    }
+
+    /// Records that the socket took the first `n` queued bytes.
+    pub fn on_written(&mut self, n: usize) -> Written {
+        self.backlog.advance(n);
+        match (self.backlog.is_empty(), self.phase) {
+            (false, _) => Written::More,
+            (true, Phase::Closing { .. }) => Written::ShutWrite,
+            (true, _) => Written::Drained,
+        }
+    }
+
+    /// The peer closed its side (EOF or reset).
+    pub fn on_eof(&mut self) -> Eof {
+        match self.phase {
+            Phase::Closing { .. } => Eof::Finished,
+            Phase::Open => Eof::Close(self.decide(None, CloseCause::PeerGone)),
+            Phase::Doomed => Eof::Ignored,
+        }
+    }
+
+    /// Liveness at `now`: a ping after `ping_after` silent seconds, a close after
+    /// `dead_after`, the end of a close's linger.
+    pub fn on_tick(&mut self, now: u32, config: &ConnConfig) -> Tick {
+        match self.phase {
+            Phase::Closing { since } if now.saturating_sub(since) >= config.linger => {
+                Tick::LingerOver
+            }
+            Phase::Open => {
+                let silent = now.saturating_sub(self.last_rx);
+                if silent >= config.dead_after {
+                    Tick::Close(self.decide(None, CloseCause::Dead))
+                } else if silent >= config.ping_after && !self.pinged {
+                    self.pinged = true;
+                    match self.queue_control(Bytes::from_static(&PING), config) {
+                        Ok(()) => Tick::Ping,
+                        Err(close) => Tick::Close(close),
+                    }
+                } else {
+                    Tick::Idle
+                }
+            }
+            _ => Tick::Idle,
+        }
+    }
+
+    /// The shard second at which [`Connection::on_tick`] next has something to do.
+    pub fn wake_at(&self, config: &ConnConfig) -> Option<u32> {
+        match self.phase {
+            Phase::Open if self.pinged => Some(self.last_rx.saturating_add(config.dead_after)),
+            Phase::Open => Some(self.last_rx.saturating_add(config.ping_after)),
+            Phase::Closing { since } => Some(since.saturating_add(config.linger)),
+            Phase::Doomed => None,
+        }
+    }
+
+    /// Bytes held for a split frame (for tests and accounting).
+    pub fn buffered_input(&self) -> usize {
+        self.input.len()
+    }
+
+    /// Bytes of `input`'s allocation (for tests: an idle connection holds none).
+    pub fn input_capacity(&self) -> usize {
+        self.input.capacity()
+    }
+}
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

@@ -1,0 +1,338 @@
+use super::*;
+use crate::fanout::backlog::BacklogLimits;
+use crate::proto::frame::FrameHeader;
+use proptest::prelude::*;
+use std::io::IoSlice;
+
+const CONFIG: ConnConfig = ConnConfig {
+    max_message_size: 65536,
+    max_inbound_per_sec: 50,
+    backlog: BacklogLimits {
+        max_bytes: 1000,
+        max_frames: 100,
+        drop_limit: 3,
+    },
+    ping_after: 25,
+    dead_after: 45,
+    linger: 5,
+};
+
+/// A masked client frame.
+fn client_frame(op: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut out = vec![(u8::from(fin) << 7) | op];
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n @ 126..=65535 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Echoes short texts; long ones are answered with their length.
+fn echo(text: &str) -> Bytes {
+    let reply = if text.len() > 16 {
+        format!("re:{} bytes", text.len())
+    } else {
+        format!("re:{text}")
+    };
+    encode_frame(opcode::TEXT, reply.as_bytes())
+}
+
+/// Everything queued, as (opcode, payload) frames.
+fn queued(conn: &Connection) -> Vec<(u8, Vec<u8>)> {
+    let mut slices = [IoSlice::new(&[]); 256];
+    let n = conn.backlog().io_slices(&mut slices);
+    let mut wire: Vec<u8> = slices[..n].iter().flat_map(|s| s.iter().copied()).collect();
+    let mut out = Vec::new();
+    while let Some(h) = FrameHeader::parse(&wire) {
+        let end = h.header_len + h.len as usize;
+        out.push((h.opcode, wire[h.header_len..end].to_vec()));
+        wire.drain(..end);
+    }
+    out
+}
+
+fn feed(conn: &mut Connection, now: u32, bytes: &[u8]) -> Option<CloseDecision> {
+    let mut buf = bytes.to_vec();
+    conn.on_input(now, &mut buf, &CONFIG, &mut echo)
+}
+
+#[test]
+fn commands_and_pings_are_answered_in_order() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    let mut input = client_frame(opcode::TEXT, true, b"a");
+    input.extend(client_frame(opcode::PING, true, b"p"));
+    input.extend(client_frame(opcode::PONG, true, b""));
+    input.extend(client_frame(opcode::TEXT, true, b"b"));
+    assert_eq!(feed(&mut conn, 1, &input), None);
+    assert_eq!(
+        queued(&conn),
+        vec![
+            (opcode::TEXT, b"re:a".to_vec()),
+            (opcode::PONG, b"p".to_vec()),
+            (opcode::TEXT, b"re:b".to_vec()),
+        ]
+    );
+}
+
+/// Regression: a frame split over many reads was re-copied whole on every read (O(n²)).
+#[test]
+fn a_frame_split_byte_by_byte_is_appended_in_place() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    let payload = vec![b'x'; 60_000];
+    let frame = client_frame(opcode::TEXT, true, &payload);
+    let mut last_capacity = 0;
+    let mut reallocations = 0;
+    for (i, b) in frame.iter().enumerate() {
+        assert_eq!(feed(&mut conn, 1, &[*b]), None);
+        if i + 1 < frame.len() {
+            assert_eq!(conn.buffered_input(), i + 1);
+            if conn.input_capacity() != last_capacity {
+                reallocations += 1;
+                last_capacity = conn.input_capacity();
+            }
+        }
+    }
+    // Amortized growth: a handful of reallocations, not one per byte.
+    assert!(reallocations < 40, "{reallocations} reallocations");
+    assert_eq!(queued(&conn).len(), 1);
+    assert_eq!(conn.input_capacity(), 0, "idle again: no input memory held");
+}
+
+/// Regression: empty non-final continuation frames did not count toward the rate limit.
+#[test]
+fn every_frame_counts_toward_the_rate_limit() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    let mut input = client_frame(opcode::TEXT, false, b"");
+    for _ in 0..CONFIG.max_inbound_per_sec {
+        input.extend(client_frame(opcode::CONTINUATION, false, b""));
+    }
+    let close = feed(&mut conn, 3, &input).expect("flood closes");
+    assert_eq!(close.cause, CloseCause::Policy);
+    assert_eq!(close.reason.map(|r| r.code), Some(CloseCode::Policy));
+    assert_eq!(conn.phase(), Phase::Doomed);
+}
+
+#[test]
+fn the_rate_window_restarts_every_second() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    for second in 0..5 {
+        for _ in 0..CONFIG.max_inbound_per_sec {
+            assert_eq!(
+                feed(&mut conn, second, &client_frame(opcode::PONG, true, b"")),
+                None
+            );
+        }
+    }
+    assert!(conn.is_open());
+}
+
+#[test]
+fn a_protocol_error_decides_a_close_and_keeps_earlier_replies() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    let mut input = client_frame(opcode::TEXT, true, b"a");
+    input.extend(client_frame(opcode::BINARY, true, b"\x00"));
+    let close = feed(&mut conn, 1, &input).expect("binary closes");
+    assert_eq!(close.cause, CloseCause::ProtocolError);
+    assert_eq!(close.reason.map(|r| r.code.code()), Some(1003));
+    assert_eq!(queued(&conn), vec![(opcode::TEXT, b"re:a".to_vec())]);
+    // Further input is ignored once a close is decided.
+    assert_eq!(
+        feed(&mut conn, 1, &client_frame(opcode::TEXT, true, b"b")),
+        None
+    );
+    assert_eq!(queued(&conn).len(), 1);
+}
+
+#[test]
+fn a_client_close_is_answered_then_the_write_side_shut() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    let close = feed(
+        &mut conn,
+        1,
+        &client_frame(opcode::CLOSE, true, &1000u16.to_be_bytes()),
+    )
+    .expect("close");
+    assert_eq!(close.cause, CloseCause::ClientClose);
+    assert!(conn.start_close(2, close.reason.as_ref()));
+    assert_eq!(conn.phase(), Phase::Closing { since: 2 });
+    let frames = queued(&conn);
+    assert_eq!(
+        frames,
+        vec![(opcode::CLOSE, 1000u16.to_be_bytes().to_vec())]
+    );
+    assert_eq!(conn.on_written(1), Written::More);
+    assert_eq!(conn.on_written(3), Written::ShutWrite);
+    assert_eq!(conn.on_eof(), Eof::Finished);
+}
+
+#[test]
+fn a_close_finishes_a_partly_written_frame_and_drops_the_rest() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    let frame = Bytes::from(vec![7u8; 10]);
+    for _ in 0..3 {
+        assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Queued, None));
+    }
+    assert_eq!(conn.on_written(4), Written::More);
+    let close = conn.close(
+        Some(CloseReason::new(CloseCode::GoingAway, "bye")),
+        CloseCause::Drain,
+    );
+    assert!(close.is_some());
+    assert!(
+        conn.close(None, CloseCause::IoError).is_none(),
+        "decided once"
+    );
+    assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Skipped, None));
+    assert!(conn.start_close(1, close.and_then(|c| c.reason).as_ref()));
+    assert_eq!(conn.backlog().bytes(), 6 + 2 + 2 + 3);
+}
+
+#[test]
+fn a_peer_that_left_is_closed_without_a_frame() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    match conn.on_eof() {
+        Eof::Close(close) => {
+            assert_eq!(close.cause, CloseCause::PeerGone);
+            assert!(!conn.start_close(0, close.reason.as_ref()));
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+}
+
+#[test]
+fn silence_gets_one_ping_then_a_close() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    assert_eq!(conn.wake_at(&CONFIG), Some(25));
+    assert_eq!(conn.on_tick(24, &CONFIG), Tick::Idle);
+    assert_eq!(conn.on_tick(25, &CONFIG), Tick::Ping);
+    assert_eq!(queued(&conn), vec![(opcode::PING, vec![])]);
+    assert_eq!(
+        conn.on_tick(30, &CONFIG),
+        Tick::Idle,
+        "one ping per silence"
+    );
+    assert_eq!(conn.wake_at(&CONFIG), Some(45));
+    match conn.on_tick(45, &CONFIG) {
+        Tick::Close(close) => assert_eq!(close.cause, CloseCause::Dead),
+        other => panic!("expected dead, got {other:?}"),
+    }
+}
+
+#[test]
+fn any_input_keeps_the_connection_alive() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    assert_eq!(conn.on_tick(25, &CONFIG), Tick::Ping);
+    assert_eq!(
+        feed(&mut conn, 40, &client_frame(opcode::PONG, true, b"")),
+        None
+    );
+    assert_eq!(conn.on_tick(60, &CONFIG), Tick::Idle);
+    assert_eq!(conn.on_tick(65, &CONFIG), Tick::Ping);
+}
+
+#[test]
+fn a_closing_connection_lingers_at_most_the_bound() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    let close = conn.close(
+        Some(CloseReason::new(CloseCode::Policy, "x")),
+        CloseCause::Policy,
+    );
+    assert!(conn.start_close(10, close.and_then(|c| c.reason).as_ref()));
+    assert_eq!(conn.wake_at(&CONFIG), Some(15));
+    assert_eq!(conn.on_tick(14, &CONFIG), Tick::Idle);
+    assert_eq!(conn.on_tick(15, &CONFIG), Tick::LingerOver);
+    // Lingering input is discarded.
+    assert_eq!(
+        feed(&mut conn, 12, &client_frame(opcode::TEXT, true, b"a")),
+        None
+    );
+}
+
+#[test]
+fn a_slow_consumer_is_skipped_then_closed_with_1013() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    let frame = Bytes::from(vec![0u8; 600]);
+    assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Queued, None));
+    assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Queued, None));
+    assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Skipped, None));
+    assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Skipped, None));
+    let (offer, close) = conn.offer(&frame, &CONFIG);
+    assert_eq!(offer, Offer::Disconnect);
+    let close = close.expect("closed");
+    assert_eq!(close.cause, CloseCause::SlowConsumer);
+    assert_eq!(close.reason.map(|r| r.code.code()), Some(1013));
+}
+
+#[test]
+fn unread_replies_past_the_bound_are_a_flood() {
+    let mut conn = Connection::new(&CONFIG, 0);
+    let text = "y".repeat(16);
+    let mut input = Vec::new();
+    for _ in 0..30 {
+        input.extend(client_frame(opcode::TEXT, true, text.as_bytes()));
+    }
+    // 21-byte replies, never read: past 2 x 1000 bytes within the fourth second.
+    let closes: Vec<_> = (1..=4).filter_map(|s| feed(&mut conn, s, &input)).collect();
+    assert_eq!(closes.len(), 1);
+    assert_eq!(closes[0].cause, CloseCause::Policy);
+}
+
+proptest! {
+    /// Arbitrary bytes in arbitrary chunks never panic, and once a close is decided
+    /// nothing more is answered.
+    #[test]
+    fn arbitrary_input_never_panics(
+        chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20),
+    ) {
+        let mut conn = Connection::new(&CONFIG, 0);
+        let mut closed = false;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let before = conn.backlog().frame_count();
+            let close = feed(&mut conn, i as u32 / 4, &chunk);
+            if closed {
+                prop_assert_eq!(conn.backlog().frame_count(), before);
+            }
+            closed |= close.is_some();
+        }
+    }
+
+    /// How the bytes are split across reads never changes what is answered.
+    #[test]
+    fn chunking_does_not_change_the_answers(
+        texts in proptest::collection::vec("[a-z]{0,200}", 1..8),
+        cuts in proptest::collection::vec(1usize..97, 1..40),
+    ) {
+        let mut wire = Vec::new();
+        for t in &texts {
+            // Each text as two fragments, the second possibly empty.
+            let (a, b) = t.split_at(t.len() / 2);
+            wire.extend(client_frame(opcode::TEXT, false, a.as_bytes()));
+            wire.extend(client_frame(opcode::CONTINUATION, true, b.as_bytes()));
+        }
+        let mut whole = Connection::new(&CONFIG, 0);
+        prop_assert_eq!(feed(&mut whole, 0, &wire), None);
+        let mut split = Connection::new(&CONFIG, 0);
+        let mut at = 0;
+        for cut in cuts.iter().cycle() {
+            if at >= wire.len() {
+                break;
+            }
+            let end = (at + cut).min(wire.len());
+            prop_assert_eq!(feed(&mut split, 0, &wire[at..end]), None);
+            at = end;
+        }
+        prop_assert_eq!(queued(&whole), queued(&split));
+        prop_assert_eq!(queued(&whole).len(), texts.len());
+        prop_assert_eq!(split.buffered_input(), 0);
+    }
+}
