@@ -50,10 +50,8 @@ pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftove
     };
     {
         let mut index = shard.index.borrow_mut();
-        for ch in channels
-            .iter()
-            .take(shard.settings.max_subscriptions_per_connection)
-        {
+        // parse_upgrade refused lists over max_subscriptions_per_connection.
+        for ch in channels {
             index.subscribe(key, ch);
         }
     }

@@ -38,7 +38,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Vec<String>
     let upgrade = loop {
         let n = stream.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
         head.extend_from_slice(&chunk[..n]);
-        match parse_upgrade(&head) {
+        match parse_upgrade(&head, shard.settings.max_subscriptions_per_connection) {
             Ok(Some(upgrade)) => break upgrade,
             Ok(None) => continue,
             Err(reject) => {
