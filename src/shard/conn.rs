@@ -38,6 +38,7 @@ pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftove
         let key = entry.key() as u32;
         if let Err(e) = shard.ready_set.add(&fd, token(key, generation)) {
             tracing::warn!(shard = shard.id, error = %e, "epoll registration failed (fs.epoll.max_user_watches?); dropping connection");
+            shard.slots.release(); // admission: the slot reserved for this upgrade
             return;
         }
         entry.insert(Conn::new(
@@ -326,6 +327,7 @@ impl Shard {
         let Some(conn) = self.conns.borrow_mut().try_remove(key as usize) else {
             return;
         };
+        self.slots.release(); // admission: one slot per table entry, released on removal
         self.ready_set.remove(&conn.fd);
         self.note_backlog_change(conn.backlog.bytes(), 0);
         if conn.state == ConnState::Open {

@@ -4,6 +4,7 @@
 //! [`run`] binds every socket first (so a bad address fails before anything starts), then
 //! starts the executors, then waits for a drain to finish.
 
+pub mod admission;
 pub mod batch;
 pub mod conn;
 pub mod follower;
@@ -20,6 +21,8 @@ use crate::fanout::publisher::Publisher;
 use crate::fanout::ring::Ring;
 use crate::fanout::wake::{install_senders, IdleFlags};
 use crate::metrics;
+use crate::metrics::RefuseCause;
+use crate::shard::admission::{refuse_now, ConnectionSlots, HandshakeGate};
 use crate::shard::follower::LocalEvent;
 use crate::shard::listener::{tcp_listeners, udp_sockets, BindError};
 use crate::shard::state::Shard;
@@ -27,7 +30,7 @@ use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::net::{TcpListener, UdpSocket};
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::Socket;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -69,6 +72,7 @@ struct ShardSetup {
     id: usize,
     settings: Arc<Settings>,
     publisher: Arc<Publisher>,
+    slots: Arc<ConnectionSlots>,
     sockets: ShardSockets,
     wake_senders: Vec<SharedSender<()>>,
     wake_receivers: Vec<SharedReceiver<()>>,
@@ -92,6 +96,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     }
     let ring = Arc::new(Ring::new(settings.ring_capacity));
     let publisher = Arc::new(Publisher::new(ring, Arc::new(IdleFlags::new(n))));
+    // One limit for the process, whatever share of the connections each shard's
+    // SO_REUSEPORT listener happens to receive.
+    let slots = ConnectionSlots::new(settings.max_connections);
 
     let mut ws = tcp_listeners(
         "WebSocket listener",
@@ -155,6 +162,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             id,
             settings: settings.clone(),
             publisher: publisher.clone(),
+            slots: slots.clone(),
             sockets,
             wake_senders,
             wake_receivers,
@@ -244,12 +252,13 @@ async fn shard_main(setup: ShardSetup) {
         id,
         settings,
         publisher,
+        slots,
         sockets,
         wake_senders,
         wake_receivers,
         done,
     } = setup;
-    let shard = match Shard::new(id, settings.clone(), publisher.clone()) {
+    let shard = match Shard::new(id, settings.clone(), publisher.clone(), slots) {
         Ok(shard) => Rc::new(shard),
         Err(e) => {
             tracing::error!(shard = id, error = %e, "creating the shard's epoll set failed; exiting");
@@ -311,7 +320,8 @@ async fn shard_main(setup: ShardSetup) {
     let stop_accepting = Rc::new(LocalEvent::default());
     if let Some(ws) = sockets.ws {
         let ws = unsafe { TcpListener::from_raw_fd(ws.into_raw_fd()) };
-        glommio::spawn_local(accept_loop(shard.clone(), ws, stop_accepting.clone())).detach();
+        let gate = HandshakeGate::new(settings.max_handshakes_per_shard, metrics);
+        glommio::spawn_local(accept_loop(shard.clone(), ws, gate, stop_accepting.clone())).detach();
     }
     lifecycle::SHARDS_READY.fetch_add(1, Ordering::AcqRel);
 
@@ -321,14 +331,27 @@ async fn shard_main(setup: ShardSetup) {
     futures_lite::future::pending::<()>().await;
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Rc<LocalEvent>) {
+async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: TcpListener,
+    gate: Rc<HandshakeGate>,
+    stop: Rc<LocalEvent>,
+) {
     let accept = async {
         let mut last_warning: Option<Instant> = None;
         loop {
             match listener.accept().await {
-                Ok(stream) => {
-                    glommio::spawn_local(handshake::upgrade(shard.clone(), stream)).detach();
-                }
+                Ok(stream) => match gate.try_enter() {
+                    Some(ticket) => {
+                        glommio::spawn_local(handshake::upgrade(shard.clone(), stream, ticket))
+                            .detach();
+                    }
+                    None => refuse_now(
+                        stream.as_raw_fd(),
+                        RefuseCause::HandshakesInFlight,
+                        shard.metrics,
+                    ),
+                },
                 Err(e) => {
                     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                         last_warning = Some(Instant::now());

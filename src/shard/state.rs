@@ -8,6 +8,7 @@ use crate::fanout::backlog::BacklogLimits;
 use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
 use crate::metrics::{self, Metrics, ShardMetrics};
+use crate::shard::admission::ConnectionSlots;
 use crate::shard::batch::SendRing;
 use crate::shard::conn::CloseOrder;
 use crate::shard::readiness::ReadySet;
@@ -42,8 +43,8 @@ pub struct Shard {
     pub metrics: &'static ShardMetrics,
     /// All counters (for latency recording).
     pub all_metrics: &'static Metrics,
-    /// Connection limit of this shard.
-    pub max_conns: usize,
+    /// The process-wide connection limit ([`crate::shard::admission`]).
+    pub slots: Arc<ConnectionSlots>,
     /// Set once this shard stopped accepting for a drain.
     pub draining: Cell<bool>,
     /// Idle sockets waiting for input or writability.
@@ -67,6 +68,7 @@ impl Shard {
         id: usize,
         settings: Arc<Settings>,
         publisher: Arc<Publisher>,
+        slots: Arc<ConnectionSlots>,
     ) -> std::io::Result<Self> {
         let all_metrics = metrics::get();
         Ok(Shard {
@@ -76,7 +78,7 @@ impl Shard {
                 max_frames: settings.max_backlog_frames,
                 drop_limit: settings.slow_consumer_drop_limit,
             },
-            max_conns: settings.max_connections.div_ceil(settings.shards),
+            slots,
             settings,
             conns: RefCell::new(Slab::new()),
             index: RefCell::new(SubscriptionIndex::new()),
