@@ -2,7 +2,9 @@
 //! listeners, connection table and subscription index, all following the one fan-out ring.
 //!
 //! [`run`] binds every socket first (so a bad address fails before anything starts), then
-//! starts the executors, then waits for a drain to finish.
+//! starts the executors and waits until every shard reports that it serves (only then is
+//! "ringcast started" logged and `/readyz` answers 200; a shard that cannot start makes
+//! `run` fail), then waits for a drain to finish.
 
 pub mod admission;
 pub mod batch;
@@ -44,6 +46,14 @@ pub enum StartError {
     /// A listener could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// A shard's executor ran but its own setup failed.
+    #[error("setting up shard {shard}: {message}")]
+    Shard {
+        /// Shard number.
+        shard: usize,
+        /// What failed.
+        message: String,
+    },
     /// An executor (io_uring instance) could not be created.
     #[error("starting shard {shard} on CPU {cpu}: {message}")]
     Executor {
@@ -76,6 +86,8 @@ struct ShardSetup {
     sockets: ShardSockets,
     wake_senders: Vec<SharedSender<()>>,
     wake_receivers: Vec<SharedReceiver<()>>,
+    /// Told once: `Ok` when the shard serves, or why it could not start.
+    started: mpsc::Sender<Result<(), StartError>>,
     done: mpsc::Sender<usize>,
 }
 
@@ -166,6 +178,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             sockets,
             wake_senders,
             wake_receivers,
+            started: started_tx.clone(),
             done: done_tx.clone(),
         };
         let started = started_tx.clone();
@@ -183,7 +196,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
                     }));
                 }
                 Ok(executor) => {
-                    let _ = started.send(Ok(()));
+                    drop(started);
                     executor.run(shard_main(setup));
                 }
             })
@@ -193,15 +206,19 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
                 message: format!("spawning thread: {e}"),
             })?;
     }
-    for _ in 0..n {
+    // Only the shards hold senders now: if every one of them is gone before all reported,
+    // a shard died during setup.
+    drop(started_tx);
+    for ready in 0..n {
         match started_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                return Err(StartError::Executor {
-                    shard: 0,
-                    cpu: 0,
-                    message: "shard thread died at start".into(),
+                return Err(StartError::Shard {
+                    shard: ready,
+                    message: format!(
+                        "only {ready} of {n} shards reported serving before their threads ended"
+                    ),
                 })
             }
         }
@@ -214,6 +231,8 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         admin = %settings.admin,
         "ringcast started"
     );
+    // /readyz answers 200 from here, after the line above, never before.
+    lifecycle::SHARDS_READY.store(n, Ordering::Release);
     wait_for_drain(&settings, done_rx)
 }
 
@@ -256,13 +275,17 @@ async fn shard_main(setup: ShardSetup) {
         sockets,
         wake_senders,
         wake_receivers,
+        started,
         done,
     } = setup;
     let shard = match Shard::new(id, settings.clone(), publisher.clone(), slots) {
         Ok(shard) => Rc::new(shard),
         Err(e) => {
-            tracing::error!(shard = id, error = %e, "creating the shard's epoll set failed; exiting");
-            std::process::exit(1);
+            let _ = started.send(Err(StartError::Shard {
+                shard: id,
+                message: format!("creating the shard's epoll set: {e} (fs.epoll.max_user_instances? RLIMIT_NOFILE?)"),
+            }));
+            return;
         }
     };
     let wake = Rc::new(LocalEvent::default());
@@ -323,7 +346,8 @@ async fn shard_main(setup: ShardSetup) {
         let gate = HandshakeGate::new(settings.max_handshakes_per_shard, metrics);
         glommio::spawn_local(accept_loop(shard.clone(), ws, gate, stop_accepting.clone())).detach();
     }
-    lifecycle::SHARDS_READY.fetch_add(1, Ordering::AcqRel);
+    tracing::info!(shard = id, "shard serving");
+    let _ = started.send(Ok(()));
 
     lifecycle::run(shard, stop_accepting).await;
     let _ = done.send(id);
