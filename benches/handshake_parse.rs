@@ -14,11 +14,11 @@ Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n";
 
 fn handshake(c: &mut Criterion) {
     c.bench_function("parse_upgrade_chrome", |b| {
-        b.iter(|| parse_upgrade(black_box(CHROME)))
+        b.iter(|| parse_upgrade(black_box(CHROME), 64))
     });
     c.bench_function("parse_and_accept", |b| {
         b.iter(|| {
-            let up = parse_upgrade(black_box(CHROME)).ok().flatten();
+            let up = parse_upgrade(black_box(CHROME), 64).ok().flatten();
             up.map(|u| accept_response(&u.key))
         })
     });

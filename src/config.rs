@@ -79,7 +79,8 @@ pub struct ConfigLayer {
     /// Default: 0.
     #[arg(long, env = "RINGCAST_SHARDS", value_name = "N")]
     pub shards: Option<usize>,
-    /// Maximum open WebSocket connections (split evenly over shards). Default: 1000000.
+    /// Maximum open WebSocket connections, over the whole process (not per shard); beyond
+    /// it upgrades are answered 503 with Retry-After. Default: 1000000.
     #[arg(long, env = "RINGCAST_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
     /// Kernel accept queue length for each shard's listener (capped by
@@ -118,9 +119,17 @@ pub struct ConfigLayer {
     /// Default: 20.
     #[arg(long, env = "RINGCAST_PONG_TIMEOUT", value_name = "SECS")]
     pub pong_timeout: Option<u64>,
-    /// Seconds a client has to complete the upgrade request. Default: 10.
+    /// Seconds a client has, from accept, to send the whole upgrade request and receive
+    /// the answer; a deadline for the whole upgrade, not per read. Default: 10.
     #[arg(long, env = "RINGCAST_HANDSHAKE_TIMEOUT", value_name = "SECS")]
     pub handshake_timeout: Option<u64>,
+    /// Upgrades one shard serves at once (accepted, not yet answered); beyond it new
+    /// sockets are answered 503 with Retry-After at once. A healthy client finishes in
+    /// about one round trip, so 1024 in flight still admits thousands of upgrades per
+    /// second per shard at mobile round-trip times, while a slowloris can hold at most
+    /// 1024 tasks of ~3 KiB per shard for `handshake_timeout`. Default: 1024.
+    #[arg(long, env = "RINGCAST_MAX_HANDSHAKES_PER_SHARD", value_name = "N")]
+    pub max_handshakes_per_shard: Option<usize>,
     /// Seconds over which a drain (SIGTERM) closes connections in batches. Default: 30.
     #[arg(long, env = "RINGCAST_DRAIN_WINDOW", value_name = "SECS")]
     pub drain_window: Option<u64>,
@@ -178,7 +187,7 @@ pub struct Settings {
     pub ingest_allow: Vec<Cidr>,
     /// Shard count (resolved, >= 1).
     pub shards: usize,
-    /// Connection limit over all shards.
+    /// Connection limit over all shards (process-wide).
     pub max_connections: usize,
     /// Listener accept queue length.
     pub listen_backlog: u32,
@@ -198,8 +207,10 @@ pub struct Settings {
     pub ping_interval: Duration,
     /// Silence after a ping before the connection is dead.
     pub pong_timeout: Duration,
-    /// Time allowed for the upgrade request.
+    /// Deadline for the whole upgrade, from accept to the answer written.
     pub handshake_timeout: Duration,
+    /// Upgrades in flight per shard before new sockets get 503.
+    pub max_handshakes_per_shard: usize,
     /// Drain window.
     pub drain_window: Duration,
     /// Ring slots.
@@ -412,6 +423,12 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             1,
             600,
         )?),
+        max_handshakes_per_shard: in_range(
+            "max_handshakes_per_shard",
+            pick!(max_handshakes_per_shard, 1024),
+            1,
+            1 << 20,
+        )?,
         drain_window: Duration::from_secs(in_range(
             "drain_window",
             pick!(drain_window, 30),
@@ -456,6 +473,7 @@ mod tests {
         assert_eq!(s.tcp_ingest.unwrap().to_string(), "127.0.0.1:9001");
         assert_eq!(s.admin.to_string(), "127.0.0.1:9090");
         assert_eq!(s.ping_interval, Duration::from_secs(25));
+        assert_eq!(s.max_handshakes_per_shard, 1024);
     }
 
     #[test]
@@ -485,6 +503,13 @@ mod tests {
             "10.0.0.0/8"
         ])
         .is_ok());
+        let err = parse(&["--max-handshakes-per-shard", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_handshakes_per_shard"), "{err}");
+        let file: ConfigLayer = toml::from_str("max_handshakes_per_shard = 7").unwrap();
+        let s = resolve(ConfigLayer::default(), file).unwrap();
+        assert_eq!(s.max_handshakes_per_shard, 7);
         let err = toml::from_str::<ConfigLayer>("max_mesage_size = 1")
             .unwrap_err()
             .to_string();

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     if let Some(Command::CheckHost { connections }) = cli.command {
         return check_host::run(connections);
     }
+    abort_on_panic();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RINGCAST_LOG")
@@ -35,4 +36,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Makes a panic on any thread end the process, whatever the build profile (release
+/// already builds with `panic = "abort"`): a shard thread that unwound away would leave
+/// the rest answering `/healthz` 200 while its connections hang. The default hook still
+/// prints the message and location first.
+fn abort_on_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
 }

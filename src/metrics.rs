@@ -11,6 +11,23 @@ use std::sync::OnceLock;
 
 pub use crate::proto::close::CloseCause;
 
+/// Why an accepted socket was answered `503` (metric label `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum RefuseCause {
+    /// Every `max_connections` slot is taken (process-wide).
+    MaxConnections = 0,
+    /// A drain is in progress.
+    Draining,
+    /// The shard has `max_handshakes_per_shard` upgrades in flight.
+    HandshakesInFlight,
+}
+
+impl RefuseCause {
+    /// Every label, indexed by discriminant.
+    pub const LABELS: [&'static str; 3] = ["max_connections", "draining", "handshakes_in_flight"];
+}
+
 /// Where a published message came from (metric label `source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
@@ -37,8 +54,12 @@ pub struct ShardMetrics {
     pub accepted: AtomicU64,
     /// Handshakes refused with an HTTP error.
     pub handshake_rejected: AtomicU64,
-    /// Connections refused at the connection limit (503).
-    pub refused_full: AtomicU64,
+    /// Sockets answered 503, by [`RefuseCause`].
+    pub refused: [AtomicU64; 3],
+    /// Upgrades accepted but not yet answered (gauge).
+    pub handshakes_in_progress: AtomicU64,
+    /// Upgrades closed because `handshake_timeout` passed before the answer was written.
+    pub handshakes_timed_out: AtomicU64,
     /// Connections closed, by [`CloseCause`].
     pub closed: [AtomicU64; 8],
     /// Messages lost to ring overrun.
@@ -169,10 +190,16 @@ impl Metrics {
             &|s| &s.handshake_rejected,
         );
         scalar(
-            "ringcast_connections_refused_total",
+            "ringcast_handshakes_in_progress",
+            "gauge",
+            "Upgrades accepted and not yet answered.",
+            &|s| &s.handshakes_in_progress,
+        );
+        scalar(
+            "ringcast_handshakes_timed_out_total",
             "counter",
-            "Connections refused at the connection limit (503).",
-            &|s| &s.refused_full,
+            "Upgrades closed unanswered when handshake_timeout passed.",
+            &|s| &s.handshakes_timed_out,
         );
         scalar(
             "ringcast_deliveries_total",
@@ -227,6 +254,14 @@ impl Metrics {
             "ringcast_dropped_total{{reason=\"ring_overrun\"}} {}",
             self.sum(|s| &s.ring_overrun_lost)
         );
+        let _ = writeln!(out, "# HELP ringcast_connections_refused_total Sockets answered 503 with Retry-After, by reason.\n# TYPE ringcast_connections_refused_total counter");
+        for (i, label) in RefuseCause::LABELS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringcast_connections_refused_total{{reason=\"{label}\"}} {}",
+                self.sum(|s| &s.refused[i])
+            );
+        }
         let _ = writeln!(out, "# HELP ringcast_connections_closed_total Connections closed, by reason.\n# TYPE ringcast_connections_closed_total counter");
         for (i, label) in CloseCause::LABELS.iter().enumerate() {
             let _ = writeln!(

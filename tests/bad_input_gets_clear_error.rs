@@ -40,6 +40,8 @@ fn bad_input_gets_clear_error() {
         garbage_http_gets_400,
         upgrade_without_key_gets_400,
         upgrade_with_bad_channel_gets_400,
+        upgrade_with_empty_channel_name_gets_400,
+        upgrade_with_too_many_channels_gets_400,
         unknown_path_gets_404,
         post_to_ws_gets_405,
         get_ws_without_upgrade_gets_426,
@@ -145,6 +147,36 @@ fn upgrade_with_bad_channel_gets_400(server: &Server) {
         &format!("GET /ws?channels=ok,bad!name HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n"),
     );
     assert_error(&r, 400);
+}
+
+fn upgrade_with_empty_channel_name_gets_400(server: &Server) {
+    for list in ["news,,x", "news,"] {
+        let r = raw_request(
+            server.ws_addr(),
+            &format!("GET /ws?channels={list} HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n"),
+        );
+        assert_error(&r, 400);
+        assert!(
+            r.text().contains("empty channel name"),
+            "{list}: {:?}",
+            r.text()
+        );
+    }
+}
+
+/// Regression: channels past `max_subscriptions_per_connection` (default 64) used to be
+/// dropped silently after a `101`.
+fn upgrade_with_too_many_channels_gets_400(server: &Server) {
+    let list: Vec<String> = (0..65).map(|i| format!("c{i}")).collect();
+    let r = raw_request(
+        server.ws_addr(),
+        &format!(
+            "GET /ws?channels={} HTTP/1.1\r\nHost: x\r\n{UPGRADE_HEADERS}\r\n",
+            list.join(",")
+        ),
+    );
+    assert_error(&r, 400);
+    assert!(r.text().contains("more than 64 channels"), "{:?}", r.text());
 }
 
 fn unknown_path_gets_404(server: &Server) {

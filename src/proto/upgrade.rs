@@ -3,6 +3,12 @@
 //! [`parse_upgrade`] takes the bytes received so far and returns `Ok(None)` until the
 //! request head is complete, then either an [`Upgrade`] (answer with [`accept_response`])
 //! or an [`HttpReject`] whose [`HttpReject::response`] is the complete error answer.
+//!
+//! The `channels` query parameter is checked whole: a list naming more channels than a
+//! connection may hold, or with an empty name in it (`a,,b`, `a,`), is refused with `400`
+//! rather than trimmed, so a client never believes it subscribed to something it did not.
+//! An empty value (`channels=`) means "no channels", so clients can render an empty list
+//! without special-casing it.
 
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use base64::Engine;
@@ -78,13 +84,14 @@ pub fn status_text(status: u16) -> &'static str {
     }
 }
 
-/// Parses the upgrade request at the front of `buf`.
+/// Parses the upgrade request at the front of `buf`, allowing at most `max_channels`
+/// distinct channels in the `channels` query parameter.
 ///
 /// `Ok(None)` means the head is not complete yet.
 ///
 /// # Errors
 /// An [`HttpReject`] describing the HTTP answer when the request cannot be upgraded.
-pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, HttpReject> {
+pub fn parse_upgrade(buf: &[u8], max_channels: usize) -> Result<Option<Upgrade>, HttpReject> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -143,7 +150,7 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, HttpReject> {
             "missing or malformed Sec-WebSocket-Key",
         ));
     }
-    let channels = parse_channels(query)?;
+    let channels = parse_channels(query, max_channels)?;
     Ok(Some(Upgrade {
         key: key.to_string(),
         channels,
@@ -151,8 +158,8 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<Upgrade>, HttpReject> {
     }))
 }
 
-fn parse_channels(query: &str) -> Result<Vec<String>, HttpReject> {
-    let mut out = Vec::new();
+fn parse_channels(query: &str, max_channels: usize) -> Result<Vec<String>, HttpReject> {
+    let mut out: Vec<String> = Vec::new();
     for pair in query.split('&') {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         if name != "channels" {
@@ -160,16 +167,33 @@ fn parse_channels(query: &str) -> Result<Vec<String>, HttpReject> {
         }
         let value = percent_decode(value)
             .ok_or_else(|| HttpReject::new(400, "malformed percent-encoding in channels"))?;
-        for ch in value.split(',').filter(|c| !c.is_empty()) {
+        if value.is_empty() {
+            // `channels=`: an explicitly empty list.
+            continue;
+        }
+        for ch in value.split(',') {
+            if ch.is_empty() {
+                return Err(HttpReject::new(
+                    400,
+                    "empty channel name in channels (check for `,,` or a trailing comma)",
+                ));
+            }
             if !is_valid_channel(ch.as_bytes()) {
                 return Err(HttpReject::new(
                     400,
                     format!("invalid channel name {ch:?}: {CHANNEL_RULE}"),
                 ));
             }
-            if !out.iter().any(|c| c == ch) {
-                out.push(ch.to_string());
+            if out.iter().any(|c| c == ch) {
+                continue;
             }
+            if out.len() == max_channels {
+                return Err(HttpReject::new(
+                    400,
+                    format!("more than {max_channels} channels in one connection"),
+                ));
+            }
+            out.push(ch.to_string());
         }
     }
     Ok(out)
@@ -212,9 +236,20 @@ mod tests {
                         Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
                         Sec-WebSocket-Version: 13\r\n\r\n";
 
+    /// The limit used by tests that are not about the limit.
+    const MAX: usize = 64;
+
+    fn parse(req: &str) -> Result<Option<Upgrade>, HttpReject> {
+        parse_upgrade(req.as_bytes(), MAX)
+    }
+
+    fn with_channels(value: &str) -> String {
+        GOOD.replace("channels=news,room%3A42", &format!("channels={value}"))
+    }
+
     #[test]
     fn parses_a_browser_request() {
-        let up = parse_upgrade(GOOD.as_bytes()).unwrap().unwrap();
+        let up = parse(GOOD).unwrap().unwrap();
         assert_eq!(up.channels, vec!["news", "room:42"]);
         assert_eq!(up.head_len, GOOD.len());
         let resp = String::from_utf8(accept_response(&up.key)).unwrap();
@@ -225,7 +260,7 @@ mod tests {
     fn partial_head_needs_more() {
         for cut in 0..GOOD.len() - 1 {
             assert_eq!(
-                parse_upgrade(&GOOD.as_bytes()[..cut]),
+                parse_upgrade(&GOOD.as_bytes()[..cut], MAX),
                 Ok(None),
                 "cut {cut}"
             );
@@ -233,7 +268,53 @@ mod tests {
     }
 
     fn status_of(req: &str) -> u16 {
-        parse_upgrade(req.as_bytes()).unwrap_err().status
+        parse(req).unwrap_err().status
+    }
+
+    #[test]
+    fn more_channels_than_the_limit_are_refused_not_trimmed() {
+        // Regression: extras past max_subscriptions_per_connection used to be dropped
+        // silently after the upgrade.
+        let three = with_channels("a,b,c");
+        assert_eq!(
+            parse_upgrade(three.as_bytes(), 3)
+                .unwrap()
+                .unwrap()
+                .channels,
+            ["a", "b", "c"]
+        );
+        let reject = parse_upgrade(three.as_bytes(), 2).unwrap_err();
+        assert_eq!(reject.status, 400);
+        assert!(reject.reason.contains("more than 2 channels"), "{reject:?}");
+        // Repeats name one channel and the limit counts channels, not mentions.
+        let repeated = with_channels("a,b,a&channels=b");
+        assert_eq!(
+            parse_upgrade(repeated.as_bytes(), 2)
+                .unwrap()
+                .unwrap()
+                .channels,
+            ["a", "b"]
+        );
+    }
+
+    #[test]
+    fn empty_channel_names_are_refused() {
+        for value in ["news,,x", "news,", ",news", ","] {
+            let reject = parse(&with_channels(value)).unwrap_err();
+            assert_eq!(reject.status, 400, "{value}");
+            assert!(
+                reject.reason.contains("empty channel name"),
+                "{value}: {reject:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_channels_value_means_no_channels() {
+        let up = parse(&with_channels("")).unwrap().unwrap();
+        assert!(up.channels.is_empty());
+        let none = GOOD.replace("?channels=news,room%3A42", "");
+        assert!(parse(&none).unwrap().unwrap().channels.is_empty());
     }
 
     #[test]
@@ -266,12 +347,34 @@ mod tests {
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
-            let _ = parse_upgrade(&data);
+            let _ = parse_upgrade(&data, MAX);
         }
 
         #[test]
         fn arbitrary_query_never_panics(q in "[ -~]{0,200}") {
-            let _ = parse_upgrade(GOOD.replace("channels=news,room%3A42", &q).as_bytes());
+            let _ = parse(&GOOD.replace("channels=news,room%3A42", &q));
+        }
+
+        #[test]
+        fn accepted_channel_lists_respect_the_limit(
+            names in proptest::collection::vec("[a-e]{1,2}", 0..12),
+            limit in 1usize..6,
+        ) {
+            let req = with_channels(&names.join(","));
+            let mut distinct = names.clone();
+            distinct.sort();
+            distinct.dedup();
+            match parse_upgrade(req.as_bytes(), limit) {
+                Ok(Some(up)) => {
+                    prop_assert!(distinct.len() <= limit);
+                    prop_assert_eq!(up.channels.len(), distinct.len());
+                }
+                Ok(None) => prop_assert!(false, "complete request reported partial"),
+                Err(reject) => {
+                    prop_assert_eq!(reject.status, 400);
+                    prop_assert!(distinct.len() > limit);
+                }
+            }
         }
     }
 }

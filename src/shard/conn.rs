@@ -47,6 +47,7 @@ pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftove
             .add(&fd, token(conns.next_key(), generation))
         {
             tracing::warn!(shard = shard.id, error = %e, "epoll registration failed (fs.epoll.max_user_watches?); dropping connection");
+            shard.slots.release(); // admission: the slot reserved for this upgrade
             return;
         }
         conns.insert(Conn {
@@ -58,10 +59,8 @@ pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftove
     };
     {
         let mut index = shard.index.borrow_mut();
-        for ch in channels
-            .iter()
-            .take(shard.settings.max_subscriptions_per_connection)
-        {
+        // parse_upgrade refused lists over max_subscriptions_per_connection.
+        for ch in channels {
             index.subscribe(key, ch);
         }
     }
@@ -282,6 +281,7 @@ impl Shard {
         let Some(conn) = self.conns.borrow_mut().remove(key) else {
             return;
         };
+        self.slots.release(); // admission: one slot per table entry, released on removal
         self.ready_set.remove(&conn.fd);
         self.note_backlog_change(conn.machine.backlog().bytes(), 0);
         if conn.machine.is_open() {

@@ -1,8 +1,15 @@
 //! The upgrade: a short-lived glommio task per accepted stream reads the HTTP request,
 //! answers `101` (or an HTTP error) and hands the socket to the connection table
 //! ([`crate::shard::conn`]), after which no task exists for the connection.
+//!
+//! `handshake_timeout` is one deadline for the whole upgrade, from accept to the answer
+//! written: a per-read timeout would let a client sending one byte every few seconds
+//! (slowloris) hold the task for hours. Admission ([`crate::shard::admission`]) bounds
+//! how many upgrades a shard runs at once and reserves the connection slot before `101`.
 
-use crate::proto::upgrade::{accept_response, http_response, parse_upgrade};
+use crate::metrics::RefuseCause;
+use crate::proto::upgrade::{accept_response, parse_upgrade};
+use crate::shard::admission::{refusal_response, HandshakeTicket, SlotReservation};
 use crate::shard::conn::adopt;
 use crate::shard::state::Shard;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -11,10 +18,36 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 
+/// What a finished handshake hands to the connection table.
+struct Upgraded {
+    channels: Vec<String>,
+    leftover: Vec<u8>,
+    slot: SlotReservation,
+}
+
 /// Upgrades an accepted TCP connection and adopts it into the shard.
-pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
-    let Some((channels, leftover)) = handshake(&shard, &mut stream).await else {
-        return;
+///
+/// `ticket` holds the stream's place under `max_handshakes_per_shard` until this returns.
+pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, ticket: HandshakeTicket) {
+    let deadline = shard.settings.handshake_timeout;
+    let outcome = futures_lite::future::or(
+        async { Some(handshake(&shard, &mut stream).await) },
+        async {
+            glommio::timer::sleep(deadline).await;
+            None
+        },
+    )
+    .await;
+    drop(ticket);
+    let upgraded = match outcome {
+        Some(Some(upgraded)) => upgraded,
+        // Answered with an HTTP error (or the peer went away): counted where it happened.
+        Some(None) => return,
+        None => {
+            // Closed without an answer: a client this slow would not read one either.
+            shard.metrics.handshakes_timed_out.fetch_add(1, Relaxed);
+            return;
+        }
     };
     // The glommio stream would keep an io_uring poll armed and its own state alive; the
     // table keeps only a plain descriptor.
@@ -22,23 +55,26 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
     // and is dropped only after the duplicate exists).
     let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
     let Ok(fd) = borrowed.try_clone_to_owned() else {
+        // `upgraded.slot` drops here and gives the slot back.
         return;
     };
     drop(stream);
-    adopt(&shard, fd, &channels, leftover);
+    // From here the table owns the slot and releases it when the connection leaves it.
+    upgraded.slot.adopt();
+    adopt(&shard, fd, &upgraded.channels, upgraded.leftover);
     shard.settle();
 }
 
-/// Reads and answers the upgrade request. Returns the channels and any bytes the client
-/// sent after the request head, or `None` when the connection got an HTTP error.
-async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Vec<String>, Vec<u8>)> {
-    let _ = stream.set_read_timeout(Some(shard.settings.handshake_timeout));
+/// Reads and answers the upgrade request. Returns the channels, any bytes the client sent
+/// after the request head and the reserved connection slot, or `None` when the connection
+/// got an HTTP error or failed.
+async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = vec![0u8; 2048];
     let upgrade = loop {
         let n = stream.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
         head.extend_from_slice(&chunk[..n]);
-        match parse_upgrade(&head) {
+        match parse_upgrade(&head, shard.settings.max_subscriptions_per_connection) {
             Ok(Some(upgrade)) => break upgrade,
             Ok(None) => continue,
             Err(reject) => {
@@ -48,24 +84,30 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Vec<String>
             }
         }
     };
-    let open = shard.metrics.connections.load(Relaxed) as usize;
-    if open >= shard.max_conns || shard.draining.get() {
-        shard.metrics.refused_full.fetch_add(1, Relaxed);
-        let body = if shard.draining.get() {
-            "server is draining\n"
-        } else {
-            "server is at its connection limit\n"
-        };
-        let _ = stream
-            .write_all(&http_response(503, "Retry-After: 5\r\n", body))
-            .await;
-        return None;
-    }
+    let slot = if shard.draining.get() {
+        Err(RefuseCause::Draining)
+    } else {
+        // Reserved before `101` is written: a storm over every shard cannot overshoot.
+        shard.slots.try_reserve().ok_or(RefuseCause::MaxConnections)
+    };
+    let slot = match slot {
+        Ok(slot) => slot,
+        Err(cause) => {
+            shard.metrics.refused[cause as usize].fetch_add(1, Relaxed);
+            let _ = stream.write_all(&refusal_response(cause)).await;
+            return None;
+        }
+    };
+    // On failure `slot` drops and the slot is given back.
     stream
         .write_all(&accept_response(&upgrade.key))
         .await
         .ok()?;
     let _ = stream.set_nodelay(true);
     let leftover = head.split_off(upgrade.head_len);
-    Some((upgrade.channels, leftover))
+    Some(Upgraded {
+        channels: upgrade.channels,
+        leftover,
+        slot,
+    })
 }

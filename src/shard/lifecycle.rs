@@ -21,7 +21,7 @@ use std::time::Duration;
 /// Set by the signal thread when a drain starts.
 pub static DRAINING: AtomicBool = AtomicBool::new(false);
 
-/// Shards that have started serving (for `/readyz`).
+/// Set to the shard count once every shard serves (for `/readyz`).
 pub static SHARDS_READY: AtomicUsize = AtomicUsize::new(0);
 
 const TICK: Duration = Duration::from_millis(100);

@@ -2,8 +2,11 @@
 //! listeners, connection table and subscription index, all following the one fan-out ring.
 //!
 //! [`run`] binds every socket first (so a bad address fails before anything starts), then
-//! starts the executors, then waits for a drain to finish.
+//! starts the executors and waits until every shard reports that it serves (only then is
+//! "ringcast started" logged and `/readyz` answers 200; a shard that cannot start makes
+//! `run` fail), then waits for a drain to finish.
 
+pub mod admission;
 pub mod batch;
 pub mod conn;
 pub mod follower;
@@ -20,6 +23,8 @@ use crate::fanout::publisher::Publisher;
 use crate::fanout::ring::Ring;
 use crate::fanout::wake::{install_senders, IdleFlags};
 use crate::metrics;
+use crate::metrics::RefuseCause;
+use crate::shard::admission::{refuse_now, ConnectionSlots, HandshakeGate};
 use crate::shard::follower::LocalEvent;
 use crate::shard::listener::{tcp_listeners, udp_sockets, BindError};
 use crate::shard::state::Shard;
@@ -27,7 +32,7 @@ use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::net::{TcpListener, UdpSocket};
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::Socket;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -41,6 +46,14 @@ pub enum StartError {
     /// A listener could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// A shard's executor ran but its own setup failed.
+    #[error("setting up shard {shard}: {message}")]
+    Shard {
+        /// Shard number.
+        shard: usize,
+        /// What failed.
+        message: String,
+    },
     /// An executor (io_uring instance) could not be created.
     #[error("starting shard {shard} on CPU {cpu}: {message}")]
     Executor {
@@ -69,9 +82,12 @@ struct ShardSetup {
     id: usize,
     settings: Arc<Settings>,
     publisher: Arc<Publisher>,
+    slots: Arc<ConnectionSlots>,
     sockets: ShardSockets,
     wake_senders: Vec<SharedSender<()>>,
     wake_receivers: Vec<SharedReceiver<()>>,
+    /// Told once: `Ok` when the shard serves, or why it could not start.
+    started: mpsc::Sender<Result<(), StartError>>,
     done: mpsc::Sender<usize>,
 }
 
@@ -92,6 +108,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     }
     let ring = Arc::new(Ring::new(settings.ring_capacity));
     let publisher = Arc::new(Publisher::new(ring, Arc::new(IdleFlags::new(n))));
+    // One limit for the process, whatever share of the connections each shard's
+    // SO_REUSEPORT listener happens to receive.
+    let slots = ConnectionSlots::new(settings.max_connections);
 
     let mut ws = tcp_listeners(
         "WebSocket listener",
@@ -155,9 +174,11 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             id,
             settings: settings.clone(),
             publisher: publisher.clone(),
+            slots: slots.clone(),
             sockets,
             wake_senders,
             wake_receivers,
+            started: started_tx.clone(),
             done: done_tx.clone(),
         };
         let started = started_tx.clone();
@@ -175,7 +196,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
                     }));
                 }
                 Ok(executor) => {
-                    let _ = started.send(Ok(()));
+                    drop(started);
                     executor.run(shard_main(setup));
                 }
             })
@@ -185,15 +206,19 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
                 message: format!("spawning thread: {e}"),
             })?;
     }
-    for _ in 0..n {
+    // Only the shards hold senders now: if every one of them is gone before all reported,
+    // a shard died during setup.
+    drop(started_tx);
+    for ready in 0..n {
         match started_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                return Err(StartError::Executor {
-                    shard: 0,
-                    cpu: 0,
-                    message: "shard thread died at start".into(),
+                return Err(StartError::Shard {
+                    shard: ready,
+                    message: format!(
+                        "only {ready} of {n} shards reported serving before their threads ended"
+                    ),
                 })
             }
         }
@@ -206,6 +231,8 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         admin = %settings.admin,
         "ringcast started"
     );
+    // /readyz answers 200 from here, after the line above, never before.
+    lifecycle::SHARDS_READY.store(n, Ordering::Release);
     wait_for_drain(&settings, done_rx)
 }
 
@@ -244,16 +271,21 @@ async fn shard_main(setup: ShardSetup) {
         id,
         settings,
         publisher,
+        slots,
         sockets,
         wake_senders,
         wake_receivers,
+        started,
         done,
     } = setup;
-    let shard = match Shard::new(id, settings.clone(), publisher.clone()) {
+    let shard = match Shard::new(id, settings.clone(), publisher.clone(), slots) {
         Ok(shard) => Rc::new(shard),
         Err(e) => {
-            tracing::error!(shard = id, error = %e, "creating the shard's epoll set failed; exiting");
-            std::process::exit(1);
+            let _ = started.send(Err(StartError::Shard {
+                shard: id,
+                message: format!("creating the shard's epoll set: {e} (fs.epoll.max_user_instances? RLIMIT_NOFILE?)"),
+            }));
+            return;
         }
     };
     let wake = Rc::new(LocalEvent::default());
@@ -311,9 +343,11 @@ async fn shard_main(setup: ShardSetup) {
     let stop_accepting = Rc::new(LocalEvent::default());
     if let Some(ws) = sockets.ws {
         let ws = unsafe { TcpListener::from_raw_fd(ws.into_raw_fd()) };
-        glommio::spawn_local(accept_loop(shard.clone(), ws, stop_accepting.clone())).detach();
+        let gate = HandshakeGate::new(settings.max_handshakes_per_shard, metrics);
+        glommio::spawn_local(accept_loop(shard.clone(), ws, gate, stop_accepting.clone())).detach();
     }
-    lifecycle::SHARDS_READY.fetch_add(1, Ordering::AcqRel);
+    tracing::info!(shard = id, "shard serving");
+    let _ = started.send(Ok(()));
 
     lifecycle::run(shard, stop_accepting).await;
     let _ = done.send(id);
@@ -321,14 +355,27 @@ async fn shard_main(setup: ShardSetup) {
     futures_lite::future::pending::<()>().await;
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Rc<LocalEvent>) {
+async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: TcpListener,
+    gate: Rc<HandshakeGate>,
+    stop: Rc<LocalEvent>,
+) {
     let accept = async {
         let mut last_warning: Option<Instant> = None;
         loop {
             match listener.accept().await {
-                Ok(stream) => {
-                    glommio::spawn_local(handshake::upgrade(shard.clone(), stream)).detach();
-                }
+                Ok(stream) => match gate.try_enter() {
+                    Some(ticket) => {
+                        glommio::spawn_local(handshake::upgrade(shard.clone(), stream, ticket))
+                            .detach();
+                    }
+                    None => refuse_now(
+                        stream.as_raw_fd(),
+                        RefuseCause::HandshakesInFlight,
+                        shard.metrics,
+                    ),
+                },
                 Err(e) => {
                     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                         last_warning = Some(Instant::now());

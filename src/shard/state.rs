@@ -12,6 +12,7 @@ use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
 use crate::metrics::{self, Metrics, ShardMetrics};
 use crate::proto::conn::ConnConfig;
+use crate::shard::admission::ConnectionSlots;
 use crate::shard::batch::SendRing;
 use crate::shard::conn::CloseOrder;
 use crate::shard::lifecycle::Jitter;
@@ -46,8 +47,8 @@ pub struct Shard {
     pub(super) metrics: &'static ShardMetrics,
     /// All counters (for latency recording).
     pub(super) all_metrics: &'static Metrics,
-    /// Connection limit of this shard.
-    pub(super) max_conns: usize,
+    /// The process-wide connection limit ([`crate::shard::admission`]).
+    pub(super) slots: Arc<ConnectionSlots>,
     /// Set once this shard stopped accepting for a drain.
     pub(super) draining: Cell<bool>,
     /// Idle sockets waiting for input or writability.
@@ -71,6 +72,7 @@ impl Shard {
         id: usize,
         settings: Arc<Settings>,
         publisher: Arc<Publisher>,
+        slots: Arc<ConnectionSlots>,
     ) -> std::io::Result<Self> {
         let all_metrics = metrics::get();
         let base = settings.ping_interval.as_secs();
@@ -96,7 +98,7 @@ impl Shard {
         Ok(Shard {
             id,
             conn_config,
-            max_conns: settings.max_connections.div_ceil(settings.shards),
+            slots,
             settings,
             conns: RefCell::new(ConnTable::with_capacity(capacity)),
             index: RefCell::new(SubscriptionIndex::new()),

@@ -1,0 +1,269 @@
+//! Admission: who may start an upgrade, and who may become a connection.
+//!
+//! Two limits, checked at two moments:
+//!
+//! - [`HandshakeGate`] (per shard, `max_handshakes_per_shard`): an accepted socket starts
+//!   its upgrade task only while fewer than the cap are in flight on the shard; beyond it
+//!   the socket is answered `503` at once ([`refuse_now`]), without a task. This bounds
+//!   what a slowloris or a reconnect storm can hold (a task and ~3 KiB of buffers each)
+//!   between accept and `101`.
+//! - [`ConnectionSlots`] (process-wide, `max_connections`): a slot is reserved after the
+//!   request parsed and *before* `101` is written, so a storm spread over every shard
+//!   cannot overshoot the limit. It is released exactly once: by the
+//!   [`SlotReservation`] if the upgrade fails after reserving, otherwise by the shard when
+//!   the adopted connection leaves its table (`Shard::finalize_close`).
+
+use crate::metrics::{RefuseCause, ShardMetrics};
+use crate::proto::upgrade::http_response;
+use crossbeam_utils::CachePadded;
+use std::cell::Cell;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Seconds a refused client is asked to wait (`Retry-After`) before trying again.
+pub const RETRY_AFTER_SECS: u32 = 5;
+
+/// The process-wide connection limit, shared by every shard.
+///
+/// One cache-padded counter: it is touched once per upgrade and once per close, never
+/// per message, so sharing it across cores costs nothing measurable, and one counter is
+/// what makes the limit exact whatever the kernel's SO_REUSEPORT hash does.
+#[derive(Debug)]
+pub struct ConnectionSlots {
+    in_use: CachePadded<AtomicUsize>,
+    limit: usize,
+}
+
+impl ConnectionSlots {
+    /// A limit of `limit` connections, none in use.
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(ConnectionSlots {
+            in_use: CachePadded::new(AtomicUsize::new(0)),
+            limit,
+        })
+    }
+
+    /// Takes one slot, or `None` when all `limit` are in use.
+    pub fn try_reserve(self: &Arc<Self>) -> Option<SlotReservation> {
+        // A compare-exchange loop rather than fetch_add + undo: the counter never reads
+        // above the limit, not even for a moment another shard could observe.
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SlotReservation {
+                slots: Some(self.clone()),
+            })
+    }
+
+    /// Gives back one slot taken by [`ConnectionSlots::try_reserve`] whose reservation was
+    /// [adopted](SlotReservation::adopt).
+    pub fn release(&self) {
+        let released = self
+            .in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if released.is_err() {
+            // A double release would otherwise wrap to usize::MAX and refuse everyone.
+            tracing::error!("connection slot released more often than reserved (bug)");
+        }
+    }
+
+    /// Slots currently taken.
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Acquire)
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+/// One reserved connection slot; given back on drop unless adopted.
+#[derive(Debug)]
+#[must_use = "dropping a reservation releases the slot"]
+pub struct SlotReservation {
+    slots: Option<Arc<ConnectionSlots>>,
+}
+
+impl SlotReservation {
+    /// Hands the slot to the connection table: from now on whoever removes the
+    /// connection from the table calls [`ConnectionSlots::release`].
+    pub fn adopt(mut self) {
+        self.slots = None;
+    }
+}
+
+impl Drop for SlotReservation {
+    fn drop(&mut self) {
+        if let Some(slots) = self.slots.take() {
+            slots.release();
+        }
+    }
+}
+
+/// A shard's cap on upgrades in flight (accepted, `101` or error not yet written).
+pub struct HandshakeGate {
+    in_flight: Cell<usize>,
+    limit: usize,
+    metrics: &'static ShardMetrics,
+}
+
+impl HandshakeGate {
+    /// A gate admitting at most `limit` handshakes at once, counted in `metrics`.
+    pub fn new(limit: usize, metrics: &'static ShardMetrics) -> Rc<Self> {
+        Rc::new(HandshakeGate {
+            in_flight: Cell::new(0),
+            limit,
+            metrics,
+        })
+    }
+
+    /// Admits one handshake, or `None` at the cap.
+    pub fn try_enter(self: &Rc<Self>) -> Option<HandshakeTicket> {
+        let n = self.in_flight.get();
+        if n >= self.limit {
+            return None;
+        }
+        self.in_flight.set(n + 1);
+        self.metrics
+            .handshakes_in_progress
+            .fetch_add(1, Ordering::Relaxed);
+        Some(HandshakeTicket { gate: self.clone() })
+    }
+
+    /// Handshakes in flight on this shard.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+}
+
+/// One admitted handshake; leaves the gate on drop, however the upgrade ended.
+pub struct HandshakeTicket {
+    gate: Rc<HandshakeGate>,
+}
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        let gate = &self.gate;
+        gate.in_flight.set(gate.in_flight.get().saturating_sub(1));
+        gate.metrics
+            .handshakes_in_progress
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The `503` answer for a refusal, with `Retry-After`.
+pub fn refusal_response(cause: RefuseCause) -> Vec<u8> {
+    let body = match cause {
+        RefuseCause::MaxConnections => "server is at its connection limit\n",
+        RefuseCause::Draining => "server is draining\n",
+        RefuseCause::HandshakesInFlight => "too many upgrades in progress on this core\n",
+    };
+    http_response(503, &format!("Retry-After: {RETRY_AFTER_SECS}\r\n"), body)
+}
+
+/// Answers a just-accepted socket `503` without awaiting anything, and counts it.
+///
+/// Used at the handshake cap, where spawning a task per refused socket would defeat the
+/// cap. A fresh socket's send buffer is empty, so the short answer fits in one
+/// non-blocking send; what the client already sent is read and discarded first, because
+/// closing a socket with unread input makes the kernel reset the connection, which can
+/// destroy the answer before the client reads it.
+pub fn refuse_now(fd: RawFd, cause: RefuseCause, metrics: &ShardMetrics) {
+    use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown};
+    metrics.refused[cause as usize].fetch_add(1, Ordering::Relaxed);
+    let mut sink = [0u8; 2048];
+    for _ in 0..4 {
+        match recv(fd, &mut sink, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    let _ = send(
+        fd,
+        &refusal_response(cause),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+    );
+    let _ = shutdown(fd, Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_never_exceed_the_limit_and_come_back_on_drop() {
+        let slots = ConnectionSlots::new(2);
+        let a = slots.try_reserve().unwrap();
+        let b = slots.try_reserve().unwrap();
+        assert!(slots.try_reserve().is_none());
+        drop(a);
+        assert_eq!(slots.in_use(), 1);
+        let c = slots.try_reserve().unwrap();
+        c.adopt();
+        b.adopt();
+        // Adopted slots stay taken until the table releases them.
+        assert_eq!(slots.in_use(), 2);
+        assert!(slots.try_reserve().is_none());
+        slots.release();
+        assert_eq!(slots.in_use(), 1);
+    }
+
+    #[test]
+    fn a_spurious_release_does_not_wrap() {
+        let slots = ConnectionSlots::new(1);
+        slots.release();
+        assert_eq!(slots.in_use(), 0);
+        assert!(slots.try_reserve().is_some());
+    }
+
+    #[test]
+    fn racing_shards_get_exactly_the_limit() {
+        let slots = ConnectionSlots::new(1000);
+        let granted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let slots = slots.clone();
+                    s.spawn(move || {
+                        let mut won = 0;
+                        for _ in 0..1000 {
+                            if let Some(r) = slots.try_reserve() {
+                                r.adopt();
+                                won += 1;
+                            }
+                        }
+                        won
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(granted, 1000);
+        assert_eq!(slots.in_use(), 1000);
+    }
+
+    #[test]
+    fn the_gate_counts_tickets_in_flight() {
+        let metrics: &'static ShardMetrics = Box::leak(Box::default());
+        let gate = HandshakeGate::new(2, metrics);
+        let a = gate.try_enter().unwrap();
+        let _b = gate.try_enter().unwrap();
+        assert!(gate.try_enter().is_none());
+        assert_eq!(metrics.handshakes_in_progress.load(Ordering::Relaxed), 2);
+        drop(a);
+        assert_eq!(gate.in_flight(), 1);
+        assert_eq!(metrics.handshakes_in_progress.load(Ordering::Relaxed), 1);
+        assert!(gate.try_enter().is_some());
+    }
+
+    #[test]
+    fn refusals_carry_retry_after() {
+        let text = String::from_utf8(refusal_response(RefuseCause::HandshakesInFlight)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(text.contains("Retry-After: 5\r\n"));
+    }
+}
