@@ -97,9 +97,7 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
             glommio::yield_if_needed().await;
             continue;
         }
-        idle.set_idle(shard.id);
-        if ring.head() > cursor {
-            idle.clear(shard.id);
+        if !idle.prepare_park(shard.id, ring.head_counter(), cursor) {
             // A producer claimed a slot but may not have filled it yet: let it finish.
             glommio::yield_if_needed().await;
             continue;
