@@ -15,7 +15,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const STRIPES: usize = 64;
 
@@ -72,10 +72,32 @@ impl Publisher {
 
     /// Publishes without waking anyone (for callers that batch, and for tests).
     pub fn publish_quiet(&self, channel: &str, payload: &[u8]) -> Published {
+        self.publish_inner(channel, payload, None)
+    }
+
+    /// [`Publisher::publish_quiet`], also returning how long it waited for the stripe lock
+    /// (for `examples/publish_contention.rs`).
+    #[doc(hidden)]
+    pub fn publish_timed(&self, channel: &str, payload: &[u8]) -> (Published, Duration) {
+        let mut wait = Duration::ZERO;
+        let published = self.publish_inner(channel, payload, Some(&mut wait));
+        (published, wait)
+    }
+
+    fn publish_inner(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        lock_wait: Option<&mut Duration>,
+    ) -> Published {
         let data = EncodedData::new(payload);
         let published_at = Instant::now();
         let stripe = (self.hasher.hash_one(channel) as usize) % STRIPES;
+        let before = lock_wait.is_some().then(Instant::now);
         let mut offsets = self.stripes[stripe].lock();
+        if let (Some(wait), Some(before)) = (lock_wait, before) {
+            *wait = before.elapsed();
+        }
         let (name, offset) = match offsets.get_key_value(channel) {
             Some((name, &last)) => (name.clone(), last + 1),
             None => (Arc::<str>::from(channel), 1),
