@@ -126,7 +126,22 @@ impl Ring {
     /// Callers that need per-channel order must make claim order match offset order (see
     /// [`crate::fanout::publisher`]).
     pub fn push(&self, msg: RingMessage) -> u64 {
-        let seq = self.head.claim();
+        let seq = self.claim();
+        self.install(seq, msg);
+        seq
+    }
+
+    /// Claims the next sequence without filling it: [`Ring::push`] in two steps, so a
+    /// producer can claim under a lock and build its message after releasing it.
+    ///
+    /// Every claimed sequence must be [`Ring::install`]ed promptly: consumers never skip
+    /// a claimed slot, so until then every shard waits at it.
+    pub fn claim(&self) -> u64 {
+        self.head.claim()
+    }
+
+    /// Installs `msg` in the slot of `seq`, which the caller claimed with [`Ring::claim`].
+    pub fn install(&self, seq: u64, msg: RingMessage) {
         let slot = &self.slots[(seq & self.mask) as usize];
         let guard = epoch::pin();
         let mut new = Owned::new(Entry { seq, msg });
@@ -138,7 +153,7 @@ impl Ring {
                 if existing.seq > seq {
                     // A producer one lap ahead already owns the slot; ours is lost to
                     // every consumer, which they see as an overrun.
-                    return seq;
+                    return;
                 }
             }
             match slot.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire, &guard) {
@@ -148,7 +163,7 @@ impl Ring {
                         // can reach it, and readers already holding it are pinned.
                         unsafe { guard.defer_destroy(current) };
                     }
-                    return seq;
+                    return;
                 }
                 Err(err) => {
                     current = err.current;
