@@ -105,6 +105,8 @@ pub struct ShardMetrics {
 pub struct Metrics {
     shards: Box<[CachePadded<ShardMetrics>]>,
     latency: Box<[Mutex<Histogram<u64>>]>,
+    /// Channels with offset state in the publisher (gauge; process-wide, not per shard).
+    pub channels: AtomicU64,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -124,6 +126,7 @@ pub fn init(shards: usize) -> &'static Metrics {
                 )
             })
             .collect(),
+        channels: AtomicU64::new(0),
     })
 }
 
@@ -280,6 +283,7 @@ impl Metrics {
                 s.connections.load(Relaxed)
             );
         }
+        let _ = writeln!(out, "# HELP ringcast_channels Channels with offset state (published within channel_idle_timeout).\n# TYPE ringcast_channels gauge\nringcast_channels {}", self.channels.load(Relaxed));
         self.render_latency(&mut out);
         let _ = writeln!(out, "# HELP ringcast_draining 1 while a drain is in progress.\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
         out

@@ -4,6 +4,9 @@
 //! A round takes up to [`ROUND`] messages, queues each to its subscribers' backlogs, then
 //! flushes every touched connection once: in a burst a subscriber receives many frames in
 //! one `sendmsg`; when paced, a round is one message and one write per subscriber.
+//!
+//! It also hosts shard 0's periodic sweep of idle channels ([`expire_idle_channels`]),
+//! the publisher-side housekeeping that belongs to no connection.
 
 use crate::fanout::ring::Poll as RingPoll;
 use crate::shard::state::Shard;
@@ -44,6 +47,23 @@ impl LocalEvent {
             }
         })
         .await
+    }
+}
+
+/// Forgets idle channels' offset state, a bounded slice per call ([`crate::fanout::
+/// publisher::Publisher::expire_idle`]); only shard 0 sweeps, the others return at once.
+/// Called once per second from the heartbeat loop.
+pub fn expire_idle_channels(shard: &Shard) {
+    if shard.id != 0 {
+        return;
+    }
+    let sweep = shard.publisher.expire_idle(Instant::now());
+    if sweep.expired > 0 {
+        tracing::debug!(
+            expired = sweep.expired,
+            scanned = sweep.scanned,
+            "idle channels forgotten"
+        );
     }
 }
 
