@@ -119,4 +119,9 @@ export RINGCAST_BIN="$TARGET_DIR/release/ringcast"
 log "cargo test --release (RINGCAST_BIN=$RINGCAST_BIN)"
 cargo test --release --workspace --no-fail-fast
 
+# The wake-up handshake, model-checked with loom. The feature swaps only ringcast's own
+# atomics (src/fanout/sync.rs), so the dependencies built above are reused.
+log "cargo test --release --features loom --test loom_wake (model check)"
+cargo test --release -p ringcast --features loom --test loom_wake
+
 log "all checks passed"

@@ -137,6 +137,11 @@ pub struct ConfigLayer {
     /// Default: 16384.
     #[arg(long, env = "RINGCAST_RING_CAPACITY", value_name = "N")]
     pub ring_capacity: Option<usize>,
+    /// Seconds without a publish after which a channel's offset state is forgotten (its
+    /// next message starts at offset 1 with a new epoch); 0 keeps every channel forever.
+    /// Default: 3600.
+    #[arg(long, env = "RINGCAST_CHANNEL_IDLE_TIMEOUT", value_name = "SECS")]
+    pub channel_idle_timeout: Option<u64>,
     /// Bytes of io_uring registered buffer memory per shard (locked memory: counts
     /// against RLIMIT_MEMLOCK). ringcast does not use registered buffers for sockets.
     /// Default: 262144.
@@ -215,6 +220,8 @@ pub struct Settings {
     pub drain_window: Duration,
     /// Ring slots.
     pub ring_capacity: usize,
+    /// Idle time after which a channel's offset state is dropped; `None`: never.
+    pub channel_idle_timeout: Option<Duration>,
     /// glommio io memory per shard.
     pub io_memory: usize,
     /// Whether transparent huge pages stay enabled for the process.
@@ -436,6 +443,15 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             3600,
         )?),
         ring_capacity: in_range("ring_capacity", pick!(ring_capacity, 16_384), 16, 1 << 24)?,
+        channel_idle_timeout: match in_range(
+            "channel_idle_timeout",
+            pick!(channel_idle_timeout, 3600),
+            0,
+            365 * 24 * 3600,
+        )? {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        },
         io_memory: in_range("io_memory", pick!(io_memory, 256 << 10), 64 << 10, 1 << 30)?,
         transparent_huge_pages: pick!(transparent_huge_pages, false),
     };
@@ -474,6 +490,20 @@ mod tests {
         assert_eq!(s.admin.to_string(), "127.0.0.1:9090");
         assert_eq!(s.ping_interval, Duration::from_secs(25));
         assert_eq!(s.max_handshakes_per_shard, 1024);
+        assert_eq!(s.channel_idle_timeout, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn channel_idle_timeout_zero_means_never_and_bounds_name_the_key() {
+        let s = parse(&["--channel-idle-timeout", "0"]).unwrap();
+        assert_eq!(s.channel_idle_timeout, None);
+        let file: ConfigLayer = toml::from_str("channel_idle_timeout = 60").unwrap();
+        let s = resolve(ConfigLayer::default(), file).unwrap();
+        assert_eq!(s.channel_idle_timeout, Some(Duration::from_secs(60)));
+        let err = parse(&["--channel-idle-timeout", "99999999999"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("channel_idle_timeout"), "{err}");
     }
 
     #[test]

@@ -120,6 +120,8 @@ impl LatencyHistogram {
 pub struct Metrics {
     shards: Box<[CachePadded<ShardMetrics>]>,
     latency: Box<[CachePadded<LatencyHistogram>]>,
+    /// Channels with offset state in the publisher (gauge; process-wide, not per shard).
+    pub channels: AtomicU64,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -133,6 +135,7 @@ pub fn init(shards: usize) -> &'static Metrics {
         latency: (0..shards)
             .map(|_| CachePadded::new(LatencyHistogram::default()))
             .collect(),
+        channels: AtomicU64::new(0),
     })
 }
 
@@ -304,6 +307,7 @@ impl Metrics {
                 s.connections.load(Relaxed)
             );
         }
+        let _ = writeln!(out, "# HELP ringcast_channels Channels with offset state (published within channel_idle_timeout).\n# TYPE ringcast_channels gauge\nringcast_channels {}", self.channels.load(Relaxed));
         self.render_latency(&mut out);
         let _ = writeln!(out, "# HELP ringcast_draining 1 while a drain is in progress.\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
         out

@@ -4,6 +4,7 @@
 //!   into the ring, keeping per-channel offset order equal to ring order.
 //! - [`ring`] is the shared lock-free multi-producer ring every shard follows.
 //! - [`wake`] wakes idle shards when the ring advances, coalescing wake-ups.
+//! - [`sync`] picks std or loom atomics for the wake protocol (model-checked).
 //! - [`index`] is a shard's channel -> subscribers index.
 //! - [`backlog`] is a connection's bounded send queue and the slow-consumer policy.
 
@@ -11,4 +12,5 @@ pub mod backlog;
 pub mod index;
 pub mod publisher;
 pub mod ring;
+pub mod sync;
 pub mod wake;

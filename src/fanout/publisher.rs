@@ -2,25 +2,78 @@
 //!
 //! Per-channel order is the invariant that matters: a subscriber must never see offset 5
 //! before 4, even when UDP, TCP and HTTP ingest on different cores publish to one channel
-//! at once. Taking an offset and claiming a ring slot are two steps, so they happen under
-//! the channel's stripe lock: for one channel, offset order is ring order, and consumers
-//! read the ring in order. The lock is taken only by producers (never on the fan-out path),
-//! covers one `fetch_add` and one small copy, and is striped 64 ways, so publishes to
-//! different channels rarely meet. Payload validation happens before the lock.
+//! at once. Taking an offset and claiming a ring slot are two steps, so they happen
+//! together under the channel's stripe lock: for one channel, offset order is claim order,
+//! and consumers read the ring in claim order (they never skip a claimed slot that is not
+//! filled yet). Nothing else needs the lock: payload classification happens before it,
+//! and the frame is encoded and installed in the claimed slot after it.
+//!
+//! # The stripe lock
+//!
+//! Producers are shard executors (one thread per core), so a lock that parks would stall a
+//! whole core's connections. The stripes are spin locks with exponential backoff
+//! (`crossbeam_utils::Backoff`, which ends in `yield_now` so a preempted holder gets its
+//! core back), and the critical section is a hash lookup, two increments and, for a new
+//! channel, one small allocation: tens of nanoseconds. 64 stripes keep publishes to
+//! different channels apart. `examples/publish_contention.rs` measures it
+//! (docs/benchmarks.md, "Publisher stripe lock").
+//!
+//! # Channel state and expiry
+//!
+//! Each channel with state has its last offset, an epoch and its last publish time. A
+//! channel not published for `channel_idle_timeout` is forgotten by
+//! [`Publisher::expire_idle`], which scans a bounded number of entries per call, a few
+//! hundred per lock hold, so that a host with millions of `user:<id>` channels neither
+//! grows without bound nor stalls the shard that sweeps. A forgotten channel published
+//! again starts at offset 1 with a new epoch, so a client holding `(offset, epoch)` from
+//! the old incarnation can tell its position no longer means anything.
+//!
+//! Epochs are the process start time in nanoseconds since the Unix epoch plus a counter:
+//! distinct for every incarnation in this process, and distinct from a previous process's
+//! unless it created channels faster than one per nanosecond over its whole life (or the
+//! wall clock was stepped back across the restart).
 
 use crate::fanout::ring::{Ring, RingMessage};
 use crate::fanout::wake::IdleFlags;
 use crate::proto::message::{encode_message, EncodedData};
-use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
-use std::collections::HashMap;
+use crossbeam_utils::{Backoff, CachePadded};
+use indexmap::IndexMap;
+use parking_lot::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const STRIPES: usize = 64;
 
-/// The last offset given out, per channel, for the channels hashing to one stripe.
-type OffsetStripe = CachePadded<Mutex<HashMap<Arc<str>, u64>>>;
+/// Entries [`Publisher::expire_idle`] examines per call, over all stripes.
+pub const SWEEP_BUDGET: usize = 4096;
+
+/// Entries examined per stripe lock hold while sweeping: bounds how long a producer can
+/// spin behind the sweeper (a few microseconds).
+const SWEEP_CHUNK: usize = 256;
+
+/// What the publisher remembers about one channel.
+struct ChannelState {
+    /// The map's key again, so a publish clones it with a single lookup.
+    name: Arc<str>,
+    /// The last offset given out.
+    last: u64,
+    /// This incarnation's epoch.
+    epoch: u64,
+    /// Seconds since the publisher started, at the last publish.
+    last_publish: u64,
+}
+
+/// The channels hashing to one stripe. An `IndexMap` so the sweeper can resume at an
+/// index between calls and remove in place (`swap_remove_index`).
+type OffsetStripe = CachePadded<Mutex<IndexMap<Arc<str>, ChannelState, ahash::RandomState>>>;
+
+/// Where the sweeper stopped: stripe, then index inside it.
+#[derive(Default)]
+struct SweepCursor {
+    stripe: usize,
+    index: usize,
+}
 
 /// Channel offsets, the ring, and the shards to wake: shared by every producer.
 pub struct Publisher {
@@ -28,6 +81,13 @@ pub struct Publisher {
     idle: Arc<IdleFlags>,
     stripes: Box<[OffsetStripe]>,
     hasher: ahash::RandomState,
+    started: Instant,
+    epoch_base: u64,
+    epoch_next: AtomicU64,
+    idle_timeout: Option<Duration>,
+    sweep: Mutex<SweepCursor>,
+    channels: AtomicU64,
+    gauge: Option<&'static AtomicU64>,
 }
 
 /// Where a published message landed.
@@ -35,22 +95,71 @@ pub struct Publisher {
 pub struct Published {
     /// The channel offset it was given (starts at 1).
     pub offset: u64,
+    /// The channel incarnation's epoch.
+    pub epoch: u64,
     /// Its ring sequence.
     pub seq: u64,
 }
 
+/// What one [`Publisher::expire_idle`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Channel entries examined (at most [`SWEEP_BUDGET`]).
+    pub scanned: usize,
+    /// Channel entries removed.
+    pub expired: usize,
+}
+
+/// Takes a stripe lock by spinning: test, try, back off; never parks the thread.
+fn lock_stripe<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    let backoff = Backoff::new();
+    loop {
+        // Read first so waiters spin on a shared cache line instead of bouncing it.
+        if !m.is_locked() {
+            if let Some(guard) = m.try_lock() {
+                return guard;
+            }
+        }
+        backoff.snooze();
+    }
+}
+
 impl Publisher {
-    /// A publisher over `ring` that wakes the shards in `idle`.
+    /// A publisher over `ring` that wakes the shards in `idle`; channels never expire.
     pub fn new(ring: Arc<Ring>, idle: Arc<IdleFlags>) -> Self {
         let stripes = (0..STRIPES)
-            .map(|_| CachePadded::new(Mutex::new(HashMap::new())))
+            .map(|_| CachePadded::new(Mutex::new(IndexMap::default())))
             .collect();
+        let epoch_base = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2));
         Publisher {
             ring,
             idle,
             stripes,
             hasher: ahash::RandomState::new(),
+            started: Instant::now(),
+            epoch_base,
+            epoch_next: AtomicU64::new(0),
+            idle_timeout: None,
+            sweep: Mutex::new(SweepCursor::default()),
+            channels: AtomicU64::new(0),
+            gauge: None,
         }
+    }
+
+    /// Forgets channels not published for `timeout` (see [`Publisher::expire_idle`]);
+    /// `None` keeps them forever.
+    pub fn with_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Mirrors the number of channels with state into `gauge` (`ringcast_channels`).
+    pub fn with_channel_gauge(mut self, gauge: &'static AtomicU64) -> Self {
+        gauge.store(self.channels.load(Relaxed), Relaxed);
+        self.gauge = Some(gauge);
+        self
     }
 
     /// The ring this publisher feeds.
@@ -63,6 +172,18 @@ impl Publisher {
         &self.idle
     }
 
+    /// Channels with offset state.
+    pub fn channel_count(&self) -> u64 {
+        self.channels.load(Relaxed)
+    }
+
+    /// `channel`'s last offset and epoch; `None` when it has no state (never published,
+    /// or expired: its next publish starts a new epoch at offset 1).
+    pub fn position(&self, channel: &str) -> Option<(u64, u64)> {
+        let map = lock_stripe(self.stripe(channel));
+        map.get(channel).map(|s| (s.last, s.epoch))
+    }
+
     /// Publishes `payload` to `channel` (already validated) and wakes idle shards.
     pub fn publish(&self, channel: &str, payload: &[u8]) -> Published {
         let published = self.publish_quiet(channel, payload);
@@ -72,23 +193,132 @@ impl Publisher {
 
     /// Publishes without waking anyone (for callers that batch, and for tests).
     pub fn publish_quiet(&self, channel: &str, payload: &[u8]) -> Published {
+        self.publish_inner(channel, payload, None)
+    }
+
+    /// [`Publisher::publish_quiet`], also returning how long it waited for the stripe lock
+    /// (for `examples/publish_contention.rs`).
+    #[doc(hidden)]
+    pub fn publish_timed(&self, channel: &str, payload: &[u8]) -> (Published, Duration) {
+        let mut wait = Duration::ZERO;
+        let published = self.publish_inner(channel, payload, Some(&mut wait));
+        (published, wait)
+    }
+
+    fn stripe(&self, channel: &str) -> &OffsetStripe {
+        &self.stripes[(self.hasher.hash_one(channel) as usize) % STRIPES]
+    }
+
+    fn publish_inner(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        lock_wait: Option<&mut Duration>,
+    ) -> Published {
         let data = EncodedData::new(payload);
         let published_at = Instant::now();
-        let stripe = (self.hasher.hash_one(channel) as usize) % STRIPES;
-        let mut offsets = self.stripes[stripe].lock();
-        let (name, offset) = match offsets.get_key_value(channel) {
-            Some((name, &last)) => (name.clone(), last + 1),
-            None => (Arc::<str>::from(channel), 1),
+        let now = published_at
+            .saturating_duration_since(self.started)
+            .as_secs();
+        let stripe = self.stripe(channel);
+        let before = lock_wait.is_some().then(Instant::now);
+        let mut map = lock_stripe(stripe);
+        if let (Some(wait), Some(before)) = (lock_wait, before) {
+            *wait = before.elapsed();
+        }
+        let (name, offset, epoch) = match map.get_mut(channel) {
+            Some(state) => {
+                state.last += 1;
+                state.last_publish = now;
+                (state.name.clone(), state.last, state.epoch)
+            }
+            None => {
+                let name: Arc<str> = Arc::from(channel);
+                let epoch = self.epoch_base + self.epoch_next.fetch_add(1, Relaxed);
+                let state = ChannelState {
+                    name: name.clone(),
+                    last: 1,
+                    epoch,
+                    last_publish: now,
+                };
+                map.insert(name.clone(), state);
+                self.count_channels(1, 0);
+                (name, 1, epoch)
+            }
         };
-        offsets.insert(name.clone(), offset);
+        // Claimed under the lock: this channel's next offset cannot claim an earlier slot.
+        let seq = self.ring.claim();
+        drop(map);
         let frame = encode_message(channel, offset, &data);
-        let seq = self.ring.push(RingMessage {
-            channel: name,
-            frame,
-            published_at,
-        });
-        drop(offsets);
-        Published { offset, seq }
+        self.ring.install(
+            seq,
+            RingMessage {
+                channel: name,
+                frame,
+                published_at,
+            },
+        );
+        Published { offset, epoch, seq }
+    }
+
+    fn count_channels(&self, added: u64, removed: u64) {
+        let now = if removed > 0 {
+            self.channels.fetch_sub(removed, Relaxed) - removed
+        } else {
+            self.channels.fetch_add(added, Relaxed) + added
+        };
+        if let Some(gauge) = self.gauge {
+            // Two updates racing may store out of order; the next change corrects it.
+            gauge.store(now, Relaxed);
+        }
+    }
+
+    /// Forgets channels not published for the idle timeout, examining at most
+    /// [`SWEEP_BUDGET`] entries (at most 256 per stripe lock hold) and resuming where the
+    /// previous call stopped. Meant to be called periodically from one shard; does
+    /// nothing when channels never expire or another sweep is running.
+    pub fn expire_idle(&self, now: Instant) -> Sweep {
+        let mut done = Sweep::default();
+        let Some(timeout) = self.idle_timeout else {
+            return done;
+        };
+        let Some(mut cursor) = self.sweep.try_lock() else {
+            return done;
+        };
+        let now = now.saturating_duration_since(self.started).as_secs();
+        let timeout = timeout.as_secs();
+        // At most one lock hold per stripe's worth of steps: an empty map ends quickly.
+        for _ in 0..STRIPES {
+            if done.scanned >= SWEEP_BUDGET {
+                break;
+            }
+            // Spins like a producer: their holds are tens of nanoseconds.
+            let mut map = lock_stripe(&self.stripes[cursor.stripe]);
+            let limit = SWEEP_CHUNK.min(SWEEP_BUDGET - done.scanned);
+            let mut seen = 0;
+            while seen < limit && cursor.index < map.len() {
+                seen += 1;
+                let idle = map
+                    .get_index(cursor.index)
+                    .is_some_and(|(_, s)| now.saturating_sub(s.last_publish) >= timeout);
+                if idle {
+                    // The last entry moves into this index: look at it next.
+                    map.swap_remove_index(cursor.index);
+                    done.expired += 1;
+                } else {
+                    cursor.index += 1;
+                }
+            }
+            done.scanned += seen;
+            if cursor.index >= map.len() {
+                cursor.stripe = (cursor.stripe + 1) % STRIPES;
+                cursor.index = 0;
+            }
+        }
+        if done.expired > 0 {
+            self.count_channels(0, done.expired as u64);
+        }
+        done
     }
 }
 
@@ -96,6 +326,7 @@ impl Publisher {
 mod tests {
     use super::*;
     use crate::fanout::ring::Poll;
+    use std::collections::HashMap;
 
     #[test]
     fn offsets_follow_ring_order_per_channel_under_contention() {
@@ -127,5 +358,86 @@ mod tests {
         }
         assert_eq!(last["shared"], 4000);
         assert_eq!(cursor, 8000);
+    }
+
+    fn publisher(timeout_secs: u64) -> Publisher {
+        Publisher::new(Arc::new(Ring::new(1 << 10)), Arc::new(IdleFlags::new(1)))
+            .with_idle_timeout(Some(Duration::from_secs(timeout_secs)))
+    }
+
+    #[test]
+    fn offsets_continue_while_a_channel_is_published() {
+        let p = publisher(10);
+        let first = p.publish_quiet("user:1", b"{}");
+        assert_eq!(first.offset, 1);
+        // Idle for less than the timeout: kept.
+        let sweep = p.expire_idle(Instant::now() + Duration::from_secs(5));
+        assert_eq!((sweep.scanned, sweep.expired), (1, 0));
+        let second = p.publish_quiet("user:1", b"{}");
+        assert_eq!((second.offset, second.epoch), (2, first.epoch));
+        assert_eq!(p.position("user:1"), Some((2, first.epoch)));
+        assert_eq!(p.channel_count(), 1);
+    }
+
+    #[test]
+    fn an_expired_channel_restarts_at_one_with_a_new_epoch() {
+        static GAUGE: AtomicU64 = AtomicU64::new(0);
+        let p = publisher(10).with_channel_gauge(&GAUGE);
+        let old = p.publish_quiet("user:2", b"{}");
+        p.publish_quiet("user:2", b"{}");
+        p.publish_quiet("other", b"{}");
+        assert_eq!(GAUGE.load(Relaxed), 2);
+        let sweep = p.expire_idle(Instant::now() + Duration::from_secs(11));
+        assert_eq!(sweep.expired, 2);
+        assert_eq!(p.position("user:2"), None);
+        assert_eq!((p.channel_count(), GAUGE.load(Relaxed)), (0, 0));
+        let new = p.publish_quiet("user:2", b"{}");
+        assert_eq!(new.offset, 1);
+        assert_ne!(new.epoch, old.epoch);
+        assert_eq!(p.position("user:2"), Some((1, new.epoch)));
+    }
+
+    #[test]
+    fn expiry_work_per_call_is_bounded_and_resumes() {
+        let p = publisher(1);
+        let channels = 3 * SWEEP_BUDGET + 100;
+        for i in 0..channels {
+            p.publish_quiet(&format!("user:{i}"), b"{}");
+        }
+        let later = Instant::now() + Duration::from_secs(2);
+        let mut calls = 0;
+        let mut expired = 0;
+        while p.channel_count() > 0 {
+            let sweep = p.expire_idle(later);
+            assert!(sweep.scanned <= SWEEP_BUDGET, "{sweep:?}");
+            expired += sweep.expired;
+            calls += 1;
+            assert!(
+                calls <= 2 * channels / SWEEP_BUDGET + STRIPES,
+                "sweep makes no progress"
+            );
+        }
+        assert_eq!(expired, channels);
+        assert!(calls >= channels.div_ceil(SWEEP_BUDGET));
+    }
+
+    #[test]
+    fn channels_never_expire_without_a_timeout() {
+        let p = Publisher::new(Arc::new(Ring::new(16)), Arc::new(IdleFlags::new(1)));
+        p.publish_quiet("news", b"{}");
+        let sweep = p.expire_idle(Instant::now() + Duration::from_secs(1 << 30));
+        assert_eq!(sweep, Sweep::default());
+        assert_eq!(p.position("news").map(|(offset, _)| offset), Some(1));
+    }
+
+    #[test]
+    fn epochs_differ_across_publishers_and_incarnations() {
+        let a = Publisher::new(Arc::new(Ring::new(16)), Arc::new(IdleFlags::new(1)));
+        let x = a.publish_quiet("x", b"1").epoch;
+        let y = a.publish_quiet("y", b"1").epoch;
+        std::thread::sleep(Duration::from_millis(2));
+        let b = Publisher::new(Arc::new(Ring::new(16)), Arc::new(IdleFlags::new(1)));
+        let z = b.publish_quiet("x", b"1").epoch;
+        assert!(x != y && z > y, "{x} {y} {z}");
     }
 }

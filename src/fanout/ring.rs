@@ -17,10 +17,11 @@
 //! keeps the last `capacity` messages alive, which bounds its memory to
 //! `capacity x average frame size`.
 
+use crate::fanout::sync;
 use bytes::Bytes;
 use crossbeam_epoch::{self as epoch, Atomic, Owned};
 use crossbeam_utils::CachePadded;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,11 +41,42 @@ struct Entry {
     msg: RingMessage,
 }
 
+/// The ring's claim counter: the next sequence a producer will take.
+///
+/// Its own type because it is half of the wake protocol ([`crate::fanout::wake`]) and is
+/// model-checked with it: its atomic comes from [`crate::fanout::sync`].
+pub struct RingHead(CachePadded<sync::AtomicU64>);
+
+impl RingHead {
+    /// A counter at sequence 0.
+    pub fn new() -> Self {
+        RingHead(CachePadded::new(sync::AtomicU64::new(0)))
+    }
+
+    /// Claims the next sequence. A producer must then call
+    /// [`crate::fanout::wake::IdleFlags::wake_idle`], whose fence orders this claim before
+    /// its reads of the idle flags.
+    pub fn claim(&self) -> u64 {
+        self.0.fetch_add(1, sync::Ordering::AcqRel)
+    }
+
+    /// The next sequence to be claimed.
+    pub fn load(&self) -> u64 {
+        self.0.load(sync::Ordering::Acquire)
+    }
+}
+
+impl Default for RingHead {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The bounded multi-producer broadcast ring.
 pub struct Ring {
     slots: Box<[Atomic<Entry>]>,
     mask: u64,
-    head: CachePadded<AtomicU64>,
+    head: RingHead,
 }
 
 /// What a consumer found at its cursor.
@@ -69,7 +101,7 @@ impl Ring {
         Ring {
             slots,
             mask: capacity as u64 - 1,
-            head: CachePadded::new(AtomicU64::new(0)),
+            head: RingHead::new(),
         }
     }
 
@@ -80,7 +112,13 @@ impl Ring {
 
     /// The next sequence a producer will claim; a new consumer starts here.
     pub fn head(&self) -> u64 {
-        self.head.load(Ordering::Acquire)
+        self.head.load()
+    }
+
+    /// The claim counter, for the idle shard's re-check in
+    /// [`crate::fanout::wake::IdleFlags::prepare_park`].
+    pub fn head_counter(&self) -> &RingHead {
+        &self.head
     }
 
     /// Claims the next sequence and installs `msg` in its slot; returns the sequence.
@@ -88,7 +126,22 @@ impl Ring {
     /// Callers that need per-channel order must make claim order match offset order (see
     /// [`crate::fanout::publisher`]).
     pub fn push(&self, msg: RingMessage) -> u64 {
-        let seq = self.head.fetch_add(1, Ordering::AcqRel);
+        let seq = self.claim();
+        self.install(seq, msg);
+        seq
+    }
+
+    /// Claims the next sequence without filling it: [`Ring::push`] in two steps, so a
+    /// producer can claim under a lock and build its message after releasing it.
+    ///
+    /// Every claimed sequence must be [`Ring::install`]ed promptly: consumers never skip
+    /// a claimed slot, so until then every shard waits at it.
+    pub fn claim(&self) -> u64 {
+        self.head.claim()
+    }
+
+    /// Installs `msg` in the slot of `seq`, which the caller claimed with [`Ring::claim`].
+    pub fn install(&self, seq: u64, msg: RingMessage) {
         let slot = &self.slots[(seq & self.mask) as usize];
         let guard = epoch::pin();
         let mut new = Owned::new(Entry { seq, msg });
@@ -100,7 +153,7 @@ impl Ring {
                 if existing.seq > seq {
                     // A producer one lap ahead already owns the slot; ours is lost to
                     // every consumer, which they see as an overrun.
-                    return seq;
+                    return;
                 }
             }
             match slot.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire, &guard) {
@@ -110,7 +163,7 @@ impl Ring {
                         // can reach it, and readers already holding it are pinned.
                         unsafe { guard.defer_destroy(current) };
                     }
-                    return seq;
+                    return;
                 }
                 Err(err) => {
                     current = err.current;

@@ -4,6 +4,9 @@
 //! A round takes up to [`ROUND`] messages, queues each to its subscribers' backlogs, then
 //! flushes every touched connection once: in a burst a subscriber receives many frames in
 //! one `sendmsg`; when paced, a round is one message and one write per subscriber.
+//!
+//! It also hosts shard 0's periodic sweep of idle channels ([`expire_idle_channels`]),
+//! the publisher-side housekeeping that belongs to no connection.
 
 use crate::fanout::ring::Poll as RingPoll;
 use crate::shard::state::Shard;
@@ -97,9 +100,7 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
             glommio::yield_if_needed().await;
             continue;
         }
-        idle.set_idle(shard.id);
-        if ring.head() > cursor {
-            idle.clear(shard.id);
+        if !idle.prepare_park(shard.id, ring.head_counter(), cursor) {
             // A producer claimed a slot but may not have filled it yet: let it finish.
             glommio::yield_if_needed().await;
             continue;

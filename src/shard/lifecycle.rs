@@ -16,7 +16,7 @@ use crate::shard::follower::LocalEvent;
 use crate::shard::state::Shard;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Set by the signal thread when a drain starts.
 pub static DRAINING: AtomicBool = AtomicBool::new(false);
@@ -83,6 +83,7 @@ impl Sweep {
             let high = conns.high();
             if self.cursor >= high {
                 self.cursor = 0;
+                expire_idle_channels(shard);
             }
             let end = high.min(self.cursor + high.div_ceil(TICKS_PER_PASS).max(1));
             let mut pings = 0;
@@ -109,6 +110,23 @@ impl Sweep {
             shard.finalize_close(key);
         }
         shard.settle();
+    }
+}
+
+/// Forgets idle channels' offset state, a bounded slice per call ([`crate::fanout::
+/// publisher::Publisher::expire_idle`]); only shard 0 sweeps, the others return at once.
+/// Called once per heartbeat pass (a second).
+fn expire_idle_channels(shard: &Shard) {
+    if shard.id != 0 {
+        return;
+    }
+    let sweep = shard.publisher.expire_idle(Instant::now());
+    if sweep.expired > 0 {
+        tracing::debug!(
+            expired = sweep.expired,
+            scanned = sweep.scanned,
+            "idle channels forgotten"
+        );
     }
 }
 

@@ -107,7 +107,11 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         }
     }
     let ring = Arc::new(Ring::new(settings.ring_capacity));
-    let publisher = Arc::new(Publisher::new(ring, Arc::new(IdleFlags::new(n))));
+    let publisher = Arc::new(
+        Publisher::new(ring, Arc::new(IdleFlags::new(n)))
+            .with_idle_timeout(settings.channel_idle_timeout)
+            .with_channel_gauge(&metrics::get().channels),
+    );
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
