@@ -11,7 +11,7 @@
 use crate::fanout::backlog::Offer;
 use crate::metrics::CloseCause;
 use crate::proto::close::{CloseCode, CloseReason};
-use crate::shard::batch::{BatchEntry, SendRing, DEPTH};
+use crate::shard::batch::{BatchEntry, SendOutcome, SendRing};
 use crate::shard::follower::ROUND;
 use crate::shard::state::Shard;
 use crate::shard::table::Conn;
@@ -27,6 +27,10 @@ use std::sync::atomic::Ordering::Relaxed;
 /// 2000-message burst (docs/benchmarks.md): 64 iovecs per call gave 3.9M deliveries per
 /// server-CPU-second, 256 gave 7M: the kernel's per-call and per-segment costs dominate.
 const MAX_IOV: usize = ROUND;
+
+/// Most sends (connections flushed, or subscribers offered a message) between two yields
+/// to the executor: at ~1 µs each, a 4096-send chunk holds the core for a few ms.
+pub const FAIR_CHUNK: usize = 4096;
 
 /// How a flush ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,17 +142,64 @@ impl Shard {
     /// Flushes every connection that got frames this round, one `sendmsg` each, all
     /// submitted to the kernel at once through the shard's send ring when it has one.
     pub fn flush_dirty(&self) {
-        let keys = std::mem::take(&mut *self.dirty.borrow_mut());
+        loop {
+            let keys = std::mem::take(&mut *self.dirty.borrow_mut());
+            if keys.is_empty() {
+                self.recycle_dirty(keys);
+                return;
+            }
+            for chunk in keys.chunks(FAIR_CHUNK) {
+                self.flush_keys(chunk);
+            }
+            self.recycle_dirty(keys);
+        }
+    }
+
+    /// [`Shard::flush_dirty`] for the fan-out task: yields to the executor after every
+    /// [`FAIR_CHUNK`] connections, so a round to 500k subscribers does not hold off
+    /// accepts, heartbeats and ingest until its last write. Connections made dirty while
+    /// it is yielded are flushed before it returns.
+    pub async fn flush_dirty_yielding(&self) {
+        loop {
+            let keys = std::mem::take(&mut *self.dirty.borrow_mut());
+            if keys.is_empty() {
+                self.recycle_dirty(keys);
+                return;
+            }
+            for chunk in keys.chunks(FAIR_CHUNK) {
+                // Keys not yet flushed keep their `dirty` flag across the yield, so an
+                // offer in between does not list them twice; a key whose slot was freed
+                // and reused meanwhile flushes the new occupant's own backlog, harmless.
+                self.flush_keys(chunk);
+                if keys.len() > FAIR_CHUNK {
+                    yield_to_executor().await;
+                }
+            }
+            self.recycle_dirty(keys);
+        }
+    }
+
+    /// Hands the (emptied) list back to keep its capacity for the next round.
+    fn recycle_dirty(&self, mut keys: Vec<u32>) {
+        let mut dirty = self.dirty.borrow_mut();
+        if dirty.is_empty() {
+            keys.clear();
+            *dirty = keys;
+        }
+    }
+
+    fn flush_keys(&self, keys: &[u32]) {
         let mut conns = self.conns.borrow_mut();
         let mut ring = self.send_ring.borrow_mut();
         match ring.as_mut() {
-            Some(ring) if keys.len() > 1 => {
-                for chunk in keys.chunks(DEPTH as usize) {
-                    self.flush_batch(ring, &mut conns, chunk);
+            Some(send_ring) if keys.len() > 1 => {
+                self.flush_batch(send_ring, &mut conns, keys);
+                if send_ring.is_broken() {
+                    *ring = None;
                 }
             }
             _ => {
-                for &key in &keys {
+                for &key in keys {
                     if let Some(conn) = conns.get_mut(key as usize) {
                         conn.dirty = false;
                         if conn.is_open() {
@@ -157,15 +208,6 @@ impl Shard {
                     }
                 }
             }
-        }
-        drop(ring);
-        drop(conns);
-        // Hand the (emptied) list back to keep its capacity for the next round.
-        let mut dirty = self.dirty.borrow_mut();
-        if dirty.is_empty() {
-            let mut keys = keys;
-            keys.clear();
-            *dirty = keys;
         }
     }
 
@@ -205,35 +247,57 @@ impl Shard {
             });
         }
         let mut results = Vec::new();
-        let sent = ring.send_all(&entries, &mut results);
+        ring.send_all(&entries, &mut results);
         drop(entries);
         drop(store);
-        self.metrics
-            .send_calls
-            .fetch_add(selected.len() as u64, Relaxed);
         for (i, &key) in selected.iter().enumerate() {
             let Some(conn) = conns.get_mut(key as usize) else {
                 continue;
             };
             let before = conn.backlog.bytes();
-            match results.get(i).copied() {
-                Some(written) if written >= 0 && sent.is_ok() => {
-                    conn.backlog.advance(written as usize);
+            match results.get(i).copied().unwrap_or(SendOutcome::NotSubmitted) {
+                SendOutcome::Written(written) => {
+                    self.metrics.send_calls.fetch_add(1, Relaxed);
+                    conn.backlog.advance(written);
                     self.metrics.bytes_out.fetch_add(written as u64, Relaxed);
                     self.note_backlog_change(before, conn.backlog.bytes());
-                    if written as usize == asked[i] && !conn.backlog.is_empty() {
+                    if written == asked[i] && !conn.backlog.is_empty() {
                         // More than one call's worth was queued and the socket took it
                         // all: no writable edge will come, so continue directly.
                         self.flush_or_close(key, conn);
                     }
                 }
-                Some(e) if e == -libc::EAGAIN => {}
-                Some(e) if e < 0 && e != -libc::ECANCELED => {
+                // Full: the epoll set reports the socket writable again.
+                SendOutcome::Err(libc::EAGAIN) => {
+                    self.metrics.send_calls.fetch_add(1, Relaxed);
+                }
+                // Nothing was written: the plain path may send the same bytes.
+                SendOutcome::Err(libc::EINTR) | SendOutcome::NotSubmitted => {
+                    self.flush_or_close(key, conn)
+                }
+                SendOutcome::Err(_) => {
+                    self.metrics.send_calls.fetch_add(1, Relaxed);
                     self.schedule_close(key, conn, None, CloseCause::IoError);
                 }
-                // Not submitted (ring full or setup error): the plain path takes it.
-                _ => self.flush_or_close(key, conn),
+                SendOutcome::Unknown => {
+                    // Some of these bytes may be on the wire and the kernel may still read
+                    // them: sending anything more would corrupt the stream, and freeing
+                    // them could hand the kernel reused memory. Keep them (leaked, at most
+                    // one backlog; this needs a failing io_uring) and close without a
+                    // close frame.
+                    std::mem::forget(std::mem::take(&mut conn.backlog));
+                    self.note_backlog_change(before, 0);
+                    self.schedule_close(key, conn, None, CloseCause::IoError);
+                }
             }
         }
     }
+}
+
+/// Lets every other task of the shard (and the reactor) run before continuing.
+pub async fn yield_to_executor() {
+    // Not `yield_if_needed`: a chunk is the bound, not the executor's time slice, and
+    // yielding the task queue (not only the task) lets glommio poll for I/O, so a pending
+    // accept is served.
+    glommio::executor().yield_task_queue_now().await;
 }
