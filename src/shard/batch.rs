@@ -182,12 +182,21 @@ impl SendRing {
         {
             let mut sq = ring.submission();
             for (i, entry) in entries.iter().enumerate() {
-                let sqe = opcode::SendMsg::new(
-                    types::Fd(entry.fd),
-                    &self.headers[i] as *const libc::msghdr,
-                )
-                .flags(flags)
-                .build()
+                let sqe = match entry.slices {
+                    // One frame (the paced case): a plain send spares the kernel the
+                    // msghdr copy and iovec import of sendmsg.
+                    [one] if u32::try_from(one.len()).is_ok() => {
+                        opcode::Send::new(types::Fd(entry.fd), one.as_ptr(), one.len() as u32)
+                            .flags(flags as i32)
+                            .build()
+                    }
+                    _ => opcode::SendMsg::new(
+                        types::Fd(entry.fd),
+                        &self.headers[i] as *const libc::msghdr,
+                    )
+                    .flags(flags)
+                    .build(),
+                }
                 .user_data(i as u64);
                 // SAFETY: the header, its iovecs and the bytes they point to outlive every
                 // io_uring_enter that can consume this entry: on return each entry is
