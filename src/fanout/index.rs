@@ -122,6 +122,19 @@ impl SubscriptionIndex {
             .is_some_and(|subs| subs.iter().any(|&(c, _)| c == id))
     }
 
+    /// The id of `channel` while it has subscribers here; an id is reused for another
+    /// channel once this one has none, so resolve it again after any change to the index.
+    pub fn channel_id(&self, channel: &str) -> Option<u32> {
+        self.ids.get(channel).copied()
+    }
+
+    /// True when `conn` is subscribed to the channel `id` (from [`Self::channel_id`]).
+    pub fn is_member(&self, conn: ConnKey, id: u32) -> bool {
+        self.by_conn
+            .get(conn as usize)
+            .is_some_and(|subs| subs.iter().any(|&(c, _)| c == id))
+    }
+
     /// How many channels `conn` is subscribed to.
     pub fn count_of(&self, conn: ConnKey) -> usize {
         self.by_conn.get(conn as usize).map_or(0, SmallVec::len)

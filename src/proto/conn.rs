@@ -299,6 +299,12 @@ impl Connection {
         true
     }
 
+    /// Takes the whole backlog out, leaving it empty: for a driver that lost track of what
+    /// the kernel holds of these bytes and must neither resend nor free them.
+    pub fn take_backlog(&mut self) -> SendBacklog {
+        std::mem::take(&mut self.backlog)
+    }
+
     /// Records that the socket took the first `n` queued bytes.
     pub fn on_written(&mut self, n: usize) -> Written {
         self.backlog.advance(n);

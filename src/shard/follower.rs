@@ -5,11 +5,17 @@
 //! flushes every touched connection once: in a burst a subscriber receives many frames in
 //! one `sendmsg`; when paced, a round is one message and one write per subscriber.
 //!
-//! It also hosts shard 0's periodic sweep of idle channels ([`expire_idle_channels`]),
-//! the publisher-side housekeeping that belongs to no connection.
+//! Fairness: after every [`FAIR_CHUNK`] offers or flushed connections, also inside one
+//! message to a huge channel, the follower yields to the executor if it has held the core
+//! for [`crate::shard::send::FAIR_SLICE`], so accepts, heartbeats and ingest keep running
+//! while a message reaches 500k local subscribers. What is left of a channel's members at
+//! a yield is delivered from a snapshot of (key, generation) pairs, because the member
+//! list can change while the follower is yielded (see [`deliver`]).
 
 use crate::fanout::ring::Poll as RingPoll;
+use crate::shard::send::FAIR_CHUNK;
 use crate::shard::state::Shard;
+use bytes::Bytes;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -19,6 +25,13 @@ use std::time::Instant;
 /// Most messages per fan-out round: bounds the frames queued per connection before a
 /// flush and keeps the executor responsive (other tasks run between rounds).
 pub const ROUND: usize = 256;
+
+/// Subscribers from which a message's frame is copied into a shard-local `Bytes` before
+/// it is queued to them. Every queued clone and every write's release touch the frame's
+/// refcount; on the ring's shared `Bytes` that is one cache line bounced between every
+/// core for every delivery, on a local copy it stays in this core's cache. (A copy is one
+/// small allocation per message per shard; docs/benchmarks.md has the measurement.)
+const LOCAL_COPY_MIN: usize = 4;
 
 /// A one-slot wake-up for a task on the same executor.
 #[derive(Default)]
@@ -56,23 +69,26 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
     let idle = shard.publisher.idle_flags().clone();
     let mut cursor = ring.head();
     let mut latencies: Vec<Instant> = Vec::with_capacity(ROUND);
+    // (key, generation) of a large channel's members, reused from message to message.
+    let mut snapshot: Vec<(u32, u32)> = Vec::new();
     loop {
         let mut taken = 0;
+        // Offers since the last yield to the executor.
+        let mut offers = 0;
         while taken < ROUND {
             match ring.poll(&mut cursor) {
                 RingPoll::Message(msg) => {
                     taken += 1;
-                    let index = shard.index.borrow();
-                    let members = index.members(&msg.channel);
-                    if members.is_empty() {
-                        continue;
+                    let offered =
+                        deliver(&shard, &msg.channel, &msg.frame, &mut snapshot, FAIR_CHUNK).await;
+                    if offered > 0 {
+                        // Latency counts only messages this shard had subscribers for.
+                        latencies.push(msg.published_at);
                     }
-                    latencies.push(msg.published_at);
-                    let mut conns = shard.conns.borrow_mut();
-                    for &key in members {
-                        if let Some(conn) = conns.get_mut(key) {
-                            shard.offer_message(key, conn, &msg.frame);
-                        }
+                    offers += offered;
+                    if offers >= FAIR_CHUNK {
+                        offers = 0;
+                        shard.fair.yield_if_used().await;
                     }
                 }
                 RingPoll::Overrun { lost } => {
@@ -84,6 +100,7 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
             }
         }
         if taken > 0 {
+            shard.flush_dirty_yielding().await;
             shard.settle();
             let now = Instant::now();
             for t in latencies.drain(..) {
@@ -106,5 +123,219 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
             continue;
         }
         wake.wait().await;
+    }
+}
+
+/// This shard's frame for a message going to `subscribers` connections.
+fn local_frame(frame: &Bytes, subscribers: usize) -> Bytes {
+    if subscribers >= LOCAL_COPY_MIN {
+        Bytes::copy_from_slice(frame)
+    } else {
+        frame.clone()
+    }
+}
+
+/// Offers `frame` to every subscriber of `channel` on this shard; returns how many
+/// subscribers the channel had.
+///
+/// Members are served straight from the index, `chunk` ([`FAIR_CHUNK`]) at a time, while
+/// the shard's fair slice lasts. Once it is used up, the members not yet served are copied
+/// into `snapshot` (slot key and generation) and served after a yield, chunk by chunk, a
+/// member only if its slot still holds the same connection (a closed connection's slot may
+/// have been reused by one that never subscribed) and that connection is still subscribed.
+/// So each member that stayed subscribed gets the frame exactly once, whatever
+/// `swap_remove`s reordered the live member list meanwhile, and one who joined meanwhile
+/// does not (it subscribed after this message was published).
+async fn deliver(
+    shard: &Shard,
+    channel: &str,
+    frame: &Bytes,
+    snapshot: &mut Vec<(u32, u32)>,
+    chunk: usize,
+) -> usize {
+    // Straight from the index, chunk by chunk, while the slice lasts: no copy and no
+    // re-check, because nothing can change while the core is held.
+    let (count, frame) = {
+        let index = shard.index.borrow();
+        let members = index.members(channel);
+        if members.is_empty() {
+            return 0;
+        }
+        let frame = local_frame(frame, members.len());
+        let mut conns = shard.conns.borrow_mut();
+        let mut at = 0;
+        loop {
+            let end = (at + chunk).min(members.len());
+            for &key in &members[at..end] {
+                if let Some(conn) = conns.get_mut(key) {
+                    shard.offer_message(key, conn, &frame);
+                }
+            }
+            at = end;
+            if at == members.len() {
+                return members.len();
+            }
+            if shard.fair.used() {
+                break;
+            }
+        }
+        // The rest is served after a yield, from a copy: the live list may be reordered
+        // by then.
+        snapshot.clear();
+        snapshot.extend(
+            members[at..]
+                .iter()
+                .filter_map(|&key| conns.get(key).map(|c| (key, c.generation))),
+        );
+        (members.len(), frame)
+    };
+    for part in snapshot.chunks(chunk) {
+        shard.fair.yield_if_used().await;
+        let index = shard.index.borrow();
+        // Resolved again after every yield: the channel may have emptied and its id gone
+        // to another channel.
+        let Some(id) = index.channel_id(channel) else {
+            break;
+        };
+        let mut conns = shard.conns.borrow_mut();
+        for &(key, generation) in part {
+            let Some(conn) = conns.get_current(key, generation) else {
+                continue;
+            };
+            if index.is_member(key, id) {
+                shard.offer_message(key, conn, &frame);
+            }
+        }
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::publisher::Publisher;
+    use crate::fanout::ring::Ring;
+    use crate::fanout::wake::IdleFlags;
+    use crate::shard::conn::adopt;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    fn test_shard() -> Shard {
+        let settings = crate::config::resolve(Default::default(), Default::default())
+            .expect("default settings");
+        let publisher = Arc::new(Publisher::new(
+            Arc::new(Ring::new(8)),
+            Arc::new(IdleFlags::new(1)),
+        ));
+        let slots = crate::shard::admission::ConnectionSlots::new(settings.max_connections);
+        Shard::new(0, Arc::new(settings), publisher, slots).expect("shard")
+    }
+
+    /// A connection whose peer end is kept in `peers` (so its socket stays open).
+    fn connect(shard: &Shard, channels: &[String], peers: &mut Vec<UnixStream>) -> u32 {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        peers.push(theirs);
+        let key = shard.conns.borrow().next_key();
+        adopt(shard, OwnedFd::from(ours), channels, Vec::new());
+        key
+    }
+
+    fn queued(shard: &Shard, key: u32) -> usize {
+        shard
+            .conns
+            .borrow()
+            .get(key)
+            .map_or(0, |c| c.machine.backlog().frame_count())
+    }
+
+    /// Regression: a huge channel's member list changes while the delivery is yielded
+    /// (unsubscribe swap_removes, a closed connection's slot goes to a new connection).
+    #[test]
+    fn members_changing_during_a_yield_get_the_message_exactly_once() {
+        let ex = glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor");
+        ex.run(async {
+            let shard = Rc::new(test_shard());
+            // Yield after every chunk.
+            shard.fair.set_slice(std::time::Duration::ZERO);
+            let chan = vec!["big".to_string()];
+            let mut peers = Vec::new();
+            let keys: Vec<u32> = (0..12)
+                .map(|_| connect(&shard, &chan, &mut peers))
+                .collect();
+            assert_eq!(keys, (0..12).collect::<Vec<u32>>());
+            // Runs at the first yield, after chunk 0 (keys 0..4) was served.
+            let mutator = {
+                let shard = shard.clone();
+                glommio::spawn_local(async move {
+                    // The spawned task may start at once: wait for the delivery's yield.
+                    futures_lite::future::yield_now().await;
+                    let mut peers = Vec::new();
+                    // Leaves before being served; its removal moves key 11 to its place.
+                    shard.index.borrow_mut().unsubscribe(9, "big");
+                    // Closed, and its slot reused by a connection that never subscribed.
+                    shard.finalize_close(6);
+                    let reused = connect(&shard, &[], &mut peers);
+                    // Joins after the message was published.
+                    let joined = connect(&shard, &chan, &mut peers);
+                    (reused, joined, peers)
+                })
+            };
+            let frame = Bytes::from_static(b"frame");
+            let mut snapshot = Vec::new();
+            let n = deliver(&shard, "big", &frame, &mut snapshot, 4).await;
+            assert_eq!(n, 12);
+            let (reused, joined, _more) = mutator.await;
+            assert_eq!(reused, 6, "the test expects the freed slot to be reused");
+            for key in [0, 1, 2, 3, 4, 5, 7, 8, 10, 11] {
+                assert_eq!(queued(&shard, key), 1, "member {key} stayed subscribed");
+            }
+            assert_eq!(queued(&shard, 6), 0, "new occupant of a reused slot");
+            assert_eq!(queued(&shard, 9), 0, "unsubscribed before being served");
+            assert_eq!(queued(&shard, joined), 0, "subscribed after the publish");
+            drop(peers);
+        });
+    }
+
+    /// Measures what [`local_frame`] saves: `threads` cores each queue one clone of a
+    /// frame per "subscriber" and release them, on one shared `Bytes` or on a per-thread
+    /// copy. Run: `cargo test --release -p ringcast frame_refcount -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn frame_refcount_cost() {
+        const PER_THREAD: usize = 2_000_000;
+        let shared = Bytes::copy_from_slice(&[b'x'; 80]);
+        for local in [false, true] {
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    let shared = &shared;
+                    s.spawn(move || {
+                        let frame = if local {
+                            local_frame(shared, LOCAL_COPY_MIN)
+                        } else {
+                            shared.clone()
+                        };
+                        let mut queued = Vec::with_capacity(4096);
+                        for _ in 0..PER_THREAD / 4096 {
+                            queued.extend((0..4096).map(|_| frame.clone()));
+                            queued.clear();
+                        }
+                    });
+                }
+            });
+            let per = start.elapsed().as_nanos() as f64 / (PER_THREAD as f64);
+            println!(
+                "{threads} threads, {}: {per:.1} ns per clone+release per thread",
+                if local {
+                    "shard-local copy"
+                } else {
+                    "one shared Bytes"
+                }
+            );
+        }
     }
 }

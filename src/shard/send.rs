@@ -11,21 +11,78 @@
 use crate::fanout::backlog::Offer;
 use crate::metrics::CloseCause;
 use crate::proto::conn::Written;
-use crate::shard::batch::{BatchEntry, SendRing, DEPTH};
+use crate::shard::batch::{BatchEntry, SendOutcome, SendRing};
 use crate::shard::follower::ROUND;
 use crate::shard::state::Shard;
 use crate::shard::table::{Conn, ConnTable};
 use bytes::Bytes;
 use nix::sys::socket::{sendmsg, shutdown, MsgFlags, Shutdown, SockaddrStorage};
+use std::cell::Cell;
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 /// Most iovecs per `sendmsg` (IOV_MAX is 1024). One fan-out round queues at most
 /// [`ROUND`] frames per connection, so a round's burst goes out in one call. Measured on the
 /// 2000-message burst (docs/benchmarks.md): 64 iovecs per call gave 3.9M deliveries per
 /// server-CPU-second, 256 gave 7M: the kernel's per-call and per-segment costs dominate.
 const MAX_IOV: usize = ROUND;
+
+/// Sends (connections flushed, or subscribers offered a message) between two looks at the
+/// clock: after each chunk the fan-out yields to the executor if it has held the core for
+/// [`FAIR_SLICE`].
+pub const FAIR_CHUNK: usize = 4096;
+
+/// How long the fan-out may hold the core before it lets accepts, heartbeats and ingest
+/// run. Yielding after every chunk regardless cost the 2000-message burst to 5k
+/// subscribers ~15% of its deliveries per CPU-second (docs/benchmarks.md): a yield polls
+/// for I/O, and a burst round is hundreds of chunks.
+pub const FAIR_SLICE: Duration = Duration::from_micros(500);
+
+/// When the fan-out last gave the core away.
+#[derive(Debug)]
+pub struct FairSlice {
+    since: Cell<Instant>,
+    slice: Cell<Duration>,
+}
+
+impl Default for FairSlice {
+    fn default() -> Self {
+        FairSlice {
+            since: Cell::new(Instant::now()),
+            slice: Cell::new(FAIR_SLICE),
+        }
+    }
+}
+
+impl FairSlice {
+    /// True once the fan-out has held the core for its slice.
+    pub fn used(&self) -> bool {
+        self.since.get().elapsed() >= self.slice.get()
+    }
+
+    /// Lets every other task of the shard (and the reactor) run, and starts a new slice.
+    pub async fn yield_now(&self) {
+        // Not `yield_if_needed`: glommio's preemption timer is far coarser than the slice,
+        // and yielding the task queue (not only the task) lets glommio poll for I/O, so a
+        // pending accept is served.
+        glommio::executor().yield_task_queue_now().await;
+        self.since.set(Instant::now());
+    }
+
+    /// Yields if the slice is used up.
+    pub async fn yield_if_used(&self) {
+        if self.used() {
+            self.yield_now().await;
+        }
+    }
+
+    /// Sets the slice (tests: zero yields after every chunk).
+    pub fn set_slice(&self, slice: Duration) {
+        self.slice.set(slice);
+    }
+}
 
 /// How a flush ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,17 +199,64 @@ impl Shard {
     /// Flushes every connection that got frames this round, one `sendmsg` each, all
     /// submitted to the kernel at once through the shard's send ring when it has one.
     pub fn flush_dirty(&self) {
-        let keys = std::mem::take(&mut *self.dirty.borrow_mut());
+        loop {
+            let keys = std::mem::take(&mut *self.dirty.borrow_mut());
+            if keys.is_empty() {
+                self.recycle_dirty(keys);
+                return;
+            }
+            for chunk in keys.chunks(FAIR_CHUNK) {
+                self.flush_keys(chunk);
+            }
+            self.recycle_dirty(keys);
+        }
+    }
+
+    /// [`Shard::flush_dirty`] for the fan-out task: yields to the executor after every
+    /// [`FAIR_CHUNK`] connections, so a round to 500k subscribers does not hold off
+    /// accepts, heartbeats and ingest until its last write. Connections made dirty while
+    /// it is yielded are flushed before it returns.
+    pub async fn flush_dirty_yielding(&self) {
+        loop {
+            let keys = std::mem::take(&mut *self.dirty.borrow_mut());
+            if keys.is_empty() {
+                self.recycle_dirty(keys);
+                return;
+            }
+            for chunk in keys.chunks(FAIR_CHUNK) {
+                // Keys not yet flushed keep their `dirty` flag across the yield, so an
+                // offer in between does not list them twice; a key whose slot was freed
+                // and reused meanwhile flushes the new occupant's own backlog, harmless.
+                self.flush_keys(chunk);
+                if keys.len() > FAIR_CHUNK {
+                    self.fair.yield_if_used().await;
+                }
+            }
+            self.recycle_dirty(keys);
+        }
+    }
+
+    /// Hands the (emptied) list back to keep its capacity for the next round.
+    fn recycle_dirty(&self, mut keys: Vec<u32>) {
+        let mut dirty = self.dirty.borrow_mut();
+        if dirty.is_empty() {
+            keys.clear();
+            *dirty = keys;
+        }
+    }
+
+    fn flush_keys(&self, keys: &[u32]) {
         let mut conns = self.conns.borrow_mut();
         let mut ring = self.send_ring.borrow_mut();
         match ring.as_mut() {
-            Some(ring) if keys.len() > 1 => {
-                for chunk in keys.chunks(DEPTH as usize) {
-                    self.flush_batch(ring, &mut conns, chunk);
+            Some(send_ring) if keys.len() > 1 => {
+                self.flush_batch(send_ring, &mut conns, keys);
+                if send_ring.is_broken() {
+                    *ring = None;
                 }
             }
             _ => {
-                for &key in &keys {
+                for &key in keys {
                     if let Some(conn) = conns.get_mut(key) {
                         conn.dirty = false;
                         if conn.machine.is_open() {
@@ -161,15 +265,6 @@ impl Shard {
                     }
                 }
             }
-        }
-        drop(ring);
-        drop(conns);
-        // Hand the (emptied) list back to keep its capacity for the next round.
-        let mut dirty = self.dirty.borrow_mut();
-        if dirty.is_empty() {
-            let mut keys = keys;
-            keys.clear();
-            *dirty = keys;
         }
     }
 
@@ -211,33 +306,47 @@ impl Shard {
             }
         }
         let mut results = Vec::new();
-        let sent = ring.send_all(&entries, &mut results);
+        ring.send_all(&entries, &mut results);
         drop(entries);
         drop(store);
-        self.metrics
-            .send_calls
-            .fetch_add(selected.len() as u64, Relaxed);
         for (i, &key) in selected.iter().enumerate() {
             let Some(conn) = conns.get_mut(key) else {
                 continue;
             };
             let before = conn.machine.backlog().bytes();
-            match results.get(i).copied() {
-                Some(written) if written >= 0 && sent.is_ok() => {
-                    self.wrote(conn, written as usize);
+            match results.get(i).copied().unwrap_or(SendOutcome::NotSubmitted) {
+                SendOutcome::Written(written) => {
+                    self.metrics.send_calls.fetch_add(1, Relaxed);
+                    self.wrote(conn, written);
                     self.note_backlog_change(before, conn.machine.backlog().bytes());
-                    if written as usize == asked[i] && !conn.machine.backlog().is_empty() {
+                    if written == asked[i] && !conn.machine.backlog().is_empty() {
                         // More than one call's worth was queued and the socket took it
                         // all: no writable edge will come, so continue directly.
                         self.flush_or_close(key, conn);
                     }
                 }
-                Some(e) if e == -libc::EAGAIN => {}
-                Some(e) if e < 0 && e != -libc::ECANCELED => {
+                // Full: the epoll set reports the socket writable again.
+                SendOutcome::Err(libc::EAGAIN) => {
+                    self.metrics.send_calls.fetch_add(1, Relaxed);
+                }
+                // Nothing was written: the plain path may send the same bytes.
+                SendOutcome::Err(libc::EINTR) | SendOutcome::NotSubmitted => {
+                    self.flush_or_close(key, conn)
+                }
+                SendOutcome::Err(_) => {
+                    self.metrics.send_calls.fetch_add(1, Relaxed);
                     self.schedule_close(key, conn, None, CloseCause::IoError);
                 }
-                // Not submitted (ring full or setup error): the plain path takes it.
-                _ => self.flush_or_close(key, conn),
+                SendOutcome::Unknown => {
+                    // Some of these bytes may be on the wire and the kernel may still read
+                    // them: sending anything more would corrupt the stream, and freeing
+                    // them could hand the kernel reused memory. Keep them (leaked, at most
+                    // one backlog; this needs a failing io_uring) and close without a
+                    // close frame.
+                    std::mem::forget(conn.machine.take_backlog());
+                    self.note_backlog_change(before, 0);
+                    self.schedule_close(key, conn, None, CloseCause::IoError);
+                }
             }
         }
     }

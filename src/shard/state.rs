@@ -17,6 +17,7 @@ use crate::shard::batch::SendRing;
 use crate::shard::conn::CloseOrder;
 use crate::shard::lifecycle::Jitter;
 use crate::shard::readiness::ReadySet;
+use crate::shard::send::FairSlice;
 use crate::shard::table::ConnTable;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub struct Shard {
     pub(super) finalize: RefCell<Vec<u32>>,
     /// The io_uring that submits a fan-out round's writes at once (`None`: plain sends).
     pub(super) send_ring: RefCell<Option<SendRing>>,
+    /// How long the fan-out has held the core since it last yielded.
+    pub(super) fair: FairSlice,
     generation: Cell<u32>,
     started: Instant,
 }
@@ -118,6 +121,7 @@ impl Shard {
                     None
                 }
             }),
+            fair: FairSlice::default(),
             generation: Cell::new(0),
             started: Instant::now(),
         })
