@@ -38,7 +38,7 @@ pub const FAIR_CHUNK: usize = 4096;
 /// run. Yielding after every chunk regardless cost the 2000-message burst to 5k
 /// subscribers ~15% of its deliveries per CPU-second (docs/benchmarks.md): a yield polls
 /// for I/O, and a burst round is hundreds of chunks.
-pub const FAIR_SLICE: Duration = Duration::from_micros(500);
+pub const FAIR_SLICE: Duration = Duration::from_millis(1);
 
 /// When the fan-out last gave the core away.
 #[derive(Debug)]
