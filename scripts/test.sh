@@ -121,7 +121,8 @@ cargo test --release --workspace --no-fail-fast
 
 # The wake-up handshake, model-checked with loom. The feature swaps only ringcast's own
 # atomics (src/fanout/sync.rs), so the dependencies built above are reused.
-log "cargo test --release --features loom --test loom_wake (model check)"
-cargo test --release -p ringcast --features loom --test loom_wake
+# A lib unit test, so target/release/ringcast stays the real server.
+log "cargo test --release --features loom --lib fanout::loom_wake (model check)"
+cargo test --release -p ringcast --features loom --lib fanout::loom_wake
 
 log "all checks passed"

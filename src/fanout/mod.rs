@@ -14,3 +14,9 @@ pub mod publisher;
 pub mod ring;
 pub mod sync;
 pub mod wake;
+
+// The wake-up handshake, model-checked: `cargo test --release --features loom --lib
+// fanout::loom_wake`. A unit test rather than an integration test, so the run does not
+// rebuild the `ringcast` binary with loom's atomics (which work only inside a model).
+#[cfg(all(test, feature = "loom"))]
+mod loom_wake;

@@ -4,7 +4,7 @@
 //! [`crate::fanout::wake`] (idle flags) and [`crate::fanout::ring::RingHead`] (the claim
 //! counter) take their atomics from here. With the `loom` cargo feature these are
 //! `loom::sync::atomic` types, which only work inside `loom::model`: the feature exists for
-//! `tests/loom_wake.rs` alone and must never be enabled for a server build.
+//! `src/fanout/loom_wake.rs` alone and must never be enabled for a server build.
 
 #[cfg(feature = "loom")]
 pub use loom::sync::atomic::{fence, AtomicBool, AtomicU64};

@@ -27,7 +27,7 @@
 //! the claim and it does not park; if the consumer's comes first the producer's flag load
 //! sees the flag (or a later clear by another producer, which then sends the token).
 //!
-//! `tests/loom_wake.rs` model-checks exactly this code with loom (the atomics come from
+//! `src/fanout/loom_wake.rs` model-checks exactly this code with loom (the atomics come from
 //! [`crate::fanout::sync`]); with the two fences removed it finds the lost wake-up. Loom
 //! treats `SeqCst` accesses like `AcqRel` but models `SeqCst` fences, which is one more
 //! reason the fences, not the access orderings, carry the argument. On x86 each fence is an

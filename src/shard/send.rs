@@ -212,8 +212,9 @@ impl Shard {
         }
     }
 
-    /// [`Shard::flush_dirty`] for the fan-out task: yields to the executor after every
-    /// [`FAIR_CHUNK`] connections, so a round to 500k subscribers does not hold off
+    /// [`Shard::flush_dirty`] for the fan-out task: after every [`FAIR_CHUNK`] connections
+    /// it yields to the executor once the fan-out has held the core for [`FAIR_SLICE`], so
+    /// a round to 500k subscribers does not hold off
     /// accepts, heartbeats and ingest until its last write. Connections made dirty while
     /// it is yielded are flushed before it returns.
     pub async fn flush_dirty_yielding(&self) {

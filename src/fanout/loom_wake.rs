@@ -3,7 +3,7 @@
 //! Runs only with `--features loom` (then `RingHead` and `IdleFlags` use loom's atomics):
 //!
 //! ```sh
-//! cargo test --release -p ringcast --features loom --test loom_wake
+//! cargo test --release -p ringcast --features loom --lib fanout::loom_wake
 //! ```
 //!
 //! The property: once every thread is done, a consumer that parked with messages it has
@@ -11,11 +11,11 @@
 //! old value) leaves a message unseen until some later publish; loom finds it if either
 //! `fence(SeqCst)` in `src/fanout/wake.rs` is removed.
 
+use crate::fanout::ring::RingHead;
+use crate::fanout::wake::IdleFlags;
 use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::Arc;
 use loom::thread;
-use ringcast::fanout::ring::RingHead;
-use ringcast::fanout::wake::IdleFlags;
 
 const SHARD: usize = 0;
 
