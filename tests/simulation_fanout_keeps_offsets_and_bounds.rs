@@ -233,7 +233,10 @@ fn run(seed: u64, steps: usize, ring_capacity: usize) {
                             let members = shard.index.members(&msg.channel).to_vec();
                             for key in members {
                                 let conn = &mut shard.conns[key as usize];
-                                let (offer, close) = conn.machine.offer(&msg.frame, &CONFIG);
+                                let offer = conn.machine.offer(&msg.frame, &CONFIG);
+                                let close = (offer == Offer::Disconnect)
+                                    .then(|| conn.machine.close_slow_consumer())
+                                    .flatten();
                                 if offer != Offer::Queued {
                                     conn.skipped += 1;
                                 }

@@ -251,20 +251,25 @@ impl Connection {
 
     /// Offers a published message's frame under the slow-consumer policy.
     ///
-    /// Returns the offer's outcome and, past the drop limit, the close it calls for.
-    pub fn offer(&mut self, frame: &Bytes, config: &ConnConfig) -> (Offer, Option<CloseDecision>) {
+    /// The hot path of a fan-out (one call per delivery), so it returns only the outcome:
+    /// on [`Offer::Disconnect`] the driver asks for the close with
+    /// [`Connection::close_slow_consumer`].
+    #[inline]
+    pub fn offer(&mut self, frame: &Bytes, config: &ConnConfig) -> Offer {
         if !self.is_open() {
-            return (Offer::Skipped, None);
+            return Offer::Skipped;
         }
-        let offer = self.backlog.offer(frame, &config.backlog);
-        let close = (offer == Offer::Disconnect).then(|| {
-            let reason = CloseReason::new(
-                CloseCode::TryAgainLater,
-                "slow consumer: send backlog stayed full",
-            );
-            self.decide(Some(reason), CloseCause::SlowConsumer)
-        });
-        (offer, close)
+        self.backlog.offer(frame, &config.backlog)
+    }
+
+    /// The 1013 close an [`Offer::Disconnect`] calls for; `None` when a close was already
+    /// decided.
+    pub fn close_slow_consumer(&mut self) -> Option<CloseDecision> {
+        let reason = CloseReason::new(
+            CloseCode::TryAgainLater,
+            "slow consumer: send backlog stayed full",
+        );
+        self.close(Some(reason), CloseCause::SlowConsumer)
     }
 
     /// Decides a close from outside the protocol (drain, I/O error, admin); `None` when a

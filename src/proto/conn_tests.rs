@@ -180,7 +180,7 @@ fn a_close_finishes_a_partly_written_frame_and_drops_the_rest() {
     let mut conn = Connection::new(&CONFIG, 0);
     let frame = Bytes::from(vec![7u8; 10]);
     for _ in 0..3 {
-        assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Queued, None));
+        assert_eq!(conn.offer(&frame, &CONFIG), Offer::Queued);
     }
     assert_eq!(conn.on_written(4), Written::More);
     let close = conn.close(
@@ -192,7 +192,7 @@ fn a_close_finishes_a_partly_written_frame_and_drops_the_rest() {
         conn.close(None, CloseCause::IoError).is_none(),
         "decided once"
     );
-    assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Skipped, None));
+    assert_eq!(conn.offer(&frame, &CONFIG), Offer::Skipped);
     assert!(conn.start_close(1, close.and_then(|c| c.reason).as_ref()));
     assert_eq!(conn.backlog().bytes(), 6 + 2 + 2 + 3);
 }
@@ -262,13 +262,13 @@ fn a_closing_connection_lingers_at_most_the_bound() {
 fn a_slow_consumer_is_skipped_then_closed_with_1013() {
     let mut conn = Connection::new(&CONFIG, 0);
     let frame = Bytes::from(vec![0u8; 600]);
-    assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Queued, None));
-    assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Queued, None));
-    assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Skipped, None));
-    assert_eq!(conn.offer(&frame, &CONFIG), (Offer::Skipped, None));
-    let (offer, close) = conn.offer(&frame, &CONFIG);
-    assert_eq!(offer, Offer::Disconnect);
-    let close = close.expect("closed");
+    assert_eq!(conn.offer(&frame, &CONFIG), Offer::Queued);
+    assert_eq!(conn.offer(&frame, &CONFIG), Offer::Queued);
+    assert_eq!(conn.offer(&frame, &CONFIG), Offer::Skipped);
+    assert_eq!(conn.offer(&frame, &CONFIG), Offer::Skipped);
+    assert_eq!(conn.offer(&frame, &CONFIG), Offer::Disconnect);
+    let close = conn.close_slow_consumer().expect("closed");
+    assert!(conn.close_slow_consumer().is_none(), "decided once");
     assert_eq!(close.cause, CloseCause::SlowConsumer);
     assert_eq!(close.reason.map(|r| r.code.code()), Some(1013));
 }

@@ -178,8 +178,7 @@ impl Shard {
         if !conn.machine.is_open() {
             return;
         }
-        let (offer, close) = conn.machine.offer(frame, &self.conn_config);
-        match offer {
+        match conn.machine.offer(frame, &self.conn_config) {
             Offer::Queued => {
                 self.metrics.deliveries.fetch_add(1, Relaxed);
                 self.metrics
@@ -187,12 +186,15 @@ impl Shard {
                     .fetch_add(frame.len() as u64, Relaxed);
                 self.mark_dirty(key, conn);
             }
-            Offer::Skipped | Offer::Disconnect => {
+            Offer::Skipped => {
                 self.metrics.dropped_slow.fetch_add(1, Relaxed);
             }
-        }
-        if let Some(close) = close {
-            self.enqueue_close(key, conn.generation, close);
+            Offer::Disconnect => {
+                self.metrics.dropped_slow.fetch_add(1, Relaxed);
+                if let Some(close) = conn.machine.close_slow_consumer() {
+                    self.enqueue_close(key, conn.generation, close);
+                }
+            }
         }
     }
 
