@@ -199,7 +199,7 @@ fn run(seed: u64, steps: usize, ring_capacity: usize) {
                 }
             }
             shard.conns.push(SimConn {
-                machine: Connection::new(&CONFIG, now),
+                machine: Connection::new(now),
                 client: Client {
                     silent: key == 5,
                     ..Client::default()

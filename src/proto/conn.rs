@@ -101,13 +101,23 @@ pub enum Written {
 /// A pre-encoded empty ping frame.
 const PING: [u8; 2] = [0x80 | opcode::PING, 0];
 
+/// Inbound state that outlives one read: a frame split across reads, or a fragmented
+/// message being reassembled. Boxed so that an idle connection pays one pointer for it.
+#[derive(Debug)]
+struct Partial {
+    decoder: FrameDecoder,
+    /// Bytes of a frame split across reads.
+    input: Vec<u8>,
+}
+
 /// The state of one WebSocket connection (no socket, no clock).
+///
+/// Kept small: a million idle connections are a million of these (see the size test).
 #[derive(Debug)]
 pub struct Connection {
     backlog: SendBacklog,
-    decoder: FrameDecoder,
-    /// Bytes of a frame split across reads; empty (unallocated) otherwise.
-    input: Vec<u8>,
+    /// `None` (no memory) between complete frames, which is almost always.
+    partial: Option<Box<Partial>>,
     /// Shard second of the last byte received.
     last_rx: u32,
     /// (second, frames received in it) for the inbound rate limit.
@@ -119,11 +129,10 @@ pub struct Connection {
 
 impl Connection {
     /// A fresh open connection, alive as of `now`.
-    pub fn new(config: &ConnConfig, now: u32) -> Self {
+    pub fn new(now: u32) -> Self {
         Connection {
             backlog: SendBacklog::default(),
-            decoder: FrameDecoder::new(config.max_message_size),
-            input: Vec::new(),
+            partial: None,
             last_rx: now,
             window: (now, 0),
             phase: Phase::Open,
@@ -162,25 +171,40 @@ impl Connection {
         }
         self.last_rx = now;
         self.pinged = false;
-        if self.input.is_empty() {
-            let used = self.consume(now, bytes, config, command);
+        let Some(mut partial) = self.partial.take() else {
+            // The common case: whole frames, decoded straight from the read buffer.
+            let mut decoder = FrameDecoder::new(config.max_message_size);
+            let used = self.consume(now, &mut decoder, bytes, config, command);
             if let Ok(used) = used {
-                if used < bytes.len() && self.is_open() {
-                    self.input.extend_from_slice(&bytes[used..]);
+                if self.is_open() && (used < bytes.len() || decoder.in_fragmented_message()) {
+                    self.partial = Some(Box::new(Partial {
+                        decoder,
+                        input: bytes[used..].to_vec(),
+                    }));
                 }
             }
             return used.err();
-        }
+        };
         // Append in place: the split frame's earlier bytes are never copied again.
-        self.input.extend_from_slice(bytes);
-        let mut input = std::mem::take(&mut self.input);
-        let result = self.consume(now, &mut input, config, command);
+        let result = if partial.input.is_empty() {
+            self.consume(now, &mut partial.decoder, bytes, config, command)
+                .map(|used| {
+                    partial.input.extend_from_slice(&bytes[used..]);
+                    0
+                })
+        } else {
+            partial.input.extend_from_slice(bytes);
+            let Partial { decoder, input } = &mut *partial;
+            self.consume(now, decoder, input, config, command)
+        };
         match result {
-            Ok(used) if used < input.len() && self.is_open() => {
-                input.drain(..used);
-                self.input = input;
+            Ok(used) if self.is_open() => {
+                partial.input.drain(..used);
+                if !partial.input.is_empty() || partial.decoder.in_fragmented_message() {
+                    self.partial = Some(partial);
+                }
             }
-            // Fully consumed (or closing): give the allocation back.
+            // Closing: the partial input is of no use any more.
             _ => {}
         }
         result.err()
@@ -191,13 +215,14 @@ impl Connection {
     fn consume(
         &mut self,
         now: u32,
+        decoder: &mut FrameDecoder,
         input: &mut [u8],
         config: &ConnConfig,
         command: &mut dyn FnMut(&str) -> Bytes,
     ) -> Result<usize, CloseDecision> {
         let mut at = 0;
         while at < input.len() && self.is_open() {
-            let (used, event) = match self.decoder.decode(&mut input[at..]) {
+            let (used, event) = match decoder.decode(&mut input[at..]) {
                 Ok(Some(step)) => step,
                 Ok(None) => break,
                 Err(e) => {
@@ -292,8 +317,7 @@ impl Connection {
     /// close frame. Returns false when there is no frame to send and the slot can be
     /// freed at once.
     pub fn start_close(&mut self, now: u32, reason: Option<&CloseReason>) -> bool {
-        self.decoder = FrameDecoder::new(0);
-        self.input = Vec::new();
+        self.partial = None;
         self.phase = Phase::Closing { since: now };
         let Some(reason) = reason else {
             return false;
@@ -366,12 +390,13 @@ impl Connection {
 
     /// Bytes held for a split frame (for tests and accounting).
     pub fn buffered_input(&self) -> usize {
-        self.input.len()
+        self.partial.as_ref().map_or(0, |p| p.input.len())
     }
 
-    /// Bytes of `input`'s allocation (for tests: an idle connection holds none).
+    /// Bytes of the split-frame buffer's allocation (for tests: an idle connection holds
+    /// none).
     pub fn input_capacity(&self) -> usize {
-        self.input.capacity()
+        self.partial.as_ref().map_or(0, |p| p.input.capacity())
     }
 }
 

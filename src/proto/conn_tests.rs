@@ -68,7 +68,7 @@ fn feed(conn: &mut Connection, now: u32, bytes: &[u8]) -> Option<CloseDecision> 
 
 #[test]
 fn commands_and_pings_are_answered_in_order() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     let mut input = client_frame(opcode::TEXT, true, b"a");
     input.extend(client_frame(opcode::PING, true, b"p"));
     input.extend(client_frame(opcode::PONG, true, b""));
@@ -87,7 +87,7 @@ fn commands_and_pings_are_answered_in_order() {
 /// Regression: a frame split over many reads was re-copied whole on every read (O(n²)).
 #[test]
 fn a_frame_split_byte_by_byte_is_appended_in_place() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     let payload = vec![b'x'; 60_000];
     let frame = client_frame(opcode::TEXT, true, &payload);
     let mut last_capacity = 0;
@@ -111,7 +111,7 @@ fn a_frame_split_byte_by_byte_is_appended_in_place() {
 /// Regression: empty non-final continuation frames did not count toward the rate limit.
 #[test]
 fn every_frame_counts_toward_the_rate_limit() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     let mut input = client_frame(opcode::TEXT, false, b"");
     for _ in 0..CONFIG.max_inbound_per_sec {
         input.extend(client_frame(opcode::CONTINUATION, false, b""));
@@ -124,7 +124,7 @@ fn every_frame_counts_toward_the_rate_limit() {
 
 #[test]
 fn the_rate_window_restarts_every_second() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     for second in 0..5 {
         for _ in 0..CONFIG.max_inbound_per_sec {
             assert_eq!(
@@ -138,7 +138,7 @@ fn the_rate_window_restarts_every_second() {
 
 #[test]
 fn a_protocol_error_decides_a_close_and_keeps_earlier_replies() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     let mut input = client_frame(opcode::TEXT, true, b"a");
     input.extend(client_frame(opcode::BINARY, true, b"\x00"));
     let close = feed(&mut conn, 1, &input).expect("binary closes");
@@ -155,7 +155,7 @@ fn a_protocol_error_decides_a_close_and_keeps_earlier_replies() {
 
 #[test]
 fn a_client_close_is_answered_then_the_write_side_shut() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     let close = feed(
         &mut conn,
         1,
@@ -177,7 +177,7 @@ fn a_client_close_is_answered_then_the_write_side_shut() {
 
 #[test]
 fn a_close_finishes_a_partly_written_frame_and_drops_the_rest() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     let frame = Bytes::from(vec![7u8; 10]);
     for _ in 0..3 {
         assert_eq!(conn.offer(&frame, &CONFIG), Offer::Queued);
@@ -199,7 +199,7 @@ fn a_close_finishes_a_partly_written_frame_and_drops_the_rest() {
 
 #[test]
 fn a_peer_that_left_is_closed_without_a_frame() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     match conn.on_eof() {
         Eof::Close(close) => {
             assert_eq!(close.cause, CloseCause::PeerGone);
@@ -211,7 +211,7 @@ fn a_peer_that_left_is_closed_without_a_frame() {
 
 #[test]
 fn silence_gets_one_ping_then_a_close() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     assert_eq!(conn.wake_at(&CONFIG), Some(25));
     assert_eq!(conn.on_tick(24, &CONFIG), Tick::Idle);
     assert_eq!(conn.on_tick(25, &CONFIG), Tick::Ping);
@@ -230,7 +230,7 @@ fn silence_gets_one_ping_then_a_close() {
 
 #[test]
 fn any_input_keeps_the_connection_alive() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     assert_eq!(conn.on_tick(25, &CONFIG), Tick::Ping);
     assert_eq!(
         feed(&mut conn, 40, &client_frame(opcode::PONG, true, b"")),
@@ -242,7 +242,7 @@ fn any_input_keeps_the_connection_alive() {
 
 #[test]
 fn a_closing_connection_lingers_at_most_the_bound() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     let close = conn.close(
         Some(CloseReason::new(CloseCode::Policy, "x")),
         CloseCause::Policy,
@@ -260,7 +260,7 @@ fn a_closing_connection_lingers_at_most_the_bound() {
 
 #[test]
 fn a_slow_consumer_is_skipped_then_closed_with_1013() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     let frame = Bytes::from(vec![0u8; 600]);
     assert_eq!(conn.offer(&frame, &CONFIG), Offer::Queued);
     assert_eq!(conn.offer(&frame, &CONFIG), Offer::Queued);
@@ -275,7 +275,7 @@ fn a_slow_consumer_is_skipped_then_closed_with_1013() {
 
 #[test]
 fn unread_replies_past_the_bound_are_a_flood() {
-    let mut conn = Connection::new(&CONFIG, 0);
+    let mut conn = Connection::new(0);
     let text = "y".repeat(16);
     let mut input = Vec::new();
     for _ in 0..30 {
@@ -294,7 +294,7 @@ proptest! {
     fn arbitrary_input_never_panics(
         chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20),
     ) {
-        let mut conn = Connection::new(&CONFIG, 0);
+        let mut conn = Connection::new(0);
         let mut closed = false;
         for (i, chunk) in chunks.into_iter().enumerate() {
             let before = conn.backlog().frame_count();
@@ -319,9 +319,9 @@ proptest! {
             wire.extend(client_frame(opcode::TEXT, false, a.as_bytes()));
             wire.extend(client_frame(opcode::CONTINUATION, true, b.as_bytes()));
         }
-        let mut whole = Connection::new(&CONFIG, 0);
+        let mut whole = Connection::new(0);
         prop_assert_eq!(feed(&mut whole, 0, &wire), None);
-        let mut split = Connection::new(&CONFIG, 0);
+        let mut split = Connection::new(0);
         let mut at = 0;
         for cut in cuts.iter().cycle() {
             if at >= wire.len() {

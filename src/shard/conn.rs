@@ -54,7 +54,7 @@ pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftove
             fd,
             generation,
             dirty: false,
-            machine: Connection::new(&shard.conn_config, now),
+            machine: Connection::new(now),
         })
     };
     {
