@@ -201,12 +201,7 @@ impl Shard {
     /// Flushes every connection that got frames this round, one `sendmsg` each, all
     /// submitted to the kernel at once through the shard's send ring when it has one.
     pub fn flush_dirty(&self) {
-        loop {
-            let keys = std::mem::take(&mut *self.dirty.borrow_mut());
-            if keys.is_empty() {
-                self.recycle_dirty(keys);
-                return;
-            }
+        while let Some(keys) = self.take_dirty() {
             for chunk in keys.chunks(FAIR_CHUNK) {
                 self.flush_keys(chunk);
             }
@@ -216,16 +211,11 @@ impl Shard {
 
     /// [`Shard::flush_dirty`] for the fan-out task: after every [`FAIR_CHUNK`] connections
     /// it yields to the executor once the fan-out has held the core for [`FAIR_SLICE`], so
-    /// a round to 500k subscribers does not hold off
-    /// accepts, heartbeats and ingest until its last write. Connections made dirty while
-    /// it is yielded are flushed before it returns.
+    /// a round to 500k subscribers does not hold off accepts, heartbeats and ingest until
+    /// its last write. Connections made dirty while it is yielded are flushed before it
+    /// returns.
     pub async fn flush_dirty_yielding(&self) {
-        loop {
-            let keys = std::mem::take(&mut *self.dirty.borrow_mut());
-            if keys.is_empty() {
-                self.recycle_dirty(keys);
-                return;
-            }
+        while let Some(keys) = self.take_dirty() {
             for chunk in keys.chunks(FAIR_CHUNK) {
                 // Keys not yet flushed keep their `dirty` flag across the yield, so an
                 // offer in between does not list them twice; a key whose slot was freed
@@ -237,6 +227,16 @@ impl Shard {
             }
             self.recycle_dirty(keys);
         }
+    }
+
+    /// The connections to flush next; `None` once none is dirty.
+    fn take_dirty(&self) -> Option<Vec<u32>> {
+        let keys = std::mem::take(&mut *self.dirty.borrow_mut());
+        if keys.is_empty() {
+            self.recycle_dirty(keys);
+            return None;
+        }
+        Some(keys)
     }
 
     /// Hands the (emptied) list back to keep its capacity for the next round.

@@ -39,10 +39,19 @@ fn send(
     pairs: &[(UnixStream, UnixStream)],
     frames: &[Vec<u8>],
 ) -> Vec<SendOutcome> {
-    let slices: Vec<[IoSlice<'_>; 1]> = frames.iter().map(|f| [IoSlice::new(f)]).collect();
+    let slices: Vec<Vec<IoSlice<'_>>> = frames.iter().map(|f| vec![IoSlice::new(f)]).collect();
+    send_slices(ring, pairs, &slices)
+}
+
+/// Sends `slices[i]` (several iovecs each) to `pairs[i]` in one batch.
+fn send_slices(
+    ring: &mut SendRing,
+    pairs: &[(UnixStream, UnixStream)],
+    slices: &[Vec<IoSlice<'_>>],
+) -> Vec<SendOutcome> {
     let entries: Vec<BatchEntry<'_>> = pairs
         .iter()
-        .zip(&slices)
+        .zip(slices)
         .map(|((tx, _), s)| BatchEntry {
             fd: tx.as_raw_fd(),
             slices: s,
@@ -68,16 +77,7 @@ fn one_submission_writes_every_socket_in_order() {
         .iter()
         .map(|fs| fs.iter().map(|f| IoSlice::new(f)).collect())
         .collect();
-    let entries: Vec<BatchEntry<'_>> = pairs
-        .iter()
-        .zip(&slices)
-        .map(|((tx, _), s)| BatchEntry {
-            fd: tx.as_raw_fd(),
-            slices: s,
-        })
-        .collect();
-    let mut results = Vec::new();
-    ring.send_all(&entries, &mut results);
+    let results = send_slices(&mut ring, &pairs, &slices);
     for (i, (_, mut rx)) in pairs.into_iter().enumerate() {
         let want: Vec<u8> = frames[i].concat();
         assert_eq!(results[i], SendOutcome::Written(want.len()));
