@@ -142,6 +142,21 @@ pub struct ConfigLayer {
     /// Default: 3600.
     #[arg(long, env = "RINGCAST_CHANNEL_IDLE_TIMEOUT", value_name = "SECS")]
     pub channel_idle_timeout: Option<u64>,
+    /// Messages of history kept per channel for recovery (`subscribe` with `since`);
+    /// 0 keeps none. Default: 100.
+    #[arg(long, env = "RINGCAST_HISTORY_SIZE", value_name = "N")]
+    pub history_size: Option<usize>,
+    /// Seconds a message stays in its channel's history. Default: 300.
+    #[arg(long, env = "RINGCAST_HISTORY_TTL", value_name = "SECS")]
+    pub history_ttl: Option<u64>,
+    /// Frame bytes of history over all channels; past it the oldest retained messages
+    /// of the process are evicted first. Default: 268435456 (256 MiB).
+    #[arg(long, env = "RINGCAST_HISTORY_MAX_BYTES", value_name = "BYTES")]
+    pub history_max_bytes: Option<u64>,
+    /// Most messages one recovery replays; a client that missed more is told
+    /// `recovered: false`. Default: 1000.
+    #[arg(long, env = "RINGCAST_MAX_RECOVERY_MESSAGES", value_name = "N")]
+    pub max_recovery_messages: Option<usize>,
     /// Bytes of io_uring registered buffer memory per shard (locked memory: counts
     /// against RLIMIT_MEMLOCK). ringcast does not use registered buffers for sockets.
     /// Default: 262144.
@@ -222,6 +237,14 @@ pub struct Settings {
     pub ring_capacity: usize,
     /// Idle time after which a channel's offset state is dropped; `None`: never.
     pub channel_idle_timeout: Option<Duration>,
+    /// History messages kept per channel (0: none).
+    pub history_size: usize,
+    /// History retention.
+    pub history_ttl: Duration,
+    /// History frame bytes over all channels.
+    pub history_max_bytes: u64,
+    /// Most messages replayed per recovery.
+    pub max_recovery_messages: usize,
     /// glommio io memory per shard.
     pub io_memory: usize,
     /// Whether transparent huge pages stay enabled for the process.
@@ -452,6 +475,25 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             0 => None,
             secs => Some(Duration::from_secs(secs)),
         },
+        history_size: in_range("history_size", pick!(history_size, 100), 0, 1 << 20)?,
+        history_ttl: Duration::from_secs(in_range(
+            "history_ttl",
+            pick!(history_ttl, 300),
+            1,
+            30 * 24 * 3600,
+        )?),
+        history_max_bytes: in_range(
+            "history_max_bytes",
+            pick!(history_max_bytes, 256 << 20),
+            0,
+            1 << 40,
+        )?,
+        max_recovery_messages: in_range(
+            "max_recovery_messages",
+            pick!(max_recovery_messages, 1000),
+            0,
+            1 << 20,
+        )?,
         io_memory: in_range("io_memory", pick!(io_memory, 256 << 10), 64 << 10, 1 << 30)?,
         transparent_huge_pages: pick!(transparent_huge_pages, false),
     };

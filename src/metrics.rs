@@ -4,7 +4,9 @@
 //! (relaxed atomics, no sharing on the hot path), and a scrape sums the blocks.
 
 use crate::ingest::line::IngestError;
+use crate::fanout::history::HistoryStats;
 use crossbeam_utils::CachePadded;
+use std::sync::Arc;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
@@ -64,6 +66,12 @@ pub struct ShardMetrics {
     pub closed: [AtomicU64; 8],
     /// Messages lost to ring overrun.
     pub ring_overrun_lost: AtomicU64,
+    /// Subscribes with `since` answered `recovered: true`.
+    pub recovered: AtomicU64,
+    /// Subscribes with `since` answered `recovered: false`.
+    pub not_recovered: AtomicU64,
+    /// Frames replayed from history by recoveries.
+    pub replayed: AtomicU64,
     /// Messages published but not yet consumed by this shard (gauge).
     pub ring_lag: AtomicU64,
     /// Frames queued to subscribers.
@@ -122,6 +130,8 @@ pub struct Metrics {
     latency: Box<[CachePadded<LatencyHistogram>]>,
     /// Channels with offset state in the publisher (gauge; process-wide, not per shard).
     pub channels: AtomicU64,
+    /// Channel history sizes and evictions (process-wide).
+    pub history: Arc<HistoryStats>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -136,6 +146,7 @@ pub fn init(shards: usize) -> &'static Metrics {
             .map(|_| CachePadded::new(LatencyHistogram::default()))
             .collect(),
         channels: AtomicU64::new(0),
+        history: Arc::new(HistoryStats::default()),
     })
 }
 
@@ -215,6 +226,12 @@ impl Metrics {
             "counter",
             "Messages a shard lost because the ring lapped it.",
             &|s| &s.ring_overrun_lost,
+        );
+        scalar(
+            "ringcast_history_replayed_total",
+            "counter",
+            "Message frames replayed from channel history to recovering subscribers.",
+            &|s| &s.replayed,
         );
         scalar(
             "ringcast_send_calls_total",
@@ -308,6 +325,13 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# HELP ringcast_channels Channels with offset state (published within channel_idle_timeout).\n# TYPE ringcast_channels gauge\nringcast_channels {}", self.channels.load(Relaxed));
+        let h = &self.history;
+        let _ = writeln!(out, "# HELP ringcast_history_messages Messages retained in channel history.\n# TYPE ringcast_history_messages gauge\nringcast_history_messages {}", h.messages.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringcast_history_bytes Frame bytes retained in channel history (bounded by history_max_bytes).\n# TYPE ringcast_history_bytes gauge\nringcast_history_bytes {}", h.bytes.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringcast_history_evicted_total Messages evicted from history early to stay within history_max_bytes.\n# TYPE ringcast_history_evicted_total counter\nringcast_history_evicted_total {}", h.evicted.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringcast_recoveries_total Subscribes with since, by result.\n# TYPE ringcast_recoveries_total counter");
+        let _ = writeln!(out, "ringcast_recoveries_total{{result=\"recovered\"}} {}", self.sum(|s| &s.recovered));
+        let _ = writeln!(out, "ringcast_recoveries_total{{result=\"not_recovered\"}} {}", self.sum(|s| &s.not_recovered));
         self.render_latency(&mut out);
         let _ = writeln!(out, "# HELP ringcast_draining 1 while a drain is in progress.\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
         out

@@ -96,6 +96,14 @@ impl SendBacklog {
         self.bytes <= limits.max_bytes.saturating_mul(2)
     }
 
+    /// Queues message frames a command replays (a recovery), whatever the backlog
+    /// holds: the command bounds them, and skipping one would defeat the recovery.
+    pub fn push_replay(&mut self, frames: Vec<Bytes>) {
+        for frame in frames {
+            self.push(frame);
+        }
+    }
+
     /// Queues the final close frame (never refused: it is the last frame).
     pub fn push_close(&mut self, frame: Bytes) {
         self.push(frame);

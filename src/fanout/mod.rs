@@ -9,6 +9,7 @@
 //! - [`backlog`] is a connection's bounded send queue and the slow-consumer policy.
 
 pub mod backlog;
+pub mod history;
 pub mod index;
 pub mod publisher;
 pub mod ring;

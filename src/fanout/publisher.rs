@@ -33,12 +33,16 @@
 //! unless it created channels faster than one per nanosecond over its whole life (or the
 //! wall clock was stepped back across the restart).
 
+use crate::fanout::history::{
+    Budget, ChannelHistory, Entry as HistoryEntry, HistoryStats, Limits, Since, Unrecoverable,
+};
 use crate::fanout::ring::{Ring, RingMessage};
 use crate::fanout::wake::IdleFlags;
 use crate::proto::message::{encode_message, EncodedData};
 use crossbeam_utils::{Backoff, CachePadded};
 use indexmap::IndexMap;
 use parking_lot::{Mutex, MutexGuard};
+use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -62,6 +66,8 @@ struct ChannelState {
     epoch: u64,
     /// Seconds since the publisher started, at the last publish.
     last_publish: u64,
+    /// Its retained messages; `None` when its history size is 0.
+    history: Option<Arc<ChannelHistory>>,
 }
 
 /// The channels hashing to one stripe. An `IndexMap` so the sweeper can resume at an
@@ -88,6 +94,26 @@ pub struct Publisher {
     sweep: Mutex<SweepCursor>,
     channels: AtomicU64,
     gauge: Option<&'static AtomicU64>,
+    history: HistoryPolicy,
+}
+
+/// How channels keep history.
+struct HistoryPolicy {
+    /// The bounds of a channel's history (size 0: none).
+    limits: Box<dyn Fn(&str) -> Limits + Send + Sync>,
+    budget: Budget,
+}
+
+/// What a subscriber attaching to a channel is told, and replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    /// The offset it is at: live delivery starts after it.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: u64,
+    /// With `since`: the missed frames to send before live ones, or why it cannot be
+    /// recovered (the client then knows it has a gap); `None` without `since`.
+    pub recovery: Option<Result<Vec<Bytes>, Unrecoverable>>,
 }
 
 /// Where a published message landed.
@@ -145,7 +171,31 @@ impl Publisher {
             sweep: Mutex::new(SweepCursor::default()),
             channels: AtomicU64::new(0),
             gauge: None,
+            history: HistoryPolicy {
+                limits: Box::new(|_| Limits { size: 0, ttl: 0 }),
+                budget: Budget::new(0, Arc::new(HistoryStats::default())),
+            },
         }
+    }
+
+    /// Keeps history for channels per `limits`, all of it within `max_bytes`, counted in
+    /// `stats`.
+    pub fn with_history(
+        mut self,
+        limits: impl Fn(&str) -> Limits + Send + Sync + 'static,
+        max_bytes: u64,
+        stats: Arc<HistoryStats>,
+    ) -> Self {
+        self.history = HistoryPolicy {
+            limits: Box::new(limits),
+            budget: Budget::new(max_bytes, stats),
+        };
+        self
+    }
+
+    /// The history counters (bytes, messages, evictions).
+    pub fn history_stats(&self) -> &Arc<HistoryStats> {
+        self.history.budget.stats()
     }
 
     /// Forgets channels not published for `timeout` (see [`Publisher::expire_idle`]);
@@ -226,30 +276,25 @@ impl Publisher {
         if let (Some(wait), Some(before)) = (lock_wait, before) {
             *wait = before.elapsed();
         }
-        let (name, offset, epoch) = match map.get_mut(channel) {
-            Some(state) => {
-                state.last += 1;
-                state.last_publish = now;
-                (state.name.clone(), state.last, state.epoch)
-            }
-            None => {
-                let name: Arc<str> = Arc::from(channel);
-                let epoch = self.epoch_base + self.epoch_next.fetch_add(1, Relaxed);
-                let state = ChannelState {
-                    name: name.clone(),
-                    last: 1,
-                    epoch,
-                    last_publish: now,
-                };
-                map.insert(name.clone(), state);
-                self.count_channels(1, 0);
-                (name, 1, epoch)
-            }
-        };
+        let state = self.state_mut(&mut map, channel, now);
+        state.last += 1;
+        state.last_publish = now;
+        let (name, offset, epoch) = (state.name.clone(), state.last, state.epoch);
+        let history = state.history.clone();
         // Claimed under the lock: this channel's next offset cannot claim an earlier slot.
         let seq = self.ring.claim();
         drop(map);
         let frame = encode_message(channel, offset, &data);
+        if let Some(history) = history {
+            // Retained before it is installed: see crate::fanout::history.
+            let entry = HistoryEntry {
+                offset,
+                seq,
+                at: now,
+                frame: frame.clone(),
+            };
+            self.history.budget.retain(&history, entry, now);
+        }
         self.ring.install(
             seq,
             RingMessage {
@@ -259,6 +304,66 @@ impl Publisher {
             },
         );
         Published { offset, epoch, seq }
+    }
+
+    /// `channel`'s state, created (offset 0, a new epoch) if it has none.
+    fn state_mut<'m>(
+        &self,
+        map: &'m mut IndexMap<Arc<str>, ChannelState, ahash::RandomState>,
+        channel: &str,
+        now: u64,
+    ) -> &'m mut ChannelState {
+        if !map.contains_key(channel) {
+            let name: Arc<str> = Arc::from(channel);
+            let limits = (self.history.limits)(channel);
+            let state = ChannelState {
+                name: name.clone(),
+                last: 0,
+                epoch: self.epoch_base + self.epoch_next.fetch_add(1, Relaxed),
+                last_publish: now,
+                history: (limits.size > 0).then(|| Arc::new(ChannelHistory::new(limits))),
+            };
+            map.insert(name, state);
+            self.count_channels(1, 0);
+        }
+        // Just ensured present.
+        map.get_mut(channel).expect("channel state present")
+    }
+
+    /// Attaches a subscriber on a shard whose ring follower reads sequence `cursor` next:
+    /// the offset it is at and, with `since`, the frames it missed (at most `max_replay`)
+    /// or why they cannot all be given. Creates the channel's state (and epoch) if it has
+    /// none, so the answer is a position the client can resume from.
+    pub fn attach(
+        &self,
+        channel: &str,
+        since: Option<Since>,
+        cursor: u64,
+        max_replay: usize,
+    ) -> Attach {
+        let now = self.started.elapsed().as_secs();
+        let mut map = lock_stripe(self.stripe(channel));
+        let state = self.state_mut(&mut map, channel, now);
+        let (last, epoch, history) = (state.last, state.epoch, state.history.clone());
+        drop(map);
+        let window = history.as_ref().map(|h| h.lock());
+        let offset = window.as_ref().map_or(last, |w| w.position(cursor, last));
+        let recovery = since.map(|since| {
+            if since.epoch != epoch {
+                return Err(Unrecoverable::EpochChanged);
+            }
+            match &window {
+                Some(w) => w.since(since.offset, offset, max_replay),
+                None if since.offset == offset => Ok(Vec::new()),
+                None if since.offset > offset => Err(Unrecoverable::Ahead),
+                None => Err(Unrecoverable::TooOld),
+            }
+        });
+        Attach {
+            offset,
+            epoch,
+            recovery,
+        }
     }
 
     fn count_channels(&self, added: u64, removed: u64) {
@@ -273,20 +378,17 @@ impl Publisher {
         }
     }
 
-    /// Forgets channels not published for the idle timeout, examining at most
-    /// [`SWEEP_BUDGET`] entries (at most 256 per stripe lock hold) and resuming where the
-    /// previous call stopped. Meant to be called periodically from one shard; does
-    /// nothing when channels never expire or another sweep is running.
+    /// Forgets channels not published for the idle timeout and ages out history past its
+    /// TTL, examining at most [`SWEEP_BUDGET`] entries (at most 256 per stripe lock hold)
+    /// and resuming where the previous call stopped. Meant to be called periodically from
+    /// one shard; does nothing while another sweep is running.
     pub fn expire_idle(&self, now: Instant) -> Sweep {
         let mut done = Sweep::default();
-        let Some(timeout) = self.idle_timeout else {
-            return done;
-        };
         let Some(mut cursor) = self.sweep.try_lock() else {
             return done;
         };
         let now = now.saturating_duration_since(self.started).as_secs();
-        let timeout = timeout.as_secs();
+        let timeout = self.idle_timeout.map(|t| t.as_secs());
         // At most one lock hold per stripe's worth of steps: an empty map ends quickly.
         for _ in 0..STRIPES {
             if done.scanned >= SWEEP_BUDGET {
@@ -300,12 +402,25 @@ impl Publisher {
                 seen += 1;
                 let idle = map
                     .get_index(cursor.index)
-                    .is_some_and(|(_, s)| now.saturating_sub(s.last_publish) >= timeout);
+                    .is_some_and(|(_, s)| {
+                        timeout.is_some_and(|t| now.saturating_sub(s.last_publish) >= t)
+                    });
                 if idle {
                     // The last entry moves into this index: look at it next.
-                    map.swap_remove_index(cursor.index);
+                    if let Some((_, gone)) = map.swap_remove_index(cursor.index) {
+                        if let Some(history) = gone.history {
+                            self.history.budget.release(&history);
+                        }
+                    }
                     done.expired += 1;
                 } else {
+                    if let Some(history) = map
+                        .get_index(cursor.index)
+                        .and_then(|(_, s)| s.history.as_ref())
+                    {
+                        // A quiet channel's messages age out here.
+                        self.history.budget.trim(history, now);
+                    }
                     cursor.index += 1;
                 }
             }
@@ -421,12 +536,57 @@ mod tests {
         assert!(calls >= channels.div_ceil(SWEEP_BUDGET));
     }
 
+    fn with_history(size: usize) -> Publisher {
+        Publisher::new(Arc::new(Ring::new(64)), Arc::new(IdleFlags::new(1))).with_history(
+            move |_| Limits { size, ttl: 3600 },
+            1 << 20,
+            Arc::new(HistoryStats::default()),
+        )
+    }
+
+    #[test]
+    fn attach_replays_what_the_follower_passed_and_leaves_the_rest_live() {
+        let p = with_history(100);
+        let published: Vec<Published> = (0..6).map(|_| p.publish_quiet("c", b"1")).collect();
+        let epoch = published[0].epoch;
+        // The follower has read the first four: offsets 5 and 6 will come live.
+        let cursor = published[4].seq;
+        let since = Some(Since { offset: 1, epoch });
+        let a = p.attach("c", since, cursor, 100);
+        assert_eq!((a.offset, a.epoch), (4, epoch));
+        let frames = a.recovery.unwrap().unwrap();
+        let offsets: Vec<bool> = frames
+            .iter()
+            .zip(2..=4)
+            .map(|(f, o)| String::from_utf8_lossy(f).contains(&format!("\"offset\":{o},")))
+            .collect();
+        assert_eq!(offsets, [true, true, true]);
+        let other_epoch = Some(Since { offset: 1, epoch: epoch + 1 });
+        let b = p.attach("c", other_epoch, cursor, 100);
+        assert_eq!(b.recovery, Some(Err(Unrecoverable::EpochChanged)));
+        assert_eq!(p.attach("c", since, cursor, 2).recovery, Some(Err(Unrecoverable::TooMany)));
+    }
+
+    #[test]
+    fn attach_without_history_or_state() {
+        let p = with_history(0);
+        let fresh = p.attach("new", None, 0, 100);
+        assert_eq!(fresh.offset, 0, "a channel never published starts at 0");
+        assert_eq!(p.publish_quiet("new", b"1").epoch, fresh.epoch, "and keeps its epoch");
+        let since = Some(Since { offset: 0, epoch: fresh.epoch });
+        let r = p.attach("new", since, u64::MAX, 100);
+        assert_eq!(r.offset, 1);
+        assert_eq!(r.recovery, Some(Err(Unrecoverable::TooOld)));
+        let at_end = Some(Since { offset: 1, epoch: fresh.epoch });
+        assert_eq!(p.attach("new", at_end, u64::MAX, 100).recovery, Some(Ok(Vec::new())));
+    }
+
     #[test]
     fn channels_never_expire_without_a_timeout() {
         let p = Publisher::new(Arc::new(Ring::new(16)), Arc::new(IdleFlags::new(1)));
         p.publish_quiet("news", b"{}");
         let sweep = p.expire_idle(Instant::now() + Duration::from_secs(1 << 30));
-        assert_eq!(sweep, Sweep::default());
+        assert_eq!(sweep.expired, 0);
         assert_eq!(p.position("news").map(|(offset, _)| offset), Some(1));
     }
 

@@ -3,6 +3,7 @@
 //! [`parse_command`] turns one text message into a [`Command`] or a [`CommandError`];
 //! [`Reply`] renders the answer. Every reply carries a `code` (200 on success).
 
+pub use crate::fanout::history::Since;
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use serde::Deserialize;
 use serde_json::Value;
@@ -17,6 +18,8 @@ pub enum Command {
         id: Option<String>,
         /// Channel name (validated).
         channel: String,
+        /// Recover from this position: replay what was missed after it first.
+        since: Option<Since>,
     },
     /// Stop receiving a channel's messages.
     Unsubscribe {
@@ -48,6 +51,22 @@ struct RawCommand {
     cmd: Option<Value>,
     channel: Option<Value>,
     id: Option<Value>,
+    since: Option<Value>,
+}
+
+/// Reads `since`: `{"offset": N, "epoch": "E"}` as a subscribe reply gave them. The
+/// epoch is a string because it does not fit a JavaScript number.
+fn parse_since(v: &Value) -> Result<Since, &'static str> {
+    const SHAPE: &str = "since must be {\"offset\": <integer>, \"epoch\": \"<epoch string from a subscribe reply>\"}";
+    let Value::Object(fields) = v else {
+        return Err(SHAPE);
+    };
+    let offset = fields.get("offset").and_then(Value::as_u64).ok_or(SHAPE)?;
+    let epoch = match fields.get("epoch") {
+        Some(Value::String(e)) => e.parse::<u64>().map_err(|_| SHAPE)?,
+        _ => return Err(SHAPE),
+    };
+    Ok(Since { offset, epoch })
 }
 
 /// Parses one text message as a command.
@@ -79,10 +98,17 @@ pub fn parse_command(text: &str) -> Result<Command, CommandError> {
         _ => Err(bad(id.clone(), "missing string field channel")),
     };
     match cmd.as_str() {
-        "subscribe" => Ok(Command::Subscribe {
-            channel: channel()?,
-            id,
-        }),
+        "subscribe" => {
+            let since = match &raw.since {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(parse_since(v).map_err(|e| bad(id.clone(), e))?),
+            };
+            Ok(Command::Subscribe {
+                channel: channel()?,
+                id,
+                since,
+            })
+        }
         "unsubscribe" => Ok(Command::Unsubscribe {
             channel: channel()?,
             id,
@@ -116,6 +142,20 @@ pub enum Reply<'a> {
         /// The channel the command named.
         channel: Option<&'a str>,
     },
+    /// A subscription took effect, at `offset` of `epoch`.
+    Subscribed {
+        /// The request id, rendered JSON.
+        id: Option<&'a str>,
+        /// The channel.
+        channel: &'a str,
+        /// The offset the subscriber is at: live messages follow it.
+        offset: u64,
+        /// The channel's epoch.
+        epoch: u64,
+        /// With `since`: `Ok` when every missed message follows this reply, else the
+        /// reason it could not be recovered.
+        recovered: Option<Result<(), &'static str>>,
+    },
     /// An error reply.
     Error(&'a CommandError),
     /// An error reply about a specific command kind (e.g. 413 on subscribe).
@@ -137,6 +177,7 @@ impl Reply<'_> {
         let mut out = String::with_capacity(96);
         let (kind, id, code) = match self {
             Reply::Ok { kind, id, .. } => (*kind, *id, 200),
+            Reply::Subscribed { id, .. } => ("subscribe", *id, 200),
             Reply::Error(e) => ("error", e.id.as_deref(), e.code),
             Reply::Refused { kind, id, code, .. } => (*kind, *id, *code),
         };
@@ -153,6 +194,25 @@ impl Reply<'_> {
                 let _ = write!(out, ",\"channel\":\"{ch}\"");
             }
             Reply::Ok { .. } => {}
+            Reply::Subscribed {
+                channel,
+                offset,
+                epoch,
+                recovered,
+                ..
+            } => {
+                let _ = write!(
+                    out,
+                    ",\"channel\":\"{channel}\",\"offset\":{offset},\"epoch\":\"{epoch}\""
+                );
+                match recovered {
+                    None => {}
+                    Some(Ok(())) => out.push_str(",\"recovered\":true"),
+                    Some(Err(reason)) => {
+                        let _ = write!(out, ",\"recovered\":false,\"reason\":\"{reason}\"");
+                    }
+                }
+            }
             Reply::Error(CommandError { error, .. }) => push_error(&mut out, error),
             Reply::Refused { error, .. } => push_error(&mut out, error),
         }
@@ -177,9 +237,35 @@ mod tests {
             parse_command(r#"{"cmd":"subscribe","channel":"news","id":1}"#),
             Ok(Command::Subscribe {
                 id: Some("1".into()),
-                channel: "news".into()
+                channel: "news".into(),
+                since: None,
             })
         );
+        assert_eq!(
+            parse_command(
+                r#"{"cmd":"subscribe","channel":"n","since":{"offset":7,"epoch":"18446744073709551615"}}"#
+            ),
+            Ok(Command::Subscribe {
+                id: None,
+                channel: "n".into(),
+                since: Some(Since {
+                    offset: 7,
+                    epoch: u64::MAX
+                }),
+            })
+        );
+        for bad_since in [
+            r#"{"offset":7}"#,
+            r#"{"offset":7,"epoch":12}"#,
+            r#"{"offset":-1,"epoch":"1"}"#,
+            r#"{"offset":1,"epoch":"x"}"#,
+            r#"[7,"1"]"#,
+        ] {
+            let text = format!(r#"{{"cmd":"subscribe","channel":"n","since":{bad_since}}}"#);
+            let err = parse_command(&text).unwrap_err();
+            assert_eq!(err.code, 400, "{bad_since}");
+            assert!(err.error.contains("since must be"), "{}", err.error);
+        }
         assert_eq!(
             parse_command(r#"{"cmd":"unsubscribe","channel":"a:b","id":"x"}"#),
             Ok(Command::Unsubscribe {

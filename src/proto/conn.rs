@@ -98,6 +98,26 @@ pub enum Written {
     ShutWrite,
 }
 
+/// What a client command produced: the reply frame, then any message frames to send
+/// right after it (a recovery's replay).
+#[derive(Debug, Default)]
+pub struct Answer {
+    /// The reply.
+    pub reply: Bytes,
+    /// Message frames following the reply, oldest first; bounded by the command
+    /// (`max_recovery_messages`), so they are queued whatever the backlog holds.
+    pub replay: Vec<Bytes>,
+}
+
+impl From<Bytes> for Answer {
+    fn from(reply: Bytes) -> Self {
+        Answer {
+            reply,
+            replay: Vec::new(),
+        }
+    }
+}
+
 /// A pre-encoded empty ping frame.
 const PING: [u8; 2] = [0x80 | opcode::PING, 0];
 
@@ -163,7 +183,7 @@ impl Connection {
         now: u32,
         bytes: &mut [u8],
         config: &ConnConfig,
-        command: &mut dyn FnMut(&str) -> Bytes,
+        command: &mut dyn FnMut(&str) -> Answer,
     ) -> Option<CloseDecision> {
         if self.phase != Phase::Open {
             // Lingering or doomed: input is read only to reach EOF.
@@ -218,7 +238,7 @@ impl Connection {
         decoder: &mut FrameDecoder,
         input: &mut [u8],
         config: &ConnConfig,
-        command: &mut dyn FnMut(&str) -> Bytes,
+        command: &mut dyn FnMut(&str) -> Answer,
     ) -> Result<usize, CloseDecision> {
         let mut at = 0;
         while at < input.len() && self.is_open() {
@@ -239,9 +259,9 @@ impl Connection {
                 let reason = CloseReason::new(CloseCode::Policy, "too many frames per second");
                 return Err(self.decide(Some(reason), CloseCause::Policy));
             }
-            let reply = match event {
+            let answer = match event {
                 None | Some(Inbound::Pong) => continue,
-                Some(Inbound::Ping(payload)) => encode_frame(opcode::PONG, payload),
+                Some(Inbound::Ping(payload)) => Answer::from(encode_frame(opcode::PONG, payload)),
                 Some(Inbound::Close(_)) => {
                     // The decoder refused codes a client may not send; answer with 1000.
                     let reason = CloseReason::new(CloseCode::Normal, "");
@@ -249,7 +269,8 @@ impl Connection {
                 }
                 Some(Inbound::Text(text)) => command(text),
             };
-            self.queue_control(reply, config)?;
+            self.queue_control(answer.reply, config)?;
+            self.backlog.push_replay(answer.replay);
         }
         Ok(at)
     }

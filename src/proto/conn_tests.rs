@@ -38,13 +38,13 @@ fn client_frame(op: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Echoes short texts; long ones are answered with their length.
-fn echo(text: &str) -> Bytes {
+fn echo(text: &str) -> Answer {
     let reply = if text.len() > 16 {
         format!("re:{} bytes", text.len())
     } else {
         format!("re:{text}")
     };
-    encode_frame(opcode::TEXT, reply.as_bytes())
+    encode_frame(opcode::TEXT, reply.as_bytes()).into()
 }
 
 /// Everything queued, as (opcode, payload) frames.
@@ -335,4 +335,25 @@ proptest! {
         prop_assert_eq!(queued(&whole).len(), texts.len());
         prop_assert_eq!(split.buffered_input(), 0);
     }
+}
+
+/// A recovery's replay follows its reply, in order, even past the backlog bound that
+/// would make a live message be skipped.
+#[test]
+fn replayed_frames_follow_the_reply_whatever_the_backlog_holds() {
+    let mut conn = Connection::new(0);
+    let big = encode_frame(opcode::TEXT, &vec![b'x'; CONFIG.backlog.max_bytes]);
+    assert_eq!(conn.offer(&big, &CONFIG), Offer::Queued);
+    let mut buf = client_frame(opcode::TEXT, true, b"recover");
+    let mut recover = |_: &str| Answer {
+        reply: encode_frame(opcode::TEXT, b"reply"),
+        replay: vec![
+            encode_frame(opcode::TEXT, b"m1"),
+            encode_frame(opcode::TEXT, b"m2"),
+        ],
+    };
+    assert_eq!(conn.on_input(0, &mut buf, &CONFIG, &mut recover), None);
+    let texts: Vec<Vec<u8>> = queued(&conn).into_iter().skip(1).map(|(_, p)| p).collect();
+    assert_eq!(texts, [b"reply".to_vec(), b"m1".to_vec(), b"m2".to_vec()]);
+    assert_eq!(conn.offer(&big, &CONFIG), Offer::Skipped, "live ones still bounded");
 }

@@ -17,12 +17,13 @@
 use crate::metrics::CloseCause;
 use crate::proto::close::CloseReason;
 use crate::proto::command::{parse_command, Command, Reply};
-use crate::proto::conn::{CloseDecision, Connection, Eof, Phase};
+use crate::proto::conn::{Answer, CloseDecision, Connection, Eof, Phase};
 use crate::proto::frame::{encode_frame, opcode};
 use crate::shard::readiness::Ready;
 use crate::shard::send::Flush;
 use crate::shard::state::Shard;
 use crate::shard::table::{token, untoken, Conn};
+use bytes::Bytes;
 use nix::sys::socket::{recv, MsgFlags};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
@@ -134,7 +135,12 @@ fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
         .machine
         .on_input(now, input, &shard.conn_config, &mut |text| {
             shard.metrics.commands.fetch_add(1, Relaxed);
-            encode_frame(opcode::TEXT, run_command(shard, key, text).as_bytes())
+            let mut replay = Vec::new();
+            let reply = run_command(shard, key, text, &mut replay);
+            Answer {
+                reply: encode_frame(opcode::TEXT, reply.as_bytes()),
+                replay,
+            }
         });
     shard.note_backlog_change(before, conn.machine.backlog().bytes());
     if let Some(close) = close {
@@ -153,8 +159,9 @@ fn peer_gone(shard: &Shard, key: u32, conn: &mut Conn) {
     }
 }
 
-/// Executes a command and renders its reply.
-fn run_command(shard: &Shard, key: u32, text: &str) -> String {
+/// Executes a command and renders its reply; a recovery's missed messages go to
+/// `replay`.
+fn run_command(shard: &Shard, key: u32, text: &str, replay: &mut Vec<Bytes>) -> String {
     match parse_command(text) {
         Err(err) => Reply::Error(&err).to_json(),
         Ok(Command::Ping { id }) => Reply::Ok {
@@ -163,7 +170,7 @@ fn run_command(shard: &Shard, key: u32, text: &str) -> String {
             channel: None,
         }
         .to_json(),
-        Ok(Command::Subscribe { id, channel }) => {
+        Ok(Command::Subscribe { id, channel, since }) => {
             let mut index = shard.index.borrow_mut();
             let limit = shard.settings.max_subscriptions_per_connection;
             if index.count_of(key) >= limit && !index.is_subscribed(key, &channel) {
@@ -176,11 +183,48 @@ fn run_command(shard: &Shard, key: u32, text: &str) -> String {
                 }
                 .to_json();
             }
+            if since.is_some() && index.is_subscribed(key, &channel) {
+                // Its missed messages may have come live: a replay could repeat them.
+                let error = format!("already subscribed to {channel}: unsubscribe first to recover");
+                return Reply::Refused {
+                    kind: "subscribe",
+                    id: id.as_deref(),
+                    code: 409,
+                    error: &error,
+                }
+                .to_json();
+            }
+            // Attached at the follower's cursor and subscribed in the same step: what the
+            // follower has not read yet reaches this connection live, the rest comes
+            // from history (see crate::fanout::history).
+            let attach = shard.publisher.attach(
+                &channel,
+                since,
+                shard.ring_cursor.get(),
+                shard.settings.max_recovery_messages,
+            );
             index.subscribe(key, &channel);
-            Reply::Ok {
-                kind: "subscribe",
+            let recovered = attach.recovery.map(|result| match result {
+                Ok(frames) => {
+                    shard.metrics.recovered.fetch_add(1, Relaxed);
+                    shard
+                        .metrics
+                        .replayed
+                        .fetch_add(frames.len() as u64, Relaxed);
+                    *replay = frames;
+                    Ok(())
+                }
+                Err(why) => {
+                    shard.metrics.not_recovered.fetch_add(1, Relaxed);
+                    Err(why.label())
+                }
+            });
+            Reply::Subscribed {
                 id: id.as_deref(),
-                channel: Some(&channel),
+                channel: &channel,
+                offset: attach.offset,
+                epoch: attach.epoch,
+                recovered,
             }
             .to_json()
         }

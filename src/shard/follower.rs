@@ -67,7 +67,9 @@ impl LocalEvent {
 pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
     let ring = shard.publisher.ring().clone();
     let idle = shard.publisher.idle_flags().clone();
-    let mut cursor = ring.head();
+    // Where Shard::new placed it: a subscriber attached before this task first ran was
+    // told its position from this cursor.
+    let mut cursor = shard.ring_cursor.get();
     let mut latencies: Vec<Instant> = Vec::with_capacity(ROUND);
     // (key, generation) of a large channel's members, reused from message to message.
     let mut snapshot: Vec<(u32, u32)> = Vec::new();
@@ -76,7 +78,9 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
         // Offers since the last yield to the executor.
         let mut offers = 0;
         while taken < ROUND {
-            match ring.poll(&mut cursor) {
+            let polled = ring.poll(&mut cursor);
+            shard.ring_cursor.set(cursor);
+            match polled {
                 RingPoll::Message(msg) => {
                     taken += 1;
                     let offered =

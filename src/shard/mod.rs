@@ -19,6 +19,7 @@ pub mod state;
 pub mod table;
 
 use crate::config::Settings;
+use crate::fanout::history::Limits as HistoryLimits;
 use crate::fanout::publisher::Publisher;
 use crate::fanout::ring::Ring;
 use crate::fanout::wake::{install_senders, IdleFlags};
@@ -110,7 +111,18 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     let publisher = Arc::new(
         Publisher::new(ring, Arc::new(IdleFlags::new(n)))
             .with_idle_timeout(settings.channel_idle_timeout)
-            .with_channel_gauge(&metrics::get().channels),
+            .with_channel_gauge(&metrics::get().channels)
+            .with_history(
+                {
+                    let limits = HistoryLimits {
+                        size: settings.history_size,
+                        ttl: settings.history_ttl.as_secs(),
+                    };
+                    move |_| limits
+                },
+                settings.history_max_bytes,
+                metrics::get().history.clone(),
+            ),
     );
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.

@@ -62,6 +62,9 @@ pub struct Shard {
     pub(super) send_ring: RefCell<Option<SendRing>>,
     /// How long the fan-out has held the core since it last yielded.
     pub(super) fair: FairSlice,
+    /// The ring sequence the follower reads next: messages before it reached (or were
+    /// lost to) this shard's subscribers; from it on, a new subscriber gets them live.
+    pub(super) ring_cursor: Cell<u64>,
     generation: Cell<u32>,
     started: Instant,
 }
@@ -98,6 +101,7 @@ impl Shard {
         // Room for every connection the process may hold: SO_REUSEPORT does not promise
         // an even spread, so one shard may end up with most of them.
         let capacity = settings.max_connections;
+        let cursor = publisher.ring().head();
         Ok(Shard {
             id,
             conn_config,
@@ -122,6 +126,7 @@ impl Shard {
                 }
             }),
             fair: FairSlice::default(),
+            ring_cursor: Cell::new(cursor),
             generation: Cell::new(0),
             started: Instant::now(),
         })
