@@ -3,12 +3,12 @@
 //! Counters live per shard in cache-padded blocks: a shard only ever writes its own block
 //! (relaxed atomics, no sharing on the hot path), and a scrape sums the blocks.
 
-use crate::ingest::line::IngestError;
 use crate::fanout::history::HistoryStats;
+use crate::ingest::line::IngestError;
 use crossbeam_utils::CachePadded;
-use std::sync::Arc;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::sync::OnceLock;
 
 pub use crate::proto::close::CloseCause;
@@ -330,8 +330,16 @@ impl Metrics {
         let _ = writeln!(out, "# HELP ringcast_history_bytes Frame bytes retained in channel history (bounded by history_max_bytes).\n# TYPE ringcast_history_bytes gauge\nringcast_history_bytes {}", h.bytes.load(Relaxed));
         let _ = writeln!(out, "# HELP ringcast_history_evicted_total Messages evicted from history early to stay within history_max_bytes.\n# TYPE ringcast_history_evicted_total counter\nringcast_history_evicted_total {}", h.evicted.load(Relaxed));
         let _ = writeln!(out, "# HELP ringcast_recoveries_total Subscribes with since, by result.\n# TYPE ringcast_recoveries_total counter");
-        let _ = writeln!(out, "ringcast_recoveries_total{{result=\"recovered\"}} {}", self.sum(|s| &s.recovered));
-        let _ = writeln!(out, "ringcast_recoveries_total{{result=\"not_recovered\"}} {}", self.sum(|s| &s.not_recovered));
+        let _ = writeln!(
+            out,
+            "ringcast_recoveries_total{{result=\"recovered\"}} {}",
+            self.sum(|s| &s.recovered)
+        );
+        let _ = writeln!(
+            out,
+            "ringcast_recoveries_total{{result=\"not_recovered\"}} {}",
+            self.sum(|s| &s.not_recovered)
+        );
         self.render_latency(&mut out);
         let _ = writeln!(out, "# HELP ringcast_draining 1 while a drain is in progress.\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
         out

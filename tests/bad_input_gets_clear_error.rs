@@ -316,10 +316,18 @@ fn bad_commands_get_error_replies_and_connection_stays(server: &Server) {
         &json!({ "cmd": "subscribe", "channel": "bad.cmd", "id": 8 }),
         WAIT,
     );
+    let epoch = reply["epoch"].as_str().unwrap_or_default().to_string();
+    assert!(!epoch.is_empty() && epoch.bytes().all(|b| b.is_ascii_digit()), "{reply}");
     assert_eq!(
         reply,
-        json!({ "reply": "subscribe", "id": 8, "code": 200, "channel": "bad.cmd" })
+        json!({ "reply": "subscribe", "id": 8, "code": 200, "channel": "bad.cmd",
+                "offset": 0, "epoch": epoch })
     );
+    let bad_since = ws.request(
+        &json!({ "cmd": "subscribe", "channel": "x", "id": 9, "since": { "offset": 1 } }),
+        WAIT,
+    );
+    assert_eq!(bad_since["code"], 400, "{bad_since}");
     let r = server.http_publish(Some("bad.cmd"), b"after errors");
     assert_eq!(r.status, 200, "{}", r.text());
     let d = ws

@@ -11,13 +11,14 @@
 //!
 //! A publish inserts its frame into the history *before* it installs it in the ring, and
 //! a shard's follower reads ring slots in sequence order, never past a slot not yet
-//! installed. So when a connection subscribes on a shard whose follower will read ring
-//! sequence `cursor` next, every message of the channel with a sequence below `cursor` is
-//! already in the history (unless evicted), and every message at or above it will reach
-//! the new subscriber live. A recovery therefore replays exactly the history entries with
-//! an offset after the client's and a sequence below `cursor` ([`Window::position`]),
-//! with no buffering: the shard is single-threaded, so nothing is delivered live between
-//! the replay and the subscription taking effect.
+//! installed. A connection subscribes on a shard whose follower reads ring sequence
+//! `cursor` next; the subscription takes effect at once (the shard is single-threaded),
+//! so every message of the channel at or after `cursor` reaches it live, and every one
+//! before `cursor` is already in the history (unless evicted). Its position is the
+//! channel's last offset minus its messages in the ring between `cursor` and the claim
+//! counter ([`crate::fanout::publisher::Publisher::attach`] counts them), and a recovery
+//! replays the retained offsets after the client's up to that position: no gap, no
+//! duplicate, and no buffering of live messages.
 
 use bytes::Bytes;
 use crossbeam_utils::Backoff;
@@ -150,16 +151,16 @@ impl Window {
         n
     }
 
-    /// The offset a subscriber attaching now is at: the newest offset with a ring
-    /// sequence below `cursor` (what it will *not* receive live). `last` is the channel's
-    /// last offset given out, the answer when the history cannot tell (nothing retained
-    /// before `cursor`): erring high can only repeat an offset the client may already
-    /// hold, never hide one it lacks.
-    pub fn position(&self, cursor: u64, last: u64) -> u64 {
-        match self.entries.iter().rposition(|e| e.seq < cursor) {
-            Some(i) => self.entries[i].offset,
-            None => last,
-        }
+    /// The offset a subscriber attaching now is at, from the history alone: the newest
+    /// retained offset with a ring sequence below `cursor` (what it will *not* receive
+    /// live). For when the ring cannot tell ([`crate::fanout::publisher`]); it errs low
+    /// (0 when nothing retained is old enough), so the client sees a gap it can recover
+    /// from, never an offset it would wrongly believe it holds.
+    pub fn position(&self, cursor: u64) -> u64 {
+        self.entries
+            .iter()
+            .rposition(|e| e.seq < cursor)
+            .map_or(0, |i| self.entries[i].offset)
     }
 
     /// The frames of every offset after `since` up to `upto` (a [`Window::position`]),

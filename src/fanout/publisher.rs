@@ -36,13 +36,13 @@
 use crate::fanout::history::{
     Budget, ChannelHistory, Entry as HistoryEntry, HistoryStats, Limits, Since, Unrecoverable,
 };
-use crate::fanout::ring::{Ring, RingMessage};
+use crate::fanout::ring::{Peek, Ring, RingMessage};
 use crate::fanout::wake::IdleFlags;
 use crate::proto::message::{encode_message, EncodedData};
+use bytes::Bytes;
 use crossbeam_utils::{Backoff, CachePadded};
 use indexmap::IndexMap;
 use parking_lot::{Mutex, MutexGuard};
-use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -55,6 +55,11 @@ pub const SWEEP_BUDGET: usize = 4096;
 /// Entries examined per stripe lock hold while sweeping: bounds how long a producer can
 /// spin behind the sweeper (a few microseconds).
 const SWEEP_CHUNK: usize = 256;
+
+/// Ring slots [`Publisher::attach`] looks at to place a subscriber; a follower further
+/// behind than this is placed from the history instead (a subscribe storm on a lagging
+/// shard must not cost a ring scan each).
+const MAX_UNREAD_SCAN: u64 = 4096;
 
 /// What the publisher remembers about one channel.
 struct ChannelState {
@@ -344,10 +349,22 @@ impl Publisher {
         let now = self.started.elapsed().as_secs();
         let mut map = lock_stripe(self.stripe(channel));
         let state = self.state_mut(&mut map, channel, now);
-        let (last, epoch, history) = (state.last, state.epoch, state.history.clone());
+        let (name, last, epoch, history) = (
+            state.name.clone(),
+            state.last,
+            state.epoch,
+            state.history.clone(),
+        );
+        // Read under the lock: every offset up to `last` claimed a sequence below it.
+        let claimed = self.ring.head();
         drop(map);
         let window = history.as_ref().map(|h| h.lock());
-        let offset = window.as_ref().map_or(last, |w| w.position(cursor, last));
+        let offset = match self.unread(&name, cursor, claimed) {
+            Some(unread) => last - unread,
+            // The ring cannot tell: the history can, erring low (a gap the client sees
+            // and can recover from, never an offset it would wrongly think it has).
+            None => window.as_ref().map_or(0, |w| w.position(cursor)),
+        };
         let recovery = since.map(|since| {
             if since.epoch != epoch {
                 return Err(Unrecoverable::EpochChanged);
@@ -364,6 +381,34 @@ impl Publisher {
             epoch,
             recovery,
         }
+    }
+
+    /// How many of `channel`'s messages lie between a follower's `cursor` and the claim
+    /// counter `claimed`: published, but not read by that follower yet. `None` when the
+    /// ring cannot tell (the follower was lapped, or a producer is slow to install).
+    fn unread(&self, channel: &Arc<str>, cursor: u64, claimed: u64) -> Option<u64> {
+        if claimed.saturating_sub(cursor) > MAX_UNREAD_SCAN.min(self.ring.capacity()) {
+            return None;
+        }
+        let mut unread = 0;
+        for seq in cursor..claimed {
+            let backoff = Backoff::new();
+            loop {
+                match self.ring.peek_channel(seq) {
+                    Peek::Message(c) => {
+                        if Arc::ptr_eq(&c, channel) || *c == **channel {
+                            unread += 1;
+                        }
+                        break;
+                    }
+                    Peek::Gone => return None,
+                    // Claimed: the producer installs it right after encoding.
+                    Peek::NotYet if !backoff.is_completed() => backoff.snooze(),
+                    Peek::NotYet => return None,
+                }
+            }
+        }
+        Some(unread)
     }
 
     fn count_channels(&self, added: u64, removed: u64) {
@@ -400,11 +445,9 @@ impl Publisher {
             let mut seen = 0;
             while seen < limit && cursor.index < map.len() {
                 seen += 1;
-                let idle = map
-                    .get_index(cursor.index)
-                    .is_some_and(|(_, s)| {
-                        timeout.is_some_and(|t| now.saturating_sub(s.last_publish) >= t)
-                    });
+                let idle = map.get_index(cursor.index).is_some_and(|(_, s)| {
+                    timeout.is_some_and(|t| now.saturating_sub(s.last_publish) >= t)
+                });
                 if idle {
                     // The last entry moves into this index: look at it next.
                     if let Some((_, gone)) = map.swap_remove_index(cursor.index) {
@@ -561,10 +604,16 @@ mod tests {
             .map(|(f, o)| String::from_utf8_lossy(f).contains(&format!("\"offset\":{o},")))
             .collect();
         assert_eq!(offsets, [true, true, true]);
-        let other_epoch = Some(Since { offset: 1, epoch: epoch + 1 });
+        let other_epoch = Some(Since {
+            offset: 1,
+            epoch: epoch + 1,
+        });
         let b = p.attach("c", other_epoch, cursor, 100);
         assert_eq!(b.recovery, Some(Err(Unrecoverable::EpochChanged)));
-        assert_eq!(p.attach("c", since, cursor, 2).recovery, Some(Err(Unrecoverable::TooMany)));
+        assert_eq!(
+            p.attach("c", since, cursor, 2).recovery,
+            Some(Err(Unrecoverable::TooMany))
+        );
     }
 
     #[test]
@@ -572,13 +621,108 @@ mod tests {
         let p = with_history(0);
         let fresh = p.attach("new", None, 0, 100);
         assert_eq!(fresh.offset, 0, "a channel never published starts at 0");
-        assert_eq!(p.publish_quiet("new", b"1").epoch, fresh.epoch, "and keeps its epoch");
-        let since = Some(Since { offset: 0, epoch: fresh.epoch });
+        assert_eq!(
+            p.publish_quiet("new", b"1").epoch,
+            fresh.epoch,
+            "and keeps its epoch"
+        );
+        let since = Some(Since {
+            offset: 0,
+            epoch: fresh.epoch,
+        });
         let r = p.attach("new", since, u64::MAX, 100);
         assert_eq!(r.offset, 1);
         assert_eq!(r.recovery, Some(Err(Unrecoverable::TooOld)));
-        let at_end = Some(Since { offset: 1, epoch: fresh.epoch });
-        assert_eq!(p.attach("new", at_end, u64::MAX, 100).recovery, Some(Ok(Vec::new())));
+        let at_end = Some(Since {
+            offset: 1,
+            epoch: fresh.epoch,
+        });
+        assert_eq!(
+            p.attach("new", at_end, u64::MAX, 100).recovery,
+            Some(Ok(Vec::new()))
+        );
+    }
+
+    fn offset_of(frame: &[u8]) -> u64 {
+        let text = String::from_utf8_lossy(frame);
+        let at = text.find("\"offset\":").expect("offset field") + 9;
+        text[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("offset number")
+    }
+
+    /// Two producer threads publish to one channel while a follower (this thread) reads
+    /// the ring and keeps attaching subscribers that "reconnect" with `since`: each one's
+    /// replay plus what it then reads live is exactly the offsets after its position,
+    /// once each, in order. Catches a frame installed before it is retained, or a
+    /// position that counts what the follower has not read.
+    #[test]
+    fn replay_then_live_is_exact_while_two_threads_publish() {
+        const EACH: u64 = 20_000;
+        let p = Arc::new(
+            Publisher::new(Arc::new(Ring::new(1 << 17)), Arc::new(IdleFlags::new(1))).with_history(
+                |_| Limits {
+                    size: 1 << 17,
+                    ttl: 3600,
+                },
+                1 << 30,
+                Arc::new(HistoryStats::default()),
+            ),
+        );
+        let epoch = p.attach("c", None, 0, 0).epoch;
+        let mut cursor = p.ring().head();
+        let producers: Vec<_> = (0..2)
+            .map(|_| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..EACH {
+                        p.publish_quiet("c", b"1");
+                    }
+                })
+            })
+            .collect();
+        // (offsets received so far) per subscriber; the last one is the live one.
+        let mut current: Vec<u64> = Vec::new();
+        let mut position = 0;
+        let mut attaches = 0;
+        let mut polls = 0u64;
+        loop {
+            match p.ring().poll(&mut cursor) {
+                Poll::Message(msg) => {
+                    current.push(offset_of(&msg.frame));
+                    polls += 1;
+                }
+                Poll::Overrun { .. } => panic!("ring too small for the test"),
+                Poll::Empty if cursor >= 2 * EACH => break,
+                Poll::Empty => std::hint::spin_loop(),
+            }
+            if polls % 97 == 0 || matches!(current.len(), 1..=3) && polls % 5 == 0 {
+                // This subscriber leaves; the next attaches at the follower's cursor.
+                let want: Vec<u64> = (position + 1..=position + current.len() as u64).collect();
+                assert_eq!(current, want, "subscriber {attaches}");
+                position = current.last().copied().unwrap_or(position);
+                let a = p.attach(
+                    "c",
+                    Some(Since {
+                        offset: position,
+                        epoch,
+                    }),
+                    cursor,
+                    1 << 20,
+                );
+                let replay = a.recovery.expect("since given").expect("recoverable");
+                current = replay.iter().map(|f| offset_of(f)).collect();
+                attaches += 1;
+            }
+        }
+        for t in producers {
+            t.join().expect("producer");
+        }
+        let want: Vec<u64> = (position + 1..=2 * EACH).collect();
+        assert_eq!(current, want);
+        assert!(attaches > 100, "{attaches} attaches");
     }
 
     #[test]

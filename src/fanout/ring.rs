@@ -93,6 +93,17 @@ pub enum Poll {
     },
 }
 
+/// What [`Ring::peek_channel`] found.
+#[derive(Debug)]
+pub enum Peek {
+    /// The message at that sequence was published to this channel.
+    Message(Arc<str>),
+    /// Claimed (or not even that) but not installed yet.
+    NotYet,
+    /// Overwritten by a later lap.
+    Gone,
+}
+
 impl Ring {
     /// A ring of `capacity` slots (rounded up to a power of two, at least 2).
     pub fn new(capacity: usize) -> Self {
@@ -170,6 +181,18 @@ impl Ring {
                     new = err.new;
                 }
             }
+        }
+    }
+
+    /// The channel of the message at `seq`, without consuming it.
+    pub fn peek_channel(&self, seq: u64) -> Peek {
+        let guard = epoch::pin();
+        let slot = &self.slots[(seq & self.mask) as usize];
+        // SAFETY: see `poll`.
+        match unsafe { slot.load(Ordering::Acquire, &guard).as_ref() } {
+            Some(entry) if entry.seq == seq => Peek::Message(entry.msg.channel.clone()),
+            Some(entry) if entry.seq > seq => Peek::Gone,
+            _ => Peek::NotYet,
         }
     }
 

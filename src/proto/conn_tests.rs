@@ -355,5 +355,9 @@ fn replayed_frames_follow_the_reply_whatever_the_backlog_holds() {
     assert_eq!(conn.on_input(0, &mut buf, &CONFIG, &mut recover), None);
     let texts: Vec<Vec<u8>> = queued(&conn).into_iter().skip(1).map(|(_, p)| p).collect();
     assert_eq!(texts, [b"reply".to_vec(), b"m1".to_vec(), b"m2".to_vec()]);
-    assert_eq!(conn.offer(&big, &CONFIG), Offer::Skipped, "live ones still bounded");
+    assert_eq!(
+        conn.offer(&big, &CONFIG),
+        Offer::Skipped,
+        "live ones still bounded"
+    );
 }

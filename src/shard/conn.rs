@@ -185,7 +185,8 @@ fn run_command(shard: &Shard, key: u32, text: &str, replay: &mut Vec<Bytes>) -> 
             }
             if since.is_some() && index.is_subscribed(key, &channel) {
                 // Its missed messages may have come live: a replay could repeat them.
-                let error = format!("already subscribed to {channel}: unsubscribe first to recover");
+                let error =
+                    format!("already subscribed to {channel}: unsubscribe first to recover");
                 return Reply::Refused {
                     kind: "subscribe",
                     id: id.as_deref(),
