@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod batch;
+pub mod commands;
 pub mod conn;
 pub mod follower;
 pub mod handshake;
@@ -18,6 +19,7 @@ pub mod send;
 pub mod state;
 pub mod table;
 
+use crate::auth::registry::Registry;
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
 use crate::fanout::ring::Ring;
@@ -82,6 +84,7 @@ struct ShardSetup {
     id: usize,
     settings: Arc<Settings>,
     publisher: Arc<Publisher>,
+    registry: Arc<Registry>,
     slots: Arc<ConnectionSlots>,
     sockets: ShardSockets,
     wake_senders: Vec<SharedSender<()>>,
@@ -115,6 +118,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
+    let registry = Arc::new(Registry::new().with_user_gauge(&metrics::get().users));
 
     let mut ws = tcp_listeners(
         "WebSocket listener",
@@ -178,6 +182,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             id,
             settings: settings.clone(),
             publisher: publisher.clone(),
+            registry: registry.clone(),
             slots: slots.clone(),
             sockets,
             wake_senders,
@@ -275,6 +280,7 @@ async fn shard_main(setup: ShardSetup) {
         id,
         settings,
         publisher,
+        registry,
         slots,
         sockets,
         wake_senders,
@@ -282,7 +288,13 @@ async fn shard_main(setup: ShardSetup) {
         started,
         done,
     } = setup;
-    let shard = match Shard::new(id, settings.clone(), publisher.clone(), slots) {
+    let shard = match Shard::new(
+        id,
+        settings.clone(),
+        publisher.clone(),
+        registry.clone(),
+        slots,
+    ) {
         Ok(shard) => Rc::new(shard),
         Err(e) => {
             let _ = started.send(Err(StartError::Shard {
