@@ -10,6 +10,7 @@ pub mod admission;
 pub mod batch;
 pub mod commands;
 pub mod conn;
+pub mod control;
 pub mod follower;
 pub mod handshake;
 pub mod lifecycle;
@@ -27,6 +28,7 @@ use crate::fanout::wake::{install_senders, IdleFlags};
 use crate::metrics;
 use crate::metrics::RefuseCause;
 use crate::shard::admission::{refuse_now, ConnectionSlots, HandshakeGate};
+use crate::shard::control::{ShardControl, ShardRequest, CONTROL_QUEUE};
 use crate::shard::follower::LocalEvent;
 use crate::shard::listener::{tcp_listeners, udp_sockets, BindError};
 use crate::shard::state::Shard;
@@ -89,6 +91,10 @@ struct ShardSetup {
     sockets: ShardSockets,
     wake_senders: Vec<SharedSender<()>>,
     wake_receivers: Vec<SharedReceiver<()>>,
+    /// This shard's queue of admin requests.
+    control_receiver: SharedReceiver<ShardRequest>,
+    /// Senders to every shard's control queue: only for the shard serving the admin port.
+    control_senders: Vec<SharedSender<ShardRequest>>,
     /// Told once: `Ok` when the shard serves, or why it could not start.
     started: mpsc::Sender<Result<(), StartError>>,
     done: mpsc::Sender<usize>,
@@ -164,6 +170,12 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         }
     }
 
+    // Admin requests: shard 0 (which serves the admin port) to every shard.
+    let (mut control_senders, control_receivers): (Vec<_>, Vec<_>) = (0..n)
+        .map(|_| shared_channel::new_bounded::<ShardRequest>(CONTROL_QUEUE))
+        .unzip();
+    let mut control_receivers = control_receivers.into_iter();
+
     let cpus = allowed_cpus();
     if n > cpus.len() {
         tracing::warn!(
@@ -187,6 +199,15 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             sockets,
             wake_senders,
             wake_receivers,
+            control_receiver: control_receivers.next().ok_or_else(|| StartError::Shard {
+                shard: id,
+                message: "no control queue (bug)".into(),
+            })?,
+            control_senders: if id == 0 {
+                std::mem::take(&mut control_senders)
+            } else {
+                Vec::new()
+            },
             started: started_tx.clone(),
             done: done_tx.clone(),
         };
@@ -285,6 +306,8 @@ async fn shard_main(setup: ShardSetup) {
         sockets,
         wake_senders,
         wake_receivers,
+        control_receiver,
+        control_senders,
         started,
         done,
     } = setup;
@@ -321,6 +344,13 @@ async fn shard_main(setup: ShardSetup) {
     }
     install_senders(connected);
     glommio::spawn_local(follower::follow_ring(shard.clone(), wake)).detach();
+    {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            control::serve(shard, control_receiver.connect().await).await
+        })
+        .detach();
+    }
     glommio::spawn_local(watch_readiness(shard.clone())).detach();
 
     let metrics = shard.metrics;
@@ -348,12 +378,15 @@ async fn shard_main(setup: ShardSetup) {
     }
     if let Some(admin) = sockets.admin {
         let listener = unsafe { TcpListener::from_raw_fd(admin.into_raw_fd()) };
-        glommio::spawn_local(crate::admin::serve(
-            listener,
-            publisher.clone(),
-            settings.clone(),
-            metrics,
-        ))
+        let (publisher, settings) = (publisher.clone(), settings.clone());
+        glommio::spawn_local(async move {
+            let mut senders = Vec::with_capacity(control_senders.len());
+            for tx in control_senders {
+                senders.push(tx.connect().await);
+            }
+            let control = ShardControl::new(senders);
+            crate::admin::serve(listener, publisher, settings, metrics, control).await
+        })
         .detach();
     }
     let stop_accepting = Rc::new(LocalEvent::default());
