@@ -9,7 +9,8 @@
 #
 # What the tests need besides Rust:
 #   - a C compiler (glommio builds liburing from source)
-#   - python3 with the `websockets` package  (tests/clients/py_sub.py)
+#   - python3 with `websockets` (tests/clients/py_sub.py), `PyJWT` and `cryptography`
+#     (tests/clients/py_auth.py signs tokens independently of ringcast)
 #   - node + npm, and `ws` in tests/clients   (tests/clients/node_sub.js)
 set -euo pipefail
 
@@ -66,18 +67,20 @@ if ! command -v python3 >/dev/null 2>&1; then
 	apt_install python3 python3-pip
 fi
 command -v python3 >/dev/null 2>&1 || die "python3 is not on PATH after installing it"
-if ! python3 -c 'import websockets' >/dev/null 2>&1; then
+if ! python3 -c 'import websockets, jwt, cryptography' >/dev/null 2>&1; then
 	if ! python3 -m pip --version >/dev/null 2>&1; then
 		apt_install python3-pip
 	fi
-	log "pip install websockets"
-	python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore websockets </dev/null ||
+	log "pip install websockets PyJWT cryptography"
+	python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore websockets PyJWT cryptography </dev/null ||
 		python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-			--break-system-packages websockets </dev/null ||
-		apt_install python3-websockets
+			--break-system-packages websockets PyJWT cryptography </dev/null ||
+		apt_install python3-websockets python3-jwt python3-cryptography
 fi
 python3 -c 'import websockets' >/dev/null 2>&1 ||
-	die "python3 cannot import websockets (needed by tests/clients/py_sub.py)"
+	die "python3 cannot import websockets (needed by tests/clients/py_sub.py and py_auth.py)"
+python3 -c 'import jwt, cryptography' >/dev/null 2>&1 ||
+	die "python3 cannot import jwt (PyJWT) and cryptography (needed by tests/clients/py_auth.py)"
 
 # ---- Node + ws -----------------------------------------------------------------------
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
@@ -93,7 +96,7 @@ fi
 (cd tests/clients && node -e "require('ws')") >/dev/null 2>&1 ||
 	die "node cannot load the ws package from tests/clients (needed by tests/clients/node_sub.js)"
 
-log "tools: $(cargo --version); $(cc --version | head -n1); python3 $(python3 -c 'import sys, websockets; print(sys.version.split()[0], "websockets", websockets.__version__)'); node $(node --version) ws $(cd tests/clients && node -p "require('ws/package.json').version")"
+log "tools: $(cargo --version); $(cc --version | head -n1); python3 $(python3 -c 'import sys, websockets, jwt; print(sys.version.split()[0], "websockets", websockets.__version__, "PyJWT", jwt.__version__)'); node $(node --version) ws $(cd tests/clients && node -p "require('ws/package.json').version")"
 
 # The fan-out tests hold a few hundred sockets in one process.
 hard_nofile="$(ulimit -Hn)"

@@ -4,10 +4,15 @@
 //! One struct, [`ConfigLayer`], describes every key for both the file and the command
 //! line, so `--help`, the TOML keys and the docs cannot drift apart.
 
+use crate::auth::namespace::{NamespaceTable, Namespaces};
+use crate::auth::token::{JwtAlgorithm, KeyMaterial, Verifier};
+use crate::auth::AuthSettings;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -36,6 +41,14 @@ pub enum ConfigError {
     Invalid {
         /// The key (TOML name; the flag is the same with dashes).
         key: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// A key of a `[namespaces.NAME]` or `[channel_defaults]` table has a bad value.
+    #[error("invalid value for `{key}`: {message}")]
+    InvalidTable {
+        /// The full key, e.g. `namespaces.news.history_size`.
+        key: String,
         /// Why.
         message: String,
     },
@@ -168,6 +181,49 @@ pub struct ConfigLayer {
     /// MongoDB give too). Default: false.
     #[arg(long, env = "RINGCAST_TRANSPARENT_HUGE_PAGES", value_name = "BOOL")]
     pub transparent_huge_pages: Option<bool>,
+    /// HMAC secret (at least 32 bytes) for HS256/HS384/HS512 tokens. Setting it, or
+    /// `jwt_public_key_file`, turns authentication on. Prefer the environment variable or
+    /// the file to the flag: a flag shows in `ps`. Default: none.
+    #[arg(
+        long,
+        env = "RINGCAST_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// PEM public key file for RS256, ES256 or EdDSA tokens (set `jwt_algorithm` to
+    /// match). Default: none.
+    #[arg(long, env = "RINGCAST_JWT_PUBLIC_KEY_FILE", value_name = "FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// The one algorithm tokens must be signed with: HS256, HS384, HS512 (with
+    /// `jwt_secret`), RS256, ES256, EdDSA (with `jwt_public_key_file`). Default: HS256
+    /// with a secret; required with a key file.
+    #[arg(long, env = "RINGCAST_JWT_ALGORITHM", value_name = "ALG")]
+    pub jwt_algorithm: Option<String>,
+    /// Seconds of clock skew allowed when checking a token's `exp` and `nbf`. Default: 5.
+    #[arg(long, env = "RINGCAST_JWT_LEEWAY", value_name = "SECS")]
+    pub jwt_leeway: Option<u64>,
+    /// Cookie the upgrade request may carry the token in (besides `?token=` and
+    /// `Authorization: Bearer`). Default: none (cookies are not read).
+    #[arg(long, env = "RINGCAST_JWT_COOKIE", value_name = "NAME")]
+    pub jwt_cookie: Option<String>,
+    /// Token claim listing the channel patterns (`news:*`, exact names) the token may
+    /// subscribe and publish to; a token without it is not restricted by channel.
+    /// Default: channels.
+    #[arg(long, env = "RINGCAST_JWT_CHANNELS_CLAIM", value_name = "CLAIM")]
+    pub jwt_channels_claim: Option<String>,
+    /// Accept connections without a token (as anonymous; namespace rules still apply).
+    /// Default: true without a JWT key, false with one.
+    #[arg(long, env = "RINGCAST_ALLOW_ANONYMOUS", value_name = "BOOL")]
+    pub allow_anonymous: Option<bool>,
+    /// Rules for channels outside any configured namespace (TOML `[channel_defaults]`
+    /// table only). Default: anonymous allowed, no client publish, no presence, no history.
+    #[arg(skip)]
+    pub channel_defaults: Option<NamespaceTable>,
+    /// Per-namespace rules, `[namespaces.NAME]` tables for channels `NAME:...` (TOML
+    /// only; keys they leave out come from `[channel_defaults]`). Default: none.
+    #[arg(skip)]
+    pub namespaces: Option<BTreeMap<String, NamespaceTable>>,
     /// A tool to run instead of the server; without one, `ringcast` serves.
     #[command(subcommand)]
     #[serde(skip)]
@@ -249,6 +305,10 @@ pub struct Settings {
     pub io_memory: usize,
     /// Whether transparent huge pages stay enabled for the process.
     pub transparent_huge_pages: bool,
+    /// Token verification and anonymous access.
+    pub auth: AuthSettings,
+    /// Namespace rules, looked up per channel with [`Namespaces::rules_for`].
+    pub namespaces: Namespaces,
 }
 
 /// An IPv4 or IPv6 network in CIDR notation.
@@ -385,6 +445,25 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             Cidr::parse(s).ok_or_else(|| invalid("ingest_allow", format!("not a CIDR: {s:?}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let auth = resolve_auth(&cli, &file)?;
+    let history_size = in_range("history_size", pick!(history_size, 100), 0, 1 << 20)?;
+    let history_ttl = in_range("history_ttl", pick!(history_ttl, 300), 1, 30 * 24 * 3600)?;
+    let builtin = NamespaceTable {
+        history_size: Some(history_size as u64),
+        history_ttl: Some(history_ttl),
+        ..NamespaceTable::default()
+    };
+    let namespaces = Namespaces::resolve(
+        &builtin,
+        cli.channel_defaults
+            .as_ref()
+            .or(file.channel_defaults.as_ref()),
+        cli.namespaces.as_ref().or(file.namespaces.as_ref()),
+    )
+    .map_err(|e| ConfigError::InvalidTable {
+        key: e.key,
+        message: e.message,
+    })?;
     let s = Settings {
         listen: pick!(listen, SocketAddr::from(([0, 0, 0, 0], 8080))),
         udp_ingest: optional_addr("udp_ingest", pick!(udp_ingest, "127.0.0.1:9000".into()))?,
@@ -475,13 +554,8 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             0 => None,
             secs => Some(Duration::from_secs(secs)),
         },
-        history_size: in_range("history_size", pick!(history_size, 100), 0, 1 << 20)?,
-        history_ttl: Duration::from_secs(in_range(
-            "history_ttl",
-            pick!(history_ttl, 300),
-            1,
-            30 * 24 * 3600,
-        )?),
+        history_size,
+        history_ttl: Duration::from_secs(history_ttl),
         history_max_bytes: in_range(
             "history_max_bytes",
             pick!(history_max_bytes, 256 << 20),
@@ -496,6 +570,8 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         )?,
         io_memory: in_range("io_memory", pick!(io_memory, 256 << 10), 64 << 10, 1 << 30)?,
         transparent_huge_pages: pick!(transparent_huge_pages, false),
+        auth,
+        namespaces,
     };
     let exposed = |key: &'static str, addr: Option<SocketAddr>| match addr {
         Some(a) if !a.ip().is_loopback() && s.ingest_allow.is_empty() => Err(invalid(
@@ -508,6 +584,115 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
     exposed("tcp_ingest", s.tcp_ingest)?;
     exposed("admin", Some(s.admin))?;
     Ok(s)
+}
+
+/// Shortest HMAC secret accepted: 256 bits, the HS256 output size (RFC 7518 3.2).
+pub const MIN_JWT_SECRET_LEN: usize = 32;
+
+/// The `jwt_*` and `allow_anonymous` keys, checked; reads the public key file.
+fn resolve_auth(cli: &ConfigLayer, file: &ConfigLayer) -> Result<AuthSettings, ConfigError> {
+    macro_rules! pick {
+        ($field:ident) => {
+            cli.$field.clone().or(file.$field.clone())
+        };
+    }
+    let leeway = in_range("jwt_leeway", pick!(jwt_leeway).unwrap_or(5), 0, 300)?;
+    let claim = pick!(jwt_channels_claim).unwrap_or_else(|| "channels".into());
+    if claim.is_empty() || claim.len() > 64 {
+        return Err(invalid("jwt_channels_claim", "must be 1-64 bytes"));
+    }
+    let cookie = pick!(jwt_cookie);
+    if let Some(c) = &cookie {
+        let token_char = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if c.is_empty() || !c.bytes().all(token_char) {
+            return Err(invalid(
+                "jwt_cookie",
+                format!("{c:?} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)"),
+            ));
+        }
+    }
+    let algorithm = match pick!(jwt_algorithm) {
+        None => None,
+        Some(name) => Some(JwtAlgorithm::parse(&name).ok_or_else(|| {
+            invalid(
+                "jwt_algorithm",
+                format!(
+                    "unknown algorithm {name:?}: expected one of {}",
+                    JwtAlgorithm::NAMES
+                ),
+            )
+        })?),
+    };
+    let (key_name, key, algorithm) = match (pick!(jwt_secret), pick!(jwt_public_key_file)) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "jwt_secret",
+                "set either jwt_secret or jwt_public_key_file, not both",
+            ))
+        }
+        (Some(secret), None) => {
+            if secret.len() < MIN_JWT_SECRET_LEN {
+                return Err(invalid(
+                    "jwt_secret",
+                    format!(
+                        "must be at least {MIN_JWT_SECRET_LEN} bytes (256 bits), got {}",
+                        secret.len()
+                    ),
+                ));
+            }
+            let algorithm = algorithm.unwrap_or(JwtAlgorithm::Hs256);
+            (
+                "jwt_secret",
+                Some(KeyMaterial::Secret(secret.into_bytes())),
+                algorithm,
+            )
+        }
+        (None, Some(path)) => {
+            let pem = std::fs::read(&path).map_err(|e| {
+                invalid(
+                    "jwt_public_key_file",
+                    format!("reading {}: {e}", path.display()),
+                )
+            })?;
+            let algorithm = algorithm.ok_or_else(|| {
+                invalid(
+                    "jwt_algorithm",
+                    "set RS256, ES256 or EdDSA to say what jwt_public_key_file holds",
+                )
+            })?;
+            (
+                "jwt_public_key_file",
+                Some(KeyMaterial::PublicKeyPem(pem)),
+                algorithm,
+            )
+        }
+        (None, None) if algorithm.is_some() => {
+            return Err(invalid(
+                "jwt_algorithm",
+                "set jwt_secret or jwt_public_key_file too: an algorithm needs a key",
+            ))
+        }
+        (None, None) => ("", None, JwtAlgorithm::Hs256),
+    };
+    let verifier = match key {
+        None => None,
+        Some(key) => Some(Arc::new(
+            Verifier::new(algorithm, &key, leeway, &claim).map_err(|m| invalid(key_name, m))?,
+        )),
+    };
+    let allow_anonymous = pick!(allow_anonymous).unwrap_or(verifier.is_none());
+    if !allow_anonymous && verifier.is_none() {
+        return Err(invalid(
+            "allow_anonymous",
+            "false needs jwt_secret or jwt_public_key_file: without a key no connection \
+             could ever be admitted",
+        ));
+    }
+    Ok(AuthSettings {
+        verifier,
+        allow_anonymous,
+        cookie,
+    })
 }
 
 #[cfg(test)]
@@ -586,6 +771,145 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_mesage_size"), "{err}");
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn no_auth_keys_means_everyone_is_anonymous() {
+        let s = parse(&[]).unwrap();
+        assert!(!s.auth.enabled());
+        assert!(s.auth.allow_anonymous);
+        assert!(s.namespaces.rules_for("news:x").anonymous);
+    }
+
+    #[test]
+    fn auth_keys_are_checked_and_name_their_key() {
+        let s = parse(&["--jwt-secret", SECRET]).unwrap();
+        assert!(s.auth.enabled());
+        assert!(
+            !s.auth.allow_anonymous,
+            "a key turns anonymous access off by default"
+        );
+        let s = parse(&["--jwt-secret", SECRET, "--allow-anonymous", "true"]).unwrap();
+        assert!(s.auth.allow_anonymous);
+        for (args, key) in [
+            (&["--jwt-secret", "short"][..], "jwt_secret"),
+            (
+                &["--jwt-secret", SECRET, "--jwt-algorithm", "RS256"][..],
+                "jwt_secret",
+            ),
+            (
+                &["--jwt-secret", SECRET, "--jwt-algorithm", "XX1"][..],
+                "jwt_algorithm",
+            ),
+            (&["--jwt-algorithm", "HS256"][..], "jwt_algorithm"),
+            (
+                &[
+                    "--jwt-public-key-file",
+                    "/nonexistent/key.pem",
+                    "--jwt-algorithm",
+                    "RS256",
+                ][..],
+                "jwt_public_key_file",
+            ),
+            (
+                &[
+                    "--jwt-public-key-file",
+                    "/nonexistent",
+                    "--jwt-secret",
+                    SECRET,
+                ][..],
+                "jwt_secret",
+            ),
+            (&["--allow-anonymous", "false"][..], "allow_anonymous"),
+            (
+                &["--jwt-secret", SECRET, "--jwt-leeway", "9999"][..],
+                "jwt_leeway",
+            ),
+            (
+                &["--jwt-secret", SECRET, "--jwt-cookie", "a b"][..],
+                "jwt_cookie",
+            ),
+            (
+                &["--jwt-secret", SECRET, "--jwt-channels-claim", ""][..],
+                "jwt_channels_claim",
+            ),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_public_key_file_needs_its_algorithm() {
+        let path =
+            std::env::temp_dir().join(format!("ringcast-config-test-{}.pem", std::process::id()));
+        std::fs::write(&path, include_str!("auth/testdata/ed25519.pub.pem")).unwrap();
+        let file = path.to_str().unwrap();
+        let err = parse(&["--jwt-public-key-file", file])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`jwt_algorithm`"), "{err}");
+        assert!(parse(&["--jwt-public-key-file", file, "--jwt-algorithm", "EdDSA"]).is_ok());
+        let err = parse(&["--jwt-public-key-file", file, "--jwt-algorithm", "RS256"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`jwt_public_key_file`"), "{err}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn namespace_tables_come_from_the_file() {
+        let file: ConfigLayer = toml::from_str(
+            "[channel_defaults]\nhistory_size = 5\n[namespaces.news]\nallow_publish = true\n",
+        )
+        .unwrap();
+        let s = resolve(ConfigLayer::default(), file).unwrap();
+        assert!(s.namespaces.rules_for("news:eu").allow_publish);
+        assert_eq!(s.namespaces.rules_for("news:eu").history_size, 5);
+        assert_eq!(s.namespaces.rules_for("other").history_size, 5);
+        // Behind both tables: the top-level keys (defaults 100 messages, 300 s).
+        let s = resolve(ConfigLayer::default(), ConfigLayer::default()).unwrap();
+        let rules = s.namespaces.rules_for("news:eu");
+        assert_eq!(rules.history_size, 100);
+        assert_eq!(rules.history_ttl, Some(Duration::from_secs(300)));
+        let file: ConfigLayer = toml::from_str(
+            "history_size = 7
+[namespaces.news]
+history_ttl = 9
+",
+        )
+        .unwrap();
+        let s = resolve(ConfigLayer::default(), file).unwrap();
+        let rules = s.namespaces.rules_for("news:eu");
+        assert_eq!(rules.history_size, 7);
+        assert_eq!(rules.history_ttl, Some(Duration::from_secs(9)));
+        let file: ConfigLayer = toml::from_str(
+            "[namespaces.quiet]
+history_size = 0
+",
+        )
+        .unwrap();
+        let s = resolve(ConfigLayer::default(), file).unwrap();
+        assert_eq!(
+            s.namespaces.rules_for("quiet:x").history_size,
+            0,
+            "inherited TTL is fine"
+        );
+        let err = toml::from_str::<ConfigLayer>("[namespaces.news]\nhistory_size = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("history_size"), "{err}");
+        let err = toml::from_str::<ConfigLayer>("[namespaces.news]\nhistroy_size = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("histroy_size"), "{err}");
+        let file: ConfigLayer = toml::from_str("[namespaces.news]\njoin_leave = true\n").unwrap();
+        let err = resolve(ConfigLayer::default(), file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`namespaces.news.join_leave`"), "{err}");
     }
 
     #[test]

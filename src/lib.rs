@@ -16,11 +16,15 @@
 //!   frame), heartbeats and drain.
 //! - [`proto`]: sans-io WebSocket: upgrade parsing, frame codec, masking, commands, close
 //!   codes. Nothing there touches a socket or a clock.
+//! - [`auth`]: identity and permissions: JWT verification, channel grants, namespace
+//!   rules, and the registry of which user is connected on which shard (sans-io apart
+//!   from the registry).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/publish` on the admin port.
 //! - [`config`]: TOML file + flags + environment, validated into settings.
 //! - [`check_host`]: `ringcast check-host`, the host's limits against a connection target.
 
 pub mod admin;
+pub mod auth;
 pub mod check_host;
 pub mod config;
 pub mod fanout;

@@ -3,6 +3,7 @@
 //! Counters live per shard in cache-padded blocks: a shard only ever writes its own block
 //! (relaxed atomics, no sharing on the hot path), and a scrape sums the blocks.
 
+use crate::auth::token::AuthError;
 use crate::fanout::history::HistoryStats;
 use crate::ingest::line::IngestError;
 use crossbeam_utils::CachePadded;
@@ -40,11 +41,13 @@ pub enum Source {
     Tcp,
     /// HTTP POST /publish.
     Http,
+    /// A WebSocket client's `{"cmd":"publish"}`.
+    Client,
 }
 
 impl Source {
     /// Every label, indexed by discriminant.
-    pub const LABELS: [&'static str; 3] = ["udp", "tcp", "http"];
+    pub const LABELS: [&'static str; 4] = ["udp", "tcp", "http", "ws"];
 }
 
 /// Counters owned by one shard.
@@ -63,7 +66,7 @@ pub struct ShardMetrics {
     /// Upgrades closed because `handshake_timeout` passed before the answer was written.
     pub handshakes_timed_out: AtomicU64,
     /// Connections closed, by [`CloseCause`].
-    pub closed: [AtomicU64; 8],
+    pub closed: [AtomicU64; CloseCause::LABELS.len()],
     /// Messages lost to ring overrun.
     pub ring_overrun_lost: AtomicU64,
     /// Subscribes with `since` answered `recovered: true`.
@@ -85,9 +88,13 @@ pub struct ShardMetrics {
     /// Bytes queued in send backlogs (gauge).
     pub backlog_bytes: AtomicU64,
     /// Messages published via each [`Source`].
-    pub messages_in: [AtomicU64; 3],
+    pub messages_in: [AtomicU64; 4],
     /// Ingest messages rejected, by source and [`IngestError`] label.
-    pub ingest_rejected: [[AtomicU64; 4]; 3],
+    pub ingest_rejected: [[AtomicU64; 4]; 4],
+    /// Tokens refused (upgrade 401s and failed refreshes), by [`AuthError`] label.
+    pub auth_failures: [AtomicU64; AuthError::LABELS.len()],
+    /// Subscribes and publishes refused with 403.
+    pub forbidden: AtomicU64,
     /// Client commands handled.
     pub commands: AtomicU64,
     /// Pings sent by the server.
@@ -132,6 +139,8 @@ pub struct Metrics {
     pub channels: AtomicU64,
     /// Channel history sizes and evictions (process-wide).
     pub history: Arc<HistoryStats>,
+    /// Users with at least one authenticated connection (gauge; process-wide).
+    pub users: AtomicU64,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -147,6 +156,7 @@ pub fn init(shards: usize) -> &'static Metrics {
             .collect(),
         channels: AtomicU64::new(0),
         history: Arc::new(HistoryStats::default()),
+        users: AtomicU64::new(0),
     })
 }
 
@@ -308,6 +318,20 @@ impl Metrics {
                 );
             }
         }
+        let _ = writeln!(out, "# HELP ringcast_auth_failures_total Tokens refused at the upgrade (401) or on refresh, by reason.\n# TYPE ringcast_auth_failures_total counter");
+        for (i, label) in AuthError::LABELS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringcast_auth_failures_total{{reason=\"{label}\"}} {}",
+                self.sum(|s| &s.auth_failures[i])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringcast_forbidden_total Subscribes and publishes refused with 403.\n# TYPE ringcast_forbidden_total counter\nringcast_forbidden_total {}",
+            self.sum(|s| &s.forbidden)
+        );
+        let _ = writeln!(out, "# HELP ringcast_users_connected Users with at least one authenticated connection.\n# TYPE ringcast_users_connected gauge\nringcast_users_connected {}", self.users.load(Relaxed));
         let _ = writeln!(out, "# HELP ringcast_ring_lag Messages published but not yet consumed, per shard.\n# TYPE ringcast_ring_lag gauge");
         for (i, s) in self.shards.iter().enumerate() {
             let _ = writeln!(

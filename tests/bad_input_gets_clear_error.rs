@@ -317,7 +317,10 @@ fn bad_commands_get_error_replies_and_connection_stays(server: &Server) {
         WAIT,
     );
     let epoch = reply["epoch"].as_str().unwrap_or_default().to_string();
-    assert!(!epoch.is_empty() && epoch.bytes().all(|b| b.is_ascii_digit()), "{reply}");
+    assert!(
+        !epoch.is_empty() && epoch.bytes().all(|b| b.is_ascii_digit()),
+        "{reply}"
+    );
     assert_eq!(
         reply,
         json!({ "reply": "subscribe", "id": 8, "code": 200, "channel": "bad.cmd",

@@ -103,7 +103,9 @@ impl SimShard {
     fn client_sends(&mut self, key: usize, now: u32, mut bytes: Vec<u8>) {
         let conn = &mut self.conns[key];
         conn.last_rx = now;
-        let mut reply = |_: &str| encode_frame(opcode::TEXT, br#"{"code":200}"#).into();
+        let mut reply = |_: &str, _: Option<&mut ringcast::auth::session::Session>| {
+            encode_frame(opcode::TEXT, br#"{"code":200}"#).into()
+        };
         if let Some(close) = conn.machine.on_input(now, &mut bytes, &CONFIG, &mut reply) {
             self.close(key, close, now);
         }

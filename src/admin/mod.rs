@@ -1,4 +1,6 @@
-//! The admin HTTP port: `/metrics`, `/healthz`, `/readyz` and `POST /publish`.
+//! The admin HTTP port: `/metrics`, `/healthz`, `/readyz`, `POST /publish` and
+//! `POST /admin/disconnect?user=ID` (closes every connection of a user on every shard
+//! with 4403, through [`crate::shard::control`]).
 //!
 //! A deliberately small HTTP/1.1 server (one request per connection, `Connection: close`)
 //! on shard 0: scrapes and publishes are rare next to WebSocket traffic, and keeping it
@@ -10,13 +12,18 @@ use crate::ingest::line::validate_payload;
 use crate::metrics::{self, ShardMetrics, Source};
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use crate::proto::upgrade::{percent_decode, status_text, MAX_REQUEST_HEAD};
+use crate::shard::control::ShardControl;
 use crate::shard::lifecycle::{DRAINING, SHARDS_READY};
 use crate::shard::listener::accept_allowed;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How long `POST /admin/disconnect` waits for every shard to report.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Accepts admin connections forever.
 pub async fn serve(
@@ -24,9 +31,16 @@ pub async fn serve(
     publisher: Arc<Publisher>,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
+    control: Rc<ShardControl>,
 ) {
     accept_allowed(listener, "admin", &settings.clone(), |stream| {
-        handle(stream, publisher.clone(), settings.clone(), metrics)
+        handle(
+            stream,
+            publisher.clone(),
+            settings.clone(),
+            metrics,
+            control.clone(),
+        )
     })
     .await
 }
@@ -68,9 +82,13 @@ async fn handle(
     publisher: Arc<Publisher>,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
+    control: Rc<ShardControl>,
 ) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let response = match read_request(&mut stream, settings.max_message_size).await {
+        Ok((method, target, _)) if target.split('?').next() == Some("/admin/disconnect") => {
+            disconnect(&method, &target, &control).await
+        }
         Ok((method, target, body)) => {
             route(&method, &target, &body, &publisher, &settings, metrics)
         }
@@ -181,9 +199,44 @@ fn route(
         (_, "/metrics" | "/healthz" | "/readyz" | "/publish") => text(405, "method not allowed\n"),
         _ => text(
             404,
-            "not found: try /metrics, /healthz, /readyz or POST /publish\n",
+            "not found: try /metrics, /healthz, /readyz, POST /publish or POST /admin/disconnect\n",
         ),
     }
+}
+
+/// `POST /admin/disconnect?user=ID`: closes every connection of the user on every shard
+/// with 4403; answers how many were closed.
+async fn disconnect(method: &str, target: &str, control: &ShardControl) -> Response {
+    if method != "POST" {
+        return text(405, "method not allowed: POST /admin/disconnect?user=ID\n");
+    }
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let user = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "user")
+        .and_then(|(_, v)| percent_decode(v))
+        .filter(|u| !u.is_empty());
+    let Some(user) = user else {
+        return json_error(
+            400,
+            "missing query parameter user (POST /admin/disconnect?user=<id>, percent-encoded)",
+        );
+    };
+    let (closed, unreached) = control.disconnect_user(&user, DISCONNECT_TIMEOUT).await;
+    let user_json = serde_json::Value::String(user).to_string();
+    if unreached > 0 {
+        return json(
+            503,
+            format!(
+                "{{\"user\":{user_json},\"closed\":{closed},\"error\":\"{unreached} shard(s) did not answer in time; retry\"}}\n"
+            ),
+        );
+    }
+    json(
+        200,
+        format!("{{\"user\":{user_json},\"closed\":{closed}}}\n"),
+    )
 }
 
 fn publish(

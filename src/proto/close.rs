@@ -20,6 +20,10 @@ pub enum CloseCode {
     TooBig,
     /// 1013: try again later: the connection could not keep up (slow consumer).
     TryAgainLater,
+    /// 4401: the connection's token expired (refresh it before `exp`).
+    Unauthorized,
+    /// 4403: an administrator disconnected the connection's user.
+    Forbidden,
 }
 
 impl CloseCode {
@@ -34,6 +38,8 @@ impl CloseCode {
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::TryAgainLater => 1013,
+            CloseCode::Unauthorized => 4401,
+            CloseCode::Forbidden => 4403,
         }
     }
 }
@@ -90,11 +96,15 @@ pub enum CloseCause {
     Drain,
     /// I/O error on the socket.
     IoError,
+    /// The token expired on a live connection (4401).
+    TokenExpired,
+    /// `POST /admin/disconnect` for the connection's user (4403).
+    AdminDisconnect,
 }
 
 impl CloseCause {
     /// Every label, indexed by discriminant.
-    pub const LABELS: [&'static str; 8] = [
+    pub const LABELS: [&'static str; 10] = [
         "client_close",
         "peer_gone",
         "dead",
@@ -103,5 +113,7 @@ impl CloseCause {
         "policy",
         "drain",
         "io_error",
+        "token_expired",
+        "admin_disconnect",
     ];
 }

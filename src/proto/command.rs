@@ -33,6 +33,22 @@ pub enum Command {
         /// Echoed request id, already rendered as JSON.
         id: Option<String>,
     },
+    /// Publish `data` to a channel (where the token and namespace allow it).
+    Publish {
+        /// Echoed request id, already rendered as JSON.
+        id: Option<String>,
+        /// Channel name (validated).
+        channel: String,
+        /// The payload: the `data` value's JSON text.
+        data: String,
+    },
+    /// Replace the connection's token (same `sub`) before it expires.
+    Refresh {
+        /// Echoed request id, already rendered as JSON.
+        id: Option<String>,
+        /// The new token (not verified here).
+        token: String,
+    },
 }
 
 /// A command that cannot be carried out, with the code of its error reply.
@@ -40,7 +56,8 @@ pub enum Command {
 pub struct CommandError {
     /// Echoed request id, when one could be read.
     pub id: Option<String>,
-    /// 400 malformed, 404 unknown command, 413 too many subscriptions.
+    /// 400 malformed, 401 bad token (refresh), 403 forbidden, 404 unknown command, 413 too
+    /// many subscriptions or payload too large.
     pub code: u16,
     /// Explanation for the client.
     pub error: String,
@@ -52,6 +69,8 @@ struct RawCommand {
     channel: Option<Value>,
     id: Option<Value>,
     since: Option<Value>,
+    data: Option<Value>,
+    token: Option<Value>,
 }
 
 /// Reads `since`: `{"offset": N, "epoch": "E"}` as a subscribe reply gave them. The
@@ -114,10 +133,27 @@ pub fn parse_command(text: &str) -> Result<Command, CommandError> {
             id,
         }),
         "ping" => Ok(Command::Ping { id }),
+        "publish" => {
+            let channel = channel()?;
+            match raw.data {
+                Some(data) => Ok(Command::Publish {
+                    id,
+                    channel,
+                    data: data.to_string(),
+                }),
+                None => Err(bad(id, "missing field data (any JSON value but null)")),
+            }
+        }
+        "refresh" => match raw.token {
+            Some(Value::String(token)) if !token.is_empty() => Ok(Command::Refresh { id, token }),
+            _ => Err(bad(id, "missing string field token")),
+        },
         other => Err(CommandError {
             id,
             code: 404,
-            error: format!("unknown command {other:?} (known: subscribe, unsubscribe, ping)"),
+            error: format!(
+                "unknown command {other:?} (known: subscribe, unsubscribe, publish, refresh, ping)"
+            ),
         }),
     }
 }
@@ -158,16 +194,34 @@ pub enum Reply<'a> {
     },
     /// An error reply.
     Error(&'a CommandError),
-    /// An error reply about a specific command kind (e.g. 413 on subscribe).
+    /// An error reply about a specific command kind (e.g. 413 or 403 on subscribe).
     Refused {
         /// The reply name.
         kind: &'static str,
         /// The request id, rendered JSON.
         id: Option<&'a str>,
+        /// The channel the command named, if any.
+        channel: Option<&'a str>,
         /// The error code.
         code: u16,
         /// Explanation.
         error: &'a str,
+    },
+    /// A client publish went into the ring at `offset`.
+    Published {
+        /// The request id, rendered JSON.
+        id: Option<&'a str>,
+        /// The channel.
+        channel: &'a str,
+        /// The offset the message was given.
+        offset: u64,
+    },
+    /// A refresh replaced the token; it now expires at `exp` (Unix seconds).
+    Refreshed {
+        /// The request id, rendered JSON.
+        id: Option<&'a str>,
+        /// The new token's `exp`.
+        exp: u64,
     },
 }
 
@@ -180,17 +234,19 @@ impl Reply<'_> {
             Reply::Subscribed { id, .. } => ("subscribe", *id, 200),
             Reply::Error(e) => ("error", e.id.as_deref(), e.code),
             Reply::Refused { kind, id, code, .. } => (*kind, *id, *code),
+            Reply::Published { id, .. } => ("publish", *id, 200),
+            Reply::Refreshed { id, .. } => ("refresh", *id, 200),
         };
         let _ = write!(out, "{{\"reply\":\"{kind}\"");
         if let Some(id) = id {
             let _ = write!(out, ",\"id\":{id}");
         }
         let _ = write!(out, ",\"code\":{code}");
+        // Channel names never need escaping (see proto::channel).
         match self {
             Reply::Ok {
                 channel: Some(ch), ..
             } => {
-                // Channel names never need escaping (see proto::channel).
                 let _ = write!(out, ",\"channel\":\"{ch}\"");
             }
             Reply::Ok { .. } => {}
@@ -214,7 +270,20 @@ impl Reply<'_> {
                 }
             }
             Reply::Error(CommandError { error, .. }) => push_error(&mut out, error),
-            Reply::Refused { error, .. } => push_error(&mut out, error),
+            Reply::Refused { channel, error, .. } => {
+                if let Some(ch) = channel {
+                    let _ = write!(out, ",\"channel\":\"{ch}\"");
+                }
+                push_error(&mut out, error);
+            }
+            Reply::Published {
+                channel, offset, ..
+            } => {
+                let _ = write!(out, ",\"channel\":\"{channel}\",\"offset\":{offset}");
+            }
+            Reply::Refreshed { exp, .. } => {
+                let _ = write!(out, ",\"exp\":{exp}");
+            }
         }
         out.push('}');
         out
@@ -319,6 +388,70 @@ mod tests {
         assert_eq!(v["reply"], "error");
         assert_eq!(v["id"], "q");
         assert_eq!(v["code"], 404);
+    }
+
+    #[test]
+    fn publish_and_refresh_parse_and_reply() {
+        assert_eq!(
+            parse_command(r#"{"cmd":"publish","channel":"room:1","data":{"t":"hi"},"id":5}"#),
+            Ok(Command::Publish {
+                id: Some("5".into()),
+                channel: "room:1".into(),
+                data: r#"{"t":"hi"}"#.into()
+            })
+        );
+        assert_eq!(
+            parse_command(r#"{"cmd":"publish","channel":"room:1","data":"text"}"#),
+            Ok(Command::Publish {
+                id: None,
+                channel: "room:1".into(),
+                data: r#""text""#.into()
+            })
+        );
+        assert_eq!(
+            parse_command(r#"{"cmd":"publish","channel":"room:1"}"#)
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(
+            parse_command(r#"{"cmd":"refresh","token":"a.b.c"}"#),
+            Ok(Command::Refresh {
+                id: None,
+                token: "a.b.c".into()
+            })
+        );
+        assert_eq!(
+            parse_command(r#"{"cmd":"refresh","token":7}"#)
+                .unwrap_err()
+                .code,
+            400
+        );
+        let published = Reply::Published {
+            id: Some("5"),
+            channel: "room:1",
+            offset: 9,
+        };
+        assert_eq!(
+            published.to_json(),
+            r#"{"reply":"publish","id":5,"code":200,"channel":"room:1","offset":9}"#
+        );
+        let refused = Reply::Refused {
+            kind: "subscribe",
+            id: None,
+            channel: Some("user:bob"),
+            code: 403,
+            error: "user:bob is another user's channel",
+        };
+        let v: Value = serde_json::from_str(&refused.to_json()).unwrap();
+        assert_eq!(
+            (v["code"].as_u64(), v["channel"].as_str()),
+            (Some(403), Some("user:bob"))
+        );
+        assert_eq!(
+            Reply::Refreshed { id: None, exp: 77 }.to_json(),
+            r#"{"reply":"refresh","code":200,"exp":77}"#
+        );
     }
 
     proptest! {

@@ -14,10 +14,18 @@
 //! in which the close frame is written after what was already partly sent, the write
 //! side is shut, and input is discarded until the peer's EOF or the linger bound.
 //!
+//! Identity: an authenticated connection carries its [`Session`] (boxed: an anonymous one
+//! pays a null pointer). Its token's expiry is one more deadline of the machine's clock:
+//! [`Connection::on_tick`] closes it with 4401 once the shard second in
+//! `Session::expires_at` is reached, and [`Connection::wake_at`] reports it, so expiry
+//! costs no timer of its own. Commands get the session to check permissions against and
+//! to refresh.
+//!
 //! Inbound limits: every frame counts toward `max_inbound_per_sec` (empty continuation
 //! frames included), and a frame split across reads is appended in place to one buffer,
 //! so a 64 KiB frame arriving one byte per segment costs O(n), not O(n²).
 
+use crate::auth::session::Session;
 use crate::fanout::backlog::{BacklogLimits, Offer, SendBacklog};
 use crate::proto::close::{CloseCause, CloseCode, CloseReason};
 use crate::proto::frame::{encode_close, encode_frame, opcode, FrameDecoder, Inbound};
@@ -118,6 +126,10 @@ impl From<Bytes> for Answer {
     }
 }
 
+/// The command handler the driver passes to [`Connection::on_input`]: one text message
+/// and the connection's session (`None`: anonymous) in, the reply frame (and any replay) out.
+pub type CommandHandler<'a> = dyn FnMut(&str, Option<&mut Session>) -> Answer + 'a;
+
 /// A pre-encoded empty ping frame.
 const PING: [u8; 2] = [0x80 | opcode::PING, 0];
 
@@ -138,6 +150,8 @@ pub struct Connection {
     backlog: SendBacklog,
     /// `None` (no memory) between complete frames, which is almost always.
     partial: Option<Box<Partial>>,
+    /// Who the connection is; `None` when anonymous.
+    session: Option<Box<Session>>,
     /// Shard second of the last byte received.
     last_rx: u32,
     /// (second, frames received in it) for the inbound rate limit.
@@ -153,11 +167,35 @@ impl Connection {
         Connection {
             backlog: SendBacklog::default(),
             partial: None,
+            session: None,
             last_rx: now,
             window: (now, 0),
             phase: Phase::Open,
             pinged: false,
         }
+    }
+
+    /// An open connection with an identity, alive as of `now`.
+    pub fn with_session(now: u32, session: Option<Box<Session>>) -> Self {
+        Connection {
+            session,
+            ..Connection::new(now)
+        }
+    }
+
+    /// The connection's identity; `None` when anonymous.
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_deref()
+    }
+
+    /// The connection's identity, to refresh.
+    pub fn session_mut(&mut self) -> Option<&mut Session> {
+        self.session.as_deref_mut()
+    }
+
+    /// Takes the identity out (when the connection leaves the registry).
+    pub fn take_session(&mut self) -> Option<Box<Session>> {
+        self.session.take()
     }
 
     /// Where the connection is in its life.
@@ -183,7 +221,7 @@ impl Connection {
         now: u32,
         bytes: &mut [u8],
         config: &ConnConfig,
-        command: &mut dyn FnMut(&str) -> Answer,
+        command: &mut CommandHandler<'_>,
     ) -> Option<CloseDecision> {
         if self.phase != Phase::Open {
             // Lingering or doomed: input is read only to reach EOF.
@@ -238,7 +276,7 @@ impl Connection {
         decoder: &mut FrameDecoder,
         input: &mut [u8],
         config: &ConnConfig,
-        command: &mut dyn FnMut(&str) -> Answer,
+        command: &mut CommandHandler<'_>,
     ) -> Result<usize, CloseDecision> {
         let mut at = 0;
         while at < input.len() && self.is_open() {
@@ -267,7 +305,7 @@ impl Connection {
                     let reason = CloseReason::new(CloseCode::Normal, "");
                     return Err(self.decide(Some(reason), CloseCause::ClientClose));
                 }
-                Some(Inbound::Text(text)) => command(text),
+                Some(Inbound::Text(text)) => command(text, self.session.as_deref_mut()),
             };
             self.queue_control(answer.reply, config)?;
             self.backlog.push_replay(answer.replay);
@@ -375,11 +413,15 @@ impl Connection {
     }
 
     /// Liveness at `now`: a ping after `ping_after` silent seconds, a close after
-    /// `dead_after`, the end of a close's linger.
+    /// `dead_after`, 4401 once the token expired, the end of a close's linger.
     pub fn on_tick(&mut self, now: u32, config: &ConnConfig) -> Tick {
         match self.phase {
             Phase::Closing { since } if now.saturating_sub(since) >= config.linger => {
                 Tick::LingerOver
+            }
+            Phase::Open if self.session.as_ref().is_some_and(|s| now >= s.expires_at) => {
+                let reason = CloseReason::new(CloseCode::Unauthorized, "token expired");
+                Tick::Close(self.decide(Some(reason), CloseCause::TokenExpired))
             }
             Phase::Open => {
                 let silent = now.saturating_sub(self.last_rx);
@@ -401,9 +443,12 @@ impl Connection {
 
     /// The shard second at which [`Connection::on_tick`] next has something to do.
     pub fn wake_at(&self, config: &ConnConfig) -> Option<u32> {
+        let expiry = self.session.as_ref().map_or(u32::MAX, |s| s.expires_at);
         match self.phase {
-            Phase::Open if self.pinged => Some(self.last_rx.saturating_add(config.dead_after)),
-            Phase::Open => Some(self.last_rx.saturating_add(config.ping_after)),
+            Phase::Open if self.pinged => {
+                Some(self.last_rx.saturating_add(config.dead_after).min(expiry))
+            }
+            Phase::Open => Some(self.last_rx.saturating_add(config.ping_after).min(expiry)),
             Phase::Closing { since } => Some(since.saturating_add(config.linger)),
             Phase::Doomed => None,
         }

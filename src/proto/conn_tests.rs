@@ -38,7 +38,7 @@ fn client_frame(op: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Echoes short texts; long ones are answered with their length.
-fn echo(text: &str) -> Answer {
+fn echo(text: &str, _session: Option<&mut Session>) -> Answer {
     let reply = if text.len() > 16 {
         format!("re:{} bytes", text.len())
     } else {
@@ -345,7 +345,7 @@ fn replayed_frames_follow_the_reply_whatever_the_backlog_holds() {
     let big = encode_frame(opcode::TEXT, &vec![b'x'; CONFIG.backlog.max_bytes]);
     assert_eq!(conn.offer(&big, &CONFIG), Offer::Queued);
     let mut buf = client_frame(opcode::TEXT, true, b"recover");
-    let mut recover = |_: &str| Answer {
+    let mut recover = |_: &str, _: Option<&mut Session>| Answer {
         reply: encode_frame(opcode::TEXT, b"reply"),
         replay: vec![
             encode_frame(opcode::TEXT, b"m1"),
@@ -360,4 +360,48 @@ fn replayed_frames_follow_the_reply_whatever_the_backlog_holds() {
         Offer::Skipped,
         "live ones still bounded"
     );
+}
+
+fn session_until(expires_at: u32) -> Option<Box<Session>> {
+    Some(Box::new(Session {
+        user: std::sync::Arc::new(crate::auth::session::User::new("alice")),
+        grants: None,
+        conn_id: 0,
+        expires_at,
+    }))
+}
+
+#[test]
+fn an_expired_token_closes_with_4401_on_the_tick() {
+    let mut conn = Connection::with_session(0, session_until(10));
+    assert_eq!(conn.wake_at(&CONFIG), Some(10));
+    assert_eq!(conn.on_tick(9, &CONFIG), Tick::Idle);
+    match conn.on_tick(10, &CONFIG) {
+        Tick::Close(CloseDecision {
+            reason: Some(reason),
+            cause: CloseCause::TokenExpired,
+        }) => assert_eq!(reason.code.code(), 4401),
+        other => panic!("expected a 4401 close, got {other:?}"),
+    }
+    assert_eq!(conn.on_tick(11, &CONFIG), Tick::Idle);
+}
+
+#[test]
+fn a_refreshed_session_moves_the_deadline() {
+    let mut conn = Connection::with_session(0, session_until(10));
+    // The command handler sees the session and may move its expiry (a refresh).
+    let mut input = client_frame(opcode::TEXT, true, b"refresh");
+    let mut refresh = |_: &str, session: Option<&mut Session>| {
+        if let Some(s) = session {
+            s.expires_at = 100;
+        }
+        encode_frame(opcode::TEXT, b"ok").into()
+    };
+    assert_eq!(conn.on_input(5, &mut input, &CONFIG, &mut refresh), None);
+    assert_eq!(conn.wake_at(&CONFIG), Some(5 + CONFIG.ping_after));
+    assert_eq!(conn.on_tick(10, &CONFIG), Tick::Idle);
+    assert_eq!(conn.session().map(|s| s.expires_at), Some(100));
+    // An anonymous connection never expires.
+    let anon = Connection::new(0);
+    assert_eq!(anon.wake_at(&CONFIG), Some(CONFIG.ping_after));
 }

@@ -9,6 +9,11 @@
 //! rather than trimmed, so a client never believes it subscribed to something it did not.
 //! An empty value (`channels=`) means "no channels", so clients can render an empty list
 //! without special-casing it.
+//!
+//! A token is taken from the first of: the `token` query parameter, an
+//! `Authorization: Bearer` header, the configured cookie. Whether it is any good is not
+//! decided here ([`crate::auth`] does that, before the `101`); other `Authorization`
+//! schemes are ignored, so a proxy's Basic credentials do not break anonymous access.
 
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use base64::Engine;
@@ -25,6 +30,8 @@ pub struct Upgrade {
     pub key: String,
     /// Channels named in the `channels` query parameter, validated.
     pub channels: Vec<String>,
+    /// The token, if the request carried one (not verified here).
+    pub token: Option<String>,
     /// Length of the request head, including the blank line.
     pub head_len: usize,
 }
@@ -39,7 +46,8 @@ pub struct HttpReject {
 }
 
 impl HttpReject {
-    fn new(status: u16, reason: impl Into<String>) -> Self {
+    /// A rejection with `status` and a one-line `reason` for the body.
+    pub fn new(status: u16, reason: impl Into<String>) -> Self {
         HttpReject {
             status,
             reason: reason.into(),
@@ -50,6 +58,7 @@ impl HttpReject {
     pub fn response(&self) -> Vec<u8> {
         let extra = match self.status {
             405 => "Allow: GET\r\n",
+            401 => "WWW-Authenticate: Bearer realm=\"ringcast\"\r\n",
             426 => "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
             _ => "",
         };
@@ -74,6 +83,7 @@ pub fn status_text(status: u16) -> &'static str {
         101 => "Switching Protocols",
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
@@ -92,6 +102,18 @@ pub fn status_text(status: u16) -> &'static str {
 /// # Errors
 /// An [`HttpReject`] describing the HTTP answer when the request cannot be upgraded.
 pub fn parse_upgrade(buf: &[u8], max_channels: usize) -> Result<Option<Upgrade>, HttpReject> {
+    parse_upgrade_with_cookie(buf, max_channels, None)
+}
+
+/// [`parse_upgrade`], also reading the token from the cookie named `token_cookie`.
+///
+/// # Errors
+/// An [`HttpReject`] describing the HTTP answer when the request cannot be upgraded.
+pub fn parse_upgrade_with_cookie(
+    buf: &[u8],
+    max_channels: usize,
+    token_cookie: Option<&str>,
+) -> Result<Option<Upgrade>, HttpReject> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -151,11 +173,44 @@ pub fn parse_upgrade(buf: &[u8], max_channels: usize) -> Result<Option<Upgrade>,
         ));
     }
     let channels = parse_channels(query, max_channels)?;
+    let bearer = header("authorization").and_then(|v| {
+        let (scheme, token) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    let cookie = || {
+        let name = token_cookie?;
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.trim_matches('"'))
+    };
+    let token = match query_param(query, "token") {
+        Some(raw) => Some(
+            percent_decode(raw)
+                .ok_or_else(|| HttpReject::new(400, "malformed percent-encoding in token"))?,
+        ),
+        None => bearer.or_else(cookie).map(str::to_string),
+    }
+    .filter(|t| !t.is_empty());
     Ok(Some(Upgrade {
         key: key.to_string(),
         channels,
+        token,
         head_len,
     }))
+}
+
+/// The raw (still percent-encoded) value of the first `name=` query parameter.
+fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
 }
 
 fn parse_channels(query: &str, max_channels: usize) -> Result<Vec<String>, HttpReject> {
@@ -334,6 +389,56 @@ mod tests {
             "a".repeat(MAX_REQUEST_HEAD)
         );
         assert_eq!(status_of(&huge), 431);
+    }
+
+    #[test]
+    fn the_token_comes_from_query_header_or_cookie_in_that_order() {
+        let token_of = |req: &str, cookie: Option<&str>| {
+            parse_upgrade_with_cookie(req.as_bytes(), MAX, cookie)
+                .unwrap()
+                .unwrap()
+                .token
+        };
+        let query = GOOD.replace("channels=news", "token=a%2Eb.c&channels=news");
+        assert_eq!(token_of(&query, None).as_deref(), Some("a.b.c"));
+        let header = GOOD.replace(
+            "Host: x\r\n",
+            "Host: x\r\nAuthorization: Bearer  h.h.h \r\n",
+        );
+        assert_eq!(token_of(&header, None).as_deref(), Some("h.h.h"));
+        let both = query.replace("Host: x\r\n", "Host: x\r\nAuthorization: Bearer h.h.h\r\n");
+        assert_eq!(token_of(&both, None).as_deref(), Some("a.b.c"));
+        let basic = GOOD.replace(
+            "Host: x\r\n",
+            "Host: x\r\nAuthorization: Basic dXNlcg==\r\n",
+        );
+        assert_eq!(token_of(&basic, None), None);
+        let cookie = GOOD.replace(
+            "Host: x\r\n",
+            "Host: x\r\nCookie: a=1; rc_token=\"c.c.c\"; b=2\r\n",
+        );
+        assert_eq!(
+            token_of(&cookie, Some("rc_token")).as_deref(),
+            Some("c.c.c")
+        );
+        assert_eq!(token_of(&cookie, Some("other")), None);
+        assert_eq!(token_of(&cookie, None), None);
+        assert_eq!(
+            token_of(&GOOD.replace("channels=news", "token=&channels=news"), None),
+            None
+        );
+        assert_eq!(
+            status_of(&GOOD.replace("channels=news", "token=%zz&channels=news")),
+            400
+        );
+    }
+
+    #[test]
+    fn unauthorized_answers_say_bearer() {
+        let text = String::from_utf8(HttpReject::new(401, "token expired").response()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
+        assert!(text.contains("WWW-Authenticate: Bearer"), "{text}");
+        assert!(text.ends_with("\r\n\r\ntoken expired\n"), "{text}");
     }
 
     #[test]

@@ -14,16 +14,19 @@
 //! written, shuts the write side once it is out and lingers until the peer's EOF
 //! (bounded), so input still in flight does not turn the close into a reset.
 
+use crate::auth::permission::Access;
+use crate::auth::registry::ConnRecord;
+use crate::auth::session::{expiry_second, Session};
+use crate::auth::token::Claims;
 use crate::metrics::CloseCause;
 use crate::proto::close::CloseReason;
-use crate::proto::command::{parse_command, Command, Reply};
+use crate::proto::command::Reply;
 use crate::proto::conn::{Answer, CloseDecision, Connection, Eof, Phase};
 use crate::proto::frame::{encode_frame, opcode};
 use crate::shard::readiness::Ready;
 use crate::shard::send::Flush;
 use crate::shard::state::Shard;
 use crate::shard::table::{token, untoken, Conn};
-use bytes::Bytes;
 use nix::sys::socket::{recv, MsgFlags};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
@@ -36,18 +39,40 @@ const MAX_READ_PER_EVENT: usize = 1 << 20;
 /// EOF, in shard seconds; then its socket is closed regardless.
 pub const LINGER_SECS: u32 = 5;
 
-/// Registers an upgraded socket in the table, index and epoll set, then handles any
-/// bytes the client sent after the request head.
-pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftover: Vec<u8>) {
+/// Registers an upgraded socket in the table, index, registry and epoll set, subscribes
+/// the upgrade's channels (a channel the identity may not use gets a 403 reply instead),
+/// then handles any bytes the client sent after the request head.
+pub(crate) fn adopt(
+    shard: &Shard,
+    fd: OwnedFd,
+    channels: &[String],
+    claims: Option<Claims>,
+    mut leftover: Vec<u8>,
+) {
     let now = shard.now_secs();
     let generation = shard.next_generation();
     let key = {
         let mut conns = shard.conns.borrow_mut();
-        if let Err(e) = shard
-            .ready_set
-            .add(&fd, token(conns.next_key(), generation))
-        {
+        let key = conns.next_key();
+        let session = match claims {
+            None => None,
+            Some(claims) => match open_session(shard, key, generation, now, claims) {
+                Some(session) => Some(Box::new(session)),
+                None => {
+                    tracing::error!(
+                        shard = shard.id,
+                        "connection registry is out of ids; dropping connection"
+                    );
+                    shard.slots.release(); // admission: the slot reserved for this upgrade
+                    return;
+                }
+            },
+        };
+        if let Err(e) = shard.ready_set.add(&fd, token(key, generation)) {
             tracing::warn!(shard = shard.id, error = %e, "epoll registration failed (fs.epoll.max_user_watches?); dropping connection");
+            if let Some(session) = session {
+                shard.registry.unregister(&session);
+            }
             shard.slots.release(); // admission: the slot reserved for this upgrade
             return;
         }
@@ -55,24 +80,66 @@ pub(crate) fn adopt(shard: &Shard, fd: OwnedFd, channels: &[String], mut leftove
             fd,
             generation,
             dirty: false,
-            machine: Connection::new(now),
+            machine: Connection::with_session(now, session),
         })
     };
-    {
-        let mut index = shard.index.borrow_mut();
-        // parse_upgrade refused lists over max_subscriptions_per_connection.
-        for ch in channels {
-            index.subscribe(key, ch);
-        }
-    }
     shard.metrics.connections.fetch_add(1, Relaxed);
     shard.metrics.accepted.fetch_add(1, Relaxed);
-    if !leftover.is_empty() {
-        let mut conns = shard.conns.borrow_mut();
-        if let Some(conn) = conns.get_mut(key) {
-            receive(shard, key, conn, &mut leftover);
+    let mut conns = shard.conns.borrow_mut();
+    let Some(conn) = conns.get_mut(key) else {
+        return;
+    };
+    let mut refused = false;
+    for ch in channels {
+        // parse_upgrade refused lists over max_subscriptions_per_connection.
+        match shard.permit(conn.machine.session(), ch, Access::Subscribe) {
+            Ok(()) => {
+                shard.index.borrow_mut().subscribe(key, ch);
+            }
+            Err(reason) => {
+                refused = true;
+                let reply = Reply::Refused {
+                    kind: "subscribe",
+                    id: None,
+                    channel: Some(ch),
+                    code: 403,
+                    error: &reason,
+                };
+                let frame = encode_frame(opcode::TEXT, reply.to_json().as_bytes());
+                shard.queue_control(key, conn, frame);
+            }
         }
     }
+    if !leftover.is_empty() {
+        receive(shard, key, conn, &mut leftover);
+    } else if refused && conn.machine.is_open() {
+        shard.flush_or_close(key, conn);
+    }
+}
+
+/// Registers an authenticated connection; `None` when the registry is out of ids.
+fn open_session(
+    shard: &Shard,
+    key: u32,
+    generation: u32,
+    now: u32,
+    claims: Claims,
+) -> Option<Session> {
+    let leeway = shard
+        .settings
+        .auth
+        .verifier
+        .as_ref()
+        .map_or(0, |v| v.leeway());
+    let expires_at = expiry_second(now, shard.unix_now(), claims.exp, leeway);
+    let record = ConnRecord {
+        shard: shard.id as u32,
+        key,
+        generation,
+    };
+    shard
+        .registry
+        .register(&claims.sub, claims.channels, record, expires_at)
 }
 
 /// Handles one readiness event from the shard's epoll set.
@@ -133,10 +200,10 @@ fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
     let now = shard.now_secs();
     let close = conn
         .machine
-        .on_input(now, input, &shard.conn_config, &mut |text| {
+        .on_input(now, input, &shard.conn_config, &mut |text, session| {
             shard.metrics.commands.fetch_add(1, Relaxed);
             let mut replay = Vec::new();
-            let reply = run_command(shard, key, text, &mut replay);
+            let reply = shard.run_command(key, text, session, &mut replay);
             Answer {
                 reply: encode_frame(opcode::TEXT, reply.as_bytes()),
                 replay,
@@ -159,88 +226,6 @@ fn peer_gone(shard: &Shard, key: u32, conn: &mut Conn) {
     }
 }
 
-/// Executes a command and renders its reply; a recovery's missed messages go to
-/// `replay`.
-fn run_command(shard: &Shard, key: u32, text: &str, replay: &mut Vec<Bytes>) -> String {
-    match parse_command(text) {
-        Err(err) => Reply::Error(&err).to_json(),
-        Ok(Command::Ping { id }) => Reply::Ok {
-            kind: "pong",
-            id: id.as_deref(),
-            channel: None,
-        }
-        .to_json(),
-        Ok(Command::Subscribe { id, channel, since }) => {
-            let mut index = shard.index.borrow_mut();
-            let limit = shard.settings.max_subscriptions_per_connection;
-            if index.count_of(key) >= limit && !index.is_subscribed(key, &channel) {
-                let error = format!("at most {limit} subscriptions per connection");
-                return Reply::Refused {
-                    kind: "subscribe",
-                    id: id.as_deref(),
-                    code: 413,
-                    error: &error,
-                }
-                .to_json();
-            }
-            if since.is_some() && index.is_subscribed(key, &channel) {
-                // Its missed messages may have come live: a replay could repeat them.
-                let error =
-                    format!("already subscribed to {channel}: unsubscribe first to recover");
-                return Reply::Refused {
-                    kind: "subscribe",
-                    id: id.as_deref(),
-                    code: 409,
-                    error: &error,
-                }
-                .to_json();
-            }
-            // Attached at the follower's cursor and subscribed in the same step: what the
-            // follower has not read yet reaches this connection live, the rest comes
-            // from history (see crate::fanout::history).
-            let attach = shard.publisher.attach(
-                &channel,
-                since,
-                shard.ring_cursor.get(),
-                shard.settings.max_recovery_messages,
-            );
-            index.subscribe(key, &channel);
-            let recovered = attach.recovery.map(|result| match result {
-                Ok(frames) => {
-                    shard.metrics.recovered.fetch_add(1, Relaxed);
-                    shard
-                        .metrics
-                        .replayed
-                        .fetch_add(frames.len() as u64, Relaxed);
-                    *replay = frames;
-                    Ok(())
-                }
-                Err(why) => {
-                    shard.metrics.not_recovered.fetch_add(1, Relaxed);
-                    Err(why.label())
-                }
-            });
-            Reply::Subscribed {
-                id: id.as_deref(),
-                channel: &channel,
-                offset: attach.offset,
-                epoch: attach.epoch,
-                recovered,
-            }
-            .to_json()
-        }
-        Ok(Command::Unsubscribe { id, channel }) => {
-            shard.index.borrow_mut().unsubscribe(key, &channel);
-            Reply::Ok {
-                kind: "unsubscribe",
-                id: id.as_deref(),
-                channel: Some(&channel),
-            }
-            .to_json()
-        }
-    }
-}
-
 /// A close decided but not yet carried out.
 #[derive(Debug)]
 pub struct CloseOrder {
@@ -251,16 +236,20 @@ pub struct CloseOrder {
 
 impl Shard {
     /// Decides that `conn` closes (unless a close was already decided); carried out by
-    /// [`Shard::settle`].
+    /// [`Shard::settle`]. Returns false when a close was already decided.
     pub fn schedule_close(
         &self,
         key: u32,
         conn: &mut Conn,
         reason: Option<CloseReason>,
         cause: CloseCause,
-    ) {
-        if let Some(decision) = conn.machine.close(reason, cause) {
-            self.enqueue_close(key, conn.generation, decision);
+    ) -> bool {
+        match conn.machine.close(reason, cause) {
+            Some(decision) => {
+                self.enqueue_close(key, conn.generation, decision);
+                true
+            }
+            None => false,
         }
     }
 
@@ -304,6 +293,11 @@ impl Shard {
             let Some(conn) = conns.get_current(key, generation) else {
                 return;
             };
+            // A closing connection is no longer connected for the registry (an admin
+            // disconnect neither counts nor waits for it).
+            if let Some(session) = conn.machine.take_session() {
+                self.registry.unregister(&session);
+            }
             let before = conn.machine.backlog().bytes();
             let lingering = conn
                 .machine
@@ -328,6 +322,10 @@ impl Shard {
         };
         self.slots.release(); // admission: one slot per table entry, released on removal
         self.ready_set.remove(&conn.fd);
+        let mut conn = conn;
+        if let Some(session) = conn.machine.take_session() {
+            self.registry.unregister(&session);
+        }
         self.note_backlog_change(conn.machine.backlog().bytes(), 0);
         if conn.machine.is_open() {
             // Finalized without a close order (should not happen): keep the gauge right.

@@ -233,7 +233,7 @@ mod tests {
             Arc::new(IdleFlags::new(1)),
         ));
         let slots = crate::shard::admission::ConnectionSlots::new(settings.max_connections);
-        Shard::new(0, Arc::new(settings), publisher, slots).expect("shard")
+        Shard::new(0, Arc::new(settings), publisher, Arc::default(), slots).expect("shard")
     }
 
     /// A connection whose peer end is kept in `peers` (so its socket stays open).
@@ -241,7 +241,7 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
         peers.push(theirs);
         let key = shard.conns.borrow().next_key();
-        adopt(shard, OwnedFd::from(ours), channels, Vec::new());
+        adopt(shard, OwnedFd::from(ours), channels, None, Vec::new());
         key
     }
 

@@ -6,9 +6,14 @@
 //! written: a per-read timeout would let a client sending one byte every few seconds
 //! (slowloris) hold the task for hours. Admission ([`crate::shard::admission`]) bounds
 //! how many upgrades a shard runs at once and reserves the connection slot before `101`.
+//!
+//! The token is checked here, before the slot and the `101`: a bad, expired or forged
+//! token, or none where anonymous connections are not allowed, is answered `401` with the
+//! reason as the body ([`crate::auth::AuthSettings::admit`]).
 
+use crate::auth::token::Claims;
 use crate::metrics::RefuseCause;
-use crate::proto::upgrade::{accept_response, parse_upgrade};
+use crate::proto::upgrade::{accept_response, parse_upgrade_with_cookie, HttpReject};
 use crate::shard::admission::{refusal_response, HandshakeTicket, SlotReservation};
 use crate::shard::conn::adopt;
 use crate::shard::state::Shard;
@@ -21,6 +26,8 @@ use std::sync::atomic::Ordering::Relaxed;
 /// What a finished handshake hands to the connection table.
 struct Upgraded {
     channels: Vec<String>,
+    /// The verified token's claims; `None`: anonymous.
+    claims: Option<Claims>,
     leftover: Vec<u8>,
     slot: SlotReservation,
 }
@@ -61,7 +68,13 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, ticket: HandshakeT
     drop(stream);
     // From here the table owns the slot and releases it when the connection leaves it.
     upgraded.slot.adopt();
-    adopt(&shard, fd, &upgraded.channels, upgraded.leftover);
+    adopt(
+        &shard,
+        fd,
+        &upgraded.channels,
+        upgraded.claims,
+        upgraded.leftover,
+    );
     shard.settle();
 }
 
@@ -74,7 +87,12 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
     let upgrade = loop {
         let n = stream.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
         head.extend_from_slice(&chunk[..n]);
-        match parse_upgrade(&head, shard.settings.max_subscriptions_per_connection) {
+        let cookie = shard.settings.auth.cookie.as_deref();
+        match parse_upgrade_with_cookie(
+            &head,
+            shard.settings.max_subscriptions_per_connection,
+            cookie,
+        ) {
             Ok(Some(upgrade)) => break upgrade,
             Ok(None) => continue,
             Err(reject) => {
@@ -82,6 +100,20 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
                 let _ = stream.write_all(&reject.response()).await;
                 return None;
             }
+        }
+    };
+    let claims = match shard
+        .settings
+        .auth
+        .admit(upgrade.token.as_deref(), shard.unix_now())
+    {
+        Ok(claims) => claims,
+        Err(e) => {
+            shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
+            shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
+            let reject = HttpReject::new(401, format!("unauthorized: {e}"));
+            let _ = stream.write_all(&reject.response()).await;
+            return None;
         }
     };
     let slot = if shard.draining.get() {
@@ -107,6 +139,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
     let leftover = head.split_off(upgrade.head_len);
     Some(Upgraded {
         channels: upgrade.channels,
+        claims,
         leftover,
         slot,
     })

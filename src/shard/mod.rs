@@ -8,7 +8,9 @@
 
 pub mod admission;
 pub mod batch;
+pub mod commands;
 pub mod conn;
+pub mod control;
 pub mod follower;
 pub mod handshake;
 pub mod lifecycle;
@@ -18,6 +20,7 @@ pub mod send;
 pub mod state;
 pub mod table;
 
+use crate::auth::registry::Registry;
 use crate::config::Settings;
 use crate::fanout::history::Limits as HistoryLimits;
 use crate::fanout::publisher::Publisher;
@@ -26,6 +29,7 @@ use crate::fanout::wake::{install_senders, IdleFlags};
 use crate::metrics;
 use crate::metrics::RefuseCause;
 use crate::shard::admission::{refuse_now, ConnectionSlots, HandshakeGate};
+use crate::shard::control::{ShardControl, ShardRequest, CONTROL_QUEUE};
 use crate::shard::follower::LocalEvent;
 use crate::shard::listener::{tcp_listeners, udp_sockets, BindError};
 use crate::shard::state::Shard;
@@ -83,10 +87,15 @@ struct ShardSetup {
     id: usize,
     settings: Arc<Settings>,
     publisher: Arc<Publisher>,
+    registry: Arc<Registry>,
     slots: Arc<ConnectionSlots>,
     sockets: ShardSockets,
     wake_senders: Vec<SharedSender<()>>,
     wake_receivers: Vec<SharedReceiver<()>>,
+    /// This shard's queue of admin requests.
+    control_receiver: SharedReceiver<ShardRequest>,
+    /// Senders to every shard's control queue: only for the shard serving the admin port.
+    control_senders: Vec<SharedSender<ShardRequest>>,
     /// Told once: `Ok` when the shard serves, or why it could not start.
     started: mpsc::Sender<Result<(), StartError>>,
     done: mpsc::Sender<usize>,
@@ -114,11 +123,14 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             .with_channel_gauge(&metrics::get().channels)
             .with_history(
                 {
-                    let limits = HistoryLimits {
-                        size: settings.history_size,
-                        ttl: settings.history_ttl.as_secs(),
-                    };
-                    move |_| limits
+                    let settings = settings.clone();
+                    move |channel| {
+                        let rules = settings.namespaces.rules_for(channel);
+                        HistoryLimits {
+                            size: rules.history_size,
+                            ttl: rules.history_ttl.map_or(u64::MAX, |t| t.as_secs()),
+                        }
+                    }
                 },
                 settings.history_max_bytes,
                 metrics::get().history.clone(),
@@ -127,6 +139,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
+    let registry = Arc::new(Registry::new().with_user_gauge(&metrics::get().users));
 
     let mut ws = tcp_listeners(
         "WebSocket listener",
@@ -172,6 +185,12 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         }
     }
 
+    // Admin requests: shard 0 (which serves the admin port) to every shard.
+    let (mut control_senders, control_receivers): (Vec<_>, Vec<_>) = (0..n)
+        .map(|_| shared_channel::new_bounded::<ShardRequest>(CONTROL_QUEUE))
+        .unzip();
+    let mut control_receivers = control_receivers.into_iter();
+
     let cpus = allowed_cpus();
     if n > cpus.len() {
         tracing::warn!(
@@ -190,10 +209,20 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             id,
             settings: settings.clone(),
             publisher: publisher.clone(),
+            registry: registry.clone(),
             slots: slots.clone(),
             sockets,
             wake_senders,
             wake_receivers,
+            control_receiver: control_receivers.next().ok_or_else(|| StartError::Shard {
+                shard: id,
+                message: "no control queue (bug)".into(),
+            })?,
+            control_senders: if id == 0 {
+                std::mem::take(&mut control_senders)
+            } else {
+                Vec::new()
+            },
             started: started_tx.clone(),
             done: done_tx.clone(),
         };
@@ -287,14 +316,23 @@ async fn shard_main(setup: ShardSetup) {
         id,
         settings,
         publisher,
+        registry,
         slots,
         sockets,
         wake_senders,
         wake_receivers,
+        control_receiver,
+        control_senders,
         started,
         done,
     } = setup;
-    let shard = match Shard::new(id, settings.clone(), publisher.clone(), slots) {
+    let shard = match Shard::new(
+        id,
+        settings.clone(),
+        publisher.clone(),
+        registry.clone(),
+        slots,
+    ) {
         Ok(shard) => Rc::new(shard),
         Err(e) => {
             let _ = started.send(Err(StartError::Shard {
@@ -321,6 +359,13 @@ async fn shard_main(setup: ShardSetup) {
     }
     install_senders(connected);
     glommio::spawn_local(follower::follow_ring(shard.clone(), wake)).detach();
+    {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            control::serve(shard, control_receiver.connect().await).await
+        })
+        .detach();
+    }
     glommio::spawn_local(watch_readiness(shard.clone())).detach();
 
     let metrics = shard.metrics;
@@ -348,12 +393,15 @@ async fn shard_main(setup: ShardSetup) {
     }
     if let Some(admin) = sockets.admin {
         let listener = unsafe { TcpListener::from_raw_fd(admin.into_raw_fd()) };
-        glommio::spawn_local(crate::admin::serve(
-            listener,
-            publisher.clone(),
-            settings.clone(),
-            metrics,
-        ))
+        let (publisher, settings) = (publisher.clone(), settings.clone());
+        glommio::spawn_local(async move {
+            let mut senders = Vec::with_capacity(control_senders.len());
+            for tx in control_senders {
+                senders.push(tx.connect().await);
+            }
+            let control = ShardControl::new(senders);
+            crate::admin::serve(listener, publisher, settings, metrics, control).await
+        })
         .detach();
     }
     let stop_accepting = Rc::new(LocalEvent::default());

@@ -6,6 +6,7 @@
 //! live in [`crate::proto::conn::Connection`], and this struct only holds what the driver
 //! needs to carry them out.
 
+use crate::auth::registry::Registry;
 use crate::config::Settings;
 use crate::fanout::backlog::BacklogLimits;
 use crate::fanout::index::SubscriptionIndex;
@@ -42,6 +43,8 @@ pub struct Shard {
     pub(super) scratch: RefCell<Box<[u8]>>,
     /// Offsets + ring.
     pub(super) publisher: Arc<Publisher>,
+    /// Who is connected where, over all shards.
+    pub(super) registry: Arc<Registry>,
     /// Per-connection bounds and timers (heartbeat jittered per shard).
     pub(super) conn_config: ConnConfig,
     /// This shard's counters.
@@ -78,6 +81,7 @@ impl Shard {
         id: usize,
         settings: Arc<Settings>,
         publisher: Arc<Publisher>,
+        registry: Arc<Registry>,
         slots: Arc<ConnectionSlots>,
     ) -> std::io::Result<Self> {
         let all_metrics = metrics::get();
@@ -112,6 +116,7 @@ impl Shard {
             dirty: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
             publisher,
+            registry,
             metrics: all_metrics.shard(id),
             all_metrics,
             draining: Cell::new(false),
@@ -142,5 +147,13 @@ impl Shard {
     /// Seconds since the shard started: the coarse clock of liveness checks.
     pub fn now_secs(&self) -> u32 {
         self.started.elapsed().as_secs() as u32
+    }
+
+    /// Wall-clock Unix seconds, for token `exp`/`nbf` (a clock before 1970 reads as 0,
+    /// which makes every token not yet valid rather than valid forever).
+    pub fn unix_now(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
     }
 }

@@ -1,0 +1,222 @@
+//! Client commands on the shard: what each one does to the index, the publisher and the
+//! connection's session, and the reply it gets.
+//!
+//! Permission decisions are [`crate::auth::permission::check`]'s; this module only
+//! carries them out. A refused subscribe or publish is a reply with code 403 for that
+//! command alone: the connection and its other subscriptions stay.
+
+use crate::auth::permission::{check, Access};
+use crate::auth::session::{expiry_second, Session};
+use crate::ingest::line::validate_payload;
+use crate::metrics::Source;
+use crate::proto::command::{parse_command, Command, Reply};
+use crate::shard::state::Shard;
+use bytes::Bytes;
+use std::sync::atomic::Ordering::Relaxed;
+
+impl Shard {
+    /// Whether `session` (`None`: anonymous) may `access` `channel`; the error is the 403
+    /// reason.
+    pub(super) fn permit(
+        &self,
+        session: Option<&Session>,
+        channel: &str,
+        access: Access,
+    ) -> Result<(), String> {
+        let verdict = check(
+            &self.settings.namespaces,
+            self.settings.auth.enabled(),
+            session,
+            channel,
+            access,
+        );
+        if verdict.is_err() {
+            self.metrics.forbidden.fetch_add(1, Relaxed);
+        }
+        verdict
+    }
+
+    /// Executes one command of connection `key` and renders its reply; a recovery's
+    /// missed messages go to `replay`.
+    pub(super) fn run_command(
+        &self,
+        key: u32,
+        text: &str,
+        session: Option<&mut Session>,
+        replay: &mut Vec<Bytes>,
+    ) -> String {
+        let command = match parse_command(text) {
+            Ok(command) => command,
+            Err(err) => return Reply::Error(&err).to_json(),
+        };
+        match command {
+            Command::Ping { id } => Reply::Ok {
+                kind: "pong",
+                id: id.as_deref(),
+                channel: None,
+            }
+            .to_json(),
+            Command::Subscribe { id, channel, since } => {
+                let refuse = |code, error: &str| {
+                    Reply::Refused {
+                        kind: "subscribe",
+                        id: id.as_deref(),
+                        channel: Some(&channel),
+                        code,
+                        error,
+                    }
+                    .to_json()
+                };
+                if let Err(reason) = self.permit(session.as_deref(), &channel, Access::Subscribe) {
+                    return refuse(403, &reason);
+                }
+                let mut index = self.index.borrow_mut();
+                let limit = self.settings.max_subscriptions_per_connection;
+                if index.count_of(key) >= limit && !index.is_subscribed(key, &channel) {
+                    return refuse(
+                        413,
+                        &format!("at most {limit} subscriptions per connection"),
+                    );
+                }
+                if since.is_some() && index.is_subscribed(key, &channel) {
+                    // Its missed messages may have come live: a replay could repeat them.
+                    return refuse(
+                        409,
+                        &format!("already subscribed to {channel}: unsubscribe first to recover"),
+                    );
+                }
+                // Attached at the follower's cursor and subscribed in the same step: what
+                // the follower has not read yet reaches this connection live, the rest
+                // comes from history (see crate::fanout::history).
+                let attach = self.publisher.attach(
+                    &channel,
+                    since,
+                    self.ring_cursor.get(),
+                    self.settings.max_recovery_messages,
+                );
+                index.subscribe(key, &channel);
+                let recovered = attach.recovery.map(|result| match result {
+                    Ok(frames) => {
+                        self.metrics.recovered.fetch_add(1, Relaxed);
+                        self.metrics
+                            .replayed
+                            .fetch_add(frames.len() as u64, Relaxed);
+                        *replay = frames;
+                        Ok(())
+                    }
+                    Err(why) => {
+                        self.metrics.not_recovered.fetch_add(1, Relaxed);
+                        Err(why.label())
+                    }
+                });
+                Reply::Subscribed {
+                    id: id.as_deref(),
+                    channel: &channel,
+                    offset: attach.offset,
+                    epoch: attach.epoch,
+                    recovered,
+                }
+                .to_json()
+            }
+            Command::Unsubscribe { id, channel } => {
+                self.index.borrow_mut().unsubscribe(key, &channel);
+                Reply::Ok {
+                    kind: "unsubscribe",
+                    id: id.as_deref(),
+                    channel: Some(&channel),
+                }
+                .to_json()
+            }
+            Command::Publish { id, channel, data } => {
+                self.client_publish(id.as_deref(), &channel, &data, session.as_deref())
+            }
+            Command::Refresh { id, token } => self.refresh(id.as_deref(), &token, session),
+        }
+    }
+
+    /// `{"cmd":"publish"}`: through the same [`crate::fanout::publisher::Publisher`] as
+    /// the ingest ports, so offsets and ordering are the same whoever publishes.
+    fn client_publish(
+        &self,
+        id: Option<&str>,
+        channel: &str,
+        data: &str,
+        session: Option<&Session>,
+    ) -> String {
+        let refuse = |code, error: &str| {
+            Reply::Refused {
+                kind: "publish",
+                id,
+                channel: Some(channel),
+                code,
+                error,
+            }
+            .to_json()
+        };
+        if let Err(reason) = self.permit(session, channel, Access::Publish) {
+            return refuse(403, &reason);
+        }
+        let source = Source::Client as usize;
+        if let Err(e) = validate_payload(data.as_bytes(), self.settings.max_message_size) {
+            self.metrics.ingest_rejected[source][e.index()].fetch_add(1, Relaxed);
+            return refuse(413, &e.to_string());
+        }
+        let published = self.publisher.publish(channel, data.as_bytes());
+        self.metrics.messages_in[source].fetch_add(1, Relaxed);
+        Reply::Published {
+            id,
+            channel,
+            offset: published.offset,
+        }
+        .to_json()
+    }
+
+    /// `{"cmd":"refresh"}`: a new token for the same user moves the connection's expiry
+    /// and replaces its grants (subscriptions already made stay).
+    fn refresh(&self, id: Option<&str>, token: &str, session: Option<&mut Session>) -> String {
+        let refuse = |code, error: &str| {
+            Reply::Refused {
+                kind: "refresh",
+                id,
+                channel: None,
+                code,
+                error,
+            }
+            .to_json()
+        };
+        let Some(verifier) = &self.settings.auth.verifier else {
+            return refuse(400, "authentication is not configured on this server");
+        };
+        let Some(session) = session else {
+            return refuse(
+                403,
+                "an anonymous connection cannot refresh: reconnect with a token",
+            );
+        };
+        let claims = match verifier.verify(token, self.unix_now()) {
+            Ok(claims) => claims,
+            Err(e) => {
+                self.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
+                return refuse(401, &e.to_string());
+            }
+        };
+        if claims.sub != session.user.id() {
+            return refuse(
+                403,
+                "the token is for another user (sub differs): reconnect to change user",
+            );
+        }
+        session.expires_at = expiry_second(
+            self.now_secs(),
+            self.unix_now(),
+            claims.exp,
+            verifier.leeway(),
+        );
+        self.registry.refresh_grants(session, claims.channels);
+        Reply::Refreshed {
+            id,
+            exp: claims.exp,
+        }
+        .to_json()
+    }
+}

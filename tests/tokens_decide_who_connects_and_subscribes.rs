@@ -1,0 +1,197 @@
+//! Identity end to end: tokens signed by an independent implementation (Python's PyJWT,
+//! keys from `cryptography`) over real `websockets` connections to the real binary.
+//!
+//! tests/clients/py_auth.py runs the cases and prints one JSON line per case; each test
+//! here starts a server configured for its suite, runs the script and requires every
+//! expected case to report `ok`. A missing Python module fails the test (exit 2 with the
+//! install command), never skips it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::server::die_with_parent;
+use common::*;
+use serde_json::Value;
+
+const SECRET: &str = "ringcast-test-secret-0123456789abcdef";
+
+/// Namespaces for the suites: `room` takes client publishes, `news` does not.
+const NAMESPACES: &str = "[namespaces.room]\nallow_publish = true\n\
+                          [namespaces.news]\nallow_publish = false\n";
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/py_auth.py")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringcast-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+    dir
+}
+
+/// Runs py_auth.py with `args` and requires exit 0 and an `ok` line for each of `cases`.
+fn run_cases(args: &[&str], cases: &[&str]) {
+    let mut command = Command::new("python3");
+    command
+        .arg(script())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut command);
+    let out = command.output().unwrap_or_else(|e| {
+        panic!("cannot run python3 ({e}); install python3 with websockets, PyJWT and cryptography (scripts/test.sh does)")
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let explain = format!(
+        "py_auth.py {args:?} exited with {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    let results: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for case in cases {
+        let result = results
+            .iter()
+            .find(|r| r["case"] == *case)
+            .unwrap_or_else(|| panic!("case {case} did not report\n{explain}"));
+        assert_eq!(
+            result["ok"], true,
+            "case {case} failed: {}\n{explain}",
+            result["error"]
+        );
+    }
+    assert!(out.status.success(), "{explain}");
+}
+
+fn start(extra: &[&str], config_dir: &Path) -> Server {
+    let config = config_dir.join("ringcast.toml");
+    std::fs::write(&config, NAMESPACES).expect("writing the config file");
+    let mut args = vec!["--config", config.to_str().expect("utf-8 temp path")];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+#[test]
+fn hs256_tokens_gate_the_upgrade_channels_refresh_and_expiry() {
+    let _deadline = Deadline::new("hs256 token cases", Duration::from_secs(60));
+    let dir = scratch_dir("hs256");
+    let server = start(
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--jwt-leeway",
+            "0",
+            "--jwt-cookie",
+            "rc_token",
+        ],
+        &dir,
+    );
+    let (ws, admin) = (
+        server.ws_addr().to_string(),
+        server.admin_addr().to_string(),
+    );
+    run_cases(
+        &[
+            "hs256", "--ws", &ws, "--admin", &admin, "--secret", SECRET, "--cookie", "rc_token",
+        ],
+        &[
+            "valid_hs256",
+            "token_in_header_and_cookie",
+            "expired",
+            "not_yet_valid",
+            "forged_signature",
+            "wrong_key",
+            "anonymous_refused",
+            "garbage_token",
+            "forbidden_channel",
+            "other_users_channel",
+            "refresh_extends",
+            "expiry_closes_4401",
+            "client_publish",
+        ],
+    );
+    let metrics = server.metrics();
+    assert!(metrics.sum_where("ringcast_auth_failures_total", &[("reason", "expired")]) >= 1.0);
+    assert!(
+        metrics.sum_where(
+            "ringcast_auth_failures_total",
+            &[("reason", "bad_signature")]
+        ) >= 2.0
+    );
+    assert!(
+        metrics.sum_where(
+            "ringcast_connections_closed_total",
+            &[("reason", "token_expired")]
+        ) >= 1.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn admin_disconnect_closes_a_user_on_every_shard() {
+    let _deadline = Deadline::new("admin disconnect", Duration::from_secs(60));
+    let dir = scratch_dir("disconnect");
+    let server = start(&["--jwt-secret", SECRET, "--shards", "2"], &dir);
+    let (ws, admin) = (
+        server.ws_addr().to_string(),
+        server.admin_addr().to_string(),
+    );
+    run_cases(
+        &[
+            "disconnect",
+            "--ws",
+            &ws,
+            "--admin",
+            &admin,
+            "--secret",
+            SECRET,
+        ],
+        &["admin_disconnect"],
+    );
+    let metrics = server.metrics();
+    assert_eq!(
+        metrics.sum_where(
+            "ringcast_connections_closed_total",
+            &[("reason", "admin_disconnect")]
+        ),
+        16.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn rs256_tokens_verify_with_a_public_key_file() {
+    let _deadline = Deadline::new("rs256 token cases", Duration::from_secs(60));
+    let dir = scratch_dir("rs256");
+    let dir_text = dir.to_str().expect("utf-8 temp path");
+    run_cases(&["keygen", "--dir", dir_text], &[]);
+    let public = dir.join("rsa.pub.pem");
+    let server = start(
+        &[
+            "--jwt-public-key-file",
+            public.to_str().expect("utf-8 temp path"),
+            "--jwt-algorithm",
+            "RS256",
+        ],
+        &dir,
+    );
+    let (ws, admin) = (
+        server.ws_addr().to_string(),
+        server.admin_addr().to_string(),
+    );
+    run_cases(
+        &["rs256", "--ws", &ws, "--admin", &admin, "--dir", dir_text],
+        &[
+            "valid_rs256",
+            "rs256_wrong_key",
+            "rs256_server_refuses_hs256",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
