@@ -10,6 +10,7 @@ use std::time::Instant;
 fn message(frame: &Bytes, channel: &Arc<str>) -> RingMessage {
     RingMessage {
         channel: channel.clone(),
+        offset: 1,
         frame: frame.clone(),
         published_at: Instant::now(),
     }

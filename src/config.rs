@@ -111,10 +111,14 @@ pub struct ConfigLayer {
     /// Per-connection send backlog in frames above which messages are skipped. Default: 4096.
     #[arg(long, env = "RINGCAST_MAX_BACKLOG_FRAMES", value_name = "N")]
     pub max_backlog_frames: Option<usize>,
-    /// Consecutive skipped messages after which a slow connection is closed with 1013.
-    /// Default: 1000.
+    /// Messages a lagging connection may lose for good (reported to it as gaps: it fell
+    /// behind the channel's history) before it is closed with 1013. Default: 1000.
     #[arg(long, env = "RINGCAST_SLOW_CONSUMER_DROP_LIMIT", value_name = "N")]
     pub slow_consumer_drop_limit: Option<u32>,
+    /// Seconds a lagging connection (its backlog full) may take no bytes at all before it
+    /// is closed with 1013: it is not reading. Default: 10.
+    #[arg(long, env = "RINGCAST_SLOW_CONSUMER_TIMEOUT", value_name = "SECS")]
+    pub slow_consumer_timeout: Option<u64>,
     /// Channels one connection may subscribe to. Default: 64.
     #[arg(
         long,
@@ -275,6 +279,8 @@ pub struct Settings {
     pub max_backlog_frames: usize,
     /// Skips in a row before 1013.
     pub slow_consumer_drop_limit: u32,
+    /// Seconds without progress before a lagging connection is closed.
+    pub slow_consumer_timeout: Duration,
     /// Subscriptions per connection.
     pub max_subscriptions_per_connection: usize,
     /// Inbound frames per second per connection.
@@ -502,6 +508,12 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             1,
             u32::MAX,
         )?,
+        slow_consumer_timeout: Duration::from_secs(in_range(
+            "slow_consumer_timeout",
+            pick!(slow_consumer_timeout, 10),
+            1,
+            3600,
+        )?),
         max_subscriptions_per_connection: in_range(
             "max_subscriptions_per_connection",
             pick!(max_subscriptions_per_connection, 64),

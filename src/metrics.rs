@@ -75,6 +75,10 @@ pub struct ShardMetrics {
     pub not_recovered: AtomicU64,
     /// Frames replayed from history by recoveries.
     pub replayed: AtomicU64,
+    /// Live messages not queued to a lagging connection (it gets them from history).
+    pub lagged: AtomicU64,
+    /// Frames queued from history to lagging connections.
+    pub caught_up: AtomicU64,
     /// Messages published but not yet consumed by this shard (gauge).
     pub ring_lag: AtomicU64,
     /// Frames queued to subscribers.
@@ -242,6 +246,18 @@ impl Metrics {
             "counter",
             "Message frames replayed from channel history to recovering subscribers.",
             &|s| &s.replayed,
+        );
+        scalar(
+            "ringcast_lagged_total",
+            "counter",
+            "Live messages a lagging subscriber was sent from history instead.",
+            &|s| &s.lagged,
+        );
+        scalar(
+            "ringcast_caught_up_total",
+            "counter",
+            "Message frames sent from history to subscribers catching up.",
+            &|s| &s.caught_up,
         );
         scalar(
             "ringcast_send_calls_total",

@@ -34,7 +34,8 @@
 //! wall clock was stepped back across the restart).
 
 use crate::fanout::history::{
-    Budget, ChannelHistory, Entry as HistoryEntry, HistoryStats, Limits, Since, Unrecoverable,
+    Budget, CatchUp, ChannelHistory, Entry as HistoryEntry, HistoryStats, Limits, Since,
+    Unrecoverable, Window,
 };
 use crate::fanout::ring::{Peek, Ring, RingMessage};
 use crate::fanout::wake::IdleFlags;
@@ -304,6 +305,7 @@ impl Publisher {
             seq,
             RingMessage {
                 channel: name,
+                offset,
                 frame,
                 published_at,
             },
@@ -381,6 +383,37 @@ impl Publisher {
             epoch,
             recovery,
         }
+    }
+
+    /// The next part of a lagging subscriber's catch-up on `channel` (see
+    /// [`Window::catch_up`]): it has everything up to `since`, its shard's follower reads
+    /// `cursor` next. `done` only when its live position is known exactly: stopping
+    /// early would lose what the follower already passed.
+    pub fn catch_up(&self, channel: &str, since: u64, cursor: u64, max_bytes: usize) -> CatchUp {
+        let now = self.started.elapsed().as_secs();
+        let mut map = lock_stripe(self.stripe(channel));
+        let state = self.state_mut(&mut map, channel, now);
+        let (name, last, history) = (state.name.clone(), state.last, state.history.clone());
+        let claimed = self.ring.head();
+        drop(map);
+        let exact = self
+            .unread(&name, cursor, claimed)
+            .map(|unread| last - unread);
+        let Some(history) = history else {
+            // Nothing retained: whatever it missed is a gap.
+            return match exact {
+                Some(upto) => Window::default().catch_up(since, upto, max_bytes),
+                None => CatchUp {
+                    reached: since,
+                    ..CatchUp::default()
+                },
+            };
+        };
+        let window = history.lock();
+        let upto = exact.unwrap_or_else(|| window.position(cursor));
+        let mut out = window.catch_up(since, upto, max_bytes);
+        out.done &= exact.is_some();
+        out
     }
 
     /// How many of `channel`'s messages lie between a follower's `cursor` and the claim

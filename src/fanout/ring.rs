@@ -30,6 +30,8 @@ use std::time::Instant;
 pub struct RingMessage {
     /// The channel it was published to.
     pub channel: Arc<str>,
+    /// Its offset in the channel.
+    pub offset: u64,
     /// The complete WebSocket frame, shared by every subscriber.
     pub frame: Bytes,
     /// When it entered ringcast (for the delivery latency histogram).
@@ -244,6 +246,7 @@ mod tests {
     fn msg(n: u64) -> RingMessage {
         RingMessage {
             channel: Arc::from("c"),
+            offset: n,
             frame: Bytes::from(n.to_be_bytes().to_vec()),
             published_at: Instant::now(),
         }

@@ -30,6 +30,15 @@ impl EncodedData {
     }
 }
 
+/// The notice a subscriber gets for messages of `channel` it fell too far behind to
+/// receive (no longer in history): `{"type":"gap","channel":"news","from":18,"to":40}`,
+/// offsets `from` to `to` inclusive.
+pub fn encode_gap(channel: &str, from: u64, to: u64) -> Bytes {
+    // Channel names never need escaping (see proto::channel).
+    let body = format!(r#"{{"type":"gap","channel":"{channel}","from":{from},"to":{to}}}"#);
+    crate::proto::frame::encode_frame(opcode::TEXT, body.as_bytes())
+}
+
 /// Renders the complete WebSocket text frame for one message.
 pub fn encode_message(channel: &str, offset: u64, data: &EncodedData) -> Bytes {
     let offset_text = offset.to_string();

@@ -95,6 +95,7 @@ impl Shard {
                     self.settings.max_recovery_messages,
                 );
                 index.subscribe(key, &channel);
+                index.note_position(&channel, attach.offset);
                 let recovered = attach.recovery.map(|result| match result {
                     Ok(frames) => {
                         self.metrics.recovered.fetch_add(1, Relaxed);

@@ -80,6 +80,7 @@ pub(crate) fn adopt(
             fd,
             generation,
             dirty: false,
+            lagging: false,
             machine: Connection::with_session(now, session),
         })
     };
@@ -94,7 +95,19 @@ pub(crate) fn adopt(
         // parse_upgrade refused lists over max_subscriptions_per_connection.
         match shard.permit(conn.machine.session(), ch, Access::Subscribe) {
             Ok(()) => {
-                shard.index.borrow_mut().subscribe(key, ch);
+                let mut index = shard.index.borrow_mut();
+                if index.members(ch).is_empty() {
+                    // The first subscriber here: where the channel is, for an overrun
+                    // heal (later ones are at the position the follower keeps).
+                    let at = shard
+                        .publisher
+                        .attach(ch, None, shard.ring_cursor.get(), 0)
+                        .offset;
+                    index.subscribe(key, ch);
+                    index.note_position(ch, at);
+                } else {
+                    index.subscribe(key, ch);
+                }
             }
             Err(reason) => {
                 refused = true;
@@ -151,7 +164,11 @@ pub fn on_ready(shard: &Shard, ready: Ready) {
     };
     if ready.writable && !conn.machine.backlog().is_empty() {
         match conn.machine.phase() {
-            Phase::Open => shard.flush_or_close(key, conn),
+            Phase::Open => {
+                shard.flush_or_close(key, conn);
+                // Drained: a lagging connection takes its next part from history.
+                shard.catch_up(key, conn);
+            }
             Phase::Closing { .. } => {
                 if shard.flush(conn) == Flush::Failed {
                     // The peer is gone: nothing left to linger for.
@@ -269,6 +286,7 @@ impl Shard {
     /// Flushes what the fan-out round queued, then carries out pending closes.
     pub fn settle(&self) {
         self.flush_dirty();
+        self.catch_up_lagging();
         let orders = std::mem::take(&mut *self.closes.borrow_mut());
         for order in orders {
             self.begin_close(order);

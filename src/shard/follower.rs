@@ -12,7 +12,7 @@
 //! a yield is delivered from a snapshot of (key, generation) pairs, because the member
 //! list can change while the follower is yielded (see [`deliver`]).
 
-use crate::fanout::ring::Poll as RingPoll;
+use crate::fanout::ring::{Poll as RingPoll, RingMessage};
 use crate::shard::send::FAIR_CHUNK;
 use crate::shard::state::Shard;
 use bytes::Bytes;
@@ -83,8 +83,7 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
             match polled {
                 RingPoll::Message(msg) => {
                     taken += 1;
-                    let offered =
-                        deliver(&shard, &msg.channel, &msg.frame, &mut snapshot, FAIR_CHUNK).await;
+                    let offered = deliver(&shard, &msg, &mut snapshot, FAIR_CHUNK).await;
                     if offered > 0 {
                         // Latency counts only messages this shard had subscribers for.
                         latencies.push(msg.published_at);
@@ -96,9 +95,11 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
                     }
                 }
                 RingPoll::Overrun { lost } => {
-                    // The messages are gone for this shard's subscribers; they see the
-                    // gap in offsets. Counted so an operator can size the ring.
+                    // The messages are gone from the ring, not from history: every
+                    // subscriber here catches up from where its channel was. Counted so
+                    // an operator can size the ring.
                     shard.metrics.ring_overrun_lost.fetch_add(lost, Relaxed);
+                    shard.heal_overrun();
                 }
                 RingPoll::Empty => break,
             }
@@ -152,27 +153,27 @@ fn local_frame(frame: &Bytes, subscribers: usize) -> Bytes {
 /// does not (it subscribed after this message was published).
 async fn deliver(
     shard: &Shard,
-    channel: &str,
-    frame: &Bytes,
+    msg: &RingMessage,
     snapshot: &mut Vec<(u32, u32)>,
     chunk: usize,
 ) -> usize {
+    let (channel, offset) = (&msg.channel, msg.offset);
     // Straight from the index, chunk by chunk, while the slice lasts: no copy and no
     // re-check, because nothing can change while the core is held.
     let (count, frame) = {
         let index = shard.index.borrow();
-        let members = index.members(channel);
+        let members = index.members_at(channel, offset);
         if members.is_empty() {
             return 0;
         }
-        let frame = local_frame(frame, members.len());
+        let frame = local_frame(&msg.frame, members.len());
         let mut conns = shard.conns.borrow_mut();
         let mut at = 0;
         loop {
             let end = (at + chunk).min(members.len());
             for &key in &members[at..end] {
                 if let Some(conn) = conns.get_mut(key) {
-                    shard.offer_message(key, conn, &frame);
+                    shard.offer_message(key, conn, channel, offset, &frame);
                 }
             }
             at = end;
@@ -207,7 +208,7 @@ async fn deliver(
                 continue;
             };
             if index.is_member(key, id) {
-                shard.offer_message(key, conn, &frame);
+                shard.offer_message(key, conn, channel, offset, &frame);
             }
         }
     }
@@ -287,9 +288,14 @@ mod tests {
                     (reused, joined, peers)
                 })
             };
-            let frame = Bytes::from_static(b"frame");
+            let msg = RingMessage {
+                channel: std::sync::Arc::from("big"),
+                offset: 1,
+                frame: Bytes::from_static(b"frame"),
+                published_at: Instant::now(),
+            };
             let mut snapshot = Vec::new();
-            let n = deliver(&shard, "big", &frame, &mut snapshot, 4).await;
+            let n = deliver(&shard, &msg, &mut snapshot, 4).await;
             assert_eq!(n, 12);
             let (reused, joined, _more) = mutator.await;
             assert_eq!(reused, 6, "the test expects the freed slot to be reused");

@@ -68,6 +68,8 @@ pub struct Shard {
     /// The ring sequence the follower reads next: messages before it reached (or were
     /// lost to) this shard's subscribers; from it on, a new subscriber gets them live.
     pub(super) ring_cursor: Cell<u64>,
+    /// Connections catching up from history (see [`Shard::catch_up`]).
+    pub(super) lagging: RefCell<Vec<u32>>,
     generation: Cell<u32>,
     started: Instant,
 }
@@ -101,6 +103,7 @@ impl Shard {
             ping_after,
             dead_after: ping_after + settings.pong_timeout.as_secs() as u32,
             linger: crate::shard::conn::LINGER_SECS,
+            stall_after: settings.slow_consumer_timeout.as_secs() as u32,
         };
         // Room for every connection the process may hold: SO_REUSEPORT does not promise
         // an even spread, so one shard may end up with most of them.
@@ -132,6 +135,7 @@ impl Shard {
             }),
             fair: FairSlice::default(),
             ring_cursor: Cell::new(cursor),
+            lagging: RefCell::new(Vec::new()),
             generation: Cell::new(0),
             started: Instant::now(),
         })
