@@ -12,7 +12,7 @@
 //! a yield is delivered from a snapshot of (key, generation) pairs, because the member
 //! list can change while the follower is yielded (see [`deliver`]).
 
-use crate::fanout::ring::Poll as RingPoll;
+use crate::fanout::ring::{Poll as RingPoll, RingKind};
 use crate::shard::send::FAIR_CHUNK;
 use crate::shard::state::Shard;
 use bytes::Bytes;
@@ -85,8 +85,9 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
                     taken += 1;
                     let offered =
                         deliver(&shard, &msg.channel, &msg.frame, &mut snapshot, FAIR_CHUNK).await;
-                    if offered > 0 {
-                        // Latency counts only messages this shard had subscribers for.
+                    if offered > 0 && msg.kind == RingKind::Message {
+                        // Latency counts only messages (not presence events) this shard
+                        // had subscribers for.
                         latencies.push(msg.published_at);
                     }
                     offers += offered;
@@ -233,7 +234,19 @@ mod tests {
             Arc::new(IdleFlags::new(1)),
         ));
         let slots = crate::shard::admission::ConnectionSlots::new(settings.max_connections);
-        Shard::new(0, Arc::new(settings), publisher, Arc::default(), slots).expect("shard")
+        let presence = Arc::new(crate::presence::Presence::new(
+            publisher.ring().clone(),
+            publisher.idle_flags().clone(),
+        ));
+        Shard::new(
+            0,
+            Arc::new(settings),
+            publisher,
+            Arc::default(),
+            presence,
+            slots,
+        )
+        .expect("shard")
     }
 
     /// A connection whose peer end is kept in `peers` (so its socket stays open).
