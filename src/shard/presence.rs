@@ -119,3 +119,114 @@ impl Shard {
         .to_json()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::namespace::{NamespaceTable, Namespaces};
+    use crate::fanout::publisher::Publisher;
+    use crate::fanout::ring::Ring;
+    use crate::fanout::wake::IdleFlags;
+    use crate::metrics::CloseCause;
+    use crate::presence::Presence;
+    use crate::shard::conn::adopt;
+    use std::collections::BTreeMap;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    fn shard_with_presence() -> Shard {
+        let mut settings = crate::config::resolve(Default::default(), Default::default())
+            .expect("default settings");
+        let mut tables = BTreeMap::new();
+        tables.insert(
+            "room".to_string(),
+            NamespaceTable {
+                presence: Some(true),
+                join_leave: Some(true),
+                ..NamespaceTable::default()
+            },
+        );
+        settings.namespaces =
+            Namespaces::resolve(&NamespaceTable::default(), None, Some(&tables)).expect("rules");
+        let publisher = Arc::new(Publisher::new(
+            Arc::new(Ring::new(64)),
+            Arc::new(IdleFlags::new(1)),
+        ));
+        let presence = Arc::new(Presence::new(
+            publisher.ring().clone(),
+            publisher.idle_flags().clone(),
+        ));
+        let slots = crate::shard::admission::ConnectionSlots::new(settings.max_connections);
+        Shard::new(
+            0,
+            Arc::new(settings),
+            publisher,
+            Arc::default(),
+            presence,
+            slots,
+        )
+        .expect("shard")
+    }
+
+    /// Every way a subscription ends takes the connection out of presence: unsubscribe,
+    /// a decided close (drain here; the heartbeat's dead-peer close takes the same path),
+    /// and a table removal without a close order.
+    #[test]
+    fn every_way_out_leaves_presence() {
+        let ex = glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor");
+        ex.run(async {
+            let shard = shard_with_presence();
+            let mut peers = Vec::new();
+            let chans = vec!["room:1".to_string(), "plain".to_string()];
+            let keys: Vec<u32> = (0..3)
+                .map(|_| {
+                    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+                    peers.push(theirs);
+                    let key = shard.conns.borrow().next_key();
+                    adopt(&shard, OwnedFd::from(ours), &chans, None, Vec::new());
+                    key
+                })
+                .collect();
+            let count = || shard.presence.snapshot("room:1", 10).count;
+            assert_eq!(count(), 3);
+            assert_eq!(shard.presence.snapshot("plain", 10).count, 0, "no presence");
+
+            let generation = shard.conns.borrow().get(keys[0]).map(|c| c.generation);
+            let id = shard.conn_id(keys[0], generation.expect("conn 0"));
+            let reply = shard.run_command(
+                id,
+                r#"{"cmd":"unsubscribe","channel":"room:1"}"#,
+                None,
+                &mut Vec::new(),
+            );
+            assert!(reply.contains("200"), "{reply}");
+            assert_eq!(count(), 2);
+            let reply = shard.presence_query(Some("1"), "room:1", None);
+            assert!(reply.contains(r#""count":2"#), "{reply}");
+
+            {
+                let mut conns = shard.conns.borrow_mut();
+                let conn = conns.get_mut(keys[1]).expect("conn 1");
+                assert!(shard.schedule_close(keys[1], conn, None, CloseCause::Drain));
+            }
+            shard.settle();
+            assert_eq!(count(), 1);
+
+            shard.finalize_close(keys[2]);
+            assert_eq!(count(), 0);
+            assert_eq!(
+                (
+                    shard.presence.channel_count(),
+                    shard.presence.member_count()
+                ),
+                (0, 0)
+            );
+            // Three joins, three leaves went into the ring.
+            assert_eq!(shard.publisher.ring().head(), 6);
+            drop(peers);
+        });
+    }
+}
