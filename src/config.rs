@@ -174,6 +174,10 @@ pub struct ConfigLayer {
     /// `recovered: false`. Default: 1000.
     #[arg(long, env = "RINGCAST_MAX_RECOVERY_MESSAGES", value_name = "N")]
     pub max_recovery_messages: Option<usize>,
+    /// Most members a `presence` reply lists (0-10000); a channel with more gets the count
+    /// only. Default: 1000.
+    #[arg(long, env = "RINGCAST_PRESENCE_MAX_MEMBERS", value_name = "N")]
+    pub presence_max_members: Option<usize>,
     /// Bytes of io_uring registered buffer memory per shard (locked memory: counts
     /// against RLIMIT_MEMLOCK). ringcast does not use registered buffers for sockets.
     /// Default: 262144.
@@ -307,6 +311,8 @@ pub struct Settings {
     pub history_max_bytes: u64,
     /// Most messages replayed per recovery.
     pub max_recovery_messages: usize,
+    /// Most members a presence reply lists.
+    pub presence_max_members: usize,
     /// glommio io memory per shard.
     pub io_memory: usize,
     /// Whether transparent huge pages stay enabled for the process.
@@ -316,6 +322,10 @@ pub struct Settings {
     /// Namespace rules, looked up per channel with [`Namespaces::rules_for`].
     pub namespaces: Namespaces,
 }
+
+/// Largest `presence_max_members`: a reply listing 10,000 members with long user ids is
+/// already a few MB on one connection's send path.
+pub const MAX_PRESENCE_MEMBERS: usize = 10_000;
 
 /// An IPv4 or IPv6 network in CIDR notation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -580,6 +590,12 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             0,
             1 << 20,
         )?,
+        presence_max_members: in_range(
+            "presence_max_members",
+            pick!(presence_max_members, 1000),
+            0,
+            MAX_PRESENCE_MEMBERS,
+        )?,
         io_memory: in_range("io_memory", pick!(io_memory, 256 << 10), 64 << 10, 1 << 30)?,
         transparent_huge_pages: pick!(transparent_huge_pages, false),
         auth,
@@ -730,6 +746,17 @@ mod tests {
         assert_eq!(s.ping_interval, Duration::from_secs(25));
         assert_eq!(s.max_handshakes_per_shard, 1024);
         assert_eq!(s.channel_idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(s.presence_max_members, 1000);
+    }
+
+    #[test]
+    fn presence_max_members_is_bounded() {
+        let s = parse(&["--presence-max-members", "0"]).unwrap();
+        assert_eq!(s.presence_max_members, 0);
+        let err = parse(&["--presence-max-members", "10001"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("presence_max_members"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //! - [`auth`]: identity and permissions: JWT verification, channel grants, namespace
 //!   rules, and the registry of which user is connected on which shard (sans-io apart
 //!   from the registry).
+//! - [`presence`]: who is subscribed to a presence channel over every shard (users, or
+//!   anonymous connections), and the join/leave events sent through the ring.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/publish` on the admin port.
 //! - [`config`]: TOML file + flags + environment, validated into settings.
 //! - [`check_host`]: `ringcast check-host`, the host's limits against a connection target.
@@ -30,5 +32,6 @@ pub mod config;
 pub mod fanout;
 pub mod ingest;
 pub mod metrics;
+pub mod presence;
 pub mod proto;
 pub mod shard;

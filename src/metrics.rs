@@ -6,6 +6,7 @@
 use crate::auth::token::AuthError;
 use crate::fanout::history::HistoryStats;
 use crate::ingest::line::IngestError;
+use crate::presence::PresenceStats;
 use crossbeam_utils::CachePadded;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -145,6 +146,8 @@ pub struct Metrics {
     pub history: Arc<HistoryStats>,
     /// Users with at least one authenticated connection (gauge; process-wide).
     pub users: AtomicU64,
+    /// Presence channels, members and join/leave events (process-wide).
+    pub presence: Arc<PresenceStats>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -161,6 +164,7 @@ pub fn init(shards: usize) -> &'static Metrics {
         channels: AtomicU64::new(0),
         history: Arc::new(HistoryStats::default()),
         users: AtomicU64::new(0),
+        presence: Arc::new(PresenceStats::default()),
     })
 }
 
@@ -379,6 +383,20 @@ impl Metrics {
             out,
             "ringcast_recoveries_total{{result=\"not_recovered\"}} {}",
             self.sum(|s| &s.not_recovered)
+        );
+        let p = &self.presence;
+        let _ = writeln!(out, "# HELP ringcast_presence_channels Channels with presence kept and at least one member.\n# TYPE ringcast_presence_channels gauge\nringcast_presence_channels {}", p.channels.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringcast_presence_members Presence members over all channels (a user once per channel, each anonymous connection once).\n# TYPE ringcast_presence_members gauge\nringcast_presence_members {}", p.members.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringcast_presence_events_total Join and leave events sent into the fan-out ring (once per event, not per subscriber).\n# TYPE ringcast_presence_events_total counter");
+        let _ = writeln!(
+            out,
+            "ringcast_presence_events_total{{type=\"join\"}} {}",
+            p.joins.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "ringcast_presence_events_total{{type=\"leave\"}} {}",
+            p.leaves.load(Relaxed)
         );
         self.render_latency(&mut out);
         let _ = writeln!(out, "# HELP ringcast_draining 1 while a drain is in progress.\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));

@@ -85,10 +85,17 @@ impl SubscriptionIndex {
 
     /// Removes every subscription of `conn` (on disconnect).
     pub fn remove_conn(&mut self, conn: ConnKey) {
+        self.remove_conn_each(conn, |_| {});
+    }
+
+    /// Removes every subscription of `conn`, calling `removed` with each channel's name
+    /// (on disconnect, for presence).
+    pub fn remove_conn_each(&mut self, conn: ConnKey, mut removed: impl FnMut(&str)) {
         let Some(subs) = self.by_conn.get_mut(conn as usize) else {
             return;
         };
         for (id, pos) in std::mem::take(subs) {
+            removed(&self.channels[id as usize].name);
             self.remove_member(id, pos);
         }
     }

@@ -42,6 +42,13 @@ pub enum Command {
         /// The payload: the `data` value's JSON text.
         data: String,
     },
+    /// Who is subscribed to a presence channel.
+    Presence {
+        /// Echoed request id, already rendered as JSON.
+        id: Option<String>,
+        /// Channel name (validated).
+        channel: String,
+    },
     /// Replace the connection's token (same `sub`) before it expires.
     Refresh {
         /// Echoed request id, already rendered as JSON.
@@ -56,8 +63,8 @@ pub enum Command {
 pub struct CommandError {
     /// Echoed request id, when one could be read.
     pub id: Option<String>,
-    /// 400 malformed, 401 bad token (refresh), 403 forbidden, 404 unknown command, 413 too
-    /// many subscriptions or payload too large.
+    /// 400 malformed, 401 bad token (refresh), 403 forbidden, 404 unknown command (or no
+    /// presence on the channel), 413 too many subscriptions or payload too large.
     pub code: u16,
     /// Explanation for the client.
     pub error: String,
@@ -133,6 +140,10 @@ pub fn parse_command(text: &str) -> Result<Command, CommandError> {
             id,
         }),
         "ping" => Ok(Command::Ping { id }),
+        "presence" => Ok(Command::Presence {
+            channel: channel()?,
+            id,
+        }),
         "publish" => {
             let channel = channel()?;
             match raw.data {
@@ -152,7 +163,7 @@ pub fn parse_command(text: &str) -> Result<Command, CommandError> {
             id,
             code: 404,
             error: format!(
-                "unknown command {other:?} (known: subscribe, unsubscribe, publish, refresh, ping)"
+                "unknown command {other:?} (known: subscribe, unsubscribe, publish, presence, refresh, ping)"
             ),
         }),
     }
@@ -216,6 +227,20 @@ pub enum Reply<'a> {
         /// The offset the message was given.
         offset: u64,
     },
+    /// A channel's presence: `count` members with `connections` connections, and the
+    /// members themselves unless there are too many.
+    Presence {
+        /// The request id, rendered JSON.
+        id: Option<&'a str>,
+        /// The channel.
+        channel: &'a str,
+        /// Distinct members.
+        count: usize,
+        /// Connections over all members.
+        connections: u64,
+        /// The members as a rendered JSON array; `None`: over `presence_max_members`.
+        members: Option<&'a str>,
+    },
     /// A refresh replaced the token; it now expires at `exp` (Unix seconds).
     Refreshed {
         /// The request id, rendered JSON.
@@ -236,6 +261,7 @@ impl Reply<'_> {
             Reply::Refused { kind, id, code, .. } => (*kind, *id, *code),
             Reply::Published { id, .. } => ("publish", *id, 200),
             Reply::Refreshed { id, .. } => ("refresh", *id, 200),
+            Reply::Presence { id, .. } => ("presence", *id, 200),
         };
         let _ = write!(out, "{{\"reply\":\"{kind}\"");
         if let Some(id) = id {
@@ -283,6 +309,21 @@ impl Reply<'_> {
             }
             Reply::Refreshed { exp, .. } => {
                 let _ = write!(out, ",\"exp\":{exp}");
+            }
+            Reply::Presence {
+                channel,
+                count,
+                connections,
+                members,
+                ..
+            } => {
+                let _ = write!(
+                    out,
+                    ",\"channel\":\"{channel}\",\"count\":{count},\"connections\":{connections}"
+                );
+                if let Some(members) = members {
+                    let _ = write!(out, ",\"members\":{members}");
+                }
             }
         }
         out.push('}');
@@ -451,6 +492,43 @@ mod tests {
         assert_eq!(
             Reply::Refreshed { id: None, exp: 77 }.to_json(),
             r#"{"reply":"refresh","code":200,"exp":77}"#
+        );
+    }
+
+    #[test]
+    fn presence_parses_and_replies() {
+        assert_eq!(
+            parse_command(r#"{"cmd":"presence","channel":"room:1","id":7}"#),
+            Ok(Command::Presence {
+                id: Some("7".into()),
+                channel: "room:1".into()
+            })
+        );
+        assert_eq!(
+            parse_command(r#"{"cmd":"presence"}"#).unwrap_err().code,
+            400
+        );
+        let listed = Reply::Presence {
+            id: Some("7"),
+            channel: "room:1",
+            count: 1,
+            connections: 2,
+            members: Some(r#"[{"user":"a","connections":2}]"#),
+        };
+        assert_eq!(
+            listed.to_json(),
+            r#"{"reply":"presence","id":7,"code":200,"channel":"room:1","count":1,"connections":2,"members":[{"user":"a","connections":2}]}"#
+        );
+        let counted = Reply::Presence {
+            id: None,
+            channel: "room:1",
+            count: 5000,
+            connections: 5001,
+            members: None,
+        };
+        assert_eq!(
+            counted.to_json(),
+            r#"{"reply":"presence","code":200,"channel":"room:1","count":5000,"connections":5001}"#
         );
     }
 

@@ -408,6 +408,24 @@ impl Connection {
         }
     }
 
+    /// Offers a presence event of `channel`: queued when the backlog has room and the
+    /// connection is not catching up on the channel (events are not in history), else
+    /// skipped ([`Offer::Skipped`]); the `presence` command tells the current state.
+    pub fn offer_event(&mut self, channel: &str, frame: &Bytes, config: &ConnConfig) -> Offer {
+        if !self.is_open() {
+            return Offer::Skipped;
+        }
+        if let Some(lag) = &self.lag {
+            if lag.channels.iter().any(|(c, _)| &**c == channel) {
+                return Offer::Skipped;
+            }
+        }
+        match self.backlog.offer(frame, &config.backlog) {
+            Offer::Queued => Offer::Queued,
+            Offer::Skipped | Offer::Disconnect => Offer::Skipped,
+        }
+    }
+
     /// Makes it take `channel` from history after `since` (its shard's follower lost
     /// messages to a ring overrun); no change when it already lags on the channel.
     pub fn lag_from(&mut self, channel: &Arc<str>, since: u64) {

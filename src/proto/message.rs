@@ -61,6 +61,31 @@ pub fn encode_message(channel: &str, offset: u64, data: &EncodedData) -> Bytes {
     Bytes::from(frame)
 }
 
+/// Renders a presence event frame: `{"type":"<kind>","channel":"<name>","member":<json>}`
+/// (`kind` is `join` or `leave`; `member_json` is a rendered
+/// [`crate::presence::Member`]). Like a message, it is encoded once and shared by every
+/// subscriber; unlike one, it has no offset.
+pub fn encode_presence_event(kind: &str, channel: &str, member_json: &str) -> Bytes {
+    let body_len = r#"{"type":"","channel":"","member":}"#.len()
+        + kind.len()
+        + channel.len()
+        + member_json.len();
+    let hl = header_len(body_len);
+    let mut frame = vec![0u8; hl];
+    write_header(&mut frame, opcode::TEXT, body_len);
+    frame.reserve_exact(body_len);
+    frame.extend_from_slice(br#"{"type":""#);
+    frame.extend_from_slice(kind.as_bytes());
+    frame.extend_from_slice(br#"","channel":""#);
+    // Channel names never need escaping (see proto::channel).
+    frame.extend_from_slice(channel.as_bytes());
+    frame.extend_from_slice(br#"","member":"#);
+    frame.extend_from_slice(member_json.as_bytes());
+    frame.push(b'}');
+    debug_assert_eq!(frame.len(), hl + body_len);
+    Bytes::from(frame)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +116,15 @@ mod tests {
             &EncodedData::new(b"hello \"world\"\n\xff"),
         ));
         assert_eq!(v["data"], "hello \"world\"\n\u{fffd}");
+    }
+
+    #[test]
+    fn presence_events_render_as_documented() {
+        let f = encode_presence_event("join", "room:1", r#"{"user":"a"}"#);
+        assert_eq!(
+            body(&f),
+            serde_json::json!({"type":"join","channel":"room:1","member":{"user":"a"}})
+        );
     }
 
     proptest! {

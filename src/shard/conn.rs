@@ -10,9 +10,10 @@
 //!
 //! Closes are decided in many places (a protocol error, the fan-out's slow-consumer
 //! policy, the heartbeat sweep, a drain) but carried out in one: [`Shard::settle`] removes
-//! the connection from the index, queues the close frame after whatever was partly
-//! written, shuts the write side once it is out and lingers until the peer's EOF
-//! (bounded), so input still in flight does not turn the close into a reset.
+//! the connection from the index and from presence (sending leave events), queues the
+//! close frame after whatever was partly written, shuts the write side once it is out and
+//! lingers until the peer's EOF (bounded), so input still in flight does not turn the
+//! close into a reset.
 
 use crate::auth::permission::Access;
 use crate::auth::registry::ConnRecord;
@@ -96,17 +97,23 @@ pub(crate) fn adopt(
         match shard.permit(conn.machine.session(), ch, Access::Subscribe) {
             Ok(()) => {
                 let mut index = shard.index.borrow_mut();
-                if index.members(ch).is_empty() {
-                    // The first subscriber here: where the channel is, for an overrun
-                    // heal (later ones are at the position the follower keeps).
-                    let at = shard
+                // The first subscriber here: where the channel is, for an overrun heal
+                // (later ones are at the position the follower keeps).
+                let first = index.members(ch).is_empty();
+                let at = first.then(|| {
+                    shard
                         .publisher
                         .attach(ch, None, shard.ring_cursor.get(), 0)
-                        .offset;
-                    index.subscribe(key, ch);
+                        .offset
+                });
+                let added = index.subscribe(key, ch);
+                if let Some(at) = at {
                     index.note_position(ch, at);
-                } else {
-                    index.subscribe(key, ch);
+                }
+                drop(index);
+                if added {
+                    let id = shard.conn_id(key, generation);
+                    shard.presence_in(id, conn.machine.session(), ch);
                 }
             }
             Err(reason) => {
@@ -215,12 +222,13 @@ fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
     }
     let before = conn.machine.backlog().bytes();
     let now = shard.now_secs();
+    let id = shard.conn_id(key, conn.generation);
     let close = conn
         .machine
         .on_input(now, input, &shard.conn_config, &mut |text, session| {
             shard.metrics.commands.fetch_add(1, Relaxed);
             let mut replay = Vec::new();
-            let reply = shard.run_command(key, text, session, &mut replay);
+            let reply = shard.run_command(id, text, session, &mut replay);
             Answer {
                 reply: encode_frame(opcode::TEXT, reply.as_bytes()),
                 replay,
@@ -303,7 +311,9 @@ impl Shard {
             generation,
             decision,
         } = order;
-        self.index.borrow_mut().remove_conn(key);
+        // Out of the index and presence (a leave event, if any, goes out now: a dead peer
+        // found by the heartbeat leaves within the heartbeat window, not after lingering).
+        self.drop_subscriptions(key, self.conns.borrow().get(key));
         self.metrics.connections.fetch_sub(1, Relaxed);
         self.metrics.closed[decision.cause as usize].fetch_add(1, Relaxed);
         let lingering = {
@@ -341,15 +351,16 @@ impl Shard {
         self.slots.release(); // admission: one slot per table entry, released on removal
         self.ready_set.remove(&conn.fd);
         let mut conn = conn;
+        if conn.machine.is_open() {
+            // Finalized without a close order (should not happen): keep the index,
+            // presence and the gauge right.
+            self.drop_subscriptions(key, Some(&conn));
+            self.metrics.connections.fetch_sub(1, Relaxed);
+        }
         if let Some(session) = conn.machine.take_session() {
             self.registry.unregister(&session);
         }
         self.note_backlog_change(conn.machine.backlog().bytes(), 0);
-        if conn.machine.is_open() {
-            // Finalized without a close order (should not happen): keep the gauge right.
-            self.index.borrow_mut().remove_conn(key);
-            self.metrics.connections.fetch_sub(1, Relaxed);
-        }
         drop(conn);
     }
 }

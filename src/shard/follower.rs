@@ -12,7 +12,7 @@
 //! a yield is delivered from a snapshot of (key, generation) pairs, because the member
 //! list can change while the follower is yielded (see [`deliver`]).
 
-use crate::fanout::ring::{Poll as RingPoll, RingMessage};
+use crate::fanout::ring::{Poll as RingPoll, RingKind, RingMessage};
 use crate::shard::send::FAIR_CHUNK;
 use crate::shard::state::Shard;
 use bytes::Bytes;
@@ -84,8 +84,9 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
                 RingPoll::Message(msg) => {
                     taken += 1;
                     let offered = deliver(&shard, &msg, &mut snapshot, FAIR_CHUNK).await;
-                    if offered > 0 {
-                        // Latency counts only messages this shard had subscribers for.
+                    if offered > 0 && msg.kind == RingKind::Message {
+                        // Latency counts only messages (not presence events) this shard
+                        // had subscribers for.
                         latencies.push(msg.published_at);
                     }
                     offers += offered;
@@ -157,12 +158,18 @@ async fn deliver(
     snapshot: &mut Vec<(u32, u32)>,
     chunk: usize,
 ) -> usize {
-    let (channel, offset) = (&msg.channel, msg.offset);
+    let channel = &msg.channel;
+    // Presence events have no offset: they neither move the channel's position nor make
+    // a subscriber lag.
+    let offset = (msg.kind == RingKind::Message).then_some(msg.offset);
     // Straight from the index, chunk by chunk, while the slice lasts: no copy and no
     // re-check, because nothing can change while the core is held.
     let (count, frame) = {
         let index = shard.index.borrow();
-        let members = index.members_at(channel, offset);
+        let members = match offset {
+            Some(offset) => index.members_at(channel, offset),
+            None => index.members(channel),
+        };
         if members.is_empty() {
             return 0;
         }
@@ -234,7 +241,19 @@ mod tests {
             Arc::new(IdleFlags::new(1)),
         ));
         let slots = crate::shard::admission::ConnectionSlots::new(settings.max_connections);
-        Shard::new(0, Arc::new(settings), publisher, Arc::default(), slots).expect("shard")
+        let presence = Arc::new(crate::presence::Presence::new(
+            publisher.ring().clone(),
+            publisher.idle_flags().clone(),
+        ));
+        Shard::new(
+            0,
+            Arc::new(settings),
+            publisher,
+            Arc::default(),
+            presence,
+            slots,
+        )
+        .expect("shard")
     }
 
     /// A connection whose peer end is kept in `peers` (so its socket stays open).
@@ -293,6 +312,7 @@ mod tests {
                 offset: 1,
                 frame: Bytes::from_static(b"frame"),
                 published_at: Instant::now(),
+                kind: RingKind::Message,
             };
             let mut snapshot = Vec::new();
             let n = deliver(&shard, &msg, &mut snapshot, 4).await;

@@ -15,6 +15,7 @@ pub mod follower;
 pub mod handshake;
 pub mod lifecycle;
 pub mod listener;
+pub mod presence;
 pub mod readiness;
 pub mod send;
 pub mod state;
@@ -28,6 +29,7 @@ use crate::fanout::ring::Ring;
 use crate::fanout::wake::{install_senders, IdleFlags};
 use crate::metrics;
 use crate::metrics::RefuseCause;
+use crate::presence::Presence;
 use crate::shard::admission::{refuse_now, ConnectionSlots, HandshakeGate};
 use crate::shard::control::{ShardControl, ShardRequest, CONTROL_QUEUE};
 use crate::shard::follower::LocalEvent;
@@ -88,6 +90,7 @@ struct ShardSetup {
     settings: Arc<Settings>,
     publisher: Arc<Publisher>,
     registry: Arc<Registry>,
+    presence: Arc<Presence>,
     slots: Arc<ConnectionSlots>,
     sockets: ShardSockets,
     wake_senders: Vec<SharedSender<()>>,
@@ -140,6 +143,10 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
     let registry = Arc::new(Registry::new().with_user_gauge(&metrics::get().users));
+    let presence = Arc::new(
+        Presence::new(publisher.ring().clone(), publisher.idle_flags().clone())
+            .with_stats(metrics::get().presence.clone()),
+    );
 
     let mut ws = tcp_listeners(
         "WebSocket listener",
@@ -210,6 +217,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             settings: settings.clone(),
             publisher: publisher.clone(),
             registry: registry.clone(),
+            presence: presence.clone(),
             slots: slots.clone(),
             sockets,
             wake_senders,
@@ -317,6 +325,7 @@ async fn shard_main(setup: ShardSetup) {
         settings,
         publisher,
         registry,
+        presence,
         slots,
         sockets,
         wake_senders,
@@ -331,6 +340,7 @@ async fn shard_main(setup: ShardSetup) {
         settings.clone(),
         publisher.clone(),
         registry.clone(),
+        presence,
         slots,
     ) {
         Ok(shard) => Rc::new(shard),

@@ -177,22 +177,26 @@ impl Shard {
     /// Offers message `offset` of `channel` to `key` under the slow-consumer policy; the
     /// write happens in [`Shard::flush_dirty`] at the end of the fan-out round. A message
     /// the backlog has no room for makes the connection lag: it gets it later from history
-    /// ([`Shard::catch_up`]).
+    /// ([`Shard::catch_up`]). `offset` is `None` for a presence event, which is only
+    /// queued when there is room.
     pub fn offer_message(
         &self,
         key: u32,
         conn: &mut Conn,
         channel: &Arc<str>,
-        offset: u64,
+        offset: Option<u64>,
         frame: &Bytes,
     ) {
         if !conn.machine.is_open() {
             return;
         }
-        match conn
-            .machine
-            .offer_on(channel, offset, frame, &self.conn_config)
-        {
+        let offer = match offset {
+            Some(offset) => conn
+                .machine
+                .offer_on(channel, offset, frame, &self.conn_config),
+            None => conn.machine.offer_event(channel, frame, &self.conn_config),
+        };
+        match offer {
             Offer::Queued => {
                 self.metrics.deliveries.fetch_add(1, Relaxed);
                 self.metrics
@@ -200,13 +204,14 @@ impl Shard {
                     .fetch_add(frame.len() as u64, Relaxed);
                 self.mark_dirty(key, conn);
             }
-            Offer::Skipped => {
+            Offer::Skipped if offset.is_some() => {
                 self.metrics.lagged.fetch_add(1, Relaxed);
                 if !conn.lagging {
                     conn.lagging = true;
                     self.lagging.borrow_mut().push(key);
                 }
             }
+            Offer::Skipped => {}
             Offer::Disconnect => {
                 if let Some(close) = conn.machine.close_slow_consumer() {
                     self.enqueue_close(key, conn.generation, close);

@@ -12,6 +12,7 @@ use crate::fanout::backlog::BacklogLimits;
 use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
 use crate::metrics::{self, Metrics, ShardMetrics};
+use crate::presence::Presence;
 use crate::proto::conn::ConnConfig;
 use crate::shard::admission::ConnectionSlots;
 use crate::shard::batch::SendRing;
@@ -45,6 +46,8 @@ pub struct Shard {
     pub(super) publisher: Arc<Publisher>,
     /// Who is connected where, over all shards.
     pub(super) registry: Arc<Registry>,
+    /// Who is subscribed to each presence channel, over all shards.
+    pub(super) presence: Arc<Presence>,
     /// Per-connection bounds and timers (heartbeat jittered per shard).
     pub(super) conn_config: ConnConfig,
     /// This shard's counters.
@@ -84,6 +87,7 @@ impl Shard {
         settings: Arc<Settings>,
         publisher: Arc<Publisher>,
         registry: Arc<Registry>,
+        presence: Arc<Presence>,
         slots: Arc<ConnectionSlots>,
     ) -> std::io::Result<Self> {
         let all_metrics = metrics::get();
@@ -120,6 +124,7 @@ impl Shard {
             scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
             publisher,
             registry,
+            presence,
             metrics: all_metrics.shard(id),
             all_metrics,
             draining: Cell::new(false),
