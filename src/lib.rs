@@ -28,6 +28,7 @@ pub mod auth;
 pub mod check_host;
 pub mod config;
 pub mod fanout;
+pub mod inbox;
 pub mod ingest;
 pub mod metrics;
 pub mod proto;
