@@ -19,6 +19,9 @@
 //! - [`auth`]: identity and permissions: JWT verification, channel grants, namespace
 //!   rules, and the registry of which user is connected on which shard (sans-io apart
 //!   from the registry).
+//! - [`inbox`]: the durable per-user inbox: a store thread owns a redb file, commits
+//!   messages to `user:<id>` channels in groups (one fsync for many), then publishes them
+//!   with offsets that survive restarts; shards reach it only through queues.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/publish` on the admin port.
 //! - [`config`]: TOML file + flags + environment, validated into settings.
 //! - [`check_host`]: `ringcast check-host`, the host's limits against a connection target.

@@ -7,12 +7,15 @@
 
 use crate::auth::permission::{check, Access};
 use crate::auth::session::{expiry_second, Session};
+use crate::inbox::thread::ShardTag;
+use crate::inbox::InboxReply;
 use crate::ingest::line::validate_payload;
 use crate::metrics::Source;
 use crate::proto::command::{parse_command, Command, Reply};
 use crate::shard::state::Shard;
 use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 impl Shard {
     /// Whether `session` (`None`: anonymous) may `access` `channel`; the error is the 403
@@ -41,6 +44,7 @@ impl Shard {
     pub(super) fn run_command(
         &self,
         key: u32,
+        generation: u32,
         text: &str,
         session: Option<&mut Session>,
         replay: &mut Vec<Bytes>,
@@ -77,6 +81,17 @@ impl Shard {
                         413,
                         &format!("at most {limit} subscriptions per connection"),
                     );
+                }
+                if let Some(inbox) = self.inbox_for(&channel) {
+                    if index.is_subscribed(key, &channel) {
+                        return refuse(409, &format!("already subscribed to {channel}"));
+                    }
+                    drop(index);
+                    // Answered when the store's answer arrives (an empty reply now).
+                    return self
+                        .inbox_subscribe(inbox, key, generation, &channel, id, since, 0)
+                        .err()
+                        .unwrap_or_default();
                 }
                 if since.is_some() && index.is_subscribed(key, &channel) {
                     // Its missed messages may have come live: a replay could repeat them.
@@ -115,11 +130,16 @@ impl Shard {
                     offset: attach.offset,
                     epoch: attach.epoch,
                     recovered,
+                    inbox: None,
                 }
                 .to_json()
             }
             Command::Unsubscribe { id, channel } => {
                 self.index.borrow_mut().unsubscribe(key, &channel);
+                // An inbox subscribe still waiting for the store: its answer is dropped.
+                self.inbox_pending
+                    .borrow_mut()
+                    .remove(&(key, Arc::from(channel.as_str())));
                 Reply::Ok {
                     kind: "unsubscribe",
                     id: id.as_deref(),
@@ -127,9 +147,19 @@ impl Shard {
                 }
                 .to_json()
             }
-            Command::Publish { id, channel, data } => {
-                self.client_publish(id.as_deref(), &channel, &data, session.as_deref())
-            }
+            Command::Publish { id, channel, data } => self.client_publish(
+                key,
+                generation,
+                id.as_deref(),
+                &channel,
+                &data,
+                session.as_deref(),
+            ),
+            Command::Ack {
+                id,
+                channel,
+                offset,
+            } => self.inbox_ack(key, generation, id, &channel, offset, session.as_deref()),
             Command::Refresh { id, token } => self.refresh(id.as_deref(), &token, session),
         }
     }
@@ -138,6 +168,8 @@ impl Shard {
     /// the ingest ports, so offsets and ordering are the same whoever publishes.
     fn client_publish(
         &self,
+        key: u32,
+        generation: u32,
         id: Option<&str>,
         channel: &str,
         data: &str,
@@ -160,6 +192,25 @@ impl Shard {
         if let Err(e) = validate_payload(data.as_bytes(), self.settings.max_message_size) {
             self.metrics.ingest_rejected[source][e.index()].fetch_add(1, Relaxed);
             return refuse(413, &e.to_string());
+        }
+        if let Some(inbox) = self.inbox_for(channel) {
+            let tag = ShardTag {
+                key,
+                generation,
+                id: id.map(str::to_string),
+                since: None,
+                attempt: 0,
+            };
+            let reply = InboxReply::Shard {
+                shard: self.id,
+                tag,
+            };
+            if let Err(e) = inbox.publish(channel, data.as_bytes(), reply) {
+                return refuse(503, &format!("inbox: {}", e.to_store_error()));
+            }
+            self.metrics.messages_in[source].fetch_add(1, Relaxed);
+            // Answered once committed.
+            return String::new();
         }
         let published = self.publisher.publish(channel, data.as_bytes());
         self.metrics.messages_in[source].fetch_add(1, Relaxed);

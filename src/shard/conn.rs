@@ -18,6 +18,7 @@ use crate::auth::permission::Access;
 use crate::auth::registry::ConnRecord;
 use crate::auth::session::{expiry_second, Session};
 use crate::auth::token::Claims;
+use crate::inbox::is_user_channel;
 use crate::metrics::CloseCause;
 use crate::proto::close::CloseReason;
 use crate::proto::command::Reply;
@@ -93,9 +94,21 @@ pub(crate) fn adopt(
     for ch in channels {
         // parse_upgrade refused lists over max_subscriptions_per_connection.
         match shard.permit(conn.machine.session(), ch, Access::Subscribe) {
-            Ok(()) => {
-                shard.index.borrow_mut().subscribe(key, ch);
-            }
+            Ok(()) => match &shard.inbox {
+                // Live messages only once the unacked ones are in (see shard::inbox).
+                Some(inbox) if is_user_channel(ch) => {
+                    if let Err(reply) =
+                        shard.inbox_subscribe(inbox, key, generation, ch, None, None, 0)
+                    {
+                        refused = true;
+                        let frame = encode_frame(opcode::TEXT, reply.as_bytes());
+                        shard.queue_control(key, conn, frame);
+                    }
+                }
+                _ => {
+                    shard.index.borrow_mut().subscribe(key, ch);
+                }
+            },
             Err(reason) => {
                 refused = true;
                 let reply = Reply::Refused {
@@ -198,14 +211,20 @@ fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
     }
     let before = conn.machine.backlog().bytes();
     let now = shard.now_secs();
+    let generation = conn.generation;
     let close = conn
         .machine
         .on_input(now, input, &shard.conn_config, &mut |text, session| {
             shard.metrics.commands.fetch_add(1, Relaxed);
             let mut replay = Vec::new();
-            let reply = shard.run_command(key, text, session, &mut replay);
+            let reply = shard.run_command(key, generation, text, session, &mut replay);
             Answer {
-                reply: encode_frame(opcode::TEXT, reply.as_bytes()),
+                // Empty: answered later, when the inbox store answers.
+                reply: if reply.is_empty() {
+                    bytes::Bytes::new()
+                } else {
+                    encode_frame(opcode::TEXT, reply.as_bytes())
+                },
                 replay,
             }
         });

@@ -233,7 +233,15 @@ mod tests {
             Arc::new(IdleFlags::new(1)),
         ));
         let slots = crate::shard::admission::ConnectionSlots::new(settings.max_connections);
-        Shard::new(0, Arc::new(settings), publisher, Arc::default(), slots).expect("shard")
+        Shard::new(
+            0,
+            Arc::new(settings),
+            publisher,
+            Arc::default(),
+            slots,
+            None,
+        )
+        .expect("shard")
     }
 
     /// A connection whose peer end is kept in `peers` (so its socket stays open).
