@@ -645,3 +645,139 @@ impl StoreThread {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::ring::{Poll, Ring};
+    use crate::fanout::wake::IdleFlags;
+
+    fn start(dir: &std::path::Path, shards: usize) -> (Inbox, Vec<ShardQueues>, Arc<Publisher>) {
+        let publisher = Arc::new(Publisher::new(
+            Arc::new(Ring::new(1 << 12)),
+            Arc::new(IdleFlags::new(shards)),
+        ));
+        let config = InboxConfig {
+            path: dir.join("inbox.redb"),
+            retention: Duration::from_secs(3600),
+            max_batch: 64,
+            queue: 1024,
+        };
+        let stats = Arc::new(InboxStats::default());
+        let (inbox, queues) = Inbox::start(config, publisher.clone(), shards, stats).unwrap();
+        (inbox, queues, publisher)
+    }
+
+    fn offset_in(frame: &[u8]) -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(&frame[2..]).unwrap();
+        v["offset"].as_u64().unwrap()
+    }
+
+    /// Many publishes queued at once share commits, are acknowledged with consecutive
+    /// offsets, and reach the ring in offset order only after their commit; a read then
+    /// sees them all as unacked, and an ack (through a shard's answer queue) removes them.
+    #[test]
+    fn group_commits_publish_in_offset_order_and_answer_every_requester() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, queues, publisher) = start(dir.path(), 1);
+        let waits: Vec<_> = (0..200)
+            .map(|i| {
+                let (tx, rx) = flume::bounded(1);
+                inbox
+                    .publish("user:1", format!("{i}").as_bytes(), InboxReply::Wait(tx))
+                    .unwrap();
+                rx
+            })
+            .collect();
+        let offsets: Vec<u64> = waits.iter().map(|rx| rx.recv().unwrap().unwrap()).collect();
+        assert_eq!(offsets, (1..=200).collect::<Vec<_>>());
+        let stats = inbox.stats();
+        assert_eq!(stats.stored.load(Relaxed), 200);
+        assert!(
+            stats.commits.load(Relaxed) < 200,
+            "no group commit happened"
+        );
+        let mut cursor = 0;
+        let mut seen = Vec::new();
+        while let Poll::Message(m) = publisher.ring().poll(&mut cursor) {
+            seen.push(offset_in(&m.frame));
+        }
+        assert_eq!(seen, offsets, "ring order is offset order");
+        let tag = ShardTag {
+            key: 3,
+            generation: 9,
+            id: None,
+            since: None,
+            attempt: 0,
+        };
+        let shard = |tag: &ShardTag| InboxReply::Shard {
+            shard: 0,
+            tag: tag.clone(),
+        };
+        inbox.read("user:1", shard(&tag)).unwrap();
+        let answer = queues[0].answers.recv().unwrap();
+        assert_eq!(answer.tag, tag);
+        let AnswerKind::Unacked(Ok(backlog)) = answer.kind else {
+            panic!("{answer:?}")
+        };
+        assert_eq!((backlog.last, backlog.frames.len()), (200, 200));
+        assert_eq!(offset_in(&backlog.frames[5].1), 6);
+        inbox.ack("user:1", 150, shard(&tag)).unwrap();
+        let answer = queues[0].answers.recv().unwrap();
+        assert!(matches!(
+            answer.kind,
+            AnswerKind::Acked {
+                upto: 150,
+                result: Ok(Ok(150))
+            }
+        ));
+        inbox.read("user:1", shard(&tag)).unwrap();
+        let AnswerKind::Unacked(Ok(left)) = queues[0].answers.recv().unwrap().kind else {
+            panic!("no backlog")
+        };
+        assert_eq!(left.frames.first().map(|f| f.0), Some(151));
+        assert_eq!(left.epoch, backlog.epoch);
+    }
+
+    /// A restart (a new thread on the same file) continues offsets in the same epoch.
+    #[test]
+    fn a_restarted_store_continues_offsets_and_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let publish = |inbox: &Inbox| {
+            let (tx, rx) = flume::bounded(1);
+            inbox.publish("user:2", b"x", InboxReply::Wait(tx)).unwrap();
+            rx.recv().unwrap().unwrap()
+        };
+        let first_epoch;
+        {
+            let (inbox, _queues, publisher) = start(dir.path(), 1);
+            assert_eq!(publish(&inbox), 1);
+            assert_eq!(publish(&inbox), 2);
+            first_epoch = publisher.position("user:2").map(|p| p.1);
+        }
+        // The first thread still holds the file until its queue is dropped; wait for it.
+        let mut attempt = 0;
+        let (inbox, _queues, publisher) = loop {
+            let publisher = Arc::new(Publisher::new(
+                Arc::new(Ring::new(16)),
+                Arc::new(IdleFlags::new(1)),
+            ));
+            let config = InboxConfig {
+                path: dir.path().join("inbox.redb"),
+                retention: Duration::from_secs(3600),
+                max_batch: 64,
+                queue: 16,
+            };
+            match Inbox::start(config, publisher.clone(), 1, Arc::default()) {
+                Ok((inbox, queues)) => break (inbox, queues, publisher),
+                Err(e) if e.kind == ErrorKind::Locked && attempt < 100 => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(publish(&inbox), 3);
+        assert_eq!(publisher.position("user:2").map(|p| p.1), first_epoch);
+    }
+}
