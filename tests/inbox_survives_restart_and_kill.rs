@@ -135,6 +135,47 @@ fn inbox_survives_restart_and_kill_and_acks_are_not_redelivered() {
     println!("{stdout}");
 }
 
+/// Subscribing while the channel is published: every subscription continues at exactly
+/// the acked offset + 1 (store, then history or live), over two shards.
+#[test]
+fn inbox_then_live_has_no_gap_and_no_duplicate_while_publishing() {
+    let _deadline = Deadline::new(
+        "inbox_then_live_has_no_gap_and_no_duplicate_while_publishing",
+        Duration::from_secs(90),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start(dir.path());
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/py_inbox.py");
+    let mut command = Command::new("python3");
+    command.arg(&script).args([
+        "--ws",
+        &server.ws_addr().to_string(),
+        "--admin",
+        &server.admin_addr().to_string(),
+        "--tcp",
+        &server.tcp_addr().to_string(),
+        "--secret",
+        SECRET,
+        "--user",
+        "carol",
+        "--churn",
+        "3000",
+    ]);
+    die_with_parent(&mut command);
+    let out = command.output().expect("running python3 py_inbox.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "py_inbox.py --churn failed\nstdout: {stdout}\nstderr: {}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("summary JSON");
+    assert!(summary["sessions"].as_u64().unwrap_or(0) >= 5, "{summary}");
+    println!("{summary}");
+}
+
 #[test]
 fn an_unusable_inbox_path_stops_startup_with_the_path() {
     let dir = tempfile::tempdir().expect("temp dir");

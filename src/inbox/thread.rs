@@ -564,9 +564,6 @@ impl StoreThread {
             }
         };
         debug_assert!(epoch == 0 || epoch == store_epoch);
-        self.stats
-            .delivered
-            .fetch_add(unacked.messages.len() as u64, Relaxed);
         Ok(Backlog {
             last: unacked.last,
             epoch: store_epoch,

@@ -108,15 +108,14 @@ async fn connection(
                     metrics.messages_in[Source::Tcp as usize].fetch_add(1, Relaxed);
                     match &inbox {
                         Some(inbox) if is_user_channel(channel) => {
-                            let (tx, rx) = flume::bounded(1);
-                            let reply = if acks {
-                                InboxReply::Wait(tx)
+                            let (reply, wait) = if acks {
+                                let (tx, rx) = flume::bounded(1);
+                                (InboxReply::Wait(tx), Some(rx))
                             } else {
-                                InboxReply::None
+                                (InboxReply::None, None)
                             };
                             match inbox.publish(channel, payload, reply) {
-                                Ok(()) if acks => replies.push(Pending::Commit(rx)),
-                                Ok(()) => {}
+                                Ok(()) => replies.extend(wait.map(Pending::Commit)),
                                 Err(e) => replies.push(Pending::Ready(commit_line(Some(Err(
                                     e.to_store_error()
                                 ))))),

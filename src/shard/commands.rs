@@ -136,10 +136,12 @@ impl Shard {
             }
             Command::Unsubscribe { id, channel } => {
                 self.index.borrow_mut().unsubscribe(key, &channel);
-                // An inbox subscribe still waiting for the store: its answer is dropped.
-                self.inbox_pending
-                    .borrow_mut()
-                    .remove(&(key, Arc::from(channel.as_str())));
+                if self.inbox_for(&channel).is_some() {
+                    // An inbox subscribe still waiting for the store: its answer is dropped.
+                    self.inbox_pending
+                        .borrow_mut()
+                        .remove(&(key, Arc::from(channel.as_str())));
+                }
                 Reply::Ok {
                     kind: "unsubscribe",
                     id: id.as_deref(),

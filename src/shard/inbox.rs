@@ -265,6 +265,11 @@ impl Shard {
             return;
         }
         self.index.borrow_mut().subscribe(tag.key, &channel);
+        // Counted here, when sent (the store's answer may hold some that come live instead).
+        self.all_metrics
+            .inbox
+            .delivered
+            .fetch_add(unacked, std::sync::atomic::Ordering::Relaxed);
         self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
         let before = conn.machine.backlog().bytes();
         conn.machine.queue_replay(frames);

@@ -4,6 +4,7 @@
 
     python3 py_inbox.py --ws 127.0.0.1:8080 --admin 127.0.0.1:9090 --secret S \\
                         --user alice --expect 35 --ack 30
+    python3 py_inbox.py ... --user carol --churn 3000 --tcp 127.0.0.1:9001
 
 1. Connects with `?channels=user:<user>` on the upgrade URL: the subscribe reply must
    say `inbox.unacked == EXPECT`, followed by offsets 1..EXPECT, each once, in order.
@@ -12,6 +13,11 @@
 3. Acks ACK (cumulative), reconnects, subscribes with a command: gets ACK+1..EXPECT only.
 4. A message published now (HTTP POST /publish?ack=1) arrives live once, right after.
 5. Acks everything, reconnects: nothing unacked.
+
+With --churn N: a TCP publisher writes N messages to user:<user> at a steady pace while
+the client keeps subscribing, reading a few, acking what it read and reconnecting; each
+subscription must continue at exactly the acked offset + 1 (unacked from the store, then
+live, no gap, no duplicate), until offset N.
 
 Prints one JSON summary line; exit status 0 when every check held, 1 otherwise, 2 when
 the environment is wrong.
@@ -140,17 +146,82 @@ async def run(args):
     return {"epoch": epoch, "delivered": args.expect, "acked": args.expect + 1}
 
 
+def tcp_publisher(tcp, channel, n, rate):
+    import socket
+    import threading
+
+    def run():
+        host, port = tcp.rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as s:
+            start = time.monotonic()
+            for first in range(1, n + 1, 20):
+                lines = "".join(f'{channel} {{"n":{i}}}\n' for i in range(first, min(first + 20, n + 1)))
+                s.sendall(lines.encode())
+                ahead = first / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+async def churn(args):
+    import random
+
+    channel = f"user:{args.user}"
+    mine = token(args.secret, args.user)
+    publisher = tcp_publisher(args.tcp, channel, args.churn, args.rate)
+    acked = 0
+    sessions = 0
+    deadline = time.monotonic() + 60
+    while acked < args.churn:
+        expect(time.monotonic() < deadline, f"stuck at {acked} of {args.churn}")
+        via_url = sessions % 2 == 0
+        url = f"ws://{args.ws}/ws?token={mine}" + (f"&channels={channel}" if via_url else "")
+        async with connect(url) as ws:
+            if not via_url:
+                await ws.send(json.dumps({"cmd": "subscribe", "channel": channel}))
+            sub = await reply_to(ws, "subscribe")
+            expect(sub["code"] == 200, f"subscribe: {sub}")
+            want = acked + 1
+            for _ in range(random.randint(1, 200)):
+                if want > args.churn:
+                    break
+                msg = await recv_json(ws)
+                expect(msg.get("offset") == want, f"session {sessions}: expected {want}, got {msg}")
+                expect(msg["data"]["n"] == want, f"payload {msg}")
+                want += 1
+            await ws.send(json.dumps({"cmd": "ack", "channel": channel, "offset": want - 1}))
+            # Live messages may come before the ack reply: skip them (they stay unacked).
+            while True:
+                msg = await recv_json(ws)
+                if msg.get("reply") == "ack":
+                    expect(msg["code"] == 200, f"ack: {msg}")
+                    break
+                expect(msg.get("offset") == want, f"after the last read: {msg}")
+                want += 1
+            acked = msg["offset"]
+        sessions += 1
+        await asyncio.sleep(random.random() * 0.05)
+    publisher.join(timeout=10)
+    return {"sessions": sessions, "acked": acked}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ws", required=True)
     p.add_argument("--admin", required=True)
     p.add_argument("--secret", required=True)
     p.add_argument("--user", default="alice")
-    p.add_argument("--expect", type=int, required=True)
-    p.add_argument("--ack", type=int, required=True)
+    p.add_argument("--expect", type=int, default=0)
+    p.add_argument("--ack", type=int, default=0)
+    p.add_argument("--churn", type=int, default=0)
+    p.add_argument("--rate", type=float, default=1500.0)
+    p.add_argument("--tcp")
     args = p.parse_args()
     try:
-        summary = asyncio.run(run(args))
+        summary = asyncio.run(churn(args) if args.churn else run(args))
     except (Fail, asyncio.TimeoutError, OSError) as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         sys.exit(1)
