@@ -231,6 +231,7 @@ impl Inbox {
             answers,
             log: ErrorLog::default(),
             last_reopen: None,
+            last_error: None,
         };
         std::thread::Builder::new()
             .name("ringcast-inbox".into())
@@ -343,6 +344,8 @@ struct StoreThread {
     answers: Vec<flume::Sender<InboxAnswer>>,
     log: ErrorLog,
     last_reopen: Option<Instant>,
+    /// The failure that closed the store, answered while it waits to reopen.
+    last_error: Option<StoreError>,
 }
 
 fn unix_now() -> u64 {
@@ -389,15 +392,16 @@ impl StoreThread {
     fn store(&mut self) -> Result<&InboxStore, StoreError> {
         if self.store.is_none() {
             if self.last_reopen.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
-                return Err(StoreError::new(
-                    ErrorKind::Unavailable,
-                    "inbox store is recovering from an error: retry later",
-                ));
+                // The cause (disk full, permission...), not "unavailable": what to fix.
+                return Err(self.last_error.clone().unwrap_or_else(|| {
+                    StoreError::new(ErrorKind::Unavailable, "inbox store is not open")
+                }));
             }
             self.last_reopen = Some(Instant::now());
             match InboxStore::open(&self.config.path) {
                 Ok(store) => {
                     tracing::info!(path = %self.config.path.display(), "inbox store reopened");
+                    self.last_error = None;
                     self.stats.up.store(1, Relaxed);
                     self.store = Some(store);
                 }
@@ -420,6 +424,13 @@ impl StoreThread {
         if e.kind != ErrorKind::Overloaded {
             self.store = None;
             self.stats.up.store(0, Relaxed);
+            const RETRYING: &str = " (the file is reopened every second until it works)";
+            if !e.message.ends_with(RETRYING) {
+                self.last_error = Some(StoreError {
+                    kind: e.kind,
+                    message: format!("{}{RETRYING}", e.message),
+                });
+            }
         }
     }
 
