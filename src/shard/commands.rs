@@ -76,7 +76,15 @@ impl Shard {
                 }
                 let mut index = self.index.borrow_mut();
                 let limit = self.settings.max_subscriptions_per_connection;
-                if index.count_of(key) >= limit && !index.is_subscribed(key, &channel) {
+                // Inbox subscribes waiting for the store count too (there are few: each
+                // waits milliseconds).
+                let waiting = self
+                    .inbox_pending
+                    .borrow()
+                    .keys()
+                    .filter(|(k, _)| *k == key)
+                    .count();
+                if index.count_of(key) + waiting >= limit && !index.is_subscribed(key, &channel) {
                     return refuse(
                         413,
                         &format!("at most {limit} subscriptions per connection"),
