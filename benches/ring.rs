@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ringcast::fanout::ring::{Poll, Ring, RingMessage};
+use ringcast::fanout::ring::{Poll, Ring, RingKind, RingMessage};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,8 +10,10 @@ use std::time::Instant;
 fn message(frame: &Bytes, channel: &Arc<str>) -> RingMessage {
     RingMessage {
         channel: channel.clone(),
+        offset: 1,
         frame: frame.clone(),
         published_at: Instant::now(),
+        kind: RingKind::Message,
     }
 }
 

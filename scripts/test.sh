@@ -10,7 +10,7 @@
 # What the tests need besides Rust:
 #   - a C compiler (glommio builds liburing from source)
 #   - python3 with `websockets` (tests/clients/py_sub.py), `PyJWT` and `cryptography`
-#     (tests/clients/py_auth.py signs tokens independently of ringcast)
+#     (tests/clients/py_auth.py and py_presence.py sign tokens independently of ringcast)
 #   - node + npm, and `ws` in tests/clients   (tests/clients/node_sub.js)
 set -euo pipefail
 

@@ -112,10 +112,14 @@ pub struct ConfigLayer {
     /// Per-connection send backlog in frames above which messages are skipped. Default: 4096.
     #[arg(long, env = "RINGCAST_MAX_BACKLOG_FRAMES", value_name = "N")]
     pub max_backlog_frames: Option<usize>,
-    /// Consecutive skipped messages after which a slow connection is closed with 1013.
-    /// Default: 1000.
+    /// Messages a lagging connection may lose for good (reported to it as gaps: it fell
+    /// behind the channel's history) before it is closed with 1013. Default: 1000.
     #[arg(long, env = "RINGCAST_SLOW_CONSUMER_DROP_LIMIT", value_name = "N")]
     pub slow_consumer_drop_limit: Option<u32>,
+    /// Seconds a lagging connection (its backlog full) may take no bytes at all before it
+    /// is closed with 1013: it is not reading. Default: 10.
+    #[arg(long, env = "RINGCAST_SLOW_CONSUMER_TIMEOUT", value_name = "SECS")]
+    pub slow_consumer_timeout: Option<u64>,
     /// Channels one connection may subscribe to. Default: 64.
     #[arg(
         long,
@@ -194,6 +198,10 @@ pub struct ConfigLayer {
     /// refused (HTTP 503, TCP `ERR`). Default: 65536.
     #[arg(long, env = "RINGCAST_INBOX_QUEUE", value_name = "N")]
     pub inbox_queue: Option<usize>,
+    /// Most members a `presence` reply lists (0-10000); a channel with more gets the count
+    /// only. Default: 1000.
+    #[arg(long, env = "RINGCAST_PRESENCE_MAX_MEMBERS", value_name = "N")]
+    pub presence_max_members: Option<usize>,
     /// Bytes of io_uring registered buffer memory per shard (locked memory: counts
     /// against RLIMIT_MEMLOCK). ringcast does not use registered buffers for sockets.
     /// Default: 262144.
@@ -299,6 +307,8 @@ pub struct Settings {
     pub max_backlog_frames: usize,
     /// Skips in a row before 1013.
     pub slow_consumer_drop_limit: u32,
+    /// Seconds without progress before a lagging connection is closed.
+    pub slow_consumer_timeout: Duration,
     /// Subscriptions per connection.
     pub max_subscriptions_per_connection: usize,
     /// Inbound frames per second per connection.
@@ -325,6 +335,8 @@ pub struct Settings {
     pub history_max_bytes: u64,
     /// Most messages replayed per recovery.
     pub max_recovery_messages: usize,
+    /// Most members a presence reply lists.
+    pub presence_max_members: usize,
     /// glommio io memory per shard.
     pub io_memory: usize,
     /// The durable per-user inbox; `None` when off.
@@ -336,6 +348,10 @@ pub struct Settings {
     /// Namespace rules, looked up per channel with [`Namespaces::rules_for`].
     pub namespaces: Namespaces,
 }
+
+/// Largest `presence_max_members`: a reply listing 10,000 members with long user ids is
+/// already a few MB on one connection's send path.
+pub const MAX_PRESENCE_MEMBERS: usize = 10_000;
 
 /// An IPv4 or IPv6 network in CIDR notation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -528,6 +544,12 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             1,
             u32::MAX,
         )?,
+        slow_consumer_timeout: Duration::from_secs(in_range(
+            "slow_consumer_timeout",
+            pick!(slow_consumer_timeout, 10),
+            1,
+            3600,
+        )?),
         max_subscriptions_per_connection: in_range(
             "max_subscriptions_per_connection",
             pick!(max_subscriptions_per_connection, 64),
@@ -593,6 +615,12 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             pick!(max_recovery_messages, 1000),
             0,
             1 << 20,
+        )?,
+        presence_max_members: in_range(
+            "presence_max_members",
+            pick!(presence_max_members, 1000),
+            0,
+            MAX_PRESENCE_MEMBERS,
         )?,
         io_memory: in_range("io_memory", pick!(io_memory, 256 << 10), 64 << 10, 1 << 30)?,
         inbox: resolve_inbox(&cli, &file)?,
@@ -796,6 +824,17 @@ mod tests {
         assert_eq!(s.ping_interval, Duration::from_secs(25));
         assert_eq!(s.max_handshakes_per_shard, 1024);
         assert_eq!(s.channel_idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(s.presence_max_members, 1000);
+    }
+
+    #[test]
+    fn presence_max_members_is_bounded() {
+        let s = parse(&["--presence-max-members", "0"]).unwrap();
+        assert_eq!(s.presence_max_members, 0);
+        let err = parse(&["--presence-max-members", "10001"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("presence_max_members"), "{err}");
     }
 
     #[test]

@@ -22,6 +22,8 @@
 //! - [`inbox`]: the durable per-user inbox: a store thread owns a redb file, commits
 //!   messages to `user:<id>` channels in groups (one fsync for many), then publishes them
 //!   with offsets that survive restarts; shards reach it only through queues.
+//! - [`presence`]: who is subscribed to a presence channel over every shard (users, or
+//!   anonymous connections), and the join/leave events sent through the ring.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/publish` on the admin port.
 //! - [`config`]: TOML file + flags + environment, validated into settings.
 //! - [`check_host`]: `ringcast check-host`, the host's limits against a connection target.
@@ -34,5 +36,6 @@ pub mod fanout;
 pub mod inbox;
 pub mod ingest;
 pub mod metrics;
+pub mod presence;
 pub mod proto;
 pub mod shard;

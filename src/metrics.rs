@@ -7,6 +7,7 @@ use crate::auth::token::AuthError;
 use crate::fanout::history::HistoryStats;
 use crate::inbox::{ErrorKind as InboxErrorKind, InboxStats};
 use crate::ingest::line::IngestError;
+use crate::presence::PresenceStats;
 use crossbeam_utils::CachePadded;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -76,6 +77,10 @@ pub struct ShardMetrics {
     pub not_recovered: AtomicU64,
     /// Frames replayed from history by recoveries.
     pub replayed: AtomicU64,
+    /// Live messages not queued to a lagging connection (it gets them from history).
+    pub lagged: AtomicU64,
+    /// Frames queued from history to lagging connections.
+    pub caught_up: AtomicU64,
     /// Messages published but not yet consumed by this shard (gauge).
     pub ring_lag: AtomicU64,
     /// Frames queued to subscribers.
@@ -160,6 +165,8 @@ pub struct Metrics {
     pub users: AtomicU64,
     /// The durable inbox's counters (process-wide; all zero while it is off).
     pub inbox: Arc<InboxStats>,
+    /// Presence channels, members and join/leave events (process-wide).
+    pub presence: Arc<PresenceStats>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -177,6 +184,7 @@ pub fn init(shards: usize) -> &'static Metrics {
         history: Arc::new(HistoryStats::default()),
         users: AtomicU64::new(0),
         inbox: Arc::new(InboxStats::default()),
+        presence: Arc::new(PresenceStats::default()),
     })
 }
 
@@ -262,6 +270,18 @@ impl Metrics {
             "counter",
             "Message frames replayed from channel history to recovering subscribers.",
             &|s| &s.replayed,
+        );
+        scalar(
+            "ringcast_lagged_total",
+            "counter",
+            "Live messages a lagging subscriber was sent from history instead.",
+            &|s| &s.lagged,
+        );
+        scalar(
+            "ringcast_caught_up_total",
+            "counter",
+            "Message frames sent from history to subscribers catching up.",
+            &|s| &s.caught_up,
         );
         scalar(
             "ringcast_send_calls_total",
@@ -383,6 +403,20 @@ impl Metrics {
             out,
             "ringcast_recoveries_total{{result=\"not_recovered\"}} {}",
             self.sum(|s| &s.not_recovered)
+        );
+        let p = &self.presence;
+        let _ = writeln!(out, "# HELP ringcast_presence_channels Channels with presence kept and at least one member.\n# TYPE ringcast_presence_channels gauge\nringcast_presence_channels {}", p.channels.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringcast_presence_members Presence members over all channels (a user once per channel, each anonymous connection once).\n# TYPE ringcast_presence_members gauge\nringcast_presence_members {}", p.members.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringcast_presence_events_total Join and leave events sent into the fan-out ring (once per event, not per subscriber).\n# TYPE ringcast_presence_events_total counter");
+        let _ = writeln!(
+            out,
+            "ringcast_presence_events_total{{type=\"join\"}} {}",
+            p.joins.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "ringcast_presence_events_total{{type=\"leave\"}} {}",
+            p.leaves.load(Relaxed)
         );
         self.render_latency(&mut out);
         self.render_inbox(&mut out);

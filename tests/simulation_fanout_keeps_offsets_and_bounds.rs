@@ -44,6 +44,7 @@ const CONFIG: ConnConfig = ConnConfig {
     ping_after: 5,
     dead_after: 9,
     linger: 2,
+    stall_after: 10,
 };
 
 /// What the simulated client saw.

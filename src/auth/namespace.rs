@@ -7,8 +7,8 @@
 //! behaved before namespaces: anyone may subscribe, nobody publishes from a client.
 //!
 //! `anonymous` and `allow_publish` are enforced by [`crate::auth::permission`]; `presence`,
-//! `join_leave`, `history_size` and `history_ttl` are validated and exposed through
-//! [`Namespaces::rules_for`] for the presence and history features, which read them there.
+//! `join_leave`, `history_size` and `history_ttl` are read through
+//! [`Namespaces::rules_for`] by presence ([`crate::presence`]) and history.
 
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};

@@ -99,6 +99,10 @@ impl SendBacklog {
     /// Queues message frames a command replays (a recovery), whatever the backlog
     /// holds: the command bounds them, and skipping one would defeat the recovery.
     pub fn push_replay(&mut self, frames: Vec<Bytes>) {
+        if !frames.is_empty() {
+            // Progress: a lagging connection is not stuck.
+            self.skipped_in_row = 0;
+        }
         for frame in frames {
             self.push(frame);
         }
@@ -127,6 +131,10 @@ impl SendBacklog {
 
     /// Records that the first `n` unwritten bytes went out.
     pub fn advance(&mut self, mut n: usize) {
+        if n > 0 {
+            // The peer is reading: skips so far do not make it a stuck consumer.
+            self.skipped_in_row = 0;
+        }
         self.bytes -= n.min(self.bytes);
         while n > 0 {
             let Some(first) = self.frames.front() else {

@@ -198,6 +198,67 @@ impl Window {
     }
 }
 
+/// What a lagging subscriber gets next from a channel's history
+/// ([`crate::fanout::publisher::Publisher::catch_up`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatchUp {
+    /// Offsets it missed for good (no longer retained): it is told with a gap notice.
+    pub gap: Option<(u64, u64)>,
+    /// Frames to queue, oldest first.
+    pub frames: Vec<Bytes>,
+    /// The last offset those frames (or the gap) reach.
+    pub reached: u64,
+    /// True when `reached` is the subscriber's live position: it follows live again.
+    pub done: bool,
+}
+
+impl Window {
+    /// The next part of a lagging subscriber's catch-up: the retained frames after
+    /// `since` up to `upto` (a position), at most `max_bytes` of them (at least one), and
+    /// the offsets before the oldest retained one as a gap.
+    pub fn catch_up(&self, since: u64, upto: u64, max_bytes: usize) -> CatchUp {
+        if since >= upto {
+            // Never backwards: `upto` may be a low estimate (see Publisher::catch_up).
+            return CatchUp {
+                reached: since,
+                done: true,
+                ..CatchUp::default()
+            };
+        }
+        let mut out = CatchUp {
+            reached: since,
+            ..CatchUp::default()
+        };
+        let front = self.front_offset().filter(|&f| f <= upto);
+        match front {
+            Some(front) if front > since + 1 => {
+                out.gap = Some((since + 1, front - 1));
+                out.reached = front - 1;
+            }
+            None => {
+                out.gap = Some((since + 1, upto));
+                out.reached = upto;
+            }
+            Some(_) => {}
+        }
+        let mut bytes = 0;
+        // Offsets up to a position are consecutive: index arithmetic finds the start.
+        let start = self
+            .front_offset()
+            .map_or(0, |f| (out.reached + 1).saturating_sub(f) as usize);
+        for e in self.entries.iter().skip(start) {
+            if e.offset > upto || (bytes >= max_bytes && !out.frames.is_empty()) {
+                break;
+            }
+            bytes += e.frame.len();
+            out.frames.push(e.frame.clone());
+            out.reached = e.offset;
+        }
+        out.done = out.reached >= upto;
+        out
+    }
+}
+
 /// A channel's history, shared by its publishers and recovering subscribers.
 #[derive(Debug)]
 pub struct ChannelHistory {

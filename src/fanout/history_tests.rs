@@ -156,3 +156,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn catch_up_serves_in_chunks_with_a_gap_for_what_is_gone() {
+    let mut w = window(1..=10);
+    w.trim(Limits { size: 6, ttl: 3600 }, 0); // 5..=10 retained, 2 bytes each
+    let first = w.catch_up(2, 10, 4);
+    assert_eq!(first.gap, Some((3, 4)));
+    assert_eq!(texts(&first.frames), ["m5", "m6"]);
+    assert_eq!((first.reached, first.done), (6, false));
+    let rest = w.catch_up(6, 10, 100);
+    assert_eq!(
+        (rest.gap, texts(&rest.frames).len(), rest.reached, rest.done),
+        (None, 4, 10, true)
+    );
+    // Never moves a subscriber backwards, whatever the estimate of its position.
+    let ahead = w.catch_up(8, 3, 100);
+    assert_eq!(
+        (ahead.reached, ahead.done, ahead.frames.len()),
+        (8, true, 0)
+    );
+    // Nothing retained up to the position: all of it is a gap.
+    let gone = Window::default().catch_up(2, 7, 100);
+    assert_eq!((gone.gap, gone.reached, gone.done), (Some((3, 7)), 7, true));
+}

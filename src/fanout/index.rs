@@ -7,6 +7,7 @@
 
 use slab::Slab;
 use smallvec::SmallVec;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -16,6 +17,9 @@ pub type ConnKey = u32;
 struct ChannelMembers {
     name: Arc<str>,
     members: Vec<ConnKey>,
+    /// The last offset of the channel this shard's subscribers were given (or were told
+    /// they are at): where a heal after a ring overrun starts.
+    position: Cell<u64>,
 }
 
 /// (channel id, position in that channel's member list)
@@ -44,6 +48,7 @@ impl SubscriptionIndex {
                 let id = self.channels.insert(ChannelMembers {
                     name: name.clone(),
                     members: Vec::new(),
+                    position: Cell::new(0),
                 }) as u32;
                 self.ids.insert(name, id);
                 id
@@ -80,10 +85,17 @@ impl SubscriptionIndex {
 
     /// Removes every subscription of `conn` (on disconnect).
     pub fn remove_conn(&mut self, conn: ConnKey) {
+        self.remove_conn_each(conn, |_| {});
+    }
+
+    /// Removes every subscription of `conn`, calling `removed` with each channel's name
+    /// (on disconnect, for presence).
+    pub fn remove_conn_each(&mut self, conn: ConnKey, mut removed: impl FnMut(&str)) {
         let Some(subs) = self.by_conn.get_mut(conn as usize) else {
             return;
         };
         for (id, pos) in std::mem::take(subs) {
+            removed(&self.channels[id as usize].name);
             self.remove_member(id, pos);
         }
     }
@@ -110,6 +122,33 @@ impl SubscriptionIndex {
         self.ids
             .get(channel)
             .map_or(&[], |&id| &self.channels[id as usize].members)
+    }
+
+    /// The subscribers of `channel` on this shard, noting that they are being given its
+    /// message `offset`.
+    pub fn members_at(&self, channel: &str, offset: u64) -> &[ConnKey] {
+        self.ids.get(channel).map_or(&[], |&id| {
+            let ch = &self.channels[id as usize];
+            ch.position.set(offset);
+            &ch.members
+        })
+    }
+
+    /// Notes that `channel`'s subscribers here are at least at `offset` (a subscriber
+    /// was attached there).
+    pub fn note_position(&self, channel: &str, offset: u64) {
+        if let Some(&id) = self.ids.get(channel) {
+            let position = &self.channels[id as usize].position;
+            position.set(position.get().max(offset));
+        }
+    }
+
+    /// Every channel with subscribers here: its name, the position its subscribers were
+    /// given up to, and its members.
+    pub fn positions(&self) -> impl Iterator<Item = (&Arc<str>, u64, &[ConnKey])> {
+        self.channels
+            .iter()
+            .map(|(_, ch)| (&ch.name, ch.position.get(), ch.members.as_slice()))
     }
 
     /// True when `conn` is subscribed to `channel`.

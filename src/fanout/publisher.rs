@@ -34,9 +34,10 @@
 //! wall clock was stepped back across the restart).
 
 use crate::fanout::history::{
-    Budget, ChannelHistory, Entry as HistoryEntry, HistoryStats, Limits, Since, Unrecoverable,
+    Budget, CatchUp, ChannelHistory, Entry as HistoryEntry, HistoryStats, Limits, Since,
+    Unrecoverable, Window,
 };
-use crate::fanout::ring::{Peek, Ring, RingMessage};
+use crate::fanout::ring::{Peek, Ring, RingKind, RingMessage};
 use crate::fanout::wake::IdleFlags;
 use crate::proto::message::{encode_message, EncodedData};
 use bytes::Bytes;
@@ -340,8 +341,10 @@ impl Publisher {
             seq,
             RingMessage {
                 channel: name,
+                offset,
                 frame,
                 published_at,
+                kind: RingKind::Message,
             },
         );
         Published { offset, epoch, seq }
@@ -440,9 +443,41 @@ impl Publisher {
         }
     }
 
+    /// The next part of a lagging subscriber's catch-up on `channel` (see
+    /// [`Window::catch_up`]): it has everything up to `since`, its shard's follower reads
+    /// `cursor` next. `done` only when its live position is known exactly: stopping
+    /// early would lose what the follower already passed.
+    pub fn catch_up(&self, channel: &str, since: u64, cursor: u64, max_bytes: usize) -> CatchUp {
+        let now = self.started.elapsed().as_secs();
+        let mut map = lock_stripe(self.stripe(channel));
+        let state = self.state_mut(&mut map, channel, now);
+        let (name, last, history) = (state.name.clone(), state.last, state.history.clone());
+        let claimed = self.ring.head();
+        drop(map);
+        let exact = self
+            .unread(&name, cursor, claimed)
+            .map(|unread| last - unread);
+        let Some(history) = history else {
+            // Nothing retained: whatever it missed is a gap.
+            return match exact {
+                Some(upto) => Window::default().catch_up(since, upto, max_bytes),
+                None => CatchUp {
+                    reached: since,
+                    ..CatchUp::default()
+                },
+            };
+        };
+        let window = history.lock();
+        let upto = exact.unwrap_or_else(|| window.position(cursor));
+        let mut out = window.catch_up(since, upto, max_bytes);
+        out.done &= exact.is_some();
+        out
+    }
+
     /// How many of `channel`'s messages lie between a follower's `cursor` and the claim
-    /// counter `claimed`: published, but not read by that follower yet. `None` when the
-    /// ring cannot tell (the follower was lapped, or a producer is slow to install).
+    /// counter `claimed`: published, but not read by that follower yet. Presence events
+    /// hold ring slots too but no offset, so they are not counted. `None` when the ring
+    /// cannot tell (the follower was lapped, or a producer is slow to install).
     fn unread(&self, channel: &Arc<str>, cursor: u64, claimed: u64) -> Option<u64> {
         if claimed.saturating_sub(cursor) > MAX_UNREAD_SCAN.min(self.ring.capacity()) {
             return None;
@@ -458,6 +493,7 @@ impl Publisher {
                         }
                         break;
                     }
+                    Peek::Event(_) => break,
                     Peek::Gone => return None,
                     // Claimed: the producer installs it right after encoding.
                     Peek::NotYet if !backoff.is_completed() => backoff.snooze(),
@@ -671,6 +707,32 @@ mod tests {
             p.attach("c", since, cursor, 2).recovery,
             Some(Err(Unrecoverable::TooMany))
         );
+    }
+
+    /// Presence events share the ring with messages but have no offset: a subscriber's
+    /// position must not count them as unread messages of the channel.
+    #[test]
+    fn attach_does_not_count_presence_events_as_unread() {
+        let p = with_history(0);
+        let event = |p: &Publisher| {
+            p.ring().push(RingMessage {
+                channel: Arc::from("c"),
+                frame: Bytes::from_static(b"event"),
+                published_at: Instant::now(),
+                offset: 0,
+                kind: RingKind::Event,
+            })
+        };
+        let first = p.publish_quiet("c", b"1").seq;
+        p.publish_quiet("c", b"2");
+        let after_two = event(&p);
+        p.publish_quiet("c", b"3");
+        event(&p);
+        p.publish_quiet("other", b"x");
+        assert_eq!(p.attach("c", None, first, 0).offset, 0, "nothing read yet");
+        assert_eq!(p.attach("c", None, after_two, 0).offset, 2);
+        assert_eq!(p.attach("c", None, p.ring().head(), 0).offset, 3);
+        assert_eq!(p.position("c").map(|(offset, _)| offset), Some(3));
     }
 
     #[test]

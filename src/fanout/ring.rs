@@ -25,15 +25,30 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// One published message as it travels the ring.
+/// What a ring entry is to its channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingKind {
+    /// A published message: it took the channel's next offset and may be in its history.
+    Message,
+    /// A presence event (join/leave): delivered to the channel's subscribers like a
+    /// message and in the same ring order, but it has no offset, never enters history, and
+    /// is not counted when a subscriber's position is computed.
+    Event,
+}
+
+/// One published message (or presence event) as it travels the ring.
 #[derive(Debug, Clone)]
 pub struct RingMessage {
     /// The channel it was published to.
     pub channel: Arc<str>,
+    /// Its offset in the channel (0 for a presence event, which has none).
+    pub offset: u64,
     /// The complete WebSocket frame, shared by every subscriber.
     pub frame: Bytes,
     /// When it entered ringcast (for the delivery latency histogram).
     pub published_at: Instant,
+    /// A channel message or a presence event.
+    pub kind: RingKind,
 }
 
 struct Entry {
@@ -98,6 +113,8 @@ pub enum Poll {
 pub enum Peek {
     /// The message at that sequence was published to this channel.
     Message(Arc<str>),
+    /// A presence event for this channel: it holds a slot but no offset.
+    Event(Arc<str>),
     /// Claimed (or not even that) but not installed yet.
     NotYet,
     /// Overwritten by a later lap.
@@ -190,7 +207,10 @@ impl Ring {
         let slot = &self.slots[(seq & self.mask) as usize];
         // SAFETY: see `poll`.
         match unsafe { slot.load(Ordering::Acquire, &guard).as_ref() } {
-            Some(entry) if entry.seq == seq => Peek::Message(entry.msg.channel.clone()),
+            Some(entry) if entry.seq == seq => match entry.msg.kind {
+                RingKind::Message => Peek::Message(entry.msg.channel.clone()),
+                RingKind::Event => Peek::Event(entry.msg.channel.clone()),
+            },
             Some(entry) if entry.seq > seq => Peek::Gone,
             _ => Peek::NotYet,
         }
@@ -244,8 +264,10 @@ mod tests {
     fn msg(n: u64) -> RingMessage {
         RingMessage {
             channel: Arc::from("c"),
+            offset: n,
             frame: Bytes::from(n.to_be_bytes().to_vec()),
             published_at: Instant::now(),
+            kind: RingKind::Message,
         }
     }
 

@@ -51,6 +51,13 @@ pub enum Command {
         /// The last offset received.
         offset: u64,
     },
+    /// Who is subscribed to a presence channel.
+    Presence {
+        /// Echoed request id, already rendered as JSON.
+        id: Option<String>,
+        /// Channel name (validated).
+        channel: String,
+    },
     /// Replace the connection's token (same `sub`) before it expires.
     Refresh {
         /// Echoed request id, already rendered as JSON.
@@ -65,8 +72,8 @@ pub enum Command {
 pub struct CommandError {
     /// Echoed request id, when one could be read.
     pub id: Option<String>,
-    /// 400 malformed, 401 bad token (refresh), 403 forbidden, 404 unknown command, 413 too
-    /// many subscriptions or payload too large.
+    /// 400 malformed, 401 bad token (refresh), 403 forbidden, 404 unknown command (or no
+    /// presence on the channel), 413 too many subscriptions or payload too large.
     pub code: u16,
     /// Explanation for the client.
     pub error: String,
@@ -143,6 +150,10 @@ pub fn parse_command(text: &str) -> Result<Command, CommandError> {
             id,
         }),
         "ping" => Ok(Command::Ping { id }),
+        "presence" => Ok(Command::Presence {
+            channel: channel()?,
+            id,
+        }),
         "publish" => {
             let channel = channel()?;
             match raw.data {
@@ -176,7 +187,7 @@ pub fn parse_command(text: &str) -> Result<Command, CommandError> {
             id,
             code: 404,
             error: format!(
-                "unknown command {other:?} (known: subscribe, unsubscribe, publish, ack, refresh, ping)"
+                "unknown command {other:?} (known: subscribe, unsubscribe, publish, presence, ack, refresh, ping)"
             ),
         }),
     }
@@ -254,6 +265,20 @@ pub enum Reply<'a> {
         /// The offset the message was given.
         offset: u64,
     },
+    /// A channel's presence: `count` members with `connections` connections, and the
+    /// members themselves unless there are too many.
+    Presence {
+        /// The request id, rendered JSON.
+        id: Option<&'a str>,
+        /// The channel.
+        channel: &'a str,
+        /// Distinct members.
+        count: usize,
+        /// Connections over all members.
+        connections: u64,
+        /// The members as a rendered JSON array; `None`: over `presence_max_members`.
+        members: Option<&'a str>,
+    },
     /// A refresh replaced the token; it now expires at `exp` (Unix seconds).
     Refreshed {
         /// The request id, rendered JSON.
@@ -275,6 +300,7 @@ impl Reply<'_> {
             Reply::Published { id, .. } => ("publish", *id, 200),
             Reply::Refreshed { id, .. } => ("refresh", *id, 200),
             Reply::Acked { id, .. } => ("ack", *id, 200),
+            Reply::Presence { id, .. } => ("presence", *id, 200),
         };
         let _ = write!(out, "{{\"reply\":\"{kind}\"");
         if let Some(id) = id {
@@ -337,6 +363,21 @@ impl Reply<'_> {
                     out,
                     ",\"channel\":\"{channel}\",\"offset\":{offset},\"removed\":{removed}"
                 );
+            }
+            Reply::Presence {
+                channel,
+                count,
+                connections,
+                members,
+                ..
+            } => {
+                let _ = write!(
+                    out,
+                    ",\"channel\":\"{channel}\",\"count\":{count},\"connections\":{connections}"
+                );
+                if let Some(members) = members {
+                    let _ = write!(out, ",\"members\":{members}");
+                }
             }
         }
         out.push('}');
@@ -547,6 +588,43 @@ mod tests {
         assert_eq!(
             subscribed.to_json(),
             r#"{"reply":"subscribe","code":200,"channel":"user:42","offset":9,"epoch":"5","inbox":{"unacked":3,"more":0}}"#
+        );
+    }
+
+    #[test]
+    fn presence_parses_and_replies() {
+        assert_eq!(
+            parse_command(r#"{"cmd":"presence","channel":"room:1","id":7}"#),
+            Ok(Command::Presence {
+                id: Some("7".into()),
+                channel: "room:1".into()
+            })
+        );
+        assert_eq!(
+            parse_command(r#"{"cmd":"presence"}"#).unwrap_err().code,
+            400
+        );
+        let listed = Reply::Presence {
+            id: Some("7"),
+            channel: "room:1",
+            count: 1,
+            connections: 2,
+            members: Some(r#"[{"user":"a","connections":2}]"#),
+        };
+        assert_eq!(
+            listed.to_json(),
+            r#"{"reply":"presence","id":7,"code":200,"channel":"room:1","count":1,"connections":2,"members":[{"user":"a","connections":2}]}"#
+        );
+        let counted = Reply::Presence {
+            id: None,
+            channel: "room:1",
+            count: 5000,
+            connections: 5001,
+            members: None,
+        };
+        assert_eq!(
+            counted.to_json(),
+            r#"{"reply":"presence","code":200,"channel":"room:1","count":5000,"connections":5001}"#
         );
     }
 

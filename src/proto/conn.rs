@@ -27,9 +27,12 @@
 
 use crate::auth::session::Session;
 use crate::fanout::backlog::{BacklogLimits, Offer, SendBacklog};
+use crate::fanout::history::CatchUp;
 use crate::proto::close::{CloseCause, CloseCode, CloseReason};
 use crate::proto::frame::{encode_close, encode_frame, opcode, FrameDecoder, Inbound};
+use crate::proto::message::encode_gap;
 use bytes::Bytes;
+use std::sync::Arc;
 
 /// The bounds and timers every connection of a shard shares.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +49,8 @@ pub struct ConnConfig {
     pub dead_after: u32,
     /// Seconds a closing connection may take to answer our close with EOF.
     pub linger: u32,
+    /// Seconds a lagging connection may write nothing before it is closed with 1013.
+    pub stall_after: u32,
 }
 
 /// Where a connection is in its life.
@@ -159,6 +164,22 @@ pub struct Connection {
     phase: Phase,
     /// A ping went out since `last_rx`.
     pinged: bool,
+    /// Channels it has fallen behind on; `None` (no memory) while it keeps up.
+    lag: Option<Box<Lag>>,
+}
+
+/// The channels a connection fell behind on, each with the last offset it was given: it
+/// gets their messages from history ([`Connection::catch_up_next`]), not live, until it
+/// has caught up.
+#[derive(Debug, Default)]
+struct Lag {
+    channels: Vec<(Arc<str>, u64)>,
+    /// Bytes were written since the last tick.
+    progressed: bool,
+    /// Shard second since which nothing was written (set by the tick).
+    stalled_since: Option<u32>,
+    /// Offsets lost to gap notices since it started lagging.
+    lost: u64,
 }
 
 impl Connection {
@@ -172,6 +193,7 @@ impl Connection {
             window: (now, 0),
             phase: Phase::Open,
             pinged: false,
+            lag: None,
         }
     }
 
@@ -355,6 +377,138 @@ impl Connection {
         self.backlog.offer(frame, &config.backlog)
     }
 
+    /// Offers message `offset` of `channel`: [`Connection::offer`], except that a message
+    /// the backlog has no room for is not lost: the connection starts lagging on the
+    /// channel and gets it, and what follows, from history once its backlog drains
+    /// ([`Connection::catch_up_next`]). Returns [`Offer::Skipped`] for a message it will
+    /// get that way. A lagging connection is closed with 1013 only when it writes
+    /// nothing for `stall_after` seconds ([`Connection::on_tick`]) or loses more than
+    /// `drop_limit` messages to gaps ([`Connection::apply_catch_up`]).
+    #[inline]
+    pub fn offer_on(
+        &mut self,
+        channel: &Arc<str>,
+        offset: u64,
+        frame: &Bytes,
+        config: &ConnConfig,
+    ) -> Offer {
+        if !self.is_open() {
+            return Offer::Skipped;
+        }
+        if let Some(lag) = &self.lag {
+            if lag
+                .channels
+                .iter()
+                .any(|(c, _)| Arc::ptr_eq(c, channel) || c == channel)
+            {
+                return Offer::Skipped;
+            }
+        }
+        match self.backlog.offer(frame, &config.backlog) {
+            Offer::Queued => Offer::Queued,
+            // No room: this message and what follows come from history.
+            Offer::Skipped | Offer::Disconnect => {
+                self.lag
+                    .get_or_insert_with(Box::default)
+                    .channels
+                    .push((channel.clone(), offset.saturating_sub(1)));
+                Offer::Skipped
+            }
+        }
+    }
+
+    /// Offers a presence event of `channel`: queued when the backlog has room and the
+    /// connection is not catching up on the channel (events are not in history), else
+    /// skipped ([`Offer::Skipped`]); the `presence` command tells the current state.
+    pub fn offer_event(&mut self, channel: &str, frame: &Bytes, config: &ConnConfig) -> Offer {
+        if !self.is_open() {
+            return Offer::Skipped;
+        }
+        if let Some(lag) = &self.lag {
+            if lag.channels.iter().any(|(c, _)| &**c == channel) {
+                return Offer::Skipped;
+            }
+        }
+        match self.backlog.offer(frame, &config.backlog) {
+            Offer::Queued => Offer::Queued,
+            Offer::Skipped | Offer::Disconnect => Offer::Skipped,
+        }
+    }
+
+    /// Makes it take `channel` from history after `since` (its shard's follower lost
+    /// messages to a ring overrun); no change when it already lags on the channel.
+    pub fn lag_from(&mut self, channel: &Arc<str>, since: u64) {
+        if !self.is_open() {
+            return;
+        }
+        let lag = self.lag.get_or_insert_with(Box::default);
+        if !lag.channels.iter().any(|(c, _)| c == channel) {
+            lag.channels.push((channel.clone(), since));
+        }
+    }
+
+    /// True when the connection lags on some channel and its backlog has room for more
+    /// of it (under half its bound).
+    pub fn wants_catch_up(&self, config: &ConnConfig) -> bool {
+        self.is_open() && self.lag.is_some() && self.backlog.bytes() <= config.backlog.max_bytes / 2
+    }
+
+    /// True while it lags on some channel.
+    pub fn is_lagging(&self) -> bool {
+        self.lag.is_some()
+    }
+
+    /// The channel to catch up on next and the last offset it has of it.
+    pub fn catch_up_next(&self) -> Option<(Arc<str>, u64)> {
+        let lag = self.lag.as_ref()?;
+        lag.channels.first().cloned()
+    }
+
+    /// Queues a catch-up step on `channel` (from [`Connection::catch_up_next`]): a gap
+    /// notice for what history no longer holds, then the frames; the channel follows live
+    /// again once `done`.
+    ///
+    /// Returns the 1013 close to carry out when its losses passed `drop_limit`.
+    pub fn apply_catch_up(
+        &mut self,
+        channel: &str,
+        step: CatchUp,
+        config: &ConnConfig,
+    ) -> Option<CloseDecision> {
+        let lag = self.lag.as_mut()?;
+        let at = lag.channels.iter().position(|(c, _)| &**c == channel)?;
+        if let Some((from, to)) = step.gap {
+            lag.lost += to + 1 - from;
+            if lag.lost > u64::from(config.backlog.drop_limit) {
+                return self.close_slow_consumer();
+            }
+            self.backlog
+                .push_replay(vec![encode_gap(channel, from, to)]);
+        }
+        self.backlog.push_replay(step.frames);
+        if step.done {
+            lag.channels.remove(at);
+        } else {
+            lag.channels[at].1 = step.reached;
+            // Round-robin over the lagging channels.
+            lag.channels.rotate_left(1);
+        }
+        if lag.channels.is_empty() {
+            self.lag = None;
+        }
+        None
+    }
+
+    /// Stops lagging on `channel` (unsubscribed).
+    pub fn forget_lag(&mut self, channel: &str) {
+        if let Some(lag) = self.lag.as_mut() {
+            lag.channels.retain(|(c, _)| &**c != channel);
+            if lag.channels.is_empty() {
+                self.lag = None;
+            }
+        }
+    }
+
     /// The 1013 close an [`Offer::Disconnect`] calls for; `None` when a close was already
     /// decided.
     pub fn close_slow_consumer(&mut self) -> Option<CloseDecision> {
@@ -405,6 +559,9 @@ impl Connection {
     /// Records that the socket took the first `n` queued bytes.
     pub fn on_written(&mut self, n: usize) -> Written {
         self.backlog.advance(n);
+        if let Some(lag) = self.lag.as_mut() {
+            lag.progressed |= n > 0;
+        }
         match (self.backlog.is_empty(), self.phase) {
             (false, _) => Written::More,
             (true, Phase::Closing { .. }) => Written::ShutWrite,
@@ -433,6 +590,11 @@ impl Connection {
                 Tick::Close(self.decide(Some(reason), CloseCause::TokenExpired))
             }
             Phase::Open => {
+                if self.stalled(now, config) {
+                    if let Some(close) = self.close_slow_consumer() {
+                        return Tick::Close(close);
+                    }
+                }
                 let silent = now.saturating_sub(self.last_rx);
                 if silent >= config.dead_after {
                     Tick::Close(self.decide(None, CloseCause::Dead))
@@ -448,6 +610,20 @@ impl Connection {
             }
             _ => Tick::Idle,
         }
+    }
+
+    /// True when it lags and has written nothing for `stall_after` seconds: it is not
+    /// reading at all. Called once per tick: a tick notes progress since the last one.
+    fn stalled(&mut self, now: u32, config: &ConnConfig) -> bool {
+        let Some(lag) = self.lag.as_mut() else {
+            return false;
+        };
+        if std::mem::take(&mut lag.progressed) || self.backlog.is_empty() {
+            lag.stalled_since = None;
+            return false;
+        }
+        let since = *lag.stalled_since.get_or_insert(now);
+        now.saturating_sub(since) >= config.stall_after
     }
 
     /// The shard second at which [`Connection::on_tick`] next has something to do.

@@ -15,6 +15,7 @@ const CONFIG: ConnConfig = ConnConfig {
     ping_after: 25,
     dead_after: 45,
     linger: 5,
+    stall_after: 10,
 };
 
 /// A masked client frame.
@@ -404,4 +405,82 @@ fn a_refreshed_session_moves_the_deadline() {
     // An anonymous connection never expires.
     let anon = Connection::new(0);
     assert_eq!(anon.wake_at(&CONFIG), Some(CONFIG.ping_after));
+}
+
+/// A message the backlog has no room for makes the connection lag instead of losing it;
+/// catch-up steps queue a gap notice and frames, and it follows live again when done.
+#[test]
+fn a_full_backlog_lags_then_catches_up() {
+    let mut conn = Connection::new(0);
+    let chan: std::sync::Arc<str> = std::sync::Arc::from("c");
+    let big = encode_frame(opcode::TEXT, &vec![b'x'; CONFIG.backlog.max_bytes]);
+    assert_eq!(conn.offer_on(&chan, 1, &big, &CONFIG), Offer::Queued);
+    assert_eq!(conn.offer_on(&chan, 2, &big, &CONFIG), Offer::Skipped);
+    assert_eq!(conn.offer_on(&chan, 3, &big, &CONFIG), Offer::Skipped);
+    assert!(conn.is_lagging());
+    assert_eq!(
+        conn.catch_up_next(),
+        Some((chan.clone(), 1)),
+        "it has offset 1"
+    );
+    assert!(!conn.wants_catch_up(&CONFIG), "no room yet");
+    let all = conn.backlog().bytes();
+    conn.on_written(all);
+    assert!(conn.wants_catch_up(&CONFIG));
+    let step = CatchUp {
+        gap: Some((2, 2)),
+        frames: vec![encode_frame(opcode::TEXT, b"m3")],
+        reached: 3,
+        done: true,
+    };
+    assert_eq!(conn.apply_catch_up("c", step, &CONFIG), None);
+    assert!(!conn.is_lagging());
+    let texts: Vec<Vec<u8>> = queued(&conn).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        texts,
+        [
+            br#"{"type":"gap","channel":"c","from":2,"to":2}"#.to_vec(),
+            b"m3".to_vec()
+        ]
+    );
+    // Live again.
+    let small = encode_frame(opcode::TEXT, b"m4");
+    assert_eq!(conn.offer_on(&chan, 4, &small, &CONFIG), Offer::Queued);
+}
+
+/// A lagging connection that takes no byte for `stall_after` seconds is closed with
+/// 1013; one that loses more than `drop_limit` messages to gaps too.
+#[test]
+fn a_stalled_or_hopelessly_behind_connection_is_closed_with_1013() {
+    let chan: std::sync::Arc<str> = std::sync::Arc::from("c");
+    let big = encode_frame(opcode::TEXT, &vec![b'x'; CONFIG.backlog.max_bytes]);
+    let mut stuck = Connection::new(0);
+    stuck.offer_on(&chan, 1, &big, &CONFIG);
+    stuck.offer_on(&chan, 2, &big, &CONFIG);
+    assert_eq!(stuck.on_tick(1, &CONFIG), Tick::Idle);
+    assert_eq!(
+        stuck.on_tick(1 + CONFIG.stall_after - 1, &CONFIG),
+        Tick::Idle
+    );
+    match stuck.on_tick(1 + CONFIG.stall_after, &CONFIG) {
+        Tick::Close(CloseDecision {
+            reason: Some(r),
+            cause: CloseCause::SlowConsumer,
+        }) => {
+            assert_eq!(r.code.code(), 1013)
+        }
+        other => panic!("expected 1013, got {other:?}"),
+    }
+    let mut behind = Connection::new(0);
+    behind.offer_on(&chan, 1, &big, &CONFIG);
+    behind.offer_on(&chan, 2, &big, &CONFIG);
+    let lost = u64::from(CONFIG.backlog.drop_limit) + 1;
+    let step = CatchUp {
+        gap: Some((2, 1 + lost)),
+        frames: Vec::new(),
+        reached: 1 + lost,
+        done: true,
+    };
+    let close = behind.apply_catch_up("c", step, &CONFIG).expect("closed");
+    assert_eq!(close.cause, CloseCause::SlowConsumer);
 }

@@ -30,6 +30,15 @@ impl EncodedData {
     }
 }
 
+/// The notice a subscriber gets for messages of `channel` it fell too far behind to
+/// receive (no longer in history): `{"type":"gap","channel":"news","from":18,"to":40}`,
+/// offsets `from` to `to` inclusive.
+pub fn encode_gap(channel: &str, from: u64, to: u64) -> Bytes {
+    // Channel names never need escaping (see proto::channel).
+    let body = format!(r#"{{"type":"gap","channel":"{channel}","from":{from},"to":{to}}}"#);
+    crate::proto::frame::encode_frame(opcode::TEXT, body.as_bytes())
+}
+
 /// Renders the complete WebSocket text frame for one message.
 pub fn encode_message(channel: &str, offset: u64, data: &EncodedData) -> Bytes {
     let offset_text = offset.to_string();
@@ -47,6 +56,31 @@ pub fn encode_message(channel: &str, offset: u64, data: &EncodedData) -> Bytes {
     frame.extend_from_slice(offset_text.as_bytes());
     frame.extend_from_slice(br#","data":"#);
     frame.extend_from_slice(&data.0);
+    frame.push(b'}');
+    debug_assert_eq!(frame.len(), hl + body_len);
+    Bytes::from(frame)
+}
+
+/// Renders a presence event frame: `{"type":"<kind>","channel":"<name>","member":<json>}`
+/// (`kind` is `join` or `leave`; `member_json` is a rendered
+/// [`crate::presence::Member`]). Like a message, it is encoded once and shared by every
+/// subscriber; unlike one, it has no offset.
+pub fn encode_presence_event(kind: &str, channel: &str, member_json: &str) -> Bytes {
+    let body_len = r#"{"type":"","channel":"","member":}"#.len()
+        + kind.len()
+        + channel.len()
+        + member_json.len();
+    let hl = header_len(body_len);
+    let mut frame = vec![0u8; hl];
+    write_header(&mut frame, opcode::TEXT, body_len);
+    frame.reserve_exact(body_len);
+    frame.extend_from_slice(br#"{"type":""#);
+    frame.extend_from_slice(kind.as_bytes());
+    frame.extend_from_slice(br#"","channel":""#);
+    // Channel names never need escaping (see proto::channel).
+    frame.extend_from_slice(channel.as_bytes());
+    frame.extend_from_slice(br#"","member":"#);
+    frame.extend_from_slice(member_json.as_bytes());
     frame.push(b'}');
     debug_assert_eq!(frame.len(), hl + body_len);
     Bytes::from(frame)
@@ -82,6 +116,15 @@ mod tests {
             &EncodedData::new(b"hello \"world\"\n\xff"),
         ));
         assert_eq!(v["data"], "hello \"world\"\n\u{fffd}");
+    }
+
+    #[test]
+    fn presence_events_render_as_documented() {
+        let f = encode_presence_event("join", "room:1", r#"{"user":"a"}"#);
+        assert_eq!(
+            body(&f),
+            serde_json::json!({"type":"join","channel":"room:1","member":{"user":"a"}})
+        );
     }
 
     proptest! {

@@ -1,6 +1,9 @@
 //! Client commands on the shard: what each one does to the index, the publisher and the
 //! connection's session, and the reply it gets.
 //!
+//! Presence (`presence` queries, and keeping the registry in step with subscribes and
+//! unsubscribes) is [`crate::shard::presence`]'s.
+//!
 //! Permission decisions are [`crate::auth::permission::check`]'s; this module only
 //! carries them out. A refused subscribe or publish is a reply with code 403 for that
 //! command alone: the connection and its other subscriptions stay.
@@ -11,6 +14,7 @@ use crate::inbox::thread::ShardTag;
 use crate::inbox::InboxReply;
 use crate::ingest::line::validate_payload;
 use crate::metrics::Source;
+use crate::presence::ConnId;
 use crate::proto::command::{parse_command, Command, Reply};
 use crate::shard::state::Shard;
 use bytes::Bytes;
@@ -39,16 +43,16 @@ impl Shard {
         verdict
     }
 
-    /// Executes one command of connection `key` and renders its reply; a recovery's
+    /// Executes one command of connection `conn` and renders its reply; a recovery's
     /// missed messages go to `replay`.
     pub(super) fn run_command(
         &self,
-        key: u32,
-        generation: u32,
+        conn: ConnId,
         text: &str,
         session: Option<&mut Session>,
         replay: &mut Vec<Bytes>,
     ) -> String {
+        let (key, generation) = (conn.key, conn.generation);
         let command = match parse_command(text) {
             Ok(command) => command,
             Err(err) => return Reply::Error(&err).to_json(),
@@ -117,7 +121,10 @@ impl Shard {
                     self.ring_cursor.get(),
                     self.settings.max_recovery_messages,
                 );
-                index.subscribe(key, &channel);
+                if index.subscribe(key, &channel) {
+                    self.presence_in(conn, session.as_deref(), &channel);
+                }
+                index.note_position(&channel, attach.offset);
                 let recovered = attach.recovery.map(|result| match result {
                     Ok(frames) => {
                         self.metrics.recovered.fetch_add(1, Relaxed);
@@ -143,7 +150,9 @@ impl Shard {
                 .to_json()
             }
             Command::Unsubscribe { id, channel } => {
-                self.index.borrow_mut().unsubscribe(key, &channel);
+                if self.index.borrow_mut().unsubscribe(key, &channel) {
+                    self.presence_out(conn, session.as_deref(), &channel);
+                }
                 if self.inbox_for(&channel).is_some() {
                     // An inbox subscribe still waiting for the store: its answer is dropped.
                     self.inbox_pending
@@ -170,6 +179,9 @@ impl Shard {
                 channel,
                 offset,
             } => self.inbox_ack(key, generation, id, &channel, offset, session.as_deref()),
+            Command::Presence { id, channel } => {
+                self.presence_query(id.as_deref(), &channel, session.as_deref())
+            }
             Command::Refresh { id, token } => self.refresh(id.as_deref(), &token, session),
         }
     }

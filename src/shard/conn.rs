@@ -10,15 +10,15 @@
 //!
 //! Closes are decided in many places (a protocol error, the fan-out's slow-consumer
 //! policy, the heartbeat sweep, a drain) but carried out in one: [`Shard::settle`] removes
-//! the connection from the index, queues the close frame after whatever was partly
-//! written, shuts the write side once it is out and lingers until the peer's EOF
-//! (bounded), so input still in flight does not turn the close into a reset.
+//! the connection from the index and from presence (sending leave events), queues the
+//! close frame after whatever was partly written, shuts the write side once it is out and
+//! lingers until the peer's EOF (bounded), so input still in flight does not turn the
+//! close into a reset.
 
 use crate::auth::permission::Access;
 use crate::auth::registry::ConnRecord;
 use crate::auth::session::{expiry_second, Session};
 use crate::auth::token::Claims;
-use crate::inbox::is_user_channel;
 use crate::metrics::CloseCause;
 use crate::proto::close::CloseReason;
 use crate::proto::command::Reply;
@@ -81,6 +81,7 @@ pub(crate) fn adopt(
             fd,
             generation,
             dirty: false,
+            lagging: false,
             machine: Connection::with_session(now, session),
         })
     };
@@ -94,9 +95,9 @@ pub(crate) fn adopt(
     for ch in channels {
         // parse_upgrade refused lists over max_subscriptions_per_connection.
         match shard.permit(conn.machine.session(), ch, Access::Subscribe) {
-            Ok(()) => match &shard.inbox {
+            Ok(()) if shard.inbox_for(ch).is_some() => {
                 // Live messages only once the unacked ones are in (see shard::inbox).
-                Some(inbox) if is_user_channel(ch) => {
+                if let Some(inbox) = &shard.inbox {
                     if let Err(reply) =
                         shard.inbox_subscribe(inbox, key, generation, ch, None, None, 0)
                     {
@@ -105,10 +106,28 @@ pub(crate) fn adopt(
                         shard.queue_control(key, conn, frame);
                     }
                 }
-                _ => {
-                    shard.index.borrow_mut().subscribe(key, ch);
+            }
+            Ok(()) => {
+                let mut index = shard.index.borrow_mut();
+                // The first subscriber here: where the channel is, for an overrun heal
+                // (later ones are at the position the follower keeps).
+                let first = index.members(ch).is_empty();
+                let at = first.then(|| {
+                    shard
+                        .publisher
+                        .attach(ch, None, shard.ring_cursor.get(), 0)
+                        .offset
+                });
+                let added = index.subscribe(key, ch);
+                if let Some(at) = at {
+                    index.note_position(ch, at);
                 }
-            },
+                drop(index);
+                if added {
+                    let id = shard.conn_id(key, generation);
+                    shard.presence_in(id, conn.machine.session(), ch);
+                }
+            }
             Err(reason) => {
                 refused = true;
                 let reply = Reply::Refused {
@@ -164,7 +183,11 @@ pub fn on_ready(shard: &Shard, ready: Ready) {
     };
     if ready.writable && !conn.machine.backlog().is_empty() {
         match conn.machine.phase() {
-            Phase::Open => shard.flush_or_close(key, conn),
+            Phase::Open => {
+                shard.flush_or_close(key, conn);
+                // Drained: a lagging connection takes its next part from history.
+                shard.catch_up(key, conn);
+            }
             Phase::Closing { .. } => {
                 if shard.flush(conn) == Flush::Failed {
                     // The peer is gone: nothing left to linger for.
@@ -211,13 +234,13 @@ fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
     }
     let before = conn.machine.backlog().bytes();
     let now = shard.now_secs();
-    let generation = conn.generation;
+    let id = shard.conn_id(key, conn.generation);
     let close = conn
         .machine
         .on_input(now, input, &shard.conn_config, &mut |text, session| {
             shard.metrics.commands.fetch_add(1, Relaxed);
             let mut replay = Vec::new();
-            let reply = shard.run_command(key, generation, text, session, &mut replay);
+            let reply = shard.run_command(id, text, session, &mut replay);
             Answer {
                 // Empty: answered later, when the inbox store answers.
                 reply: if reply.is_empty() {
@@ -288,6 +311,7 @@ impl Shard {
     /// Flushes what the fan-out round queued, then carries out pending closes.
     pub fn settle(&self) {
         self.flush_dirty();
+        self.catch_up_lagging();
         let orders = std::mem::take(&mut *self.closes.borrow_mut());
         for order in orders {
             self.begin_close(order);
@@ -304,7 +328,9 @@ impl Shard {
             generation,
             decision,
         } = order;
-        self.index.borrow_mut().remove_conn(key);
+        // Out of the index and presence (a leave event, if any, goes out now: a dead peer
+        // found by the heartbeat leaves within the heartbeat window, not after lingering).
+        self.drop_subscriptions(key, self.conns.borrow().get(key));
         self.metrics.connections.fetch_sub(1, Relaxed);
         self.metrics.closed[decision.cause as usize].fetch_add(1, Relaxed);
         let lingering = {
@@ -342,15 +368,16 @@ impl Shard {
         self.slots.release(); // admission: one slot per table entry, released on removal
         self.ready_set.remove(&conn.fd);
         let mut conn = conn;
+        if conn.machine.is_open() {
+            // Finalized without a close order (should not happen): keep the index,
+            // presence and the gauge right.
+            self.drop_subscriptions(key, Some(&conn));
+            self.metrics.connections.fetch_sub(1, Relaxed);
+        }
         if let Some(session) = conn.machine.take_session() {
             self.registry.unregister(&session);
         }
         self.note_backlog_change(conn.machine.backlog().bytes(), 0);
-        if conn.machine.is_open() {
-            // Finalized without a close order (should not happen): keep the gauge right.
-            self.index.borrow_mut().remove_conn(key);
-            self.metrics.connections.fetch_sub(1, Relaxed);
-        }
         drop(conn);
     }
 }

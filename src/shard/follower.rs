@@ -12,7 +12,7 @@
 //! a yield is delivered from a snapshot of (key, generation) pairs, because the member
 //! list can change while the follower is yielded (see [`deliver`]).
 
-use crate::fanout::ring::Poll as RingPoll;
+use crate::fanout::ring::{Poll as RingPoll, RingKind, RingMessage};
 use crate::shard::send::FAIR_CHUNK;
 use crate::shard::state::Shard;
 use bytes::Bytes;
@@ -83,10 +83,10 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
             match polled {
                 RingPoll::Message(msg) => {
                     taken += 1;
-                    let offered =
-                        deliver(&shard, &msg.channel, &msg.frame, &mut snapshot, FAIR_CHUNK).await;
-                    if offered > 0 {
-                        // Latency counts only messages this shard had subscribers for.
+                    let offered = deliver(&shard, &msg, &mut snapshot, FAIR_CHUNK).await;
+                    if offered > 0 && msg.kind == RingKind::Message {
+                        // Latency counts only messages (not presence events) this shard
+                        // had subscribers for.
                         latencies.push(msg.published_at);
                     }
                     offers += offered;
@@ -96,9 +96,11 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
                     }
                 }
                 RingPoll::Overrun { lost } => {
-                    // The messages are gone for this shard's subscribers; they see the
-                    // gap in offsets. Counted so an operator can size the ring.
+                    // The messages are gone from the ring, not from history: every
+                    // subscriber here catches up from where its channel was. Counted so
+                    // an operator can size the ring.
                     shard.metrics.ring_overrun_lost.fetch_add(lost, Relaxed);
+                    shard.heal_overrun();
                 }
                 RingPoll::Empty => break,
             }
@@ -152,27 +154,33 @@ fn local_frame(frame: &Bytes, subscribers: usize) -> Bytes {
 /// does not (it subscribed after this message was published).
 async fn deliver(
     shard: &Shard,
-    channel: &str,
-    frame: &Bytes,
+    msg: &RingMessage,
     snapshot: &mut Vec<(u32, u32)>,
     chunk: usize,
 ) -> usize {
+    let channel = &msg.channel;
+    // Presence events have no offset: they neither move the channel's position nor make
+    // a subscriber lag.
+    let offset = (msg.kind == RingKind::Message).then_some(msg.offset);
     // Straight from the index, chunk by chunk, while the slice lasts: no copy and no
     // re-check, because nothing can change while the core is held.
     let (count, frame) = {
         let index = shard.index.borrow();
-        let members = index.members(channel);
+        let members = match offset {
+            Some(offset) => index.members_at(channel, offset),
+            None => index.members(channel),
+        };
         if members.is_empty() {
             return 0;
         }
-        let frame = local_frame(frame, members.len());
+        let frame = local_frame(&msg.frame, members.len());
         let mut conns = shard.conns.borrow_mut();
         let mut at = 0;
         loop {
             let end = (at + chunk).min(members.len());
             for &key in &members[at..end] {
                 if let Some(conn) = conns.get_mut(key) {
-                    shard.offer_message(key, conn, &frame);
+                    shard.offer_message(key, conn, channel, offset, &frame);
                 }
             }
             at = end;
@@ -207,7 +215,7 @@ async fn deliver(
                 continue;
             };
             if index.is_member(key, id) {
-                shard.offer_message(key, conn, &frame);
+                shard.offer_message(key, conn, channel, offset, &frame);
             }
         }
     }
@@ -233,11 +241,16 @@ mod tests {
             Arc::new(IdleFlags::new(1)),
         ));
         let slots = crate::shard::admission::ConnectionSlots::new(settings.max_connections);
+        let presence = Arc::new(crate::presence::Presence::new(
+            publisher.ring().clone(),
+            publisher.idle_flags().clone(),
+        ));
         Shard::new(
             0,
             Arc::new(settings),
             publisher,
             Arc::default(),
+            presence,
             slots,
             None,
         )
@@ -295,9 +308,15 @@ mod tests {
                     (reused, joined, peers)
                 })
             };
-            let frame = Bytes::from_static(b"frame");
+            let msg = RingMessage {
+                channel: std::sync::Arc::from("big"),
+                offset: 1,
+                frame: Bytes::from_static(b"frame"),
+                published_at: Instant::now(),
+                kind: RingKind::Message,
+            };
             let mut snapshot = Vec::new();
-            let n = deliver(&shard, "big", &frame, &mut snapshot, 4).await;
+            let n = deliver(&shard, &msg, &mut snapshot, 4).await;
             assert_eq!(n, 12);
             let (reused, joined, _more) = mutator.await;
             assert_eq!(reused, 6, "the test expects the freed slot to be reused");

@@ -264,7 +264,17 @@ impl Shard {
         if !conn.machine.is_open() {
             return;
         }
-        self.index.borrow_mut().subscribe(tag.key, &channel);
+        let added = {
+            let mut index = self.index.borrow_mut();
+            let added = index.subscribe(tag.key, &channel);
+            // Where its subscribers are, for the follower's catch-up and overrun heal.
+            index.note_position(&channel, position);
+            added
+        };
+        if added {
+            let id = self.conn_id(tag.key, tag.generation);
+            self.presence_in(id, conn.machine.session(), &channel);
+        }
         // Counted here, when sent (the store's answer may hold some that come live instead).
         self.all_metrics
             .inbox

@@ -16,6 +16,7 @@ pub mod handshake;
 pub mod inbox;
 pub mod lifecycle;
 pub mod listener;
+pub mod presence;
 pub mod readiness;
 pub mod send;
 pub mod state;
@@ -31,6 +32,7 @@ use crate::inbox::thread::ShardQueues;
 use crate::inbox::Inbox;
 use crate::metrics;
 use crate::metrics::RefuseCause;
+use crate::presence::Presence;
 use crate::shard::admission::{refuse_now, ConnectionSlots, HandshakeGate};
 use crate::shard::control::{ShardControl, ShardRequest, CONTROL_QUEUE};
 use crate::shard::follower::LocalEvent;
@@ -94,6 +96,7 @@ struct ShardSetup {
     settings: Arc<Settings>,
     publisher: Arc<Publisher>,
     registry: Arc<Registry>,
+    presence: Arc<Presence>,
     slots: Arc<ConnectionSlots>,
     sockets: ShardSockets,
     wake_senders: Vec<SharedSender<()>>,
@@ -176,6 +179,10 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
     let registry = Arc::new(Registry::new().with_user_gauge(&metrics::get().users));
+    let presence = Arc::new(
+        Presence::new(publisher.ring().clone(), publisher.idle_flags().clone())
+            .with_stats(metrics::get().presence.clone()),
+    );
 
     let mut ws = tcp_listeners(
         "WebSocket listener",
@@ -246,6 +253,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             settings: settings.clone(),
             publisher: publisher.clone(),
             registry: registry.clone(),
+            presence: presence.clone(),
             slots: slots.clone(),
             sockets,
             wake_senders,
@@ -354,6 +362,7 @@ async fn shard_main(setup: ShardSetup) {
         settings,
         publisher,
         registry,
+        presence,
         slots,
         sockets,
         wake_senders,
@@ -373,6 +382,7 @@ async fn shard_main(setup: ShardSetup) {
         settings.clone(),
         publisher.clone(),
         registry.clone(),
+        presence,
         slots,
         inbox.clone(),
     ) {

@@ -9,6 +9,7 @@
 //! resumes from there.
 
 use crate::fanout::backlog::Offer;
+use crate::fanout::history::CatchUp;
 use crate::metrics::CloseCause;
 use crate::proto::conn::Written;
 use crate::shard::batch::{BatchEntry, SendOutcome, SendRing};
@@ -21,6 +22,7 @@ use std::cell::Cell;
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Most iovecs per `sendmsg` (IOV_MAX is 1024). One fan-out round queues at most
@@ -172,13 +174,29 @@ impl Shard {
         }
     }
 
-    /// Offers a message frame to `key` under the slow-consumer policy; the write happens
-    /// in [`Shard::flush_dirty`] at the end of the fan-out round.
-    pub fn offer_message(&self, key: u32, conn: &mut Conn, frame: &Bytes) {
+    /// Offers message `offset` of `channel` to `key` under the slow-consumer policy; the
+    /// write happens in [`Shard::flush_dirty`] at the end of the fan-out round. A message
+    /// the backlog has no room for makes the connection lag: it gets it later from history
+    /// ([`Shard::catch_up`]). `offset` is `None` for a presence event, which is only
+    /// queued when there is room.
+    pub fn offer_message(
+        &self,
+        key: u32,
+        conn: &mut Conn,
+        channel: &Arc<str>,
+        offset: Option<u64>,
+        frame: &Bytes,
+    ) {
         if !conn.machine.is_open() {
             return;
         }
-        match conn.machine.offer(frame, &self.conn_config) {
+        let offer = match offset {
+            Some(offset) => conn
+                .machine
+                .offer_on(channel, offset, frame, &self.conn_config),
+            None => conn.machine.offer_event(channel, frame, &self.conn_config),
+        };
+        match offer {
             Offer::Queued => {
                 self.metrics.deliveries.fetch_add(1, Relaxed);
                 self.metrics
@@ -186,16 +204,117 @@ impl Shard {
                     .fetch_add(frame.len() as u64, Relaxed);
                 self.mark_dirty(key, conn);
             }
-            Offer::Skipped => {
-                self.metrics.dropped_slow.fetch_add(1, Relaxed);
+            Offer::Skipped if offset.is_some() => {
+                self.metrics.lagged.fetch_add(1, Relaxed);
+                if !conn.lagging {
+                    conn.lagging = true;
+                    self.lagging.borrow_mut().push(key);
+                }
             }
+            Offer::Skipped => {}
             Offer::Disconnect => {
-                self.metrics.dropped_slow.fetch_add(1, Relaxed);
                 if let Some(close) = conn.machine.close_slow_consumer() {
                     self.enqueue_close(key, conn.generation, close);
                 }
             }
         }
+    }
+
+    /// Feeds a lagging connection from history while its backlog has room, writing as it
+    /// goes; stops when it is live again, its socket is full (the writable edge brings it
+    /// back) or history cannot tell its position yet (the next round retries).
+    pub fn catch_up(&self, key: u32, conn: &mut Conn) {
+        while conn.machine.wants_catch_up(&self.conn_config) {
+            let Some((channel, since)) = conn.machine.catch_up_next() else {
+                break;
+            };
+            let before = conn.machine.backlog().bytes();
+            let step = if self.index.borrow().is_subscribed(key, &channel) {
+                self.publisher.catch_up(
+                    &channel,
+                    since,
+                    self.ring_cursor.get(),
+                    self.conn_config.backlog.max_bytes / 2,
+                )
+            } else {
+                // Unsubscribed meanwhile: nothing more to catch up on.
+                CatchUp {
+                    done: true,
+                    ..CatchUp::default()
+                }
+            };
+            let progressed = step.done || step.gap.is_some() || !step.frames.is_empty();
+            if let Some((from, to)) = step.gap {
+                self.metrics.dropped_slow.fetch_add(to + 1 - from, Relaxed);
+            }
+            self.metrics
+                .caught_up
+                .fetch_add(step.frames.len() as u64, Relaxed);
+            let close = conn
+                .machine
+                .apply_catch_up(&channel, step, &self.conn_config);
+            self.note_backlog_change(before, conn.machine.backlog().bytes());
+            if let Some(close) = close {
+                self.enqueue_close(key, conn.generation, close);
+                break;
+            }
+            if !progressed {
+                break;
+            }
+            match self.flush(conn) {
+                Flush::Done => {}
+                Flush::Blocked => break,
+                Flush::Failed => {
+                    self.schedule_close(key, conn, None, CloseCause::IoError);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// After a ring overrun: every subscriber of every channel here catches up from the
+    /// position its channel was given up to, through history (what the overrun took
+    /// is still there, or becomes a gap notice). O(subscriptions), on a rare event.
+    pub(super) fn heal_overrun(&self) {
+        let index = self.index.borrow();
+        let mut conns = self.conns.borrow_mut();
+        let mut lagging = self.lagging.borrow_mut();
+        for (channel, position, members) in index.positions() {
+            for &key in members {
+                let Some(conn) = conns.get_mut(key) else {
+                    continue;
+                };
+                conn.machine.lag_from(channel, position);
+                if !conn.lagging && conn.machine.is_lagging() {
+                    conn.lagging = true;
+                    lagging.push(key);
+                }
+            }
+        }
+    }
+
+    /// Runs [`Shard::catch_up`] for every lagging connection (after each fan-out round).
+    pub(super) fn catch_up_lagging(&self) {
+        let keys = std::mem::take(&mut *self.lagging.borrow_mut());
+        let mut still = Vec::new();
+        {
+            let mut conns = self.conns.borrow_mut();
+            for key in keys {
+                let Some(conn) = conns.get_mut(key) else {
+                    continue;
+                };
+                if !conn.lagging {
+                    continue;
+                }
+                self.catch_up(key, conn);
+                if conn.machine.is_lagging() {
+                    still.push(key);
+                } else {
+                    conn.lagging = false;
+                }
+            }
+        }
+        self.lagging.borrow_mut().extend(still);
     }
 
     /// Flushes every connection that got frames this round, one `sendmsg` each, all

@@ -13,6 +13,7 @@ use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::Inbox;
 use crate::metrics::{self, Metrics, ShardMetrics};
+use crate::presence::Presence;
 use crate::proto::conn::ConnConfig;
 use crate::shard::admission::ConnectionSlots;
 use crate::shard::batch::SendRing;
@@ -47,6 +48,8 @@ pub struct Shard {
     pub(super) publisher: Arc<Publisher>,
     /// Who is connected where, over all shards.
     pub(super) registry: Arc<Registry>,
+    /// Who is subscribed to each presence channel, over all shards.
+    pub(super) presence: Arc<Presence>,
     /// Per-connection bounds and timers (heartbeat jittered per shard).
     pub(super) conn_config: ConnConfig,
     /// This shard's counters.
@@ -76,6 +79,8 @@ pub struct Shard {
     /// connection generation. An unsubscribe meanwhile removes the entry, and the answer
     /// is then dropped.
     pub(super) inbox_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
+    /// Connections catching up from history (see [`Shard::catch_up`]).
+    pub(super) lagging: RefCell<Vec<u32>>,
     generation: Cell<u32>,
     started: Instant,
 }
@@ -90,6 +95,7 @@ impl Shard {
         settings: Arc<Settings>,
         publisher: Arc<Publisher>,
         registry: Arc<Registry>,
+        presence: Arc<Presence>,
         slots: Arc<ConnectionSlots>,
         inbox: Option<Inbox>,
     ) -> std::io::Result<Self> {
@@ -110,6 +116,7 @@ impl Shard {
             ping_after,
             dead_after: ping_after + settings.pong_timeout.as_secs() as u32,
             linger: crate::shard::conn::LINGER_SECS,
+            stall_after: settings.slow_consumer_timeout.as_secs() as u32,
         };
         // Room for every connection the process may hold: SO_REUSEPORT does not promise
         // an even spread, so one shard may end up with most of them.
@@ -126,6 +133,7 @@ impl Shard {
             scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
             publisher,
             registry,
+            presence,
             metrics: all_metrics.shard(id),
             all_metrics,
             draining: Cell::new(false),
@@ -143,6 +151,7 @@ impl Shard {
             ring_cursor: Cell::new(cursor),
             inbox,
             inbox_pending: RefCell::new(HashMap::new()),
+            lagging: RefCell::new(Vec::new()),
             generation: Cell::new(0),
             started: Instant::now(),
         })

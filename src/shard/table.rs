@@ -23,6 +23,8 @@ pub struct Conn {
     pub generation: u32,
     /// In the shard's list of connections to flush after this fan-out round.
     pub dirty: bool,
+    /// In the shard's list of connections catching up from history.
+    pub lagging: bool,
     /// Protocol state: input, limits, backlog, heartbeat, close.
     pub machine: Connection,
 }
@@ -110,16 +112,13 @@ mod tests {
 
     /// An idle connection is this entry plus its index slots: a field added here costs a
     /// megabyte per million connections. Raise the bound only deliberately
-    /// (docs/benchmarks.md has the measured bytes per idle connection).
-    ///
-    /// 104 → 112: the machine's `Option<Box<Session>>` (identity). One pointer for every
-    /// connection, anonymous ones included; the 32-byte session itself is allocated only
-    /// for a connection with a token. Folding it into the split-frame box instead would
-    /// save the 8 bytes but make every authenticated connection hold a frame decoder.
+    /// (docs/benchmarks.md has the measured bytes per idle connection). 120: the machine
+    /// holds three boxes that are `None` while idle (split-frame input, the session of an
+    /// authenticated connection, the channels it lags on) and the table two flags.
     #[test]
     fn an_idle_connection_entry_stays_small() {
         assert!(
-            std::mem::size_of::<Conn>() <= 112,
+            std::mem::size_of::<Conn>() <= 120,
             "Conn is {} bytes",
             std::mem::size_of::<Conn>()
         );
