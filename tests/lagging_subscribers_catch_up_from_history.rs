@@ -9,45 +9,28 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use common::server::die_with_parent;
 use common::*;
 use serde_json::Value;
 
 fn run_burst(server: &Server, extra: &[&str]) -> Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/py_burst.py");
-    let mut command = Command::new("python3");
-    command.arg(&script).args([
+    let ws = format!("ws://{}/ws?channels=burst", server.ws_addr());
+    let tcp = server.tcp_addr().to_string();
+    let mut args = vec![
         "--ws",
-        &format!("ws://{}/ws?channels=burst", server.ws_addr()),
+        &ws,
         "--tcp",
-        &server.tcp_addr().to_string(),
+        &tcp,
         "--channel",
         "burst",
         "--messages",
         "20000",
         "--size",
         "1024",
-    ]);
-    command.args(extra);
-    die_with_parent(&mut command);
-    let out = command.output().unwrap_or_else(|e| {
-        panic!(
-            "running python3 {}: {e} (install python3; scripts/test.sh does)",
-            script.display()
-        )
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "py_burst.py failed\nstdout: {stdout}\nstderr: {stderr}"
-    );
-    let summary: Value = serde_json::from_str(stdout.trim()).expect("summary JSON");
+    ];
+    args.extend_from_slice(extra);
+    let summary = python::run_script("py_burst.py", &args).summary();
     println!("{summary}");
     summary
 }

@@ -8,13 +8,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::server::die_with_parent;
 use common::*;
-use serde_json::Value;
 
 const SECRET: &str = "ringcast-test-secret-0123456789abcdef";
 
@@ -55,43 +51,13 @@ fn presence_is_exact_across_shards_and_join_leave_reach_every_shard() {
         server.ws_addr().to_string(),
         server.admin_addr().to_string(),
     );
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/py_presence.py");
-    let mut command = Command::new("python3");
-    command
-        .arg(script)
-        .args([
+    let results = python::run_script(
+        "py_presence.py",
+        &[
             "presence", "--ws", &ws, "--admin", &admin, "--secret", SECRET,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    die_with_parent(&mut command);
-    let out = command.output().unwrap_or_else(|e| {
-        panic!("cannot run python3 ({e}); install python3 with websockets and PyJWT (scripts/test.sh does)")
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let explain = format!(
-        "py_presence.py exited with {}\n--- stdout\n{stdout}\n--- stderr\n{}\n--- server log\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
-    let results: Vec<Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    for case in CASES {
-        let result = results
-            .iter()
-            .find(|r| r["case"] == case)
-            .unwrap_or_else(|| panic!("case {case} did not report\n{explain}"));
-        assert_eq!(
-            result["ok"], true,
-            "case {case} failed: {}\n{explain}",
-            result["error"]
-        );
-    }
-    assert!(out.status.success(), "{explain}");
+        ],
+    )
+    .assert_cases(&CASES, &server.log());
     for measure in results.iter().filter(|r| r.get("measure").is_some()) {
         eprintln!("{}: {}", measure["measure"], measure["value"]);
     }

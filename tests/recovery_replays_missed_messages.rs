@@ -8,11 +8,8 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use common::server::die_with_parent;
 use common::*;
 
 #[test]
@@ -27,39 +24,28 @@ fn recovery_replays_missed_messages_under_publishing() {
         "--max-recovery-messages",
         "100000",
     ]);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/py_recover.py");
-    let mut command = Command::new("python3");
-    command.arg(&script).args([
-        "--ws",
-        &format!("ws://{}/ws", server.ws_addr()),
-        "--tcp",
-        &server.tcp_addr().to_string(),
-        "--channel",
-        "rec:1",
-        "--messages",
-        "20000",
-        "--rate",
-        "10000",
-        "--subscribers",
-        "4",
-        "--timeout",
-        "90",
-    ]);
-    die_with_parent(&mut command);
-    let out = command.output().unwrap_or_else(|e| {
-        panic!(
-            "running python3 {}: {e} (install python3; scripts/test.sh does)",
-            script.display()
-        )
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "py_recover.py failed\nstdout: {stdout}\nstderr: {stderr}"
-    );
-    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("summary JSON");
+    let ws = format!("ws://{}/ws", server.ws_addr());
+    let tcp = server.tcp_addr().to_string();
+    let summary = python::run_script(
+        "py_recover.py",
+        &[
+            "--ws",
+            &ws,
+            "--tcp",
+            &tcp,
+            "--channel",
+            "rec:1",
+            "--messages",
+            "20000",
+            "--rate",
+            "10000",
+            "--subscribers",
+            "4",
+            "--timeout",
+            "90",
+        ],
+    )
+    .summary();
     assert!(
         summary["reconnects"].as_u64().unwrap_or(0) >= 8,
         "too few reconnects to mean anything: {summary}"

@@ -9,22 +9,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::server::die_with_parent;
 use common::*;
-use serde_json::Value;
 
 const SECRET: &str = "ringcast-test-secret-0123456789abcdef";
 
 /// Namespaces for the suites: `room` takes client publishes, `news` does not.
 const NAMESPACES: &str = "[namespaces.room]\nallow_publish = true\n\
                           [namespaces.news]\nallow_publish = false\n";
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/py_auth.py")
-}
 
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ringcast-{name}-{}", std::process::id()));
@@ -34,39 +27,7 @@ fn scratch_dir(name: &str) -> PathBuf {
 
 /// Runs py_auth.py with `args` and requires exit 0 and an `ok` line for each of `cases`.
 fn run_cases(args: &[&str], cases: &[&str]) {
-    let mut command = Command::new("python3");
-    command
-        .arg(script())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    die_with_parent(&mut command);
-    let out = command.output().unwrap_or_else(|e| {
-        panic!("cannot run python3 ({e}); install python3 with websockets, PyJWT and cryptography (scripts/test.sh does)")
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let explain = format!(
-        "py_auth.py {args:?} exited with {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
-    let results: Vec<Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    for case in cases {
-        let result = results
-            .iter()
-            .find(|r| r["case"] == *case)
-            .unwrap_or_else(|| panic!("case {case} did not report\n{explain}"));
-        assert_eq!(
-            result["ok"], true,
-            "case {case} failed: {}\n{explain}",
-            result["error"]
-        );
-    }
-    assert!(out.status.success(), "{explain}");
+    python::run_script("py_auth.py", args).assert_cases(cases, "");
 }
 
 fn start(extra: &[&str], config_dir: &Path) -> Server {

@@ -17,8 +17,9 @@
 
 use crate::auth::glob::Pattern;
 use crate::auth::session::{Grants, Session, User};
-use crossbeam_utils::{Backoff, CachePadded};
-use parking_lot::{Mutex, MutexGuard};
+use crate::fanout::spin::spin_lock;
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -86,17 +87,6 @@ impl Default for Registry {
     }
 }
 
-/// Takes a stripe lock by spinning: never parks a shard thread.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    let backoff = Backoff::new();
-    loop {
-        if let Some(guard) = m.try_lock() {
-            return guard;
-        }
-        backoff.snooze();
-    }
-}
-
 impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
@@ -133,7 +123,7 @@ impl Registry {
         expires_at: u32,
     ) -> Option<Session> {
         let conn_id = self.conns.insert(record)?;
-        let mut map = lock(self.stripe(user));
+        let mut map = spin_lock(self.stripe(user));
         let (user, entry) = match map.get_key_value(user) {
             Some((key, _)) => {
                 let user = key.0.clone();
@@ -159,7 +149,7 @@ impl Registry {
 
     /// The shared [`Grants`] for a refreshed token of `session`'s user.
     pub fn refresh_grants(&self, session: &mut Session, grants: Option<Vec<Pattern>>) {
-        let mut map = lock(self.stripe(session.user.id()));
+        let mut map = spin_lock(self.stripe(session.user.id()));
         session.grants = match map.get_mut(session.user.id()) {
             Some(entry) => intern(entry, grants),
             None => grants.map(|g| Arc::new(Grants::new(g))),
@@ -170,7 +160,7 @@ impl Registry {
     pub fn unregister(&self, session: &Session) {
         self.conns.remove(session.conn_id);
         let id = session.user.id();
-        let mut map = lock(self.stripe(id));
+        let mut map = spin_lock(self.stripe(id));
         let Some(entry) = map.get_mut(id) else {
             return;
         };
@@ -186,7 +176,7 @@ impl Registry {
     /// `user`'s connections on `shard`, as (table key, generation).
     pub fn connections_on(&self, user: &str, shard: u32) -> Vec<(u32, u32)> {
         let ids: Vec<usize> = {
-            let map = lock(self.stripe(user));
+            let map = spin_lock(self.stripe(user));
             match map.get(user) {
                 Some(entry) => entry.conns.clone(),
                 None => return Vec::new(),
@@ -201,7 +191,7 @@ impl Registry {
 
     /// Connections `user` has, over all shards.
     pub fn connection_count(&self, user: &str) -> usize {
-        lock(self.stripe(user))
+        spin_lock(self.stripe(user))
             .get(user)
             .map_or(0, |entry| entry.conns.len())
     }

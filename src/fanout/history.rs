@@ -20,8 +20,8 @@
 //! replays the retained offsets after the client's up to that position: no gap, no
 //! duplicate, and no buffering of live messages.
 
+use crate::fanout::spin::spin_lock;
 use bytes::Bytes;
-use crossbeam_utils::Backoff;
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -283,20 +283,6 @@ impl ChannelHistory {
     /// This channel's bounds.
     pub fn limits(&self) -> Limits {
         self.limits
-    }
-}
-
-/// Takes `m` by spinning: test, try, back off; never parks the thread.
-pub fn spin_lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    let backoff = Backoff::new();
-    loop {
-        // Read first so waiters spin on a shared cache line instead of bouncing it.
-        if !m.is_locked() {
-            if let Some(guard) = m.try_lock() {
-                return guard;
-            }
-        }
-        backoff.snooze();
     }
 }
 

@@ -13,6 +13,7 @@ pub mod history;
 pub mod index;
 pub mod publisher;
 pub mod ring;
+pub mod spin;
 pub mod sync;
 pub mod wake;
 

@@ -38,12 +38,13 @@ use crate::fanout::history::{
     Unrecoverable, Window,
 };
 use crate::fanout::ring::{Peek, Ring, RingKind, RingMessage};
+use crate::fanout::spin::spin_lock;
 use crate::fanout::wake::IdleFlags;
 use crate::proto::message::{encode_message, EncodedData};
 use bytes::Bytes;
 use crossbeam_utils::{Backoff, CachePadded};
 use indexmap::IndexMap;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -142,20 +143,6 @@ pub struct Sweep {
     pub expired: usize,
 }
 
-/// Takes a stripe lock by spinning: test, try, back off; never parks the thread.
-fn lock_stripe<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    let backoff = Backoff::new();
-    loop {
-        // Read first so waiters spin on a shared cache line instead of bouncing it.
-        if !m.is_locked() {
-            if let Some(guard) = m.try_lock() {
-                return guard;
-            }
-        }
-        backoff.snooze();
-    }
-}
-
 impl Publisher {
     /// A publisher over `ring` that wakes the shards in `idle`; channels never expire.
     pub fn new(ring: Arc<Ring>, idle: Arc<IdleFlags>) -> Self {
@@ -236,7 +223,7 @@ impl Publisher {
     /// `channel`'s last offset and epoch; `None` when it has no state (never published,
     /// or expired: its next publish starts a new epoch at offset 1).
     pub fn position(&self, channel: &str) -> Option<(u64, u64)> {
-        let map = lock_stripe(self.stripe(channel));
+        let map = spin_lock(self.stripe(channel));
         map.get(channel).map(|s| (s.last, s.epoch))
     }
 
@@ -302,7 +289,7 @@ impl Publisher {
             .as_secs();
         let stripe = self.stripe(channel);
         let before = lock_wait.is_some().then(Instant::now);
-        let mut map = lock_stripe(stripe);
+        let mut map = spin_lock(stripe);
         if let (Some(wait), Some(before)) = (lock_wait, before) {
             *wait = before.elapsed();
         }
@@ -407,7 +394,7 @@ impl Publisher {
         max_replay: usize,
     ) -> Attach {
         let now = self.started.elapsed().as_secs();
-        let mut map = lock_stripe(self.stripe(channel));
+        let mut map = spin_lock(self.stripe(channel));
         let state = self.state_mut(&mut map, channel, now);
         let (name, last, epoch, history) = (
             state.name.clone(),
@@ -449,7 +436,7 @@ impl Publisher {
     /// early would lose what the follower already passed.
     pub fn catch_up(&self, channel: &str, since: u64, cursor: u64, max_bytes: usize) -> CatchUp {
         let now = self.started.elapsed().as_secs();
-        let mut map = lock_stripe(self.stripe(channel));
+        let mut map = spin_lock(self.stripe(channel));
         let state = self.state_mut(&mut map, channel, now);
         let (name, last, history) = (state.name.clone(), state.last, state.history.clone());
         let claimed = self.ring.head();
@@ -533,7 +520,7 @@ impl Publisher {
                 break;
             }
             // Spins like a producer: their holds are tens of nanoseconds.
-            let mut map = lock_stripe(&self.stripes[cursor.stripe]);
+            let mut map = spin_lock(&self.stripes[cursor.stripe]);
             let limit = SWEEP_CHUNK.min(SWEEP_BUDGET - done.scanned);
             let mut seen = 0;
             while seen < limit && cursor.index < map.len() {

@@ -27,11 +27,12 @@
 //! [`crate::fanout::publisher::Publisher::attach`].
 
 use crate::fanout::ring::{Ring, RingKind, RingMessage};
+use crate::fanout::spin::spin_lock;
 use crate::fanout::wake::IdleFlags;
 use crate::presence::member::Member;
 use crate::proto::message::encode_presence_event;
-use crossbeam_utils::{Backoff, CachePadded};
-use parking_lot::{Mutex, MutexGuard};
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -93,19 +94,6 @@ pub struct Presence {
     stats: Arc<PresenceStats>,
 }
 
-/// Takes a stripe lock by spinning: never parks a shard thread.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    let backoff = Backoff::new();
-    loop {
-        if !m.is_locked() {
-            if let Some(guard) = m.try_lock() {
-                return guard;
-            }
-        }
-        backoff.snooze();
-    }
-}
-
 impl Presence {
     /// An empty registry whose join/leave events go into `ring`, waking the shards in
     /// `idle`.
@@ -144,7 +132,7 @@ impl Presence {
     /// One connection of `member` subscribed to `channel`. On its first, and with
     /// `announce`, a join event goes to the channel's subscribers on every shard.
     pub fn join(&self, channel: &str, member: &Member, announce: bool) -> Change {
-        let mut map = lock(self.stripe(channel));
+        let mut map = spin_lock(self.stripe(channel));
         if !map.contains_key(channel) {
             let name: Arc<str> = Arc::from(channel);
             self.stats.channels.fetch_add(1, Relaxed);
@@ -181,7 +169,7 @@ impl Presence {
     /// and with `announce`, a leave event goes to the channel's subscribers on every
     /// shard. A connection that was never counted changes nothing.
     pub fn leave(&self, channel: &str, member: &Member, announce: bool) -> Change {
-        let mut map = lock(self.stripe(channel));
+        let mut map = spin_lock(self.stripe(channel));
         let Some(entry) = map.get_mut(channel) else {
             return Change::Unchanged;
         };
@@ -229,7 +217,7 @@ impl Presence {
 
     /// `channel`'s members, listed when there are at most `max_members` of them.
     pub fn snapshot(&self, channel: &str, max_members: usize) -> Snapshot {
-        let map = lock(self.stripe(channel));
+        let map = spin_lock(self.stripe(channel));
         let Some(entry) = map.get(channel) else {
             return Snapshot {
                 count: 0,

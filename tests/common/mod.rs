@@ -24,6 +24,7 @@
 pub mod external;
 pub mod http;
 pub mod metrics;
+pub mod python;
 pub mod raw_ws;
 pub mod server;
 pub mod subscriber;
