@@ -257,7 +257,7 @@ impl Publisher {
     /// about to [`Publisher::attach`] with a position the owner gave.
     pub fn adopt_position(&self, channel: &str, last: u64, epoch: u64) {
         let now = self.started.elapsed().as_secs();
-        let mut map = lock_stripe(self.stripe(channel));
+        let mut map = spin_lock(self.stripe(channel));
         let state = self.owned_state_mut(&mut map, channel, now, last, epoch);
         state.last = state.last.max(last);
     }

@@ -174,12 +174,16 @@ async def churn(args):
     publisher = tcp_publisher(args.tcp, channel, args.churn, args.rate)
     acked = 0
     sessions = 0
-    deadline = time.monotonic() + 60
+    started = time.monotonic()
+    deadline = started + 60
+    slow = []
     while acked < args.churn:
         expect(time.monotonic() < deadline, f"stuck at {acked} of {args.churn}")
         via_url = sessions % 2 == 0
         url = f"ws://{args.ws}/ws?token={mine}" + (f"&channels={channel}" if via_url else "")
+        t0 = time.monotonic()
         async with connect(url) as ws:
+            t1 = time.monotonic()
             if not via_url:
                 await ws.send(json.dumps({"cmd": "subscribe", "channel": channel}))
             sub = await reply_to(ws, "subscribe")
@@ -202,10 +206,22 @@ async def churn(args):
                 expect(msg.get("offset") == want, f"after the last read: {msg}")
                 want += 1
             acked = msg["offset"]
+            t2 = time.monotonic()
+        t3 = time.monotonic()
+        if t3 - t0 > 1:
+            slow.append(f"session {sessions}: open {t1-t0:.2f} s, use {t2-t1:.2f} s, close {t3-t2:.2f} s")
         sessions += 1
         await asyncio.sleep(random.random() * 0.05)
+    joined = time.monotonic()
     publisher.join(timeout=10)
-    return {"sessions": sessions, "acked": acked}
+    if time.monotonic() - joined > 1:
+        slow.append(f"publisher join {time.monotonic() - joined:.2f} s")
+    return {
+        "sessions": sessions,
+        "acked": acked,
+        "secs": round(time.monotonic() - started, 2),
+        "slow": slow,
+    }
 
 
 def main():
