@@ -7,6 +7,7 @@
 use crate::auth::namespace::{NamespaceTable, Namespaces};
 use crate::auth::token::{JwtAlgorithm, KeyMaterial, Verifier};
 use crate::auth::AuthSettings;
+pub use crate::inbox::thread::InboxConfig;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -174,6 +175,29 @@ pub struct ConfigLayer {
     /// `recovered: false`. Default: 1000.
     #[arg(long, env = "RINGCAST_MAX_RECOVERY_MESSAGES", value_name = "N")]
     pub max_recovery_messages: Option<usize>,
+    /// Keep messages to `user:<id>` channels durably until the user acks them (the
+    /// per-user inbox, written to `inbox_path`). Off by default: a ringcast started
+    /// without configuration writes nothing to disk. Default: false.
+    #[arg(long, env = "RINGCAST_INBOX", value_name = "BOOL")]
+    pub inbox: Option<bool>,
+    /// Directory for ringcast's durable state (the inbox file), created if missing; a
+    /// relative path is relative to the working directory. Default: ringcast-data.
+    #[arg(long, env = "RINGCAST_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The inbox database file. Default: `<data_dir>/inbox.redb`.
+    #[arg(long, env = "RINGCAST_INBOX_PATH", value_name = "FILE")]
+    pub inbox_path: Option<PathBuf>,
+    /// Seconds an unacked inbox message is kept; a sweep deletes older ones.
+    /// Default: 604800 (7 days).
+    #[arg(long, env = "RINGCAST_INBOX_RETENTION", value_name = "SECS")]
+    pub inbox_retention: Option<u64>,
+    /// Most inbox requests (messages, acks, reads) per group commit. Default: 1024.
+    #[arg(long, env = "RINGCAST_INBOX_MAX_BATCH", value_name = "N")]
+    pub inbox_max_batch: Option<usize>,
+    /// Inbox requests queued for the store thread before publishes to user channels are
+    /// refused (HTTP 503, TCP `ERR`). Default: 65536.
+    #[arg(long, env = "RINGCAST_INBOX_QUEUE", value_name = "N")]
+    pub inbox_queue: Option<usize>,
     /// Most members a `presence` reply lists (0-10000); a channel with more gets the count
     /// only. Default: 1000.
     #[arg(long, env = "RINGCAST_PRESENCE_MAX_MEMBERS", value_name = "N")]
@@ -315,6 +339,8 @@ pub struct Settings {
     pub presence_max_members: usize,
     /// glommio io memory per shard.
     pub io_memory: usize,
+    /// The durable per-user inbox; `None` when off.
+    pub inbox: Option<InboxConfig>,
     /// Whether transparent huge pages stay enabled for the process.
     pub transparent_huge_pages: bool,
     /// Token verification and anonymous access.
@@ -597,6 +623,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             MAX_PRESENCE_MEMBERS,
         )?,
         io_memory: in_range("io_memory", pick!(io_memory, 256 << 10), 64 << 10, 1 << 30)?,
+        inbox: resolve_inbox(&cli, &file)?,
         transparent_huge_pages: pick!(transparent_huge_pages, false),
         auth,
         namespaces,
@@ -612,6 +639,57 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
     exposed("tcp_ingest", s.tcp_ingest)?;
     exposed("admin", Some(s.admin))?;
     Ok(s)
+}
+
+/// The `inbox*` and `data_dir` keys, checked (bounds and that paths are not empty; the
+/// file itself is opened at startup, with a precise error if that fails).
+fn resolve_inbox(
+    cli: &ConfigLayer,
+    file: &ConfigLayer,
+) -> Result<Option<InboxConfig>, ConfigError> {
+    macro_rules! pick {
+        ($field:ident) => {
+            cli.$field.clone().or(file.$field.clone())
+        };
+    }
+    let retention = in_range(
+        "inbox_retention",
+        pick!(inbox_retention).unwrap_or(7 * 24 * 3600),
+        1,
+        10 * 365 * 24 * 3600,
+    )?;
+    let max_batch = in_range(
+        "inbox_max_batch",
+        pick!(inbox_max_batch).unwrap_or(1024),
+        1,
+        1 << 16,
+    )?;
+    let queue = in_range(
+        "inbox_queue",
+        pick!(inbox_queue).unwrap_or(1 << 16),
+        1,
+        1 << 24,
+    )?;
+    let data_dir = pick!(data_dir).unwrap_or_else(|| PathBuf::from("ringcast-data"));
+    if data_dir.as_os_str().is_empty() {
+        return Err(invalid("data_dir", "must not be empty"));
+    }
+    let path = pick!(inbox_path).unwrap_or_else(|| data_dir.join("inbox.redb"));
+    if path.as_os_str().is_empty() || path.file_name().is_none() {
+        return Err(invalid(
+            "inbox_path",
+            format!("{} is not a file path", path.display()),
+        ));
+    }
+    if !pick!(inbox).unwrap_or(false) {
+        return Ok(None);
+    }
+    Ok(Some(InboxConfig {
+        path,
+        retention: Duration::from_secs(retention),
+        max_batch,
+        queue,
+    }))
 }
 
 /// Shortest HMAC secret accepted: 256 bits, the HS256 output size (RFC 7518 3.2).
@@ -757,6 +835,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("presence_max_members"), "{err}");
+    }
+
+    #[test]
+    fn inbox_is_off_by_default_and_its_path_follows_data_dir() {
+        assert!(parse(&[]).unwrap().inbox.is_none());
+        let on = parse(&["--inbox", "true"]).unwrap().inbox.unwrap();
+        assert_eq!(on.path, PathBuf::from("ringcast-data/inbox.redb"));
+        assert_eq!(on.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!((on.max_batch, on.queue), (1024, 65536));
+        let file: ConfigLayer =
+            toml::from_str("inbox = true\ndata_dir = \"/var/lib/rc\"\ninbox_retention = 60")
+                .unwrap();
+        let s = resolve(ConfigLayer::default(), file)
+            .unwrap()
+            .inbox
+            .unwrap();
+        assert_eq!(s.path, PathBuf::from("/var/lib/rc/inbox.redb"));
+        assert_eq!(s.retention, Duration::from_secs(60));
+        let explicit = parse(&["--inbox", "true", "--inbox-path", "/x/y.redb"]).unwrap();
+        assert_eq!(explicit.inbox.unwrap().path, PathBuf::from("/x/y.redb"));
+        let err = parse(&["--inbox-max-batch", "0"]).unwrap_err().to_string();
+        assert!(err.contains("inbox_max_batch"), "{err}");
+        let err = parse(&["--inbox-path", "/"]).unwrap_err().to_string();
+        assert!(err.contains("inbox_path"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,9 @@
 //! - [`auth`]: identity and permissions: JWT verification, channel grants, namespace
 //!   rules, and the registry of which user is connected on which shard (sans-io apart
 //!   from the registry).
+//! - [`inbox`]: the durable per-user inbox: a store thread owns a redb file, commits
+//!   messages to `user:<id>` channels in groups (one fsync for many), then publishes them
+//!   with offsets that survive restarts; shards reach it only through queues.
 //! - [`presence`]: who is subscribed to a presence channel over every shard (users, or
 //!   anonymous connections), and the join/leave events sent through the ring.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/publish` on the admin port.
@@ -30,6 +33,7 @@ pub mod auth;
 pub mod check_host;
 pub mod config;
 pub mod fanout;
+pub mod inbox;
 pub mod ingest;
 pub mod metrics;
 pub mod presence;

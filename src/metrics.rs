@@ -5,6 +5,7 @@
 
 use crate::auth::token::AuthError;
 use crate::fanout::history::HistoryStats;
+use crate::inbox::{ErrorKind as InboxErrorKind, InboxStats};
 use crate::ingest::line::IngestError;
 use crate::presence::PresenceStats;
 use crossbeam_utils::CachePadded;
@@ -124,6 +125,22 @@ pub struct LatencyHistogram {
 }
 
 impl LatencyHistogram {
+    /// Renders this one histogram as `name`.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[LATENCY_BUCKETS.len()].load(Relaxed);
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {cumulative}\n{name}_sum {sum}\n{name}_count {cumulative}"
+        );
+    }
+
     /// Records one observation.
     pub fn record(&self, micros: u64) {
         let seconds = micros as f64 / 1e6;
@@ -146,6 +163,8 @@ pub struct Metrics {
     pub history: Arc<HistoryStats>,
     /// Users with at least one authenticated connection (gauge; process-wide).
     pub users: AtomicU64,
+    /// The durable inbox's counters (process-wide; all zero while it is off).
+    pub inbox: Arc<InboxStats>,
     /// Presence channels, members and join/leave events (process-wide).
     pub presence: Arc<PresenceStats>,
 }
@@ -164,6 +183,7 @@ pub fn init(shards: usize) -> &'static Metrics {
         channels: AtomicU64::new(0),
         history: Arc::new(HistoryStats::default()),
         users: AtomicU64::new(0),
+        inbox: Arc::new(InboxStats::default()),
         presence: Arc::new(PresenceStats::default()),
     })
 }
@@ -399,6 +419,7 @@ impl Metrics {
             p.leaves.load(Relaxed)
         );
         self.render_latency(&mut out);
+        self.render_inbox(&mut out);
         let _ = writeln!(out, "# HELP ringcast_draining 1 while a drain is in progress.\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
         out
     }
@@ -424,6 +445,78 @@ impl Metrics {
             "ringcast_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}\n\
              ringcast_delivery_latency_seconds_sum {sum}\n\
              ringcast_delivery_latency_seconds_count {cumulative}"
+        );
+    }
+
+    fn render_inbox(&self, out: &mut String) {
+        let i = &self.inbox;
+        let mut counter = |name: &str, kind: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Relaxed)
+            );
+        };
+        counter(
+            "ringcast_inbox_up",
+            "gauge",
+            "1 while the inbox store is open and writable (0 also when the inbox is off).",
+            &i.up,
+        );
+        counter(
+            "ringcast_inbox_stored_total",
+            "counter",
+            "Messages to user channels committed to the inbox store.",
+            &i.stored,
+        );
+        counter(
+            "ringcast_inbox_commits_total",
+            "counter",
+            "Inbox write transactions committed (one fsync each).",
+            &i.commits,
+        );
+        counter(
+            "ringcast_inbox_acks_total",
+            "counter",
+            "Client ack commands applied.",
+            &i.acks,
+        );
+        counter(
+            "ringcast_inbox_acked_messages_total",
+            "counter",
+            "Inbox messages removed by client acks.",
+            &i.acked,
+        );
+        counter(
+            "ringcast_inbox_expired_total",
+            "counter",
+            "Inbox messages deleted by the retention sweep (inbox_retention).",
+            &i.expired,
+        );
+        counter(
+            "ringcast_inbox_delivered_total",
+            "counter",
+            "Unacked inbox messages sent to subscribers on subscribe.",
+            &i.delivered,
+        );
+        counter(
+            "ringcast_inbox_queued",
+            "gauge",
+            "Inbox requests waiting for the store thread.",
+            &i.queued,
+        );
+        let _ = writeln!(out, "# HELP ringcast_inbox_errors_total Inbox store failures, by kind.\n# TYPE ringcast_inbox_errors_total counter");
+        for (k, label) in InboxErrorKind::LABELS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringcast_inbox_errors_total{{kind=\"{label}\"}} {}",
+                i.errors[k].load(Relaxed)
+            );
+        }
+        i.commit_latency.render(
+            out,
+            "ringcast_inbox_commit_seconds",
+            "Duration of each inbox commit (write and fsync).",
         );
     }
 

@@ -5,9 +5,14 @@
 //! A deliberately small HTTP/1.1 server (one request per connection, `Connection: close`)
 //! on shard 0: scrapes and publishes are rare next to WebSocket traffic, and keeping it
 //! on one shard keeps it out of every other shard's way.
+//!
+//! `POST /publish?channel=user:<id>` with the inbox on goes through the store thread:
+//! with `&ack=1` the answer (200 with the offset) comes only after the message is
+//! committed to disk, or 503 with the reason; without it, 202 as soon as it is queued.
 
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
+use crate::inbox::{is_user_channel, Inbox, InboxReply};
 use crate::ingest::line::validate_payload;
 use crate::metrics::{self, ShardMetrics, Source};
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
@@ -29,6 +34,7 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn serve(
     listener: TcpListener,
     publisher: Arc<Publisher>,
+    inbox: Option<Inbox>,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
     control: Rc<ShardControl>,
@@ -37,6 +43,7 @@ pub async fn serve(
         handle(
             stream,
             publisher.clone(),
+            inbox.clone(),
             settings.clone(),
             metrics,
             control.clone(),
@@ -80,6 +87,7 @@ fn json_error(status: u16, error: &str) -> Response {
 async fn handle(
     mut stream: TcpStream,
     publisher: Arc<Publisher>,
+    inbox: Option<Inbox>,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
     control: Rc<ShardControl>,
@@ -89,9 +97,13 @@ async fn handle(
         Ok((method, target, _)) if target.split('?').next() == Some("/admin/disconnect") => {
             disconnect(&method, &target, &control).await
         }
-        Ok((method, target, body)) => {
-            route(&method, &target, &body, &publisher, &settings, metrics)
+        Ok((method, target, body))
+            if method == "POST" && target.split('?').next() == Some("/publish") =>
+        {
+            let query = target.split_once('?').map_or("", |(_, q)| q);
+            publish(query, &body, &publisher, inbox.as_ref(), &settings, metrics).await
         }
+        Ok((method, target, _)) => route(&method, &target, &settings),
         Err(resp) => resp,
     };
     let head = format!(
@@ -173,15 +185,8 @@ async fn read_request(
     }
 }
 
-fn route(
-    method: &str,
-    target: &str,
-    body: &[u8],
-    publisher: &Publisher,
-    settings: &Settings,
-    metrics: &ShardMetrics,
-) -> Response {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+fn route(method: &str, target: &str, settings: &Settings) -> Response {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
     let draining = DRAINING.load(Ordering::Acquire);
     match (method, path) {
         ("GET", "/metrics") => Response {
@@ -195,7 +200,6 @@ fn route(
             text(503, "starting\n")
         }
         ("GET", "/readyz") => text(200, "ready\n"),
-        ("POST", "/publish") => publish(query, body, publisher, settings, metrics),
         (_, "/metrics" | "/healthz" | "/readyz" | "/publish") => text(405, "method not allowed\n"),
         _ => text(
             404,
@@ -239,19 +243,33 @@ async fn disconnect(method: &str, target: &str, control: &ShardControl) -> Respo
     )
 }
 
-fn publish(
+async fn publish(
     query: &str,
     body: &[u8],
     publisher: &Publisher,
+    inbox: Option<&Inbox>,
     settings: &Settings,
     metrics: &ShardMetrics,
 ) -> Response {
     let source = Source::Http as usize;
-    let channel = query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "channel")
-        .and_then(|(_, v)| percent_decode(v));
+    let param = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| percent_decode(v))
+    };
+    let ack = match param("ack").as_deref() {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(other) => {
+            return json_error(
+                400,
+                &format!("ack must be 1 or 0 (or true/false), got {other:?}"),
+            )
+        }
+    };
+    let channel = param("channel");
     let Some(channel) = channel else {
         metrics.ingest_rejected[source][1].fetch_add(1, Ordering::Relaxed);
         return json_error(
@@ -269,6 +287,32 @@ fn publish(
     if let Err(e) = validate_payload(body, settings.max_message_size) {
         metrics.ingest_rejected[source][e.index()].fetch_add(1, Ordering::Relaxed);
         return json_error(400, &e.to_string());
+    }
+    if let Some(inbox) = inbox.filter(|_| is_user_channel(&channel)) {
+        let (tx, rx) = flume::bounded(1);
+        let reply = if ack {
+            InboxReply::Wait(tx)
+        } else {
+            InboxReply::None
+        };
+        if let Err(e) = inbox.publish(&channel, body, reply) {
+            return json_error(503, &format!("inbox: {}", e.to_store_error()));
+        }
+        metrics.messages_in[source].fetch_add(1, Ordering::Relaxed);
+        if !ack {
+            return json(
+                202,
+                format!("{{\"channel\":\"{channel}\",\"queued\":true}}\n"),
+            );
+        }
+        return match rx.recv_async().await {
+            Ok(Ok(offset)) => json(
+                200,
+                format!("{{\"channel\":\"{channel}\",\"offset\":{offset},\"durable\":true}}\n"),
+            ),
+            Ok(Err(e)) => json_error(503, &format!("inbox: {e}")),
+            Err(_) => json_error(503, "inbox: the store thread stopped"),
+        };
     }
     let published = publisher.publish(&channel, body);
     metrics.messages_in[source].fetch_add(1, Ordering::Relaxed);

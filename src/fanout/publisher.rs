@@ -236,7 +236,30 @@ impl Publisher {
 
     /// Publishes without waking anyone (for callers that batch, and for tests).
     pub fn publish_quiet(&self, channel: &str, payload: &[u8]) -> Published {
-        self.publish_inner(channel, payload, None)
+        self.publish_inner(channel, payload, None, None)
+    }
+
+    /// Publishes `payload` to `channel` at an `offset` and `epoch` chosen by the
+    /// channel's owner, without waking anyone: the durable inbox
+    /// ([`crate::inbox::thread`]) is the single writer of `user:` channels and gives
+    /// them offsets that survive restarts. The owner must call it with offsets +1 at a
+    /// time in one epoch, from one thread; a different epoch than the channel's state
+    /// replaces that state (and empties its history, whose offsets meant another
+    /// incarnation). History is kept exactly as for [`Publisher::publish`]: the frame
+    /// is retained before it is installed in the ring.
+    pub fn publish_at(&self, channel: &str, offset: u64, epoch: u64, payload: &[u8]) -> Published {
+        self.publish_inner(channel, payload, None, Some((offset, epoch)))
+    }
+
+    /// Makes `channel`'s state say (`last`, `epoch`) when its owner knows better: when
+    /// the channel has no state (never published in this process, or expired) or another
+    /// epoch, or is behind `last`. For an owner-written channel whose subscriber is
+    /// about to [`Publisher::attach`] with a position the owner gave.
+    pub fn adopt_position(&self, channel: &str, last: u64, epoch: u64) {
+        let now = self.started.elapsed().as_secs();
+        let mut map = spin_lock(self.stripe(channel));
+        let state = self.owned_state_mut(&mut map, channel, now, last, epoch);
+        state.last = state.last.max(last);
     }
 
     /// [`Publisher::publish_quiet`], also returning how long it waited for the stripe lock
@@ -244,7 +267,7 @@ impl Publisher {
     #[doc(hidden)]
     pub fn publish_timed(&self, channel: &str, payload: &[u8]) -> (Published, Duration) {
         let mut wait = Duration::ZERO;
-        let published = self.publish_inner(channel, payload, Some(&mut wait));
+        let published = self.publish_inner(channel, payload, Some(&mut wait), None);
         (published, wait)
     }
 
@@ -257,6 +280,7 @@ impl Publisher {
         channel: &str,
         payload: &[u8],
         lock_wait: Option<&mut Duration>,
+        owned: Option<(u64, u64)>,
     ) -> Published {
         let data = EncodedData::new(payload);
         let published_at = Instant::now();
@@ -269,8 +293,20 @@ impl Publisher {
         if let (Some(wait), Some(before)) = (lock_wait, before) {
             *wait = before.elapsed();
         }
-        let state = self.state_mut(&mut map, channel, now);
-        state.last += 1;
+        let state = match owned {
+            None => {
+                let state = self.state_mut(&mut map, channel, now);
+                state.last += 1;
+                state
+            }
+            Some((offset, epoch)) => {
+                let state =
+                    self.owned_state_mut(&mut map, channel, now, offset.saturating_sub(1), epoch);
+                debug_assert!(offset > state.last, "owner offsets only move forward");
+                state.last = offset;
+                state
+            }
+        };
         state.last_publish = now;
         let (name, offset, epoch) = (state.name.clone(), state.last, state.epoch);
         let history = state.history.clone();
@@ -323,6 +359,27 @@ impl Publisher {
         }
         // Just ensured present.
         map.get_mut(channel).expect("channel state present")
+    }
+
+    /// `channel`'s state for an owner that says its last offset is `last` in `epoch`:
+    /// created with them if absent, reset to them (history emptied) if its epoch differs.
+    fn owned_state_mut<'m>(
+        &self,
+        map: &'m mut IndexMap<Arc<str>, ChannelState, ahash::RandomState>,
+        channel: &str,
+        now: u64,
+        last: u64,
+        epoch: u64,
+    ) -> &'m mut ChannelState {
+        let state = self.state_mut(map, channel, now);
+        if state.epoch != epoch {
+            if let Some(history) = &state.history {
+                self.history.budget.release(history);
+            }
+            state.epoch = epoch;
+            state.last = last;
+        }
+        state
     }
 
     /// Attaches a subscriber on a shard whose ring follower reads sequence `cursor` next:
@@ -772,6 +829,42 @@ mod tests {
         let want: Vec<u64> = (position + 1..=2 * EACH).collect();
         assert_eq!(current, want);
         assert!(attaches > 100, "{attaches} attaches");
+    }
+
+    /// The inbox's path: an owner gives offsets and a fixed epoch; history and attach
+    /// agree with them, and a position adopted from the owner survives expiry.
+    #[test]
+    fn owner_offsets_keep_history_and_attach_consistent() {
+        let p = with_history(100);
+        // A subscriber attached before the owner published: the owner's epoch replaces it.
+        let early = p.attach("user:7", None, 0, 100);
+        let epoch = 42;
+        assert_ne!(early.epoch, epoch);
+        for offset in 1..=3 {
+            let at = p.publish_at("user:7", offset, epoch, b"1");
+            assert_eq!((at.offset, at.epoch), (offset, epoch));
+        }
+        assert_eq!(p.position("user:7"), Some((3, epoch)));
+        // A follower that read nothing yet: the three will come live, none replayed.
+        let a = p.attach("user:7", Some(Since { offset: 3, epoch }), 0, 100);
+        assert_eq!(a.offset, 0, "all unread by this follower");
+        // A follower past them all: replay from 1.
+        let end = p.ring().head();
+        let b = p.attach("user:7", Some(Since { offset: 1, epoch }), end, 100);
+        assert_eq!(b.offset, 3);
+        let frames = b.recovery.unwrap().unwrap();
+        assert_eq!(
+            frames.iter().map(|f| offset_of(f)).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        // Expired, then adopted from the owner: the position and epoch come back.
+        let later = publisher(1);
+        later.publish_at("user:8", 5, epoch, b"1");
+        later.expire_idle(Instant::now() + Duration::from_secs(2));
+        assert_eq!(later.position("user:8"), None);
+        later.adopt_position("user:8", 5, epoch);
+        assert_eq!(later.position("user:8"), Some((5, epoch)));
+        assert_eq!(later.publish_at("user:8", 6, epoch, b"1").offset, 6);
     }
 
     #[test]

@@ -3,9 +3,19 @@
 //! `max_message_size` plus room for the channel (256 bytes) gets `ERR line too long` and
 //! the connection is closed: past that length the stream can no longer be trusted to be
 //! framed the way the publisher meant.
+//!
+//! # Ack mode
+//!
+//! A connection whose first line is `ACK ON` is in ack mode (the line itself is not
+//! answered and not published): from then on every non-empty line gets exactly one reply
+//! line, in order: `OK <offset>` once the message is published (for a `user:` channel
+//! with the inbox on: once it is committed to disk, so it survives a crash), or
+//! `ERR <reason>`. Without ack mode only malformed lines are answered, as before, and a
+//! message to a user channel that the inbox refuses is answered `ERR inbox: <reason>`.
 
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
+use crate::inbox::{is_user_channel, Inbox, InboxReply, StoreError};
 use crate::ingest::line::{parse_message, strip_newline, IngestError};
 use crate::metrics::{ShardMetrics, Source};
 use crate::shard::listener::accept_allowed;
@@ -18,21 +28,46 @@ use std::sync::Arc;
 pub async fn serve(
     listener: TcpListener,
     publisher: Arc<Publisher>,
+    inbox: Option<Inbox>,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
 ) {
     accept_allowed(listener, "TCP ingest", &settings.clone(), |stream| {
-        connection(stream, publisher.clone(), settings.clone(), metrics)
+        connection(
+            stream,
+            publisher.clone(),
+            inbox.clone(),
+            settings.clone(),
+            metrics,
+        )
     })
     .await
+}
+
+/// A reply line, ready or waiting for the inbox's commit.
+enum Pending {
+    Ready(Vec<u8>),
+    Commit(flume::Receiver<Result<u64, StoreError>>),
+}
+
+/// The line an ack-mode publisher gets for an inbox commit's outcome.
+fn commit_line(outcome: Option<Result<u64, StoreError>>) -> Vec<u8> {
+    match outcome {
+        Some(Ok(offset)) => format!("OK {offset}\n").into_bytes(),
+        Some(Err(e)) => format!("ERR inbox: {e}\n").into_bytes(),
+        None => b"ERR inbox: the store thread stopped\n".to_vec(),
+    }
 }
 
 async fn connection(
     mut stream: TcpStream,
     publisher: Arc<Publisher>,
+    inbox: Option<Inbox>,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
 ) {
+    // None until the first line decides it.
+    let mut ack_mode: Option<bool> = None;
     let max_line = settings.max_message_size + 256;
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut chunk = vec![0u8; 64 * 1024];
@@ -42,7 +77,7 @@ async fn connection(
             Ok(n) => n,
         };
         buf.extend_from_slice(&chunk[..n]);
-        let mut replies = Vec::new();
+        let mut replies: Vec<Pending> = Vec::new();
         let mut start = 0;
         let mut too_long = false;
         while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
@@ -57,14 +92,48 @@ async fn connection(
             if line.is_empty() {
                 continue;
             }
+            let acks = match ack_mode {
+                Some(on) => on,
+                None => {
+                    let on = line == b"ACK ON";
+                    ack_mode = Some(on);
+                    if on {
+                        continue;
+                    }
+                    on
+                }
+            };
             match parse_message(line, settings.max_message_size) {
                 Ok((channel, payload)) => {
-                    publisher.publish(channel, payload);
                     metrics.messages_in[Source::Tcp as usize].fetch_add(1, Relaxed);
+                    match &inbox {
+                        Some(inbox) if is_user_channel(channel) => {
+                            let (reply, wait) = if acks {
+                                let (tx, rx) = flume::bounded(1);
+                                (InboxReply::Wait(tx), Some(rx))
+                            } else {
+                                (InboxReply::None, None)
+                            };
+                            match inbox.publish(channel, payload, reply) {
+                                Ok(()) => replies.extend(wait.map(Pending::Commit)),
+                                Err(e) => replies.push(Pending::Ready(commit_line(Some(Err(
+                                    e.to_store_error()
+                                ))))),
+                            }
+                        }
+                        _ => {
+                            let published = publisher.publish(channel, payload);
+                            if acks {
+                                replies.push(Pending::Ready(
+                                    format!("OK {}\n", published.offset).into_bytes(),
+                                ));
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
                     metrics.ingest_rejected[Source::Tcp as usize][e.index()].fetch_add(1, Relaxed);
-                    replies.extend_from_slice(format!("ERR {e}\n").as_bytes());
+                    replies.push(Pending::Ready(format!("ERR {e}\n").into_bytes()));
                 }
             }
         }
@@ -74,9 +143,20 @@ async fn connection(
             metrics.ingest_rejected[Source::Tcp as usize]
                 [IngestError::TooLarge { size: 0, limit: 0 }.index()]
             .fetch_add(1, Relaxed);
-            replies.extend_from_slice(b"ERR line too long\n");
+            replies.push(Pending::Ready(b"ERR line too long\n".to_vec()));
         }
-        if !replies.is_empty() && stream.write_all(&replies).await.is_err() {
+        // In line order; every commit of this read was queued before the first wait, so
+        // they share group commits.
+        let mut out = Vec::new();
+        for reply in replies {
+            match reply {
+                Pending::Ready(line) => out.extend_from_slice(&line),
+                Pending::Commit(rx) => {
+                    out.extend_from_slice(&commit_line(rx.recv_async().await.ok()))
+                }
+            }
+        }
+        if !out.is_empty() && stream.write_all(&out).await.is_err() {
             return;
         }
         if too_long {

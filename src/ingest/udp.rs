@@ -1,8 +1,14 @@
 //! UDP ingest: one datagram, one message. Malformed datagrams are counted (there is no one
 //! to answer) and logged at most once per second per shard.
+//!
+//! With the inbox on, a message to a `user:` channel goes to the store thread and is
+//! published once committed. UDP has no acknowledgements: a datagram the store refuses
+//! (queue full, disk error) is only counted (`ringcast_inbox_errors_total`); publishers
+//! that need to know use TCP ack mode or HTTP `?ack=1`.
 
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
+use crate::inbox::{is_user_channel, Inbox, InboxReply};
 use crate::ingest::line::{parse_message, strip_newline};
 use crate::metrics::{ShardMetrics, Source};
 use glommio::net::UdpSocket;
@@ -14,6 +20,7 @@ use std::time::{Duration, Instant};
 pub async fn serve(
     socket: UdpSocket,
     publisher: Arc<Publisher>,
+    inbox: Option<Inbox>,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
 ) {
@@ -34,7 +41,15 @@ pub async fn serve(
         }
         match parse_message(strip_newline(&buf[..n]), settings.max_message_size) {
             Ok((channel, payload)) => {
-                publisher.publish(channel, payload);
+                match &inbox {
+                    Some(inbox) if is_user_channel(channel) => {
+                        // Refusals are counted by the inbox; there is no one to tell.
+                        let _ = inbox.publish(channel, payload, InboxReply::None);
+                    }
+                    _ => {
+                        publisher.publish(channel, payload);
+                    }
+                }
                 metrics.messages_in[Source::Udp as usize].fetch_add(1, Relaxed);
             }
             Err(e) => {

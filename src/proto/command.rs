@@ -42,6 +42,15 @@ pub enum Command {
         /// The payload: the `data` value's JSON text.
         data: String,
     },
+    /// Acknowledge a user channel's inbox messages up to `offset` (cumulative).
+    Ack {
+        /// Echoed request id, already rendered as JSON.
+        id: Option<String>,
+        /// Channel name (validated).
+        channel: String,
+        /// The last offset received.
+        offset: u64,
+    },
     /// Who is subscribed to a presence channel.
     Presence {
         /// Echoed request id, already rendered as JSON.
@@ -78,6 +87,7 @@ struct RawCommand {
     since: Option<Value>,
     data: Option<Value>,
     token: Option<Value>,
+    offset: Option<Value>,
 }
 
 /// Reads `since`: `{"offset": N, "epoch": "E"}` as a subscribe reply gave them. The
@@ -155,6 +165,20 @@ pub fn parse_command(text: &str) -> Result<Command, CommandError> {
                 None => Err(bad(id, "missing field data (any JSON value but null)")),
             }
         }
+        "ack" => {
+            let channel = channel()?;
+            match raw.offset.as_ref().and_then(Value::as_u64) {
+                Some(offset) => Ok(Command::Ack {
+                    id,
+                    channel,
+                    offset,
+                }),
+                None => Err(bad(
+                    id,
+                    "missing field offset (the last offset received, a non-negative integer)",
+                )),
+            }
+        }
         "refresh" => match raw.token {
             Some(Value::String(token)) if !token.is_empty() => Ok(Command::Refresh { id, token }),
             _ => Err(bad(id, "missing string field token")),
@@ -163,7 +187,7 @@ pub fn parse_command(text: &str) -> Result<Command, CommandError> {
             id,
             code: 404,
             error: format!(
-                "unknown command {other:?} (known: subscribe, unsubscribe, publish, presence, refresh, ping)"
+                "unknown command {other:?} (known: subscribe, unsubscribe, publish, presence, ack, refresh, ping)"
             ),
         }),
     }
@@ -202,6 +226,20 @@ pub enum Reply<'a> {
         /// With `since`: `Ok` when every missed message follows this reply, else the
         /// reason it could not be recovered.
         recovered: Option<Result<(), &'static str>>,
+        /// For an inbox channel: (unacked messages following this reply, unacked
+        /// messages left out past the delivery limit).
+        inbox: Option<(u64, u64)>,
+    },
+    /// An ack removed inbox messages up to `offset`.
+    Acked {
+        /// The request id, rendered JSON.
+        id: Option<&'a str>,
+        /// The channel.
+        channel: &'a str,
+        /// The acked offset.
+        offset: u64,
+        /// Messages it removed (0 when already acked).
+        removed: u64,
     },
     /// An error reply.
     Error(&'a CommandError),
@@ -261,6 +299,7 @@ impl Reply<'_> {
             Reply::Refused { kind, id, code, .. } => (*kind, *id, *code),
             Reply::Published { id, .. } => ("publish", *id, 200),
             Reply::Refreshed { id, .. } => ("refresh", *id, 200),
+            Reply::Acked { id, .. } => ("ack", *id, 200),
             Reply::Presence { id, .. } => ("presence", *id, 200),
         };
         let _ = write!(out, "{{\"reply\":\"{kind}\"");
@@ -281,6 +320,7 @@ impl Reply<'_> {
                 offset,
                 epoch,
                 recovered,
+                inbox,
                 ..
             } => {
                 let _ = write!(
@@ -293,6 +333,9 @@ impl Reply<'_> {
                     Some(Err(reason)) => {
                         let _ = write!(out, ",\"recovered\":false,\"reason\":\"{reason}\"");
                     }
+                }
+                if let Some((unacked, more)) = inbox {
+                    let _ = write!(out, ",\"inbox\":{{\"unacked\":{unacked},\"more\":{more}}}");
                 }
             }
             Reply::Error(CommandError { error, .. }) => push_error(&mut out, error),
@@ -309,6 +352,17 @@ impl Reply<'_> {
             }
             Reply::Refreshed { exp, .. } => {
                 let _ = write!(out, ",\"exp\":{exp}");
+            }
+            Reply::Acked {
+                channel,
+                offset,
+                removed,
+                ..
+            } => {
+                let _ = write!(
+                    out,
+                    ",\"channel\":\"{channel}\",\"offset\":{offset},\"removed\":{removed}"
+                );
             }
             Reply::Presence {
                 channel,
@@ -492,6 +546,48 @@ mod tests {
         assert_eq!(
             Reply::Refreshed { id: None, exp: 77 }.to_json(),
             r#"{"reply":"refresh","code":200,"exp":77}"#
+        );
+    }
+
+    #[test]
+    fn ack_parses_and_replies() {
+        assert_eq!(
+            parse_command(r#"{"cmd":"ack","channel":"user:42","offset":7,"id":3}"#),
+            Ok(Command::Ack {
+                id: Some("3".into()),
+                channel: "user:42".into(),
+                offset: 7
+            })
+        );
+        for bad in [
+            r#"{"cmd":"ack","channel":"user:42"}"#,
+            r#"{"cmd":"ack","channel":"user:42","offset":-1}"#,
+            r#"{"cmd":"ack","channel":"user:42","offset":"7"}"#,
+            r#"{"cmd":"ack","offset":7}"#,
+        ] {
+            assert_eq!(parse_command(bad).unwrap_err().code, 400, "{bad}");
+        }
+        let acked = Reply::Acked {
+            id: None,
+            channel: "user:42",
+            offset: 7,
+            removed: 2,
+        };
+        assert_eq!(
+            acked.to_json(),
+            r#"{"reply":"ack","code":200,"channel":"user:42","offset":7,"removed":2}"#
+        );
+        let subscribed = Reply::Subscribed {
+            id: None,
+            channel: "user:42",
+            offset: 9,
+            epoch: 5,
+            recovered: None,
+            inbox: Some((3, 0)),
+        };
+        assert_eq!(
+            subscribed.to_json(),
+            r#"{"reply":"subscribe","code":200,"channel":"user:42","offset":9,"epoch":"5","inbox":{"unacked":3,"more":0}}"#
         );
     }
 

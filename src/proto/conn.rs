@@ -329,10 +329,19 @@ impl Connection {
                 }
                 Some(Inbound::Text(text)) => command(text, self.session.as_deref_mut()),
             };
-            self.queue_control(answer.reply, config)?;
+            // An empty reply: the command is answered later (an inbox commit or read).
+            if !answer.reply.is_empty() {
+                self.queue_control(answer.reply, config)?;
+            }
             self.backlog.push_replay(answer.replay);
         }
         Ok(at)
+    }
+
+    /// Queues frames that follow a reply (a recovery, an inbox's unacked messages): like
+    /// a recovery's replay, they are the client's own backlog, not a flood.
+    pub fn queue_replay(&mut self, frames: Vec<Bytes>) {
+        self.backlog.push_replay(frames);
     }
 
     /// Queues a control frame or reply; a peer whose unread replies pile up past twice

@@ -10,6 +10,8 @@
 
 use crate::auth::permission::{check, Access};
 use crate::auth::session::{expiry_second, Session};
+use crate::inbox::thread::ShardTag;
+use crate::inbox::InboxReply;
 use crate::ingest::line::validate_payload;
 use crate::metrics::Source;
 use crate::presence::ConnId;
@@ -17,6 +19,7 @@ use crate::proto::command::{parse_command, Command, Reply};
 use crate::shard::state::Shard;
 use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 impl Shard {
     /// Whether `session` (`None`: anonymous) may `access` `channel`; the error is the 403
@@ -49,7 +52,7 @@ impl Shard {
         session: Option<&mut Session>,
         replay: &mut Vec<Bytes>,
     ) -> String {
-        let key = conn.key;
+        let (key, generation) = (conn.key, conn.generation);
         let command = match parse_command(text) {
             Ok(command) => command,
             Err(err) => return Reply::Error(&err).to_json(),
@@ -77,11 +80,30 @@ impl Shard {
                 }
                 let mut index = self.index.borrow_mut();
                 let limit = self.settings.max_subscriptions_per_connection;
-                if index.count_of(key) >= limit && !index.is_subscribed(key, &channel) {
+                // Inbox subscribes waiting for the store count too (there are few: each
+                // waits milliseconds).
+                let waiting = self
+                    .inbox_pending
+                    .borrow()
+                    .keys()
+                    .filter(|(k, _)| *k == key)
+                    .count();
+                if index.count_of(key) + waiting >= limit && !index.is_subscribed(key, &channel) {
                     return refuse(
                         413,
                         &format!("at most {limit} subscriptions per connection"),
                     );
+                }
+                if let Some(inbox) = self.inbox_for(&channel) {
+                    if index.is_subscribed(key, &channel) {
+                        return refuse(409, &format!("already subscribed to {channel}"));
+                    }
+                    drop(index);
+                    // Answered when the store's answer arrives (an empty reply now).
+                    return self
+                        .inbox_subscribe(inbox, key, generation, &channel, id, since, 0)
+                        .err()
+                        .unwrap_or_default();
                 }
                 if since.is_some() && index.is_subscribed(key, &channel) {
                     // Its missed messages may have come live: a replay could repeat them.
@@ -123,12 +145,19 @@ impl Shard {
                     offset: attach.offset,
                     epoch: attach.epoch,
                     recovered,
+                    inbox: None,
                 }
                 .to_json()
             }
             Command::Unsubscribe { id, channel } => {
                 if self.index.borrow_mut().unsubscribe(key, &channel) {
                     self.presence_out(conn, session.as_deref(), &channel);
+                }
+                if self.inbox_for(&channel).is_some() {
+                    // An inbox subscribe still waiting for the store: its answer is dropped.
+                    self.inbox_pending
+                        .borrow_mut()
+                        .remove(&(key, Arc::from(channel.as_str())));
                 }
                 Reply::Ok {
                     kind: "unsubscribe",
@@ -137,9 +166,19 @@ impl Shard {
                 }
                 .to_json()
             }
-            Command::Publish { id, channel, data } => {
-                self.client_publish(id.as_deref(), &channel, &data, session.as_deref())
-            }
+            Command::Publish { id, channel, data } => self.client_publish(
+                key,
+                generation,
+                id.as_deref(),
+                &channel,
+                &data,
+                session.as_deref(),
+            ),
+            Command::Ack {
+                id,
+                channel,
+                offset,
+            } => self.inbox_ack(key, generation, id, &channel, offset, session.as_deref()),
             Command::Presence { id, channel } => {
                 self.presence_query(id.as_deref(), &channel, session.as_deref())
             }
@@ -151,6 +190,8 @@ impl Shard {
     /// the ingest ports, so offsets and ordering are the same whoever publishes.
     fn client_publish(
         &self,
+        key: u32,
+        generation: u32,
         id: Option<&str>,
         channel: &str,
         data: &str,
@@ -173,6 +214,25 @@ impl Shard {
         if let Err(e) = validate_payload(data.as_bytes(), self.settings.max_message_size) {
             self.metrics.ingest_rejected[source][e.index()].fetch_add(1, Relaxed);
             return refuse(413, &e.to_string());
+        }
+        if let Some(inbox) = self.inbox_for(channel) {
+            let tag = ShardTag {
+                key,
+                generation,
+                id: id.map(str::to_string),
+                since: None,
+                attempt: 0,
+            };
+            let reply = InboxReply::Shard {
+                shard: self.id,
+                tag,
+            };
+            if let Err(e) = inbox.publish(channel, data.as_bytes(), reply) {
+                return refuse(503, &format!("inbox: {}", e.to_store_error()));
+            }
+            self.metrics.messages_in[source].fetch_add(1, Relaxed);
+            // Answered once committed.
+            return String::new();
         }
         let published = self.publisher.publish(channel, data.as_bytes());
         self.metrics.messages_in[source].fetch_add(1, Relaxed);

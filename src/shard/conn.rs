@@ -95,6 +95,18 @@ pub(crate) fn adopt(
     for ch in channels {
         // parse_upgrade refused lists over max_subscriptions_per_connection.
         match shard.permit(conn.machine.session(), ch, Access::Subscribe) {
+            Ok(()) if shard.inbox_for(ch).is_some() => {
+                // Live messages only once the unacked ones are in (see shard::inbox).
+                if let Some(inbox) = &shard.inbox {
+                    if let Err(reply) =
+                        shard.inbox_subscribe(inbox, key, generation, ch, None, None, 0)
+                    {
+                        refused = true;
+                        let frame = encode_frame(opcode::TEXT, reply.as_bytes());
+                        shard.queue_control(key, conn, frame);
+                    }
+                }
+            }
             Ok(()) => {
                 let mut index = shard.index.borrow_mut();
                 // The first subscriber here: where the channel is, for an overrun heal
@@ -230,7 +242,12 @@ fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
             let mut replay = Vec::new();
             let reply = shard.run_command(id, text, session, &mut replay);
             Answer {
-                reply: encode_frame(opcode::TEXT, reply.as_bytes()),
+                // Empty: answered later, when the inbox store answers.
+                reply: if reply.is_empty() {
+                    bytes::Bytes::new()
+                } else {
+                    encode_frame(opcode::TEXT, reply.as_bytes())
+                },
                 replay,
             }
         });

@@ -252,6 +252,7 @@ mod tests {
             Arc::default(),
             presence,
             slots,
+            None,
         )
         .expect("shard")
     }

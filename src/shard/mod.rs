@@ -13,6 +13,7 @@ pub mod conn;
 pub mod control;
 pub mod follower;
 pub mod handshake;
+pub mod inbox;
 pub mod lifecycle;
 pub mod listener;
 pub mod presence;
@@ -27,6 +28,8 @@ use crate::fanout::history::Limits as HistoryLimits;
 use crate::fanout::publisher::Publisher;
 use crate::fanout::ring::Ring;
 use crate::fanout::wake::{install_senders, IdleFlags};
+use crate::inbox::thread::ShardQueues;
+use crate::inbox::Inbox;
 use crate::metrics;
 use crate::metrics::RefuseCause;
 use crate::presence::Presence;
@@ -74,6 +77,9 @@ pub enum StartError {
     /// Signal handling could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The inbox is on but its database cannot be used.
+    #[error("inbox: {0}; fix it, point inbox_path (or data_dir) at a writable place, or set inbox = false to run without durable user inboxes")]
+    Inbox(crate::inbox::StoreError),
 }
 
 /// The sockets one shard serves.
@@ -99,6 +105,8 @@ struct ShardSetup {
     control_receiver: SharedReceiver<ShardRequest>,
     /// Senders to every shard's control queue: only for the shard serving the admin port.
     control_senders: Vec<SharedSender<ShardRequest>>,
+    /// The durable inbox, when on, and this shard's queues from its store thread.
+    inbox: Option<(Inbox, ShardQueues)>,
     /// Told once: `Ok` when the shard serves, or why it could not start.
     started: mpsc::Sender<Result<(), StartError>>,
     done: mpsc::Sender<usize>,
@@ -139,6 +147,34 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
                 metrics::get().history.clone(),
             ),
     );
+    let inbox = match &settings.inbox {
+        None => {
+            tracing::info!("inbox off: messages to user: channels are not stored (inbox = true keeps them until acked)");
+            None
+        }
+        Some(config) => {
+            let (inbox, queues) = Inbox::start(
+                config.clone(),
+                publisher.clone(),
+                n,
+                metrics::get().inbox.clone(),
+            )
+            .map_err(StartError::Inbox)?;
+            let path = std::path::absolute(&config.path).unwrap_or_else(|_| config.path.clone());
+            tracing::info!(
+                path = %path.display(),
+                retention_secs = config.retention.as_secs(),
+                "inbox on: messages to user: channels are stored in {} until acked",
+                path.display()
+            );
+            Some((inbox, queues))
+        }
+    };
+    let (inbox, inbox_queues) = match inbox {
+        Some((inbox, queues)) => (Some(inbox), queues),
+        None => (None, Vec::new()),
+    };
+    let mut inbox_queues = inbox_queues.into_iter();
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
@@ -231,6 +267,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             } else {
                 Vec::new()
             },
+            inbox: inbox.clone().zip(inbox_queues.next()),
             started: started_tx.clone(),
             done: done_tx.clone(),
         };
@@ -332,9 +369,14 @@ async fn shard_main(setup: ShardSetup) {
         wake_receivers,
         control_receiver,
         control_senders,
+        inbox,
         started,
         done,
     } = setup;
+    let (inbox, inbox_queues) = match inbox {
+        Some((inbox, queues)) => (Some(inbox), Some(queues)),
+        None => (None, None),
+    };
     let shard = match Shard::new(
         id,
         settings.clone(),
@@ -342,6 +384,7 @@ async fn shard_main(setup: ShardSetup) {
         registry.clone(),
         presence,
         slots,
+        inbox.clone(),
     ) {
         Ok(shard) => Rc::new(shard),
         Err(e) => {
@@ -368,6 +411,23 @@ async fn shard_main(setup: ShardSetup) {
         connected.push(tx.connect().await);
     }
     install_senders(connected);
+    if let Some(queues) = inbox_queues {
+        // The store thread publishes from outside any executor: its wake-ups come here.
+        let (notify, answers) = (wake.clone(), queues.answers);
+        glommio::spawn_local(async move {
+            while queues.wake.recv_async().await.is_ok() {
+                notify.notify();
+            }
+        })
+        .detach();
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Ok(answer) = answers.recv_async().await {
+                shard.on_inbox_answer(answer);
+            }
+        })
+        .detach();
+    }
     glommio::spawn_local(follower::follow_ring(shard.clone(), wake)).detach();
     {
         let shard = shard.clone();
@@ -386,6 +446,7 @@ async fn shard_main(setup: ShardSetup) {
         glommio::spawn_local(crate::ingest::udp::serve(
             socket,
             publisher.clone(),
+            inbox.clone(),
             settings.clone(),
             metrics,
         ))
@@ -396,6 +457,7 @@ async fn shard_main(setup: ShardSetup) {
         glommio::spawn_local(crate::ingest::tcp::serve(
             listener,
             publisher.clone(),
+            inbox.clone(),
             settings.clone(),
             metrics,
         ))
@@ -403,14 +465,14 @@ async fn shard_main(setup: ShardSetup) {
     }
     if let Some(admin) = sockets.admin {
         let listener = unsafe { TcpListener::from_raw_fd(admin.into_raw_fd()) };
-        let (publisher, settings) = (publisher.clone(), settings.clone());
+        let (publisher, settings, inbox) = (publisher.clone(), settings.clone(), inbox.clone());
         glommio::spawn_local(async move {
             let mut senders = Vec::with_capacity(control_senders.len());
             for tx in control_senders {
                 senders.push(tx.connect().await);
             }
             let control = ShardControl::new(senders);
-            crate::admin::serve(listener, publisher, settings, metrics, control).await
+            crate::admin::serve(listener, publisher, inbox, settings, metrics, control).await
         })
         .detach();
     }

@@ -165,6 +165,7 @@ mod tests {
             Arc::default(),
             presence,
             slots,
+            None,
         )
         .expect("shard")
     }

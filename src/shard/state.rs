@@ -11,6 +11,7 @@ use crate::config::Settings;
 use crate::fanout::backlog::BacklogLimits;
 use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
+use crate::inbox::Inbox;
 use crate::metrics::{self, Metrics, ShardMetrics};
 use crate::presence::Presence;
 use crate::proto::conn::ConnConfig;
@@ -22,6 +23,7 @@ use crate::shard::readiness::ReadySet;
 use crate::shard::send::FairSlice;
 use crate::shard::table::ConnTable;
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -71,6 +73,12 @@ pub struct Shard {
     /// The ring sequence the follower reads next: messages before it reached (or were
     /// lost to) this shard's subscribers; from it on, a new subscriber gets them live.
     pub(super) ring_cursor: Cell<u64>,
+    /// The durable inbox, when on: the owner of `user:` channels.
+    pub(super) inbox: Option<Inbox>,
+    /// Inbox subscribes waiting for the store's answer: (connection, channel) ->
+    /// connection generation. An unsubscribe meanwhile removes the entry, and the answer
+    /// is then dropped.
+    pub(super) inbox_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
     /// Connections catching up from history (see [`Shard::catch_up`]).
     pub(super) lagging: RefCell<Vec<u32>>,
     generation: Cell<u32>,
@@ -89,6 +97,7 @@ impl Shard {
         registry: Arc<Registry>,
         presence: Arc<Presence>,
         slots: Arc<ConnectionSlots>,
+        inbox: Option<Inbox>,
     ) -> std::io::Result<Self> {
         let all_metrics = metrics::get();
         let base = settings.ping_interval.as_secs();
@@ -140,6 +149,8 @@ impl Shard {
             }),
             fair: FairSlice::default(),
             ring_cursor: Cell::new(cursor),
+            inbox,
+            inbox_pending: RefCell::new(HashMap::new()),
             lagging: RefCell::new(Vec::new()),
             generation: Cell::new(0),
             started: Instant::now(),

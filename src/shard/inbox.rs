@@ -1,0 +1,336 @@
+//! Inbox channels on the shard: subscribe, ack and client publish to `user:<id>` when
+//! the durable inbox is on, answered when the store thread's answer arrives.
+//!
+//! # Subscribe: unacked, then live, no gap, no duplicate
+//!
+//! The shard never reads the store. A subscribe sends a read to the store thread and
+//! does not subscribe the connection yet, so no live message of the channel reaches it
+//! meanwhile. The store thread is the channel's only writer and answers after publishing
+//! everything it committed: "the unacked messages, and the last offset L", where every
+//! offset up to L is already in the ring. When the answer arrives (on this shard, between
+//! its other tasks), the shard makes the publisher's position agree with the store
+//! ([`Publisher::adopt_position`]), attaches at its follower's cursor with `since = L`
+//! and subscribes the connection in the same step, exactly like a recovery
+//! ([`crate::fanout::history`]): the attach's position P is the last offset this shard
+//! already passed; everything after P reaches the connection live.
+//!
+//! - P >= L: the client gets the unacked messages, then (L, P] from history, then live.
+//! - P < L: the follower has not read (P, L] yet; those come live, so the unacked
+//!   messages above P are not sent from the store (they would be duplicates).
+//!
+//! If history cannot give (L, P] (evicted in the microseconds between, or history off),
+//! the read is retried (up to three times) instead of answering with a gap.
+//!
+//! [`Publisher::adopt_position`]: crate::fanout::publisher::Publisher::adopt_position
+
+use crate::auth::permission::Access;
+use crate::auth::session::Session;
+use crate::fanout::history::Since;
+use crate::inbox::thread::{AnswerKind, Backlog, ShardTag};
+use crate::inbox::{is_user_channel, Inbox, InboxAnswer, InboxReply, StoreError};
+use crate::proto::command::Reply;
+use crate::proto::frame::{encode_frame, opcode};
+use crate::shard::state::Shard;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Reads of one subscribe before the shard gives up lining the inbox up with history.
+const MAX_ATTEMPTS: u8 = 3;
+
+fn refused(kind: &'static str, id: Option<&str>, channel: &str, code: u16, error: &str) -> String {
+    Reply::Refused {
+        kind,
+        id,
+        channel: Some(channel),
+        code,
+        error,
+    }
+    .to_json()
+}
+
+fn store_refusal(kind: &'static str, id: Option<&str>, channel: &str, e: &StoreError) -> String {
+    refused(kind, id, channel, 503, &format!("inbox: {e}"))
+}
+
+impl Shard {
+    /// The inbox, if it owns `channel`.
+    pub(super) fn inbox_for(&self, channel: &str) -> Option<&Inbox> {
+        self.inbox.as_ref().filter(|_| is_user_channel(channel))
+    }
+
+    /// Starts an inbox subscribe (permission already checked): the reply comes with the
+    /// store's answer.
+    ///
+    /// # Errors
+    /// The rendered refusal to send now (already pending: 409; store queue full: 503).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn inbox_subscribe(
+        &self,
+        inbox: &Inbox,
+        key: u32,
+        generation: u32,
+        channel: &str,
+        id: Option<String>,
+        since: Option<Since>,
+        attempt: u8,
+    ) -> Result<(), String> {
+        let name: Arc<str> = Arc::from(channel);
+        {
+            let mut pending = self.inbox_pending.borrow_mut();
+            if attempt == 0 && pending.get(&(key, name.clone())) == Some(&generation) {
+                return Err(refused(
+                    "subscribe",
+                    id.as_deref(),
+                    channel,
+                    409,
+                    &format!("already subscribing to {channel}"),
+                ));
+            }
+            pending.insert((key, name.clone()), generation);
+        }
+        let tag = ShardTag {
+            key,
+            generation,
+            id,
+            since,
+            attempt,
+        };
+        let id = tag.id.clone();
+        let reply = InboxReply::Shard {
+            shard: self.id,
+            tag,
+        };
+        inbox.read(channel, reply).map_err(|e| {
+            self.inbox_pending.borrow_mut().remove(&(key, name));
+            store_refusal("subscribe", id.as_deref(), channel, &e.to_store_error())
+        })
+    }
+
+    /// `{"cmd":"ack"}`: only on an inbox channel the connection may subscribe to (with
+    /// authentication on: only its own `user:<id>`); answered once committed.
+    pub(super) fn inbox_ack(
+        &self,
+        key: u32,
+        generation: u32,
+        id: Option<String>,
+        channel: &str,
+        offset: u64,
+        session: Option<&Session>,
+    ) -> String {
+        let Some(inbox) = self.inbox_for(channel) else {
+            let why = if self.inbox.is_none() {
+                "the inbox is off on this server (inbox = false): nothing to ack"
+            } else {
+                "only user:<id> channels have an inbox to ack"
+            };
+            return refused("ack", id.as_deref(), channel, 400, why);
+        };
+        if let Err(reason) = self.permit(session, channel, Access::Subscribe) {
+            return refused("ack", id.as_deref(), channel, 403, &reason);
+        }
+        let tag = ShardTag {
+            key,
+            generation,
+            id: id.clone(),
+            since: None,
+            attempt: 0,
+        };
+        let reply = InboxReply::Shard {
+            shard: self.id,
+            tag,
+        };
+        match inbox.ack(channel, offset, reply) {
+            Ok(()) => String::new(),
+            Err(e) => store_refusal("ack", id.as_deref(), channel, &e.to_store_error()),
+        }
+    }
+
+    /// Handles the store thread's answer for one of this shard's connections.
+    pub fn on_inbox_answer(&self, answer: InboxAnswer) {
+        let InboxAnswer { tag, channel, kind } = answer;
+        let id = tag.id.as_deref();
+        match kind {
+            AnswerKind::Published(result) => {
+                let reply = match result {
+                    Ok(offset) => Reply::Published {
+                        id,
+                        channel: &channel,
+                        offset,
+                    }
+                    .to_json(),
+                    Err(e) => store_refusal("publish", id, &channel, &e),
+                };
+                self.answer_later(&tag, reply, Vec::new());
+            }
+            AnswerKind::Acked { upto, result } => {
+                let reply = match result {
+                    Ok(Ok(removed)) => Reply::Acked {
+                        id,
+                        channel: &channel,
+                        offset: upto,
+                        removed,
+                    }
+                    .to_json(),
+                    Ok(Err(last)) => refused(
+                        "ack",
+                        id,
+                        &channel,
+                        400,
+                        &format!("offset {upto} is ahead of {channel}'s last offset {last}"),
+                    ),
+                    Err(e) => store_refusal("ack", id, &channel, &e),
+                };
+                self.answer_later(&tag, reply, Vec::new());
+            }
+            AnswerKind::Unacked(result) => self.finish_subscribe(tag, channel, result),
+        }
+        self.settle();
+    }
+
+    /// Subscribes the connection with its unacked messages (see the module docs).
+    fn finish_subscribe(
+        &self,
+        tag: ShardTag,
+        channel: Arc<str>,
+        result: Result<Backlog, StoreError>,
+    ) {
+        let id = tag.id.as_deref();
+        let still_wanted = {
+            let mut pending = self.inbox_pending.borrow_mut();
+            let k = (tag.key, channel.clone());
+            let wanted = pending.get(&k) == Some(&tag.generation);
+            if wanted {
+                pending.remove(&k);
+            }
+            wanted
+        };
+        if !still_wanted {
+            return; // Unsubscribed meanwhile, or the connection is gone.
+        }
+        let backlog = match result {
+            Ok(b) => b,
+            Err(e) => {
+                let reply = store_refusal("subscribe", id, &channel, &e);
+                return self.answer_later(&tag, reply, Vec::new());
+            }
+        };
+        let (last, epoch) = (backlog.last, backlog.epoch);
+        self.publisher.adopt_position(&channel, last, epoch);
+        let attach = self.publisher.attach(
+            &channel,
+            Some(Since {
+                offset: last,
+                epoch,
+            }),
+            self.ring_cursor.get(),
+            self.settings.max_recovery_messages,
+        );
+        let position = attach.offset;
+        let tail = if position > last {
+            match attach.recovery {
+                Some(Ok(frames)) => frames,
+                _ => return self.retry_subscribe(tag, &channel),
+            }
+        } else {
+            Vec::new()
+        };
+        // Positions from before a restart stay valid: the epoch is the store's.
+        let after = tag
+            .since
+            .filter(|s| s.epoch == epoch)
+            .map_or(0, |s| s.offset);
+        let mut frames: Vec<Bytes> = backlog
+            .frames
+            .into_iter()
+            .filter(|(offset, _)| *offset > after && *offset <= position.min(last))
+            .map(|(_, frame)| frame)
+            .collect();
+        let unacked = frames.len() as u64;
+        frames.extend(tail);
+        let reply = Reply::Subscribed {
+            id,
+            channel: &channel,
+            offset: position,
+            epoch,
+            recovered: None,
+            inbox: Some((unacked, backlog.more)),
+        }
+        .to_json();
+        // Subscribed in the same step as the attach: nothing in between can run.
+        let mut conns = self.conns.borrow_mut();
+        let Some(conn) = conns.get_current(tag.key, tag.generation) else {
+            return;
+        };
+        if !conn.machine.is_open() {
+            return;
+        }
+        let added = {
+            let mut index = self.index.borrow_mut();
+            let added = index.subscribe(tag.key, &channel);
+            // Where its subscribers are, for the follower's catch-up and overrun heal.
+            index.note_position(&channel, position);
+            added
+        };
+        if added {
+            let id = self.conn_id(tag.key, tag.generation);
+            self.presence_in(id, conn.machine.session(), &channel);
+        }
+        // Counted here, when sent (the store's answer may hold some that come live instead).
+        self.all_metrics
+            .inbox
+            .delivered
+            .fetch_add(unacked, std::sync::atomic::Ordering::Relaxed);
+        self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+        let before = conn.machine.backlog().bytes();
+        conn.machine.queue_replay(frames);
+        self.note_backlog_change(before, conn.machine.backlog().bytes());
+        self.flush_or_close(tag.key, conn);
+    }
+
+    fn retry_subscribe(&self, tag: ShardTag, channel: &str) {
+        let id = tag.id.clone();
+        let attempt = tag.attempt + 1;
+        let retried = match &self.inbox {
+            Some(inbox) if attempt < MAX_ATTEMPTS => self
+                .inbox_subscribe(
+                    inbox,
+                    tag.key,
+                    tag.generation,
+                    channel,
+                    id.clone(),
+                    tag.since,
+                    attempt,
+                )
+                .is_ok(),
+            _ => false,
+        };
+        if !retried {
+            let reply = refused(
+                "subscribe",
+                id.as_deref(),
+                channel,
+                503,
+                "inbox: could not line the inbox up with live delivery (history too short?): subscribe again",
+            );
+            self.answer_later(&tag, reply, Vec::new());
+        }
+    }
+
+    /// Sends a reply (and frames) to the connection of `tag`, if it is still there.
+    fn answer_later(&self, tag: &ShardTag, reply: String, frames: Vec<Bytes>) {
+        let mut conns = self.conns.borrow_mut();
+        let Some(conn) = conns.get_current(tag.key, tag.generation) else {
+            return;
+        };
+        if !conn.machine.is_open() {
+            return;
+        }
+        self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+        if !frames.is_empty() {
+            let before = conn.machine.backlog().bytes();
+            conn.machine.queue_replay(frames);
+            self.note_backlog_change(before, conn.machine.backlog().bytes());
+        }
+        self.flush_or_close(tag.key, conn);
+    }
+}
