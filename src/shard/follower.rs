@@ -178,11 +178,13 @@ async fn deliver(
         let mut at = 0;
         loop {
             let end = (at + chunk).min(members.len());
+            let mut queued = 0;
             for &key in &members[at..end] {
                 if let Some(conn) = conns.get_mut(key) {
-                    shard.offer_message(key, conn, channel, offset, &frame);
+                    queued += u64::from(shard.offer_message(key, conn, channel, offset, &frame));
                 }
             }
+            shard.count_deliveries(queued, frame.len());
             at = end;
             if at == members.len() {
                 return members.len();
@@ -210,14 +212,16 @@ async fn deliver(
             break;
         };
         let mut conns = shard.conns.borrow_mut();
+        let mut queued = 0;
         for &(key, generation) in part {
             let Some(conn) = conns.get_current(key, generation) else {
                 continue;
             };
             if index.is_member(key, id) {
-                shard.offer_message(key, conn, channel, offset, &frame);
+                queued += u64::from(shard.offer_message(key, conn, channel, offset, &frame));
             }
         }
+        shard.count_deliveries(queued, frame.len());
     }
     count
 }
