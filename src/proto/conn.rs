@@ -364,11 +364,10 @@ impl Connection {
         Err(self.decide(Some(reason), CloseCause::Policy))
     }
 
-    /// Offers a published message's frame under the slow-consumer policy.
-    ///
-    /// The hot path of a fan-out (one call per delivery), so it returns only the outcome:
-    /// on [`Offer::Disconnect`] the driver asks for the close with
-    /// [`Connection::close_slow_consumer`].
+    /// Offers a published message's frame under the plain slow-consumer policy of its
+    /// backlog (skip when full, [`Offer::Disconnect`] after `drop_limit` skips in a row),
+    /// without catching up. The driver uses [`Connection::offer_on`] and
+    /// [`Connection::offer_event`]; the deterministic simulation drives this one.
     #[inline]
     pub fn offer(&mut self, frame: &Bytes, config: &ConnConfig) -> Offer {
         if !self.is_open() {
@@ -377,13 +376,30 @@ impl Connection {
         self.backlog.offer(frame, &config.backlog)
     }
 
-    /// Offers message `offset` of `channel`: [`Connection::offer`], except that a message
-    /// the backlog has no room for is not lost: the connection starts lagging on the
-    /// channel and gets it, and what follows, from history once its backlog drains
-    /// ([`Connection::catch_up_next`]). Returns [`Offer::Skipped`] for a message it will
-    /// get that way. A lagging connection is closed with 1013 only when it writes
-    /// nothing for `stall_after` seconds ([`Connection::on_tick`]) or loses more than
-    /// `drop_limit` messages to gaps ([`Connection::apply_catch_up`]).
+    /// True while it takes `channel` from history instead of live.
+    fn lags_on(&self, channel: &str) -> bool {
+        self.lag
+            .as_ref()
+            .is_some_and(|lag| lag.channels.iter().any(|(c, _)| &**c == channel))
+    }
+
+    /// Queues a live frame of `channel`: `Some(true)` when queued, `Some(false)` when the
+    /// backlog has no room, `None` when closed or catching up on the channel.
+    #[inline]
+    fn queue_live(&mut self, channel: &str, frame: &Bytes, config: &ConnConfig) -> Option<bool> {
+        if !self.is_open() || self.lags_on(channel) {
+            return None;
+        }
+        Some(self.backlog.offer(frame, &config.backlog) == Offer::Queued)
+    }
+
+    /// Offers message `offset` of `channel`: a message the backlog has no room for is not
+    /// lost: the connection starts lagging on the channel and gets it, and what follows,
+    /// from history once its backlog drains ([`Connection::catch_up_next`]). Returns
+    /// [`Offer::Skipped`] for a message it will get that way. A lagging connection is
+    /// closed with 1013 only when it writes nothing for `stall_after` seconds
+    /// ([`Connection::on_tick`]) or loses more than `drop_limit` messages to gaps
+    /// ([`Connection::apply_catch_up`]).
     #[inline]
     pub fn offer_on(
         &mut self,
@@ -392,28 +408,17 @@ impl Connection {
         frame: &Bytes,
         config: &ConnConfig,
     ) -> Offer {
-        if !self.is_open() {
-            return Offer::Skipped;
-        }
-        if let Some(lag) = &self.lag {
-            if lag
-                .channels
-                .iter()
-                .any(|(c, _)| Arc::ptr_eq(c, channel) || c == channel)
-            {
-                return Offer::Skipped;
-            }
-        }
-        match self.backlog.offer(frame, &config.backlog) {
-            Offer::Queued => Offer::Queued,
+        match self.queue_live(channel, frame, config) {
+            Some(true) => Offer::Queued,
             // No room: this message and what follows come from history.
-            Offer::Skipped | Offer::Disconnect => {
+            Some(false) => {
                 self.lag
                     .get_or_insert_with(Box::default)
                     .channels
                     .push((channel.clone(), offset.saturating_sub(1)));
                 Offer::Skipped
             }
+            None => Offer::Skipped,
         }
     }
 
@@ -421,17 +426,9 @@ impl Connection {
     /// connection is not catching up on the channel (events are not in history), else
     /// skipped ([`Offer::Skipped`]); the `presence` command tells the current state.
     pub fn offer_event(&mut self, channel: &str, frame: &Bytes, config: &ConnConfig) -> Offer {
-        if !self.is_open() {
-            return Offer::Skipped;
-        }
-        if let Some(lag) = &self.lag {
-            if lag.channels.iter().any(|(c, _)| &**c == channel) {
-                return Offer::Skipped;
-            }
-        }
-        match self.backlog.offer(frame, &config.backlog) {
-            Offer::Queued => Offer::Queued,
-            Offer::Skipped | Offer::Disconnect => Offer::Skipped,
+        match self.queue_live(channel, frame, config) {
+            Some(true) => Offer::Queued,
+            _ => Offer::Skipped,
         }
     }
 
@@ -441,9 +438,11 @@ impl Connection {
         if !self.is_open() {
             return;
         }
-        let lag = self.lag.get_or_insert_with(Box::default);
-        if !lag.channels.iter().any(|(c, _)| c == channel) {
-            lag.channels.push((channel.clone(), since));
+        if !self.lags_on(channel) {
+            self.lag
+                .get_or_insert_with(Box::default)
+                .channels
+                .push((channel.clone(), since));
         }
     }
 
@@ -497,16 +496,6 @@ impl Connection {
             self.lag = None;
         }
         None
-    }
-
-    /// Stops lagging on `channel` (unsubscribed).
-    pub fn forget_lag(&mut self, channel: &str) {
-        if let Some(lag) = self.lag.as_mut() {
-            lag.channels.retain(|(c, _)| &**c != channel);
-            if lag.channels.is_empty() {
-                self.lag = None;
-            }
-        }
     }
 
     /// The 1013 close an [`Offer::Disconnect`] calls for; `None` when a close was already

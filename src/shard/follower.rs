@@ -229,36 +229,14 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fanout::publisher::Publisher;
-    use crate::fanout::ring::Ring;
-    use crate::fanout::wake::IdleFlags;
     use crate::shard::conn::adopt;
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixStream;
-    use std::sync::Arc;
 
     fn test_shard() -> Shard {
         let settings = crate::config::resolve(Default::default(), Default::default())
             .expect("default settings");
-        let publisher = Arc::new(Publisher::new(
-            Arc::new(Ring::new(8)),
-            Arc::new(IdleFlags::new(1)),
-        ));
-        let slots = crate::shard::admission::ConnectionSlots::new(settings.max_connections);
-        let presence = Arc::new(crate::presence::Presence::new(
-            publisher.ring().clone(),
-            publisher.idle_flags().clone(),
-        ));
-        Shard::new(
-            0,
-            Arc::new(settings),
-            publisher,
-            Arc::default(),
-            presence,
-            slots,
-            None,
-        )
-        .expect("shard")
+        Shard::for_tests(settings, 8)
     }
 
     /// A connection whose peer end is kept in `peers` (so its socket stays open).

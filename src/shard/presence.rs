@@ -124,16 +124,11 @@ impl Shard {
 mod tests {
     use super::*;
     use crate::auth::namespace::{NamespaceTable, Namespaces};
-    use crate::fanout::publisher::Publisher;
-    use crate::fanout::ring::Ring;
-    use crate::fanout::wake::IdleFlags;
     use crate::metrics::CloseCause;
-    use crate::presence::Presence;
     use crate::shard::conn::adopt;
     use std::collections::BTreeMap;
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixStream;
-    use std::sync::Arc;
 
     fn shard_with_presence() -> Shard {
         let mut settings = crate::config::resolve(Default::default(), Default::default())
@@ -149,25 +144,7 @@ mod tests {
         );
         settings.namespaces =
             Namespaces::resolve(&NamespaceTable::default(), None, Some(&tables)).expect("rules");
-        let publisher = Arc::new(Publisher::new(
-            Arc::new(Ring::new(64)),
-            Arc::new(IdleFlags::new(1)),
-        ));
-        let presence = Arc::new(Presence::new(
-            publisher.ring().clone(),
-            publisher.idle_flags().clone(),
-        ));
-        let slots = crate::shard::admission::ConnectionSlots::new(settings.max_connections);
-        Shard::new(
-            0,
-            Arc::new(settings),
-            publisher,
-            Arc::default(),
-            presence,
-            slots,
-            None,
-        )
-        .expect("shard")
+        Shard::for_tests(settings, 64)
     }
 
     /// Every way a subscription ends takes the connection out of presence: unsubscribe,

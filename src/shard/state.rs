@@ -169,6 +169,33 @@ impl Shard {
         self.started.elapsed().as_secs() as u32
     }
 
+    /// Shard 0 of a one-shard process with `settings`, a ring of `ring_capacity` slots, a
+    /// presence registry and no inbox, for unit tests of the driver.
+    #[cfg(test)]
+    pub(crate) fn for_tests(settings: Settings, ring_capacity: usize) -> Shard {
+        use crate::fanout::ring::Ring;
+        use crate::fanout::wake::IdleFlags;
+        let publisher = Arc::new(Publisher::new(
+            Arc::new(Ring::new(ring_capacity)),
+            Arc::new(IdleFlags::new(1)),
+        ));
+        let presence = Arc::new(Presence::new(
+            publisher.ring().clone(),
+            publisher.idle_flags().clone(),
+        ));
+        let slots = ConnectionSlots::new(settings.max_connections);
+        Shard::new(
+            0,
+            Arc::new(settings),
+            publisher,
+            Arc::default(),
+            presence,
+            slots,
+            None,
+        )
+        .expect("shard")
+    }
+
     /// Wall-clock Unix seconds, for token `exp`/`nbf` (a clock before 1970 reads as 0,
     /// which makes every token not yet valid rather than valid forever).
     pub fn unix_now(&self) -> u64 {
