@@ -22,39 +22,20 @@ import time
 import traceback
 import urllib.request
 
-MISSING = []
-try:
-    import jwt  # PyJWT
-except ImportError:
-    MISSING.append("PyJWT")
-try:
-    import websockets
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed, InvalidStatus
-except ImportError:
-    MISSING.append("websockets")
-try:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-except ImportError:
-    MISSING.append("cryptography")
-if MISSING:
-    sys.stderr.write(
-        f"py_auth.py: missing python modules {', '.join(MISSING)}; run "
-        f"`python3 -m pip install {' '.join(MISSING)}` (scripts/test.sh does)\n"
-    )
-    sys.exit(2)
+from rc_common import Fail, expect, require
+
+require(
+    "py_auth.py",
+    {"jwt": "PyJWT", "websockets": "websockets", "cryptography": "cryptography"},
+)
+import jwt  # noqa: E402  (PyJWT)
+import websockets  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 
 TIMEOUT = 5.0
-
-
-class Fail(Exception):
-    pass
-
-
-def expect(cond, what):
-    if not cond:
-        raise Fail(what)
 
 
 class Env:

@@ -30,25 +30,13 @@ import sys
 import time
 import urllib.request
 
-try:
-    import jwt  # PyJWT
-    from websockets.asyncio.client import connect
-except ImportError as e:
-    sys.stderr.write(
-        f"py_inbox.py: {e}; run `python3 -m pip install websockets pyjwt` (scripts/test.sh does)\n"
-    )
-    sys.exit(2)
+from rc_common import Fail, expect, require
+
+require("py_inbox.py", {"jwt": "PyJWT", "websockets": "websockets"})
+import jwt  # noqa: E402  (PyJWT)
+from websockets.asyncio.client import connect  # noqa: E402
 
 TIMEOUT = 5.0
-
-
-class Fail(Exception):
-    pass
-
-
-def expect(cond, what):
-    if not cond:
-        raise Fail(what)
 
 
 def token(secret, sub):

@@ -26,37 +26,18 @@ import time
 import traceback
 import urllib.request
 
-MISSING = []
-try:
-    import jwt  # PyJWT
-except ImportError:
-    MISSING.append("PyJWT")
-try:
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
-except ImportError:
-    MISSING.append("websockets")
-if MISSING:
-    sys.stderr.write(
-        f"py_presence.py: missing python modules {', '.join(MISSING)}; run "
-        f"`python3 -m pip install {' '.join(MISSING)}` (scripts/test.sh does)\n"
-    )
-    sys.exit(2)
+from rc_common import Fail, expect, require
+
+require("py_presence.py", {"jwt": "PyJWT", "websockets": "websockets"})
+import jwt  # noqa: E402  (PyJWT)
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
 
 TIMEOUT = 5.0
 MAX_MEMBERS = 12
 # --ping-interval 1 --pong-timeout 1: nominally 2 s; room for per-shard jitter, the
 # one-second sweep and a loaded machine.
 DEAD_BOUND = 8.0
-
-
-class Fail(Exception):
-    pass
-
-
-def expect(cond, what):
-    if not cond:
-        raise Fail(what)
 
 
 class Env:
