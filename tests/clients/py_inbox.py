@@ -170,7 +170,10 @@ async def churn(args):
         via_url = sessions % 2 == 0
         url = f"ws://{args.ws}/ws?token={mine}" + (f"&channels={channel}" if via_url else "")
         t0 = time.monotonic()
-        async with connect(url) as ws:
+        # max_queue=None: live messages that arrive after the ack reply are never read, and
+        # with a bounded queue websockets stops reading the socket once it is full, so the
+        # server's close frame behind them would wait for the client's 10 s close timeout.
+        async with connect(url, max_queue=None) as ws:
             t1 = time.monotonic()
             if not via_url:
                 await ws.send(json.dumps({"cmd": "subscribe", "channel": channel}))
