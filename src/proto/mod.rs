@@ -10,6 +10,7 @@
 //! - [`conn`] is one connection's state machine: input, limits, heartbeats, close.
 //! - [`close`] is the table of close codes and where each protocol error maps.
 //! - [`channel`] validates channel names.
+//! - [`origin`] decides which browser origins may connect (and the CORS headers).
 
 pub mod channel;
 pub mod close;
@@ -18,4 +19,5 @@ pub mod conn;
 pub mod frame;
 pub mod mask;
 pub mod message;
+pub mod origin;
 pub mod upgrade;

@@ -32,6 +32,8 @@ pub struct Upgrade {
     pub channels: Vec<String>,
     /// The token, if the request carried one (not verified here).
     pub token: Option<String>,
+    /// The `Origin` header, if any (checked against `allowed_origins` by the shard).
+    pub origin: Option<String>,
     /// Length of the request head, including the blank line.
     pub head_len: usize,
 }
@@ -85,6 +87,7 @@ pub fn status_text(status: u16) -> &'static str {
         202 => "Accepted",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
@@ -197,10 +200,12 @@ pub fn parse_upgrade_with_cookie(
         None => bearer.or_else(cookie).map(str::to_string),
     }
     .filter(|t| !t.is_empty());
+    let origin = header("origin").map(|o| o.trim().to_string());
     Ok(Some(Upgrade {
         key: key.to_string(),
         channels,
         token,
+        origin,
         head_len,
     }))
 }

@@ -13,6 +13,7 @@
 
 use crate::auth::token::Claims;
 use crate::metrics::RefuseCause;
+use crate::proto::origin::OriginPolicy;
 use crate::proto::upgrade::{accept_response, parse_upgrade_with_cookie, HttpReject};
 use crate::shard::admission::{refusal_response, HandshakeTicket, SlotReservation};
 use crate::shard::conn::adopt;
@@ -102,6 +103,12 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
             }
         }
     };
+    if !shard.settings.origins.allows(upgrade.origin.as_deref()) {
+        shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
+        let reject = HttpReject::new(403, OriginPolicy::refusal(upgrade.origin.as_deref()));
+        let _ = stream.write_all(&reject.response()).await;
+        return None;
+    }
     let claims = match shard
         .settings
         .auth
