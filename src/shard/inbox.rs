@@ -284,6 +284,7 @@ impl Shard {
         let before = conn.machine.backlog().bytes();
         conn.machine.queue_replay(frames);
         self.note_backlog_change(before, conn.machine.backlog().bytes());
+        self.answer_poll_if_due(tag.key, conn);
         self.flush_or_close(tag.key, conn);
     }
 
@@ -331,6 +332,7 @@ impl Shard {
             conn.machine.queue_replay(frames);
             self.note_backlog_change(before, conn.machine.backlog().bytes());
         }
+        self.answer_poll_if_due(tag.key, conn);
         self.flush_or_close(tag.key, conn);
     }
 }
