@@ -61,6 +61,14 @@ impl Position {
         Ok(Position { entries })
     }
 
+    /// An empty position with room for `channels` entries (an idle SSE connection keeps
+    /// its position for as long as it lives: no spare capacity).
+    pub fn with_capacity(channels: usize) -> Position {
+        Position {
+            entries: Vec::with_capacity(channels),
+        }
+    }
+
     /// The entry for `channel`, if any.
     pub fn get(&self, channel: &str) -> Option<Since> {
         self.entries

@@ -82,7 +82,7 @@ impl HttpStream {
     /// A stream that starts at `since` (the requested position: the entries for the
     /// requested `channels`, others dropped).
     pub fn new(mode: Mode, channels: &[String], since: Option<&Position>) -> Self {
-        let mut position = Position::default();
+        let mut position = Position::with_capacity(channels.len());
         if let Some(since) = since {
             for (channel, at) in since.entries() {
                 if channels.iter().any(|c| c == channel) {
