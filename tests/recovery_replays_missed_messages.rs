@@ -116,12 +116,9 @@ fn since_on_the_upgrade_url_resumes_those_channels() {
     // A malformed position is refused before the upgrade.
     let bad = http::send_raw(
         server.ws_addr(),
-        format!(
-            "GET /ws?channels=url:a&since=url:a~x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .as_bytes(),
+        b"GET /ws?channels=url:a&since=url:a~x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\n\r\n",
     )
     .expect("upgrade request");
     assert_eq!(bad.status, 400, "{}", bad.text());
