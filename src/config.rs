@@ -151,6 +151,11 @@ pub struct ConfigLayer {
     /// Seconds over which a drain (SIGTERM) closes connections in batches. Default: 30.
     #[arg(long, env = "RINGCAST_DRAIN_WINDOW", value_name = "SECS")]
     pub drain_window: Option<u64>,
+    /// Seconds between a SIGTERM and the start of the drain: `/readyz` answers 503 at once
+    /// while the listeners keep accepting, so a load balancer's health check takes the
+    /// node out before connections are refused and closed. Default: 5.
+    #[arg(long, env = "RINGCAST_DRAIN_GRACE", value_name = "SECS")]
+    pub drain_grace: Option<u64>,
     /// Slots in the shared fan-out ring (power of two); it holds the last N messages.
     /// Default: 16384.
     #[arg(long, env = "RINGCAST_RING_CAPACITY", value_name = "N")]
@@ -323,6 +328,8 @@ pub struct Settings {
     pub max_handshakes_per_shard: usize,
     /// Drain window.
     pub drain_window: Duration,
+    /// Time between SIGTERM (readiness fails) and the drain (accepting stops).
+    pub drain_grace: Duration,
     /// Ring slots.
     pub ring_capacity: usize,
     /// Idle time after which a channel's offset state is dropped; `None`: never.
@@ -592,6 +599,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             0,
             3600,
         )?),
+        drain_grace: Duration::from_secs(in_range("drain_grace", pick!(drain_grace, 5), 0, 3600)?),
         ring_capacity: in_range("ring_capacity", pick!(ring_capacity, 16_384), 16, 1 << 24)?,
         channel_idle_timeout: match in_range(
             "channel_idle_timeout",
@@ -825,6 +833,13 @@ mod tests {
         assert_eq!(s.max_handshakes_per_shard, 1024);
         assert_eq!(s.channel_idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(s.presence_max_members, 1000);
+        assert_eq!(s.drain_grace, Duration::from_secs(5));
+        assert_eq!(
+            parse(&["--drain-grace", "0"]).unwrap().drain_grace,
+            Duration::ZERO
+        );
+        let err = parse(&["--drain-grace", "3601"]).unwrap_err().to_string();
+        assert!(err.contains("`drain_grace`"), "{err}");
     }
 
     #[test]

@@ -420,7 +420,7 @@ impl Metrics {
         );
         self.render_latency(&mut out);
         self.render_inbox(&mut out);
-        let _ = writeln!(out, "# HELP ringcast_draining 1 while a drain is in progress.\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
+        let _ = writeln!(out, "# HELP ringcast_draining 1 from the first SIGTERM or SIGINT on (drain_grace and drain).\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
         out
     }
 

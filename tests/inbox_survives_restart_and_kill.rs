@@ -26,6 +26,8 @@ fn start(dir: &std::path::Path) -> Server {
         dir.to_str().expect("utf-8 temp dir"),
         "--drain-window",
         "1",
+        "--drain-grace",
+        "0",
     ])
 }
 

@@ -18,7 +18,7 @@ use crate::metrics::{self, ShardMetrics, Source};
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use crate::proto::upgrade::{percent_decode, status_text, MAX_REQUEST_HEAD};
 use crate::shard::control::ShardControl;
-use crate::shard::lifecycle::{DRAINING, SHARDS_READY};
+use crate::shard::lifecycle::{shutting_down, SHARDS_READY};
 use crate::shard::listener::accept_allowed;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
@@ -187,7 +187,7 @@ async fn read_request(
 
 fn route(method: &str, target: &str, settings: &Settings) -> Response {
     let path = target.split_once('?').map_or(target, |(p, _)| p);
-    let draining = DRAINING.load(Ordering::Acquire);
+    let draining = shutting_down();
     match (method, path) {
         ("GET", "/metrics") => Response {
             status: 200,

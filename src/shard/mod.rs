@@ -326,15 +326,17 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     wait_for_drain(&settings, done_rx)
 }
 
-/// Blocks until SIGTERM/SIGINT starts a drain and every shard finished it (or the window
-/// plus a grace period passed). A second signal exits at once.
+/// Blocks until SIGTERM/SIGINT starts a shutdown and every shard finished its drain (or
+/// the window plus a grace period passed). The first signal turns `/readyz` 503 at once;
+/// the listeners keep accepting for `drain_grace` (a load balancer's health check takes
+/// the node out meanwhile), then the drain stops accepting and closes connections. A
+/// second signal exits at once.
 fn wait_for_drain(settings: &Settings, done: mpsc::Receiver<usize>) -> Result<(), StartError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(StartError::Signals)?;
     let first = signals.forever().next();
-    tracing::info!(signal = ?first, window_secs = settings.drain_window.as_secs(), "draining: no new connections; send the signal again to exit at once");
-    lifecycle::DRAINING.store(true, Ordering::Release);
+    lifecycle::STOPPING.store(true, Ordering::Release);
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::warn!(
@@ -344,6 +346,12 @@ fn wait_for_drain(settings: &Settings, done: mpsc::Receiver<usize>) -> Result<()
             std::process::exit(1);
         }
     });
+    if !settings.drain_grace.is_zero() {
+        tracing::info!(signal = ?first, grace_secs = settings.drain_grace.as_secs(), "shutting down: /readyz answers 503, still accepting until the drain starts; send the signal again to exit at once");
+        std::thread::sleep(settings.drain_grace);
+    }
+    tracing::info!(signal = ?first, window_secs = settings.drain_window.as_secs(), "draining: no new connections; send the signal again to exit at once");
+    lifecycle::DRAINING.store(true, Ordering::Release);
     let deadline = Instant::now() + settings.drain_window + Duration::from_secs(5);
     for _ in 0..settings.shards {
         let left = deadline.saturating_duration_since(Instant::now());
