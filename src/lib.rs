@@ -35,6 +35,7 @@ pub mod config;
 pub mod fanout;
 pub mod inbox;
 pub mod ingest;
+pub mod live;
 pub mod metrics;
 pub mod presence;
 pub mod proto;

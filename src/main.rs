@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let reload_cli = cli.clone();
     let settings = match config::load(cli) {
         Ok(s) => s,
         Err(e) => {
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match ringcast::shard::run(settings) {
+    match ringcast::shard::run_reloadable(settings, reload_cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringcast: {e}");

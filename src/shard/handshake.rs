@@ -84,10 +84,12 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, ticket: HandshakeT
 async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = vec![0u8; 2048];
+    // One snapshot for the whole upgrade, whatever a reload does meanwhile.
+    let live = shard.live();
     let upgrade = loop {
         let n = stream.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
         head.extend_from_slice(&chunk[..n]);
-        let cookie = shard.settings.auth.cookie.as_deref();
+        let cookie = live.auth.cookie.as_deref();
         match parse_upgrade_with_cookie(
             &head,
             shard.settings.max_subscriptions_per_connection,
@@ -102,11 +104,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
             }
         }
     };
-    let claims = match shard
-        .settings
-        .auth
-        .admit(upgrade.token.as_deref(), shard.unix_now())
-    {
+    let claims = match live.auth.admit(upgrade.token.as_deref(), shard.unix_now()) {
         Ok(claims) => claims,
         Err(e) => {
             shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);

@@ -65,6 +65,7 @@ pub async fn run(shard: Rc<Shard>, stop_accepting: Rc<LocalEvent>) {
         if DRAINING.load(Ordering::Acquire) {
             break;
         }
+        shard.refresh_live();
         sweep.step(&shard);
     }
     shard.draining.set(true);
@@ -102,7 +103,7 @@ impl Sweep {
                     continue;
                 };
                 let before = conn.machine.backlog().bytes();
-                match conn.machine.on_tick(now, &shard.conn_config) {
+                match conn.machine.on_tick(now, &shard.conn_config.get()) {
                     Tick::Idle => {}
                     Tick::Ping => {
                         pings += 1;
