@@ -8,6 +8,7 @@ use crate::auth::namespace::{NamespaceTable, Namespaces};
 use crate::auth::token::{JwtAlgorithm, KeyMaterial, Verifier};
 use crate::auth::AuthSettings;
 pub use crate::inbox::thread::InboxConfig;
+use crate::ingest::key::IngestKey;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -89,6 +90,18 @@ pub struct ConfigLayer {
         value_name = "CIDR,..."
     )]
     pub ingest_allow: Option<Vec<String>>,
+    /// Shared secret TCP and HTTP publishers must present (TCP: a first line
+    /// `AUTH <key>`; HTTP `POST /publish` and `/admin/disconnect`: `Authorization: Bearer
+    /// <key>`); 16-256 bytes of visible ASCII. UDP ingest takes no key (allowlist only).
+    /// Prefer the environment variable or the file to the flag: a flag shows in `ps`.
+    /// Default: none (no key asked).
+    #[arg(
+        long,
+        env = "RINGCAST_INGEST_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub ingest_key: Option<String>,
     /// Number of shards (pinned executors, one per core); 0 means one per online CPU.
     /// Default: 0.
     #[arg(long, env = "RINGCAST_SHARDS", value_name = "N")]
@@ -298,6 +311,8 @@ pub struct Settings {
     pub admin: SocketAddr,
     /// Allowed sources for non-loopback ingest/admin.
     pub ingest_allow: Vec<Cidr>,
+    /// Key TCP/HTTP publishers must present; `None`: none asked.
+    pub ingest_key: Option<IngestKey>,
     /// Shard count (resolved, >= 1).
     pub shards: usize,
     /// Connection limit over all shards (process-wide).
@@ -519,6 +534,10 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         tcp_ingest: optional_addr("tcp_ingest", pick!(tcp_ingest, "127.0.0.1:9001".into()))?,
         admin: pick!(admin, SocketAddr::from(([127, 0, 0, 1], 9090))),
         ingest_allow,
+        ingest_key: match pick!(ingest_key, String::new()) {
+            k if k.is_empty() => None,
+            k => Some(IngestKey::new(&k).map_err(|m| invalid("ingest_key", m))?),
+        },
         shards,
         max_connections: in_range(
             "max_connections",
@@ -930,6 +949,18 @@ mod tests {
     }
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn the_ingest_key_is_optional_and_checked() {
+        assert!(parse(&[]).unwrap().ingest_key.is_none());
+        let s = parse(&["--ingest-key", SECRET]).unwrap();
+        assert!(s.ingest_key.unwrap().matches(SECRET.as_bytes()));
+        for bad in ["short", "with a space 0123456789"] {
+            let err = parse(&["--ingest-key", bad]).unwrap_err().to_string();
+            assert!(err.contains("`ingest_key`"), "{err}");
+            assert!(!err.contains(bad), "the key is not echoed: {err}");
+        }
+    }
 
     #[test]
     fn no_auth_keys_means_everyone_is_anonymous() {

@@ -13,6 +13,7 @@
 
 use crate::auth::AuthSettings;
 use crate::config::{resolve, Cidr, ConfigError, ConfigLayer, Settings};
+use crate::ingest::key::IngestKey;
 use parking_lot::RwLock;
 use std::net::IpAddr;
 use std::path::Path;
@@ -30,6 +31,7 @@ pub const RELOADABLE: &[&str] = &[
     "slow_consumer_timeout",
     "max_inbound_per_sec",
     "ingest_allow",
+    "ingest_key",
     "jwt_secret",
     "jwt_public_key_file",
     "jwt_algorithm",
@@ -40,7 +42,7 @@ pub const RELOADABLE: &[&str] = &[
 ];
 
 /// Keys whose values are secret: a reload names them, never their values.
-pub const SECRET_KEYS: &[&str] = &["jwt_secret"];
+pub const SECRET_KEYS: &[&str] = &["jwt_secret", "ingest_key"];
 
 /// The settings a reload may change.
 #[derive(Debug, Clone)]
@@ -61,6 +63,8 @@ pub struct Live {
     pub max_inbound_per_sec: u32,
     /// Sources allowed on non-loopback ingest/admin ports.
     pub ingest_allow: Vec<Cidr>,
+    /// Key TCP/HTTP publishers must present; `None`: none asked.
+    pub ingest_key: Option<IngestKey>,
     /// Token verification and anonymous access.
     pub auth: AuthSettings,
 }
@@ -77,6 +81,7 @@ impl Live {
             slow_consumer_timeout: settings.slow_consumer_timeout,
             max_inbound_per_sec: settings.max_inbound_per_sec,
             ingest_allow: settings.ingest_allow.clone(),
+            ingest_key: settings.ingest_key.clone(),
             auth: settings.auth.clone(),
         }
     }

@@ -13,6 +13,7 @@
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::{is_user_channel, Inbox, InboxReply};
+use crate::ingest::key::bearer;
 use crate::ingest::line::validate_payload;
 use crate::metrics::{self, ShardMetrics, Source};
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
@@ -55,6 +56,8 @@ pub async fn serve(
 struct Response {
     status: u16,
     content_type: &'static str,
+    /// Extra header lines, each ending in `\r\n`.
+    headers: &'static str,
     body: String,
 }
 
@@ -62,6 +65,7 @@ fn text(status: u16, body: impl Into<String>) -> Response {
     Response {
         status,
         content_type: "text/plain; charset=utf-8",
+        headers: "",
         body: body.into(),
     }
 }
@@ -70,8 +74,34 @@ fn json(status: u16, body: String) -> Response {
     Response {
         status,
         content_type: "application/json",
+        headers: "",
         body,
     }
+}
+
+/// One request as read: method, target, the `Authorization` header and the body.
+struct Request {
+    method: String,
+    target: String,
+    authorization: Option<Vec<u8>>,
+    body: Vec<u8>,
+}
+
+/// `None` when `ingest_key` is unset or the request's `Authorization: Bearer` carries
+/// it; otherwise the 401 to answer (the key in force now, after any reload).
+fn unauthorized(request: &Request) -> Option<Response> {
+    let key = crate::live::current().and_then(|l| l.ingest_key.clone())?;
+    let given = request.authorization.as_deref().and_then(bearer);
+    if given.is_some_and(|g| key.matches(g)) {
+        return None;
+    }
+    metrics::get().ingest_unauthorized[1].fetch_add(1, Ordering::Relaxed);
+    let mut response = json_error(
+        401,
+        "unauthorized: send the ingest key as Authorization: Bearer <ingest_key>",
+    );
+    response.headers = "WWW-Authenticate: Bearer realm=\"ringcast ingest\"\r\n";
+    Some(response)
 }
 
 fn json_error(status: u16, error: &str) -> Response {
@@ -94,24 +124,39 @@ async fn handle(
 ) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let response = match read_request(&mut stream, settings.max_message_size).await {
-        Ok((method, target, _)) if target.split('?').next() == Some("/admin/disconnect") => {
-            disconnect(&method, &target, &control).await
+        Ok(req) if req.target.split('?').next() == Some("/admin/disconnect") => {
+            match unauthorized(&req) {
+                Some(refused) if req.method == "POST" => refused,
+                _ => disconnect(&req.method, &req.target, &control).await,
+            }
         }
-        Ok((method, target, body))
-            if method == "POST" && target.split('?').next() == Some("/publish") =>
-        {
-            let query = target.split_once('?').map_or("", |(_, q)| q);
-            publish(query, &body, &publisher, inbox.as_ref(), &settings, metrics).await
+        Ok(req) if req.method == "POST" && req.target.split('?').next() == Some("/publish") => {
+            match unauthorized(&req) {
+                Some(refused) => refused,
+                None => {
+                    let query = req.target.split_once('?').map_or("", |(_, q)| q);
+                    publish(
+                        query,
+                        &req.body,
+                        &publisher,
+                        inbox.as_ref(),
+                        &settings,
+                        metrics,
+                    )
+                    .await
+                }
+            }
         }
-        Ok((method, target, _)) => route(&method, &target, &settings),
+        Ok(req) => route(&req.method, &req.target, &settings),
         Err(resp) => resp,
     };
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
         response.status,
         status_text(response.status),
         response.content_type,
-        response.body.len()
+        response.body.len(),
+        response.headers
     );
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(response.body.as_bytes()).await;
@@ -119,10 +164,7 @@ async fn handle(
 }
 
 /// Reads one request: method, target and a Content-Length body.
-async fn read_request(
-    stream: &mut TcpStream,
-    max_body: usize,
-) -> Result<(String, String, Vec<u8>), Response> {
+async fn read_request(stream: &mut TcpStream, max_body: usize) -> Result<Request, Response> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
@@ -150,6 +192,7 @@ async fn read_request(
                 .find(|h| h.name.eq_ignore_ascii_case(name))
                 .map(|h| h.value)
         };
+        let authorization = header("authorization").map(<[u8]>::to_vec);
         if header("transfer-encoding").is_some() {
             return Err(json_error(
                 411,
@@ -181,7 +224,12 @@ async fn read_request(
             body.extend_from_slice(&chunk[..n]);
         }
         body.truncate(length);
-        return Ok((method, target, body));
+        return Ok(Request {
+            method,
+            target,
+            authorization,
+            body,
+        });
     }
 }
 
@@ -192,6 +240,7 @@ fn route(method: &str, target: &str, settings: &Settings) -> Response {
         ("GET", "/metrics") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4",
+            headers: "",
             body: metrics::get().render(draining),
         },
         ("GET", "/healthz") => text(200, "ok\n"),
