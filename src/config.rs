@@ -61,7 +61,7 @@ pub enum ConfigError {
 #[serde(default, deny_unknown_fields)]
 #[command(
     name = "ringcast",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("RINGCAST_GIT_REVISION"), ")"),
     about = "Thread-per-core io_uring WebSocket fan-out server"
 )]
 pub struct ConfigLayer {
@@ -102,6 +102,10 @@ pub struct ConfigLayer {
         hide_env_values = true
     )]
     pub ingest_key: Option<String>,
+    /// Log line format on stderr: `text` (coloured only when stderr is a terminal) or
+    /// `json` (one object per line). Default: text.
+    #[arg(long, env = "RINGCAST_LOG_FORMAT", value_name = "text|json")]
+    pub log_format: Option<String>,
     /// Number of shards (pinned executors, one per core); 0 means one per online CPU.
     /// Default: 0.
     #[arg(long, env = "RINGCAST_SHARDS", value_name = "N")]
@@ -296,6 +300,25 @@ pub enum Command {
         )]
         connections: u64,
     },
+    /// Configuration tools: check a file, print every key with its default.
+    Config {
+        /// What to do.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+/// `ringcast config ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ConfigAction {
+    /// Validate FILE as the server would at start (without flags or environment): prints
+    /// `ok` and exits 0, or names the key and the reason and exits 1.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Print every key with its default as commented TOML (a valid config file).
+    Defaults,
 }
 
 /// Validated settings the server runs with.
@@ -313,6 +336,8 @@ pub struct Settings {
     pub ingest_allow: Vec<Cidr>,
     /// Key TCP/HTTP publishers must present; `None`: none asked.
     pub ingest_key: Option<IngestKey>,
+    /// Log line format.
+    pub log_format: LogFormat,
     /// Shard count (resolved, >= 1).
     pub shards: usize,
     /// Connection limit over all shards (process-wide).
@@ -369,6 +394,15 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Namespace rules, looked up per channel with [`Namespaces::rules_for`].
     pub namespaces: Namespaces,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (ANSI colour only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Largest `presence_max_members`: a reply listing 10,000 members with long user ids is
@@ -476,6 +510,22 @@ fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
     Ok(v)
 }
 
+/// `ring_capacity` must be a power of two (the ring indexes with a mask): refused with
+/// the nearest ones rather than silently rounded, so the memory is what was asked for.
+fn power_of_two(n: usize) -> Result<usize, ConfigError> {
+    if n.is_power_of_two() {
+        return Ok(n);
+    }
+    let above = n.next_power_of_two();
+    Err(invalid(
+        "ring_capacity",
+        format!(
+            "must be a power of two, got {n}: use {} or {above}",
+            above / 2
+        ),
+    ))
+}
+
 fn optional_addr(key: &'static str, v: String) -> Result<Option<SocketAddr>, ConfigError> {
     if v.eq_ignore_ascii_case("off") {
         return Ok(None);
@@ -534,6 +584,16 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         tcp_ingest: optional_addr("tcp_ingest", pick!(tcp_ingest, "127.0.0.1:9001".into()))?,
         admin: pick!(admin, SocketAddr::from(([127, 0, 0, 1], 9090))),
         ingest_allow,
+        log_format: match pick!(log_format, "text".into()).as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("expected `text` or `json`, got {other:?}"),
+                ))
+            }
+        },
         ingest_key: match pick!(ingest_key, String::new()) {
             k if k.is_empty() => None,
             k => Some(IngestKey::new(&k).map_err(|m| invalid("ingest_key", m))?),
@@ -619,7 +679,12 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             3600,
         )?),
         drain_grace: Duration::from_secs(in_range("drain_grace", pick!(drain_grace, 5), 0, 3600)?),
-        ring_capacity: in_range("ring_capacity", pick!(ring_capacity, 16_384), 16, 1 << 24)?,
+        ring_capacity: power_of_two(in_range(
+            "ring_capacity",
+            pick!(ring_capacity, 16_384),
+            16,
+            1 << 24,
+        )?)?,
         channel_idle_timeout: match in_range(
             "channel_idle_timeout",
             pick!(channel_idle_timeout, 3600),
@@ -856,6 +921,15 @@ mod tests {
         assert_eq!(
             parse(&["--drain-grace", "0"]).unwrap().drain_grace,
             Duration::ZERO
+        );
+        let err = parse(&["--ring-capacity", "1000"]).unwrap_err().to_string();
+        assert!(
+            err.contains("`ring_capacity`") && err.contains("512 or 1024"),
+            "{err}"
+        );
+        assert_eq!(
+            parse(&["--ring-capacity", "1024"]).unwrap().ring_capacity,
+            1024
         );
         let err = parse(&["--drain-grace", "3601"]).unwrap_err().to_string();
         assert!(err.contains("`drain_grace`"), "{err}");

@@ -32,6 +32,7 @@ pub mod admin;
 pub mod auth;
 pub mod check_host;
 pub mod config;
+pub mod config_tools;
 pub mod fanout;
 pub mod inbox;
 pub mod ingest;
