@@ -117,5 +117,35 @@ fn sighup_reloads_config() {
     assert_eq!(upgrade_status(server.ws_addr(), &mut open), 101);
     server.wait_for_connections(3, TIMEOUT);
     both_receive(&server, &mut subs, "raised");
+
+    // The ingest key reloads too: from the next request on, publishing needs it.
+    let key = "reloaded-ingest-key-0123456789";
+    write_config(
+        &path,
+        &format!("max_connections = 3\nping_interval = 30\ningest_key = \"{key}\"\n"),
+    );
+    hup_and_wait(&server, "ok", 3.0);
+    let refused = server.http_publish(Some("hup"), b"{\"step\":\"no key\"}");
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    let bearer = format!("Bearer {key}");
+    let r = http::request(
+        server.admin_addr(),
+        "POST",
+        "/publish?channel=hup",
+        &[("Authorization", bearer.as_str())],
+        b"{\"step\":\"keyed\"}",
+    )
+    .expect("keyed publish");
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let d = sub
+            .next_delivery(TIMEOUT)
+            .unwrap_or_else(|| panic!("subscriber {i} got nothing after the key reload"));
+        assert_eq!(d.data["step"], "keyed", "subscriber {i}: {d:?}");
+    }
+    assert!(
+        !server.log().contains(key),
+        "the reload log shows the key's value"
+    );
     assert!(server.is_running());
 }
