@@ -9,6 +9,7 @@ use crate::auth::token::{JwtAlgorithm, KeyMaterial, Verifier};
 use crate::auth::AuthSettings;
 pub use crate::inbox::thread::InboxConfig;
 use crate::proto::origin::OriginPolicy;
+use crate::ingest::key::IngestKey;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -61,7 +62,7 @@ pub enum ConfigError {
 #[serde(default, deny_unknown_fields)]
 #[command(
     name = "ringcast",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("RINGCAST_GIT_REVISION"), ")"),
     about = "Thread-per-core io_uring WebSocket fan-out server"
 )]
 pub struct ConfigLayer {
@@ -90,6 +91,22 @@ pub struct ConfigLayer {
         value_name = "CIDR,..."
     )]
     pub ingest_allow: Option<Vec<String>>,
+    /// Shared secret TCP and HTTP publishers must present (TCP: a first line
+    /// `AUTH <key>`; HTTP `POST /publish` and `/admin/disconnect`: `Authorization: Bearer
+    /// <key>`); 16-256 bytes of visible ASCII. UDP ingest takes no key (allowlist only).
+    /// Prefer the environment variable or the file to the flag: a flag shows in `ps`.
+    /// Default: none (no key asked).
+    #[arg(
+        long,
+        env = "RINGCAST_INGEST_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub ingest_key: Option<String>,
+    /// Log line format on stderr: `text` (coloured only when stderr is a terminal) or
+    /// `json` (one object per line). Default: text.
+    #[arg(long, env = "RINGCAST_LOG_FORMAT", value_name = "text|json")]
+    pub log_format: Option<String>,
     /// Number of shards (pinned executors, one per core); 0 means one per online CPU.
     /// Default: 0.
     #[arg(long, env = "RINGCAST_SHARDS", value_name = "N")]
@@ -165,6 +182,11 @@ pub struct ConfigLayer {
     /// Seconds over which a drain (SIGTERM) closes connections in batches. Default: 30.
     #[arg(long, env = "RINGCAST_DRAIN_WINDOW", value_name = "SECS")]
     pub drain_window: Option<u64>,
+    /// Seconds between a SIGTERM and the start of the drain: `/readyz` answers 503 at once
+    /// while the listeners keep accepting, so a load balancer's health check takes the
+    /// node out before connections are refused and closed. Default: 5.
+    #[arg(long, env = "RINGCAST_DRAIN_GRACE", value_name = "SECS")]
+    pub drain_grace: Option<u64>,
     /// Slots in the shared fan-out ring (power of two); it holds the last N messages.
     /// Default: 16384.
     #[arg(long, env = "RINGCAST_RING_CAPACITY", value_name = "N")]
@@ -297,6 +319,25 @@ pub enum Command {
         )]
         connections: u64,
     },
+    /// Configuration tools: check a file, print every key with its default.
+    Config {
+        /// What to do.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+/// `ringcast config ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ConfigAction {
+    /// Validate FILE as the server would at start (without flags or environment): prints
+    /// `ok` and exits 0, or names the key and the reason and exits 1.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Print every key with its default as commented TOML (a valid config file).
+    Defaults,
 }
 
 /// Validated settings the server runs with.
@@ -312,6 +353,10 @@ pub struct Settings {
     pub admin: SocketAddr,
     /// Allowed sources for non-loopback ingest/admin.
     pub ingest_allow: Vec<Cidr>,
+    /// Key TCP/HTTP publishers must present; `None`: none asked.
+    pub ingest_key: Option<IngestKey>,
+    /// Log line format.
+    pub log_format: LogFormat,
     /// Shard count (resolved, >= 1).
     pub shards: usize,
     /// Connection limit over all shards (process-wide).
@@ -344,6 +389,8 @@ pub struct Settings {
     pub origins: OriginPolicy,
     /// Drain window.
     pub drain_window: Duration,
+    /// Time between SIGTERM (readiness fails) and the drain (accepting stops).
+    pub drain_grace: Duration,
     /// Ring slots.
     pub ring_capacity: usize,
     /// Idle time after which a channel's offset state is dropped; `None`: never.
@@ -368,6 +415,15 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Namespace rules, looked up per channel with [`Namespaces::rules_for`].
     pub namespaces: Namespaces,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (ANSI colour only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Largest `presence_max_members`: a reply listing 10,000 members with long user ids is
@@ -475,6 +531,22 @@ fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
     Ok(v)
 }
 
+/// `ring_capacity` must be a power of two (the ring indexes with a mask): refused with
+/// the nearest ones rather than silently rounded, so the memory is what was asked for.
+fn power_of_two(n: usize) -> Result<usize, ConfigError> {
+    if n.is_power_of_two() {
+        return Ok(n);
+    }
+    let above = n.next_power_of_two();
+    Err(invalid(
+        "ring_capacity",
+        format!(
+            "must be a power of two, got {n}: use {} or {above}",
+            above / 2
+        ),
+    ))
+}
+
 fn optional_addr(key: &'static str, v: String) -> Result<Option<SocketAddr>, ConfigError> {
     if v.eq_ignore_ascii_case("off") {
         return Ok(None);
@@ -533,6 +605,20 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         tcp_ingest: optional_addr("tcp_ingest", pick!(tcp_ingest, "127.0.0.1:9001".into()))?,
         admin: pick!(admin, SocketAddr::from(([127, 0, 0, 1], 9090))),
         ingest_allow,
+        log_format: match pick!(log_format, "text".into()).as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("expected `text` or `json`, got {other:?}"),
+                ))
+            }
+        },
+        ingest_key: match pick!(ingest_key, String::new()) {
+            k if k.is_empty() => None,
+            k => Some(IngestKey::new(&k).map_err(|m| invalid("ingest_key", m))?),
+        },
         shards,
         max_connections: in_range(
             "max_connections",
@@ -618,7 +704,13 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             0,
             3600,
         )?),
-        ring_capacity: in_range("ring_capacity", pick!(ring_capacity, 16_384), 16, 1 << 24)?,
+        drain_grace: Duration::from_secs(in_range("drain_grace", pick!(drain_grace, 5), 0, 3600)?),
+        ring_capacity: power_of_two(in_range(
+            "ring_capacity",
+            pick!(ring_capacity, 16_384),
+            16,
+            1 << 24,
+        )?)?,
         channel_idle_timeout: match in_range(
             "channel_idle_timeout",
             pick!(channel_idle_timeout, 3600),
@@ -873,6 +965,22 @@ mod tests {
         assert_eq!(s.max_handshakes_per_shard, 1024);
         assert_eq!(s.channel_idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(s.presence_max_members, 1000);
+        assert_eq!(s.drain_grace, Duration::from_secs(5));
+        assert_eq!(
+            parse(&["--drain-grace", "0"]).unwrap().drain_grace,
+            Duration::ZERO
+        );
+        let err = parse(&["--ring-capacity", "1000"]).unwrap_err().to_string();
+        assert!(
+            err.contains("`ring_capacity`") && err.contains("512 or 1024"),
+            "{err}"
+        );
+        assert_eq!(
+            parse(&["--ring-capacity", "1024"]).unwrap().ring_capacity,
+            1024
+        );
+        let err = parse(&["--drain-grace", "3601"]).unwrap_err().to_string();
+        assert!(err.contains("`drain_grace`"), "{err}");
     }
 
     #[test]
@@ -963,6 +1071,18 @@ mod tests {
     }
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn the_ingest_key_is_optional_and_checked() {
+        assert!(parse(&[]).unwrap().ingest_key.is_none());
+        let s = parse(&["--ingest-key", SECRET]).unwrap();
+        assert!(s.ingest_key.unwrap().matches(SECRET.as_bytes()));
+        for bad in ["short", "with a space 0123456789"] {
+            let err = parse(&["--ingest-key", bad]).unwrap_err().to_string();
+            assert!(err.contains("`ingest_key`"), "{err}");
+            assert!(!err.contains(bad), "the key is not echoed: {err}");
+        }
+    }
 
     #[test]
     fn no_auth_keys_means_everyone_is_anonymous() {

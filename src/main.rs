@@ -1,27 +1,56 @@
 //! The `ringcast` binary: configuration, then shards, then run until drained;
-//! `ringcast check-host` inspects the host instead (see [`ringcast::check_host`]).
+//! `ringcast check-host` inspects the host instead (see [`ringcast::check_host`]), and
+//! `ringcast config check|defaults` checks a file or prints every key's default.
 
 use clap::Parser;
 use ringcast::check_host;
-use ringcast::config::{self, Command, ConfigLayer};
+use ringcast::config::{self, Command, ConfigAction, ConfigLayer, LogFormat};
+use ringcast::config_tools;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = ConfigLayer::parse();
-    if let Some(Command::CheckHost { connections }) = cli.command {
-        return check_host::run(connections);
+    let args: Vec<String> = std::env::args().collect();
+    let cli = match ConfigLayer::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap names the flag; a value from the environment is named by its variable.
+            if let Some(message) = config_tools::explain_env_error(&e, &args) {
+                eprintln!("ringcast: {message}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
+    match &cli.command {
+        Some(Command::CheckHost { connections }) => return check_host::run(*connections),
+        Some(Command::Config {
+            action: ConfigAction::Check { file },
+        }) => {
+            return match config_tools::check(file) {
+                Ok(()) => {
+                    println!("ok");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ringcast: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Config {
+            action: ConfigAction::Defaults,
+        }) => {
+            print!("{}", config_tools::defaults_toml());
+            return ExitCode::SUCCESS;
+        }
+        None => {}
     }
     abort_on_panic();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RINGCAST_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let reload_cli = cli.clone();
     let settings = match config::load(cli) {
         Ok(s) => s,
         Err(e) => {
@@ -29,12 +58,34 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match ringcast::shard::run(settings) {
+    init_logging(settings.log_format);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        git = env!("RINGCAST_GIT_REVISION"),
+        "effective configuration (flags and environment over the file over the defaults; secrets redacted): {settings:?}"
+    );
+    match ringcast::shard::run_reloadable(settings, reload_cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringcast: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Log lines to stderr, filtered by `RINGCAST_LOG` (default `info`); colour only when
+/// stderr is a terminal and `NO_COLOR` is unset.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RINGCAST_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
     }
 }
 

@@ -167,6 +167,10 @@ pub struct Metrics {
     pub inbox: Arc<InboxStats>,
     /// Presence channels, members and join/leave events (process-wide).
     pub presence: Arc<PresenceStats>,
+    /// Configuration reloads (SIGHUP): `[ok, error]`.
+    pub config_reloads: [AtomicU64; 2],
+    /// Publishers refused for a missing or wrong `ingest_key`: `[tcp, http]`.
+    pub ingest_unauthorized: [AtomicU64; 2],
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -185,6 +189,8 @@ pub fn init(shards: usize) -> &'static Metrics {
         users: AtomicU64::new(0),
         inbox: Arc::new(InboxStats::default()),
         presence: Arc::new(PresenceStats::default()),
+        config_reloads: Default::default(),
+        ingest_unauthorized: Default::default(),
     })
 }
 
@@ -420,7 +426,19 @@ impl Metrics {
         );
         self.render_latency(&mut out);
         self.render_inbox(&mut out);
-        let _ = writeln!(out, "# HELP ringcast_draining 1 while a drain is in progress.\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
+        let _ = writeln!(
+            out,
+            "# HELP ringcast_config_reloads_total Configuration reloads (SIGHUP) applied (ok) or refused (error).\n# TYPE ringcast_config_reloads_total counter\nringcast_config_reloads_total{{result=\"ok\"}} {}\nringcast_config_reloads_total{{result=\"error\"}} {}",
+            self.config_reloads[0].load(Relaxed),
+            self.config_reloads[1].load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringcast_ingest_unauthorized_total Publishers refused for a missing or wrong ingest_key.\n# TYPE ringcast_ingest_unauthorized_total counter\nringcast_ingest_unauthorized_total{{source=\"tcp\"}} {}\nringcast_ingest_unauthorized_total{{source=\"http\"}} {}",
+            self.ingest_unauthorized[0].load(Relaxed),
+            self.ingest_unauthorized[1].load(Relaxed)
+        );
+        let _ = writeln!(out, "# HELP ringcast_draining 1 from the first SIGTERM or SIGINT on (drain_grace and drain).\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
         out
     }
 

@@ -30,6 +30,8 @@ fn start_with(dir: &std::path::Path, extra: &[&str]) -> Server {
         dir.to_str().expect("utf-8 temp dir"),
         "--drain-window",
         "1",
+        "--drain-grace",
+        "0",
     ];
     args.extend_from_slice(extra);
     Server::start(&args)

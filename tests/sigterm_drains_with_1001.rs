@@ -1,5 +1,7 @@
 //! SIGTERM drains: `/readyz` turns 503, every connection is closed with 1001 and a
 //! `reconnect after <ms>ms` hint, and the process exits 0 within the drain window.
+//! Between the signal and the drain, `drain_grace` keeps the listeners accepting while
+//! `/readyz` already answers 503.
 
 mod common;
 
@@ -27,7 +29,8 @@ fn reconnect_hint_ms(reason: &str) -> Option<u64> {
 #[test]
 fn sigterm_drains_with_1001() {
     let _deadline = Deadline::new("sigterm_drains_with_1001", Duration::from_secs(60));
-    let mut server = Server::start(&["--drain-window", "2"]);
+    // No grace: the drain starts at the signal, as the timings below assume.
+    let mut server = Server::start(&["--drain-window", "2", "--drain-grace", "0"]);
 
     let ready = server.admin_get("/readyz").expect("GET /readyz");
     assert_eq!(
@@ -120,4 +123,64 @@ fn sigterm_drains_with_1001() {
         hints.push(hint);
     }
     eprintln!("reconnect hints (ms): {hints:?}");
+}
+
+/// Grace long enough that the probes below finish inside it even on a loaded machine;
+/// nothing asserts how long it takes.
+const GRACE_SECS: u64 = 8;
+
+#[test]
+fn readyz_fails_first_and_upgrades_still_succeed_during_the_grace() {
+    let _deadline = Deadline::new(
+        "readyz_fails_first_and_upgrades_still_succeed_during_the_grace",
+        Duration::from_secs(60),
+    );
+    let grace = GRACE_SECS.to_string();
+    let mut server = Server::start(&["--drain-window", "1", "--drain-grace", &grace]);
+    let mut before = server.subscribe(&["grace"]);
+    server.wait_for_connections(1, Duration::from_secs(10));
+
+    server.sigterm();
+    wait_until(
+        Duration::from_secs(5),
+        "/readyz answers 503 after SIGTERM",
+        || server.admin_get("/readyz").ok().filter(|r| r.status == 503),
+    );
+    // Still inside the grace: the node is out of the load balancer, but a client that
+    // was already on its way in is served, and both connections stay open.
+    let mut during = server.subscribe(&["grace"]);
+    server.wait_for_connections(2, Duration::from_secs(5));
+    assert_eq!(
+        server.metrics().sum("ringcast_draining"),
+        1.0,
+        "ringcast_draining during the grace"
+    );
+    let published = server.http_publish(Some("grace"), b"{\"during\":\"grace\"}");
+    assert_eq!(published.status, 200, "{}", published.text());
+    for (who, sub) in [("before", &mut before), ("during", &mut during)] {
+        let d = sub
+            .next_delivery(Duration::from_secs(5))
+            .unwrap_or_else(|| {
+                panic!("subscriber connected {who} the signal got nothing during the grace")
+            });
+        assert_eq!(d.channel, "grace", "{who}: {d:?}");
+    }
+
+    // After the grace: the drain closes both with 1001 and the process exits 0.
+    let limit = Duration::from_secs(GRACE_SECS) + Duration::from_secs(15);
+    for (who, sub) in [("before", &mut before), ("during", &mut during)] {
+        let frame = sub
+            .wait_close(limit)
+            .unwrap_or_else(|| panic!("{who}: connection ended without a close frame"));
+        assert_eq!(u16::from(frame.code), 1001, "{who}: {frame:?}");
+    }
+    let status = server
+        .wait_exit(limit)
+        .unwrap_or_else(|| panic!("ringcast still running after the grace and the drain"));
+    assert!(status.success(), "ringcast exited with {status}");
+    let log = server.log();
+    assert!(
+        log.contains("shutting down") && log.contains("draining"),
+        "grace and drain are both logged:\n{log}"
+    );
 }

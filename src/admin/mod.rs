@@ -2,9 +2,14 @@
 //! `POST /admin/disconnect?user=ID` (closes every connection of a user on every shard
 //! with 4403, through [`crate::shard::control`]).
 //!
-//! A deliberately small HTTP/1.1 server (one request per connection, `Connection: close`)
-//! on shard 0: scrapes and publishes are rare next to WebSocket traffic, and keeping it
-//! on one shard keeps it out of every other shard's way.
+//! A deliberately small HTTP/1.1 server on shard 0: scrapes and publishes are rare next
+//! to WebSocket traffic, and keeping it on one shard keeps it out of every other shard's
+//! way. Connections are kept alive (HTTP/1.1 unless `Connection: close`; HTTP/1.0 with
+//! `Connection: keep-alive`), up to 1000 requests or 10 s idle, so a publisher or scraper
+//! need not connect per request; requests are answered in order. The read-only endpoints
+//! (`/metrics`, `/healthz`, `/readyz`) answer `HEAD` too. With `ingest_key` set, the
+//! endpoints that change something (`POST /publish`, `POST /admin/disconnect`) need it as
+//! a Bearer token, the read-only ones never do.
 //!
 //! `POST /publish?channel=user:<id>` with the inbox on goes through the store thread:
 //! with `&ack=1` the answer (200 with the offset) comes only after the message is
@@ -13,12 +18,13 @@
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::{is_user_channel, Inbox, InboxReply};
+use crate::ingest::key::bearer;
 use crate::ingest::line::validate_payload;
 use crate::metrics::{self, ShardMetrics, Source};
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use crate::proto::upgrade::{percent_decode, status_text, MAX_REQUEST_HEAD};
 use crate::shard::control::ShardControl;
-use crate::shard::lifecycle::{DRAINING, SHARDS_READY};
+use crate::shard::lifecycle::{shutting_down, SHARDS_READY};
 use crate::shard::listener::accept_allowed;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
@@ -55,6 +61,8 @@ pub async fn serve(
 struct Response {
     status: u16,
     content_type: &'static str,
+    /// Extra header lines, each ending in `\r\n`.
+    headers: &'static str,
     body: String,
 }
 
@@ -62,6 +70,7 @@ fn text(status: u16, body: impl Into<String>) -> Response {
     Response {
         status,
         content_type: "text/plain; charset=utf-8",
+        headers: "",
         body: body.into(),
     }
 }
@@ -70,8 +79,36 @@ fn json(status: u16, body: String) -> Response {
     Response {
         status,
         content_type: "application/json",
+        headers: "",
         body,
     }
+}
+
+/// One request as read: method, target, the `Authorization` header and the body.
+struct Request {
+    method: String,
+    target: String,
+    authorization: Option<Vec<u8>>,
+    /// Whether the connection stays open after the answer.
+    keep_alive: bool,
+    body: Vec<u8>,
+}
+
+/// `None` when `ingest_key` is unset or the request's `Authorization: Bearer` carries
+/// it; otherwise the 401 to answer (the key in force now, after any reload).
+fn unauthorized(request: &Request) -> Option<Response> {
+    let key = crate::live::current().and_then(|l| l.ingest_key.clone())?;
+    let given = request.authorization.as_deref().and_then(bearer);
+    if given.is_some_and(|g| key.matches(g)) {
+        return None;
+    }
+    metrics::get().ingest_unauthorized[1].fetch_add(1, Ordering::Relaxed);
+    let mut response = json_error(
+        401,
+        "unauthorized: send the ingest key as Authorization: Bearer <ingest_key>",
+    );
+    response.headers = "WWW-Authenticate: Bearer realm=\"ringcast ingest\"\r\n";
+    Some(response)
 }
 
 fn json_error(status: u16, error: &str) -> Response {
@@ -84,6 +121,9 @@ fn json_error(status: u16, error: &str) -> Response {
     )
 }
 
+/// Most requests served on one kept-alive connection before it is closed.
+const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
+
 async fn handle(
     mut stream: TcpStream,
     publisher: Arc<Publisher>,
@@ -92,106 +132,193 @@ async fn handle(
     metrics: &'static ShardMetrics,
     control: Rc<ShardControl>,
 ) {
+    // Also the idle limit between kept-alive requests.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let response = match read_request(&mut stream, settings.max_message_size).await {
-        Ok((method, target, _)) if target.split('?').next() == Some("/admin/disconnect") => {
-            disconnect(&method, &target, &control).await
+    let mut buf = Vec::with_capacity(1024);
+    for served in 1..=MAX_REQUESTS_PER_CONNECTION {
+        let (response, keep_alive, head_only) =
+            match read_request(&mut stream, &mut buf, settings.max_message_size).await {
+                // The peer closed (or went quiet) between requests.
+                Ok(None) => break,
+                Ok(Some(req)) => {
+                    let keep_alive = req.keep_alive && served < MAX_REQUESTS_PER_CONNECTION;
+                    let head_only = req.method == "HEAD";
+                    let response = answer(
+                        req,
+                        &publisher,
+                        inbox.as_ref(),
+                        &settings,
+                        metrics,
+                        &control,
+                    )
+                    .await;
+                    (response, keep_alive, head_only)
+                }
+                // A request that could not be read leaves the stream unframed: close.
+                Err(response) => (response, false, false),
+            };
+        let head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: {}\r\n\r\n",
+            response.status,
+            status_text(response.status),
+            response.content_type,
+            response.body.len(),
+            response.headers,
+            if keep_alive { "keep-alive" } else { "close" }
+        );
+        let mut out = head.into_bytes();
+        if !head_only {
+            out.extend_from_slice(response.body.as_bytes());
         }
-        Ok((method, target, body))
-            if method == "POST" && target.split('?').next() == Some("/publish") =>
-        {
-            let query = target.split_once('?').map_or("", |(_, q)| q);
-            publish(query, &body, &publisher, inbox.as_ref(), &settings, metrics).await
+        if stream.write_all(&out).await.is_err() || !keep_alive {
+            break;
         }
-        Ok((method, target, _)) => route(&method, &target, &settings),
-        Err(resp) => resp,
-    };
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        response.status,
-        status_text(response.status),
-        response.content_type,
-        response.body.len()
-    );
-    let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(response.body.as_bytes()).await;
+    }
     let _ = stream.close().await;
 }
 
-/// Reads one request: method, target and a Content-Length body.
+/// Routes one request to its answer.
+async fn answer(
+    req: Request,
+    publisher: &Publisher,
+    inbox: Option<&Inbox>,
+    settings: &Settings,
+    metrics: &'static ShardMetrics,
+    control: &ShardControl,
+) -> Response {
+    let path = req.target.split('?').next().unwrap_or("");
+    if path == "/admin/disconnect" {
+        return match unauthorized(&req) {
+            Some(refused) if req.method == "POST" => refused,
+            _ => disconnect(&req.method, &req.target, control).await,
+        };
+    }
+    if req.method == "POST" && path == "/publish" {
+        return match unauthorized(&req) {
+            Some(refused) => refused,
+            None => {
+                let query = req.target.split_once('?').map_or("", |(_, q)| q);
+                publish(query, &req.body, publisher, inbox, settings, metrics).await
+            }
+        };
+    }
+    route(&req.method, &req.target, settings)
+}
+
+/// Reads one request (method, target, `Authorization`, a Content-Length body) from
+/// `stream`, starting with what `buf` kept from the previous read; leaves in `buf` what
+/// follows it (a pipelined next request). `Ok(None)`: the peer closed or stayed silent
+/// before sending a byte of a new request.
 async fn read_request(
     stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
     max_body: usize,
-) -> Result<(String, String, Vec<u8>), Response> {
-    let mut buf = Vec::with_capacity(1024);
+) -> Result<Option<Request>, Response> {
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|_| text(400, "incomplete request\n"))?;
+        if !buf.is_empty() {
+            match parse_request(buf, max_body)? {
+                Parsed::Complete(req) => return Ok(Some(req)),
+                Parsed::NeedMore => {}
+            }
+        }
+        let n = match stream.read(&mut chunk).await {
+            Ok(n) => n,
+            Err(_) if buf.is_empty() => return Ok(None),
+            Err(_) => return Err(text(400, "incomplete request\n")),
+        };
         if n == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
             return Err(text(400, "incomplete request\n"));
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        let head_len = match req.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_HEAD => continue,
-            Ok(httparse::Status::Partial) => return Err(text(431, "request head too large\n")),
-            Err(e) => return Err(text(400, format!("malformed HTTP request: {e}\n"))),
-        };
-        let method = req.method.unwrap_or("").to_string();
-        let target = req.path.unwrap_or("/").to_string();
-        let header = |name: &str| {
-            req.headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| h.value)
-        };
-        if header("transfer-encoding").is_some() {
-            return Err(json_error(
-                411,
-                "chunked bodies are not supported: send Content-Length",
-            ));
-        }
-        let length = match header("content-length") {
-            None => 0,
-            Some(v) => std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or_else(|| json_error(400, "malformed Content-Length"))?,
-        };
-        if length > max_body {
-            return Err(json_error(
-                413,
-                &format!("body of {length} bytes exceeds the {max_body}-byte limit"),
-            ));
-        }
-        let mut body = buf.split_off(head_len);
-        while body.len() < length {
-            let n = stream
-                .read(&mut chunk)
-                .await
-                .map_err(|_| json_error(400, "body shorter than Content-Length"))?;
-            if n == 0 {
-                return Err(json_error(400, "body shorter than Content-Length"));
-            }
-            body.extend_from_slice(&chunk[..n]);
-        }
-        body.truncate(length);
-        return Ok((method, target, body));
     }
+}
+
+enum Parsed {
+    Complete(Request),
+    NeedMore,
+}
+
+/// Parses one request from the start of `buf` (sans-io); on success removes it from
+/// `buf`, leaving what follows.
+fn parse_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Parsed, Response> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_HEAD => {
+            return Ok(Parsed::NeedMore)
+        }
+        Ok(httparse::Status::Partial) => return Err(text(431, "request head too large\n")),
+        Err(e) => return Err(text(400, format!("malformed HTTP request: {e}\n"))),
+    };
+    let method = req.method.unwrap_or("").to_string();
+    let target = req.path.unwrap_or("/").to_string();
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    let authorization = header("authorization").map(<[u8]>::to_vec);
+    // HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked.
+    let connection = header("connection").map(|v| v.to_ascii_lowercase());
+    let has = |token: &[u8]| {
+        connection
+            .as_deref()
+            .is_some_and(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii() == token))
+    };
+    let keep_alive = if req.version == Some(1) {
+        !has(b"close")
+    } else {
+        has(b"keep-alive")
+    };
+    if header("transfer-encoding").is_some() {
+        return Err(json_error(
+            411,
+            "chunked bodies are not supported: send Content-Length",
+        ));
+    }
+    let length = match header("content-length") {
+        None => 0,
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .ok_or_else(|| json_error(400, "malformed Content-Length"))?,
+    };
+    if length > max_body {
+        return Err(json_error(
+            413,
+            &format!("body of {length} bytes exceeds the {max_body}-byte limit"),
+        ));
+    }
+    if buf.len() < head_len + length {
+        return Ok(Parsed::NeedMore);
+    }
+    let body = buf[head_len..head_len + length].to_vec();
+    buf.drain(..head_len + length);
+    Ok(Parsed::Complete(Request {
+        method,
+        target,
+        authorization,
+        keep_alive,
+        body,
+    }))
 }
 
 fn route(method: &str, target: &str, settings: &Settings) -> Response {
     let path = target.split_once('?').map_or(target, |(p, _)| p);
-    let draining = DRAINING.load(Ordering::Acquire);
+    let draining = shutting_down();
+    // HEAD answers what GET would, without the body (written by the caller).
+    let method = if method == "HEAD" { "GET" } else { method };
     match (method, path) {
         ("GET", "/metrics") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4",
+            headers: "",
             body: metrics::get().render(draining),
         },
         ("GET", "/healthz") => text(200, "ok\n"),
@@ -323,4 +450,69 @@ async fn publish(
             published.offset
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(bytes: &[u8]) -> Result<Parsed, Response> {
+        parse_request(&mut bytes.to_vec(), 1024)
+    }
+
+    #[test]
+    fn pipelined_requests_are_split_and_keep_alive_follows_the_version() {
+        let mut buf = b"POST /publish?channel=a HTTP/1.1\r\nContent-Length: 2\r\nAuthorization: Bearer k\r\n\r\n{}GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\nHEAD /".to_vec();
+        let Ok(Parsed::Complete(first)) = parse_request(&mut buf, 1024) else {
+            panic!("first request")
+        };
+        assert_eq!(
+            (first.method.as_str(), first.body.as_slice()),
+            ("POST", &b"{}"[..])
+        );
+        assert!(first.keep_alive);
+        assert_eq!(first.authorization.as_deref(), Some(&b"Bearer k"[..]));
+        let Ok(Parsed::Complete(second)) = parse_request(&mut buf, 1024) else {
+            panic!("second request")
+        };
+        assert_eq!(second.target, "/healthz");
+        assert!(!second.keep_alive);
+        assert!(matches!(
+            parse_request(&mut buf, 1024),
+            Ok(Parsed::NeedMore)
+        ));
+        assert_eq!(buf, b"HEAD /");
+        let Ok(Parsed::Complete(old)) = parse(b"GET / HTTP/1.0\r\n\r\n") else {
+            panic!("1.0")
+        };
+        assert!(!old.keep_alive);
+        let Ok(Parsed::Complete(old)) = parse(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+        else {
+            panic!("1.0 keep-alive")
+        };
+        assert!(old.keep_alive);
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n"),
+            Err(Response { status: 413, .. })
+        ));
+    }
+
+    #[test]
+    fn head_answers_like_get() {
+        let settings = crate::config::resolve(Default::default(), Default::default()).unwrap();
+        assert_eq!(route("HEAD", "/healthz", &settings).status, 200);
+        assert_eq!(route("HEAD", "/publish", &settings).status, 405);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut buf = data.clone();
+            if let Ok(Parsed::Complete(req)) = parse_request(&mut buf, 64) {
+                prop_assert!(req.body.len() <= 64);
+                prop_assert!(buf.len() < data.len());
+            }
+        }
+    }
 }

@@ -12,10 +12,18 @@
 //! with the inbox on: once it is committed to disk, so it survives a crash), or
 //! `ERR <reason>`. Without ack mode only malformed lines are answered, as before, and a
 //! message to a user channel that the inbox refuses is answered `ERR inbox: <reason>`.
+//!
+//! # Ingest key
+//!
+//! With `ingest_key` set, the first non-empty line must be `AUTH <key>` (not answered when
+//! right; `ACK ON` may follow it). A missing or wrong key is answered `ERR unauthorized`
+//! and the connection is closed without publishing anything. The key in force when the
+//! connection was accepted applies to it (a reload affects the next connections).
 
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::{is_user_channel, Inbox, InboxReply, StoreError};
+use crate::ingest::key::auth_line;
 use crate::ingest::line::{parse_message, strip_newline, IngestError};
 use crate::metrics::{ShardMetrics, Source};
 use crate::shard::listener::accept_allowed;
@@ -59,6 +67,24 @@ fn commit_line(outcome: Option<Result<u64, StoreError>>) -> Vec<u8> {
     }
 }
 
+/// Answers `ERR unauthorized` and ends the connection. What the publisher already sent is
+/// read and discarded first (for at most a second): closing with unread input makes the
+/// kernel reset the connection, which can destroy the answer before it is read.
+async fn refuse(stream: &mut TcpStream, chunk: &mut [u8]) {
+    if stream.write_all(b"ERR unauthorized\n").await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+    let mut left: usize = 1 << 20;
+    while left > 0 {
+        match stream.read(chunk).await {
+            Ok(n) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
+}
+
 async fn connection(
     mut stream: TcpStream,
     publisher: Arc<Publisher>,
@@ -68,6 +94,8 @@ async fn connection(
 ) {
     // None until the first line decides it.
     let mut ack_mode: Option<bool> = None;
+    let key = crate::live::Cached::new(&settings).get().ingest_key.clone();
+    let mut authorized = key.is_none();
     let max_line = settings.max_message_size + 256;
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut chunk = vec![0u8; 64 * 1024];
@@ -91,6 +119,19 @@ async fn connection(
             start += nl + 1;
             if line.is_empty() {
                 continue;
+            }
+            if !authorized {
+                match (&key, auth_line(line)) {
+                    (Some(key), Some(given)) if key.matches(given) => {
+                        authorized = true;
+                        continue;
+                    }
+                    _ => {
+                        crate::metrics::get().ingest_unauthorized[0].fetch_add(1, Relaxed);
+                        refuse(&mut stream, &mut chunk).await;
+                        return;
+                    }
+                }
             }
             let acks = match ack_mode {
                 Some(on) => on,

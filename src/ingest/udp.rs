@@ -27,6 +27,8 @@ pub async fn serve(
     // Channel + space + payload + "\r\n": the largest datagram worth receiving whole.
     let mut buf = vec![0u8; (settings.max_message_size + 256).min(65_536)];
     let mut last_log: Option<Instant> = None;
+    // The allowlist follows reloads: one atomic load per datagram when unchanged.
+    let mut live = crate::live::Cached::new(&settings);
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
@@ -36,7 +38,7 @@ pub async fn serve(
                 continue;
             }
         };
-        if !settings.ingest_allowed(from.ip()) {
+        if !live.get().ingest_allowed(from.ip()) {
             continue;
         }
         match parse_message(strip_newline(&buf[..n]), settings.max_message_size) {

@@ -97,7 +97,7 @@ pub fn cors_headers(origin: Option<&str>) -> String {
     match origin {
         Some(origin) => format!(
             "Access-Control-Allow-Origin: {}\r\nAccess-Control-Allow-Credentials: true\r\n\
-             Vary: Origin\r\n",
+             Access-Control-Expose-Headers: Retry-After\r\nVary: Origin\r\n",
             origin.trim()
         ),
         None => String::new(),

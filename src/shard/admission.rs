@@ -33,7 +33,9 @@ pub const RETRY_AFTER_SECS: u32 = 5;
 #[derive(Debug)]
 pub struct ConnectionSlots {
     in_use: CachePadded<AtomicUsize>,
-    limit: usize,
+    /// Changed by a reload (SIGHUP); lowering it below `in_use` closes nothing, it only
+    /// refuses upgrades until enough connections left.
+    limit: AtomicUsize,
 }
 
 impl ConnectionSlots {
@@ -41,7 +43,7 @@ impl ConnectionSlots {
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(ConnectionSlots {
             in_use: CachePadded::new(AtomicUsize::new(0)),
-            limit,
+            limit: AtomicUsize::new(limit),
         })
     }
 
@@ -49,9 +51,10 @@ impl ConnectionSlots {
     pub fn try_reserve(self: &Arc<Self>) -> Option<SlotReservation> {
         // A compare-exchange loop rather than fetch_add + undo: the counter never reads
         // above the limit, not even for a moment another shard could observe.
+        let limit = self.limit.load(Ordering::Relaxed);
         self.in_use
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.limit).then_some(n + 1)
+                (n < limit).then_some(n + 1)
             })
             .ok()
             .map(|_| SlotReservation {
@@ -78,7 +81,12 @@ impl ConnectionSlots {
 
     /// The limit.
     pub fn limit(&self) -> usize {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit (a reload); connections already open stay.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
     }
 }
 
@@ -108,7 +116,7 @@ impl Drop for SlotReservation {
 /// A shard's cap on upgrades in flight (accepted, `101` or error not yet written).
 pub struct HandshakeGate {
     in_flight: Cell<usize>,
-    limit: usize,
+    limit: Cell<usize>,
     metrics: &'static ShardMetrics,
 }
 
@@ -117,7 +125,7 @@ impl HandshakeGate {
     pub fn new(limit: usize, metrics: &'static ShardMetrics) -> Rc<Self> {
         Rc::new(HandshakeGate {
             in_flight: Cell::new(0),
-            limit,
+            limit: Cell::new(limit),
             metrics,
         })
     }
@@ -125,7 +133,7 @@ impl HandshakeGate {
     /// Admits one handshake, or `None` at the cap.
     pub fn try_enter(self: &Rc<Self>) -> Option<HandshakeTicket> {
         let n = self.in_flight.get();
-        if n >= self.limit {
+        if n >= self.limit.get() {
             return None;
         }
         self.in_flight.set(n + 1);
@@ -133,6 +141,11 @@ impl HandshakeGate {
             .handshakes_in_progress
             .fetch_add(1, Ordering::Relaxed);
         Some(HandshakeTicket { gate: self.clone() })
+    }
+
+    /// Changes the cap (a reload); handshakes already in flight finish.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.set(limit);
     }
 
     /// Handshakes in flight on this shard.

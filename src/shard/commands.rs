@@ -32,7 +32,7 @@ impl Shard {
     ) -> Result<(), String> {
         let verdict = check(
             &self.settings.namespaces,
-            self.settings.auth.enabled(),
+            self.live.borrow_mut().get().auth.enabled(),
             session,
             channel,
             access,
@@ -289,7 +289,8 @@ impl Shard {
             }
             .to_json()
         };
-        let Some(verifier) = &self.settings.auth.verifier else {
+        let live = self.live();
+        let Some(verifier) = &live.auth.verifier else {
             return refuse(400, "authentication is not configured on this server");
         };
         let Some(session) = session else {

@@ -247,7 +247,7 @@ fn open_session(
     claims: Claims,
 ) -> Option<Session> {
     let leeway = shard
-        .settings
+        .live()
         .auth
         .verifier
         .as_ref()
@@ -324,9 +324,11 @@ fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
     let before = conn.machine.backlog().bytes();
     let now = shard.now_secs();
     let id = shard.conn_id(key, conn.generation);
-    let close = conn
-        .machine
-        .on_input(now, input, &shard.conn_config, &mut |text, session| {
+    let close = conn.machine.on_input(
+        now,
+        input,
+        &shard.conn_config.get(),
+        &mut |text, session| {
             shard.metrics.commands.fetch_add(1, Relaxed);
             let mut replay = Vec::new();
             let reply = shard.run_command(id, text, session, &mut replay);
@@ -339,7 +341,8 @@ fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
                 },
                 replay,
             }
-        });
+        },
+    );
     shard.note_backlog_change(before, conn.machine.backlog().bytes());
     shard.lag_inexact_attaches(key, conn);
     if let Some(close) = close {

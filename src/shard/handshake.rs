@@ -79,7 +79,7 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, ticket: HandshakeT
     if let Some(claims) = upgraded
         .claims
         .as_ref()
-        .filter(|_| shard.settings.auth.subscribe_user_channel)
+        .filter(|_| shard.live().auth.subscribe_user_channel)
     {
         let own = format!("user:{}", claims.sub);
         // A `sub` that makes no valid channel name (over 123 bytes, or characters channel
@@ -115,10 +115,12 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, ticket: HandshakeT
 async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = vec![0u8; 2048];
+    // One snapshot for the whole upgrade, whatever a reload does meanwhile.
+    let live = shard.live();
     let upgrade = loop {
         let n = stream.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
         head.extend_from_slice(&chunk[..n]);
-        let cookie = shard.settings.auth.cookie.as_deref();
+        let cookie = live.auth.cookie.as_deref();
         match parse_upgrade_with_cookie(
             &head,
             shard.settings.max_subscriptions_per_connection,
@@ -129,7 +131,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
             Err(reject) => {
                 shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
                 let cors = match &reject.cors {
-                    Some(origin) if shard.settings.origins.allows(origin.as_deref()) => {
+                    Some(origin) if live.origins.allows(origin.as_deref()) => {
                         cors_headers(origin.as_deref())
                     }
                     _ => String::new(),
@@ -140,7 +142,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
         }
     };
     let origin = upgrade.origin.as_deref();
-    if !shard.settings.origins.allows(origin) {
+    if !live.origins.allows(origin) {
         shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
         let reject = HttpReject::new(403, OriginPolicy::refusal(origin));
         let _ = stream.write_all(&reject.response()).await;
@@ -158,11 +160,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
         let _ = stream.write_all(&preflight_response(origin)).await;
         return None;
     }
-    let claims = match shard
-        .settings
-        .auth
-        .admit(upgrade.token.as_deref(), shard.unix_now())
-    {
+    let claims = match live.auth.admit(upgrade.token.as_deref(), shard.unix_now()) {
         Ok(claims) => claims,
         Err(e) => {
             shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);

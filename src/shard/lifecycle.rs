@@ -4,8 +4,8 @@
 //! 100 ms ticks (a tenth of the table each), so a million-entry table never stalls the
 //! shard: a connection silent for `ping_interval` (jittered per shard so a fleet does not
 //! ping in lockstep) gets a ping, written with the round's other pings in one io_uring
-//! submission; one silent for `ping_interval + pong_timeout` is closed as dead. A drain (first SIGTERM
-//! or SIGINT) stops accepting, then closes connections with 1001 in equal batches over
+//! submission; one silent for `ping_interval + pong_timeout` is closed as dead. The first SIGTERM
+//! or SIGINT turns `/readyz` 503 at once; `drain_grace` later the drain stops accepting, then closes connections with 1001 in equal batches over
 //! `drain_window`, each with a random reconnect hint inside the window, so clients do not
 //! come back all at once.
 
@@ -18,8 +18,18 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// Set by the signal thread when a drain starts.
+/// Set by the signal thread when a drain starts (after `drain_grace`): shards stop
+/// accepting and close their connections.
 pub static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// Set by the signal thread on the first SIGTERM/SIGINT, `drain_grace` before
+/// [`DRAINING`]: `/readyz` answers 503 while the listeners still accept.
+pub static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// True from the first SIGTERM/SIGINT on (grace and drain): `/readyz` answers 503.
+pub fn shutting_down() -> bool {
+    STOPPING.load(Ordering::Acquire) || DRAINING.load(Ordering::Acquire)
+}
 
 /// Set to the shard count once every shard serves (for `/readyz`).
 pub static SHARDS_READY: AtomicUsize = AtomicUsize::new(0);
@@ -55,6 +65,7 @@ pub async fn run(shard: Rc<Shard>, stop_accepting: Rc<LocalEvent>) {
         if DRAINING.load(Ordering::Acquire) {
             break;
         }
+        shard.refresh_live();
         sweep.step(&shard);
     }
     shard.draining.set(true);
@@ -92,7 +103,7 @@ impl Sweep {
                     continue;
                 };
                 let before = conn.machine.backlog().bytes();
-                match conn.machine.on_tick(now, &shard.conn_config) {
+                match conn.machine.on_tick(now, &shard.conn_config.get()) {
                     Tick::Idle => {}
                     Tick::Ping => {
                         pings += 1;

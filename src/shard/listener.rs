@@ -132,7 +132,8 @@ fn udp_socket(what: &'static str, addr: SocketAddr) -> Result<Socket, BindError>
 }
 
 /// Accepts on `listener` forever and spawns `handle` for every connection whose source
-/// may use ingest/admin ports (loopback or `ingest_allow`); others are closed at once.
+/// may use ingest/admin ports (loopback or `ingest_allow`, as of the last reload); others
+/// are closed at once.
 pub async fn accept_allowed<F, Fut>(
     listener: TcpListener,
     what: &'static str,
@@ -142,12 +143,14 @@ pub async fn accept_allowed<F, Fut>(
     F: Fn(TcpStream) -> Fut,
     Fut: Future<Output = ()> + 'static,
 {
+    let mut live = crate::live::Cached::new(settings);
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                let live = live.get();
                 if stream
                     .peer_addr()
-                    .is_ok_and(|a| settings.ingest_allowed(a.ip()))
+                    .is_ok_and(|a| live.ingest_allowed(a.ip()))
                 {
                     glommio::spawn_local(handle(stream)).detach();
                 }

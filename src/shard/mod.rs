@@ -23,13 +23,14 @@ pub mod state;
 pub mod table;
 
 use crate::auth::registry::Registry;
-use crate::config::Settings;
+use crate::config::{ConfigLayer, Settings};
 use crate::fanout::history::Limits as HistoryLimits;
 use crate::fanout::publisher::Publisher;
 use crate::fanout::ring::Ring;
 use crate::fanout::wake::{install_senders, IdleFlags};
 use crate::inbox::thread::ShardQueues;
 use crate::inbox::Inbox;
+use crate::live::Live;
 use crate::metrics;
 use crate::metrics::RefuseCause;
 use crate::presence::Presence;
@@ -112,11 +113,27 @@ struct ShardSetup {
     done: mpsc::Sender<usize>,
 }
 
-/// Runs the server until a drain completes.
+/// Runs the server until a drain completes; SIGHUP re-resolves the command line and
+/// environment alone (no file to read again).
 ///
 /// # Errors
 /// [`StartError`] when a socket cannot be bound or a shard cannot start.
 pub fn run(settings: Settings) -> Result<(), StartError> {
+    run_reloadable(settings, ConfigLayer::default())
+}
+
+/// Runs the server until a drain completes; SIGHUP reads `cli.config` again and applies
+/// the keys that can change at runtime ([`crate::live`]), with `cli` (the command line and
+/// environment of the start) still overriding the file.
+///
+/// # Errors
+/// [`StartError`] when a socket cannot be bound or a shard cannot start.
+pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartError> {
+    let table = match &cli.config {
+        Some(path) => crate::live::read_file(path).map_or_else(|_| toml::Table::new(), |(t, _)| t),
+        None => toml::Table::new(),
+    };
+    crate::live::install(Live::from_settings(&settings));
     let settings = Arc::new(settings);
     let n = settings.shards;
     metrics::init(n);
@@ -178,6 +195,11 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
+    let reloader = Reloader {
+        cli,
+        table,
+        slots: slots.clone(),
+    };
     let registry = Arc::new(Registry::new().with_user_gauge(&metrics::get().users));
     let presence = Arc::new(
         Presence::new(publisher.ring().clone(), publisher.idle_flags().clone())
@@ -323,20 +345,81 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     );
     // /readyz answers 200 from here, after the line above, never before.
     lifecycle::SHARDS_READY.store(n, Ordering::Release);
-    wait_for_drain(&settings, done_rx)
+    wait_for_drain(&settings, done_rx, reloader)
 }
 
-/// Blocks until SIGTERM/SIGINT starts a drain and every shard finished it (or the window
-/// plus a grace period passed). A second signal exits at once.
-fn wait_for_drain(settings: &Settings, done: mpsc::Receiver<usize>) -> Result<(), StartError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(StartError::Signals)?;
-    let first = signals.forever().next();
-    tracing::info!(signal = ?first, window_secs = settings.drain_window.as_secs(), "draining: no new connections; send the signal again to exit at once");
-    lifecycle::DRAINING.store(true, Ordering::Release);
+/// What a SIGHUP needs: the start's command line and environment, the file's keys as last
+/// read, and the process-wide limits to change.
+struct Reloader {
+    cli: ConfigLayer,
+    table: toml::Table,
+    slots: Arc<ConnectionSlots>,
+}
+
+impl Reloader {
+    /// Reads the configuration again and applies what can change at runtime; a bad file is
+    /// refused (logged with the key at fault) and the running configuration stays.
+    fn reload(&mut self) {
+        let counters = &metrics::get().config_reloads;
+        match crate::live::reload(&self.cli, &self.table) {
+            Err(e) => {
+                counters[1].fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "config reload refused: {e}; the running configuration stays");
+            }
+            Ok(reloaded) => {
+                for key in &reloaded.need_restart {
+                    tracing::warn!(
+                        key = %key,
+                        "config reload: `{key}` changed but needs a restart; the running value stays"
+                    );
+                }
+                self.slots.set_limit(reloaded.settings.max_connections);
+                crate::live::install(Live::from_settings(&reloaded.settings));
+                self.table = reloaded.table;
+                counters[0].fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    changed = ?reloaded.applied,
+                    "config reloaded: {}",
+                    if reloaded.applied.is_empty() {
+                        "no runtime key changed".to_string()
+                    } else {
+                        format!("applied {}", reloaded.applied.join(", "))
+                    }
+                );
+            }
+        }
+    }
+}
+
+/// Blocks until SIGTERM/SIGINT starts a shutdown and every shard finished its drain (or
+/// the window plus a grace period passed). The first signal turns `/readyz` 503 at once;
+/// the listeners keep accepting for `drain_grace` (a load balancer's health check takes
+/// the node out meanwhile), then the drain stops accepting and closes connections. A
+/// second signal exits at once.
+fn wait_for_drain(
+    settings: &Settings,
+    done: mpsc::Receiver<usize>,
+    mut reloader: Reloader,
+) -> Result<(), StartError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(StartError::Signals)?;
+    let first = loop {
+        match signals.forever().next() {
+            Some(SIGHUP) => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                reloader.reload();
+            }
+            other => break other,
+        }
+    };
+    lifecycle::STOPPING.store(true, Ordering::Release);
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        for sig in signals.forever() {
+            if sig == SIGHUP {
+                tracing::warn!("SIGHUP during shutdown: not reloading");
+                continue;
+            }
             tracing::warn!(
                 signal = sig,
                 "second signal: exiting without finishing the drain"
@@ -344,6 +427,12 @@ fn wait_for_drain(settings: &Settings, done: mpsc::Receiver<usize>) -> Result<()
             std::process::exit(1);
         }
     });
+    if !settings.drain_grace.is_zero() {
+        tracing::info!(signal = ?first, grace_secs = settings.drain_grace.as_secs(), "shutting down: /readyz answers 503, still accepting until the drain starts; send the signal again to exit at once");
+        std::thread::sleep(settings.drain_grace);
+    }
+    tracing::info!(signal = ?first, window_secs = settings.drain_window.as_secs(), "draining: no new connections; send the signal again to exit at once");
+    lifecycle::DRAINING.store(true, Ordering::Release);
     let deadline = Instant::now() + settings.drain_window + Duration::from_secs(5);
     for _ in 0..settings.shards {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -499,19 +588,25 @@ async fn accept_loop(
 ) {
     let accept = async {
         let mut last_warning: Option<Instant> = None;
+        let mut live = crate::live::Cached::new(&shard.settings);
         loop {
             match listener.accept().await {
-                Ok(stream) => match gate.try_enter() {
-                    Some(ticket) => {
-                        glommio::spawn_local(handshake::upgrade(shard.clone(), stream, ticket))
-                            .detach();
+                Ok(stream) => {
+                    if live.refresh() {
+                        gate.set_limit(live.get().max_handshakes_per_shard);
                     }
-                    None => refuse_now(
-                        stream.as_raw_fd(),
-                        RefuseCause::HandshakesInFlight,
-                        shard.metrics,
-                    ),
-                },
+                    match gate.try_enter() {
+                        Some(ticket) => {
+                            glommio::spawn_local(handshake::upgrade(shard.clone(), stream, ticket))
+                                .detach();
+                        }
+                        None => refuse_now(
+                            stream.as_raw_fd(),
+                            RefuseCause::HandshakesInFlight,
+                            shard.metrics,
+                        ),
+                    }
+                }
                 Err(e) => {
                     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                         last_warning = Some(Instant::now());

@@ -160,7 +160,7 @@ impl Shard {
     /// Queues a control frame or reply (not flushed); a control flood closes with 1008.
     pub fn queue_control(&self, key: u32, conn: &mut Conn, frame: Bytes) {
         let before = conn.machine.backlog().bytes();
-        let flood = conn.machine.queue_control(frame, &self.conn_config);
+        let flood = conn.machine.queue_control(frame, &self.conn_config.get());
         self.note_backlog_change(before, conn.machine.backlog().bytes());
         if let Err(close) = flood {
             self.enqueue_close(key, conn.generation, close);
@@ -195,8 +195,10 @@ impl Shard {
         let offer = match offset {
             Some(offset) => conn
                 .machine
-                .offer_on(channel, offset, frame, &self.conn_config),
-            None => conn.machine.offer_event(channel, frame, &self.conn_config),
+                .offer_on(channel, offset, frame, &self.conn_config.get()),
+            None => conn
+                .machine
+                .offer_event(channel, frame, &self.conn_config.get()),
         };
         match offer {
             Offer::Queued => {
@@ -243,7 +245,7 @@ impl Shard {
     /// goes; stops when it is live again, its socket is full (the writable edge brings it
     /// back) or history cannot tell its position yet (the next round retries).
     pub fn catch_up(&self, key: u32, conn: &mut Conn) {
-        while conn.machine.wants_catch_up(&self.conn_config) {
+        while conn.machine.wants_catch_up(&self.conn_config.get()) {
             let Some((channel, since)) = conn.machine.catch_up_next() else {
                 break;
             };
@@ -253,7 +255,7 @@ impl Shard {
                     &channel,
                     since,
                     self.ring_cursor.get(),
-                    self.conn_config.backlog.max_bytes / 2,
+                    self.conn_config.get().backlog.max_bytes / 2,
                 )
             } else {
                 // Unsubscribed meanwhile: nothing more to catch up on.
@@ -275,7 +277,7 @@ impl Shard {
                 .fetch_add(step.frames.len() as u64, Relaxed);
             let close = conn
                 .machine
-                .apply_catch_up(&channel, step, &self.conn_config);
+                .apply_catch_up(&channel, step, &self.conn_config.get());
             self.note_backlog_change(before, conn.machine.backlog().bytes());
             self.answer_poll_if_due(key, conn);
             if let Some(close) = close {

@@ -12,6 +12,7 @@ use crate::fanout::backlog::BacklogLimits;
 use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::Inbox;
+use crate::live::{Cached, Live};
 use crate::metrics::{self, Metrics, ShardMetrics};
 use crate::presence::Presence;
 use crate::proto::conn::ConnConfig;
@@ -50,8 +51,11 @@ pub struct Shard {
     pub(super) registry: Arc<Registry>,
     /// Who is subscribed to each presence channel, over all shards.
     pub(super) presence: Arc<Presence>,
-    /// Per-connection bounds and timers (heartbeat jittered per shard).
-    pub(super) conn_config: ConnConfig,
+    /// Per-connection bounds and timers (heartbeat jittered per shard); the backlog and
+    /// inbound limits follow reloads ([`Shard::refresh_live`]).
+    pub(super) conn_config: Cell<ConnConfig>,
+    /// The settings a reload may change (token keys, limits).
+    pub(super) live: RefCell<Cached>,
     /// This shard's counters.
     pub(super) metrics: &'static ShardMetrics,
     /// All counters (for latency recording).
@@ -126,9 +130,11 @@ impl Shard {
         // an even spread, so one shard may end up with most of them.
         let capacity = settings.max_connections;
         let cursor = publisher.ring().head();
+        let live = Cached::new(&settings);
         Ok(Shard {
             id,
-            conn_config,
+            conn_config: Cell::new(conn_config),
+            live: RefCell::new(live),
             slots,
             settings,
             conns: RefCell::new(ConnTable::with_capacity(capacity)),
@@ -169,6 +175,30 @@ impl Shard {
         g
     }
 
+    /// The current reloadable settings.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.borrow_mut().get().clone()
+    }
+
+    /// Applies a reload, if one happened since the last call, to this shard's connection
+    /// limits (called every heartbeat tick: one atomic load when nothing changed).
+    pub fn refresh_live(&self) {
+        let mut cached = self.live.borrow_mut();
+        if !cached.refresh() {
+            return;
+        }
+        let live = cached.get();
+        let mut config = self.conn_config.get();
+        config.max_inbound_per_sec = live.max_inbound_per_sec;
+        config.backlog = BacklogLimits {
+            max_bytes: live.max_backlog_bytes,
+            max_frames: live.max_backlog_frames,
+            drop_limit: live.slow_consumer_drop_limit,
+        };
+        config.stall_after = live.slow_consumer_timeout.as_secs() as u32;
+        self.conn_config.set(config);
+    }
+
     /// Seconds since the shard started: the coarse clock of liveness checks.
     pub fn now_secs(&self) -> u32 {
         self.started.elapsed().as_secs() as u32
@@ -189,7 +219,8 @@ impl Shard {
             publisher.idle_flags().clone(),
         ));
         let slots = ConnectionSlots::new(settings.max_connections);
-        Shard::new(
+        let live = Cached::pinned(Live::from_settings(&settings));
+        let shard = Shard::new(
             0,
             Arc::new(settings),
             publisher,
@@ -198,7 +229,9 @@ impl Shard {
             slots,
             None,
         )
-        .expect("shard")
+        .expect("shard");
+        *shard.live.borrow_mut() = live;
+        shard
     }
 
     /// Wall-clock Unix seconds, for token `exp`/`nbf` (a clock before 1970 reads as 0,

@@ -1,0 +1,248 @@
+//! `ringcast config check FILE`, `ringcast config defaults` and the wording of a bad
+//! `RINGCAST_*` environment value: the configuration tools around [`crate::config`].
+//!
+//! The defaults file is generated from the same descriptions as `--help` (each key's
+//! help ends with `Default: <value>.`), so it cannot drift from the keys themselves.
+
+use crate::config::{resolve, ConfigLayer};
+use clap::CommandFactory;
+use std::path::Path;
+
+/// Flags that are not configuration keys.
+const NOT_KEYS: &[&str] = &["config", "help", "version"];
+
+/// One key's default as written in its help text: `Some(toml)` for a literal value,
+/// `None` when there is none or it depends on other keys (the text says which).
+fn literal_default(help: &str) -> (String, Option<String>) {
+    let Some((about, default)) = help.rsplit_once("Default: ") else {
+        return (help.trim().to_string(), None);
+    };
+    let default = default.trim().trim_end_matches('.');
+    let token = default.split_whitespace().next().unwrap_or("");
+    let rest = default[token.len()..].trim();
+    let plain = (rest.is_empty() || rest.starts_with('(')) && !token.contains('`');
+    let value = match token {
+        _ if !plain || token.is_empty() || token == "none" => None,
+        "true" | "false" => Some(token.to_string()),
+        t if t.parse::<i64>().is_ok() => Some(t.to_string()),
+        t => Some(toml::Value::String(t.to_string()).to_string()),
+    };
+    let about = format!("{} Default: {default}.", about.trim());
+    (about, value)
+}
+
+/// Every configuration key with its default, as commented TOML: keys with a literal
+/// default are set to it, the others are commented out with what their default is.
+pub fn defaults_toml() -> String {
+    let mut out = String::from(
+        "# ringcast configuration: every key with its default (`ringcast config defaults`).\n\
+         # Flags (--key-name) and RINGCAST_KEY_NAME environment variables override this file.\n",
+    );
+    let command = ConfigLayer::command();
+    for arg in command.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if NOT_KEYS.contains(&long) {
+            continue;
+        }
+        let key = long.replace('-', "_");
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        let (about, value) = literal_default(&help);
+        out.push('\n');
+        for line in wrap(&about, 86) {
+            out.push_str("# ");
+            out.push_str(&line);
+            out.push('\n');
+        }
+        match value {
+            Some(v) => out.push_str(&format!("{key} = {v}\n")),
+            None => out.push_str(&format!("# {key} =\n")),
+        }
+    }
+    out.push_str(
+        "\n# Namespace rules (TOML only): [channel_defaults] for channels outside any namespace,\n\
+         # [namespaces.NAME] for channels NAME:...; see the README's namespace table.\n\
+         # [channel_defaults]\n# [namespaces.news]\n# anonymous = true\n",
+    );
+    out
+}
+
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split_whitespace() {
+        let line = lines.last_mut().expect("never empty");
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(word.to_string());
+        } else {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+    }
+    lines
+}
+
+/// `ringcast config check FILE`: the file alone (no flags or environment), validated as
+/// at start. `Ok(())` means it would start; the error names the key and why.
+///
+/// # Errors
+/// The problem, naming the file and key.
+pub fn check(path: &Path) -> Result<(), String> {
+    let (_, layer) = crate::live::read_file(path).map_err(|e| e.to_string())?;
+    resolve(ConfigLayer::default(), layer)
+        .map(|_| ())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// When `err` is about a value that came from a `RINGCAST_*` environment variable (not
+/// from the command line), the message naming the variable; `None` otherwise.
+pub fn explain_env_error(err: &clap::Error, args: &[String]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let flag = format!("--{long}");
+    if args
+        .iter()
+        .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+    {
+        return None;
+    }
+    let command = ConfigLayer::command();
+    let spec = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))?;
+    let env = spec.get_env()?.to_str()?.to_string();
+    let value = std::env::var(&env).ok()?;
+    let key = long.replace('-', "_");
+    let reason = std::error::Error::source(err)
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| "not a valid value".into());
+    let shown = if spec.is_hide_env_values_set() {
+        "(hidden)".to_string()
+    } else {
+        format!("{value:?}")
+    };
+    Some(format!(
+        "invalid value {shown} in environment variable {env} (key `{key}`): {reason}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn every_key_documents_its_default() {
+        for arg in ConfigLayer::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if NOT_KEYS.contains(&long) {
+                continue;
+            }
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(help.contains("Default: "), "--{long}: {help}");
+        }
+    }
+
+    #[test]
+    fn the_defaults_file_resolves_to_the_defaults() {
+        let text = defaults_toml();
+        let layer: ConfigLayer = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let from_file = resolve(ConfigLayer::default(), layer).unwrap();
+        let built_in = resolve(ConfigLayer::default(), ConfigLayer::default()).unwrap();
+        assert_eq!(format!("{from_file:?}"), format!("{built_in:?}"));
+        assert!(text.contains("\nmax_connections = 1000000\n"), "{text}");
+        assert!(text.contains("\nlisten = \"0.0.0.0:8080\"\n"), "{text}");
+        assert!(text.contains("\n# jwt_secret =\n"), "{text}");
+    }
+
+    #[test]
+    fn defaults_are_read_from_help_texts() {
+        assert_eq!(
+            literal_default("Slots. Default: 16384.").1.as_deref(),
+            Some("16384")
+        );
+        assert_eq!(
+            literal_default("Bytes. Default: 268435456 (256 MiB).")
+                .1
+                .as_deref(),
+            Some("268435456")
+        );
+        assert_eq!(literal_default("X. Default: none.").1, None);
+        assert_eq!(
+            literal_default("X. Default: HS256 with a secret; required with a key file.").1,
+            None
+        );
+        assert_eq!(
+            literal_default("X. Default: `<data_dir>/inbox.redb`.").1,
+            None
+        );
+    }
+
+    fn key_names() -> Vec<String> {
+        ConfigLayer::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| !NOT_KEYS.contains(l))
+            .map(|l| l.replace('-', "_"))
+            .collect()
+    }
+
+    proptest! {
+        /// Any mix of known and unknown keys with values of any type: parsing and
+        /// resolving never panic, and a refusal names a key of the input.
+        #[test]
+        fn arbitrary_config_files_never_panic_and_name_the_key(
+            lines in proptest::collection::vec(
+                (0usize..60, prop_oneof![
+                    any::<i64>().prop_map(|n| n.to_string()),
+                    (0u64..70_000).prop_map(|n| n.to_string()),
+                    any::<bool>().prop_map(|b| b.to_string()),
+                    "[a-z0-9:./ -]{0,20}".prop_map(|s| format!("{s:?}")),
+                    Just("[1, 2]".to_string()),
+                    "[^\n]{0,12}",
+                ]),
+                0..6,
+            ),
+        ) {
+            let keys = key_names();
+            let mut text = String::new();
+            let mut used = Vec::new();
+            for (k, value) in &lines {
+                let key = keys.get(*k).cloned().unwrap_or_else(|| format!("no_such_key_{k}"));
+                if used.contains(&key) {
+                    continue;
+                }
+                text.push_str(&format!("{key} = {value}\n"));
+                used.push(key);
+            }
+            match toml::from_str::<ConfigLayer>(&text) {
+                Err(e) => {
+                    let message = e.to_string();
+                    // A TOML syntax error names the line instead of a key.
+                    prop_assert!(
+                        used.iter().any(|k| message.contains(k.as_str())) || message.contains("line"),
+                        "{message}\n{text}"
+                    );
+                }
+                Ok(layer) => {
+                    if let Err(e) = resolve(ConfigLayer::default(), layer) {
+                        let message = e.to_string();
+                        prop_assert!(
+                            used.iter().any(|k| message.contains(&format!("`{k}`"))),
+                            "{message}\n{text}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
