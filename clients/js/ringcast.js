@@ -79,12 +79,19 @@ function drainHint(reason) {
   return m ? Number(m[1]) : null;
 }
 
-/** Retry-After in seconds (the only form ringcast sends) → ms, else null. */
+/** ringcast answers every 503 with `Retry-After: 5`. */
+const DEFAULT_RETRY_AFTER_MS = 5000;
+
+/**
+ * Retry-After in seconds (the only form ringcast sends) → ms, else null. A cross-origin
+ * response shows the header only when the server lists it in
+ * Access-Control-Expose-Headers; a 503 without a readable one waits ringcast's 5 s.
+ */
 function retryAfterMs(res) {
-  const v = res && res.headers ? res.headers.get('Retry-After') : null;
-  if (v == null) return null;
-  const s = Number(v.trim());
-  return Number.isFinite(s) && s >= 0 ? s * 1000 : null;
+  const v = res.headers.get('Retry-After');
+  const s = v == null ? NaN : Number(v.trim());
+  if (Number.isFinite(s) && s >= 0) return s * 1000;
+  return res.status === 503 ? DEFAULT_RETRY_AFTER_MS : null;
 }
 
 export class Ringcast {
@@ -338,7 +345,8 @@ export class Ringcast {
     clearTimeout(this._probeTimer);
     if (!this._active) return;
     if (opened && Date.now() - openedAt >= STABLE_MS) this._attempt = 0;
-    if (!opened) {
+    // A 503 (busy, draining) or 401 (token) says the transport itself works.
+    if (!opened && status !== 503 && status !== 401) {
       this._failures += 1;
       const last = this.transports.length - 1;
       if (this._probing) {
