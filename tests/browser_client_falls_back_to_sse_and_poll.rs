@@ -109,3 +109,58 @@ fn browser_falls_back_to_long_poll_when_websocket_and_sse_cannot_connect() {
     );
     falls_back_to("poll", true);
 }
+
+/// WebSocket blocked (a shut gate), so the client runs on SSE; once WebSocket gets
+/// through again, the client switches back to it by itself, and the channel continues
+/// across the switch with no gap and no duplicate.
+#[test]
+#[ignore = "needs /sse"]
+fn browser_returns_to_websocket_when_it_works_again() {
+    let _deadline = Deadline::new(
+        "browser_returns_to_websocket_when_it_works_again",
+        Duration::from_secs(120),
+    );
+    let server = Server::start(&[]);
+    let gate = TcpGate::start(server.ws_addr());
+    gate.shut();
+    let mut browser = Browser::start();
+    browser.open(&format!(
+        "test/browser_harness.html?url={}&sseUrl={}&channels=news\
+         &minDelay=100&maxDelay=400&fallbackAfter=2&retryWebSocketAfter=3000",
+        query_escape(&format!("ws://127.0.0.1:{}/ws", gate.port)),
+        query_escape(&format!("http://127.0.0.1:{}/sse", server.ws_port)),
+    ));
+    browser.wait(
+        "window.log.states.find(s => s.state === 'connected' && s.transport === 'sse')",
+        Duration::from_secs(30),
+    );
+    browser.wait(
+        "window.log.subscribed.length === 1",
+        Duration::from_secs(20),
+    );
+    publish(&server, "news", 10);
+    browser.wait("window.log.messages.length >= 10", Duration::from_secs(20));
+    gate.open();
+    browser.wait(
+        "window.log.states.find(s => s.state === 'connected' && s.transport === 'websocket')",
+        Duration::from_secs(30),
+    );
+    browser.wait(
+        "window.log.subscribed.length === 2",
+        Duration::from_secs(20),
+    );
+    let resubscribed = browser.eval("window.log.subscribed[1]");
+    assert_eq!(resubscribed["recovered"], true, "{resubscribed}");
+    for i in 11..=20 {
+        let r = server.http_publish(Some("news"), format!("{{\"n\":{i}}}").as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    browser.wait("window.log.messages.length >= 20", Duration::from_secs(20));
+    assert_eq!(
+        offsets(&mut browser, "news"),
+        json!((1..=20).collect::<Vec<u64>>())
+    );
+    assert_eq!(browser.eval("window.rc.transport"), "websocket");
+    assert!(gate.relayed() >= 1);
+    browser.assert_no_page_errors();
+}

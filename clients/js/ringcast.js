@@ -143,6 +143,7 @@ export class Ringcast {
     this._tIndex = 0;
     this._fellBackAt = 0;
     this._probing = false;
+    this._fallbackIndex = 1;
     this._timer = null;
     this._refreshTimer = null;
     this._probeTimer = null;
@@ -280,6 +281,7 @@ export class Ringcast {
       this._fellBackAt &&
       Date.now() - this._fellBackAt >= this.retryWebSocketAfter
     ) {
+      this._fallbackIndex = this._tIndex;
       this._tIndex = 0;
       this._failures = 0;
       this._probing = true;
@@ -332,7 +334,9 @@ export class Ringcast {
     clearTimeout(this._probeTimer);
     if (this._tIndex > 0 && this._fellBackAt) {
       this._probeTimer = setTimeout(() => {
-        if (gen === this._gen && this._active) this._restart();
+        if (gen !== this._gen || !this._active) return;
+        this._attempt = 0; // the fallback has been up all along: no backoff after a failed probe
+        this._restart();
       }, Math.max(0, this._fellBackAt + this.retryWebSocketAfter - Date.now()));
     }
   }
@@ -352,7 +356,7 @@ export class Ringcast {
       if (this._probing) {
         // The preferred transport still fails: back to the fallback at once.
         this._probing = false;
-        this._tIndex = Math.min(1, last);
+        this._tIndex = Math.min(Math.max(this._fallbackIndex, 1), last);
         this._failures = 0;
         this._fellBackAt = Date.now();
       } else if (this._failures >= this.fallbackAfter && last > 0) {
