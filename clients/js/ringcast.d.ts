@@ -12,8 +12,8 @@ export interface RingcastOptions {
   pollUrl?: string;
   /** A JWT, sent as `?token=` (every transport). */
   token?: string;
-  /** Returns a fresh JWT: called before connecting without a valid token and ~30 s
-   * (or 10% of the token's lifetime) before its `exp`. */
+  /** Returns a fresh JWT: called before connecting without a valid token and 30 s
+   * (or 10% of the token's lifetime, but at least 2 s) before its `exp`. */
   getToken?: () => string | Promise<string>;
   /** Backoff base in ms. Default 1000. */
   minDelay?: number;

@@ -21,6 +21,8 @@ const EVENTS = ['message', 'subscribed', 'gap', 'presence', 'error', 'state'];
 const STABLE_MS = 5000;
 /** Refresh a token this long (at most) before its `exp`; less for short-lived tokens. */
 const REFRESH_LEAD_MS = 30000;
+/** But at least this long (up to half its life): the server checks expiry in whole seconds. */
+const MIN_REFRESH_LEAD_MS = 2000;
 
 /** An error reply from the server, or an HTTP error of the SSE / long-poll endpoints. */
 export class RingcastError extends Error {
@@ -425,7 +427,8 @@ export class Ringcast {
     const claims = jwtClaims(this._token);
     if (!claims || typeof claims.exp !== 'number') return 0;
     const issued = typeof claims.iat === 'number' ? claims.iat * 1000 : this._tokenAt;
-    return Math.min(REFRESH_LEAD_MS, Math.max(0, (claims.exp * 1000 - issued) * 0.1));
+    const life = Math.max(0, claims.exp * 1000 - issued);
+    return Math.min(REFRESH_LEAD_MS, Math.max(life * 0.1, Math.min(MIN_REFRESH_LEAD_MS, life / 2)));
   }
 
   _scheduleRefresh() {
