@@ -16,7 +16,8 @@
 //   {"id":6,"cmd":"errors"}                                            → uncaught page errors
 //   {"id":7,"cmd":"quit"}
 // A failed command answers {"id":n,"ok":false,"error":"..."}. Browser console lines go to
-// stderr. Exit status 2 when playwright-core or chromium is missing.
+// stderr. Exit status 2 when playwright-core or chromium is missing. The browser is
+// /usr/bin/chromium (Debian's), or $RINGCAST_CHROMIUM.
 'use strict';
 
 const crypto = require('crypto');
