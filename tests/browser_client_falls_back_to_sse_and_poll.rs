@@ -164,3 +164,45 @@ fn browser_returns_to_websocket_when_it_works_again() {
     assert!(gate.relayed() >= 1);
     browser.assert_no_page_errors();
 }
+
+/// A refused SSE stream is visible to the client (unlike a refused WebSocket handshake):
+/// at the connection limit `/sse` answers 503 + Retry-After, the client waits at least
+/// that long (not its short backoff), and connects once a slot is free.
+#[test]
+#[ignore = "needs /sse"]
+fn browser_waits_the_retry_after_of_a_503_on_sse() {
+    let _deadline = Deadline::new(
+        "browser_waits_the_retry_after_of_a_503_on_sse",
+        Duration::from_secs(120),
+    );
+    let server = Server::start(&["--max-connections", "1"]);
+    let holder = server.subscribe(&["news"]);
+    server.wait_for_connections(1, Duration::from_secs(10));
+    let mut browser = Browser::start();
+    browser.open(&format!(
+        "test/browser_harness.html?sseUrl={}&channels=news&transports=sse&minDelay=100&maxDelay=400",
+        query_escape(&format!("http://127.0.0.1:{}/sse", server.ws_port)),
+    ));
+    let refused = browser.wait(
+        "window.log.states.find(s => s.state === 'disconnected')",
+        Duration::from_secs(20),
+    );
+    assert_eq!(refused["status"], 503, "{refused}");
+    // ringcast's 503s carry Retry-After: 5; the backoff alone would wait under 100 ms.
+    assert!(
+        refused["delay"].as_f64().is_some_and(|d| d >= 5000.0),
+        "the client did not wait the Retry-After: {refused}"
+    );
+    let error = browser.eval("window.log.errors[0]");
+    assert_eq!(error["code"], 503, "{error}");
+    drop(holder);
+    browser.wait(
+        "window.log.states.find(s => s.state === 'connected' && s.transport === 'sse')",
+        Duration::from_secs(30),
+    );
+    browser.wait(
+        "window.log.subscribed.length === 1",
+        Duration::from_secs(20),
+    );
+    browser.assert_no_page_errors();
+}
