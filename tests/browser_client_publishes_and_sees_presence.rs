@@ -73,5 +73,21 @@ fn browser_publishes_sees_presence_and_unsubscribes() {
         "nothing from room:1 after unsubscribe"
     );
     assert_eq!(browser.eval("window.rc.position('room:1')"), json!(null));
+
+    // close() stops for good; connect() starts again and resumes every channel.
+    browser.eval("window.rc.close(), 1");
+    assert_eq!(browser.eval("window.rc.state"), "closed");
+    let r = server.http_publish(Some("news"), b"\"while closed\"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    browser.eval("window.rc.connect(), 1");
+    browser.wait("window.log.messages.length >= 4", Duration::from_secs(20));
+    let last = browser.eval("window.log.messages[3]");
+    assert_eq!(
+        last,
+        json!({"channel": "news", "offset": 2, "data": "while closed"})
+    );
+    let resumed = browser
+        .eval("window.log.subscribed.filter(s => s.recovered === true).map(s => s.channel).sort()");
+    assert_eq!(resumed, json!(["news", "room:2"]));
     browser.assert_no_page_errors();
 }
