@@ -21,7 +21,8 @@ export interface RingcastOptions {
   maxDelay?: number;
   /** Transports to try, in order of preference. Default ['websocket', 'sse', 'poll']. */
   transports?: Transport[];
-  /** Consecutive failures (none opened) before the next transport is tried. Default 3. */
+  /** Consecutive failures (none opened) before the next transport is tried; three times
+   * as many for WebSocket once it has worked in this client. Default 3. */
   fallbackAfter?: number;
   /** While on a fallback transport, try WebSocket again after this many ms. Default 300000. */
   retryWebSocketAfter?: number;

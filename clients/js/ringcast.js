@@ -146,6 +146,7 @@ export class Ringcast {
     this._fellBackAt = 0;
     this._probing = false;
     this._fallbackIndex = 1;
+    this._wsOpened = false;
     this._timer = null;
     this._refreshTimer = null;
     this._probeTimer = null;
@@ -325,6 +326,7 @@ export class Ringcast {
   _opened(gen, session) {
     session.opened = true;
     session.openedAt = Date.now();
+    if (session.kind === 'websocket') this._wsOpened = true;
     this._failures = 0;
     if (this._probing) {
       // The preferred transport works again.
@@ -361,7 +363,7 @@ export class Ringcast {
         this._tIndex = Math.min(Math.max(this._fallbackIndex, 1), last);
         this._failures = 0;
         this._fellBackAt = Date.now();
-      } else if (this._failures >= this.fallbackAfter && last > 0) {
+      } else if (this._failures >= this._fallbackThreshold() && last > 0) {
         this._tIndex = this._tIndex === last ? 0 : this._tIndex + 1;
         this._failures = 0;
         this._fellBackAt = this._tIndex > 0 ? Date.now() : 0;
@@ -392,6 +394,16 @@ export class Ringcast {
       next: this.transports[this._tIndex],
     });
     this._timer = setTimeout(() => this._open(), delay);
+  }
+
+  /**
+   * Failed attempts before leaving the current transport. WebSocket that has worked
+   * before in this client is more likely a server restart than a blocking network, so
+   * it keeps its place three times longer.
+   */
+  _fallbackThreshold() {
+    const here = this.transports[this._tIndex];
+    return here === 'websocket' && this._wsOpened ? this.fallbackAfter * 3 : this.fallbackAfter;
   }
 
   /** Reopens at once (a channel-set change on SSE/poll, a fresh token on SSE, a probe). */
