@@ -248,6 +248,11 @@ pub struct ConfigLayer {
     /// Default: true without a JWT key, false with one.
     #[arg(long, env = "RINGCAST_ALLOW_ANONYMOUS", value_name = "BOOL")]
     pub allow_anonymous: Option<bool>,
+    /// Subscribe every connection with a token to its own `user:<sub>` channel at
+    /// connect, as if the upgrade URL named it (with the inbox on: its unacked messages
+    /// follow at once). Default: false.
+    #[arg(long, env = "RINGCAST_SUBSCRIBE_USER_CHANNEL", value_name = "BOOL")]
+    pub subscribe_user_channel: Option<bool>,
     /// Rules for channels outside any configured namespace (TOML `[channel_defaults]`
     /// table only). Default: anonymous allowed, no client publish, no presence, no history.
     #[arg(skip)]
@@ -794,10 +799,18 @@ fn resolve_auth(cli: &ConfigLayer, file: &ConfigLayer) -> Result<AuthSettings, C
              could ever be admitted",
         ));
     }
+    let subscribe_user_channel = pick!(subscribe_user_channel).unwrap_or(false);
+    if subscribe_user_channel && verifier.is_none() {
+        return Err(invalid(
+            "subscribe_user_channel",
+            "true needs jwt_secret or jwt_public_key_file: without a key no connection has a user",
+        ));
+    }
     Ok(AuthSettings {
         verifier,
         allow_anonymous,
         cookie,
+        subscribe_user_channel,
     })
 }
 
@@ -812,6 +825,20 @@ mod tests {
             ConfigLayer::try_parse_from(argv).unwrap(),
             ConfigLayer::default(),
         )
+    }
+
+    #[test]
+    fn subscribe_user_channel_needs_a_key() {
+        let err = parse(&["--subscribe-user-channel", "true"]).unwrap_err();
+        assert!(err.to_string().contains("subscribe_user_channel"), "{err}");
+        let ok = parse(&[
+            "--subscribe-user-channel",
+            "true",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+        ])
+        .unwrap();
+        assert!(ok.auth.subscribe_user_channel);
     }
 
     #[test]

@@ -17,7 +17,11 @@ use common::*;
 const SECRET: &str = "ringcast-test-secret-0123456789abcdef";
 
 fn start(dir: &std::path::Path) -> Server {
-    Server::start(&[
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &std::path::Path, extra: &[&str]) -> Server {
+    let mut args = vec![
         "--jwt-secret",
         SECRET,
         "--inbox",
@@ -26,7 +30,9 @@ fn start(dir: &std::path::Path) -> Server {
         dir.to_str().expect("utf-8 temp dir"),
         "--drain-window",
         "1",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args)
 }
 
 /// Publishes `n` messages to `channel` in ack mode; returns the offsets acknowledged.
@@ -94,7 +100,9 @@ fn inbox_survives_restart_and_kill_and_acks_are_not_redelivered() {
     // kill -9 right after the acks arrived: nothing acknowledged may be lost. Dropping
     // the server kills it with SIGKILL (std's Child::kill) and reaps it.
     drop(server);
-    let server = start(dir.path());
+    // This time every token is subscribed to its own user channel at connect, so the
+    // client names none (py_inbox.py --auto).
+    let server = start_with(dir.path(), &["--subscribe-user-channel", "true"]);
     let metrics = server.metrics();
     assert_eq!(metrics.sum("ringcast_inbox_up"), 1.0);
 
@@ -113,6 +121,7 @@ fn inbox_survives_restart_and_kill_and_acks_are_not_redelivered() {
         "35",
         "--ack",
         "30",
+        "--auto",
     ]);
     die_with_parent(&mut command);
     let out = command.output().unwrap_or_else(|e| {

@@ -34,6 +34,8 @@ pub struct AuthSettings {
     pub allow_anonymous: bool,
     /// Cookie the upgrade may carry the token in; `None`: cookies are not read.
     pub cookie: Option<String>,
+    /// Connections with a token are subscribed to their `user:<sub>` channel at connect.
+    pub subscribe_user_channel: bool,
 }
 
 impl Default for AuthSettings {
@@ -43,6 +45,7 @@ impl Default for AuthSettings {
             verifier: None,
             allow_anonymous: true,
             cookie: None,
+            subscribe_user_channel: false,
         }
     }
 }

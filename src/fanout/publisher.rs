@@ -116,6 +116,11 @@ struct HistoryPolicy {
 pub struct Attach {
     /// The offset it is at: live delivery starts after it.
     pub offset: u64,
+    /// False when the ring could not tell the position and `offset` is the history's
+    /// estimate, which errs low: the subscriber must then catch up from `offset` through
+    /// history (lag on the channel) rather than follow live from it, or it would skip
+    /// silently what lies between the estimate and its live position.
+    pub exact: bool,
     /// The channel's epoch.
     pub epoch: u64,
     /// With `since`: the missed frames to send before live ones, or why it cannot be
@@ -406,11 +411,11 @@ impl Publisher {
         let claimed = self.ring.head();
         drop(map);
         let window = history.as_ref().map(|h| h.lock());
-        let offset = match self.unread(&name, cursor, claimed) {
-            Some(unread) => last - unread,
-            // The ring cannot tell: the history can, erring low (a gap the client sees
-            // and can recover from, never an offset it would wrongly think it has).
-            None => window.as_ref().map_or(0, |w| w.position(cursor)),
+        let (offset, exact) = match self.unread(&name, cursor, claimed) {
+            Some(unread) => (last - unread, true),
+            // The ring cannot tell: the history can, erring low (never an offset the
+            // client would wrongly think it has); the caller makes it catch up from there.
+            None => (window.as_ref().map_or(0, |w| w.position(cursor)), false),
         };
         let recovery = since.map(|since| {
             if since.epoch != epoch {
@@ -425,6 +430,7 @@ impl Publisher {
         });
         Attach {
             offset,
+            exact,
             epoch,
             recovery,
         }

@@ -125,6 +125,11 @@ impl Shard {
                     self.presence_in(conn, session.as_deref(), &channel);
                 }
                 index.note_position(&channel, attach.offset);
+                if !attach.exact {
+                    self.inexact_attaches
+                        .borrow_mut()
+                        .push((Arc::from(channel.as_str()), attach.offset));
+                }
                 let recovered = attach.recovery.map(|result| match result {
                     Ok(frames) => {
                         self.metrics.recovered.fetch_add(1, Relaxed);

@@ -252,6 +252,7 @@ fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
             }
         });
     shard.note_backlog_change(before, conn.machine.backlog().bytes());
+    shard.lag_inexact_attaches(key, conn);
     if let Some(close) = close {
         shard.enqueue_close(key, conn.generation, close);
     }

@@ -68,13 +68,20 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, ticket: HandshakeT
     drop(stream);
     // From here the table owns the slot and releases it when the connection leaves it.
     upgraded.slot.adopt();
-    adopt(
-        &shard,
-        fd,
-        &upgraded.channels,
-        upgraded.claims,
-        upgraded.leftover,
-    );
+    let mut channels = upgraded.channels;
+    if let Some(claims) = upgraded
+        .claims
+        .as_ref()
+        .filter(|_| shard.settings.auth.subscribe_user_channel)
+    {
+        let own = format!("user:{}", claims.sub);
+        // A `sub` that makes no valid channel name (over 123 bytes, or characters channel
+        // names do not allow) gets no user channel.
+        if crate::proto::channel::is_valid_channel(own.as_bytes()) && !channels.contains(&own) {
+            channels.push(own);
+        }
+    }
+    adopt(&shard, fd, &channels, upgraded.claims, upgraded.leftover);
     shard.settle();
 }
 

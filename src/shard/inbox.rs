@@ -225,7 +225,7 @@ impl Shard {
             self.ring_cursor.get(),
             self.settings.max_recovery_messages,
         );
-        let position = attach.offset;
+        let (position, attach_exact) = (attach.offset, attach.exact);
         let tail = if position > last {
             match attach.recovery {
                 Some(Ok(frames)) => frames,
@@ -283,6 +283,13 @@ impl Shard {
         self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
         let before = conn.machine.backlog().bytes();
         conn.machine.queue_replay(frames);
+        if !attach_exact {
+            // The position is the history's low estimate: catch up from it (see
+            // crate::fanout::publisher::Attach::exact).
+            conn.machine
+                .lag_from(&Arc::from(channel.as_ref()), position);
+            self.mark_lagging(tag.key, conn);
+        }
         self.note_backlog_change(before, conn.machine.backlog().bytes());
         self.flush_or_close(tag.key, conn);
     }

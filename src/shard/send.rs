@@ -204,10 +204,7 @@ impl Shard {
             }
             Offer::Skipped if offset.is_some() => {
                 self.metrics.lagged.fetch_add(1, Relaxed);
-                if !conn.lagging {
-                    conn.lagging = true;
-                    self.lagging.borrow_mut().push(key);
-                }
+                self.mark_lagging(key, conn);
             }
             Offer::Skipped => {}
             Offer::Disconnect => {
@@ -254,6 +251,10 @@ impl Shard {
                 }
             };
             let progressed = step.done || step.gap.is_some() || !step.frames.is_empty();
+            if step.done {
+                // Live again from here: an overrun heal must not take it back before it.
+                self.index.borrow().note_position(&channel, step.reached);
+            }
             if let Some((from, to)) = step.gap {
                 self.metrics.dropped_slow.fetch_add(to + 1 - from, Relaxed);
             }
@@ -279,6 +280,28 @@ impl Shard {
                     break;
                 }
             }
+        }
+    }
+
+    /// Makes `conn` catch up through history on the channels its last command attached
+    /// at an estimated position, so what lies between the estimate and its live position
+    /// reaches it (or a gap notice does) instead of being skipped silently.
+    pub(super) fn lag_inexact_attaches(&self, key: u32, conn: &mut Conn) {
+        let pending = std::mem::take(&mut *self.inexact_attaches.borrow_mut());
+        if pending.is_empty() {
+            return;
+        }
+        for (channel, offset) in &pending {
+            conn.machine.lag_from(channel, *offset);
+        }
+        self.mark_lagging(key, conn);
+    }
+
+    /// Puts a connection that started lagging on the list [`Shard::catch_up_lagging`] serves.
+    pub(super) fn mark_lagging(&self, key: u32, conn: &mut Conn) {
+        if !conn.lagging && conn.machine.is_lagging() {
+            conn.lagging = true;
+            self.lagging.borrow_mut().push(key);
         }
     }
 

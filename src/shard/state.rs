@@ -81,6 +81,10 @@ pub struct Shard {
     pub(super) inbox_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
     /// Connections catching up from history (see [`Shard::catch_up`]).
     pub(super) lagging: RefCell<Vec<u32>>,
+    /// Channels the command being run attached at an estimated position (see
+    /// [`crate::fanout::publisher::Attach::exact`]): its connection lags on them from
+    /// there once the command is done.
+    pub(super) inexact_attaches: RefCell<Vec<(Arc<str>, u64)>>,
     generation: Cell<u32>,
     started: Instant,
 }
@@ -152,6 +156,7 @@ impl Shard {
             inbox,
             inbox_pending: RefCell::new(HashMap::new()),
             lagging: RefCell::new(Vec::new()),
+            inexact_attaches: RefCell::new(Vec::new()),
             generation: Cell::new(0),
             started: Instant::now(),
         })

@@ -6,8 +6,9 @@
                         --user alice --expect 35 --ack 30
     python3 py_inbox.py ... --user carol --churn 3000 --tcp 127.0.0.1:9001
 
-1. Connects with `?channels=user:<user>` on the upgrade URL: the subscribe reply must
-   say `inbox.unacked == EXPECT`, followed by offsets 1..EXPECT, each once, in order.
+1. Connects with `?channels=user:<user>` on the upgrade URL (with --auto: naming no
+   channel, the server subscribes the token's own): the subscribe reply must say
+   `inbox.unacked == EXPECT`, followed by offsets 1..EXPECT, each once, in order.
 2. Another user's token may not ack the channel (403); an ack ahead of the channel's
    last offset answers 400.
 3. Acks ACK (cumulative), reconnects, subscribes with a command: gets ACK+1..EXPECT only.
@@ -83,7 +84,10 @@ def http_publish(admin, channel, payload):
 async def run(args):
     channel = f"user:{args.user}"
     mine = token(args.secret, args.user)
-    url = f"ws://{args.ws}/ws?channels={channel}&token={mine}"
+    # With --auto the server subscribes every token to its own user channel
+    # (subscribe_user_channel = true): nothing names it.
+    named = "" if args.auto else f"channels={channel}&"
+    url = f"ws://{args.ws}/ws?{named}token={mine}"
     # 1. Subscribed through the upgrade URL: every unacked message, oldest first.
     async with connect(url) as ws:
         sub = await reply_to(ws, "subscribe")
@@ -104,12 +108,16 @@ async def run(args):
         expect(acked["code"] == 200 and acked["removed"] == args.ack, f"ack: {acked}")
     other = token(args.secret, "mallory")
     async with connect(f"ws://{args.ws}/ws?token={other}") as ws:
+        if args.auto:
+            own = await reply_to(ws, "subscribe")
+            expect(own["channel"] == "user:mallory", f"mallory's own channel: {own}")
         await ws.send(json.dumps({"cmd": "ack", "channel": channel, "offset": args.expect}))
         forbidden = await reply_to(ws, "ack")
         expect(forbidden["code"] == 403, f"another user's ack: {forbidden}")
     # 3. Reconnected: only what was not acked.
     async with connect(f"ws://{args.ws}/ws?token={mine}") as ws:
-        await ws.send(json.dumps({"cmd": "subscribe", "channel": channel, "id": 3}))
+        if not args.auto:
+            await ws.send(json.dumps({"cmd": "subscribe", "channel": channel, "id": 3}))
         sub = await reply_to(ws, "subscribe")
         left = args.expect - args.ack
         expect(sub["inbox"]["unacked"] == left and sub["epoch"] == epoch, f"resubscribe: {sub}")
@@ -170,7 +178,10 @@ async def churn(args):
         via_url = sessions % 2 == 0
         url = f"ws://{args.ws}/ws?token={mine}" + (f"&channels={channel}" if via_url else "")
         t0 = time.monotonic()
-        async with connect(url) as ws:
+        # max_queue=None: live messages that arrive after the ack reply are never read, and
+        # with a bounded queue websockets stops reading the socket once it is full, so the
+        # server's close frame behind them would wait for the client's 10 s close timeout.
+        async with connect(url, max_queue=None) as ws:
             t1 = time.monotonic()
             if not via_url:
                 await ws.send(json.dumps({"cmd": "subscribe", "channel": channel}))
@@ -223,6 +234,7 @@ def main():
     p.add_argument("--churn", type=int, default=0)
     p.add_argument("--rate", type=float, default=1500.0)
     p.add_argument("--tcp")
+    p.add_argument("--auto", action="store_true", help="the server subscribes tokens to user:<sub>")
     args = p.parse_args()
     try:
         summary = asyncio.run(churn(args) if args.churn else run(args))
