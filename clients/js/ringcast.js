@@ -531,10 +531,17 @@ export class Ringcast {
   }
 
   _onSubscribeReply(msg) {
-    const ch = this._channels.get(msg.channel);
+    let ch = this._channels.get(msg.channel);
+    if (!ch && msg.code === 200 && msg.id == null) {
+      // A subscription the server made on its own (`subscribe_user_channel`: the user's
+      // inbox channel at connect): deliver it like one the application asked for.
+      ch = { offset: null, epoch: null, inbox: false, since: null };
+      this._channels.set(msg.channel, ch);
+    }
     if (!ch) return;
     const since = ch.since;
     ch.since = null;
+    if (msg.code === 409) return; // already subscribed, by the server at connect
     if (msg.code !== 200) {
       // Refused for good (403, 400): forget it so reconnects do not ask again.
       if (msg.code === 400 || msg.code === 403) this._channels.delete(msg.channel);
