@@ -79,10 +79,8 @@ fn browser_delivers_the_inbox_channel_the_server_subscribed_it_to() {
         "window.log.states.filter(s => s.state === 'connected').length === 2",
         Duration::from_secs(20),
     );
-    browser.wait(
-        "window.log.subscribed.length === 2",
-        Duration::from_secs(20),
-    );
+    let again = browser.wait("window.log.subscribed[1]", Duration::from_secs(20));
+    assert_eq!(again["recovered"], true, "same inbox history: {again}");
     publish_acked(&server, 4);
     browser.wait("window.log.messages.length >= 4", Duration::from_secs(20));
     assert_eq!(
@@ -93,7 +91,8 @@ fn browser_delivers_the_inbox_channel_the_server_subscribed_it_to() {
             "user:bob#3:3",
             "user:bob#4:4"
         ]),
-        "each message once, in order"
+        "each message once, in order; subscribe replies {}",
+        browser.eval("JSON.stringify(window.log.subscribed)")
     );
     let close = browser.eval("window.log.states.find(s => s.state === 'disconnected')");
     assert_eq!(close["code"], 4403, "{close}");

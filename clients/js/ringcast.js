@@ -539,9 +539,11 @@ export class Ringcast {
       this._channels.set(msg.channel, ch);
     }
     if (!ch) return;
+    // Already subscribed, by the server at connect: its own reply (which may come after
+    // this one, once the inbox answered) is the one to read, with our `since`.
+    if (msg.code === 409) return;
     const since = ch.since;
     ch.since = null;
-    if (msg.code === 409) return; // already subscribed, by the server at connect
     if (msg.code !== 200) {
       // Refused for good (403, 400): forget it so reconnects do not ask again.
       if (msg.code === 400 || msg.code === 403) this._channels.delete(msg.channel);
@@ -560,8 +562,13 @@ export class Ringcast {
         recovered = since.epoch === msg.epoch;
         if (!recovered) reason = 'epoch_changed';
       }
-      if (!since || !recovered) ch.offset = msg.inbox.unacked > 0 ? null : msg.offset;
-      else if (msg.inbox.unacked === 0 && msg.offset > ch.offset) ch.offset = msg.offset;
+      // Whatever `since` went out: in the same history, what was delivered stays
+      // delivered (the server may subscribe the channel too, without our `since`).
+      if (ch.offset == null || ch.epoch !== msg.epoch) {
+        ch.offset = msg.inbox.unacked > 0 ? null : msg.offset;
+      } else if (msg.inbox.unacked === 0 && msg.offset > ch.offset) {
+        ch.offset = msg.offset;
+      }
     } else if (since && msg.recovered === true) {
       recovered = true; // the missed messages follow, after since.offset
     } else {
