@@ -84,6 +84,12 @@ python3 -c 'import websockets' >/dev/null 2>&1 ||
 python3 -c 'import jwt, cryptography' >/dev/null 2>&1 ||
 	die "python3 cannot import jwt (PyJWT) and cryptography (needed by tests/clients/py_auth.py)"
 
+# ---- curl (tests/sse_and_poll_resume.rs) ---------------------------------------------
+if ! command -v curl >/dev/null 2>&1; then
+	apt_install curl
+fi
+command -v curl >/dev/null 2>&1 || die "curl is not on PATH after installing it (needed by tests/sse_and_poll_resume.rs)"
+
 # ---- Node + ws -----------------------------------------------------------------------
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
 	apt_install nodejs npm

@@ -8,6 +8,7 @@ use crate::auth::namespace::{NamespaceTable, Namespaces};
 use crate::auth::token::{JwtAlgorithm, KeyMaterial, Verifier};
 use crate::auth::AuthSettings;
 pub use crate::inbox::thread::InboxConfig;
+use crate::proto::origin::OriginPolicy;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -148,6 +149,19 @@ pub struct ConfigLayer {
     /// 1024 tasks of ~3 KiB per shard for `handshake_timeout`. Default: 1024.
     #[arg(long, env = "RINGCAST_MAX_HANDSHAKES_PER_SHARD", value_name = "N")]
     pub max_handshakes_per_shard: Option<usize>,
+    /// Browser origins allowed on the WebSocket port (upgrade, /sse, /poll): `*`, exact
+    /// origins (`https://app.example.com`) or `https://*.example.com`. Default: ["*"].
+    #[arg(
+        long,
+        env = "RINGCAST_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN,..."
+    )]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Whether requests without an `Origin` header (non-browser clients) are allowed.
+    /// Default: true.
+    #[arg(long, env = "RINGCAST_ALLOW_MISSING_ORIGIN", value_name = "BOOL")]
+    pub allow_missing_origin: Option<bool>,
     /// Seconds over which a drain (SIGTERM) closes connections in batches. Default: 30.
     #[arg(long, env = "RINGCAST_DRAIN_WINDOW", value_name = "SECS")]
     pub drain_window: Option<u64>,
@@ -326,6 +340,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// Upgrades in flight per shard before new sockets get 503.
     pub max_handshakes_per_shard: usize,
+    /// Browser origins allowed on the WebSocket port.
+    pub origins: OriginPolicy,
     /// Drain window.
     pub drain_window: Duration,
     /// Ring slots.
@@ -591,6 +607,11 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             1,
             1 << 20,
         )?,
+        origins: OriginPolicy::new(
+            &pick!(allowed_origins, vec!["*".to_string()]),
+            pick!(allow_missing_origin, true),
+        )
+        .map_err(|e| invalid("allowed_origins", e))?,
         drain_window: Duration::from_secs(in_range(
             "drain_window",
             pick!(drain_window, 30),

@@ -8,6 +8,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::ipc::SlowMode;
 
+/// The subscriber URL when `--url` is not given.
+pub const DEFAULT_URL: &str = "ws://127.0.0.1:8080/ws?channels=bench";
+
 /// Load harness for ringcast and other WebSocket broadcast servers.
 #[derive(Parser, Debug)]
 #[command(name = "ringcast-load", version, about, long_about = None)]
@@ -30,6 +33,9 @@ pub enum Scenario {
     Storm(StormArgs),
     /// A fraction of subscribers read slowly or not at all; healthy ones must not notice.
     Slow(SlowArgs),
+    /// Subscribers over K channels drop at once while publishing goes on, come back with
+    /// `since`, and must end with every message exactly once, in order.
+    Recover(RecoverArgs),
     /// Internal: one worker process (started by the harness itself).
     #[command(hide = true)]
     Worker,
@@ -39,9 +45,9 @@ pub enum Scenario {
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// Subscriber URL; for ringcast the channel is in the query. Default: ws://127.0.0.1:8080/ws?channels=bench
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws?channels=bench")]
+    #[arg(long, default_value = DEFAULT_URL)]
     pub url: String,
-    /// Subscriber connections. Default depends on the scenario (connect/fanout/storm 1000, latency 100, slow 200).
+    /// Subscriber connections. Default depends on the scenario (connect/fanout/storm 1000, latency 100, slow 200, recover 10000).
     #[arg(short = 'n', long)]
     pub connections: Option<u64>,
     /// Connection ramp, new connections per second over all workers; 0 = as fast as possible. Default: 2000
@@ -206,4 +212,34 @@ pub struct SlowArgs {
     /// Messages per second; 0 = one burst. Default: 1000
     #[arg(long, default_value_t = 1000.0)]
     pub msg_rate: f64,
+}
+
+/// `recover` options.
+#[derive(Args, Debug, Clone)]
+pub struct RecoverArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub publish: PublishArgs,
+    /// Channels: subscriber i uses `<--channel>-<i mod K>` (prefix default "recover"); messages go round-robin over them. Default: 100
+    #[arg(long, default_value_t = 100)]
+    pub channels: u64,
+    /// Messages per second over all channels together. Default: 1000
+    #[arg(long, default_value_t = 1000.0)]
+    pub msg_rate: f64,
+    /// Seconds of publishing before every connection is dropped. Default: 5
+    #[arg(long, default_value_t = 5.0)]
+    pub hold: f64,
+    /// Reconnect pace after the drop, connections per second; 0 = all at once. Default: 0
+    #[arg(long, default_value_t = 0.0)]
+    pub reconnect_rate: f64,
+    /// Seconds to keep publishing once every subscriber has its recovery answer. Default: 3
+    #[arg(long, default_value_t = 3.0)]
+    pub after: f64,
+    /// Every subscriber must have its recovered reply within this many seconds of the drop; later is a problem. Default: 10
+    #[arg(long, default_value_t = 10.0)]
+    pub within: f64,
+    /// Seconds to wait at most for every subscriber's answer after the drop. Default: 60
+    #[arg(long, default_value_t = 60.0)]
+    pub recover_wait: f64,
 }

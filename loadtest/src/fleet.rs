@@ -94,6 +94,16 @@ impl Live {
         self.last.iter().map(|t| t.open).sum()
     }
 
+    /// `recover`: subscribers that have their first position.
+    pub fn subscribed(&self) -> u64 {
+        self.last.iter().map(|t| t.subscribed).sum()
+    }
+
+    /// `recover`: subscribers answered since the drop.
+    pub fn resubscribed(&self) -> u64 {
+        self.last.iter().map(|t| t.resubscribed).sum()
+    }
+
     /// Every worker finished its initial ramp.
     pub fn ramp_done(&self) -> bool {
         self.last.iter().all(|t| t.ramp_done)

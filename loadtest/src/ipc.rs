@@ -46,6 +46,24 @@ impl SlowSpec {
     }
 }
 
+/// Scenario `recover`: subscribers send `subscribe` (with `since` after a reconnect) on
+/// channel `<prefix>-<global index mod channels>` instead of naming channels in the URL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecoverSpec {
+    /// Channel name prefix.
+    pub prefix: String,
+    /// Number of channels.
+    pub channels: u64,
+}
+
+impl RecoverSpec {
+    /// Index and name of the channel of subscriber `i` (global index).
+    pub fn channel_of(&self, i: u64) -> (u64, String) {
+        let index = i % self.channels.max(1);
+        (index, format!("{}-{index}", self.prefix))
+    }
+}
+
 /// Everything a worker needs to know, sent as its first stdin line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSpec {
@@ -77,6 +95,9 @@ pub struct WorkerSpec {
     pub reconnect_rate: f64,
     /// The worker exits on its own after this many milliseconds, whatever happens.
     pub lifetime_ms: u64,
+    /// Subscribe by command and recover after reconnects (scenario `recover`).
+    #[serde(default)]
+    pub recover: Option<RecoverSpec>,
 }
 
 /// Parent → worker instructions after the spec.
@@ -121,6 +142,33 @@ pub struct Tick {
     pub down_at_ms: Option<u64>,
     /// Unix ms when all its connections were open again after `down_at_ms`.
     pub back_at_ms: Option<u64>,
+    /// `recover`: subscribers that have their first position now.
+    #[serde(default)]
+    pub subscribed: u64,
+    /// `recover`: subscribers answered (recovered or not) since the last `Drop`.
+    #[serde(default)]
+    pub resubscribed: u64,
+}
+
+/// `recover` numbers of one worker.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct RecoverFinal {
+    /// Counts summed over its subscribers.
+    pub counts: crate::recover::RecoverCounts,
+    /// Offsets its subscribers had to receive, summed.
+    pub expected: u64,
+    /// Subscribers with any gap, duplicate, reordering or failed recovery.
+    pub subscribers_with_problems: u64,
+    /// Unix ms of the last `Drop`.
+    pub drop_ms: Option<u64>,
+    /// Unix ms of the latest `"recovered":true` reply after it.
+    pub last_recovered_ms: Option<u64>,
+    /// Unix ms of the latest catch-up (last replayed message) after it.
+    pub last_caught_up_ms: Option<u64>,
+    /// Drop to `"recovered":true` reply, per subscriber, nanosecond buckets.
+    pub recovered: HistPairs,
+    /// Drop to the last replayed message, per subscriber, nanosecond buckets.
+    pub caught_up: HistPairs,
 }
 
 /// Worker → parent final report.
@@ -150,6 +198,9 @@ pub struct WorkerFinal {
     pub delivery_span_ns: Option<(u64, u64)>,
     /// CPU seconds this worker used (user + system).
     pub cpu_secs: f64,
+    /// Scenario `recover` only.
+    #[serde(default)]
+    pub recover: Option<RecoverFinal>,
 }
 
 /// One line from a worker.

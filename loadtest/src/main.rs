@@ -1,7 +1,7 @@
 //! `ringcast-load`: the load harness SREs use to prove a host running ringcast (or any
 //! WebSocket broadcast server).
 //!
-//! Scenarios (`connect`, `fanout`, `latency`, `storm`, `slow`) open many subscriber
+//! Scenarios (`connect`, `fanout`, `latency`, `storm`, `slow`, `recover`) open many subscriber
 //! sockets from several worker processes and 127.0.0.x source addresses, publish
 //! numbered, timestamped messages, and account for every delivery. Results are printed as
 //! a table and optionally written as JSON (`--json`) and an SVG plot (`--plot`). See
@@ -9,11 +9,12 @@
 //!
 //! # Layout
 //! - `cli`: flags. `target`: URLs and the loopback guard. `limits`: fds, workers, sources.
-//! - `wsproto`, `seq`: pure WebSocket client codec and delivery accounting.
+//! - `wsproto`, `seq`, `recover`: pure WebSocket client codec, delivery accounting, and
+//!   the subscribe/recovery conversation of scenario `recover`.
 //! - `worker/`: the mio event loop of one worker process (`conn`, `schedule`, `record`).
 //! - `ipc`: parent ↔ worker JSON lines. `fleet`: the parent's side of the workers.
 //! - `publish`: the publisher thread. `procstat`: server CPU/RSS from /proc.
-//! - `scenario/`: the five scripts. `report`, `summary`, `plot`, `stats`: results and
+//! - `scenario/`: the six scripts. `report`, `summary`, `plot`, `stats`: results and
 //!   their forms.
 
 mod cli;
@@ -23,6 +24,7 @@ mod limits;
 mod plot;
 mod procstat;
 mod publish;
+mod recover;
 mod report;
 mod scenario;
 mod seq;
@@ -56,6 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Latency(args) => ("latency", scenario::fanout::run_latency(&args)),
         Scenario::Storm(args) => ("storm", scenario::storm::run(&args)),
         Scenario::Slow(args) => ("slow", scenario::slow::run(&args)),
+        Scenario::Recover(args) => ("recover", scenario::recover::run(&args)),
     };
     result.with_context(|| format!("scenario {name}"))?;
     Ok(())

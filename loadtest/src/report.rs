@@ -17,7 +17,7 @@ use crate::stats::{self, CloseCodes, GroupStats, Percentiles};
 pub struct Results {
     /// Always `ringcast-load/1`.
     pub schema: &'static str,
-    /// connect, fanout, latency, storm or slow.
+    /// connect, fanout, latency, storm, slow or recover.
     pub scenario: String,
     /// Subscriber URL.
     pub url: String,
@@ -37,6 +37,8 @@ pub struct Results {
     pub slow: Option<DeliveryResults>,
     /// Reconnect storm numbers (scenario `storm`).
     pub storm: Option<StormResults>,
+    /// Recovery numbers (scenario `recover`).
+    pub recover: Option<RecoverResults>,
     /// Server cost ratios (`--server-pid`).
     pub server: Option<ServerResults>,
     /// The harness's own cost.
@@ -203,6 +205,53 @@ pub struct StormResults {
     pub reconnect_us: Percentiles,
     /// Messages lost by subscribers over the run (mostly while disconnected).
     pub lost: u64,
+}
+
+/// Recovery storm numbers (scenario `recover`).
+#[derive(Debug, Default, Serialize)]
+pub struct RecoverResults {
+    /// Channels the subscribers were spread over.
+    pub channels: u64,
+    /// Subscribers that got their first position (subscribe reply).
+    pub subscribed: u64,
+    /// Subscribers that got an answer to their subscribe with `since` after the drop.
+    pub resubscribed: u64,
+    /// `"recovered":true` replies.
+    pub recovered: u64,
+    /// `"recovered":false` replies.
+    pub not_recovered: u64,
+    /// `"recovered":false` replies by `reason`.
+    pub not_recovered_reasons: BTreeMap<String, u64>,
+    /// Subscribe replies that failed, by code.
+    pub reply_errors: BTreeMap<String, u64>,
+    /// Every subscriber got `"recovered":true` after the drop.
+    pub all_recovered: bool,
+    /// From the drop to the last subscriber's `"recovered":true` reply, milliseconds.
+    pub time_to_all_recovered_ms: Option<f64>,
+    /// Per subscriber: drop to its `"recovered":true` reply.
+    pub time_to_recovered_us: Percentiles,
+    /// From the drop to the last subscriber's last replayed message, milliseconds.
+    pub time_to_all_caught_up_ms: Option<f64>,
+    /// Per subscriber: drop to its last replayed message.
+    pub time_to_caught_up_us: Percentiles,
+    /// The bound asked for (`--within`), seconds.
+    pub within_secs: f64,
+    /// Messages delivered as replay after a recovered reply.
+    pub replayed: u64,
+    /// Messages delivered live.
+    pub live: u64,
+    /// Gap notices received (the server skipped offsets for a slow subscriber).
+    pub gap_notices: u64,
+    /// Messages at or below a subscriber's first position.
+    pub below_position: u64,
+    /// Messages that arrived before any subscribe reply.
+    pub before_subscribe: u64,
+    /// Replies whose epoch differed from the subscriber's first one.
+    pub epoch_changes: u64,
+    /// Subscribers with any gap, duplicate, reordering or failed recovery.
+    pub subscribers_with_problems: u64,
+    /// Server CPU seconds from the drop until every subscriber had its answer.
+    pub server_cpu_recovery_secs: Option<f64>,
 }
 
 /// Server cost ratios from /proc sampling.

@@ -1,5 +1,5 @@
 //! The summary table printed at the end of every run: one line per aspect (connections,
-//! handshakes, publishing, deliveries per group, storm, server ratios), then warnings and
+//! handshakes, publishing, deliveries per group, storm, recovery, server ratios), then warnings and
 //! either `result OK` or one `PROBLEM` line per finding.
 
 use std::collections::BTreeMap;
@@ -77,6 +77,45 @@ pub fn table(r: &Results) -> String {
             st.mode, st.all_back, st.lost
         );
         let _ = writeln!(s, "  reconnect  {}", pcts(&st.reconnect_us));
+    }
+    if let Some(rc) = &r.recover {
+        let ms = |v: Option<f64>| v.map_or("never".into(), |ms| format!("{ms:.0} ms"));
+        let _ = writeln!(
+            s,
+            "recover      {} channels  subscribed {}  answered after drop {}  recovered true {}  false {}{}",
+            rc.channels,
+            rc.subscribed,
+            rc.resubscribed,
+            rc.recovered,
+            rc.not_recovered,
+            if rc.not_recovered_reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", counts(&rc.not_recovered_reasons))
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  all recovered: {} ({} after the drop, within {}s asked)  all caught up: {}",
+            rc.all_recovered,
+            ms(rc.time_to_all_recovered_ms),
+            rc.within_secs,
+            ms(rc.time_to_all_caught_up_ms)
+        );
+        let _ = writeln!(s, "  recovered  {}", pcts(&rc.time_to_recovered_us));
+        let _ = writeln!(s, "  caught up  {}", pcts(&rc.time_to_caught_up_us));
+        let _ = writeln!(
+            s,
+            "  messages   replayed {}  live {}  gap notices {}  subscribers with problems {}{}",
+            rc.replayed,
+            rc.live,
+            rc.gap_notices,
+            rc.subscribers_with_problems,
+            rc.server_cpu_recovery_secs
+                .map_or(String::new(), |c| format!(
+                    "  server cpu drop→answered {c:.2}s"
+                ))
+        );
     }
     if let Some(sv) = &r.server {
         let per_cpu = sv.deliveries_per_cpu_sec.map_or("n/a".into(), human_count);

@@ -66,6 +66,23 @@ impl WsTarget {
             .filter(|c| !c.is_empty())
             .map(str::to_owned)
     }
+
+    /// The same endpoint with every `channels=` query parameter removed.
+    pub fn without_channels(&self) -> WsTarget {
+        let (path, query) = self.path.split_once('?').unwrap_or((&self.path, ""));
+        let kept = query
+            .split('&')
+            .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some("channels"))
+            .collect::<Vec<_>>();
+        WsTarget {
+            path: if kept.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{}", kept.join("&"))
+            },
+            ..self.clone()
+        }
+    }
 }
 
 /// Where and how messages are published.
@@ -242,6 +259,10 @@ mod tests {
         assert!(parse_ws("http://127.0.0.1/").is_err());
         assert!(parse_ws("wss://127.0.0.1/").is_err());
         assert!(parse_ws("ws://127.0.0.1:notaport/").is_err());
+        assert_eq!(t.without_channels().path, "/ws");
+        let mixed = parse_ws("ws://127.0.0.1:8080/ws?token=x&channels=a&v=1")?;
+        assert_eq!(mixed.without_channels().path, "/ws?token=x&v=1");
+        assert_eq!(mixed.without_channels().channel(), None);
         Ok(())
     }
 

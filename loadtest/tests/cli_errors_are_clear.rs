@@ -101,3 +101,33 @@ fn too_many_connections_for_the_fd_limit_says_what_is_needed() {
         &["worker processes", "RLIMIT_NOFILE"],
     );
 }
+
+#[test]
+fn recover_refuses_what_it_cannot_account_for() {
+    fails_with(
+        &[
+            "recover",
+            "--url",
+            "ws://127.0.0.1:1/ws?channels=news",
+            "-n",
+            "1",
+        ],
+        &["without channels=", "ws://127.0.0.1:1/ws"],
+    );
+    fails_with(
+        &[
+            "recover",
+            "--url",
+            "ws://127.0.0.1:1/ws",
+            "--publish",
+            "ws",
+            "-n",
+            "1",
+        ],
+        &["udp://, tcp:// or http://"],
+    );
+    fails_with(
+        &["recover", "--url", "ws://127.0.0.1:1/ws", "--channels", "0"],
+        &["--channels >= 1"],
+    );
+}

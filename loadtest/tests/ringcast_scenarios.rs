@@ -218,3 +218,70 @@ fn slow_subscribers_do_not_hurt_healthy_ones() {
         slow["lost"], slow["offset_skipped"]
     );
 }
+
+#[test]
+fn recovery_storm_delivers_every_message_exactly_once() {
+    let rc = start_ringcast(&[]);
+    let url = format!("ws://127.0.0.1:{}/ws", rc.ws);
+    let (publish, pid) = (
+        format!("tcp://127.0.0.1:{}", rc.tcp),
+        rc.proc.pid().to_string(),
+    );
+    // Reconnecting at 200/s spreads the comeback over a second, so most subscribers miss
+    // messages and must be replayed some. `--within` is wide: time is reported, not tested.
+    let r = run_ok(&[
+        "recover",
+        "--url",
+        &url,
+        "-n",
+        "200",
+        "--channels",
+        "10",
+        "--msg-rate",
+        "200",
+        "--publish",
+        &publish,
+        "--hold",
+        "1",
+        "--reconnect-rate",
+        "200",
+        "--after",
+        "1",
+        "--within",
+        "60",
+        "--server-pid",
+        &pid,
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(
+        r["problems"].as_array().map(Vec::len),
+        Some(0),
+        "{:#}",
+        r["problems"]
+    );
+    let rec = &r["recover"];
+    assert_eq!(num(rec, &["subscribed"]), 200, "{rec:#}");
+    assert_eq!(num(rec, &["resubscribed"]), 200, "{rec:#}");
+    assert_eq!(num(rec, &["recovered"]), 200, "{rec:#}");
+    assert_eq!(num(rec, &["not_recovered"]), 0, "{rec:#}");
+    assert_eq!(rec["all_recovered"], true, "{rec:#}");
+    assert_eq!(num(rec, &["time_to_recovered_us", "count"]), 200);
+    assert!(rec["time_to_all_recovered_ms"].is_number(), "{rec:#}");
+    assert_eq!(num(rec, &["subscribers_with_problems"]), 0, "{rec:#}");
+    assert_eq!(num(rec, &["gap_notices"]), 0);
+    assert!(num(rec, &["replayed"]) > 0, "nothing was replayed: {rec:#}");
+    let d = &r["delivery"];
+    // 20 subscribers per channel, so each published message is due 20 times.
+    let published = num(&r, &["publishing", "messages"]);
+    assert_eq!(num(d, &["expected"]), 20 * published, "{d:#}");
+    assert_eq!(num(d, &["received"]), num(d, &["expected"]), "{d:#}");
+    for field in ["lost", "duplicates", "out_of_order", "gap_events"] {
+        assert_eq!(num(d, &[field]), 0, "{field}: {d:#}");
+    }
+    assert_eq!(
+        num(rec, &["replayed"]) + num(rec, &["live"]),
+        num(d, &["received"])
+    );
+    assert!(r["server"]["cpu_delivery_secs"].is_number());
+}

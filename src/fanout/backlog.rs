@@ -75,6 +75,17 @@ impl SendBacklog {
 
     /// Offers a message frame, applying the slow-consumer policy.
     pub fn offer(&mut self, frame: &Bytes, limits: &BacklogLimits) -> Offer {
+        let offer = self.admit(limits);
+        if offer == Offer::Queued {
+            self.push(frame.clone());
+        }
+        offer
+    }
+
+    /// The slow-consumer policy's verdict on one more message, counted as if offered:
+    /// on [`Offer::Queued`] the caller pushes the message's bytes (one frame, or an HTTP
+    /// transport's pieces with [`SendBacklog::push_piece`]).
+    pub fn admit(&mut self, limits: &BacklogLimits) -> Offer {
         if self.bytes >= limits.max_bytes || self.frames.len() >= limits.max_frames {
             self.skipped_in_row += 1;
             return if self.skipped_in_row >= limits.drop_limit {
@@ -84,8 +95,14 @@ impl SendBacklog {
             };
         }
         self.skipped_in_row = 0;
-        self.push(frame.clone());
         Offer::Queued
+    }
+
+    /// Queues one piece of an admitted message; an empty piece is nothing.
+    pub fn push_piece(&mut self, piece: Bytes) {
+        if !piece.is_empty() {
+            self.push(piece);
+        }
     }
 
     /// Queues a control frame or reply. Returns false when control traffic alone has
@@ -159,6 +176,25 @@ impl SendBacklog {
     /// completed to keep the stream parseable); used before sending a final close frame.
     pub fn discard_unstarted(&mut self) {
         let keep = usize::from(self.mid_frame());
+        self.truncate(keep);
+    }
+
+    /// [`SendBacklog::discard_unstarted`] for a stream whose messages are several pieces:
+    /// a partly written message is kept up to and including its last piece, the first
+    /// for which `ends_message` holds.
+    pub fn discard_unstarted_messages(&mut self, ends_message: impl Fn(&[u8]) -> bool) {
+        let keep = if self.mid_frame() {
+            self.frames
+                .iter()
+                .position(|f| ends_message(f))
+                .map_or(self.frames.len(), |i| i + 1)
+        } else {
+            0
+        };
+        self.truncate(keep);
+    }
+
+    fn truncate(&mut self, keep: usize) {
         while self.frames.len() > keep {
             if let Some(f) = self.frames.pop_back() {
                 self.bytes -= f.len();

@@ -100,11 +100,13 @@ pub enum CloseCause {
     TokenExpired,
     /// `POST /admin/disconnect` for the connection's user (4403).
     AdminDisconnect,
+    /// A long poll gave its answer (an event came, or its timeout passed).
+    PollAnswered,
 }
 
 impl CloseCause {
     /// Every label, indexed by discriminant.
-    pub const LABELS: [&'static str; 10] = [
+    pub const LABELS: [&'static str; 11] = [
         "client_close",
         "peer_gone",
         "dead",
@@ -115,5 +117,6 @@ impl CloseCause {
         "io_error",
         "token_expired",
         "admin_disconnect",
+        "poll_answered",
     ];
 }

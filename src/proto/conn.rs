@@ -31,6 +31,7 @@ use crate::fanout::history::CatchUp;
 use crate::proto::close::{CloseCause, CloseCode, CloseReason};
 use crate::proto::frame::{encode_close, encode_frame, opcode, FrameDecoder, Inbound};
 use crate::proto::message::encode_gap;
+use crate::proto::sse::{HttpStream, Mode};
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -166,6 +167,21 @@ pub struct Connection {
     pinged: bool,
     /// Channels it has fallen behind on; `None` (no memory) while it keeps up.
     lag: Option<Box<Lag>>,
+    /// For `/sse` and `/poll` connections only: the re-encoder of every frame queued
+    /// and the stream's position. `None` (a null pointer) on WebSocket connections.
+    stream: Option<Box<HttpStream>>,
+    /// The driver's own marks for this connection, kept here because they fit in this
+    /// struct's padding (a table entry stays 120 bytes; see `shard::table`).
+    pub driver: DriverMarks,
+}
+
+/// Marks the shard's driver keeps per connection (not protocol state).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DriverMarks {
+    /// In the shard's list of connections to flush after this fan-out round.
+    pub dirty: bool,
+    /// In the shard's list of connections catching up from history.
+    pub lagging: bool,
 }
 
 /// The channels a connection fell behind on, each with the last offset it was given: it
@@ -194,7 +210,30 @@ impl Connection {
             phase: Phase::Open,
             pinged: false,
             lag: None,
+            stream: None,
+            driver: DriverMarks::default(),
         }
+    }
+
+    /// Makes it an HTTP-transport connection (`/sse`, `/poll`): every frame queued from
+    /// now on is re-encoded by `stream`, input is ignored, and silence is no sign of a
+    /// dead peer (an SSE client never writes).
+    pub fn with_stream(mut self, stream: HttpStream) -> Self {
+        self.stream = Some(Box::new(stream));
+        self
+    }
+
+    /// The HTTP transport's encoder; `None` on a WebSocket connection.
+    pub fn http_stream(&self) -> Option<&HttpStream> {
+        self.stream.as_deref()
+    }
+
+    /// True for an open long poll with an answer to give (something is queued): the
+    /// driver then closes it, which completes the answer.
+    pub fn poll_answer_due(&self) -> bool {
+        self.is_open()
+            && !self.backlog.is_empty()
+            && self.stream.as_ref().is_some_and(|s| s.is_poll())
     }
 
     /// An open connection with an identity, alive as of `now`.
@@ -245,8 +284,9 @@ impl Connection {
         config: &ConnConfig,
         command: &mut CommandHandler<'_>,
     ) -> Option<CloseDecision> {
-        if self.phase != Phase::Open {
-            // Lingering or doomed: input is read only to reach EOF.
+        if self.phase != Phase::Open || self.stream.is_some() {
+            // Lingering or doomed: input is read only to reach EOF. An HTTP transport's
+            // client has nothing to say after its request.
             return None;
         }
         self.last_rx = now;
@@ -333,7 +373,7 @@ impl Connection {
             if !answer.reply.is_empty() {
                 self.queue_control(answer.reply, config)?;
             }
-            self.backlog.push_replay(answer.replay);
+            self.push_replay(answer.replay);
         }
         Ok(at)
     }
@@ -341,7 +381,12 @@ impl Connection {
     /// Queues frames that follow a reply (a recovery, an inbox's unacked messages): like
     /// a recovery's replay, they are the client's own backlog, not a flood.
     pub fn queue_replay(&mut self, frames: Vec<Bytes>) {
-        self.backlog.push_replay(frames);
+        self.push_replay(frames);
+    }
+
+    /// Queues replayed frames, re-encoded for an HTTP transport.
+    fn push_replay(&mut self, frames: Vec<Bytes>) {
+        push_replay_to(&mut self.backlog, self.stream.as_deref_mut(), frames);
     }
 
     /// Queues a control frame or reply; a peer whose unread replies pile up past twice
@@ -354,7 +399,17 @@ impl Connection {
         frame: Bytes,
         config: &ConnConfig,
     ) -> Result<(), CloseDecision> {
-        if self.backlog.push_control(frame, &config.backlog) {
+        let within = match self.stream.as_deref_mut() {
+            None => self.backlog.push_control(frame, &config.backlog),
+            Some(stream) => {
+                let mut within = true;
+                for piece in stream.encode(&frame).into_iter().filter(|p| !p.is_empty()) {
+                    within &= self.backlog.push_control(piece, &config.backlog);
+                }
+                within
+            }
+        };
+        if within {
             return Ok(());
         }
         let reason = CloseReason::new(
@@ -373,7 +428,24 @@ impl Connection {
         if !self.is_open() {
             return Offer::Skipped;
         }
-        self.backlog.offer(frame, &config.backlog)
+        self.offer_backlog(frame, config)
+    }
+
+    /// The backlog's slow-consumer policy for one message frame; an HTTP transport's
+    /// frame is re-encoded only once admitted (its position must not move past a
+    /// message it skips).
+    #[inline]
+    fn offer_backlog(&mut self, frame: &Bytes, config: &ConnConfig) -> Offer {
+        let Some(stream) = self.stream.as_deref_mut() else {
+            return self.backlog.offer(frame, &config.backlog);
+        };
+        let offer = self.backlog.admit(&config.backlog);
+        if offer == Offer::Queued {
+            for piece in stream.encode(frame) {
+                self.backlog.push_piece(piece);
+            }
+        }
+        offer
     }
 
     /// True while it takes `channel` from history instead of live.
@@ -390,7 +462,7 @@ impl Connection {
         if !self.is_open() || self.lags_on(channel) {
             return None;
         }
-        Some(self.backlog.offer(frame, &config.backlog) == Offer::Queued)
+        Some(self.offer_backlog(frame, config) == Offer::Queued)
     }
 
     /// Offers message `offset` of `channel`: a message the backlog has no room for is not
@@ -481,10 +553,13 @@ impl Connection {
             if lag.lost > u64::from(config.backlog.drop_limit) {
                 return self.close_slow_consumer();
             }
-            self.backlog
-                .push_replay(vec![encode_gap(channel, from, to)]);
+            push_replay_to(
+                &mut self.backlog,
+                self.stream.as_deref_mut(),
+                vec![encode_gap(channel, from, to)],
+            );
         }
-        self.backlog.push_replay(step.frames);
+        push_replay_to(&mut self.backlog, self.stream.as_deref_mut(), step.frames);
         if step.done {
             lag.channels.remove(at);
         } else {
@@ -533,9 +608,24 @@ impl Connection {
         let Some(reason) = reason else {
             return false;
         };
-        self.backlog.discard_unstarted();
-        self.backlog
-            .push_close(encode_close(reason.code.code(), &reason.reason));
+        let close = encode_close(reason.code.code(), &reason.reason);
+        match self.stream.as_deref_mut() {
+            None => {
+                self.backlog.discard_unstarted();
+                self.backlog.push_close(close);
+            }
+            Some(stream) => {
+                if !stream.is_poll() {
+                    // The rest of a partly written event, up to its blank line.
+                    self.backlog
+                        .discard_unstarted_messages(|piece| piece.ends_with(b"\n\n"));
+                }
+                // A poll keeps every event: they are its answer.
+                for piece in stream.encode(&close) {
+                    self.backlog.push_piece(piece);
+                }
+            }
+        }
         true
     }
 
@@ -584,6 +674,9 @@ impl Connection {
                         return Tick::Close(close);
                     }
                 }
+                if let Some(mode) = self.stream.as_ref().map(|s| s.mode()) {
+                    return self.tick_stream(now, mode, config);
+                }
                 let silent = now.saturating_sub(self.last_rx);
                 if silent >= config.dead_after {
                     Tick::Close(self.decide(None, CloseCause::Dead))
@@ -598,6 +691,28 @@ impl Connection {
                 }
             }
             _ => Tick::Idle,
+        }
+    }
+
+    /// [`Connection::on_tick`] for an HTTP transport: an SSE stream silent for
+    /// `ping_after` gets a heartbeat comment (never a dead-peer close: its client never
+    /// writes, a vanished one shows as a write error); a poll answers at its deadline.
+    fn tick_stream(&mut self, now: u32, mode: Mode, config: &ConnConfig) -> Tick {
+        match mode {
+            Mode::Poll { deadline } if now >= deadline => {
+                let reason = CloseReason::new(CloseCode::Normal, "");
+                Tick::Close(self.decide(Some(reason), CloseCause::PollAnswered))
+            }
+            Mode::Poll { .. } => Tick::Idle,
+            Mode::Sse if now.saturating_sub(self.last_rx) >= config.ping_after => {
+                // `last_rx` counts from the last heartbeat here: nothing is received.
+                self.last_rx = now;
+                match self.queue_control(Bytes::from_static(&PING), config) {
+                    Ok(()) => Tick::Ping,
+                    Err(close) => Tick::Close(close),
+                }
+            }
+            Mode::Sse => Tick::Idle,
         }
     }
 
@@ -618,6 +733,13 @@ impl Connection {
     /// The shard second at which [`Connection::on_tick`] next has something to do.
     pub fn wake_at(&self, config: &ConnConfig) -> Option<u32> {
         let expiry = self.session.as_ref().map_or(u32::MAX, |s| s.expires_at);
+        match (self.phase, self.stream.as_ref().map(|s| s.mode())) {
+            (Phase::Open, Some(Mode::Poll { deadline })) => return Some(deadline.min(expiry)),
+            (Phase::Open, Some(Mode::Sse)) => {
+                return Some(self.last_rx.saturating_add(config.ping_after).min(expiry))
+            }
+            _ => {}
+        }
         match self.phase {
             Phase::Open if self.pinged => {
                 Some(self.last_rx.saturating_add(config.dead_after).min(expiry))
@@ -637,6 +759,20 @@ impl Connection {
     /// none).
     pub fn input_capacity(&self) -> usize {
         self.partial.as_ref().map_or(0, |p| p.input.capacity())
+    }
+}
+
+/// Queues replayed frames on `backlog`, re-encoded by `stream` for an HTTP transport.
+fn push_replay_to(backlog: &mut SendBacklog, stream: Option<&mut HttpStream>, frames: Vec<Bytes>) {
+    match stream {
+        None => backlog.push_replay(frames),
+        Some(stream) => {
+            let pieces = frames
+                .iter()
+                .flat_map(|f| stream.encode(f))
+                .filter(|p| !p.is_empty());
+            backlog.push_replay(pieces.collect());
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! A published message rendered into the one frame every subscriber is sent.
 //!
 //! The shape is `{"channel":"<name>","offset":<n>,"data":<payload>}`: the payload is
-//! embedded as-is when it is valid JSON, otherwise as a JSON string. Rendering happens once
+//! embedded as-is when it is valid JSON (its line breaks between tokens turned into
+//! spaces), otherwise as a JSON string. Rendering happens once
 //! per message; the result is refcounted and shared by every subscriber on every shard.
 
 use crate::proto::frame::{header_len, opcode, write_header};
@@ -17,7 +18,14 @@ impl EncodedData {
     /// Classifies `payload`: valid JSON is kept verbatim, anything else becomes a string.
     pub fn new(payload: &[u8]) -> Self {
         if serde_json::from_slice::<IgnoredAny>(payload).is_ok() {
-            return EncodedData(payload.to_vec());
+            // Valid JSON has raw line breaks only between tokens (inside a string they
+            // are invalid), where a space means the same: without them, a message is
+            // also one SSE `data:` line (crate::proto::sse).
+            let flat = payload
+                .iter()
+                .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
+                .collect();
+            return EncodedData(flat);
         }
         let text = String::from_utf8_lossy(payload);
         // Serializing a str cannot fail.

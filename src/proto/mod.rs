@@ -10,6 +10,9 @@
 //! - [`conn`] is one connection's state machine: input, limits, heartbeats, close.
 //! - [`close`] is the table of close codes and where each protocol error maps.
 //! - [`channel`] validates channel names.
+//! - [`position`] parses and renders position tokens (SSE `id:`, long-poll `since`).
+//! - [`sse`] re-encodes the WebSocket frames for the HTTP transports (`/sse`, `/poll`).
+//! - [`origin`] decides which browser origins may connect (and the CORS headers).
 
 pub mod channel;
 pub mod close;
@@ -18,4 +21,7 @@ pub mod conn;
 pub mod frame;
 pub mod mask;
 pub mod message;
+pub mod origin;
+pub mod position;
+pub mod sse;
 pub mod upgrade;

@@ -1,5 +1,10 @@
 //! The HTTP/1.1 upgrade request: parse it, decide, and render the answer.
 //!
+//! The same parser reads the HTTP transports of the WebSocket port: `GET /sse` and
+//! `GET /poll` (channels, token and the position to resume from: `Last-Event-ID` over
+//! `?since=` for SSE, and the poll's `timeout`) and their CORS preflights
+//! (`OPTIONS`); see [`Endpoint`].
+//!
 //! [`parse_upgrade`] takes the bytes received so far and returns `Ok(None)` until the
 //! request head is complete, then either an [`Upgrade`] (answer with [`accept_response`])
 //! or an [`HttpReject`] whose [`HttpReject::response`] is the complete error answer.
@@ -16,6 +21,7 @@
 //! schemes are ignored, so a proxy's Basic credentials do not break anonymous access.
 
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
+use crate::proto::position::Position;
 use base64::Engine;
 
 /// Largest request head accepted.
@@ -23,15 +29,43 @@ pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 const MAX_HEADERS: usize = 32;
 
-/// A valid upgrade request.
+/// Which endpoint of the WebSocket port a request is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /ws` with a valid WebSocket upgrade.
+    WebSocket,
+    /// `GET /sse`: a Server-Sent Events stream.
+    Sse,
+    /// `GET /poll`: one long-poll answer, held at most `timeout` seconds.
+    Poll {
+        /// `?timeout=`, 1..=60 (default 25).
+        timeout: u32,
+    },
+    /// `OPTIONS /sse` or `OPTIONS /poll`: a CORS preflight.
+    Preflight,
+}
+
+/// Default `timeout` of a long poll, in seconds.
+pub const POLL_TIMEOUT_DEFAULT: u32 = 25;
+/// Longest `timeout` of a long poll, in seconds.
+pub const POLL_TIMEOUT_MAX: u32 = 60;
+
+/// A valid request: a WebSocket upgrade, an SSE stream, a long poll or a preflight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upgrade {
-    /// `Sec-WebSocket-Key` as sent.
+    /// What the request is for.
+    pub endpoint: Endpoint,
+    /// `Sec-WebSocket-Key` as sent (empty for the HTTP transports).
     pub key: String,
     /// Channels named in the `channels` query parameter, validated.
     pub channels: Vec<String>,
     /// The token, if the request carried one (not verified here).
     pub token: Option<String>,
+    /// The `Origin` header, if any (checked against `allowed_origins` by the shard).
+    pub origin: Option<String>,
+    /// The position to resume from (`/sse`: `Last-Event-ID`, else `?since=`; `/poll` and
+    /// `/ws`: `?since=`).
+    pub since: Option<Position>,
     /// Length of the request head, including the blank line.
     pub head_len: usize,
 }
@@ -43,6 +77,9 @@ pub struct HttpReject {
     pub status: u16,
     /// One-line explanation sent as the body.
     pub reason: String,
+    /// For `/sse` and `/poll`: the request's `Origin` (`Some(None)`: it had none), so the
+    /// answer can carry CORS headers when the origin is allowed. `None` elsewhere.
+    pub cors: Option<Option<String>>,
 }
 
 impl HttpReject {
@@ -51,18 +88,28 @@ impl HttpReject {
         HttpReject {
             status,
             reason: reason.into(),
+            cors: None,
         }
     }
 
     /// The complete HTTP response for this rejection.
     pub fn response(&self) -> Vec<u8> {
+        self.response_with("")
+    }
+
+    /// The complete HTTP response, with `headers` (CRLF-terminated lines) added.
+    pub fn response_with(&self, headers: &str) -> Vec<u8> {
         let extra = match self.status {
             405 => "Allow: GET\r\n",
             401 => "WWW-Authenticate: Bearer realm=\"ringcast\"\r\n",
             426 => "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
             _ => "",
         };
-        http_response(self.status, extra, &format!("{}\n", self.reason))
+        http_response(
+            self.status,
+            &format!("{extra}{headers}"),
+            &format!("{}\n", self.reason),
+        )
     }
 }
 
@@ -85,6 +132,7 @@ pub fn status_text(status: u16) -> &'static str {
         202 => "Accepted",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
@@ -130,10 +178,36 @@ pub fn parse_upgrade_with_cookie(
     };
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    };
+    let origin = header("origin").map(|o| o.trim().to_string());
+    let http = matches!(path, "/sse" | "/poll");
+    if http {
+        let reject = |status, reason: String| HttpReject {
+            cors: Some(origin.clone()),
+            ..HttpReject::new(status, reason)
+        };
+        return match parse_http_transport(&req, path, query, max_channels, token_cookie) {
+            Ok((endpoint, channels, token, since)) => Ok(Some(Upgrade {
+                endpoint,
+                key: String::new(),
+                channels,
+                token,
+                origin,
+                since,
+                head_len,
+            })),
+            Err(e) => Err(reject(e.status, e.reason)),
+        };
+    }
     if path != "/ws" {
         return Err(HttpReject::new(
             404,
-            format!("no such path: {path} (WebSocket endpoint is /ws)"),
+            format!("no such path: {path} (endpoints: /ws, /sse, /poll)"),
         ));
     }
     if req.method != Some("GET") {
@@ -142,12 +216,6 @@ pub fn parse_upgrade_with_cookie(
             "the WebSocket endpoint accepts GET only",
         ));
     }
-    let header = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-    };
     let has_token = |name: &str, token: &str| {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
@@ -174,6 +242,108 @@ pub fn parse_upgrade_with_cookie(
         ));
     }
     let channels = parse_channels(query, max_channels)?;
+    let token = request_token(&req, query, token_cookie)?;
+    let since = query_since(query)?;
+    Ok(Some(Upgrade {
+        endpoint: Endpoint::WebSocket,
+        key: key.to_string(),
+        channels,
+        token,
+        origin,
+        since,
+        head_len,
+    }))
+}
+
+/// The parts of a `/sse` or `/poll` request: endpoint, channels, token, position.
+type HttpTransport = (Endpoint, Vec<String>, Option<String>, Option<Position>);
+
+fn parse_http_transport(
+    req: &httparse::Request<'_, '_>,
+    path: &str,
+    query: &str,
+    max_channels: usize,
+    token_cookie: Option<&str>,
+) -> Result<HttpTransport, HttpReject> {
+    match req.method {
+        Some("OPTIONS") => return Ok((Endpoint::Preflight, Vec::new(), None, None)),
+        Some("GET") => {}
+        _ => {
+            return Err(HttpReject::new(
+                405,
+                format!("{path} accepts GET only (and OPTIONS for CORS preflights)"),
+            ))
+        }
+    }
+    let channels = parse_channels(query, max_channels)?;
+    let token = request_token(req, query, token_cookie)?;
+    let last_event_id = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("last-event-id"))
+        .map(|h| {
+            std::str::from_utf8(h.value)
+                .map(|v| v.trim().to_string())
+                .map_err(|_| HttpReject::new(400, "Last-Event-ID is not UTF-8"))
+        })
+        .transpose()?;
+    let since = match (path, last_event_id) {
+        // An EventSource resends Last-Event-ID on its own reconnects with the original
+        // URL, whose `since` is older.
+        ("/sse", Some(id)) => Some(parse_position(&id)?),
+        _ => query_since(query)?,
+    };
+    let endpoint = if path == "/sse" {
+        Endpoint::Sse
+    } else {
+        let timeout = match query_param(query, "timeout") {
+            None => POLL_TIMEOUT_DEFAULT,
+            Some(raw) => raw
+                .parse::<u32>()
+                .ok()
+                .filter(|t| (1..=POLL_TIMEOUT_MAX).contains(t))
+                .ok_or_else(|| {
+                    HttpReject::new(
+                        400,
+                        format!(
+                            "timeout must be a whole number of seconds from 1 to {POLL_TIMEOUT_MAX}, got {raw:?}"
+                        ),
+                    )
+                })?,
+        };
+        Endpoint::Poll { timeout }
+    };
+    Ok((endpoint, channels, token, since))
+}
+
+/// The `since` query parameter (percent-decoded), as a position token.
+fn query_since(query: &str) -> Result<Option<Position>, HttpReject> {
+    query_param(query, "since")
+        .map(|raw| {
+            percent_decode(raw)
+                .ok_or_else(|| HttpReject::new(400, "malformed percent-encoding in since"))
+                .and_then(|text| parse_position(&text))
+        })
+        .transpose()
+}
+
+fn parse_position(text: &str) -> Result<Position, HttpReject> {
+    Position::parse(text).map_err(|e| HttpReject::new(400, format!("bad position: {e}")))
+}
+
+/// The token from the query, the `Authorization: Bearer` header or the cookie, in that
+/// order; an empty one counts as none.
+fn request_token(
+    req: &httparse::Request<'_, '_>,
+    query: &str,
+    token_cookie: Option<&str>,
+) -> Result<Option<String>, HttpReject> {
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    };
     let bearer = header("authorization").and_then(|v| {
         let (scheme, token) = v.trim().split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
@@ -197,12 +367,7 @@ pub fn parse_upgrade_with_cookie(
         None => bearer.or_else(cookie).map(str::to_string),
     }
     .filter(|t| !t.is_empty());
-    Ok(Some(Upgrade {
-        key: key.to_string(),
-        channels,
-        token,
-        head_len,
-    }))
+    Ok(token)
 }
 
 /// The raw (still percent-encoded) value of the first `name=` query parameter.
@@ -450,10 +615,91 @@ mod tests {
         assert!(text.ends_with("\r\n\r\nGET only\n"));
     }
 
+    fn http(method: &str, target: &str, headers: &str) -> Result<Option<Upgrade>, HttpReject> {
+        let req = format!("{method} {target} HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+        parse_upgrade_with_cookie(req.as_bytes(), MAX, Some("jwt"))
+    }
+
+    #[test]
+    fn sse_requests_take_last_event_id_over_since() {
+        let up = http(
+            "GET",
+            "/sse?channels=news,b&since=news~1~2",
+            "Origin: https://a.test\r\nLast-Event-ID: news~7~2,b~3~4\r\nCookie: jwt=t.t.t\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(up.endpoint, Endpoint::Sse);
+        assert_eq!(up.channels, ["news", "b"]);
+        assert_eq!(up.origin.as_deref(), Some("https://a.test"));
+        assert_eq!(up.token.as_deref(), Some("t.t.t"));
+        assert_eq!(up.since.unwrap().encode(), "news~7~2,b~3~4");
+        let up = http("GET", "/sse?channels=news&since=news~1~2", "")
+            .unwrap()
+            .unwrap();
+        assert_eq!(up.since.unwrap().encode(), "news~1~2");
+        let up = http("GET", "/sse?channels=news&since=news%7E1%7E2", "")
+            .unwrap()
+            .unwrap();
+        assert_eq!(up.since.unwrap().encode(), "news~1~2");
+        assert_eq!(
+            http("GET", "/sse?channels=a", "").unwrap().unwrap().since,
+            None
+        );
+    }
+
+    #[test]
+    fn poll_requests_check_their_timeout_and_position() {
+        let poll = |q: &str| http("GET", &format!("/poll?channels=a{q}"), "");
+        assert_eq!(
+            poll("").unwrap().unwrap().endpoint,
+            Endpoint::Poll { timeout: 25 }
+        );
+        assert_eq!(
+            poll("&timeout=60").unwrap().unwrap().endpoint,
+            Endpoint::Poll { timeout: 60 }
+        );
+        for bad in ["0", "61", "-1", "x", "", "1.5"] {
+            let reject = poll(&format!("&timeout={bad}")).unwrap_err();
+            assert_eq!(reject.status, 400, "{bad}");
+            assert!(reject.reason.contains("timeout"), "{reject:?}");
+        }
+        let reject = poll("&since=a~1").unwrap_err();
+        assert_eq!((reject.status, reject.cors.clone()), (400, Some(None)));
+        assert!(reject.reason.contains("bad position"), "{reject:?}");
+        // A poll does not read Last-Event-ID.
+        let up = http("GET", "/poll?channels=a", "Last-Event-ID: junk\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(up.since, None);
+    }
+
+    #[test]
+    fn http_transports_answer_preflights_and_refuse_other_methods() {
+        let pre = http("OPTIONS", "/sse?channels=a", "Origin: https://a.test\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(pre.endpoint, Endpoint::Preflight);
+        let reject = http("POST", "/poll", "Origin: https://a.test\r\n").unwrap_err();
+        assert_eq!(reject.status, 405);
+        assert_eq!(reject.cors, Some(Some("https://a.test".into())));
+        let reject = http("GET", "/sse?channels=bad%20name", "").unwrap_err();
+        assert_eq!(reject.status, 400);
+        // The WebSocket endpoint is unchanged: no upgrade headers, no stream.
+        assert_eq!(http("GET", "/ws?channels=a", "").unwrap_err().status, 426);
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
             let _ = parse_upgrade(&data, MAX);
+        }
+
+        #[test]
+        fn arbitrary_http_transport_queries_never_panic(
+            path in "/(sse|poll)", q in "[ -~]{0,200}", id in "[ -~]{0,80}",
+        ) {
+            let _ = http("GET", &format!("{path}?{q}"), &format!("Last-Event-ID: {id}\r\n"));
         }
 
         #[test]

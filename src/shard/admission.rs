@@ -158,12 +158,21 @@ impl Drop for HandshakeTicket {
 
 /// The `503` answer for a refusal, with `Retry-After`.
 pub fn refusal_response(cause: RefuseCause) -> Vec<u8> {
+    refusal_response_with(cause, "")
+}
+
+/// [`refusal_response`] with `headers` (CRLF-terminated lines, e.g. CORS) added.
+pub fn refusal_response_with(cause: RefuseCause, headers: &str) -> Vec<u8> {
     let body = match cause {
         RefuseCause::MaxConnections => "server is at its connection limit\n",
         RefuseCause::Draining => "server is draining\n",
         RefuseCause::HandshakesInFlight => "too many upgrades in progress on this core\n",
     };
-    http_response(503, &format!("Retry-After: {RETRY_AFTER_SECS}\r\n"), body)
+    http_response(
+        503,
+        &format!("Retry-After: {RETRY_AFTER_SECS}\r\n{headers}"),
+        body,
+    )
 }
 
 /// Answers a just-accepted socket `503` without awaiting anything, and counts it.

@@ -15,7 +15,7 @@ use crate::inbox::InboxReply;
 use crate::ingest::line::validate_payload;
 use crate::metrics::Source;
 use crate::presence::ConnId;
-use crate::proto::command::{parse_command, Command, Reply};
+use crate::proto::command::{parse_command, Command, Reply, Since};
 use crate::shard::state::Shard;
 use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
@@ -78,7 +78,7 @@ impl Shard {
                 if let Err(reason) = self.permit(session.as_deref(), &channel, Access::Subscribe) {
                     return refuse(403, &reason);
                 }
-                let mut index = self.index.borrow_mut();
+                let index = self.index.borrow();
                 let limit = self.settings.max_subscriptions_per_connection;
                 // Inbox subscribes waiting for the store count too (there are few: each
                 // waits milliseconds).
@@ -112,47 +112,15 @@ impl Shard {
                         &format!("already subscribed to {channel}: unsubscribe first to recover"),
                     );
                 }
-                // Attached at the follower's cursor and subscribed in the same step: what
-                // the follower has not read yet reaches this connection live, the rest
-                // comes from history (see crate::fanout::history).
-                let attach = self.publisher.attach(
+                drop(index);
+                self.subscribe_at(
+                    conn,
+                    session.as_deref(),
                     &channel,
+                    id.as_deref(),
                     since,
-                    self.ring_cursor.get(),
-                    self.settings.max_recovery_messages,
-                );
-                if index.subscribe(key, &channel) {
-                    self.presence_in(conn, session.as_deref(), &channel);
-                }
-                index.note_position(&channel, attach.offset);
-                if !attach.exact {
-                    self.inexact_attaches
-                        .borrow_mut()
-                        .push((Arc::from(channel.as_str()), attach.offset));
-                }
-                let recovered = attach.recovery.map(|result| match result {
-                    Ok(frames) => {
-                        self.metrics.recovered.fetch_add(1, Relaxed);
-                        self.metrics
-                            .replayed
-                            .fetch_add(frames.len() as u64, Relaxed);
-                        *replay = frames;
-                        Ok(())
-                    }
-                    Err(why) => {
-                        self.metrics.not_recovered.fetch_add(1, Relaxed);
-                        Err(why.label())
-                    }
-                });
-                Reply::Subscribed {
-                    id: id.as_deref(),
-                    channel: &channel,
-                    offset: attach.offset,
-                    epoch: attach.epoch,
-                    recovered,
-                    inbox: None,
-                }
-                .to_json()
+                    replay,
+                )
             }
             Command::Unsubscribe { id, channel } => {
                 if self.index.borrow_mut().unsubscribe(key, &channel) {
@@ -189,6 +157,65 @@ impl Shard {
             }
             Command::Refresh { id, token } => self.refresh(id.as_deref(), &token, session),
         }
+    }
+
+    /// Subscribes connection `conn` to `channel` (a channel it may use, not an inbox
+    /// one), recovering from `since` when given; returns the subscribe reply, and a
+    /// recovery's missed messages in `replay`. Shared by the `subscribe` command and the
+    /// HTTP transports, so both recover the same way.
+    pub(super) fn subscribe_at(
+        &self,
+        conn: ConnId,
+        session: Option<&Session>,
+        channel: &str,
+        id: Option<&str>,
+        since: Option<Since>,
+        replay: &mut Vec<Bytes>,
+    ) -> String {
+        let mut index = self.index.borrow_mut();
+        // Attached at the follower's cursor and subscribed in the same step: what the
+        // follower has not read yet reaches this connection live, the rest comes from
+        // history (see crate::fanout::history).
+        let attach = self.publisher.attach(
+            channel,
+            since,
+            self.ring_cursor.get(),
+            self.settings.max_recovery_messages,
+        );
+        if index.subscribe(conn.key, channel) {
+            self.presence_in(conn, session, channel);
+        }
+        index.note_position(channel, attach.offset);
+        if !attach.exact {
+            // Applied to the connection once its command (or upgrade) is done: see
+            // Shard::lag_inexact_attaches.
+            self.inexact_attaches
+                .borrow_mut()
+                .push((Arc::from(channel), attach.offset));
+        }
+        let recovered = attach.recovery.map(|result| match result {
+            Ok(frames) => {
+                self.metrics.recovered.fetch_add(1, Relaxed);
+                self.metrics
+                    .replayed
+                    .fetch_add(frames.len() as u64, Relaxed);
+                *replay = frames;
+                Ok(())
+            }
+            Err(why) => {
+                self.metrics.not_recovered.fetch_add(1, Relaxed);
+                Err(why.label())
+            }
+        });
+        Reply::Subscribed {
+            id,
+            channel,
+            offset: attach.offset,
+            epoch: attach.epoch,
+            recovered,
+            inbox: None,
+        }
+        .to_json()
     }
 
     /// `{"cmd":"publish"}`: through the same [`crate::fanout::publisher::Publisher`] as

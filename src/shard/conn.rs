@@ -24,6 +24,8 @@ use crate::proto::close::CloseReason;
 use crate::proto::command::Reply;
 use crate::proto::conn::{Answer, CloseDecision, Connection, Eof, Phase};
 use crate::proto::frame::{encode_frame, opcode};
+use crate::proto::position::Position;
+use crate::proto::sse::HttpStream;
 use crate::shard::readiness::Ready;
 use crate::shard::send::Flush;
 use crate::shard::state::Shard;
@@ -48,64 +50,44 @@ pub(crate) fn adopt(
     fd: OwnedFd,
     channels: &[String],
     claims: Option<Claims>,
+    since: Option<&Position>,
     mut leftover: Vec<u8>,
 ) {
-    let now = shard.now_secs();
-    let generation = shard.next_generation();
-    let key = {
-        let mut conns = shard.conns.borrow_mut();
-        let key = conns.next_key();
-        let session = match claims {
-            None => None,
-            Some(claims) => match open_session(shard, key, generation, now, claims) {
-                Some(session) => Some(Box::new(session)),
-                None => {
-                    tracing::error!(
-                        shard = shard.id,
-                        "connection registry is out of ids; dropping connection"
-                    );
-                    shard.slots.release(); // admission: the slot reserved for this upgrade
-                    return;
-                }
-            },
-        };
-        if let Err(e) = shard.ready_set.add(&fd, token(key, generation)) {
-            tracing::warn!(shard = shard.id, error = %e, "epoll registration failed (fs.epoll.max_user_watches?); dropping connection");
-            if let Some(session) = session {
-                shard.registry.unregister(&session);
-            }
-            shard.slots.release(); // admission: the slot reserved for this upgrade
-            return;
-        }
-        conns.insert(Conn {
-            fd,
-            generation,
-            dirty: false,
-            lagging: false,
-            machine: Connection::with_session(now, session),
-        })
+    let Some(key) = insert(shard, fd, claims, None) else {
+        return;
     };
-    shard.metrics.connections.fetch_add(1, Relaxed);
-    shard.metrics.accepted.fetch_add(1, Relaxed);
     let mut conns = shard.conns.borrow_mut();
     let Some(conn) = conns.get_mut(key) else {
         return;
     };
-    let mut refused = false;
+    let generation = conn.generation;
+    // Something was queued for the client (a refusal, a recovery's reply): write it.
+    let mut answered = false;
     for ch in channels {
+        let at = since.and_then(|p| p.get(ch));
         // parse_upgrade refused lists over max_subscriptions_per_connection.
         match shard.permit(conn.machine.session(), ch, Access::Subscribe) {
             Ok(()) if shard.inbox_for(ch).is_some() => {
                 // Live messages only once the unacked ones are in (see shard::inbox).
                 if let Some(inbox) = &shard.inbox {
                     if let Err(reply) =
-                        shard.inbox_subscribe(inbox, key, generation, ch, None, None, 0)
+                        shard.inbox_subscribe(inbox, key, generation, ch, None, at, 0)
                     {
-                        refused = true;
+                        answered = true;
                         let frame = encode_frame(opcode::TEXT, reply.as_bytes());
                         shard.queue_control(key, conn, frame);
                     }
                 }
+            }
+            Ok(()) if at.is_some() => {
+                // Resumed from the URL's position: answered like `subscribe` with `since`.
+                let id = shard.conn_id(key, generation);
+                let mut replay = Vec::new();
+                let session = conn.machine.session();
+                let reply = shard.subscribe_at(id, session, ch, None, at, &mut replay);
+                shard.queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+                conn.machine.queue_replay(replay);
+                answered = true;
             }
             Ok(()) => {
                 let mut index = shard.index.borrow_mut();
@@ -129,7 +111,7 @@ pub(crate) fn adopt(
                 }
             }
             Err(reason) => {
-                refused = true;
+                answered = true;
                 let reply = Reply::Refused {
                     kind: "subscribe",
                     id: None,
@@ -142,11 +124,118 @@ pub(crate) fn adopt(
             }
         }
     }
+    shard.lag_inexact_attaches(key, conn);
     if !leftover.is_empty() {
         receive(shard, key, conn, &mut leftover);
-    } else if refused && conn.machine.is_open() {
+    } else if answered && conn.machine.is_open() {
         shard.flush_or_close(key, conn);
     }
+}
+
+/// Registers an HTTP-transport connection (`/sse`, `/poll`; its `200` head already
+/// written) like [`adopt`], then subscribes its channels the way a `subscribe` command
+/// with `since` does: a reply per channel (403 for a channel it may not use), each
+/// followed by the messages it missed since its entry in `since`, all re-encoded by
+/// `stream`. A poll with something to say answers at once.
+pub(crate) fn adopt_stream(
+    shard: &Shard,
+    fd: OwnedFd,
+    channels: &[String],
+    claims: Option<Claims>,
+    stream: HttpStream,
+    since: Option<&Position>,
+) {
+    let Some(key) = insert(shard, fd, claims, Some(stream)) else {
+        return;
+    };
+    let mut conns = shard.conns.borrow_mut();
+    let Some(conn) = conns.get_mut(key) else {
+        return;
+    };
+    let generation = conn.generation;
+    let id = shard.conn_id(key, generation);
+    for ch in channels {
+        let at = since.and_then(|p| p.get(ch));
+        let session = conn.machine.session();
+        let mut replay = Vec::new();
+        let reply = match shard.permit(session, ch, Access::Subscribe) {
+            Ok(()) => match shard.inbox_for(ch).zip(shard.inbox.as_ref()) {
+                // Answered when the store has the unacked messages (see shard::inbox).
+                Some((_, inbox)) => shard
+                    .inbox_subscribe(inbox, key, generation, ch, None, at, 0)
+                    .err()
+                    .unwrap_or_default(),
+                None => shard.subscribe_at(id, session, ch, None, at, &mut replay),
+            },
+            Err(reason) => Reply::Refused {
+                kind: "subscribe",
+                id: None,
+                channel: Some(ch),
+                code: 403,
+                error: &reason,
+            }
+            .to_json(),
+        };
+        if !reply.is_empty() {
+            shard.queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+        }
+        conn.machine.queue_replay(replay);
+    }
+    shard.lag_inexact_attaches(key, conn);
+    shard.answer_poll_if_due(key, conn);
+    if conn.machine.is_open() {
+        shard.flush_or_close(key, conn);
+    }
+}
+
+/// Puts a new connection into the table, registry and epoll set; its key, or `None` when
+/// it was dropped (its slot given back).
+fn insert(
+    shard: &Shard,
+    fd: OwnedFd,
+    claims: Option<Claims>,
+    stream: Option<HttpStream>,
+) -> Option<u32> {
+    let now = shard.now_secs();
+    let generation = shard.next_generation();
+    let key = {
+        let mut conns = shard.conns.borrow_mut();
+        let key = conns.next_key();
+        let session = match claims {
+            None => None,
+            Some(claims) => match open_session(shard, key, generation, now, claims) {
+                Some(session) => Some(Box::new(session)),
+                None => {
+                    tracing::error!(
+                        shard = shard.id,
+                        "connection registry is out of ids; dropping connection"
+                    );
+                    shard.slots.release(); // admission: the slot reserved for this upgrade
+                    return None;
+                }
+            },
+        };
+        if let Err(e) = shard.ready_set.add(&fd, token(key, generation)) {
+            tracing::warn!(shard = shard.id, error = %e, "epoll registration failed (fs.epoll.max_user_watches?); dropping connection");
+            if let Some(session) = session {
+                shard.registry.unregister(&session);
+            }
+            shard.slots.release(); // admission: the slot reserved for this upgrade
+            return None;
+        }
+        let machine = Connection::with_session(now, session);
+        conns.insert(Conn {
+            fd,
+            generation,
+            machine: match stream {
+                None => machine,
+                Some(stream) => machine.with_stream(stream),
+            },
+        })
+    };
+    shard.metrics.connections.fetch_add(1, Relaxed);
+    shard.metrics.accepted.fetch_add(1, Relaxed);
+    Some(key)
 }
 
 /// Registers an authenticated connection; `None` when the registry is out of ids.

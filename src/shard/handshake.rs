@@ -13,9 +13,12 @@
 
 use crate::auth::token::Claims;
 use crate::metrics::RefuseCause;
-use crate::proto::upgrade::{accept_response, parse_upgrade_with_cookie, HttpReject};
-use crate::shard::admission::{refusal_response, HandshakeTicket, SlotReservation};
-use crate::shard::conn::adopt;
+use crate::proto::origin::{cors_headers, preflight_response, OriginPolicy};
+use crate::proto::position::Position;
+use crate::proto::sse::{poll_head, sse_head, HttpStream, Mode};
+use crate::proto::upgrade::{accept_response, parse_upgrade_with_cookie, Endpoint, HttpReject};
+use crate::shard::admission::{refusal_response_with, HandshakeTicket, SlotReservation};
+use crate::shard::conn::{adopt, adopt_stream};
 use crate::shard::state::Shard;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -30,6 +33,10 @@ struct Upgraded {
     claims: Option<Claims>,
     leftover: Vec<u8>,
     slot: SlotReservation,
+    /// `/sse` and `/poll`: the transport's encoder and the position to resume from.
+    stream: Option<(HttpStream, Option<Position>)>,
+    /// `/ws`: the position the URL's `since` resumes its channels from.
+    since: Option<Position>,
 }
 
 /// Upgrades an accepted TCP connection and adopts it into the shard.
@@ -81,7 +88,24 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, ticket: HandshakeT
             channels.push(own);
         }
     }
-    adopt(&shard, fd, &channels, upgraded.claims, upgraded.leftover);
+    match upgraded.stream {
+        None => adopt(
+            &shard,
+            fd,
+            &channels,
+            upgraded.claims,
+            upgraded.since.as_ref(),
+            upgraded.leftover,
+        ),
+        Some((stream, since)) => adopt_stream(
+            &shard,
+            fd,
+            &channels,
+            upgraded.claims,
+            stream,
+            since.as_ref(),
+        ),
+    }
     shard.settle();
 }
 
@@ -104,11 +128,36 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
             Ok(None) => continue,
             Err(reject) => {
                 shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
-                let _ = stream.write_all(&reject.response()).await;
+                let cors = match &reject.cors {
+                    Some(origin) if shard.settings.origins.allows(origin.as_deref()) => {
+                        cors_headers(origin.as_deref())
+                    }
+                    _ => String::new(),
+                };
+                let _ = stream.write_all(&reject.response_with(&cors)).await;
                 return None;
             }
         }
     };
+    let origin = upgrade.origin.as_deref();
+    if !shard.settings.origins.allows(origin) {
+        shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
+        let reject = HttpReject::new(403, OriginPolicy::refusal(origin));
+        let _ = stream.write_all(&reject.response()).await;
+        return None;
+    }
+    // The HTTP transports answer an allowed origin with CORS headers, errors included
+    // (so a page's script can read why).
+    let http = !matches!(upgrade.endpoint, Endpoint::WebSocket);
+    let cors = if http {
+        cors_headers(origin)
+    } else {
+        String::new()
+    };
+    if upgrade.endpoint == Endpoint::Preflight {
+        let _ = stream.write_all(&preflight_response(origin)).await;
+        return None;
+    }
     let claims = match shard
         .settings
         .auth
@@ -119,7 +168,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
             shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
             shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
             let reject = HttpReject::new(401, format!("unauthorized: {e}"));
-            let _ = stream.write_all(&reject.response()).await;
+            let _ = stream.write_all(&reject.response_with(&cors)).await;
             return None;
         }
     };
@@ -133,21 +182,41 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
         Ok(slot) => slot,
         Err(cause) => {
             shard.metrics.refused[cause as usize].fetch_add(1, Relaxed);
-            let _ = stream.write_all(&refusal_response(cause)).await;
+            let _ = stream.write_all(&refusal_response_with(cause, &cors)).await;
             return None;
         }
     };
+    let (answer, http_stream) = match upgrade.endpoint {
+        Endpoint::Sse => {
+            // Reconnects spread over a second rather than all at once after a restart.
+            let retry_ms = 1000 + u64::from(std::process::id() ^ shard.next_generation()) % 1000;
+            let channels = &upgrade.channels;
+            let encoder = HttpStream::new(Mode::Sse, channels, upgrade.since.as_ref());
+            (sse_head(&cors, retry_ms), Some(encoder))
+        }
+        Endpoint::Poll { timeout } => {
+            // Shard seconds are whole: +1 so a poll never answers before its timeout.
+            let deadline = shard.now_secs().saturating_add(timeout + 1);
+            let mode = Mode::Poll { deadline };
+            let encoder = HttpStream::new(mode, &upgrade.channels, upgrade.since.as_ref());
+            (poll_head(&cors), Some(encoder))
+        }
+        Endpoint::WebSocket | Endpoint::Preflight => (accept_response(&upgrade.key), None),
+    };
     // On failure `slot` drops and the slot is given back.
-    stream
-        .write_all(&accept_response(&upgrade.key))
-        .await
-        .ok()?;
+    stream.write_all(&answer).await.ok()?;
     let _ = stream.set_nodelay(true);
     let leftover = head.split_off(upgrade.head_len);
+    let (stream, since) = match http_stream {
+        Some(s) => (Some((s, upgrade.since)), None),
+        None => (None, upgrade.since),
+    };
     Some(Upgraded {
         channels: upgrade.channels,
         claims,
         leftover,
         slot,
+        stream,
+        since,
     })
 }

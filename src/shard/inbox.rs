@@ -291,6 +291,7 @@ impl Shard {
             self.mark_lagging(tag.key, conn);
         }
         self.note_backlog_change(before, conn.machine.backlog().bytes());
+        self.answer_poll_if_due(tag.key, conn);
         self.flush_or_close(tag.key, conn);
     }
 
@@ -338,6 +339,7 @@ impl Shard {
             conn.machine.queue_replay(frames);
             self.note_backlog_change(before, conn.machine.backlog().bytes());
         }
+        self.answer_poll_if_due(tag.key, conn);
         self.flush_or_close(tag.key, conn);
     }
 }

@@ -11,6 +11,7 @@
 use crate::fanout::backlog::Offer;
 use crate::fanout::history::CatchUp;
 use crate::metrics::CloseCause;
+use crate::proto::close::{CloseCode, CloseReason};
 use crate::proto::conn::Written;
 use crate::shard::batch::{BatchEntry, SendOutcome, SendRing};
 use crate::shard::follower::ROUND;
@@ -168,8 +169,8 @@ impl Shard {
 
     /// Marks `conn` to be flushed with the rest of this round.
     pub(super) fn mark_dirty(&self, key: u32, conn: &mut Conn) {
-        if !conn.dirty {
-            conn.dirty = true;
+        if !conn.machine.driver.dirty {
+            conn.machine.driver.dirty = true;
             self.dirty.borrow_mut().push(key);
         }
     }
@@ -200,6 +201,7 @@ impl Shard {
         match offer {
             Offer::Queued => {
                 self.mark_dirty(key, conn);
+                self.answer_poll_if_due(key, conn);
                 return true;
             }
             Offer::Skipped if offset.is_some() => {
@@ -214,6 +216,16 @@ impl Shard {
             }
         }
         false
+    }
+
+    /// Closes a long poll that has its answer queued (the close completes the answer);
+    /// nothing for any other connection.
+    #[inline]
+    pub(super) fn answer_poll_if_due(&self, key: u32, conn: &mut Conn) {
+        if conn.machine.poll_answer_due() {
+            let reason = CloseReason::new(CloseCode::Normal, "");
+            self.schedule_close(key, conn, Some(reason), CloseCause::PollAnswered);
+        }
     }
 
     /// Counts `queued` deliveries of a `frame_len`-byte frame: once per chunk of offers,
@@ -265,6 +277,7 @@ impl Shard {
                 .machine
                 .apply_catch_up(&channel, step, &self.conn_config);
             self.note_backlog_change(before, conn.machine.backlog().bytes());
+            self.answer_poll_if_due(key, conn);
             if let Some(close) = close {
                 self.enqueue_close(key, conn.generation, close);
                 break;
@@ -299,8 +312,8 @@ impl Shard {
 
     /// Puts a connection that started lagging on the list [`Shard::catch_up_lagging`] serves.
     pub(super) fn mark_lagging(&self, key: u32, conn: &mut Conn) {
-        if !conn.lagging && conn.machine.is_lagging() {
-            conn.lagging = true;
+        if !conn.machine.driver.lagging && conn.machine.is_lagging() {
+            conn.machine.driver.lagging = true;
             self.lagging.borrow_mut().push(key);
         }
     }
@@ -318,8 +331,8 @@ impl Shard {
                     continue;
                 };
                 conn.machine.lag_from(channel, position);
-                if !conn.lagging && conn.machine.is_lagging() {
-                    conn.lagging = true;
+                if !conn.machine.driver.lagging && conn.machine.is_lagging() {
+                    conn.machine.driver.lagging = true;
                     lagging.push(key);
                 }
             }
@@ -336,14 +349,14 @@ impl Shard {
                 let Some(conn) = conns.get_mut(key) else {
                     continue;
                 };
-                if !conn.lagging {
+                if !conn.machine.driver.lagging {
                     continue;
                 }
                 self.catch_up(key, conn);
                 if conn.machine.is_lagging() {
                     still.push(key);
                 } else {
-                    conn.lagging = false;
+                    conn.machine.driver.lagging = false;
                 }
             }
         }
@@ -413,7 +426,7 @@ impl Shard {
             _ => {
                 for &key in keys {
                     if let Some(conn) = conns.get_mut(key) {
-                        conn.dirty = false;
+                        conn.machine.driver.dirty = false;
                         if conn.machine.is_open() {
                             self.flush_or_close(key, conn);
                         }
@@ -428,7 +441,7 @@ impl Shard {
         let mut total = 0;
         for &key in keys {
             if let Some(conn) = conns.get_mut(key) {
-                conn.dirty = false;
+                conn.machine.driver.dirty = false;
                 if conn.machine.is_open() && !conn.machine.backlog().is_empty() {
                     total += conn.machine.backlog().frame_count().min(MAX_IOV);
                     selected.push(key);

@@ -21,10 +21,6 @@ pub struct Conn {
     pub fd: OwnedFd,
     /// Generation of this table slot, so events for a previous occupant are ignored.
     pub generation: u32,
-    /// In the shard's list of connections to flush after this fan-out round.
-    pub dirty: bool,
-    /// In the shard's list of connections catching up from history.
-    pub lagging: bool,
     /// Protocol state: input, limits, backlog, heartbeat, close.
     pub machine: Connection,
 }
@@ -113,8 +109,9 @@ mod tests {
     /// An idle connection is this entry plus its index slots: a field added here costs a
     /// megabyte per million connections. Raise the bound only deliberately
     /// (docs/benchmarks.md has the measured bytes per idle connection). 120: the machine
-    /// holds three boxes that are `None` while idle (split-frame input, the session of an
-    /// authenticated connection, the channels it lags on) and the table two flags.
+    /// holds four boxes that are `None` while idle (split-frame input, the session of an
+    /// authenticated connection, the channels it lags on, an HTTP transport's encoder) and
+    /// the driver's two marks (in the machine's padding).
     #[test]
     fn an_idle_connection_entry_stays_small() {
         assert!(

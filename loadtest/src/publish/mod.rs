@@ -1,5 +1,6 @@
 //! The publisher: numbered, timestamped messages at a fixed rate (or as one burst) over
-//! UDP, TCP, HTTP or a WebSocket connection, on its own thread.
+//! UDP, TCP, HTTP or a WebSocket connection, on its own thread. With several channels
+//! message `seq` goes to channel `(seq − 1) mod K`, round-robin.
 //!
 //! Each payload is `{"seq":N,"ts":<unix nanos>}`, padded with a `"pad"` string to
 //! `--size` bytes when asked, so every subscriber can compute latency and spot gaps. Only
@@ -52,8 +53,8 @@ pub enum PublishError {
 /// What to publish.
 #[derive(Debug, Clone)]
 pub struct PublishPlan {
-    /// Channel name.
-    pub channel: String,
+    /// Channel names; messages go round-robin over them (at least one).
+    pub channels: Vec<String>,
     /// Messages to publish at most.
     pub messages: u64,
     /// Messages per second; 0 publishes everything as one burst.
@@ -88,7 +89,8 @@ impl Publisher {
     /// The endpoint is unreachable or refuses the publisher.
     pub fn start(target: &PublishTarget, plan: PublishPlan) -> Result<Publisher, PublishError> {
         let errors = Arc::new(AtomicU64::new(0));
-        let mut sink = Sink::open(target, &plan.channel, errors.clone())?;
+        let mut sink = Sink::open(target, &plan.channels, errors.clone())?;
+        let k = plan.channels.len().max(1) as u64;
         let sent = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (sent2, errors2, stop2) = (sent.clone(), errors.clone(), stop.clone());
@@ -106,7 +108,8 @@ impl Publisher {
                         std::thread::sleep(due - now);
                     }
                 }
-                match sink.send(&payload(seq, unix_nanos(), plan.size)) {
+                let channel = ((seq - 1) % k) as usize;
+                match sink.send(channel, &payload(seq, unix_nanos(), plan.size)) {
                     Ok(()) => {
                         failing = 0;
                         sent2.fetch_add(1, Ordering::Relaxed);

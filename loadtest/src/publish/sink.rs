@@ -1,6 +1,7 @@
 //! The publish endpoints themselves: a UDP socket, a TCP line stream, keep-alive HTTP
 //! `POST`s, or a WebSocket connection sending masked text frames. Each knows how to send
-//! one payload and reports failures as text for the publisher's error count.
+//! one payload to one of its channels and reports failures as text for the publisher's
+//! error count. (A WebSocket publisher sends bare payloads: it has no channel.)
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, UdpSocket};
@@ -16,18 +17,18 @@ use crate::wsproto;
 pub enum Sink {
     Udp {
         socket: UdpSocket,
-        prefix: Vec<u8>,
+        prefixes: Vec<Vec<u8>>,
         what: String,
     },
     Tcp {
         stream: TcpStream,
-        prefix: Vec<u8>,
+        prefixes: Vec<Vec<u8>>,
         what: String,
     },
     Http {
         stream: Option<TcpStream>,
         target: PublishTarget,
-        head: String,
+        heads: Vec<String>,
         what: String,
     },
     Ws {
@@ -37,13 +38,16 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// Connects to `target`; messages will go to `channel`.
+    /// Connects to `target`; messages will go to `channels`.
     pub fn open(
         target: &PublishTarget,
-        channel: &str,
+        channels: &[String],
         errors: Arc<AtomicU64>,
     ) -> Result<Sink, PublishError> {
-        let prefix = format!("{channel} ").into_bytes();
+        let prefixes = channels
+            .iter()
+            .map(|c| format!("{c} ").into_bytes())
+            .collect::<Vec<_>>();
         match target {
             PublishTarget::Udp(addr) => {
                 let what = format!("udp://{addr}");
@@ -57,7 +61,7 @@ impl Sink {
                     .map_err(|source| connect_error(&what, source))?;
                 Ok(Sink::Udp {
                     socket,
-                    prefix,
+                    prefixes,
                     what,
                 })
             }
@@ -81,18 +85,21 @@ impl Sink {
                 });
                 Ok(Sink::Tcp {
                     stream,
-                    prefix,
+                    prefixes,
                     what,
                 })
             }
             PublishTarget::Http { addr, host, path } => {
                 let what = format!("http://{host}{path}");
                 let stream = Some(dial(*addr, &what)?);
-                let head = format!("POST {path}?channel={channel} HTTP/1.1\r\nHost: {host}\r\n");
+                let heads = channels
+                    .iter()
+                    .map(|c| format!("POST {path}?channel={c} HTTP/1.1\r\nHost: {host}\r\n"))
+                    .collect();
                 Ok(Sink::Http {
                     stream,
                     target: target.clone(),
-                    head,
+                    heads,
                     what,
                 })
             }
@@ -113,16 +120,21 @@ impl Sink {
         }
     }
 
-    /// Publishes one payload.
-    pub fn send(&mut self, payload: &[u8]) -> Result<(), String> {
+    /// Publishes one payload to channel number `channel` (of those given to `open`).
+    pub fn send(&mut self, channel: usize, payload: &[u8]) -> Result<(), String> {
+        let pick = |list: &[Vec<u8>]| list.get(channel).cloned().unwrap_or_default();
         match self {
-            Sink::Udp { socket, prefix, .. } => {
-                let mut datagram = prefix.clone();
+            Sink::Udp {
+                socket, prefixes, ..
+            } => {
+                let mut datagram = pick(prefixes);
                 datagram.extend_from_slice(payload);
                 socket.send(&datagram).map(drop).map_err(|e| e.to_string())
             }
-            Sink::Tcp { stream, prefix, .. } => {
-                let mut line = prefix.clone();
+            Sink::Tcp {
+                stream, prefixes, ..
+            } => {
+                let mut line = pick(prefixes);
                 line.extend_from_slice(payload);
                 line.push(b'\n');
                 stream.write_all(&line).map_err(|e| e.to_string())
@@ -130,9 +142,12 @@ impl Sink {
             Sink::Http {
                 stream,
                 target,
-                head,
+                heads,
                 what,
-            } => http_post(stream, target, head, what, payload),
+            } => {
+                let head = heads.get(channel).map_or("", String::as_str);
+                http_post(stream, target, head, what, payload)
+            }
             Sink::Ws { stream, .. } => {
                 let mut frame = Vec::with_capacity(payload.len() + 14);
                 wsproto::encode_client_frame(wsproto::OP_TEXT, payload, &mut frame);

@@ -72,7 +72,7 @@ fn deliver(
     run.probe.mark("publish");
     let start_ns = unix_nanos();
     let plan = PublishPlan {
-        channel: channel.clone(),
+        channels: vec![channel.clone()],
         messages,
         rate,
         size: publish.size,

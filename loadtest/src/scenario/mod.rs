@@ -6,6 +6,7 @@
 
 pub mod connect;
 pub mod fanout;
+pub mod recover;
 pub mod slow;
 pub mod storm;
 
@@ -177,6 +178,7 @@ impl Run {
                     reconnect,
                     reconnect_rate: reconnect_rate / workers,
                     lifetime_ms,
+                    recover: None,
                 };
                 first += conns;
                 spec

@@ -2,7 +2,8 @@
 //! from them: RSS per connection and deliveries per server CPU second.
 //!
 //! Marks used by the scenarios: `before` (no connection yet), `connected`, `publish`
-//! (just before the first message) and `drained` (after the last delivery).
+//! (just before the first message) and `drained` (after the last delivery); `recover`
+//! adds `drop` and `answered` around its recovery storm.
 
 use crate::procstat::{self, ProcError, ProcSample};
 use crate::report::ServerResults;
@@ -46,6 +47,11 @@ impl Probe {
             .rev()
             .find(|(n, _)| *n == name)
             .map(|(_, s)| *s)
+    }
+
+    /// Server CPU seconds between marks `from` and `to`, when both were taken.
+    pub fn cpu_between(&self, from: &str, to: &str) -> Option<f64> {
+        Some(self.get(to)?.cpu_secs - self.get(from)?.cpu_secs)
     }
 
     /// The ratios, given the subscribers connected and the deliveries made between the

@@ -42,7 +42,7 @@ pub fn run(args: &SlowArgs) -> Result<Results, ScenarioError> {
     run.probe.mark("publish");
     let start_ns = unix_nanos();
     let plan = PublishPlan {
-        channel: channel.clone(),
+        channels: vec![channel.clone()],
         messages: args.messages,
         rate: args.msg_rate,
         size: args.publish.size,

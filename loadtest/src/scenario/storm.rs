@@ -42,7 +42,7 @@ pub fn run(args: &StormArgs) -> Result<Results, ScenarioError> {
     let start_ns = unix_nanos();
     let budget = (args.msg_rate * run.common.timeout).ceil() as u64;
     let plan = PublishPlan {
-        channel: channel.clone(),
+        channels: vec![channel.clone()],
         messages: budget,
         rate: args.msg_rate,
         size: args.publish.size,

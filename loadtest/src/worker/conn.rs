@@ -15,6 +15,7 @@ use mio::{Interest, Registry, Token};
 
 use super::dial::{self, cause_of};
 use super::record::Recorder;
+use crate::recover::{self, RecoverTracker};
 use crate::seq::{parse_sample, SeqTracker};
 use crate::wsproto::{self, FrameHead};
 
@@ -70,6 +71,9 @@ pub struct Conn {
     pub attempts: u32,
     /// Delivery accounting across all of its connections.
     pub tracker: SeqTracker,
+    /// Scenario `recover`: subscribes by command, recovers after reconnects, and is
+    /// accounted for by offset instead of `tracker`.
+    pub recover: Option<Box<RecoverTracker>>,
     stream: Option<TcpStream>,
     key: String,
     buf: Vec<u8>,
@@ -79,7 +83,7 @@ pub struct Conn {
 
 impl Conn {
     /// A queued subscriber.
-    pub fn new(slow: bool, now: Instant) -> Conn {
+    pub fn new(slow: bool, recover: Option<RecoverTracker>, now: Instant) -> Conn {
         Conn {
             slow,
             state: State::Queued,
@@ -90,6 +94,7 @@ impl Conn {
             just_opened: false,
             attempts: 0,
             tracker: SeqTracker::new(),
+            recover: recover.map(Box::new),
             stream: None,
             key: String::new(),
             buf: Vec::new(),
@@ -215,6 +220,10 @@ impl Conn {
             self.just_opened = true;
             self.attempts = 0;
             self.key = String::new();
+            if let Some(t) = self.recover.as_deref_mut() {
+                let cmd = t.command();
+                self.send(wsproto::OP_TEXT, &cmd, rec);
+            }
             let rest = std::mem::take(&mut self.buf);
             return self.ingest_frames(&rest[head..], rec);
         }
@@ -276,6 +285,9 @@ impl Conn {
     }
 
     fn message(&mut self, payload: &[u8], rec: &mut Recorder) {
+        if let Some(t) = self.recover.as_deref_mut() {
+            return recover_message(t, payload, rec);
+        }
         let sample = parse_sample(payload);
         let Some(seq) = sample.seq else {
             rec.unparsed(self.slow);
@@ -289,7 +301,7 @@ impl Conn {
         rec.delivery(self.slow, latency);
     }
 
-    /// Sends one masked frame (pong, close).
+    /// Sends one masked frame (pong, close, command).
     pub fn send(&mut self, opcode: u8, payload: &[u8], rec: &mut Recorder) {
         let mut frame = Vec::with_capacity(payload.len() + 8);
         wsproto::encode_client_frame(opcode, payload, &mut frame);
@@ -354,5 +366,24 @@ impl Conn {
         self.buf = Vec::new();
         self.frag = Vec::new();
         self.out = Vec::new();
+    }
+}
+
+/// A `recover` subscriber's text frame: reply, gap notice or message.
+fn recover_message(t: &mut RecoverTracker, payload: &[u8], rec: &mut Recorder) {
+    match recover::classify(payload) {
+        recover::Frame::Reply(reply) => {
+            let event = t.on_reply(&reply);
+            rec.recover_event(t, event);
+        }
+        recover::Frame::Gap => t.on_gap_notice(),
+        recover::Frame::Message(sample) => {
+            if let Some(event) = sample.offset.and_then(|o| t.on_message(o)) {
+                rec.recover_event(t, event);
+            }
+            let latency = sample.ts_nanos.map(|ts| rec.now_ns.saturating_sub(ts));
+            rec.delivery(false, latency);
+        }
+        recover::Frame::Other => rec.unparsed(false),
     }
 }

@@ -6,6 +6,8 @@
 //! [`crate::ipc`]). Slow subscribers stop listening after their handshake until `Resume`,
 //! or read a trickle every 100 ms. In reconnect mode every ended or failed connection is
 //! retried with backoff; `Drop` closes all open connections at once and reconnects them.
+//! In `recover` runs each subscriber subscribes by command on every (re)connect, with
+//! `since` once it has a position, and its offsets are accounted for across the run.
 
 mod conn;
 mod dial;
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Token, Waker};
 
 use crate::ipc::{self, Command, WorkerMsg, WorkerSpec};
+use crate::recover::RecoverTracker;
 use crate::stats;
 use conn::{Conn, End, State, Upgrade};
 use record::Recorder;
@@ -102,11 +105,13 @@ impl Worker {
         let now = Instant::now();
         let conns = (0..spec.conns)
             .map(|i| {
-                let slow = spec
-                    .slow
-                    .as_ref()
-                    .is_some_and(|s| s.is_slow(spec.first_index + i));
-                Conn::new(slow, now)
+                let index = spec.first_index + i;
+                let slow = spec.slow.as_ref().is_some_and(|s| s.is_slow(index));
+                let recover = spec.recover.as_ref().map(|r| {
+                    let (channel, name) = r.channel_of(index);
+                    RecoverTracker::new(name, channel, r.channels)
+                });
+                Conn::new(slow, recover, now)
             })
             .collect();
         Worker {
@@ -361,6 +366,8 @@ impl Worker {
         tick.ramp_done = self.ramp_end_ms.is_some();
         tick.down_at_ms = self.down_at_ms;
         tick.back_at_ms = self.back_at_ms;
+        tick.subscribed = self.rec.recover.subscribed;
+        tick.resubscribed = self.rec.recover.resubscribed;
         ipc::emit(&WorkerMsg::Tick(tick))?;
         Ok(())
     }

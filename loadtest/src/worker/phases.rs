@@ -10,7 +10,8 @@ use super::Worker;
 use crate::ipc::{self, SlowMode};
 
 impl Worker {
-    /// Closes every open connection at once and queues them all to reconnect.
+    /// Closes every open connection at once and queues them all to reconnect; `recover`
+    /// subscribers start timing their recovery from now.
     pub(super) fn drop_all(&mut self) {
         let now = Instant::now();
         self.storm_start = Some(now);
@@ -18,6 +19,19 @@ impl Worker {
         self.back_at_ms = None;
         self.all_up = false;
         self.sched.reset_rate(self.spec.reconnect_rate, now);
+        let now_ns = ipc::unix_nanos();
+        self.rec.recover.drop_ns = Some(now_ns);
+        self.rec.recover.resubscribed = 0;
+        self.rec.recover.last_recovered_ns = None;
+        self.rec.recover.last_caught_up_ns = None;
+        for conn in &mut self.conns {
+            if let Some(t) = conn.recover.as_deref_mut() {
+                if conn.state != State::Done {
+                    t.dropped_at_ns = Some(now_ns);
+                    t.answered = false;
+                }
+            }
+        }
         for i in 0..self.conns.len() {
             if self.conns[i].state == State::Open {
                 self.conns[i].shutdown(self.poll.registry(), false, &mut self.rec);

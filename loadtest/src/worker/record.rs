@@ -10,8 +10,27 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 
 use super::conn::Conn;
-use crate::ipc::{Tick, WorkerFinal};
+use crate::ipc::{RecoverFinal, Tick, WorkerFinal};
+use crate::recover::{Event, RecoverTracker};
 use crate::stats::{self, CloseCodes, GroupStats};
+
+/// What a worker's `recover` subscribers did after the last `Drop`.
+pub struct RecoverRec {
+    /// Subscribers that have their first position.
+    pub subscribed: u64,
+    /// Subscribers answered since the last drop.
+    pub resubscribed: u64,
+    /// Unix ns of the last drop.
+    pub drop_ns: Option<u64>,
+    /// Unix ns of the latest `"recovered":true` reply.
+    pub last_recovered_ns: Option<u64>,
+    /// Unix ns of the latest catch-up.
+    pub last_caught_up_ns: Option<u64>,
+    /// Drop to recovered reply.
+    pub recovered: Histogram<u64>,
+    /// Drop to last replayed message.
+    pub caught_up: Histogram<u64>,
+}
 
 /// Per-worker sink for deliveries, closes and failures.
 pub struct Recorder {
@@ -35,6 +54,8 @@ pub struct Recorder {
     pub write_errors: u64,
     /// Unix ns of the first and the latest healthy delivery.
     pub delivery_span: Option<(u64, u64)>,
+    /// Scenario `recover`.
+    pub recover: RecoverRec,
 }
 
 impl Recorder {
@@ -51,6 +72,51 @@ impl Recorder {
             failures: BTreeMap::new(),
             write_errors: 0,
             delivery_span: None,
+            recover: RecoverRec {
+                subscribed: 0,
+                resubscribed: 0,
+                drop_ns: None,
+                last_recovered_ns: None,
+                last_caught_up_ns: None,
+                recovered: stats::new_hist(),
+                caught_up: stats::new_hist(),
+            },
+        }
+    }
+
+    /// A `recover` subscriber's reply or catch-up: keeps the gauges and times it against
+    /// the drop it is recovering from.
+    pub fn recover_event(&mut self, t: &mut RecoverTracker, event: Event) {
+        let now = self.now_ns;
+        let rr = &mut self.recover;
+        if event == Event::Subscribed {
+            rr.subscribed += 1;
+        }
+        let Some(dropped) = t.dropped_at_ns else {
+            return;
+        };
+        let since = now.saturating_sub(dropped);
+        let first_answer = event != Event::CaughtUp && !t.answered;
+        if first_answer {
+            t.answered = true;
+            rr.resubscribed += 1;
+        }
+        let caught_up = match event {
+            Event::Recovered { caught_up } if first_answer => {
+                stats::record(&mut rr.recovered, since);
+                rr.last_recovered_ns = Some(rr.last_recovered_ns.map_or(now, |l| l.max(now)));
+                caught_up
+            }
+            Event::CaughtUp => true,
+            Event::Recovered { .. } | Event::Subscribed | Event::NotRecovered | Event::Failed => {
+                t.dropped_at_ns = None;
+                false
+            }
+        };
+        if caught_up {
+            t.dropped_at_ns = None;
+            stats::record(&mut rr.caught_up, since);
+            rr.last_caught_up_ns = Some(rr.last_caught_up_ns.map_or(now, |l| l.max(now)));
         }
     }
 
@@ -103,9 +169,31 @@ impl Recorder {
     /// The final report: run totals plus every subscriber's accounting for `published`.
     pub fn finish(&self, conns: &[Conn], published: u64) -> WorkerFinal {
         let mut groups = [GroupStats::default(), GroupStats::default()];
+        let mut recover: Option<RecoverFinal> = None;
+        for conn in conns {
+            let Some(t) = conn.recover.as_deref() else {
+                continue;
+            };
+            let out = recover.get_or_insert_with(RecoverFinal::default);
+            out.counts.add(&t.counts);
+            out.expected += t.expected(published);
+            out.subscribers_with_problems += u64::from(t.has_problem(published));
+        }
+        if let Some(out) = recover.as_mut() {
+            let rr = &self.recover;
+            let ms = |ns: Option<u64>| ns.map(|ns| ns / 1_000_000);
+            out.drop_ms = ms(rr.drop_ns);
+            out.last_recovered_ms = ms(rr.last_recovered_ns);
+            out.last_caught_up_ms = ms(rr.last_caught_up_ns);
+            out.recovered = stats::to_pairs(&rr.recovered);
+            out.caught_up = stats::to_pairs(&rr.caught_up);
+        }
         for conn in conns.iter().filter(|c| c.ever_open) {
             let group = &mut groups[usize::from(conn.slow)];
-            let summary = conn.tracker.summary(published);
+            let summary = match conn.recover.as_deref() {
+                Some(t) => t.summary(published),
+                None => conn.tracker.summary(published),
+            };
             group.subscribers += 1;
             group.max_lost_per_subscriber = group.max_lost_per_subscriber.max(summary.lost);
             group.seq.add(&summary);
@@ -124,6 +212,7 @@ impl Recorder {
             write_errors: self.write_errors,
             delivery_span_ns: self.delivery_span,
             cpu_secs: own_cpu_secs(),
+            recover,
             ..WorkerFinal::default()
         }
     }

@@ -1,0 +1,404 @@
+//! The HTTP transports (`GET /sse`, `GET /poll`) as a sans-io re-encoder of the WebSocket
+//! frames every connection is fed.
+//!
+//! SSE and long-poll connections sit in the same connection table, index and fan-out as
+//! WebSocket ones, and are handed the very same frames (the ring's shared `Bytes`: a
+//! WebSocket header, then the JSON). [`HttpStream::encode`] turns one such frame into at
+//! most three pieces for the connection's send backlog, without copying the JSON:
+//!
+//! - SSE, a text frame: `id: <token>\ndata: ` (per connection), the JSON
+//!   (`Bytes::slice` past the frame header, shared with every subscriber), `\n\n`;
+//! - SSE, a ping: the comment `:\n\n` (the heartbeat); a close frame: the close event
+//!   `data: {"type":"close","code":C,"reason":"R"}\n\n`;
+//! - long-poll, a text frame: `,` between events, then the JSON; a close frame: the end
+//!   of the answer, `],"position":"<token>"}` (the head and `{"events":[` went out first).
+//!
+//! It also keeps the stream's position (the `id:` token, see [`crate::proto::position`])
+//! from what passes through it: a subscribe reply sets its channel's epoch and offset (a
+//! recovered one keeps the requested offset: the replayed messages follow it), a message
+//! sets its channel's offset, a gap notice moves it past the gap.
+//!
+//! JSON with a raw line break would end an SSE `data:` line early. Published payloads
+//! cannot carry one ([`crate::proto::message::EncodedData`] turns line breaks between JSON
+//! tokens into spaces); every other frame is server-rendered and checked here anyway.
+
+use crate::fanout::history::Since;
+use crate::proto::frame::opcode;
+use crate::proto::position::Position;
+use bytes::Bytes;
+use serde::Deserialize;
+
+/// Which HTTP transport a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `GET /sse`: an event stream until the server ends it.
+    Sse,
+    /// `GET /poll`: one answer, at the first event or at `deadline` (shard seconds).
+    Poll {
+        /// When a poll with nothing to say answers empty.
+        deadline: u32,
+    },
+}
+
+/// What one frame becomes on the wire: up to three pieces, in order (empty ones are
+/// nothing to send).
+pub type Parts = [Bytes; 3];
+
+const NONE: Parts = [Bytes::new(), Bytes::new(), Bytes::new()];
+
+/// The SSE heartbeat comment.
+pub const HEARTBEAT: &[u8] = b":\n\n";
+
+/// One HTTP-transport connection's encoder and position.
+#[derive(Debug)]
+pub struct HttpStream {
+    mode: Mode,
+    position: Position,
+    /// Events written so far (a poll answer puts commas between them).
+    events: u32,
+}
+
+/// The fields of a subscribe reply the position needs.
+#[derive(Deserialize)]
+struct SubscribeReply<'a> {
+    reply: &'a str,
+    code: u16,
+    channel: Option<&'a str>,
+    offset: Option<u64>,
+    epoch: Option<&'a str>,
+    recovered: Option<bool>,
+}
+
+/// The fields of a gap notice.
+#[derive(Deserialize)]
+struct GapNotice<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    channel: &'a str,
+    to: u64,
+}
+
+impl HttpStream {
+    /// A stream that starts at `since` (the requested position: the entries for the
+    /// requested `channels`, others dropped).
+    pub fn new(mode: Mode, channels: &[String], since: Option<&Position>) -> Self {
+        let mut position = Position::with_capacity(channels.len());
+        if let Some(since) = since {
+            for (channel, at) in since.entries() {
+                if channels.iter().any(|c| c == channel) {
+                    position.set(channel, *at);
+                }
+            }
+        }
+        HttpStream {
+            mode,
+            position,
+            events: 0,
+        }
+    }
+
+    /// The transport.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// True for a long-poll connection.
+    pub fn is_poll(&self) -> bool {
+        matches!(self.mode, Mode::Poll { .. })
+    }
+
+    /// The position after everything encoded so far, as a token.
+    pub fn token(&self) -> String {
+        self.position.encode()
+    }
+
+    /// Events encoded so far.
+    pub fn events(&self) -> u32 {
+        self.events
+    }
+
+    /// Re-encodes one server WebSocket frame (unmasked, final) for this transport.
+    pub fn encode(&mut self, frame: &Bytes) -> Parts {
+        let Some((op, start)) = frame_payload(frame) else {
+            return NONE;
+        };
+        match op {
+            opcode::TEXT => self.encode_event(frame.slice(start..)),
+            opcode::PING if self.mode == Mode::Sse => {
+                [Bytes::from_static(HEARTBEAT), Bytes::new(), Bytes::new()]
+            }
+            opcode::CLOSE => self.encode_end(&frame[start..]),
+            _ => NONE,
+        }
+    }
+
+    fn encode_event(&mut self, json: Bytes) -> Parts {
+        let recovered_reply = self.track(&json);
+        let json = if json.starts_with(br#"{"channel":""#) {
+            // A published message: its line breaks were removed at publish time.
+            json
+        } else {
+            without_line_breaks(json)
+        };
+        match self.mode {
+            Mode::Sse => {
+                self.events += 1;
+                let id = format!("id: {}\ndata: ", self.position.encode());
+                [Bytes::from(id), json, Bytes::from_static(b"\n\n")]
+            }
+            // A recovered channel's reply says nothing a poll client needs.
+            Mode::Poll { .. } if recovered_reply => NONE,
+            Mode::Poll { .. } => {
+                self.events += 1;
+                let comma = if self.events > 1 {
+                    Bytes::from_static(b",")
+                } else {
+                    Bytes::new()
+                };
+                [comma, json, Bytes::new()]
+            }
+        }
+    }
+
+    /// The last bytes of the stream, for a close frame's `payload` (code and reason).
+    fn encode_end(&mut self, payload: &[u8]) -> Parts {
+        let text = match self.mode {
+            Mode::Sse => {
+                let code = match payload {
+                    [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                    _ => 1005,
+                };
+                let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
+                // Serializing a str cannot fail.
+                let reason = serde_json::to_string(&*reason).unwrap_or_default();
+                format!("data: {{\"type\":\"close\",\"code\":{code},\"reason\":{reason}}}\n\n")
+            }
+            Mode::Poll { .. } => format!("],\"position\":\"{}\"}}", self.position.encode()),
+        };
+        [Bytes::from(text), Bytes::new(), Bytes::new()]
+    }
+
+    /// Moves the position past one event; true when it is a subscribe reply that
+    /// recovered its channel.
+    fn track(&mut self, json: &[u8]) -> bool {
+        if let Some((channel, offset)) = message_position(json) {
+            if let Some(mut at) = self.position.get(channel) {
+                at.offset = offset;
+                self.position.set(channel, at);
+            }
+            return false;
+        }
+        if json.starts_with(br#"{"reply":"subscribe""#) {
+            let Ok(reply) = serde_json::from_slice::<SubscribeReply>(json) else {
+                return false;
+            };
+            let (Some(channel), Some(offset), Some(epoch)) = (
+                reply.channel,
+                reply.offset,
+                reply.epoch.and_then(|e| e.parse::<u64>().ok()),
+            ) else {
+                return false;
+            };
+            if reply.reply != "subscribe" || reply.code != 200 {
+                return false;
+            }
+            let recovered = reply.recovered == Some(true);
+            let offset = match self.position.get(channel) {
+                // The missed messages follow this reply: the position moves with them.
+                Some(at) if recovered && at.epoch == epoch => at.offset,
+                _ => offset,
+            };
+            self.position.set(channel, Since { offset, epoch });
+            return recovered;
+        }
+        if json.starts_with(br#"{"type":"gap""#) {
+            if let Ok(gap) = serde_json::from_slice::<GapNotice>(json) {
+                if let (true, Some(mut at)) = (gap.kind == "gap", self.position.get(gap.channel)) {
+                    at.offset = at.offset.max(gap.to);
+                    self.position.set(gap.channel, at);
+                }
+            }
+        }
+        false
+    }
+}
+
+/// The opcode and payload start of a server frame; `None` when it is cut short.
+fn frame_payload(frame: &[u8]) -> Option<(u8, usize)> {
+    let (first, second) = (*frame.first()?, *frame.get(1)?);
+    let start = match second & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    (frame.len() >= start).then_some((first & 0x0f, start))
+}
+
+/// `(channel, offset)` of a message frame's JSON (`{"channel":"c","offset":N,...`).
+fn message_position(json: &[u8]) -> Option<(&str, u64)> {
+    let rest = json.strip_prefix(br#"{"channel":""#)?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    let channel = std::str::from_utf8(&rest[..end]).ok()?;
+    let rest = rest[end..].strip_prefix(br#"","offset":"#)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let offset = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    Some((channel, offset))
+}
+
+/// `json` with raw CR/LF turned into spaces (only ever between JSON tokens: inside a
+/// JSON string they are invalid), copied only when there is one.
+fn without_line_breaks(json: Bytes) -> Bytes {
+    if !json.iter().any(|&b| b == b'\n' || b == b'\r') {
+        return json;
+    }
+    let spaced: Vec<u8> = json
+        .iter()
+        .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
+        .collect();
+    Bytes::from(spaced)
+}
+
+/// The head of a `200` SSE answer (CORS lines in `cors`), and the reconnect hint.
+pub fn sse_head(cors: &str, retry_ms: u64) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+         X-Accel-Buffering: no\r\nConnection: keep-alive\r\n{cors}\r\nretry: {retry_ms}\n\n"
+    )
+    .into_bytes()
+}
+
+/// The head of a `200` long-poll answer and the start of its body; the events and the
+/// end (`],"position":...}`) follow, and the connection closes after them.
+pub fn poll_head(cors: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n\
+         Connection: close\r\n{cors}\r\n{{\"events\":["
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::{encode_close, encode_frame};
+    use crate::proto::message::{encode_gap, encode_message, EncodedData};
+    use proptest::prelude::*;
+
+    fn text(json: &str) -> Bytes {
+        encode_frame(opcode::TEXT, json.as_bytes())
+    }
+
+    fn wire(parts: Parts) -> String {
+        parts
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect()
+    }
+
+    fn channels(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sse_events_carry_the_position_after_them() {
+        let mut s = HttpStream::new(Mode::Sse, &channels(&["news", "b"]), None);
+        let reply = r#"{"reply":"subscribe","code":200,"channel":"news","offset":4,"epoch":"77"}"#;
+        assert_eq!(
+            wire(s.encode(&text(reply))),
+            format!("id: news~4~77\ndata: {reply}\n\n")
+        );
+        let msg = encode_message("news", 5, &EncodedData::new(b"{\"a\":1}"));
+        let parts = s.encode(&msg);
+        // The JSON is the ring's bytes, not a copy.
+        assert_eq!(parts[1].as_ptr(), msg[2..].as_ptr());
+        assert_eq!(
+            wire(parts),
+            "id: news~5~77\ndata: {\"channel\":\"news\",\"offset\":5,\"data\":{\"a\":1}}\n\n"
+        );
+        let reply_b = r#"{"reply":"subscribe","code":200,"channel":"b","offset":0,"epoch":"78"}"#;
+        s.encode(&text(reply_b));
+        assert_eq!(s.token(), "news~5~77,b~0~78");
+        let gap = encode_gap("news", 6, 9);
+        assert!(wire(s.encode(&gap)).starts_with("id: news~9~77,b~0~78\ndata: {\"type\":\"gap\""));
+        assert_eq!(wire(s.encode(&encode_frame(opcode::PING, b""))), ":\n\n");
+        assert_eq!(
+            wire(s.encode(&encode_close(1001, "reconnect after 12ms"))),
+            "data: {\"type\":\"close\",\"code\":1001,\"reason\":\"reconnect after 12ms\"}\n\n"
+        );
+        assert_eq!(wire(s.encode(&encode_frame(opcode::PONG, b"x"))), "");
+    }
+
+    #[test]
+    fn a_recovered_reply_keeps_the_requested_offset_until_the_replay() {
+        let since = Position::parse("news~3~77,other~1~1").unwrap();
+        let mut s = HttpStream::new(Mode::Sse, &channels(&["news"]), Some(&since));
+        assert_eq!(s.token(), "news~3~77");
+        let reply = r#"{"reply":"subscribe","code":200,"channel":"news","offset":5,"epoch":"77","recovered":true}"#;
+        assert!(wire(s.encode(&text(reply))).starts_with("id: news~3~77\n"));
+        s.encode(&encode_message("news", 4, &EncodedData::new(b"1")));
+        assert_eq!(s.token(), "news~4~77");
+        // Not recovered: live from the reply's offset in its epoch.
+        let mut s = HttpStream::new(Mode::Sse, &channels(&["news"]), Some(&since));
+        let lost = r#"{"reply":"subscribe","code":200,"channel":"news","offset":1,"epoch":"99","recovered":false,"reason":"epoch_changed"}"#;
+        s.encode(&text(lost));
+        assert_eq!(s.token(), "news~1~99");
+        // A refused channel does not move.
+        let refused = r#"{"reply":"subscribe","code":403,"channel":"news","error":"no"}"#;
+        s.encode(&text(refused));
+        assert_eq!(s.token(), "news~1~99");
+    }
+
+    #[test]
+    fn a_poll_answer_is_one_json_document() {
+        let since = Position::parse("news~3~77").unwrap();
+        let mut s = HttpStream::new(
+            Mode::Poll { deadline: 9 },
+            &channels(&["news", "b"]),
+            Some(&since),
+        );
+        let mut body = String::from("{\"events\":[");
+        let recovered = r#"{"reply":"subscribe","code":200,"channel":"news","offset":3,"epoch":"77","recovered":true}"#;
+        body += &wire(s.encode(&text(recovered)));
+        let fresh = r#"{"reply":"subscribe","code":200,"channel":"b","offset":0,"epoch":"5"}"#;
+        body += &wire(s.encode(&text(fresh)));
+        body += &wire(s.encode(&encode_message("news", 4, &EncodedData::new(b"\"x\""))));
+        body += &wire(s.encode(&encode_frame(opcode::PING, b"")));
+        body += &wire(s.encode(&encode_close(1000, "")));
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["events"].as_array().unwrap().len(), 2, "{body}");
+        assert_eq!(doc["events"][0]["channel"], "b");
+        assert_eq!(doc["events"][1]["offset"], 4);
+        assert_eq!(doc["position"], "news~4~77,b~0~5");
+        // Nothing at all: an empty list.
+        let mut empty = HttpStream::new(Mode::Poll { deadline: 9 }, &channels(&["a"]), None);
+        let body = format!(
+            "{{\"events\":[{}",
+            wire(empty.encode(&encode_close(1000, "")))
+        );
+        assert_eq!(body, r#"{"events":[],"position":""}"#);
+    }
+
+    #[test]
+    fn line_breaks_never_reach_a_data_line() {
+        let mut s = HttpStream::new(Mode::Sse, &channels(&["a"]), None);
+        let event = wire(s.encode(&text("{\"type\":\"join\",\n\"channel\":\"a\"}")));
+        assert_eq!(event.matches('\n').count(), 3, "{event:?}");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_frames_never_panic(frame in proptest::collection::vec(any::<u8>(), 0..300), poll in any::<bool>()) {
+            let mode = if poll { Mode::Poll { deadline: 1 } } else { Mode::Sse };
+            let mut s = HttpStream::new(mode, &channels(&["a"]), None);
+            let _ = s.encode(&Bytes::from(frame));
+        }
+
+        #[test]
+        fn arbitrary_json_text_never_panics_or_breaks_lines(json in ".{0,200}") {
+            let mut s = HttpStream::new(Mode::Sse, &channels(&["a"]), None);
+            let out = wire(s.encode(&text(&json)));
+            prop_assert!(out.ends_with("\n\n"));
+            prop_assert_eq!(out.matches('\n').count(), 3);
+        }
+    }
+}
