@@ -91,7 +91,6 @@ fn falls_back_to(transport: &str, refused_sse: bool) {
 }
 
 #[test]
-#[ignore = "needs /sse"]
 fn browser_falls_back_to_sse_when_websocket_cannot_connect() {
     let _deadline = Deadline::new(
         "browser_falls_back_to_sse_when_websocket_cannot_connect",
@@ -101,7 +100,6 @@ fn browser_falls_back_to_sse_when_websocket_cannot_connect() {
 }
 
 #[test]
-#[ignore = "needs /poll"]
 fn browser_falls_back_to_long_poll_when_websocket_and_sse_cannot_connect() {
     let _deadline = Deadline::new(
         "browser_falls_back_to_long_poll_when_websocket_and_sse_cannot_connect",
@@ -114,7 +112,6 @@ fn browser_falls_back_to_long_poll_when_websocket_and_sse_cannot_connect() {
 /// through again, the client switches back to it by itself, and the channel continues
 /// across the switch with no gap and no duplicate.
 #[test]
-#[ignore = "needs /sse"]
 fn browser_returns_to_websocket_when_it_works_again() {
     let _deadline = Deadline::new(
         "browser_returns_to_websocket_when_it_works_again",
@@ -169,7 +166,6 @@ fn browser_returns_to_websocket_when_it_works_again() {
 /// at the connection limit `/sse` answers 503 + Retry-After, the client waits at least
 /// that long (not its short backoff), and connects once a slot is free.
 #[test]
-#[ignore = "needs /sse"]
 fn browser_waits_the_retry_after_of_a_503_on_sse() {
     let _deadline = Deadline::new(
         "browser_waits_the_retry_after_of_a_503_on_sse",
