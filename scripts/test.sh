@@ -12,6 +12,8 @@
 #   - python3 with `websockets` (tests/clients/py_sub.py), `PyJWT` and `cryptography`
 #     (tests/clients/py_auth.py and py_presence.py sign tokens independently of ringcast)
 #   - node + npm, and `ws` in tests/clients   (tests/clients/node_sub.js)
+#   - Debian's chromium (/usr/bin/chromium) and `playwright-core` in tests/clients, which
+#     drives it (tests/clients/browser_driver.js; no browser is downloaded)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -102,7 +104,21 @@ fi
 (cd tests/clients && node -e "require('ws')") >/dev/null 2>&1 ||
 	die "node cannot load the ws package from tests/clients (needed by tests/clients/node_sub.js)"
 
-log "tools: $(cargo --version); $(cc --version | head -n1); python3 $(python3 -c 'import sys, websockets, jwt; print(sys.version.split()[0], "websockets", websockets.__version__, "PyJWT", jwt.__version__)'); node $(node --version) ws $(cd tests/clients && node -p "require('ws/package.json').version")"
+# ---- Chromium + playwright-core (the browser client's tests) --------------------------
+# Debian's browser build; playwright-core never downloads one of its own.
+if [ ! -x /usr/bin/chromium ]; then
+	apt_install chromium
+fi
+[ -x /usr/bin/chromium ] || die "/usr/bin/chromium is missing after installing Debian's chromium"
+if ! (cd tests/clients && node -e "require('playwright-core')") >/dev/null 2>&1; then
+	log "npm install (tests/clients, playwright-core)"
+	(cd tests/clients && npm install --no-audit --no-fund --loglevel=error </dev/null) ||
+		die "npm install in tests/clients failed"
+fi
+(cd tests/clients && node -e "require('playwright-core')") >/dev/null 2>&1 ||
+	die "node cannot load playwright-core from tests/clients (needed by tests/clients/browser_driver.js)"
+
+log "tools: $(cargo --version); $(cc --version | head -n1); python3 $(python3 -c 'import sys, websockets, jwt; print(sys.version.split()[0], "websockets", websockets.__version__, "PyJWT", jwt.__version__)'); node $(node --version) ws $(cd tests/clients && node -p "require('ws/package.json').version") playwright-core $(cd tests/clients && node -p "require('playwright-core/package.json').version"); $(/usr/bin/chromium --version 2>/dev/null || echo chromium ?)"
 
 # The fan-out tests hold a few hundred sockets in one process.
 hard_nofile="$(ulimit -Hn)"

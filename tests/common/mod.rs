@@ -14,6 +14,10 @@
 //! - [`raw_ws`]: a hand-driven WebSocket for crafted frames and close codes.
 //! - [`external`]: the Node (`ws`) and Python (`websockets`) subscriber fleets in
 //!   tests/clients, run as subprocesses.
+//! - [`browser`]: headless Chromium driven through tests/clients/browser_driver.js,
+//!   running the browser client clients/js/ringcast.js.
+//! - [`tcp_gate`]: a TCP forwarder a test can shut (refusing and counting connection
+//!   attempts) and open again.
 //!
 //! Every wait is bounded: helpers take a timeout and panic with a message saying what
 //! did not happen, and [`Deadline`] aborts a test binary that hangs anyway.
@@ -21,6 +25,7 @@
 // Each test file compiles this module on its own and uses only part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod external;
 pub mod http;
 pub mod metrics;
@@ -28,12 +33,15 @@ pub mod python;
 pub mod raw_ws;
 pub mod server;
 pub mod subscriber;
+pub mod tcp_gate;
 
+pub use browser::Browser;
 pub use external::{ClientKind, ExternalFleet, FleetSummary};
 pub use metrics::Metrics;
 pub use raw_ws::{CloseSeen, OutFrame, RawWs};
-pub use server::{Server, TcpIngest};
+pub use server::{Ports, Server, TcpIngest};
 pub use subscriber::{Delivery, OffsetLog, Subscriber};
+pub use tcp_gate::TcpGate;
 
 use std::net::{TcpListener, UdpSocket};
 use std::sync::mpsc;

@@ -30,6 +30,19 @@ pub const DEFAULT_SHARDS: &str = "2";
 
 static LOG_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// The four loopback ports of one server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    /// WebSocket listener (`--listen`).
+    pub ws: u16,
+    /// UDP ingest (`--udp-ingest`).
+    pub udp: u16,
+    /// TCP ingest (`--tcp-ingest`).
+    pub tcp: u16,
+    /// Admin HTTP (`--admin`).
+    pub admin: u16,
+}
+
 /// A running ringcast process and the loopback ports it was told to use.
 pub struct Server {
     child: Child,
@@ -66,7 +79,13 @@ impl Server {
     pub fn start(extra: &[&str]) -> Server {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
-            match Server::try_start(extra) {
+            let ports = Ports {
+                ws: free_tcp_port(),
+                udp: free_udp_port(),
+                tcp: free_tcp_port(),
+                admin: free_tcp_port(),
+            };
+            match Server::try_start(ports, extra) {
                 Ok(server) => return server,
                 Err(log) if attempt < ATTEMPTS && mentions_port_clash(&log) => {
                     eprintln!("ringcast could not bind a port another process took; retrying with new ports");
@@ -77,7 +96,26 @@ impl Server {
         unreachable!("the last attempt either returns or panics")
     }
 
-    fn try_start(extra: &[&str]) -> Result<Server, String> {
+    /// Starts ringcast on exactly `ports` (those of a server that has exited, to restart
+    /// it in place), like [`Server::start`] otherwise.
+    ///
+    /// # Panics
+    /// When it does not become healthy; a port still taken is not retried.
+    pub fn start_on(ports: Ports, extra: &[&str]) -> Server {
+        Server::try_start(ports, extra).unwrap_or_else(|log| panic!("{log}"))
+    }
+
+    /// The ports this server was told to use.
+    pub fn ports(&self) -> Ports {
+        Ports {
+            ws: self.ws_port,
+            udp: self.udp_port,
+            tcp: self.tcp_port,
+            admin: self.admin_port,
+        }
+    }
+
+    fn try_start(ports: Ports, extra: &[&str]) -> Result<Server, String> {
         let binary = Server::binary();
         if !binary.exists() {
             return Err(format!(
@@ -86,12 +124,8 @@ impl Server {
                 binary.display()
             ));
         }
-        let (ws_port, udp_port, tcp_port, admin_port) = (
-            free_tcp_port(),
-            free_udp_port(),
-            free_tcp_port(),
-            free_tcp_port(),
-        );
+        let (ws_port, udp_port, tcp_port, admin_port) =
+            (ports.ws, ports.udp, ports.tcp, ports.admin);
         let mut args: Vec<String> = vec![
             "--listen".into(),
             format!("127.0.0.1:{ws_port}"),
