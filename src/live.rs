@@ -11,10 +11,10 @@
 //! command line and environment of the start (which still override it), exactly as at
 //! start, and names the keys whose values changed.
 
-use crate::proto::origin::OriginPolicy;
 use crate::auth::AuthSettings;
 use crate::config::{resolve, Cidr, ConfigError, ConfigLayer, Settings};
 use crate::ingest::key::IngestKey;
+use crate::proto::origin::OriginPolicy;
 use parking_lot::RwLock;
 use std::net::IpAddr;
 use std::path::Path;
