@@ -3,6 +3,7 @@
 //! Counters live per shard in cache-padded blocks: a shard only ever writes its own block
 //! (relaxed atomics, no sharing on the hot path), and a scrape sums the blocks.
 
+use crate::admission::accept_backoff::AcceptError;
 use crate::auth::token::AuthError;
 use crate::fanout::history::HistoryStats;
 use crate::inbox::{ErrorKind as InboxErrorKind, InboxStats};
@@ -67,6 +68,8 @@ pub struct ShardMetrics {
     pub handshakes_in_progress: AtomicU64,
     /// Upgrades closed because `handshake_timeout` passed before the answer was written.
     pub handshakes_timed_out: AtomicU64,
+    /// `accept` failures on the WebSocket listener, by [`AcceptError`].
+    pub accept_errors: [AtomicU64; AcceptError::LABELS.len()],
     /// Connections closed, by [`CloseCause`].
     pub closed: [AtomicU64; CloseCause::LABELS.len()],
     /// Messages lost to ring overrun.
@@ -330,6 +333,14 @@ impl Metrics {
                 out,
                 "ringcast_connections_refused_total{{reason=\"{label}\"}} {}",
                 self.sum(|s| &s.refused[i])
+            );
+        }
+        let _ = writeln!(out, "# HELP ringcast_accept_errors_total accept() failures on the WebSocket listener, by errno; each pauses that shard's accepting (100 ms doubling to 1 s).\n# TYPE ringcast_accept_errors_total counter");
+        for (i, label) in AcceptError::LABELS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringcast_accept_errors_total{{reason=\"{label}\"}} {}",
+                self.sum(|s| &s.accept_errors[i])
             );
         }
         let _ = writeln!(out, "# HELP ringcast_connections_closed_total Connections closed, by reason.\n# TYPE ringcast_connections_closed_total counter");

@@ -17,7 +17,7 @@ use crate::metrics::{RefuseCause, ShardMetrics};
 use crate::proto::upgrade::http_response;
 use crossbeam_utils::CachePadded;
 use std::cell::Cell;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -132,7 +132,10 @@ impl HandshakeGate {
         self.metrics
             .handshakes_in_progress
             .fetch_add(1, Ordering::Relaxed);
-        Some(HandshakeTicket { gate: self.clone() })
+        Some(HandshakeTicket {
+            gate: self.clone(),
+            table_fd: None,
+        })
     }
 
     /// Handshakes in flight on this shard.
@@ -144,6 +147,23 @@ impl HandshakeGate {
 /// One admitted handshake; leaves the gate on drop, however the upgrade ended.
 pub struct HandshakeTicket {
     gate: Rc<HandshakeGate>,
+    /// The descriptor the connection table will own, duplicated at accept: taken before
+    /// `101` is written, so a process out of descriptors never answers `101` and then
+    /// drops the connection for want of one (the accept loop waits for it instead).
+    table_fd: Option<OwnedFd>,
+}
+
+impl HandshakeTicket {
+    /// Attaches the connection table's descriptor, duplicated at accept.
+    pub fn with_table_fd(mut self, fd: OwnedFd) -> HandshakeTicket {
+        self.table_fd = Some(fd);
+        self
+    }
+
+    /// Takes the descriptor attached by [`HandshakeTicket::with_table_fd`].
+    pub fn take_table_fd(&mut self) -> Option<OwnedFd> {
+        self.table_fd.take()
+    }
 }
 
 impl Drop for HandshakeTicket {

@@ -22,6 +22,7 @@ pub mod send;
 pub mod state;
 pub mod table;
 
+use crate::admission::accept_backoff::{AcceptBackoff, AcceptError};
 use crate::auth::registry::Registry;
 use crate::config::Settings;
 use crate::fanout::history::Limits as HistoryLimits;
@@ -42,7 +43,7 @@ use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::net::{TcpListener, UdpSocket};
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::Socket;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -498,32 +499,78 @@ async fn accept_loop(
     stop: Rc<LocalEvent>,
 ) {
     let accept = async {
-        let mut last_warning: Option<Instant> = None;
+        let mut backoff = AcceptBackoff::new();
         loop {
             match listener.accept().await {
-                Ok(stream) => match gate.try_enter() {
-                    Some(ticket) => {
-                        glommio::spawn_local(handshake::upgrade(shard.clone(), stream, ticket))
-                            .detach();
+                Ok(stream) => {
+                    // The table's own descriptor, taken now: out of descriptors, this
+                    // client waits here (and the rest in the kernel's accept queue)
+                    // rather than getting `101` and then losing the connection.
+                    let table_fd = loop {
+                        // SAFETY: the stream owns the descriptor for this whole borrow.
+                        let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+                        match borrowed.try_clone_to_owned() {
+                            Ok(fd) => break Some(fd),
+                            Err(e) => {
+                                let kind = AcceptError::from_errno(e.raw_os_error());
+                                if kind == AcceptError::Other {
+                                    break None;
+                                }
+                                pause_accepting(&shard, &mut backoff, kind, &e).await;
+                            }
+                        }
+                    };
+                    match (gate.try_enter(), table_fd) {
+                        (Some(ticket), Some(fd)) => {
+                            let ticket = ticket.with_table_fd(fd);
+                            glommio::spawn_local(handshake::upgrade(shard.clone(), stream, ticket))
+                                .detach();
+                        }
+                        (Some(_), None) => {} // closed: the socket is already unusable
+                        (None, _) => refuse_now(
+                            stream.as_raw_fd(),
+                            RefuseCause::HandshakesInFlight,
+                            shard.metrics,
+                        ),
                     }
-                    None => refuse_now(
-                        stream.as_raw_fd(),
-                        RefuseCause::HandshakesInFlight,
-                        shard.metrics,
-                    ),
-                },
+                }
                 Err(e) => {
-                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                        last_warning = Some(Instant::now());
-                        tracing::warn!(shard = shard.id, error = %e, "accept failed (EMFILE means RLIMIT_NOFILE is too low: see kernel-tuning/); retrying");
-                    }
-                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors or kernel memory: the queued connection stays in
+                    // the kernel's accept queue; open connections are not touched.
+                    let kind = AcceptError::from_errno(e.raw_os_error());
+                    pause_accepting(&shard, &mut backoff, kind, &e).await;
+                    continue;
                 }
             }
+            backoff.on_success();
         }
     };
     futures_lite::future::or(accept, stop.wait()).await;
     drop(listener);
+}
+
+/// Counts an accept-side resource error, logs it if this interval has no line yet, and
+/// sleeps for the backoff's pause.
+async fn pause_accepting(
+    shard: &Shard,
+    backoff: &mut AcceptBackoff,
+    kind: AcceptError,
+    error: &dyn std::fmt::Display,
+) {
+    shard.metrics.accept_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    let pause = backoff.on_error(Instant::now());
+    if let Some(errors) = pause.log {
+        tracing::warn!(
+            shard = shard.id,
+            error = %error,
+            reason = kind.label(),
+            errors,
+            pause_ms = pause.sleep.as_millis() as u64,
+            "accept failed; not accepting for a while, open connections are kept: {}",
+            kind.fix()
+        );
+    }
+    glommio::timer::sleep(pause.sleep).await;
 }
 
 /// Waits for ready sockets on the blocking pool and handles them on the shard.
