@@ -27,11 +27,24 @@ pub enum RefuseCause {
     Draining,
     /// The shard has `max_handshakes_per_shard` upgrades in flight.
     HandshakesInFlight,
+    /// The source address has `max_connections_per_ip` connections.
+    PerIp,
+    /// The source address used up `max_new_connections_per_ip_per_sec`.
+    PerIpRate,
+    /// The source address has `max_handshakes_per_ip` upgrades in progress.
+    PerIpHandshakes,
 }
 
 impl RefuseCause {
     /// Every label, indexed by discriminant.
-    pub const LABELS: [&'static str; 3] = ["max_connections", "draining", "handshakes_in_flight"];
+    pub const LABELS: [&'static str; 6] = [
+        "max_connections",
+        "draining",
+        "handshakes_in_flight",
+        "per_ip",
+        "per_ip_rate",
+        "per_ip_handshakes",
+    ];
 }
 
 /// Where a published message came from (metric label `source`).
@@ -63,7 +76,7 @@ pub struct ShardMetrics {
     /// Handshakes refused with an HTTP error.
     pub handshake_rejected: AtomicU64,
     /// Sockets answered 503, by [`RefuseCause`].
-    pub refused: [AtomicU64; 3],
+    pub refused: [AtomicU64; RefuseCause::LABELS.len()],
     /// Upgrades accepted but not yet answered (gauge).
     pub handshakes_in_progress: AtomicU64,
     /// Upgrades closed because `handshake_timeout` passed before the answer was written.

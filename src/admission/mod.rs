@@ -6,5 +6,10 @@
 //!   accepting for a growing pause instead of spinning, counts the error and logs it at
 //!   most once per interval. Open connections are not touched; new ones wait in the
 //!   kernel's accept queue.
+//! - [`per_ip`]: per source address caps on connections, new connections per second and
+//!   upgrades in progress, in one bounded process-wide table.
+//! - [`token_bucket`]: the rate limiter both use.
 
 pub mod accept_backoff;
+pub mod per_ip;
+pub mod token_bucket;

@@ -13,6 +13,7 @@
 //!   [`SlotReservation`] if the upgrade fails after reserving, otherwise by the shard when
 //!   the adopted connection leaves its table (`Shard::finalize_close`).
 
+use crate::admission::per_ip::{PerIpHold, PerIpRefusal};
 use crate::metrics::{RefuseCause, ShardMetrics};
 use crate::proto::upgrade::http_response;
 use crossbeam_utils::CachePadded;
@@ -135,6 +136,7 @@ impl HandshakeGate {
         Some(HandshakeTicket {
             gate: self.clone(),
             table_fd: None,
+            ip_hold: None,
         })
     }
 
@@ -151,6 +153,8 @@ pub struct HandshakeTicket {
     /// `101` is written, so a process out of descriptors never answers `101` and then
     /// drops the connection for want of one (the accept loop waits for it instead).
     table_fd: Option<OwnedFd>,
+    /// The socket's place under the per-address limits (`None`: they are off).
+    ip_hold: Option<PerIpHold>,
 }
 
 impl HandshakeTicket {
@@ -158,6 +162,17 @@ impl HandshakeTicket {
     pub fn with_table_fd(mut self, fd: OwnedFd) -> HandshakeTicket {
         self.table_fd = Some(fd);
         self
+    }
+
+    /// Attaches the socket's place under the per-address limits.
+    pub fn with_ip_hold(mut self, hold: PerIpHold) -> HandshakeTicket {
+        self.ip_hold = Some(hold);
+        self
+    }
+
+    /// Takes the place attached by [`HandshakeTicket::with_ip_hold`].
+    pub fn take_ip_hold(&mut self) -> Option<PerIpHold> {
+        self.ip_hold.take()
     }
 
     /// Takes the descriptor attached by [`HandshakeTicket::with_table_fd`].
@@ -176,12 +191,24 @@ impl Drop for HandshakeTicket {
     }
 }
 
+/// The refusal cause (metric label) for a per-address limit.
+pub fn per_ip_cause(refusal: PerIpRefusal) -> RefuseCause {
+    match refusal {
+        PerIpRefusal::Connections => RefuseCause::PerIp,
+        PerIpRefusal::Rate => RefuseCause::PerIpRate,
+        PerIpRefusal::Handshakes => RefuseCause::PerIpHandshakes,
+    }
+}
+
 /// The `503` answer for a refusal, with `Retry-After`.
 pub fn refusal_response(cause: RefuseCause) -> Vec<u8> {
     let body = match cause {
         RefuseCause::MaxConnections => "server is at its connection limit\n",
         RefuseCause::Draining => "server is draining\n",
         RefuseCause::HandshakesInFlight => "too many upgrades in progress on this core\n",
+        RefuseCause::PerIp => "too many connections from your address\n",
+        RefuseCause::PerIpRate => "too many new connections from your address\n",
+        RefuseCause::PerIpHandshakes => "too many upgrades in progress from your address\n",
     };
     http_response(503, &format!("Retry-After: {RETRY_AFTER_SECS}\r\n"), body)
 }

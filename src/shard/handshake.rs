@@ -37,6 +37,7 @@ struct Upgraded {
 /// `ticket` holds the stream's place under `max_handshakes_per_shard` until this returns.
 pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: HandshakeTicket) {
     let table_fd = ticket.take_table_fd();
+    let ip_hold = ticket.take_ip_hold();
     let deadline = shard.settings.handshake_timeout;
     let outcome = futures_lite::future::or(
         async { Some(handshake(&shard, &mut stream).await) },
@@ -81,6 +82,12 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: Handsh
         if crate::proto::channel::is_valid_channel(own.as_bytes()) && !channels.contains(&own) {
             channels.push(own);
         }
+    }
+    if let Some(mut hold) = ip_hold {
+        hold.upgraded();
+        // Should adoption fail, the entry is replaced (and given back) when the number is
+        // reused by the next connection.
+        shard.ip_holds.borrow_mut().insert(fd.as_raw_fd(), hold);
     }
     adopt(&shard, fd, &channels, upgraded.claims, upgraded.leftover);
     shard.settle();

@@ -23,6 +23,7 @@ pub mod state;
 pub mod table;
 
 use crate::admission::accept_backoff::{AcceptBackoff, AcceptError};
+use crate::admission::per_ip::PerIpTable;
 use crate::auth::registry::Registry;
 use crate::config::Settings;
 use crate::fanout::history::Limits as HistoryLimits;
@@ -34,7 +35,7 @@ use crate::inbox::Inbox;
 use crate::metrics;
 use crate::metrics::RefuseCause;
 use crate::presence::Presence;
-use crate::shard::admission::{refuse_now, ConnectionSlots, HandshakeGate};
+use crate::shard::admission::{per_ip_cause, refuse_now, ConnectionSlots, HandshakeGate};
 use crate::shard::control::{ShardControl, ShardRequest, CONTROL_QUEUE};
 use crate::shard::follower::LocalEvent;
 use crate::shard::listener::{tcp_listeners, udp_sockets, BindError};
@@ -99,6 +100,8 @@ struct ShardSetup {
     registry: Arc<Registry>,
     presence: Arc<Presence>,
     slots: Arc<ConnectionSlots>,
+    /// The per-address table (`None`: every per-IP limit is off).
+    per_ip: Option<Arc<PerIpTable>>,
     sockets: ShardSockets,
     wake_senders: Vec<SharedSender<()>>,
     wake_receivers: Vec<SharedReceiver<()>>,
@@ -179,6 +182,11 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
+    // One table for the process: SO_REUSEPORT spreads one address over every shard.
+    let per_ip = settings
+        .per_ip
+        .any()
+        .then(|| PerIpTable::new(settings.per_ip));
     let registry = Arc::new(Registry::new().with_user_gauge(&metrics::get().users));
     let presence = Arc::new(
         Presence::new(publisher.ring().clone(), publisher.idle_flags().clone())
@@ -256,6 +264,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             registry: registry.clone(),
             presence: presence.clone(),
             slots: slots.clone(),
+            per_ip: per_ip.clone(),
             sockets,
             wake_senders,
             wake_receivers,
@@ -365,6 +374,7 @@ async fn shard_main(setup: ShardSetup) {
         registry,
         presence,
         slots,
+        per_ip,
         sockets,
         wake_senders,
         wake_receivers,
@@ -481,7 +491,14 @@ async fn shard_main(setup: ShardSetup) {
     if let Some(ws) = sockets.ws {
         let ws = unsafe { TcpListener::from_raw_fd(ws.into_raw_fd()) };
         let gate = HandshakeGate::new(settings.max_handshakes_per_shard, metrics);
-        glommio::spawn_local(accept_loop(shard.clone(), ws, gate, stop_accepting.clone())).detach();
+        glommio::spawn_local(accept_loop(
+            shard.clone(),
+            ws,
+            gate,
+            per_ip.clone(),
+            stop_accepting.clone(),
+        ))
+        .detach();
     }
     tracing::info!(shard = id, "shard serving");
     let _ = started.send(Ok(()));
@@ -496,6 +513,7 @@ async fn accept_loop(
     shard: Rc<Shard>,
     listener: TcpListener,
     gate: Rc<HandshakeGate>,
+    per_ip: Option<Arc<PerIpTable>>,
     stop: Rc<LocalEvent>,
 ) {
     let accept = async {
@@ -520,9 +538,27 @@ async fn accept_loop(
                             }
                         }
                     };
+                    let ip_hold = match (&per_ip, stream.peer_addr()) {
+                        (Some(table), Ok(peer)) => match table.admit(peer.ip(), Instant::now()) {
+                            Ok(hold) => Some(hold),
+                            Err(refusal) => {
+                                refuse_now(
+                                    stream.as_raw_fd(),
+                                    per_ip_cause(refusal),
+                                    shard.metrics,
+                                );
+                                backoff.on_success();
+                                continue;
+                            }
+                        },
+                        _ => None,
+                    };
                     match (gate.try_enter(), table_fd) {
                         (Some(ticket), Some(fd)) => {
-                            let ticket = ticket.with_table_fd(fd);
+                            let mut ticket = ticket.with_table_fd(fd);
+                            if let Some(hold) = ip_hold {
+                                ticket = ticket.with_ip_hold(hold);
+                            }
                             glommio::spawn_local(handshake::upgrade(shard.clone(), stream, ticket))
                                 .detach();
                         }
