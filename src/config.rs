@@ -172,6 +172,11 @@ pub struct ConfigLayer {
     /// Default: 64.
     #[arg(long, env = "RINGCAST_IPV6_PREFIX_LEN", value_name = "BITS")]
     pub ipv6_prefix_len: Option<u8>,
+    /// New connections each shard accepts per second (token bucket, 100 ms of burst);
+    /// the rest wait in the kernel's accept queue (`listen_backlog`, capped by
+    /// net.core.somaxconn) instead of being refused. 0 = off. Default: 0.
+    #[arg(long, env = "RINGCAST_ACCEPT_RATE_PER_SHARD", value_name = "N")]
+    pub accept_rate_per_shard: Option<u32>,
     /// Seconds over which a drain (SIGTERM) closes connections in batches. Default: 30.
     #[arg(long, env = "RINGCAST_DRAIN_WINDOW", value_name = "SECS")]
     pub drain_window: Option<u64>,
@@ -352,6 +357,8 @@ pub struct Settings {
     pub max_handshakes_per_shard: usize,
     /// Per source address limits ([`crate::admission::per_ip`]).
     pub per_ip: PerIpLimits,
+    /// New connections accepted per second per shard (0: unlimited).
+    pub accept_rate_per_shard: u32,
     /// Drain window.
     pub drain_window: Duration,
     /// Ring slots.
@@ -623,6 +630,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             max_handshakes: pick!(max_handshakes_per_ip, 0),
             ipv6_prefix_len: in_range("ipv6_prefix_len", pick!(ipv6_prefix_len, 64), 1, 128)?,
         },
+        accept_rate_per_shard: pick!(accept_rate_per_shard, 0),
         drain_window: Duration::from_secs(in_range(
             "drain_window",
             pick!(drain_window, 30),
@@ -890,6 +898,7 @@ mod tests {
     fn per_ip_limits_are_off_by_default_and_bounded() {
         let s = parse(&[]).unwrap();
         assert!(!s.per_ip.any());
+        assert_eq!(s.accept_rate_per_shard, 0);
         assert_eq!(s.per_ip.ipv6_prefix_len, 64);
         let s = parse(&[
             "--max-connections-per-ip",

@@ -8,7 +8,8 @@
 //!   kernel's accept queue.
 //! - [`per_ip`]: per source address caps on connections, new connections per second and
 //!   upgrades in progress, in one bounded process-wide table.
-//! - [`token_bucket`]: the rate limiter both use.
+//! - [`token_bucket`]: the rate limiter of `per_ip` and of `accept_rate_per_shard` (the
+//!   accept loop waits for a token before each `accept`).
 
 pub mod accept_backoff;
 pub mod per_ip;

@@ -24,6 +24,7 @@ pub mod table;
 
 use crate::admission::accept_backoff::{AcceptBackoff, AcceptError};
 use crate::admission::per_ip::PerIpTable;
+use crate::admission::token_bucket::TokenBucket;
 use crate::auth::registry::Registry;
 use crate::config::Settings;
 use crate::fanout::history::Limits as HistoryLimits;
@@ -518,7 +519,18 @@ async fn accept_loop(
 ) {
     let accept = async {
         let mut backoff = AcceptBackoff::new();
+        let rate = shard.settings.accept_rate_per_shard;
+        let burst = (rate / 10).max(1);
+        let mut bucket = TokenBucket::full(burst, Instant::now());
         loop {
+            if rate > 0 {
+                // Not accepting is the limit: the rest stay in the kernel's accept queue.
+                let wait = bucket.wait_secs(Instant::now(), rate, burst);
+                if wait > 0.0 {
+                    glommio::timer::sleep(Duration::from_secs_f64(wait)).await;
+                }
+                let _ = bucket.try_take(Instant::now(), rate, burst);
+            }
             match listener.accept().await {
                 Ok(stream) => {
                     // The table's own descriptor, taken now: out of descriptors, this
