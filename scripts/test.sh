@@ -120,6 +120,12 @@ fi
 
 log "tools: $(cargo --version); $(cc --version | head -n1); python3 $(python3 -c 'import sys, websockets, jwt; print(sys.version.split()[0], "websockets", websockets.__version__, "PyJWT", jwt.__version__)'); node $(node --version) ws $(cd tests/clients && node -p "require('ws/package.json').version") playwright-core $(cd tests/clients && node -p "require('playwright-core/package.json').version"); $(/usr/bin/chromium --version 2>/dev/null || echo chromium ?)"
 
+# ---- util-linux prlimit (tests/fd_exhaustion_pauses_accept.rs) -----------------------
+if ! command -v prlimit >/dev/null 2>&1; then
+	apt_install util-linux
+fi
+command -v prlimit >/dev/null 2>&1 || die "prlimit is not on PATH after installing util-linux (needed by tests/fd_exhaustion_pauses_accept.rs)"
+
 # The fan-out tests hold a few hundred sockets in one process.
 hard_nofile="$(ulimit -Hn)"
 if [ "$hard_nofile" = unlimited ] || [ "$hard_nofile" -gt 65536 ]; then hard_nofile=65536; fi

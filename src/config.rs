@@ -4,6 +4,7 @@
 //! One struct, [`ConfigLayer`], describes every key for both the file and the command
 //! line, so `--help`, the TOML keys and the docs cannot drift apart.
 
+use crate::admission::per_ip::PerIpLimits;
 use crate::auth::namespace::{NamespaceTable, Namespaces};
 use crate::auth::token::{JwtAlgorithm, KeyMaterial, Verifier};
 use crate::auth::AuthSettings;
@@ -179,6 +180,34 @@ pub struct ConfigLayer {
     /// Default: true.
     #[arg(long, env = "RINGCAST_ALLOW_MISSING_ORIGIN", value_name = "BOOL")]
     pub allow_missing_origin: Option<bool>,
+    /// Open WebSocket connections (upgrades in progress included) from one source address
+    /// (IPv6: one `ipv6_prefix_len` prefix); beyond it new sockets get 503 with
+    /// Retry-After. 0 = off: carrier-grade NAT and corporate proxies put thousands of users
+    /// behind one address, and load generators run from a handful. Default: 0.
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<u32>,
+    /// New connections per second from one source address (token bucket, burst = rate);
+    /// beyond it 503 with Retry-After. 0 = off. Default: 0.
+    #[arg(
+        long,
+        env = "RINGCAST_MAX_NEW_CONNECTIONS_PER_IP_PER_SEC",
+        value_name = "N"
+    )]
+    pub max_new_connections_per_ip_per_sec: Option<u32>,
+    /// Upgrades in progress (accepted, not yet answered) from one source address, so one
+    /// address cannot hold a shard's whole `max_handshakes_per_shard` budget; beyond it
+    /// 503 with Retry-After. 0 = off. Default: 0.
+    #[arg(long, env = "RINGCAST_MAX_HANDSHAKES_PER_IP", value_name = "N")]
+    pub max_handshakes_per_ip: Option<u32>,
+    /// Leading bits of an IPv6 source address the per-IP limits count by (1-128).
+    /// Default: 64.
+    #[arg(long, env = "RINGCAST_IPV6_PREFIX_LEN", value_name = "BITS")]
+    pub ipv6_prefix_len: Option<u8>,
+    /// New connections each shard accepts per second (token bucket, 100 ms of burst);
+    /// the rest wait in the kernel's accept queue (`listen_backlog`, capped by
+    /// net.core.somaxconn) instead of being refused. 0 = off. Default: 0.
+    #[arg(long, env = "RINGCAST_ACCEPT_RATE_PER_SHARD", value_name = "N")]
+    pub accept_rate_per_shard: Option<u32>,
     /// Seconds over which a drain (SIGTERM) closes connections in batches. Default: 30.
     #[arg(long, env = "RINGCAST_DRAIN_WINDOW", value_name = "SECS")]
     pub drain_window: Option<u64>,
@@ -387,6 +416,10 @@ pub struct Settings {
     pub max_handshakes_per_shard: usize,
     /// Browser origins allowed on the WebSocket port.
     pub origins: OriginPolicy,
+    /// Per source address limits ([`crate::admission::per_ip`]).
+    pub per_ip: PerIpLimits,
+    /// New connections accepted per second per shard (0: unlimited).
+    pub accept_rate_per_shard: u32,
     /// Drain window.
     pub drain_window: Duration,
     /// Time between SIGTERM (readiness fails) and the drain (accepting stops).
@@ -698,6 +731,13 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             pick!(allow_missing_origin, true),
         )
         .map_err(|e| invalid("allowed_origins", e))?,
+        per_ip: PerIpLimits {
+            max_connections: pick!(max_connections_per_ip, 0),
+            max_new_per_sec: pick!(max_new_connections_per_ip_per_sec, 0),
+            max_handshakes: pick!(max_handshakes_per_ip, 0),
+            ipv6_prefix_len: in_range("ipv6_prefix_len", pick!(ipv6_prefix_len, 64), 1, 128)?,
+        },
+        accept_rate_per_shard: pick!(accept_rate_per_shard, 0),
         drain_window: Duration::from_secs(in_range(
             "drain_window",
             pick!(drain_window, 30),
@@ -981,6 +1021,33 @@ mod tests {
         );
         let err = parse(&["--drain-grace", "3601"]).unwrap_err().to_string();
         assert!(err.contains("`drain_grace`"), "{err}");
+    }
+
+    #[test]
+    fn per_ip_limits_are_off_by_default_and_bounded() {
+        let s = parse(&[]).unwrap();
+        assert!(!s.per_ip.any());
+        assert_eq!(s.accept_rate_per_shard, 0);
+        assert_eq!(s.per_ip.ipv6_prefix_len, 64);
+        let s = parse(&[
+            "--max-connections-per-ip",
+            "5",
+            "--max-new-connections-per-ip-per-sec",
+            "2",
+            "--max-handshakes-per-ip",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                s.per_ip.max_connections,
+                s.per_ip.max_new_per_sec,
+                s.per_ip.max_handshakes
+            ),
+            (5, 2, 3)
+        );
+        let err = parse(&["--ipv6-prefix-len", "0"]).unwrap_err().to_string();
+        assert!(err.contains("ipv6_prefix_len"), "{err}");
     }
 
     #[test]

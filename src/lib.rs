@@ -25,10 +25,13 @@
 //! - [`presence`]: who is subscribed to a presence channel over every shard (users, or
 //!   anonymous connections), and the join/leave events sent through the ring.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/publish` on the admin port.
+//! - [`admission`]: what the accept loop and the upgrade decide about a new socket
+//!   (accept error backoff), pure, with the clock passed in.
 //! - [`config`]: TOML file + flags + environment, validated into settings.
 //! - [`check_host`]: `ringcast check-host`, the host's limits against a connection target.
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod check_host;
 pub mod config;

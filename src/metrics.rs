@@ -3,6 +3,7 @@
 //! Counters live per shard in cache-padded blocks: a shard only ever writes its own block
 //! (relaxed atomics, no sharing on the hot path), and a scrape sums the blocks.
 
+use crate::admission::accept_backoff::AcceptError;
 use crate::auth::token::AuthError;
 use crate::fanout::history::HistoryStats;
 use crate::inbox::{ErrorKind as InboxErrorKind, InboxStats};
@@ -26,11 +27,24 @@ pub enum RefuseCause {
     Draining,
     /// The shard has `max_handshakes_per_shard` upgrades in flight.
     HandshakesInFlight,
+    /// The source address has `max_connections_per_ip` connections.
+    PerIp,
+    /// The source address used up `max_new_connections_per_ip_per_sec`.
+    PerIpRate,
+    /// The source address has `max_handshakes_per_ip` upgrades in progress.
+    PerIpHandshakes,
 }
 
 impl RefuseCause {
     /// Every label, indexed by discriminant.
-    pub const LABELS: [&'static str; 3] = ["max_connections", "draining", "handshakes_in_flight"];
+    pub const LABELS: [&'static str; 6] = [
+        "max_connections",
+        "draining",
+        "handshakes_in_flight",
+        "per_ip",
+        "per_ip_rate",
+        "per_ip_handshakes",
+    ];
 }
 
 /// Where a published message came from (metric label `source`).
@@ -62,11 +76,13 @@ pub struct ShardMetrics {
     /// Handshakes refused with an HTTP error.
     pub handshake_rejected: AtomicU64,
     /// Sockets answered 503, by [`RefuseCause`].
-    pub refused: [AtomicU64; 3],
+    pub refused: [AtomicU64; RefuseCause::LABELS.len()],
     /// Upgrades accepted but not yet answered (gauge).
     pub handshakes_in_progress: AtomicU64,
     /// Upgrades closed because `handshake_timeout` passed before the answer was written.
     pub handshakes_timed_out: AtomicU64,
+    /// `accept` failures on the WebSocket listener, by [`AcceptError`].
+    pub accept_errors: [AtomicU64; AcceptError::LABELS.len()],
     /// Connections closed, by [`CloseCause`].
     pub closed: [AtomicU64; CloseCause::LABELS.len()],
     /// Messages lost to ring overrun.
@@ -336,6 +352,14 @@ impl Metrics {
                 out,
                 "ringcast_connections_refused_total{{reason=\"{label}\"}} {}",
                 self.sum(|s| &s.refused[i])
+            );
+        }
+        let _ = writeln!(out, "# HELP ringcast_accept_errors_total accept() failures on the WebSocket listener, by errno; each pauses that shard's accepting (100 ms doubling to 1 s).\n# TYPE ringcast_accept_errors_total counter");
+        for (i, label) in AcceptError::LABELS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringcast_accept_errors_total{{reason=\"{label}\"}} {}",
+                self.sum(|s| &s.accept_errors[i])
             );
         }
         let _ = writeln!(out, "# HELP ringcast_connections_closed_total Connections closed, by reason.\n# TYPE ringcast_connections_closed_total counter");

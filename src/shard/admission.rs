@@ -13,11 +13,12 @@
 //!   [`SlotReservation`] if the upgrade fails after reserving, otherwise by the shard when
 //!   the adopted connection leaves its table (`Shard::finalize_close`).
 
+use crate::admission::per_ip::{PerIpHold, PerIpRefusal};
 use crate::metrics::{RefuseCause, ShardMetrics};
 use crate::proto::upgrade::http_response;
 use crossbeam_utils::CachePadded;
 use std::cell::Cell;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -140,7 +141,11 @@ impl HandshakeGate {
         self.metrics
             .handshakes_in_progress
             .fetch_add(1, Ordering::Relaxed);
-        Some(HandshakeTicket { gate: self.clone() })
+        Some(HandshakeTicket {
+            gate: self.clone(),
+            table_fd: None,
+            ip_hold: None,
+        })
     }
 
     /// Changes the cap (a reload); handshakes already in flight finish.
@@ -157,6 +162,36 @@ impl HandshakeGate {
 /// One admitted handshake; leaves the gate on drop, however the upgrade ended.
 pub struct HandshakeTicket {
     gate: Rc<HandshakeGate>,
+    /// The descriptor the connection table will own, duplicated at accept: taken before
+    /// `101` is written, so a process out of descriptors never answers `101` and then
+    /// drops the connection for want of one (the accept loop waits for it instead).
+    table_fd: Option<OwnedFd>,
+    /// The socket's place under the per-address limits (`None`: they are off).
+    ip_hold: Option<PerIpHold>,
+}
+
+impl HandshakeTicket {
+    /// Attaches the connection table's descriptor, duplicated at accept.
+    pub fn with_table_fd(mut self, fd: OwnedFd) -> HandshakeTicket {
+        self.table_fd = Some(fd);
+        self
+    }
+
+    /// Attaches the socket's place under the per-address limits.
+    pub fn with_ip_hold(mut self, hold: PerIpHold) -> HandshakeTicket {
+        self.ip_hold = Some(hold);
+        self
+    }
+
+    /// Takes the place attached by [`HandshakeTicket::with_ip_hold`].
+    pub fn take_ip_hold(&mut self) -> Option<PerIpHold> {
+        self.ip_hold.take()
+    }
+
+    /// Takes the descriptor attached by [`HandshakeTicket::with_table_fd`].
+    pub fn take_table_fd(&mut self) -> Option<OwnedFd> {
+        self.table_fd.take()
+    }
 }
 
 impl Drop for HandshakeTicket {
@@ -166,6 +201,15 @@ impl Drop for HandshakeTicket {
         gate.metrics
             .handshakes_in_progress
             .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The refusal cause (metric label) for a per-address limit.
+pub fn per_ip_cause(refusal: PerIpRefusal) -> RefuseCause {
+    match refusal {
+        PerIpRefusal::Connections => RefuseCause::PerIp,
+        PerIpRefusal::Rate => RefuseCause::PerIpRate,
+        PerIpRefusal::Handshakes => RefuseCause::PerIpHandshakes,
     }
 }
 
@@ -180,6 +224,9 @@ pub fn refusal_response_with(cause: RefuseCause, headers: &str) -> Vec<u8> {
         RefuseCause::MaxConnections => "server is at its connection limit\n",
         RefuseCause::Draining => "server is draining\n",
         RefuseCause::HandshakesInFlight => "too many upgrades in progress on this core\n",
+        RefuseCause::PerIp => "too many connections from your address\n",
+        RefuseCause::PerIpRate => "too many new connections from your address\n",
+        RefuseCause::PerIpHandshakes => "too many upgrades in progress from your address\n",
     };
     http_response(
         503,

@@ -460,6 +460,8 @@ impl Shard {
         };
         self.slots.release(); // admission: one slot per table entry, released on removal
         self.ready_set.remove(&conn.fd);
+        // admission: the per-address count, while the descriptor is still this connection's
+        self.ip_holds.borrow_mut().remove(&conn.fd.as_raw_fd());
         let mut conn = conn;
         if conn.machine.is_open() {
             // Finalized without a close order (should not happen): keep the index,

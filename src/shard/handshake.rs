@@ -42,7 +42,9 @@ struct Upgraded {
 /// Upgrades an accepted TCP connection and adopts it into the shard.
 ///
 /// `ticket` holds the stream's place under `max_handshakes_per_shard` until this returns.
-pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, ticket: HandshakeTicket) {
+pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: HandshakeTicket) {
+    let table_fd = ticket.take_table_fd();
+    let ip_hold = ticket.take_ip_hold();
     let deadline = shard.settings.handshake_timeout;
     let outcome = futures_lite::future::or(
         async { Some(handshake(&shard, &mut stream).await) },
@@ -68,7 +70,7 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, ticket: HandshakeT
     // SAFETY: the descriptor is open for the duration of this borrow (the stream owns it
     // and is dropped only after the duplicate exists).
     let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-    let Ok(fd) = borrowed.try_clone_to_owned() else {
+    let Some(fd) = table_fd.or_else(|| borrowed.try_clone_to_owned().ok()) else {
         // `upgraded.slot` drops here and gives the slot back.
         return;
     };
@@ -87,6 +89,12 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, ticket: HandshakeT
         if crate::proto::channel::is_valid_channel(own.as_bytes()) && !channels.contains(&own) {
             channels.push(own);
         }
+    }
+    if let Some(mut hold) = ip_hold {
+        hold.upgraded();
+        // Should adoption fail, the entry is replaced (and given back) when the number is
+        // reused by the next connection.
+        shard.ip_holds.borrow_mut().insert(fd.as_raw_fd(), hold);
     }
     match upgraded.stream {
         None => adopt(

@@ -1,13 +1,14 @@
 //! Listening sockets, built by hand so every shard gets its own SO_REUSEPORT socket with
 //! the accept queue we ask for (glommio's own `TcpListener::bind` hard-codes 1024).
 
+use crate::admission::accept_backoff::{AcceptBackoff, AcceptError};
 use crate::config::Settings;
 use glommio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::Instant;
 
 /// A bind failure with the context an operator needs.
 #[derive(Debug, thiserror::Error)]
@@ -144,9 +145,11 @@ pub async fn accept_allowed<F, Fut>(
     Fut: Future<Output = ()> + 'static,
 {
     let mut live = crate::live::Cached::new(settings);
+    let mut backoff = AcceptBackoff::new();
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                backoff.on_success();
                 let live = live.get();
                 if stream
                     .peer_addr()
@@ -156,8 +159,14 @@ pub async fn accept_allowed<F, Fut>(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "{what} accept failed");
-                glommio::timer::sleep(Duration::from_millis(100)).await;
+                // Same pause and log budget as the WebSocket listener: out of descriptors
+                // this loop would otherwise log ten lines a second.
+                let kind = AcceptError::from_errno(e.raw_os_error());
+                let pause = backoff.on_error(Instant::now());
+                if let Some(errors) = pause.log {
+                    tracing::warn!(error = %e, errors, "{what} accept failed; retrying: {}", kind.fix());
+                }
+                glommio::timer::sleep(pause.sleep).await;
             }
         }
     }

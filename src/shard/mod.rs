@@ -22,6 +22,9 @@ pub mod send;
 pub mod state;
 pub mod table;
 
+use crate::admission::accept_backoff::{AcceptBackoff, AcceptError};
+use crate::admission::per_ip::PerIpTable;
+use crate::admission::token_bucket::TokenBucket;
 use crate::auth::registry::Registry;
 use crate::config::{ConfigLayer, Settings};
 use crate::fanout::history::Limits as HistoryLimits;
@@ -34,7 +37,7 @@ use crate::live::Live;
 use crate::metrics;
 use crate::metrics::RefuseCause;
 use crate::presence::Presence;
-use crate::shard::admission::{refuse_now, ConnectionSlots, HandshakeGate};
+use crate::shard::admission::{per_ip_cause, refuse_now, ConnectionSlots, HandshakeGate};
 use crate::shard::control::{ShardControl, ShardRequest, CONTROL_QUEUE};
 use crate::shard::follower::LocalEvent;
 use crate::shard::listener::{tcp_listeners, udp_sockets, BindError};
@@ -43,7 +46,7 @@ use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::net::{TcpListener, UdpSocket};
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::Socket;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -99,6 +102,8 @@ struct ShardSetup {
     registry: Arc<Registry>,
     presence: Arc<Presence>,
     slots: Arc<ConnectionSlots>,
+    /// The per-address table (`None`: every per-IP limit is off).
+    per_ip: Option<Arc<PerIpTable>>,
     sockets: ShardSockets,
     wake_senders: Vec<SharedSender<()>>,
     wake_receivers: Vec<SharedReceiver<()>>,
@@ -200,6 +205,11 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
         table,
         slots: slots.clone(),
     };
+    // One table for the process: SO_REUSEPORT spreads one address over every shard.
+    let per_ip = settings
+        .per_ip
+        .any()
+        .then(|| PerIpTable::new(settings.per_ip));
     let registry = Arc::new(Registry::new().with_user_gauge(&metrics::get().users));
     let presence = Arc::new(
         Presence::new(publisher.ring().clone(), publisher.idle_flags().clone())
@@ -277,6 +287,7 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
             registry: registry.clone(),
             presence: presence.clone(),
             slots: slots.clone(),
+            per_ip: per_ip.clone(),
             sockets,
             wake_senders,
             wake_receivers,
@@ -453,6 +464,7 @@ async fn shard_main(setup: ShardSetup) {
         registry,
         presence,
         slots,
+        per_ip,
         sockets,
         wake_senders,
         wake_receivers,
@@ -569,7 +581,14 @@ async fn shard_main(setup: ShardSetup) {
     if let Some(ws) = sockets.ws {
         let ws = unsafe { TcpListener::from_raw_fd(ws.into_raw_fd()) };
         let gate = HandshakeGate::new(settings.max_handshakes_per_shard, metrics);
-        glommio::spawn_local(accept_loop(shard.clone(), ws, gate, stop_accepting.clone())).detach();
+        glommio::spawn_local(accept_loop(
+            shard.clone(),
+            ws,
+            gate,
+            per_ip.clone(),
+            stop_accepting.clone(),
+        ))
+        .detach();
     }
     tracing::info!(shard = id, "shard serving");
     let _ = started.send(Ok(()));
@@ -584,23 +603,72 @@ async fn accept_loop(
     shard: Rc<Shard>,
     listener: TcpListener,
     gate: Rc<HandshakeGate>,
+    per_ip: Option<Arc<PerIpTable>>,
     stop: Rc<LocalEvent>,
 ) {
     let accept = async {
-        let mut last_warning: Option<Instant> = None;
         let mut live = crate::live::Cached::new(&shard.settings);
+        let mut backoff = AcceptBackoff::new();
+        let rate = shard.settings.accept_rate_per_shard;
+        let burst = (rate / 10).max(1);
+        let mut bucket = TokenBucket::full(burst, Instant::now());
         loop {
+            if rate > 0 {
+                // Not accepting is the limit: the rest stay in the kernel's accept queue.
+                let wait = bucket.wait_secs(Instant::now(), rate, burst);
+                if wait > 0.0 {
+                    glommio::timer::sleep(Duration::from_secs_f64(wait)).await;
+                }
+                let _ = bucket.try_take(Instant::now(), rate, burst);
+            }
             match listener.accept().await {
                 Ok(stream) => {
                     if live.refresh() {
                         gate.set_limit(live.get().max_handshakes_per_shard);
                     }
-                    match gate.try_enter() {
-                        Some(ticket) => {
+                    // The table's own descriptor, taken now: out of descriptors, this
+                    // client waits here (and the rest in the kernel's accept queue)
+                    // rather than getting `101` and then losing the connection.
+                    let table_fd = loop {
+                        // SAFETY: the stream owns the descriptor for this whole borrow.
+                        let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+                        match borrowed.try_clone_to_owned() {
+                            Ok(fd) => break Some(fd),
+                            Err(e) => {
+                                let kind = AcceptError::from_errno(e.raw_os_error());
+                                if kind == AcceptError::Other {
+                                    break None;
+                                }
+                                pause_accepting(&shard, &mut backoff, kind, &e).await;
+                            }
+                        }
+                    };
+                    let ip_hold = match (&per_ip, stream.peer_addr()) {
+                        (Some(table), Ok(peer)) => match table.admit(peer.ip(), Instant::now()) {
+                            Ok(hold) => Some(hold),
+                            Err(refusal) => {
+                                refuse_now(
+                                    stream.as_raw_fd(),
+                                    per_ip_cause(refusal),
+                                    shard.metrics,
+                                );
+                                backoff.on_success();
+                                continue;
+                            }
+                        },
+                        _ => None,
+                    };
+                    match (gate.try_enter(), table_fd) {
+                        (Some(ticket), Some(fd)) => {
+                            let mut ticket = ticket.with_table_fd(fd);
+                            if let Some(hold) = ip_hold {
+                                ticket = ticket.with_ip_hold(hold);
+                            }
                             glommio::spawn_local(handshake::upgrade(shard.clone(), stream, ticket))
                                 .detach();
                         }
-                        None => refuse_now(
+                        (Some(_), None) => {} // closed: the socket is already unusable
+                        (None, _) => refuse_now(
                             stream.as_raw_fd(),
                             RefuseCause::HandshakesInFlight,
                             shard.metrics,
@@ -608,17 +676,42 @@ async fn accept_loop(
                     }
                 }
                 Err(e) => {
-                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                        last_warning = Some(Instant::now());
-                        tracing::warn!(shard = shard.id, error = %e, "accept failed (EMFILE means RLIMIT_NOFILE is too low: see kernel-tuning/); retrying");
-                    }
-                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors or kernel memory: the queued connection stays in
+                    // the kernel's accept queue; open connections are not touched.
+                    let kind = AcceptError::from_errno(e.raw_os_error());
+                    pause_accepting(&shard, &mut backoff, kind, &e).await;
+                    continue;
                 }
             }
+            backoff.on_success();
         }
     };
     futures_lite::future::or(accept, stop.wait()).await;
     drop(listener);
+}
+
+/// Counts an accept-side resource error, logs it if this interval has no line yet, and
+/// sleeps for the backoff's pause.
+async fn pause_accepting(
+    shard: &Shard,
+    backoff: &mut AcceptBackoff,
+    kind: AcceptError,
+    error: &dyn std::fmt::Display,
+) {
+    shard.metrics.accept_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    let pause = backoff.on_error(Instant::now());
+    if let Some(errors) = pause.log {
+        tracing::warn!(
+            shard = shard.id,
+            error = %error,
+            reason = kind.label(),
+            errors,
+            pause_ms = pause.sleep.as_millis() as u64,
+            "accept failed; not accepting for a while, open connections are kept: {}",
+            kind.fix()
+        );
+    }
+    glommio::timer::sleep(pause.sleep).await;
 }
 
 /// Waits for ready sockets on the blocking pool and handles them on the shard.

@@ -6,6 +6,7 @@
 //! live in [`crate::proto::conn::Connection`], and this struct only holds what the driver
 //! needs to carry them out.
 
+use crate::admission::per_ip::PerIpHold;
 use crate::auth::registry::Registry;
 use crate::config::Settings;
 use crate::fanout::backlog::BacklogLimits;
@@ -25,6 +26,7 @@ use crate::shard::send::FairSlice;
 use crate::shard::table::ConnTable;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -62,6 +64,9 @@ pub struct Shard {
     pub(super) all_metrics: &'static Metrics,
     /// The process-wide connection limit ([`crate::shard::admission`]).
     pub(super) slots: Arc<ConnectionSlots>,
+    /// Each adopted connection's place under the per-address limits, by its descriptor
+    /// (empty while they are off); dropped when the connection leaves the table.
+    pub(super) ip_holds: RefCell<HashMap<RawFd, PerIpHold>>,
     /// Set once this shard stopped accepting for a drain.
     pub(super) draining: Cell<bool>,
     /// Idle sockets waiting for input or writability.
@@ -136,6 +141,7 @@ impl Shard {
             conn_config: Cell::new(conn_config),
             live: RefCell::new(live),
             slots,
+            ip_holds: RefCell::default(),
             settings,
             conns: RefCell::new(ConnTable::with_capacity(capacity)),
             index: RefCell::new(SubscriptionIndex::new()),

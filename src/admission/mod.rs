@@ -1,0 +1,16 @@
+//! Admission control, the pure half: what the accept loop and the upgrade decide about a
+//! new socket, with the clock passed in. The glommio side is in [`crate::shard`]
+//! (`accept_loop` in `shard/mod.rs`, [`crate::shard::admission`]).
+//!
+//! - [`accept_backoff`]: out of descriptors or kernel memory on `accept`, the shard stops
+//!   accepting for a growing pause instead of spinning, counts the error and logs it at
+//!   most once per interval. Open connections are not touched; new ones wait in the
+//!   kernel's accept queue.
+//! - [`per_ip`]: per source address caps on connections, new connections per second and
+//!   upgrades in progress, in one bounded process-wide table.
+//! - [`token_bucket`]: the rate limiter of `per_ip` and of `accept_rate_per_shard` (the
+//!   accept loop waits for a token before each `accept`).
+
+pub mod accept_backoff;
+pub mod per_ip;
+pub mod token_bucket;
