@@ -25,6 +25,10 @@ fn literal_default(help: &str) -> (String, Option<String>) {
         _ if !plain || token.is_empty() || token == "none" => None,
         "true" | "false" => Some(token.to_string()),
         t if t.parse::<i64>().is_ok() => Some(t.to_string()),
+        // An array written as TOML (`["*"]`) stays an array.
+        t if t.starts_with('[') && toml::from_str::<toml::Table>(&format!("v = {t}")).is_ok() => {
+            Some(t.to_string())
+        }
         t => Some(toml::Value::String(t.to_string()).to_string()),
     };
     let about = format!("{} Default: {default}.", about.trim());
@@ -177,6 +181,10 @@ mod tests {
             Some("268435456")
         );
         assert_eq!(literal_default("X. Default: none.").1, None);
+        assert_eq!(
+            literal_default("Origins. Default: [\"*\"].").1.as_deref(),
+            Some("[\"*\"]")
+        );
         assert_eq!(
             literal_default("X. Default: HS256 with a secret; required with a key file.").1,
             None
