@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::browser::query_escape;
 use common::*;
@@ -131,12 +131,7 @@ fn browser_follows_an_inbox_channel_across_a_restart_without_loss() {
     // reconnect: after the messages published while it was away.
     let gate = TcpGate::start(server.ws_addr());
     let mut browser = Browser::start();
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 3600;
-    let token = browser.sign(SECRET, json!({"sub": "alice", "exp": exp}));
+    let token = browser.token_for(SECRET, "alice");
     let ws = format!("ws://127.0.0.1:{}/ws", gate.port);
     browser.open(&harness(
         &ws,

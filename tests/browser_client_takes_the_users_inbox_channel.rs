@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::browser::query_escape;
 use common::*;
@@ -46,12 +46,7 @@ fn browser_delivers_the_inbox_channel_the_server_subscribed_it_to() {
         publish_acked(&server, n);
     }
     let mut browser = Browser::start();
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 3600;
-    let token = browser.sign(SECRET, json!({"sub": "bob", "exp": exp}));
+    let token = browser.token_for(SECRET, "bob");
     let ws = format!("ws://127.0.0.1:{}/ws", server.ws_port);
     // No channels: the page only connects with its token.
     browser.open(&format!(

@@ -56,29 +56,7 @@ impl Browser {
             )
         });
         let stdin = child.stdin.take().expect("piped stdin");
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().expect("piped stdout");
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stderr);
-        let mut pipe = child.stderr.take().expect("piped stderr");
-        thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .expect("stderr buffer")
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
+        let (lines, stderr) = super::child_output(&mut child);
         let mut browser = Browser {
             child,
             stdin,
@@ -154,6 +132,16 @@ impl Browser {
             json!({"cmd": "screenshot", "path": path.to_str().expect("utf-8 path")}),
             Duration::from_secs(30),
         );
+    }
+
+    /// An HS256 token for `sub` that expires in an hour, signed by the driver.
+    pub fn token_for(&mut self, secret: &str, sub: &str) -> String {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            + 3600;
+        self.sign(secret, json!({"sub": sub, "exp": exp}))
     }
 
     /// An HS256 JWT over `claims`, signed by node's crypto (independent of ringcast).

@@ -48,6 +48,41 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// Reads a piped child's output on two threads: its stdout as lines, and its stderr
+/// collected as text (for failure messages).
+pub fn child_output(
+    child: &mut std::process::Child,
+) -> (
+    mpsc::Receiver<String>,
+    std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    use std::io::{BufRead, BufReader, Read};
+    let (tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped stdout");
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = std::sync::Arc::clone(&stderr);
+    let mut pipe = child.stderr.take().expect("piped stderr");
+    thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("stderr buffer")
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    (lines, stderr)
+}
+
 /// A loopback TCP port that was free a moment ago.
 ///
 /// The socket is dropped before returning, so another process may take the port in the
