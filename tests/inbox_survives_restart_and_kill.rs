@@ -7,11 +7,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::server::die_with_parent;
 use common::*;
 
 const SECRET: &str = "ringcast-test-secret-0123456789abcdef";
@@ -108,42 +106,34 @@ fn inbox_survives_restart_and_kill_and_acks_are_not_redelivered() {
     let metrics = server.metrics();
     assert_eq!(metrics.sum("ringcast_inbox_up"), 1.0);
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/py_inbox.py");
-    let mut command = Command::new("python3");
-    command.arg(&script).args([
-        "--ws",
-        &server.ws_addr().to_string(),
-        "--admin",
-        &server.admin_addr().to_string(),
-        "--secret",
-        SECRET,
-        "--user",
-        "alice",
-        "--expect",
-        "35",
-        "--ack",
-        "30",
-        "--auto",
-    ]);
-    die_with_parent(&mut command);
-    let out = command.output().unwrap_or_else(|e| {
-        panic!(
-            "running python3 {}: {e} (scripts/test.sh installs it)",
-            script.display()
-        )
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "py_inbox.py failed\nstdout: {stdout}\nstderr: {}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
+    let run = python::run_script(
+        "py_inbox.py",
+        &[
+            "--ws",
+            &server.ws_addr().to_string(),
+            "--admin",
+            &server.admin_addr().to_string(),
+            "--secret",
+            SECRET,
+            "--user",
+            "alice",
+            "--expect",
+            "35",
+            "--ack",
+            "30",
+            "--auto",
+        ],
+    );
+    assert!(
+        run.status.success(),
+        "{}\n--- server log\n{}",
+        run.explain(),
         server.log()
     );
     let metrics = server.metrics();
     assert!(metrics.sum("ringcast_inbox_acks_total") >= 2.0);
     assert!(metrics.sum("ringcast_inbox_commits_total") >= 1.0);
-    println!("{stdout}");
+    println!("{}", run.stdout);
 }
 
 /// Subscribing while the channel is published: every subscription continues at exactly
@@ -156,33 +146,30 @@ fn inbox_then_live_has_no_gap_and_no_duplicate_while_publishing() {
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let server = start(dir.path());
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/py_inbox.py");
-    let mut command = Command::new("python3");
-    command.arg(&script).args([
-        "--ws",
-        &server.ws_addr().to_string(),
-        "--admin",
-        &server.admin_addr().to_string(),
-        "--tcp",
-        &server.tcp_addr().to_string(),
-        "--secret",
-        SECRET,
-        "--user",
-        "carol",
-        "--churn",
-        "3000",
-    ]);
-    die_with_parent(&mut command);
-    let out = command.output().expect("running python3 py_inbox.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "py_inbox.py --churn failed\nstdout: {stdout}\nstderr: {}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
+    let run = python::run_script(
+        "py_inbox.py",
+        &[
+            "--ws",
+            &server.ws_addr().to_string(),
+            "--admin",
+            &server.admin_addr().to_string(),
+            "--tcp",
+            &server.tcp_addr().to_string(),
+            "--secret",
+            SECRET,
+            "--user",
+            "carol",
+            "--churn",
+            "3000",
+        ],
+    );
+    assert!(
+        run.status.success(),
+        "{}\n--- server log\n{}",
+        run.explain(),
         server.log()
     );
-    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("summary JSON");
+    let summary = run.summary();
     assert!(summary["sessions"].as_u64().unwrap_or(0) >= 5, "{summary}");
     println!("{summary}");
 }
