@@ -126,6 +126,12 @@ if ! command -v prlimit >/dev/null 2>&1; then
 fi
 command -v prlimit >/dev/null 2>&1 || die "prlimit is not on PATH after installing util-linux (needed by tests/fd_exhaustion_pauses_accept.rs)"
 
+# ---- promtool from Debian's prometheus (tests/metrics_pass_promtool.rs) ---------------
+if ! command -v promtool >/dev/null 2>&1; then
+	apt_install prometheus
+fi
+command -v promtool >/dev/null 2>&1 || die "promtool is not on PATH after installing Debian's prometheus (needed by tests/metrics_pass_promtool.rs)"
+
 # The fan-out tests hold a few hundred sockets in one process.
 hard_nofile="$(ulimit -Hn)"
 if [ "$hard_nofile" = unlimited ] || [ "$hard_nofile" -gt 65536 ]; then hard_nofile=65536; fi

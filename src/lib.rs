@@ -42,5 +42,6 @@ pub mod ingest;
 pub mod live;
 pub mod metrics;
 pub mod presence;
+pub mod procstat;
 pub mod proto;
 pub mod shard;

@@ -130,6 +130,35 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
     5.0, 10.0,
 ];
 
+/// [`LATENCY_BUCKETS`] in whole microseconds (every bound is a whole number of them).
+const LATENCY_BUCKETS_MICROS: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// The bucket an observation of `micros` falls in: the first whose bound is at least
+/// `micros`, or the `+Inf` one.
+fn bucket_index(micros: u64) -> usize {
+    LATENCY_BUCKETS_MICROS.partition_point(|&b| b < micros)
+}
+
+/// Escapes a label value for the text exposition format (`\`, `"` and newline).
+pub fn escape_label_value(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// One shard's delivery latency histogram: cumulative-on-render bucket counts, a sum and
 /// a count, all written only by that shard (relaxed atomics, no lock).
 #[derive(Default)]
@@ -157,13 +186,10 @@ impl LatencyHistogram {
         );
     }
 
-    /// Records one observation.
+    /// Records one observation: two relaxed increments on counters only this shard
+    /// writes, no lock, no allocation.
     pub fn record(&self, micros: u64) {
-        let seconds = micros as f64 / 1e6;
-        let i = LATENCY_BUCKETS
-            .iter()
-            .position(|&b| seconds <= b)
-            .unwrap_or(LATENCY_BUCKETS.len());
+        let i = bucket_index(micros);
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_micros.fetch_add(micros, Relaxed);
     }
@@ -173,6 +199,10 @@ impl LatencyHistogram {
 pub struct Metrics {
     shards: Box<[CachePadded<ShardMetrics>]>,
     latency: Box<[CachePadded<LatencyHistogram>]>,
+    /// Accept → `101`/`200` written, per shard.
+    handshake: Box<[CachePadded<LatencyHistogram>]>,
+    /// When the metrics were initialized (process start, for `process_start_time_seconds`).
+    started_unix: f64,
     /// Channels with offset state in the publisher (gauge; process-wide, not per shard).
     pub channels: AtomicU64,
     /// Channel history sizes and evictions (process-wide).
@@ -193,21 +223,34 @@ static METRICS: OnceLock<Metrics> = OnceLock::new();
 
 /// Initializes the metrics for `shards` shards; later calls keep the first.
 pub fn init(shards: usize) -> &'static Metrics {
-    METRICS.get_or_init(|| Metrics {
-        shards: (0..shards)
-            .map(|_| CachePadded::new(ShardMetrics::default()))
-            .collect(),
-        latency: (0..shards)
-            .map(|_| CachePadded::new(LatencyHistogram::default()))
-            .collect(),
-        channels: AtomicU64::new(0),
-        history: Arc::new(HistoryStats::default()),
-        users: AtomicU64::new(0),
-        inbox: Arc::new(InboxStats::default()),
-        presence: Arc::new(PresenceStats::default()),
-        config_reloads: Default::default(),
-        ingest_unauthorized: Default::default(),
-    })
+    METRICS.get_or_init(|| Metrics::new(shards))
+}
+
+impl Metrics {
+    /// Zeroed metrics for `shards` shards.
+    fn new(shards: usize) -> Metrics {
+        Metrics {
+            shards: (0..shards)
+                .map(|_| CachePadded::new(ShardMetrics::default()))
+                .collect(),
+            latency: (0..shards)
+                .map(|_| CachePadded::new(LatencyHistogram::default()))
+                .collect(),
+            handshake: (0..shards)
+                .map(|_| CachePadded::new(LatencyHistogram::default()))
+                .collect(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            channels: AtomicU64::new(0),
+            history: Arc::new(HistoryStats::default()),
+            users: AtomicU64::new(0),
+            inbox: Arc::new(InboxStats::default()),
+            presence: Arc::new(PresenceStats::default()),
+            config_reloads: Default::default(),
+            ingest_unauthorized: Default::default(),
+        }
+    }
 }
 
 /// The global metrics (initialized with one shard if `init` was never called).
@@ -225,6 +268,14 @@ impl Metrics {
     /// subscriber on that shard).
     pub fn record_latency(&self, shard: usize, micros: u64) {
         if let Some(h) = self.latency.get(shard) {
+            h.record(micros);
+        }
+    }
+
+    /// Records one upgrade's duration on `shard`, from accept to its `101` (or the SSE /
+    /// long-poll `200`) written.
+    pub fn record_handshake(&self, shard: usize, micros: u64) {
+        if let Some(h) = self.handshake.get(shard) {
             h.record(micros);
         }
     }
@@ -449,6 +500,8 @@ impl Metrics {
             p.leaves.load(Relaxed)
         );
         self.render_latency(&mut out);
+        self.render_per_shard(&mut out);
+        crate::procstat::render(&mut out, self.started_unix);
         self.render_inbox(&mut out);
         let _ = writeln!(
             out,
@@ -467,26 +520,47 @@ impl Metrics {
     }
 
     fn render_latency(&self, out: &mut String) {
-        let _ = writeln!(
+        render_histogram(
             out,
-            "# HELP ringcast_delivery_latency_seconds Ingest-to-write latency of each message, per shard that had a subscriber for it.\n\
-             # TYPE ringcast_delivery_latency_seconds histogram"
+            "ringcast_delivery_latency_seconds",
+            "Publish-to-written latency: per message and shard that had subscribers for it, observed when the fan-out round that wrote it has every write accepted by the kernel.",
+            &self.latency,
         );
-        let mut cumulative = 0u64;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += self.latency_sum(|h| &h.buckets[i]);
-            let _ = writeln!(
-                out,
-                "ringcast_delivery_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        cumulative += self.latency_sum(|h| &h.buckets[LATENCY_BUCKETS.len()]);
-        let sum = self.latency_sum(|h| &h.sum_micros) as f64 / 1e6;
-        let _ = writeln!(
+        render_histogram(
             out,
-            "ringcast_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}\n\
-             ringcast_delivery_latency_seconds_sum {sum}\n\
-             ringcast_delivery_latency_seconds_count {cumulative}"
+            "ringcast_handshake_duration_seconds",
+            "Accept to 101 (WebSocket) or 200 (SSE, long poll) written, per completed upgrade.",
+            &self.handshake,
+        );
+    }
+
+    /// Per-shard gauges and counters labelled `shard="N"` (the unlabelled families are
+    /// their process-wide sums).
+    fn render_per_shard(&self, out: &mut String) {
+        let mut family =
+            |name: &str, kind: &str, help: &str, f: &dyn Fn(&ShardMetrics) -> &AtomicU64| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for (i, s) in self.shards.iter().enumerate() {
+                    let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", f(s).load(Relaxed));
+                }
+            };
+        family(
+            "ringcast_shard_send_backlog_bytes",
+            "gauge",
+            "Bytes waiting in per-connection send backlogs, per shard.",
+            &|s| &s.backlog_bytes,
+        );
+        family(
+            "ringcast_shard_deliveries_total",
+            "counter",
+            "Message frames queued to subscribers, per shard.",
+            &|s| &s.deliveries,
+        );
+        family(
+            "ringcast_shard_connections_accepted_total",
+            "counter",
+            "WebSocket, SSE and long-poll upgrades completed, per shard.",
+            &|s| &s.accepted,
         );
     }
 
@@ -561,8 +635,162 @@ impl Metrics {
             "Duration of each inbox commit (write and fsync).",
         );
     }
+}
 
-    fn latency_sum(&self, f: impl Fn(&LatencyHistogram) -> &AtomicU64) -> u64 {
-        self.latency.iter().map(|h| f(h).load(Relaxed)).sum()
+/// Renders the sum of per-shard histograms `set` as one histogram family `name`.
+fn render_histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    set: &[CachePadded<LatencyHistogram>],
+) {
+    let total = |f: &dyn Fn(&LatencyHistogram) -> &AtomicU64| -> u64 {
+        set.iter().map(|h| f(h).load(Relaxed)).sum()
+    };
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0u64;
+    for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+        cumulative += total(&|h| &h.buckets[i]);
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    cumulative += total(&|h| &h.buckets[LATENCY_BUCKETS.len()]);
+    let sum = total(&|h| &h.sum_micros) as f64 / 1e6;
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {cumulative}\n{name}_sum {sum}\n{name}_count {cumulative}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{HashMap, HashSet};
+
+    #[test]
+    fn observations_fall_in_the_first_bucket_that_holds_them() {
+        assert_eq!(bucket_index(0), 0);
+        assert_eq!(bucket_index(100), 0);
+        assert_eq!(bucket_index(101), 1);
+        assert_eq!(bucket_index(1_000), 3);
+        assert_eq!(bucket_index(10_000_000), 15);
+        assert_eq!(bucket_index(10_000_001), 16);
+        assert_eq!(bucket_index(u64::MAX), 16);
+        for (micros, seconds) in LATENCY_BUCKETS_MICROS.iter().zip(LATENCY_BUCKETS) {
+            assert_eq!(*micros as f64 / 1e6, seconds);
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label_value("plain"), "plain");
+        assert_eq!(escape_label_value("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+    }
+
+    /// Checks what `promtool check metrics` checks that a typo here could break: one HELP
+    /// and one TYPE per family before its samples, `_total` on counters (and only there),
+    /// histogram suffixes, no sample twice, label values without raw quotes or newlines.
+    fn lint(text: &str) -> Result<(), String> {
+        let mut types: HashMap<String, String> = HashMap::new();
+        let mut helps = HashSet::new();
+        let mut series = HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap_or("");
+                if !helps.insert(name.to_string()) {
+                    return Err(format!("HELP twice for {name}"));
+                }
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').ok_or("TYPE without kind")?;
+                if types.insert(name.to_string(), kind.to_string()).is_some() {
+                    return Err(format!("TYPE twice for {name}"));
+                }
+                if !helps.contains(name) {
+                    return Err(format!("{name}: TYPE before HELP"));
+                }
+                if (kind == "counter") != name.ends_with("_total") {
+                    return Err(format!("{name}: {kind} and _total disagree"));
+                }
+            } else {
+                let (id, value) = line.rsplit_once(' ').ok_or("sample without value")?;
+                value
+                    .parse::<f64>()
+                    .map_err(|_| format!("{line}: bad value"))?;
+                let name = id.split('{').next().unwrap_or("");
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        let base = name.strip_suffix(s)?;
+                        (types.get(base).map(String::as_str) == Some("histogram")).then_some(base)
+                    })
+                    .unwrap_or(name);
+                if !types.contains_key(family) {
+                    return Err(format!("{line}: no TYPE for {family}"));
+                }
+                if let Some(labels) = id.strip_prefix(name) {
+                    let inner = labels.trim_start_matches('{').trim_end_matches('}');
+                    for pair in inner.split("\",").filter(|p| !p.is_empty()) {
+                        let (_, v) = pair.split_once("=\"").ok_or("label without value")?;
+                        let v = v.trim_end_matches('"');
+                        if v.contains('"') || v.contains('\n') {
+                            return Err(format!("{line}: unescaped label value"));
+                        }
+                    }
+                }
+                if !series.insert(id.to_string()) {
+                    return Err(format!("{id} twice"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_exposition_passes_the_lint() {
+        let metrics = Metrics::new(3);
+        metrics.record_latency(0, 150);
+        metrics.record_handshake(2, 20_000_000);
+        metrics.shard(1).backlog_bytes.store(7, Relaxed);
+        let text = metrics.render(false);
+        lint(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(text.contains("ringcast_delivery_latency_seconds_bucket{le=\"0.00025\"} 1\n"));
+        assert!(text.contains("ringcast_handshake_duration_seconds_bucket{le=\"10\"} 0\n"));
+        assert!(text.contains("ringcast_handshake_duration_seconds_bucket{le=\"+Inf\"} 1\n"));
+        assert!(text.contains("ringcast_handshake_duration_seconds_sum 20\n"));
+        assert!(text.contains("ringcast_shard_send_backlog_bytes{shard=\"1\"} 7\n"));
+        assert!(text.contains("ringcast_shard_send_backlog_bytes{shard=\"2\"} 0\n"));
+        assert!(text.contains("process_resident_memory_bytes "));
+    }
+
+    #[test]
+    fn the_lint_catches_what_it_is_for() {
+        assert!(lint("# HELP a_total x\n# TYPE a_total counter\na_total 1\n").is_ok());
+        assert!(lint("# HELP a x\n# TYPE a counter\na 1\n").is_err());
+        assert!(lint("a 1\n").is_err());
+        assert!(lint("# HELP a x\n# TYPE a gauge\na 1\na 2\n").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn escaped_values_hold_no_raw_quote_or_newline(value in ".*") {
+            let escaped = escape_label_value(&value);
+            prop_assert!(!escaped.contains('\n'));
+            // Every quote is preceded by an odd run of backslashes.
+            let bytes = escaped.as_bytes();
+            for (i, &b) in bytes.iter().enumerate() {
+                if b == b'"' {
+                    let run = bytes[..i].iter().rev().take_while(|&&c| c == b'\\').count();
+                    prop_assert!(run % 2 == 1);
+                }
+            }
+        }
+
+        #[test]
+        fn any_observation_lands_in_one_bucket(micros in any::<u64>()) {
+            let h = LatencyHistogram::default();
+            h.record(micros);
+            let counted: u64 = h.buckets.iter().map(|b| b.load(Relaxed)).sum();
+            prop_assert_eq!(counted, 1);
+        }
     }
 }

@@ -317,7 +317,7 @@ fn route(method: &str, target: &str, settings: &Settings) -> Response {
     match (method, path) {
         ("GET", "/metrics") => Response {
             status: 200,
-            content_type: "text/plain; version=0.0.4",
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
             headers: "",
             body: metrics::get().render(draining),
         },

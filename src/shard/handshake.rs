@@ -25,6 +25,7 @@ use glommio::net::TcpStream;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
 
 /// What a finished handshake hands to the connection table.
 struct Upgraded {
@@ -41,8 +42,14 @@ struct Upgraded {
 
 /// Upgrades an accepted TCP connection and adopts it into the shard.
 ///
-/// `ticket` holds the stream's place under `max_handshakes_per_shard` until this returns.
-pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: HandshakeTicket) {
+/// `ticket` holds the stream's place under `max_handshakes_per_shard` until this returns;
+/// `accepted` is when the listener accepted the stream (the handshake duration's start).
+pub async fn upgrade(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    mut ticket: HandshakeTicket,
+    accepted: Instant,
+) {
     let table_fd = ticket.take_table_fd();
     let ip_hold = ticket.take_ip_hold();
     let deadline = shard.settings.handshake_timeout;
@@ -56,7 +63,13 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: Handsh
     .await;
     drop(ticket);
     let upgraded = match outcome {
-        Some(Some(upgraded)) => upgraded,
+        Some(Some(upgraded)) => {
+            let micros = accepted.elapsed().as_micros();
+            shard
+                .all_metrics
+                .record_handshake(shard.id, u64::try_from(micros).unwrap_or(u64::MAX));
+            upgraded
+        }
         // Answered with an HTTP error (or the peer went away): counted where it happened.
         Some(None) => return,
         None => {

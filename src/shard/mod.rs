@@ -623,6 +623,8 @@ async fn accept_loop(
             }
             match listener.accept().await {
                 Ok(stream) => {
+                    // The handshake duration runs from here to the answer written.
+                    let accepted = Instant::now();
                     if live.refresh() {
                         gate.set_limit(live.get().max_handshakes_per_shard);
                     }
@@ -664,8 +666,13 @@ async fn accept_loop(
                             if let Some(hold) = ip_hold {
                                 ticket = ticket.with_ip_hold(hold);
                             }
-                            glommio::spawn_local(handshake::upgrade(shard.clone(), stream, ticket))
-                                .detach();
+                            glommio::spawn_local(handshake::upgrade(
+                                shard.clone(),
+                                stream,
+                                ticket,
+                                accepted,
+                            ))
+                            .detach();
                         }
                         (Some(_), None) => {} // closed: the socket is already unusable
                         (None, _) => refuse_now(
