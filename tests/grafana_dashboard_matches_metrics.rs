@@ -18,8 +18,21 @@ use serde_json::Value;
 const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/grafana/ringcast.json");
 const DATASOURCE: &str = "${DS_PROMETHEUS}";
 
-/// PromQL words that are not metric names.
-const KEYWORDS: [&str; 12] = [
+/// PromQL words that are not metric names (aggregations may be written `sum by (x) (..)`,
+/// so they are not always followed by a parenthesis).
+const KEYWORDS: [&str; 24] = [
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
     "by",
     "without",
     "on",
@@ -186,8 +199,13 @@ fn grafana_dashboard_matches_metrics() {
             "variable datasource {}",
             var["datasource"]
         );
+        // Grafana's `label_values(<series selector>, <label>)`: the selector is PromQL.
         if let Some(q) = var["definition"].as_str() {
-            exprs.push(("variable".into(), q.to_string()));
+            let selector = q
+                .strip_prefix("label_values(")
+                .and_then(|rest| rest.rsplit_once(','))
+                .map_or(q, |(selector, _)| selector);
+            exprs.push(("variable".into(), selector.to_string()));
         }
     }
 
