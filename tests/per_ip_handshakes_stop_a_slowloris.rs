@@ -64,7 +64,11 @@ fn per_ip_handshakes_stop_a_slowloris() {
     let mut slow: Vec<TcpStream> = (0..CAP)
         .map(|i| {
             let mut s = connect_from("127.0.0.2", addr);
-            send(&mut s, half, &format!("half an upgrade ({i}) from 127.0.0.2"));
+            send(
+                &mut s,
+                half,
+                &format!("half an upgrade ({i}) from 127.0.0.2"),
+            );
             s
         })
         .collect();
@@ -103,10 +107,17 @@ fn per_ip_handshakes_stop_a_slowloris() {
     let mut other = connect_from("127.0.0.3", addr);
     send(&mut other, UPGRADE.as_bytes(), "an upgrade from 127.0.0.3");
     let head = answer(&mut other, "an upgrade from 127.0.0.3");
-    assert_eq!(head.status, 101, "127.0.0.3 upgrades while 127.0.0.2 is at its quota");
+    assert_eq!(
+        head.status, 101,
+        "127.0.0.3 upgrades while 127.0.0.2 is at its quota"
+    );
 
     // Finishing one half-sent upgrade frees its place (the connection stays open).
-    send(&mut slow[0], b"\r\n", "the rest of an upgrade from 127.0.0.2");
+    send(
+        &mut slow[0],
+        b"\r\n",
+        "the rest of an upgrade from 127.0.0.2",
+    );
     let head = answer(&mut slow[0], "a completed upgrade from 127.0.0.2");
     assert_eq!(head.status, 101, "the completed upgrade is served");
     server.wait_for_metric(
@@ -116,7 +127,11 @@ fn per_ip_handshakes_stop_a_slowloris() {
         |v| v == CAP as f64 - 1.0,
     );
     let mut again = connect_from("127.0.0.2", addr);
-    send(&mut again, UPGRADE.as_bytes(), "a new upgrade from 127.0.0.2");
+    send(
+        &mut again,
+        UPGRADE.as_bytes(),
+        "a new upgrade from 127.0.0.2",
+    );
     let head = answer(&mut again, "a new upgrade from 127.0.0.2");
     assert_eq!(
         head.status, 101,

@@ -41,7 +41,11 @@ fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
 
 fn v1(source: &str, sport: u16) -> Vec<u8> {
     let family = if source.contains(':') { "TCP6" } else { "TCP4" };
-    let dst = if source.contains(':') { "::1" } else { "127.0.0.1" };
+    let dst = if source.contains(':') {
+        "::1"
+    } else {
+        "127.0.0.1"
+    };
     format!("PROXY {family} {source} {dst} {sport} 8080\r\n").into_bytes()
 }
 
@@ -111,16 +115,21 @@ fn read_to_close(stream: &mut TcpStream, bound: Duration, what: &str) -> Vec<u8>
         match stream.read(&mut chunk) {
             Ok(0) => return got,
             Ok(n) => got.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return got,
         }
     }
 }
 
 fn refused_per_ip(server: &Server) -> f64 {
-    server
-        .metrics()
-        .sum_where("ringcast_connections_refused_total", &[("reason", "per_ip")])
+    server.metrics().sum_where(
+        "ringcast_connections_refused_total",
+        &[("reason", "per_ip")],
+    )
 }
 
 #[test]
@@ -152,7 +161,10 @@ fn headers_name_the_client(server: &Server) {
         (v2("203.0.113.3", 40003), "v2 for 203.0.113.3"),
         (v2("2001:db8:1::7", 40004), "v2 for 2001:db8:1::7"),
         (v1("2001:db8:2::7", 40005), "v1 for 2001:db8:2::7"),
-        (b"PROXY UNKNOWN\r\n".to_vec(), "v1 UNKNOWN (the proxy's own address)"),
+        (
+            b"PROXY UNKNOWN\r\n".to_vec(),
+            "v1 UNKNOWN (the proxy's own address)",
+        ),
     ] {
         let (status, stream) = upgrade_with("127.0.0.1", addr, &header);
         assert_eq!(status, 101, "{what}: its client has no other connection");
@@ -160,25 +172,48 @@ fn headers_name_the_client(server: &Server) {
     }
     server.wait_for_connections(held.len(), Duration::from_secs(5));
     for (header, what) in [
-        (v2("203.0.113.1", 41001), "v2 for 203.0.113.1, already connected over v1"),
-        (v1("203.0.113.3", 41003), "v1 for 203.0.113.3, already connected over v2"),
+        (
+            v2("203.0.113.1", 41001),
+            "v2 for 203.0.113.1, already connected over v1",
+        ),
+        (
+            v1("203.0.113.3", 41003),
+            "v1 for 203.0.113.3, already connected over v2",
+        ),
         // Same /64 as 2001:db8:1::7.
-        (v1("2001:db8:1::8", 41004), "v1 for 2001:db8:1::8 (same /64)"),
-        (v2_local(), "v2 LOCAL: 127.0.0.1 already holds its place through UNKNOWN"),
+        (
+            v1("2001:db8:1::8", 41004),
+            "v1 for 2001:db8:1::8 (same /64)",
+        ),
+        (
+            v2_local(),
+            "v2 LOCAL: 127.0.0.1 already holds its place through UNKNOWN",
+        ),
     ] {
         let (status, _) = upgrade_with("127.0.0.1", addr, &header);
         assert_eq!(status, 503, "{what}");
     }
-    assert_eq!(refused_per_ip(server), 4.0, "{}", server.metrics().describe("ringcast_connections_refused_total"));
+    assert_eq!(
+        refused_per_ip(server),
+        4.0,
+        "{}",
+        server
+            .metrics()
+            .describe("ringcast_connections_refused_total")
+    );
 
     // A header arriving in pieces, the request after it in another segment.
     let mut stream = connect_from("127.0.0.1", addr);
     let header = v2("203.0.113.50", 40050);
     for piece in [&header[..5], &header[5..14], &header[14..20], &header[20..]] {
-        stream.write_all(piece).expect("sending a piece of the header");
+        stream
+            .write_all(piece)
+            .expect("sending a piece of the header");
         std::thread::sleep(Duration::from_millis(20));
     }
-    stream.write_all(UPGRADE.as_bytes()).expect("sending the upgrade");
+    stream
+        .write_all(UPGRADE.as_bytes())
+        .expect("sending the upgrade");
     let (head, _) = http::read_head(&mut stream, Instant::now() + Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("no answer to a header sent in pieces: {e}"));
     assert_eq!(head.status, 101, "a header sent in pieces");
@@ -196,16 +231,29 @@ fn bad_headers_are_closed_and_counted(server: &Server) {
     bad_v2_version[12] = 0x31;
     let cases: [(Vec<u8>, &str); 5] = [
         (Vec::new(), "missing"),
-        (b"PROXY TCP4 203.0.113.300 127.0.0.1 1 2\r\n".to_vec(), "malformed"),
-        (b"PROXY TCP4 203.0.113.1 127.0.0.1 01 2\r\n".to_vec(), "malformed"),
-        ([b"PROXY UNKNOWN ".as_slice(), &[b'x'; 120]].concat(), "too_long"),
+        (
+            b"PROXY TCP4 203.0.113.300 127.0.0.1 1 2\r\n".to_vec(),
+            "malformed",
+        ),
+        (
+            b"PROXY TCP4 203.0.113.1 127.0.0.1 01 2\r\n".to_vec(),
+            "malformed",
+        ),
+        (
+            [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 120]].concat(),
+            "too_long",
+        ),
         (bad_v2_version, "version"),
     ];
     for (header, reason) in &cases {
         let mut stream = connect_from("127.0.0.1", addr);
         let bytes = [header.as_slice(), UPGRADE.as_bytes()].concat();
         stream.write_all(&bytes).expect("sending a bad header");
-        let got = read_to_close(&mut stream, Duration::from_secs(5), &format!("a {reason} header"));
+        let got = read_to_close(
+            &mut stream,
+            Duration::from_secs(5),
+            &format!("a {reason} header"),
+        );
         assert!(
             got.is_empty(),
             "a {reason} header is closed without an answer, got {:?}",
@@ -214,8 +262,12 @@ fn bad_headers_are_closed_and_counted(server: &Server) {
     }
     // Cut short: the header's first half, then the client leaves.
     let mut stream = connect_from("127.0.0.1", addr);
-    stream.write_all(&v2("203.0.113.9", 1)[..20]).expect("half a header");
-    stream.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    stream
+        .write_all(&v2("203.0.113.9", 1)[..20])
+        .expect("half a header");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
     read_to_close(&mut stream, Duration::from_secs(5), "a truncated header");
 
     let m = server.wait_for_metric(
@@ -226,7 +278,13 @@ fn bad_headers_are_closed_and_counted(server: &Server) {
     );
     assert_eq!(m, 6.0);
     let m = server.metrics();
-    for (reason, n) in [("missing", 1.0), ("malformed", 2.0), ("too_long", 1.0), ("version", 1.0), ("truncated", 1.0)] {
+    for (reason, n) in [
+        ("missing", 1.0),
+        ("malformed", 2.0),
+        ("too_long", 1.0),
+        ("version", 1.0),
+        ("truncated", 1.0),
+    ] {
         assert_eq!(
             m.sum_where("ringcast_proxy_header_errors_total", &[("reason", reason)]),
             n,
@@ -238,7 +296,10 @@ fn bad_headers_are_closed_and_counted(server: &Server) {
     drop(connect_from("127.0.0.1", addr));
     let (status, held) = upgrade_with("127.0.0.1", addr, &v1("203.0.113.20", 40020));
     assert_eq!(status, 101, "a good header after the bad ones");
-    assert_eq!(server.metrics().sum("ringcast_proxy_header_errors_total"), 6.0);
+    assert_eq!(
+        server.metrics().sum("ringcast_proxy_header_errors_total"),
+        6.0
+    );
     drop(held);
     server.wait_for_connections(0, Duration::from_secs(10));
 }
@@ -252,7 +313,10 @@ fn untrusted_peers_are_plain_clients(server: &Server) {
     let (status, held) = upgrade_with("127.0.0.2", addr, b"");
     assert_eq!(status, 101, "a plain upgrade from an untrusted peer");
     let (status, _) = upgrade_with("127.0.0.2", addr, b"");
-    assert_eq!(status, 503, "a second plain upgrade from 127.0.0.2 (limit 1)");
+    assert_eq!(
+        status, 503,
+        "a second plain upgrade from 127.0.0.2 (limit 1)"
+    );
     assert_eq!(refused_per_ip(server), before + 1.0);
     for header in [v1("203.0.113.77", 1), v2("203.0.113.77", 1)] {
         let (status, _) = upgrade_with("127.0.0.3", addr, &header);
@@ -261,7 +325,11 @@ fn untrusted_peers_are_plain_clients(server: &Server) {
             "a PROXY header from an untrusted peer is not a request: got {status}"
         );
     }
-    assert_eq!(server.metrics().sum("ringcast_proxy_header_errors_total"), 6.0, "untrusted peers are not counted as bad headers");
+    assert_eq!(
+        server.metrics().sum("ringcast_proxy_header_errors_total"),
+        6.0,
+        "untrusted peers are not counted as bad headers"
+    );
     drop(held);
 }
 
@@ -302,9 +370,16 @@ fn behind_haproxy_send_proxy_v2() {
     let (b, held_b) = upgrade_with("127.0.0.3", front_addr, b"");
     assert_eq!(b, 101, "127.0.0.3 through HAProxy: counted apart from 127.0.0.2 although both arrive from 127.0.0.1");
     let (c, _) = upgrade_with("127.0.0.2", front_addr, b"");
-    assert_eq!(c, 503, "a second connection of 127.0.0.2 through HAProxy (limit 1)");
+    assert_eq!(
+        c, 503,
+        "a second connection of 127.0.0.2 through HAProxy (limit 1)"
+    );
     assert_eq!(refused_per_ip(&server), 1.0);
-    assert_eq!(server.metrics().sum("ringcast_proxy_header_errors_total"), 0.0, "HAProxy's headers all parse");
+    assert_eq!(
+        server.metrics().sum("ringcast_proxy_header_errors_total"),
+        0.0,
+        "HAProxy's headers all parse"
+    );
     drop((held_a, held_b));
     drop(haproxy);
     let _ = std::fs::remove_dir_all(&dir);

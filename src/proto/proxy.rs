@@ -233,7 +233,14 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
     };
     let header = match needed {
         12 => {
-            let ip = |i: usize| IpAddr::V4(Ipv4Addr::new(payload[i], payload[i + 1], payload[i + 2], payload[i + 3]));
+            let ip = |i: usize| {
+                IpAddr::V4(Ipv4Addr::new(
+                    payload[i],
+                    payload[i + 1],
+                    payload[i + 2],
+                    payload[i + 3],
+                ))
+            };
             let port = |i: usize| u16::from_be_bytes([payload[i], payload[i + 1]]);
             ProxyHeader::Proxied {
                 source: SocketAddr::new(ip(0), port(8)),
@@ -401,7 +408,10 @@ mod tests {
             complete(unknown.as_bytes(), Versions::V1),
             (ProxyHeader::Local, 107)
         );
-        let (h, _) = complete(b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n", Versions::V1);
+        let (h, _) = complete(
+            b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n",
+            Versions::V1,
+        );
         assert_eq!(
             h,
             ProxyHeader::Proxied {
@@ -417,13 +427,25 @@ mod tests {
             (b"GET / HTTP/1.1\r\n", ProxyError::Missing),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", ProxyError::Malformed),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rX", ProxyError::Malformed),
-            (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", ProxyError::Malformed),
-            (b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", ProxyError::Malformed),
-            (b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n", ProxyError::Malformed),
+            (
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+                ProxyError::Malformed,
+            ),
+            (
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",
+                ProxyError::Malformed,
+            ),
+            (
+                b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n",
+                ProxyError::Malformed,
+            ),
             (b"PROXY TCP4 ::1 ::1 1 2\r\n", ProxyError::Malformed),
             (b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n", ProxyError::Malformed),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", ProxyError::Malformed),
-            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n", ProxyError::Malformed),
+            (
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
+                ProxyError::Malformed,
+            ),
             (b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n", ProxyError::Malformed),
             (b"PROXY tcp4 1.2.3.4 5.6.7.8 1 2\r\n", ProxyError::Malformed),
         ];
@@ -449,8 +471,18 @@ mod tests {
 
     #[test]
     fn prefixes_ask_for_more() {
-        for input in [&b"P"[..], b"PROXY", b"PROXY TCP4 1.2.3.4", b"PROXY UNKNOWN\r", b"\r\n\r\n\0"] {
-            assert_eq!(parse(input, Versions::Any), Ok(Parsed::Incomplete), "{input:?}");
+        for input in [
+            &b"P"[..],
+            b"PROXY",
+            b"PROXY TCP4 1.2.3.4",
+            b"PROXY UNKNOWN\r",
+            b"\r\n\r\n\0",
+        ] {
+            assert_eq!(
+                parse(input, Versions::Any),
+                Ok(Parsed::Incomplete),
+                "{input:?}"
+            );
         }
         assert_eq!(parse(b"", Versions::V1), Ok(Parsed::Incomplete));
         assert_eq!(parse(b"\r\n\r\n\0", Versions::V1), Err(ProxyError::Version));
@@ -541,18 +573,26 @@ mod tests {
     }
 
     fn header() -> impl Strategy<Value = ProxyHeader> {
-        let v4 = (any::<[u8; 4]>(), any::<[u8; 4]>(), any::<u16>(), any::<u16>()).prop_map(
-            |(s, d, sp, dp)| ProxyHeader::Proxied {
+        let v4 = (
+            any::<[u8; 4]>(),
+            any::<[u8; 4]>(),
+            any::<u16>(),
+            any::<u16>(),
+        )
+            .prop_map(|(s, d, sp, dp)| ProxyHeader::Proxied {
                 source: SocketAddr::new(IpAddr::from(s), sp),
                 destination: SocketAddr::new(IpAddr::from(d), dp),
-            },
-        );
-        let v6 = (any::<[u8; 16]>(), any::<[u8; 16]>(), any::<u16>(), any::<u16>()).prop_map(
-            |(s, d, sp, dp)| ProxyHeader::Proxied {
+            });
+        let v6 = (
+            any::<[u8; 16]>(),
+            any::<[u8; 16]>(),
+            any::<u16>(),
+            any::<u16>(),
+        )
+            .prop_map(|(s, d, sp, dp)| ProxyHeader::Proxied {
                 source: SocketAddr::new(IpAddr::from(s), sp),
                 destination: SocketAddr::new(IpAddr::from(d), dp),
-            },
-        );
+            });
         prop_oneof![v4, v6, Just(ProxyHeader::Local)]
     }
 

@@ -14,8 +14,8 @@
 //!   the adopted connection leaves its table (`Shard::finalize_close`).
 
 use crate::admission::per_ip::{PerIpHold, PerIpRefusal, PerIpTable};
-use crate::proto::proxy::Versions;
 use crate::metrics::{RefuseCause, ShardMetrics};
+use crate::proto::proxy::Versions;
 use crate::proto::upgrade::http_response;
 use crossbeam_utils::CachePadded;
 use std::cell::Cell;

@@ -54,8 +54,7 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: Handsh
             let mut head = Vec::new();
             if let Some(proxied) = proxied {
                 // Closed or refused (counted where it happened).
-                let Some((hold, rest)) = admit_proxied(&shard, &mut stream, proxied).await
-                else {
+                let Some((hold, rest)) = admit_proxied(&shard, &mut stream, proxied).await else {
                     return Some(None);
                 };
                 ip_hold = hold;

@@ -658,20 +658,20 @@ async fn accept_loop(
                         })
                     });
                     let ip_hold = match (&per_ip, peer) {
-                        (Some(table), Some(peer)) if proxied.is_none() => match table
-                            .admit(peer.ip(), Instant::now())
-                        {
-                            Ok(hold) => Some(hold),
-                            Err(refusal) => {
-                                refuse_now(
-                                    stream.as_raw_fd(),
-                                    per_ip_cause(refusal),
-                                    shard.metrics,
-                                );
-                                backoff.on_success();
-                                continue;
+                        (Some(table), Some(peer)) if proxied.is_none() => {
+                            match table.admit(peer.ip(), Instant::now()) {
+                                Ok(hold) => Some(hold),
+                                Err(refusal) => {
+                                    refuse_now(
+                                        stream.as_raw_fd(),
+                                        per_ip_cause(refusal),
+                                        shard.metrics,
+                                    );
+                                    backoff.on_success();
+                                    continue;
+                                }
                             }
-                        },
+                        }
                         _ => None,
                     };
                     match (gate.try_enter(), table_fd) {

@@ -87,10 +87,9 @@ pub(crate) async fn admit_proxied(
     stream: &mut TcpStream,
     proxied: ProxiedPeer,
 ) -> Option<(Option<PerIpHold>, Vec<u8>)> {
-    let (client, rest) =
-        read_proxy_header(stream, proxied.versions, proxied.peer, shard.metrics)
-            .await
-            .ok()?;
+    let (client, rest) = read_proxy_header(stream, proxied.versions, proxied.peer, shard.metrics)
+        .await
+        .ok()?;
     let hold = match &proxied.per_ip {
         None => None,
         Some(table) => match table.admit(client.ip(), Instant::now()) {
