@@ -132,6 +132,12 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 command -v promtool >/dev/null 2>&1 || die "promtool is not on PATH after installing Debian's prometheus (needed by tests/metrics_pass_promtool.rs)"
 
+# ---- HAProxy (tests/proxy_protocol_names_the_client.rs: send-proxy-v2 in front) --------
+if ! command -v haproxy >/dev/null 2>&1; then
+	apt_install haproxy
+fi
+command -v haproxy >/dev/null 2>&1 || die "haproxy is not on PATH after installing it (needed by tests/proxy_protocol_names_the_client.rs)"
+
 # The fan-out tests hold a few hundred sockets in one process.
 hard_nofile="$(ulimit -Hn)"
 if [ "$hard_nofile" = unlimited ] || [ "$hard_nofile" -gt 65536 ]; then hard_nofile=65536; fi

@@ -11,6 +11,7 @@ use crate::auth::AuthSettings;
 pub use crate::inbox::thread::InboxConfig;
 use crate::ingest::key::IngestKey;
 use crate::proto::origin::OriginPolicy;
+use crate::proto::proxy::Versions;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -203,6 +204,22 @@ pub struct ConfigLayer {
     /// Default: 64.
     #[arg(long, env = "RINGCAST_IPV6_PREFIX_LEN", value_name = "BITS")]
     pub ipv6_prefix_len: Option<u8>,
+    /// PROXY protocol header expected first on the WebSocket port from `trusted_proxies`
+    /// (an L4 balancer: HAProxy `send-proxy` is v1, `send-proxy-v2` and AWS NLB are v2;
+    /// `any` takes either): its source address is the client's for the per-IP limits. A
+    /// trusted peer without a valid header is closed; other peers are served as plain
+    /// clients (a header from them is not honoured). Needs a restart. Default: off.
+    #[arg(long, env = "RINGCAST_PROXY_PROTOCOL", value_name = "off|v1|v2|any")]
+    pub proxy_protocol: Option<String>,
+    /// Peer addresses (CIDRs) of the balancers that send the PROXY header; required when
+    /// `proxy_protocol` is on. Needs a restart. Default: none.
+    #[arg(
+        long,
+        env = "RINGCAST_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "CIDR,..."
+    )]
+    pub trusted_proxies: Option<Vec<String>>,
     /// New connections each shard accepts per second (token bucket, 100 ms of burst);
     /// the rest wait in the kernel's accept queue (`listen_backlog`, capped by
     /// net.core.somaxconn) instead of being refused. 0 = off. Default: 0.
@@ -418,6 +435,10 @@ pub struct Settings {
     pub origins: OriginPolicy,
     /// Per source address limits ([`crate::admission::per_ip`]).
     pub per_ip: PerIpLimits,
+    /// The PROXY header expected on the WebSocket port from `trusted_proxies`; `None`: off.
+    pub proxy_protocol: Option<Versions>,
+    /// Peers whose PROXY header is read (and required) when `proxy_protocol` is on.
+    pub trusted_proxies: Vec<Cidr>,
     /// New connections accepted per second per shard (0: unlimited).
     pub accept_rate_per_shard: u32,
     /// Drain window.
@@ -511,6 +532,13 @@ impl Cidr {
 }
 
 impl Settings {
+    /// The PROXY header versions to read first from a WebSocket-port peer at `peer`, or
+    /// `None` when that peer is served as a plain client (protocol off, or not trusted).
+    pub fn proxy_header_from(&self, peer: IpAddr) -> Option<Versions> {
+        self.proxy_protocol
+            .filter(|_| self.trusted_proxies.iter().any(|c| c.contains(peer)))
+    }
+
     /// True when `ip` may use ingest/admin: loopback always, others by allowlist.
     pub fn ingest_allowed(&self, ip: IpAddr) -> bool {
         let ip = match ip {
@@ -614,6 +642,12 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         })
         .collect::<Result<Vec<_>, _>>()?;
     let auth = resolve_auth(&cli, &file)?;
+    let trusted_proxies = pick!(trusted_proxies, Vec::new())
+        .iter()
+        .map(|s| {
+            Cidr::parse(s).ok_or_else(|| invalid("trusted_proxies", format!("not a CIDR: {s:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let history_size = in_range("history_size", pick!(history_size, 100), 0, 1 << 20)?;
     let history_ttl = in_range("history_ttl", pick!(history_ttl, 300), 1, 30 * 24 * 3600)?;
     let builtin = NamespaceTable {
@@ -737,6 +771,19 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             max_handshakes: pick!(max_handshakes_per_ip, 0),
             ipv6_prefix_len: in_range("ipv6_prefix_len", pick!(ipv6_prefix_len, 64), 1, 128)?,
         },
+        proxy_protocol: match pick!(proxy_protocol, "off".into()).as_str() {
+            "off" => None,
+            "v1" => Some(Versions::V1),
+            "v2" => Some(Versions::V2),
+            "any" => Some(Versions::Any),
+            other => {
+                return Err(invalid(
+                    "proxy_protocol",
+                    format!("{other:?}: expected off, v1, v2 or any"),
+                ))
+            }
+        },
+        trusted_proxies,
         accept_rate_per_shard: pick!(accept_rate_per_shard, 0),
         drain_window: Duration::from_secs(in_range(
             "drain_window",
@@ -793,6 +840,12 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         )),
         _ => Ok(()),
     };
+    if s.proxy_protocol.is_some() && s.trusted_proxies.is_empty() {
+        return Err(invalid(
+            "trusted_proxies",
+            "proxy_protocol is on but no peer is trusted to send the header: list the balancers' CIDRs",
+        ));
+    }
     exposed("udp_ingest", s.udp_ingest)?;
     exposed("tcp_ingest", s.tcp_ingest)?;
     exposed("admin", Some(s.admin))?;

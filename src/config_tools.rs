@@ -204,6 +204,41 @@ mod tests {
             .collect()
     }
 
+    /// `config defaults` with the line of `key` replaced by `key = value`.
+    fn defaults_with(key: &str, value: &str) -> String {
+        let mut text: String = defaults_toml()
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{key} = ")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        // Before the commented-out table examples, still at the top level.
+        text.insert_str(0, &format!("{key} = {value}\n"));
+        text
+    }
+
+    #[test]
+    fn proxy_keys_are_checked() {
+        let err = check_text(&defaults_with("proxy_protocol", "\"v3\"")).unwrap_err();
+        assert!(err.contains("`proxy_protocol`"), "{err}");
+        let err = check_text(&defaults_with("proxy_protocol", "\"v2\"")).unwrap_err();
+        assert!(err.contains("`trusted_proxies`"), "{err}");
+        let err = check_text(&defaults_with("trusted_proxies", "[\"10.0.0.0/33\"]")).unwrap_err();
+        assert!(err.contains("`trusted_proxies`"), "{err}");
+        let text = format!(
+            "trusted_proxies = [\"10.0.0.0/8\"]\n{}",
+            defaults_with("proxy_protocol", "\"any\"")
+        );
+        check_text(&text).unwrap();
+    }
+
+    /// What `config check` does, on text.
+    fn check_text(text: &str) -> Result<(), String> {
+        let layer: ConfigLayer = toml::from_str(text).map_err(|e| e.to_string())?;
+        resolve(ConfigLayer::default(), layer)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     proptest! {
         /// Any mix of known and unknown keys with values of any type: parsing and
         /// resolving never panic, and a refusal names a key of the input.
@@ -250,6 +285,32 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+
+        /// One key set to anything (or an unknown key) among every other key at its
+        /// default: `config check` never panics, and a refusal names that key.
+        #[test]
+        fn one_bad_key_among_defaults_is_the_one_named(
+            k in 0usize..80,
+            value in prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                (0u64..70_000).prop_map(|n| n.to_string()),
+                any::<bool>().prop_map(|b| b.to_string()),
+                "[a-z0-9:./ -]{0,20}".prop_map(|s| format!("{s:?}")),
+                prop_oneof![Just("off"), Just("v1"), Just("v2"), Just("any"), Just("0.0.0.0:1")]
+                    .prop_map(|s| format!("{s:?}")),
+                Just("[1, 2]".to_string()),
+                Just("[\"10.0.0.0/8\", \"x\"]".to_string()),
+                "[^\n]{0,12}",
+            ],
+        ) {
+            let keys = key_names();
+            let key = keys.get(k).cloned().unwrap_or_else(|| format!("no_such_key_{k}"));
+            let text = defaults_with(&key, &value);
+            if let Err(message) = check_text(&text) {
+                // A TOML syntax error in the value names its line, which starts with the key.
+                prop_assert!(message.contains(key.as_str()), "{message}\n{key} = {value}");
             }
         }
     }

@@ -9,6 +9,7 @@ use crate::fanout::history::HistoryStats;
 use crate::inbox::{ErrorKind as InboxErrorKind, InboxStats};
 use crate::ingest::line::IngestError;
 use crate::presence::PresenceStats;
+use crate::proto::proxy::ProxyError;
 use crossbeam_utils::CachePadded;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -81,6 +82,9 @@ pub struct ShardMetrics {
     pub handshakes_in_progress: AtomicU64,
     /// Upgrades closed because `handshake_timeout` passed before the answer was written.
     pub handshakes_timed_out: AtomicU64,
+    /// Connections from a trusted proxy closed for a bad or missing PROXY header, by
+    /// [`ProxyError`] label.
+    pub proxy_header_errors: [AtomicU64; ProxyError::LABELS.len()],
     /// `accept` failures on the WebSocket listener, by [`AcceptError`].
     pub accept_errors: [AtomicU64; AcceptError::LABELS.len()],
     /// Connections closed, by [`CloseCause`].
@@ -403,6 +407,14 @@ impl Metrics {
                 out,
                 "ringcast_connections_refused_total{{reason=\"{label}\"}} {}",
                 self.sum(|s| &s.refused[i])
+            );
+        }
+        let _ = writeln!(out, "# HELP ringcast_proxy_header_errors_total Connections from a trusted_proxies peer closed because their PROXY header was missing, of the wrong version, malformed, too long or cut short.\n# TYPE ringcast_proxy_header_errors_total counter");
+        for (i, label) in ProxyError::LABELS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ringcast_proxy_header_errors_total{{reason=\"{label}\"}} {}",
+                self.sum(|s| &s.proxy_header_errors[i])
             );
         }
         let _ = writeln!(out, "# HELP ringcast_accept_errors_total accept() failures on the WebSocket listener, by errno; each pauses that shard's accepting (100 ms doubling to 1 s).\n# TYPE ringcast_accept_errors_total counter");

@@ -13,6 +13,7 @@
 //! - [`position`] parses and renders position tokens (SSE `id:`, long-poll `since`).
 //! - [`sse`] re-encodes the WebSocket frames for the HTTP transports (`/sse`, `/poll`).
 //! - [`origin`] decides which browser origins may connect (and the CORS headers).
+//! - [`proxy`] parses the PROXY protocol header (v1, v2) a load balancer sends first.
 
 pub mod channel;
 pub mod close;
@@ -23,5 +24,6 @@ pub mod mask;
 pub mod message;
 pub mod origin;
 pub mod position;
+pub mod proxy;
 pub mod sse;
 pub mod upgrade;

@@ -13,11 +13,13 @@
 //!   [`SlotReservation`] if the upgrade fails after reserving, otherwise by the shard when
 //!   the adopted connection leaves its table (`Shard::finalize_close`).
 
-use crate::admission::per_ip::{PerIpHold, PerIpRefusal};
+use crate::admission::per_ip::{PerIpHold, PerIpRefusal, PerIpTable};
 use crate::metrics::{RefuseCause, ShardMetrics};
+use crate::proto::proxy::Versions;
 use crate::proto::upgrade::http_response;
 use crossbeam_utils::CachePadded;
 use std::cell::Cell;
+use std::net::SocketAddr;
 use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -145,6 +147,7 @@ impl HandshakeGate {
             gate: self.clone(),
             table_fd: None,
             ip_hold: None,
+            proxied: None,
         })
     }
 
@@ -166,8 +169,23 @@ pub struct HandshakeTicket {
     /// `101` is written, so a process out of descriptors never answers `101` and then
     /// drops the connection for want of one (the accept loop waits for it instead).
     table_fd: Option<OwnedFd>,
-    /// The socket's place under the per-address limits (`None`: they are off).
+    /// The socket's place under the per-address limits (`None`: they are off, or the
+    /// peer is a trusted proxy and the client's address is not known yet).
     ip_hold: Option<PerIpHold>,
+    /// Set when the peer is a trusted proxy: the PROXY header comes first.
+    proxied: Option<ProxiedPeer>,
+}
+
+/// A socket from a `trusted_proxies` peer: its PROXY header is read first, and the
+/// per-address limits apply to the client address it names, once known.
+#[derive(Debug)]
+pub struct ProxiedPeer {
+    /// The header versions accepted (`proxy_protocol`).
+    pub versions: Versions,
+    /// The proxy's own address (the client's for `PROXY UNKNOWN` / v2 LOCAL).
+    pub peer: SocketAddr,
+    /// The per-address table, when a per-IP limit is on.
+    pub per_ip: Option<Arc<PerIpTable>>,
 }
 
 impl HandshakeTicket {
@@ -181,6 +199,17 @@ impl HandshakeTicket {
     pub fn with_ip_hold(mut self, hold: PerIpHold) -> HandshakeTicket {
         self.ip_hold = Some(hold);
         self
+    }
+
+    /// Marks the socket as coming from a trusted proxy (the PROXY header comes first).
+    pub fn with_proxied(mut self, proxied: ProxiedPeer) -> HandshakeTicket {
+        self.proxied = Some(proxied);
+        self
+    }
+
+    /// Takes what [`HandshakeTicket::with_proxied`] attached.
+    pub fn take_proxied(&mut self) -> Option<ProxiedPeer> {
+        self.proxied.take()
     }
 
     /// Takes the place attached by [`HandshakeTicket::with_ip_hold`].

@@ -15,6 +15,7 @@
 //! lingers until the peer's EOF (bounded), so input still in flight does not turn the
 //! close into a reset.
 
+use crate::admission::per_ip::PerIpHold;
 use crate::auth::permission::Access;
 use crate::auth::registry::ConnRecord;
 use crate::auth::session::{expiry_second, Session};
@@ -52,8 +53,9 @@ pub(crate) fn adopt(
     claims: Option<Claims>,
     since: Option<&Position>,
     mut leftover: Vec<u8>,
+    ip_hold: Option<PerIpHold>,
 ) {
-    let Some(key) = insert(shard, fd, claims, None) else {
+    let Some(key) = insert(shard, fd, claims, None, ip_hold) else {
         return;
     };
     let mut conns = shard.conns.borrow_mut();
@@ -144,8 +146,9 @@ pub(crate) fn adopt_stream(
     claims: Option<Claims>,
     stream: HttpStream,
     since: Option<&Position>,
+    ip_hold: Option<PerIpHold>,
 ) {
-    let Some(key) = insert(shard, fd, claims, Some(stream)) else {
+    let Some(key) = insert(shard, fd, claims, Some(stream), ip_hold) else {
         return;
     };
     let mut conns = shard.conns.borrow_mut();
@@ -189,12 +192,18 @@ pub(crate) fn adopt_stream(
 }
 
 /// Puts a new connection into the table, registry and epoll set; its key, or `None` when
-/// it was dropped (its slot given back).
+/// it was dropped (its slot and its per-address place given back).
+///
+/// `ip_hold` (the socket's place under the per-address limits) is filed under the
+/// descriptor only once the connection is in the table, so exactly one owner releases
+/// it: the table's removal ([`Shard::finalize_close`]) or, if adoption fails, its drop
+/// here.
 fn insert(
     shard: &Shard,
     fd: OwnedFd,
     claims: Option<Claims>,
     stream: Option<HttpStream>,
+    ip_hold: Option<PerIpHold>,
 ) -> Option<u32> {
     let now = shard.now_secs();
     let generation = shard.next_generation();
@@ -224,6 +233,9 @@ fn insert(
             return None;
         }
         let machine = Connection::with_session(now, session);
+        if let Some(hold) = ip_hold {
+            shard.ip_holds.borrow_mut().insert(fd.as_raw_fd(), hold);
+        }
         conns.insert(Conn {
             fd,
             generation,
@@ -474,5 +486,80 @@ impl Shard {
         }
         self.note_backlog_change(conn.machine.backlog().bytes(), 0);
         drop(conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::per_ip::{PerIpLimits, PerIpTable};
+    use std::net::IpAddr;
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+
+    /// The per-address place of a connection is released exactly when it leaves the
+    /// table, and at once when adoption fails (not when its descriptor number is reused).
+    #[test]
+    fn per_address_places_are_released_exactly_once() {
+        let ex = glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor");
+        ex.run(async {
+            let settings = crate::config::resolve(Default::default(), Default::default())
+                .expect("default settings");
+            let shard = Shard::for_tests(settings, 8);
+            let table = PerIpTable::new(PerIpLimits {
+                max_connections: 1,
+                max_new_per_sec: 0,
+                max_handshakes: 0,
+                ipv6_prefix_len: 64,
+            });
+            let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+            let hold = || {
+                let mut hold = table.admit(ip, Instant::now()).expect("admitted");
+                hold.upgraded();
+                shard.slots.try_reserve().expect("slot").adopt();
+                Some(hold)
+            };
+
+            let (ours, _theirs) = UnixStream::pair().expect("socketpair");
+            let key = shard.conns.borrow().next_key();
+            adopt(
+                &shard,
+                OwnedFd::from(ours),
+                &[],
+                None,
+                None,
+                Vec::new(),
+                hold(),
+            );
+            assert!(
+                table.admit(ip, Instant::now()).is_err(),
+                "the adopted connection holds the address's only place"
+            );
+            shard.finalize_close(key);
+            assert!(
+                table.is_empty(),
+                "released when the connection left the table"
+            );
+
+            // epoll refuses a regular file (EPERM): the adoption fails.
+            let file = std::fs::File::open(std::env::current_exe().expect("exe")).expect("open");
+            let in_use = shard.slots.in_use();
+            adopt(
+                &shard,
+                OwnedFd::from(file),
+                &[],
+                None,
+                None,
+                Vec::new(),
+                hold(),
+            );
+            assert_eq!(shard.conns.borrow().len(), 0, "not adopted");
+            assert!(shard.ip_holds.borrow().is_empty());
+            assert!(table.is_empty(), "released with the failed adoption");
+            // `hold()` reserved one more slot; the failed adoption gave it back.
+            assert_eq!(shard.slots.in_use(), in_use, "its slot too");
+        });
     }
 }

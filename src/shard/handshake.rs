@@ -19,6 +19,7 @@ use crate::proto::sse::{poll_head, sse_head, HttpStream, Mode};
 use crate::proto::upgrade::{accept_response, parse_upgrade_with_cookie, Endpoint, HttpReject};
 use crate::shard::admission::{refusal_response_with, HandshakeTicket, SlotReservation};
 use crate::shard::conn::{adopt, adopt_stream};
+use crate::shard::proxy::admit_proxied;
 use crate::shard::state::Shard;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -51,10 +52,23 @@ pub async fn upgrade(
     accepted: Instant,
 ) {
     let table_fd = ticket.take_table_fd();
-    let ip_hold = ticket.take_ip_hold();
+    let mut ip_hold = ticket.take_ip_hold();
+    let proxied = ticket.take_proxied();
     let deadline = shard.settings.handshake_timeout;
     let outcome = futures_lite::future::or(
-        async { Some(handshake(&shard, &mut stream).await) },
+        async {
+            // Behind a trusted proxy: its PROXY header first, within the same deadline.
+            let mut head = Vec::new();
+            if let Some(proxied) = proxied {
+                // Closed or refused (counted where it happened).
+                let Some((hold, rest)) = admit_proxied(&shard, &mut stream, proxied).await else {
+                    return Some(None);
+                };
+                ip_hold = hold;
+                head = rest;
+            }
+            Some(handshake(&shard, &mut stream, head).await)
+        },
         async {
             glommio::timer::sleep(deadline).await;
             None
@@ -103,11 +117,8 @@ pub async fn upgrade(
             channels.push(own);
         }
     }
-    if let Some(mut hold) = ip_hold {
+    if let Some(hold) = ip_hold.as_mut() {
         hold.upgraded();
-        // Should adoption fail, the entry is replaced (and given back) when the number is
-        // reused by the next connection.
-        shard.ip_holds.borrow_mut().insert(fd.as_raw_fd(), hold);
     }
     match upgraded.stream {
         None => adopt(
@@ -117,6 +128,7 @@ pub async fn upgrade(
             upgraded.claims,
             upgraded.since.as_ref(),
             upgraded.leftover,
+            ip_hold,
         ),
         Some((stream, since)) => adopt_stream(
             &shard,
@@ -125,22 +137,25 @@ pub async fn upgrade(
             upgraded.claims,
             stream,
             since.as_ref(),
+            ip_hold,
         ),
     }
     shard.settle();
 }
 
-/// Reads and answers the upgrade request. Returns the channels, any bytes the client sent
-/// after the request head and the reserved connection slot, or `None` when the connection
-/// got an HTTP error or failed.
-async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
-    let mut head = Vec::with_capacity(512);
+/// Reads and answers the upgrade request (`head`: bytes of it already read). Returns the
+/// channels, any bytes the client sent after the request head and the reserved connection
+/// slot, or `None` when the connection got an HTTP error or failed.
+async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> Option<Upgraded> {
+    head.reserve(512);
     let mut chunk = vec![0u8; 2048];
     // One snapshot for the whole upgrade, whatever a reload does meanwhile.
     let live = shard.live();
     let upgrade = loop {
-        let n = stream.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
-        head.extend_from_slice(&chunk[..n]);
+        if head.is_empty() {
+            let n = stream.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
+            head.extend_from_slice(&chunk[..n]);
+        }
         let cookie = live.auth.cookie.as_deref();
         match parse_upgrade_with_cookie(
             &head,
@@ -148,7 +163,10 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
             cookie,
         ) {
             Ok(Some(upgrade)) => break upgrade,
-            Ok(None) => continue,
+            Ok(None) => {
+                let n = stream.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
+                head.extend_from_slice(&chunk[..n]);
+            }
             Err(reject) => {
                 shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
                 let cors = match &reject.cors {

@@ -17,6 +17,7 @@ pub mod inbox;
 pub mod lifecycle;
 pub mod listener;
 pub mod presence;
+pub mod proxy;
 pub mod readiness;
 pub mod send;
 pub mod state;
@@ -37,7 +38,9 @@ use crate::live::Live;
 use crate::metrics;
 use crate::metrics::RefuseCause;
 use crate::presence::Presence;
-use crate::shard::admission::{per_ip_cause, refuse_now, ConnectionSlots, HandshakeGate};
+use crate::shard::admission::{
+    per_ip_cause, refuse_now, ConnectionSlots, HandshakeGate, ProxiedPeer,
+};
 use crate::shard::control::{ShardControl, ShardRequest, CONTROL_QUEUE};
 use crate::shard::follower::LocalEvent;
 use crate::shard::listener::{tcp_listeners, udp_sockets, BindError};
@@ -645,19 +648,32 @@ async fn accept_loop(
                             }
                         }
                     };
-                    let ip_hold = match (&per_ip, stream.peer_addr()) {
-                        (Some(table), Ok(peer)) => match table.admit(peer.ip(), Instant::now()) {
-                            Ok(hold) => Some(hold),
-                            Err(refusal) => {
-                                refuse_now(
-                                    stream.as_raw_fd(),
-                                    per_ip_cause(refusal),
-                                    shard.metrics,
-                                );
-                                backoff.on_success();
-                                continue;
+                    let peer = stream.peer_addr().ok();
+                    // A trusted proxy's client is known only after its PROXY header:
+                    // admitted by that address in the upgrade task instead.
+                    let proxied = peer.and_then(|peer| {
+                        let versions = shard.settings.proxy_header_from(peer.ip())?;
+                        Some(ProxiedPeer {
+                            versions,
+                            peer,
+                            per_ip: per_ip.clone(),
+                        })
+                    });
+                    let ip_hold = match (&per_ip, peer) {
+                        (Some(table), Some(peer)) if proxied.is_none() => {
+                            match table.admit(peer.ip(), Instant::now()) {
+                                Ok(hold) => Some(hold),
+                                Err(refusal) => {
+                                    refuse_now(
+                                        stream.as_raw_fd(),
+                                        per_ip_cause(refusal),
+                                        shard.metrics,
+                                    );
+                                    backoff.on_success();
+                                    continue;
+                                }
                             }
-                        },
+                        }
                         _ => None,
                     };
                     match (gate.try_enter(), table_fd) {
@@ -665,6 +681,9 @@ async fn accept_loop(
                             let mut ticket = ticket.with_table_fd(fd);
                             if let Some(hold) = ip_hold {
                                 ticket = ticket.with_ip_hold(hold);
+                            }
+                            if let Some(proxied) = proxied {
+                                ticket = ticket.with_proxied(proxied);
                             }
                             glommio::spawn_local(handshake::upgrade(
                                 shard.clone(),
