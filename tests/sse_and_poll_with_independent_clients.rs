@@ -313,7 +313,7 @@ fn eventsource_reconnects_with_last_event_id_after_the_server_ends_its_stream() 
         es.wait_for(
             &format!("the reconnect after disconnect {}", round + 1),
             Duration::from_secs(30),
-            |s| count_replies(s) == 2 * (round + 2),
+            |s| count_replies(s) >= 2 * (round + 2),
         );
     }
     publisher.join().expect("publisher");
@@ -437,7 +437,7 @@ fn eventsource_resumes_across_a_drained_restart() {
     );
     gate.open();
     es.wait_for("the reconnect's replies", Duration::from_secs(30), |s| {
-        count_replies(s) == 4
+        count_replies(s) >= 4
     });
     es.wait_for(
         "the messages published while away",

@@ -242,7 +242,11 @@ def poll_loop(args, client):
         answer = poll_once(client, args.addr, f"channels={names}&timeout=10&since={q(position)}")
         answers += 1
         events = answer["events"]
-        expect(events, f"a poll with messages still due answered empty: {answer}")
+        if not events:
+            # Held to its timeout (a publisher slowed down by a busy machine): nothing
+            # moved.
+            expect(answer["position"] == position, f"an empty answer moved the position: {answer}")
+            continue
         largest = max(largest, len(events))
         for e in events:
             expect("reply" not in e, f"a recovered position gave a reply: {e}")
