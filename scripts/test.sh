@@ -10,8 +10,10 @@
 # What the tests need besides Rust:
 #   - a C compiler (glommio builds liburing from source)
 #   - python3 with `websockets` (tests/clients/py_sub.py), `PyJWT` and `cryptography`
-#     (tests/clients/py_auth.py and py_presence.py sign tokens independently of ringcast)
-#   - node + npm, and `ws` in tests/clients   (tests/clients/node_sub.js)
+#     (tests/clients/py_auth.py and py_presence.py sign tokens independently of ringcast),
+#     and `httpx` (tests/clients/py_httpx.py and py_sse_identity.py: SSE and long-poll)
+#   - node + npm, and `ws` and `eventsource` in tests/clients   (tests/clients/node_sub.js,
+#     node_eventsource.js)
 #   - Debian's chromium (/usr/bin/chromium) and `playwright-core` in tests/clients, which
 #     drives it (tests/clients/browser_driver.js; no browser is downloaded)
 set -euo pipefail
@@ -83,6 +85,18 @@ python3 -c 'import websockets' >/dev/null 2>&1 ||
 	die "python3 cannot import websockets (needed by tests/clients/py_sub.py and py_auth.py)"
 python3 -c 'import jwt, cryptography' >/dev/null 2>&1 ||
 	die "python3 cannot import jwt (PyJWT) and cryptography (needed by tests/clients/py_auth.py)"
+if ! python3 -c 'import httpx' >/dev/null 2>&1; then
+	if ! python3 -m pip --version >/dev/null 2>&1; then
+		apt_install python3-pip
+	fi
+	log "pip install httpx"
+	python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore httpx </dev/null ||
+		python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+			--break-system-packages httpx </dev/null ||
+		apt_install python3-httpx
+fi
+python3 -c 'import httpx' >/dev/null 2>&1 ||
+	die "python3 cannot import httpx (needed by tests/clients/py_httpx.py and py_sse_identity.py)"
 
 # ---- curl (tests/sse_and_poll_resume.rs) ---------------------------------------------
 if ! command -v curl >/dev/null 2>&1; then
@@ -96,13 +110,15 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
 fi
 command -v node >/dev/null 2>&1 || die "node is not on PATH after installing nodejs"
 command -v npm >/dev/null 2>&1 || die "npm is not on PATH after installing it"
-if ! (cd tests/clients && node -e "require('ws')") >/dev/null 2>&1; then
+if ! (cd tests/clients && node -e "require('ws'); require('eventsource')") >/dev/null 2>&1; then
 	log "npm install (tests/clients)"
 	(cd tests/clients && npm install --no-audit --no-fund --loglevel=error </dev/null) ||
 		die "npm install in tests/clients failed"
 fi
 (cd tests/clients && node -e "require('ws')") >/dev/null 2>&1 ||
 	die "node cannot load the ws package from tests/clients (needed by tests/clients/node_sub.js)"
+(cd tests/clients && node -e "require('eventsource')") >/dev/null 2>&1 ||
+	die "node cannot load the eventsource package from tests/clients (needed by tests/clients/node_eventsource.js)"
 
 # ---- Chromium + playwright-core (the browser client's tests) --------------------------
 # Debian's browser build; playwright-core never downloads one of its own.
@@ -118,7 +134,7 @@ fi
 (cd tests/clients && node -e "require('playwright-core')") >/dev/null 2>&1 ||
 	die "node cannot load playwright-core from tests/clients (needed by tests/clients/browser_driver.js)"
 
-log "tools: $(cargo --version); $(cc --version | head -n1); python3 $(python3 -c 'import sys, websockets, jwt; print(sys.version.split()[0], "websockets", websockets.__version__, "PyJWT", jwt.__version__)'); node $(node --version) ws $(cd tests/clients && node -p "require('ws/package.json').version") playwright-core $(cd tests/clients && node -p "require('playwright-core/package.json').version"); $(/usr/bin/chromium --version 2>/dev/null || echo chromium ?)"
+log "tools: $(cargo --version); $(cc --version | head -n1); python3 $(python3 -c 'import sys, websockets, jwt; import httpx; print(sys.version.split()[0], "websockets", websockets.__version__, "PyJWT", jwt.__version__, "httpx", httpx.__version__)'); node $(node --version) ws $(cd tests/clients && node -p "require('ws/package.json').version") eventsource $(cd tests/clients && node -p "require('eventsource/package.json').version") playwright-core $(cd tests/clients && node -p "require('playwright-core/package.json').version"); $(/usr/bin/chromium --version 2>/dev/null || echo chromium ?)"
 
 # ---- util-linux prlimit (tests/fd_exhaustion_pauses_accept.rs) -----------------------
 if ! command -v prlimit >/dev/null 2>&1; then

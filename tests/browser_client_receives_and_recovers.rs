@@ -1,11 +1,13 @@
 //! The browser client (clients/js/ringcast.js) in a real headless Chromium: it receives
 //! messages published over the admin HTTP API with exact offsets, follows a durable inbox
 //! channel across a server restart (SIGTERM drain, new process on the same ports) without
-//! losing or repeating a message, and the example page shows what it received
-//! (screenshot saved under target/).
+//! losing or repeating a message, and the example page shows what it received: the
+//! count on the page is checked, and a screenshot is saved under
+//! target/browser-artifacts/ with its path printed to the log (`artifact: ...`).
 
 mod common;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -268,7 +270,10 @@ fn example_page_shows_the_messages_it_received() {
         "not a PNG: {}",
         png.display()
     );
-    println!(
+    // Written to the process's stderr itself, not through the test harness's captured
+    // `println!`: the path shows in every log of the run, passing or not.
+    let _ = writeln!(
+        std::io::stderr(),
         "artifact: screenshot of the example page: {}",
         png.display()
     );

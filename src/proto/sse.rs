@@ -67,6 +67,13 @@ struct SubscribeReply<'a> {
     offset: Option<u64>,
     epoch: Option<&'a str>,
     recovered: Option<bool>,
+    inbox: Option<InboxCounts>,
+}
+
+/// The `inbox` field of an inbox channel's subscribe reply.
+#[derive(Deserialize)]
+struct InboxCounts {
+    unacked: u64,
 }
 
 /// The fields of a gap notice.
@@ -203,9 +210,14 @@ impl HttpStream {
                 return false;
             }
             let recovered = reply.recovered == Some(true);
-            let offset = match self.position.get(channel) {
+            let offset = match (self.position.get(channel), &reply.inbox) {
                 // The missed messages follow this reply: the position moves with them.
-                Some(at) if recovered && at.epoch == epoch => at.offset,
+                (Some(at), _) if recovered && at.epoch == epoch => at.offset,
+                // An inbox reply's offset is the position after the unacked messages
+                // that follow it (the newest ones up to it): until they arrive, the
+                // stream is before them, or a Last-Event-ID taken from the reply would
+                // skip them.
+                (_, Some(inbox)) => offset.saturating_sub(inbox.unacked),
                 _ => offset,
             };
             self.position.set(channel, Since { offset, epoch });
@@ -326,6 +338,27 @@ mod tests {
             "data: {\"type\":\"close\",\"code\":1001,\"reason\":\"reconnect after 12ms\"}\n\n"
         );
         assert_eq!(wire(s.encode(&encode_frame(opcode::PONG, b"x"))), "");
+    }
+
+    /// Regression: the reply's `id:` was the offset after the unacked messages that follow
+    /// it, so a stream cut between the reply and them resumed past them.
+    #[test]
+    fn an_inbox_reply_is_positioned_before_its_unacked_messages() {
+        let mut s = HttpStream::new(Mode::Sse, &channels(&["user:ivy"]), None);
+        let reply = r#"{"reply":"subscribe","code":200,"channel":"user:ivy","offset":7,"epoch":"5","inbox":{"unacked":3,"more":0}}"#;
+        assert!(wire(s.encode(&text(reply))).starts_with("id: user:ivy~4~5\n"));
+        for offset in 5..=7 {
+            s.encode(&encode_message("user:ivy", offset, &EncodedData::new(b"1")));
+            assert_eq!(s.token(), format!("user:ivy~{offset}~5"));
+        }
+        // With a position: the unacked messages after it follow.
+        let since = Position::parse("user:ivy~5~5").unwrap();
+        let mut s = HttpStream::new(Mode::Sse, &channels(&["user:ivy"]), Some(&since));
+        let reply = r#"{"reply":"subscribe","code":200,"channel":"user:ivy","offset":7,"epoch":"5","inbox":{"unacked":2,"more":0}}"#;
+        assert!(wire(s.encode(&text(reply))).starts_with("id: user:ivy~5~5\n"));
+        let none = r#"{"reply":"subscribe","code":200,"channel":"user:ivy","offset":7,"epoch":"5","inbox":{"unacked":0,"more":0}}"#;
+        s.encode(&text(none));
+        assert_eq!(s.token(), "user:ivy~7~5");
     }
 
     #[test]
