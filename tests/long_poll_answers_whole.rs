@@ -55,7 +55,11 @@ fn answer(out: &Output) -> (String, Value, f64) {
         .expect("Content-Length");
     assert_eq!(length, body.len(), "Content-Length vs body: {head}\n{body}");
     let doc = serde_json::from_str(body).unwrap_or_else(|e| panic!("bad answer {body:?}: {e}"));
-    (head.to_string(), doc, time.trim().parse().expect("time_total"))
+    (
+        head.to_string(),
+        doc,
+        time.trim().parse().expect("time_total"),
+    )
 }
 
 fn poll_args(url: &str) -> Vec<String> {
@@ -110,10 +114,17 @@ fn poll_answers_carry_their_length_all_messages_and_come_at_the_timeout() {
         let out = held.wait_with_output().expect("curl");
         let (_, doc, _) = answer(&out);
         let events = doc["events"].as_array().expect("events").clone();
-        assert!(!events.is_empty(), "a held poll answered empty before its timeout: {doc}");
+        assert!(
+            !events.is_empty(),
+            "a held poll answered empty before its timeout: {doc}"
+        );
         most_in_one = most_in_one.max(events.len());
         for event in events {
-            seen.push(event["data"]["n"].as_u64().unwrap_or_else(|| panic!("{event}")));
+            seen.push(
+                event["data"]["n"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{event}")),
+            );
         }
         position = doc["position"].as_str().expect("position").to_string();
     }
