@@ -663,9 +663,7 @@ impl Connection {
             self.push_replay(gap);
         }
         self.push_replay(step.frames);
-        let Some(lag) = self.lag.as_mut() else {
-            return None;
-        };
+        let lag = self.lag.as_mut()?;
         if step.done {
             lag.channels.remove(at);
         } else {
