@@ -89,6 +89,20 @@ pub struct Common {
     /// Allow targets outside 127.0.0.0/8 and ::1.
     #[arg(long)]
     pub allow_remote: bool,
+    /// How subscribers receive: ws (the WebSocket --url) or sse (ringcast's GET /sse with
+    /// the query of --url, its path ignored; not for `recover`). Default: ws
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    pub transport: Transport,
+}
+
+/// The subscribers' transport.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// WebSocket.
+    #[default]
+    Ws,
+    /// Server-Sent Events (`GET /sse`).
+    Sse,
 }
 
 /// How messages are published.

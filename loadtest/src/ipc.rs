@@ -98,6 +98,10 @@ pub struct WorkerSpec {
     /// Subscribe by command and recover after reconnects (scenario `recover`).
     #[serde(default)]
     pub recover: Option<RecoverSpec>,
+    /// Subscribe with `GET` on `path` and read Server-Sent Events instead of upgrading to
+    /// a WebSocket.
+    #[serde(default)]
+    pub sse: bool,
 }
 
 /// Parent → worker instructions after the spec.

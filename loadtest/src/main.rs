@@ -28,6 +28,7 @@ mod recover;
 mod report;
 mod scenario;
 mod seq;
+mod sseproto;
 mod stats;
 mod summary;
 mod target;

@@ -206,6 +206,15 @@ fn strip_scheme<'a>(url: &'a str, scheme: &str) -> Result<&'a str, UrlError> {
     }
 }
 
+/// The `GET /sse` path for a subscriber URL's path and query: ringcast's SSE endpoint
+/// with the same query (channels, token).
+pub fn sse_path(path: &str) -> String {
+    match path.split_once('?') {
+        Some((_, query)) => format!("/sse?{query}"),
+        None => "/sse".to_owned(),
+    }
+}
+
 /// Splits `host:port/path?q` into the authority and the rest (starting at `/` or `?`).
 fn split_authority(rest: &str) -> (&str, &str) {
     let end = rest.find(['/', '?']).unwrap_or(rest.len());

@@ -104,6 +104,57 @@ fn fanout_over_http_is_exact() {
     );
 }
 
+/// The SSE transport: the same exact accounting (every message once, in order, offsets
+/// by one) over `GET /sse`, and `connect` holding SSE streams.
+#[test]
+fn fanout_over_sse_is_exact() {
+    let rc = start_ringcast(&[]);
+    let (url, pid) = (url(&rc), rc.proc.pid().to_string());
+    let publish = format!("tcp://127.0.0.1:{}", rc.tcp);
+    let r = run_ok(&[
+        "fanout",
+        "--url",
+        &url,
+        "--transport",
+        "sse",
+        "-n",
+        "200",
+        "--publish",
+        &publish,
+        "--messages",
+        "100",
+        "--msg-rate",
+        "0",
+        "--server-pid",
+        &pid,
+        "--timeout",
+        "60",
+    ]);
+    assert_exact(&r, "delivery", 200, 100);
+    assert_eq!(num(&r, &["delivery", "offset_skipped"]), 0);
+    assert_eq!(
+        r["problems"].as_array().map(Vec::len),
+        Some(0),
+        "{:#}",
+        r["problems"]
+    );
+    let r = run_ok(&[
+        "connect",
+        "--url",
+        &url,
+        "--transport",
+        "sse",
+        "-n",
+        "100",
+        "--hold",
+        "1",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(num(&r, &["connections", "connected"]), 100);
+    assert_eq!(num(&r, &["connections", "open_at_end"]), 100);
+}
+
 #[test]
 fn latency_collects_every_sample() {
     let rc = start_ringcast(&[]);

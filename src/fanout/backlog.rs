@@ -113,6 +113,17 @@ impl SendBacklog {
         self.bytes <= limits.max_bytes.saturating_mul(2)
     }
 
+    /// Queues `piece` before everything queued (a long poll's head, written with its
+    /// answer). Only while nothing of the backlog was written: otherwise it goes last.
+    pub fn push_front(&mut self, piece: Bytes) {
+        if self.mid_frame() {
+            self.push_piece(piece);
+        } else if !piece.is_empty() {
+            self.bytes += piece.len();
+            self.frames.push_front(piece);
+        }
+    }
+
     /// Queues message frames a command replays (a recovery), whatever the backlog
     /// holds: the command bounds them, and skipping one would defeat the recovery.
     pub fn push_replay(&mut self, frames: Vec<Bytes>) {

@@ -20,6 +20,9 @@ struct ChannelMembers {
     /// The last offset of the channel this shard's subscribers were given (or were told
     /// they are at): where a heal after a ring overrun starts.
     position: Cell<u64>,
+    /// The channel's epoch as last attached here (0 until an attach told it): with
+    /// `position`, where a subscriber that keeps up is (an SSE stream's `id:`).
+    epoch: Cell<u64>,
 }
 
 /// (channel id, position in that channel's member list)
@@ -49,6 +52,7 @@ impl SubscriptionIndex {
                     name: name.clone(),
                     members: Vec::new(),
                     position: Cell::new(0),
+                    epoch: Cell::new(0),
                 }) as u32;
                 self.ids.insert(name, id);
                 id
@@ -141,6 +145,27 @@ impl SubscriptionIndex {
             let position = &self.channels[id as usize].position;
             position.set(position.get().max(offset));
         }
+    }
+
+    /// Notes `channel`'s epoch (an attach in that epoch).
+    pub fn note_epoch(&self, channel: &str, epoch: u64) {
+        if let Some(&id) = self.ids.get(channel) {
+            self.channels[id as usize].epoch.set(epoch);
+        }
+    }
+
+    /// The channels of `conn`, in the order it subscribed to them (while it never
+    /// unsubscribed), each with the position its subscribers were given up to and its
+    /// epoch.
+    pub fn subscriptions_of(&self, conn: ConnKey) -> impl Iterator<Item = (&str, u64, u64)> {
+        self.by_conn
+            .get(conn as usize)
+            .map_or(&[][..], |subs| subs.as_slice())
+            .iter()
+            .map(|&(id, _)| {
+                let ch = &self.channels[id as usize];
+                (&*ch.name, ch.position.get(), ch.epoch.get())
+            })
     }
 
     /// Every channel with subscribers here: its name, the position its subscribers were

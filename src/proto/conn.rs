@@ -31,7 +31,8 @@ use crate::fanout::history::CatchUp;
 use crate::proto::close::{CloseCause, CloseCode, CloseReason};
 use crate::proto::frame::{encode_close, encode_frame, opcode, FrameDecoder, Inbound};
 use crate::proto::message::encode_gap;
-use crate::proto::sse::{HttpStream, Mode};
+use crate::proto::position::Position;
+use crate::proto::sse::{encode_positionless, HttpStream, Mode, Parts};
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -168,8 +169,11 @@ pub struct Connection {
     /// Channels it has fallen behind on; `None` (no memory) while it keeps up.
     lag: Option<Box<Lag>>,
     /// For `/sse` and `/poll` connections only: the re-encoder of every frame queued
-    /// and the stream's position. `None` (a null pointer) on WebSocket connections.
+    /// and the stream's position. `None` (a null pointer) on WebSocket connections, and
+    /// on an idle SSE stream that released it ([`Connection::release_position`]).
     stream: Option<Box<HttpStream>>,
+    /// An SSE stream (with or without its encoder), and whether it may release it.
+    sse: Sse,
     /// The driver's own marks for this connection, kept here because they fit in this
     /// struct's padding (a table entry stays 120 bytes; see `shard::table`).
     pub driver: DriverMarks,
@@ -182,6 +186,17 @@ pub struct DriverMarks {
     pub dirty: bool,
     /// In the shard's list of connections catching up from history.
     pub lagging: bool,
+}
+
+/// Whether a connection is an SSE stream (it has no encoder while released).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sse {
+    /// WebSocket or long poll.
+    No,
+    /// SSE; releases its encoder while idle.
+    Releasing,
+    /// SSE; keeps its encoder for as long as it lives.
+    Keeping,
 }
 
 /// The channels a connection fell behind on, each with the last offset it was given: it
@@ -211,6 +226,7 @@ impl Connection {
             pinged: false,
             lag: None,
             stream: None,
+            sse: Sse::No,
             driver: DriverMarks::default(),
         }
     }
@@ -219,21 +235,88 @@ impl Connection {
     /// now on is re-encoded by `stream`, input is ignored, and silence is no sign of a
     /// dead peer (an SSE client never writes).
     pub fn with_stream(mut self, stream: HttpStream) -> Self {
+        self.sse = if stream.mode() == Mode::Sse {
+            Sse::Releasing
+        } else {
+            Sse::No
+        };
         self.stream = Some(Box::new(stream));
         self
     }
 
-    /// The HTTP transport's encoder; `None` on a WebSocket connection.
+    /// The HTTP transport's encoder; `None` on a WebSocket connection and on an idle SSE
+    /// stream that released it.
     pub fn http_stream(&self) -> Option<&HttpStream> {
         self.stream.as_deref()
+    }
+
+    /// The HTTP transport, if any.
+    fn mode(&self) -> Option<Mode> {
+        match &self.stream {
+            Some(stream) => Some(stream.mode()),
+            None => (self.sse != Sse::No).then_some(Mode::Sse),
+        }
     }
 
     /// True for an open long poll with an answer to give (something is queued): the
     /// driver then closes it, which completes the answer.
     pub fn poll_answer_due(&self) -> bool {
-        self.is_open()
-            && !self.backlog.is_empty()
-            && self.stream.as_ref().is_some_and(|s| s.is_poll())
+        self.is_open() && !self.backlog.is_empty() && self.is_poll()
+    }
+
+    /// True for a long poll.
+    pub fn is_poll(&self) -> bool {
+        self.stream.as_ref().is_some_and(|s| s.is_poll())
+    }
+
+    /// True while nothing queued may be written yet: a long poll's answer goes out whole,
+    /// head first, once the poll ends ([`Connection::start_close`]).
+    pub fn holds_output(&self) -> bool {
+        self.is_poll() && !matches!(self.phase, Phase::Closing { .. })
+    }
+
+    /// True for an open SSE stream that released its encoder: the driver restores its
+    /// position ([`Connection::restore_position`]) before queuing an event.
+    #[inline]
+    pub fn needs_position(&self) -> bool {
+        self.sse != Sse::No && self.stream.is_none() && self.is_open()
+    }
+
+    /// Gives a released SSE stream its encoder back, at `position`: where the
+    /// subscription index says its channels are (what every subscriber that keeps up was
+    /// given). A channel it lags on is at the last offset it was given instead.
+    pub fn restore_position(&mut self, mut position: Position) {
+        if self.sse == Sse::No || self.stream.is_some() {
+            return;
+        }
+        if let Some(lag) = &self.lag {
+            for (channel, given) in &lag.channels {
+                if let Some(mut at) = position.get(channel) {
+                    at.offset = *given;
+                    position.set(channel, at);
+                }
+            }
+        }
+        self.stream = Some(Box::new(HttpStream::restored(position)));
+    }
+
+    /// Makes an SSE stream keep its encoder for as long as it lives (it has channels whose
+    /// positions the driver cannot rebuild: inbox channels).
+    pub fn keep_position(&mut self) {
+        if self.sse != Sse::No {
+            self.sse = Sse::Keeping;
+        }
+    }
+
+    /// Drops an idle SSE stream's encoder (nothing queued, keeping up on every channel):
+    /// its position is then the one [`Connection::restore_position`] rebuilds, and an
+    /// idle SSE connection costs no more than a WebSocket one. True when released.
+    pub fn release_position(&mut self) -> bool {
+        let idle = self.sse == Sse::Releasing
+            && self.is_open()
+            && self.backlog.is_empty()
+            && self.lag.is_none();
+        idle && self.stream.take().is_some()
     }
 
     /// An open connection with an identity, alive as of `now`.
@@ -284,7 +367,7 @@ impl Connection {
         config: &ConnConfig,
         command: &mut CommandHandler<'_>,
     ) -> Option<CloseDecision> {
-        if self.phase != Phase::Open || self.stream.is_some() {
+        if self.phase != Phase::Open || self.mode().is_some() {
             // Lingering or doomed: input is read only to reach EOF. An HTTP transport's
             // client has nothing to say after its request.
             return None;
@@ -386,7 +469,30 @@ impl Connection {
 
     /// Queues replayed frames, re-encoded for an HTTP transport.
     fn push_replay(&mut self, frames: Vec<Bytes>) {
+        self.ensure_encoder();
         push_replay_to(&mut self.backlog, self.stream.as_deref_mut(), frames);
+    }
+
+    /// Makes sure an HTTP transport has its encoder. A released SSE stream gets a new one at the position of its own events only (the driver restores
+    /// the real one before queuing anything: see [`Connection::needs_position`]).
+    fn ensure_encoder(&mut self) {
+        if self.sse != Sse::No && self.stream.is_none() {
+            self.stream = Some(Box::new(HttpStream::restored(Position::default())));
+        }
+    }
+
+    /// `frame` re-encoded for the HTTP transport; `None` on a WebSocket connection. A
+    /// heartbeat or close event of a released SSE stream needs no encoder.
+    fn encode_for_stream(&mut self, frame: &Bytes) -> Option<Parts> {
+        if self.sse != Sse::No && self.stream.is_none() {
+            if let Some(parts) = encode_positionless(frame) {
+                return Some(parts);
+            }
+        }
+        self.ensure_encoder();
+        self.stream
+            .as_deref_mut()
+            .map(|stream| stream.encode(frame))
     }
 
     /// Queues a control frame or reply; a peer whose unread replies pile up past twice
@@ -399,11 +505,11 @@ impl Connection {
         frame: Bytes,
         config: &ConnConfig,
     ) -> Result<(), CloseDecision> {
-        let within = match self.stream.as_deref_mut() {
+        let within = match self.encode_for_stream(&frame) {
             None => self.backlog.push_control(frame, &config.backlog),
-            Some(stream) => {
+            Some(parts) => {
                 let mut within = true;
-                for piece in stream.encode(&frame).into_iter().filter(|p| !p.is_empty()) {
+                for piece in parts.into_iter().filter(|p| !p.is_empty()) {
                     within &= self.backlog.push_control(piece, &config.backlog);
                 }
                 within
@@ -436,12 +542,12 @@ impl Connection {
     /// message it skips).
     #[inline]
     fn offer_backlog(&mut self, frame: &Bytes, config: &ConnConfig) -> Offer {
-        let Some(stream) = self.stream.as_deref_mut() else {
+        if self.mode().is_none() {
             return self.backlog.offer(frame, &config.backlog);
-        };
+        }
         let offer = self.backlog.admit(&config.backlog);
         if offer == Offer::Queued {
-            for piece in stream.encode(frame) {
+            for piece in self.encode_for_stream(frame).unwrap_or_default() {
                 self.backlog.push_piece(piece);
             }
         }
@@ -553,13 +659,11 @@ impl Connection {
             if lag.lost > u64::from(config.backlog.drop_limit) {
                 return self.close_slow_consumer();
             }
-            push_replay_to(
-                &mut self.backlog,
-                self.stream.as_deref_mut(),
-                vec![encode_gap(channel, from, to)],
-            );
+            let gap = vec![encode_gap(channel, from, to)];
+            self.push_replay(gap);
         }
-        push_replay_to(&mut self.backlog, self.stream.as_deref_mut(), step.frames);
+        self.push_replay(step.frames);
+        let lag = self.lag.as_mut()?;
         if step.done {
             lag.channels.remove(at);
         } else {
@@ -609,20 +713,26 @@ impl Connection {
             return false;
         };
         let close = encode_close(reason.code.code(), &reason.reason);
-        match self.stream.as_deref_mut() {
+        match self.mode() {
             None => {
                 self.backlog.discard_unstarted();
                 self.backlog.push_close(close);
             }
-            Some(stream) => {
-                if !stream.is_poll() {
-                    // The rest of a partly written event, up to its blank line.
-                    self.backlog
-                        .discard_unstarted_messages(|piece| piece.ends_with(b"\n\n"));
-                }
-                // A poll keeps every event: they are its answer.
-                for piece in stream.encode(&close) {
+            Some(Mode::Sse) => {
+                // The rest of a partly written event, up to its blank line.
+                self.backlog
+                    .discard_unstarted_messages(|piece| piece.ends_with(b"\n\n"));
+                for piece in self.encode_for_stream(&close).unwrap_or_default() {
                     self.backlog.push_piece(piece);
+                }
+            }
+            Some(Mode::Poll { .. }) => {
+                // A poll keeps every event: they are its answer, which goes out now, whole
+                // (nothing of it was written: see `holds_output`).
+                if let Some(stream) = self.stream.as_deref() {
+                    let (head, end) = stream.finish_poll(self.backlog.bytes());
+                    self.backlog.push_front(head);
+                    self.backlog.push_piece(end);
                 }
             }
         }
@@ -674,7 +784,7 @@ impl Connection {
                         return Tick::Close(close);
                     }
                 }
-                if let Some(mode) = self.stream.as_ref().map(|s| s.mode()) {
+                if let Some(mode) = self.mode() {
                     return self.tick_stream(now, mode, config);
                 }
                 let silent = now.saturating_sub(self.last_rx);
@@ -733,7 +843,7 @@ impl Connection {
     /// The shard second at which [`Connection::on_tick`] next has something to do.
     pub fn wake_at(&self, config: &ConnConfig) -> Option<u32> {
         let expiry = self.session.as_ref().map_or(u32::MAX, |s| s.expires_at);
-        match (self.phase, self.stream.as_ref().map(|s| s.mode())) {
+        match (self.phase, self.mode()) {
             (Phase::Open, Some(Mode::Poll { deadline })) => return Some(deadline.min(expiry)),
             (Phase::Open, Some(Mode::Sse)) => {
                 return Some(self.last_rx.saturating_add(config.ping_after).min(expiry))

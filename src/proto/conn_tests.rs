@@ -484,3 +484,106 @@ fn a_stalled_or_hopelessly_behind_connection_is_closed_with_1013() {
     let close = behind.apply_catch_up("c", step, &CONFIG).expect("closed");
     assert_eq!(close.cause, CloseCause::SlowConsumer);
 }
+
+/// Everything queued, as one string (an HTTP transport's bytes).
+fn wire(conn: &Connection) -> String {
+    let mut slices = [IoSlice::new(&[]); 64];
+    let n = conn.backlog().io_slices(&mut slices);
+    slices[..n]
+        .iter()
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+/// An idle SSE stream drops its encoder and gets its position back from the driver; a
+/// channel it lags on is at its own offset, not the one the driver gives.
+#[test]
+fn an_idle_sse_stream_releases_its_encoder_and_is_restored() {
+    use crate::proto::message::{encode_message, EncodedData};
+    use crate::proto::position::Position;
+    use crate::proto::sse::{HttpStream, Mode};
+    let chans = ["a".to_string(), "b".to_string()];
+    let mut conn = Connection::new(0).with_stream(HttpStream::new(Mode::Sse, &chans, None));
+    let reply = r#"{"reply":"subscribe","code":200,"channel":"a","offset":4,"epoch":"7"}"#;
+    conn.queue_control(encode_frame(opcode::TEXT, reply.as_bytes()), &CONFIG)
+        .unwrap();
+    assert!(!conn.release_position(), "something is queued");
+    let all = conn.backlog().bytes();
+    conn.on_written(all);
+    assert!(conn.release_position());
+    assert!(conn.http_stream().is_none() && conn.needs_position());
+    // Heartbeats and input need no encoder.
+    assert_eq!(conn.on_tick(30, &CONFIG), Tick::Ping);
+    assert_eq!(wire(&conn), ":\n\n");
+    assert!(conn.http_stream().is_none());
+    let all = conn.backlog().bytes();
+    conn.on_written(all);
+    // Lagging on `b`: its position is the last offset it was given there.
+    let b: Arc<str> = Arc::from("b");
+    conn.lag_from(&b, 2);
+    conn.restore_position(Position::parse("a~5~7,b~9~8").unwrap());
+    assert!(!conn.needs_position());
+    let msg = encode_message("a", 6, &EncodedData::new(b"1"));
+    assert_eq!(
+        conn.offer_on(&Arc::from("a"), 6, &msg, &CONFIG),
+        Offer::Queued
+    );
+    assert!(
+        wire(&conn).starts_with("id: a~6~7,b~2~8\ndata: "),
+        "{}",
+        wire(&conn)
+    );
+    assert!(!conn.release_position(), "lagging");
+    // The close event needs none either.
+    let mut conn = Connection::new(0).with_stream(HttpStream::new(Mode::Sse, &chans, None));
+    assert!(conn.release_position());
+    let close = conn.close(None, CloseCause::Drain).unwrap();
+    let reason = CloseReason::new(CloseCode::GoingAway, "reconnect after 9ms");
+    assert!(conn.start_close(1, Some(&reason)));
+    assert_eq!(close.cause, CloseCause::Drain);
+    assert!(wire(&conn).contains(r#""code":1001"#), "{}", wire(&conn));
+    // One that keeps its encoder never releases it.
+    let mut conn = Connection::new(0).with_stream(HttpStream::new(Mode::Sse, &chans, None));
+    conn.keep_position();
+    assert!(!conn.release_position());
+}
+
+/// A poll's answer is held until it ends, then goes out whole: head (with the length),
+/// events, end.
+#[test]
+fn a_poll_answer_goes_out_whole_with_its_length() {
+    use crate::proto::message::{encode_message, EncodedData};
+    use crate::proto::sse::HttpStream;
+    let chans = ["a".to_string()];
+    let mut conn = Connection::new(0).with_stream(HttpStream::poll(30, &chans, None, ""));
+    assert!(!conn.poll_answer_due());
+    let reply = r#"{"reply":"subscribe","code":200,"channel":"a","offset":4,"epoch":"7"}"#;
+    conn.queue_control(encode_frame(opcode::TEXT, reply.as_bytes()), &CONFIG)
+        .unwrap();
+    let chan: Arc<str> = Arc::from("a");
+    for offset in 5..8 {
+        let msg = encode_message("a", offset, &EncodedData::new(b"1"));
+        assert_eq!(conn.offer_on(&chan, offset, &msg, &CONFIG), Offer::Queued);
+    }
+    assert!(conn.poll_answer_due() && conn.holds_output());
+    let decision = conn
+        .close(
+            Some(CloseReason::new(CloseCode::Normal, "")),
+            CloseCause::PollAnswered,
+        )
+        .unwrap();
+    assert!(conn.start_close(1, decision.reason.as_ref()));
+    assert!(!conn.holds_output());
+    let answer = wire(&conn);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.contains(&format!("Content-Length: {}\r\n", body.len())),
+        "{head}"
+    );
+    let doc: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(doc["events"].as_array().unwrap().len(), 4, "{body}");
+    assert_eq!(doc["position"], "a~7~7");
+    // Its deadline answers it empty.
+    let mut conn = Connection::new(0).with_stream(HttpStream::poll(30, &chans, None, ""));
+    assert!(matches!(conn.on_tick(30, &CONFIG), Tick::Close(_)));
+}

@@ -10,13 +10,22 @@
 //!   (`Bytes::slice` past the frame header, shared with every subscriber), `\n\n`;
 //! - SSE, a ping: the comment `:\n\n` (the heartbeat); a close frame: the close event
 //!   `data: {"type":"close","code":C,"reason":"R"}\n\n`;
-//! - long-poll, a text frame: `,` between events, then the JSON; a close frame: the end
-//!   of the answer, `],"position":"<token>"}` (the head and `{"events":[` went out first).
+//! - long-poll, a text frame: `,` between events, then the JSON. Nothing of a poll's
+//!   answer is written before it is complete: when the poll ends, [`HttpStream::finish_poll`]
+//!   gives the head (with the `Content-Length` of the whole answer) and `{"events":[`, to
+//!   go before the queued events, and the end `],"position":"<token>"}`.
 //!
 //! It also keeps the stream's position (the `id:` token, see [`crate::proto::position`])
 //! from what passes through it: a subscribe reply sets its channel's epoch and offset (a
 //! recovered one keeps the requested offset: the replayed messages follow it), a message
 //! sets its channel's offset, a gap notice moves it past the gap.
+//!
+//! An idle SSE stream keeps no encoder at all: its connection drops it
+//! ([`crate::proto::conn::Connection::release_position`]) and the driver rebuilds it
+//! before the next event from the subscription index (each channel's position and epoch
+//! there, which a connection that keeps up shares with every other subscriber) and the
+//! connection's own lag ([`HttpStream::restored`]). Heartbeats and the close event need no
+//! position ([`encode_positionless`]).
 //!
 //! JSON with a raw line break would end an SSE `data:` line early. Published payloads
 //! cannot carry one ([`crate::proto::message::EncodedData`] turns line breaks between JSON
@@ -56,6 +65,8 @@ pub struct HttpStream {
     position: Position,
     /// Events written so far (a poll answer puts commas between them).
     events: u32,
+    /// A poll's CORS header lines, for the head written with its answer (empty for SSE).
+    cors: String,
 }
 
 /// The fields of a subscribe reply the position needs.
@@ -101,6 +112,27 @@ impl HttpStream {
             mode,
             position,
             events: 0,
+            cors: String::new(),
+        }
+    }
+
+    /// A long poll until `deadline` (shard seconds, the coarse bound; the driver keeps a
+    /// finer one) whose answer's head carries the CORS header lines `cors`.
+    pub fn poll(deadline: u32, channels: &[String], since: Option<&Position>, cors: &str) -> Self {
+        HttpStream {
+            cors: cors.to_string(),
+            ..HttpStream::new(Mode::Poll { deadline }, channels, since)
+        }
+    }
+
+    /// An SSE stream at `position` (rebuilt by the driver after the encoder was released
+    /// while idle).
+    pub fn restored(position: Position) -> Self {
+        HttpStream {
+            mode: Mode::Sse,
+            position,
+            events: 0,
+            cors: String::new(),
         }
     }
 
@@ -124,19 +156,33 @@ impl HttpStream {
         self.events
     }
 
-    /// Re-encodes one server WebSocket frame (unmasked, final) for this transport.
+    /// Re-encodes one server WebSocket frame (unmasked, final) for this transport. A
+    /// poll's close frame is nothing here: [`HttpStream::finish_poll`] ends the answer.
     pub fn encode(&mut self, frame: &Bytes) -> Parts {
         let Some((op, start)) = frame_payload(frame) else {
             return NONE;
         };
-        match op {
-            opcode::TEXT => self.encode_event(frame.slice(start..)),
-            opcode::PING if self.mode == Mode::Sse => {
-                [Bytes::from_static(HEARTBEAT), Bytes::new(), Bytes::new()]
-            }
-            opcode::CLOSE => self.encode_end(&frame[start..]),
+        match (op, self.mode) {
+            (opcode::TEXT, _) => self.encode_event(frame.slice(start..)),
+            (_, Mode::Sse) => encode_positionless(frame).unwrap_or(NONE),
             _ => NONE,
         }
+    }
+
+    /// The pieces that complete a poll's answer once it ends, `events_len` bytes of
+    /// events (everything [`HttpStream::encode`] gave) being queued: the head with the
+    /// answer's `Content-Length` and `{"events":[`, to go before the events, and the end
+    /// `],"position":"<token>"}`, to go after them.
+    pub fn finish_poll(&self, events_len: usize) -> (Bytes, Bytes) {
+        const START: &str = "{\"events\":[";
+        let end = format!("],\"position\":\"{}\"}}", self.position.encode());
+        let length = START.len() + events_len + end.len();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n\
+             Content-Length: {length}\r\nConnection: close\r\n{}\r\n{START}",
+            self.cors
+        );
+        (Bytes::from(head), Bytes::from(end))
     }
 
     fn encode_event(&mut self, json: Bytes) -> Parts {
@@ -165,24 +211,6 @@ impl HttpStream {
                 [comma, json, Bytes::new()]
             }
         }
-    }
-
-    /// The last bytes of the stream, for a close frame's `payload` (code and reason).
-    fn encode_end(&mut self, payload: &[u8]) -> Parts {
-        let text = match self.mode {
-            Mode::Sse => {
-                let code = match payload {
-                    [a, b, ..] => u16::from_be_bytes([*a, *b]),
-                    _ => 1005,
-                };
-                let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
-                // Serializing a str cannot fail.
-                let reason = serde_json::to_string(&*reason).unwrap_or_default();
-                format!("data: {{\"type\":\"close\",\"code\":{code},\"reason\":{reason}}}\n\n")
-            }
-            Mode::Poll { .. } => format!("],\"position\":\"{}\"}}", self.position.encode()),
-        };
-        [Bytes::from(text), Bytes::new(), Bytes::new()]
     }
 
     /// Moves the position past one event; true when it is a subscribe reply that
@@ -235,6 +263,33 @@ impl HttpStream {
     }
 }
 
+/// What an SSE stream sends for a frame that needs no position: the heartbeat comment
+/// for a ping, the close event for a close frame (`payload`: code and reason); `None`
+/// for a text frame (an event, with its `id:`), nothing for anything else.
+pub fn encode_positionless(frame: &[u8]) -> Option<Parts> {
+    let Some((op, start)) = frame_payload(frame) else {
+        return Some(NONE);
+    };
+    Some(match op {
+        opcode::TEXT => return None,
+        opcode::PING => [Bytes::from_static(HEARTBEAT), Bytes::new(), Bytes::new()],
+        opcode::CLOSE => {
+            let payload = &frame[start..];
+            let code = match payload {
+                [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                _ => 1005,
+            };
+            let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
+            // Serializing a str cannot fail.
+            let reason = serde_json::to_string(&*reason).unwrap_or_default();
+            let text =
+                format!("data: {{\"type\":\"close\",\"code\":{code},\"reason\":{reason}}}\n\n");
+            [Bytes::from(text), Bytes::new(), Bytes::new()]
+        }
+        _ => NONE,
+    })
+}
+
 /// The opcode and payload start of a server frame; `None` when it is cut short.
 fn frame_payload(frame: &[u8]) -> Option<(u8, usize)> {
     let (first, second) = (*frame.first()?, *frame.get(1)?);
@@ -275,16 +330,6 @@ pub fn sse_head(cors: &str, retry_ms: u64) -> Vec<u8> {
     format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
          X-Accel-Buffering: no\r\nConnection: keep-alive\r\n{cors}\r\nretry: {retry_ms}\n\n"
-    )
-    .into_bytes()
-}
-
-/// The head of a `200` long-poll answer and the start of its body; the events and the
-/// end (`],"position":...}`) follow, and the connection closes after them.
-pub fn poll_head(cors: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n\
-         Connection: close\r\n{cors}\r\n{{\"events\":["
     )
     .into_bytes()
 }
@@ -381,34 +426,69 @@ mod tests {
         assert_eq!(s.token(), "news~1~99");
     }
 
+    /// A poll's answer as it goes out: head, `{"events":[`, the events, the end.
+    fn poll_answer(s: &HttpStream, events: &str) -> (String, String) {
+        let (head, end) = s.finish_poll(events.len());
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let end = String::from_utf8_lossy(&end).into_owned();
+        let (http, start) = head.split_once("\r\n\r\n").unwrap();
+        (http.to_string(), format!("{start}{events}{end}"))
+    }
+
     #[test]
-    fn a_poll_answer_is_one_json_document() {
+    fn a_poll_answer_is_one_json_document_with_its_length() {
         let since = Position::parse("news~3~77").unwrap();
-        let mut s = HttpStream::new(
-            Mode::Poll { deadline: 9 },
+        let mut s = HttpStream::poll(
+            9,
             &channels(&["news", "b"]),
             Some(&since),
+            "Vary: Origin\r\n",
         );
-        let mut body = String::from("{\"events\":[");
+        let mut events = String::new();
         let recovered = r#"{"reply":"subscribe","code":200,"channel":"news","offset":3,"epoch":"77","recovered":true}"#;
-        body += &wire(s.encode(&text(recovered)));
+        events += &wire(s.encode(&text(recovered)));
         let fresh = r#"{"reply":"subscribe","code":200,"channel":"b","offset":0,"epoch":"5"}"#;
-        body += &wire(s.encode(&text(fresh)));
-        body += &wire(s.encode(&encode_message("news", 4, &EncodedData::new(b"\"x\""))));
-        body += &wire(s.encode(&encode_frame(opcode::PING, b"")));
-        body += &wire(s.encode(&encode_close(1000, "")));
+        events += &wire(s.encode(&text(fresh)));
+        events += &wire(s.encode(&encode_message("news", 4, &EncodedData::new(b"\"x\""))));
+        events += &wire(s.encode(&encode_frame(opcode::PING, b"")));
+        events += &wire(s.encode(&encode_close(1000, "")));
+        let (head, body) = poll_answer(&s, &events);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("\r\nVary: Origin"), "{head}");
+        assert!(head.contains("\r\nConnection: close"), "{head}");
+        assert!(
+            head.contains(&format!("\r\nContent-Length: {}", body.len())),
+            "{head}"
+        );
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(doc["events"].as_array().unwrap().len(), 2, "{body}");
         assert_eq!(doc["events"][0]["channel"], "b");
         assert_eq!(doc["events"][1]["offset"], 4);
         assert_eq!(doc["position"], "news~4~77,b~0~5");
         // Nothing at all: an empty list.
-        let mut empty = HttpStream::new(Mode::Poll { deadline: 9 }, &channels(&["a"]), None);
-        let body = format!(
-            "{{\"events\":[{}",
-            wire(empty.encode(&encode_close(1000, "")))
-        );
+        let empty = HttpStream::poll(9, &channels(&["a"]), None, "");
+        let (head, body) = poll_answer(&empty, "");
         assert_eq!(body, r#"{"events":[],"position":""}"#);
+        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())));
+    }
+
+    #[test]
+    fn a_restored_stream_continues_from_its_position() {
+        let position = Position::parse("a~4~7,b~9~8").unwrap();
+        let mut s = HttpStream::restored(position);
+        let msg = encode_message("b", 10, &EncodedData::new(b"1"));
+        assert!(wire(s.encode(&msg)).starts_with("id: a~4~7,b~10~8\ndata: "));
+        // Heartbeats and the close event need no position.
+        assert_eq!(
+            encode_positionless(&encode_frame(opcode::PING, b"")).map(wire),
+            Some(":\n\n".to_string())
+        );
+        assert!(encode_positionless(&msg).is_none());
+        let close = encode_positionless(&encode_close(4401, "token expired")).map(wire);
+        assert_eq!(
+            close.as_deref(),
+            Some("data: {\"type\":\"close\",\"code\":4401,\"reason\":\"token expired\"}\n\n")
+        );
     }
 
     #[test]
@@ -423,7 +503,10 @@ mod tests {
         fn arbitrary_frames_never_panic(frame in proptest::collection::vec(any::<u8>(), 0..300), poll in any::<bool>()) {
             let mode = if poll { Mode::Poll { deadline: 1 } } else { Mode::Sse };
             let mut s = HttpStream::new(mode, &channels(&["a"]), None);
-            let _ = s.encode(&Bytes::from(frame));
+            let frame = Bytes::from(frame);
+            let _ = s.encode(&frame);
+            let _ = encode_positionless(&frame);
+            let _ = s.finish_poll(frame.len());
         }
 
         #[test]

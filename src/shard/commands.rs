@@ -186,6 +186,7 @@ impl Shard {
             self.presence_in(conn, session, channel);
         }
         index.note_position(channel, attach.offset);
+        index.note_epoch(channel, attach.epoch);
         if !attach.exact {
             // Applied to the connection once its command (or upgrade) is done: see
             // Shard::lag_inexact_attaches.

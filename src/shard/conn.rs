@@ -32,8 +32,10 @@ use crate::shard::send::Flush;
 use crate::shard::state::Shard;
 use crate::shard::table::{token, untoken, Conn};
 use nix::sys::socket::{recv, MsgFlags};
+use std::cmp::Reverse;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
 
 /// Input read per readiness event before yielding to other connections; the socket is
 /// re-armed so the rest is read on the next round.
@@ -147,6 +149,7 @@ pub(crate) fn adopt_stream(
     stream: HttpStream,
     since: Option<&Position>,
     ip_hold: Option<PerIpHold>,
+    poll_deadline: Option<Instant>,
 ) {
     let Some(key) = insert(shard, fd, claims, Some(stream), ip_hold) else {
         return;
@@ -157,6 +160,12 @@ pub(crate) fn adopt_stream(
     };
     let generation = conn.generation;
     let id = shard.conn_id(key, generation);
+    if let Some(at) = poll_deadline {
+        shard
+            .poll_deadlines
+            .borrow_mut()
+            .push(Reverse((at, key, generation)));
+    }
     for ch in channels {
         let at = since.and_then(|p| p.get(ch));
         let session = conn.machine.session();
@@ -164,10 +173,15 @@ pub(crate) fn adopt_stream(
         let reply = match shard.permit(session, ch, Access::Subscribe) {
             Ok(()) => match shard.inbox_for(ch).zip(shard.inbox.as_ref()) {
                 // Answered when the store has the unacked messages (see shard::inbox).
-                Some((_, inbox)) => shard
-                    .inbox_subscribe(inbox, key, generation, ch, None, at, 0)
-                    .err()
-                    .unwrap_or_default(),
+                Some((_, inbox)) => {
+                    // The index holds no position for an inbox channel: the stream keeps
+                    // its encoder (and position) for as long as it lives.
+                    conn.machine.keep_position();
+                    shard
+                        .inbox_subscribe(inbox, key, generation, ch, None, at, 0)
+                        .err()
+                        .unwrap_or_default()
+                }
                 None => shard.subscribe_at(id, session, ch, None, at, &mut replay),
             },
             Err(reason) => Reply::Refused {
@@ -188,6 +202,8 @@ pub(crate) fn adopt_stream(
     shard.answer_poll_if_due(key, conn);
     if conn.machine.is_open() {
         shard.flush_or_close(key, conn);
+        // Everything out and keeping up: an idle stream holds no encoder.
+        shard.release_idle_stream(conn);
     }
 }
 
@@ -415,6 +431,7 @@ impl Shard {
 
     /// Flushes what the fan-out round queued, then carries out pending closes.
     pub fn settle(&self) {
+        self.answer_noted_polls();
         self.flush_dirty();
         self.catch_up_lagging();
         let orders = std::mem::take(&mut *self.closes.borrow_mut());

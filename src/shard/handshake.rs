@@ -15,7 +15,7 @@ use crate::auth::token::Claims;
 use crate::metrics::RefuseCause;
 use crate::proto::origin::{cors_headers, preflight_response, OriginPolicy};
 use crate::proto::position::Position;
-use crate::proto::sse::{poll_head, sse_head, HttpStream, Mode};
+use crate::proto::sse::{sse_head, HttpStream, Mode};
 use crate::proto::upgrade::{accept_response, parse_upgrade_with_cookie, Endpoint, HttpReject};
 use crate::shard::admission::{refusal_response_with, HandshakeTicket, SlotReservation};
 use crate::shard::conn::{adopt, adopt_stream};
@@ -26,7 +26,7 @@ use glommio::net::TcpStream;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What a finished handshake hands to the connection table.
 struct Upgraded {
@@ -35,8 +35,9 @@ struct Upgraded {
     claims: Option<Claims>,
     leftover: Vec<u8>,
     slot: SlotReservation,
-    /// `/sse` and `/poll`: the transport's encoder and the position to resume from.
-    stream: Option<(HttpStream, Option<Position>)>,
+    /// `/sse` and `/poll`: the transport's encoder, the position to resume from and a
+    /// poll's deadline.
+    stream: Option<(HttpStream, Option<Position>, Option<Instant>)>,
     /// `/ws`: the position the URL's `since` resumes its channels from.
     since: Option<Position>,
 }
@@ -130,7 +131,7 @@ pub async fn upgrade(
             upgraded.leftover,
             ip_hold,
         ),
-        Some((stream, since)) => adopt_stream(
+        Some((stream, since, poll_deadline)) => adopt_stream(
             &shard,
             fd,
             &channels,
@@ -138,6 +139,7 @@ pub async fn upgrade(
             stream,
             since.as_ref(),
             ip_hold,
+            poll_deadline,
         ),
     }
     shard.settle();
@@ -229,14 +231,17 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> 
             let retry_ms = 1000 + u64::from(std::process::id() ^ shard.next_generation()) % 1000;
             let channels = &upgrade.channels;
             let encoder = HttpStream::new(Mode::Sse, channels, upgrade.since.as_ref());
-            (sse_head(&cors, retry_ms), Some(encoder))
+            (sse_head(&cors, retry_ms), Some((encoder, None)))
         }
         Endpoint::Poll { timeout } => {
-            // Shard seconds are whole: +1 so a poll never answers before its timeout.
+            // The answer (head included) is written once known. The heartbeat tick
+            // answers at `at` (within its 100 ms); the shard-second deadline is a backstop
+            // (whole seconds: +1 so it never comes before the timeout).
+            let at = Instant::now() + Duration::from_secs(u64::from(timeout));
             let deadline = shard.now_secs().saturating_add(timeout + 1);
-            let mode = Mode::Poll { deadline };
-            let encoder = HttpStream::new(mode, &upgrade.channels, upgrade.since.as_ref());
-            (poll_head(&cors), Some(encoder))
+            let since = upgrade.since.as_ref();
+            let encoder = HttpStream::poll(deadline, &upgrade.channels, since, &cors);
+            (Vec::new(), Some((encoder, Some(at))))
         }
         Endpoint::WebSocket | Endpoint::Preflight => (accept_response(&upgrade.key), None),
     };
@@ -245,7 +250,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> 
     let _ = stream.set_nodelay(true);
     let leftover = head.split_off(upgrade.head_len);
     let (stream, since) = match http_stream {
-        Some(s) => (Some((s, upgrade.since)), None),
+        Some((s, poll_deadline)) => (Some((s, upgrade.since, poll_deadline)), None),
         None => (None, upgrade.since),
     };
     Some(Upgraded {

@@ -87,6 +87,7 @@ impl Sweep {
     /// Ticks the next slice of the table: pings go out through the batched send path,
     /// dead peers and expired lingers are closed.
     fn step(&mut self, shard: &Shard) {
+        shard.answer_due_polls(Instant::now());
         let now = shard.now_secs();
         let mut lingered = Vec::new();
         {
@@ -104,7 +105,7 @@ impl Sweep {
                 };
                 let before = conn.machine.backlog().bytes();
                 match conn.machine.on_tick(now, &shard.conn_config.get()) {
-                    Tick::Idle => {}
+                    Tick::Idle => shard.release_idle_stream(conn),
                     Tick::Ping => {
                         pings += 1;
                         shard.note_backlog_change(before, conn.machine.backlog().bytes());

@@ -9,10 +9,11 @@
 //! resumes from there.
 
 use crate::fanout::backlog::Offer;
-use crate::fanout::history::CatchUp;
+use crate::fanout::history::{CatchUp, Since};
 use crate::metrics::CloseCause;
 use crate::proto::close::{CloseCode, CloseReason};
 use crate::proto::conn::Written;
+use crate::proto::position::Position;
 use crate::shard::batch::{BatchEntry, SendOutcome, SendRing};
 use crate::shard::follower::ROUND;
 use crate::shard::state::Shard;
@@ -20,6 +21,7 @@ use crate::shard::table::{Conn, ConnTable};
 use bytes::Bytes;
 use nix::sys::socket::{sendmsg, shutdown, MsgFlags, Shutdown, SockaddrStorage};
 use std::cell::Cell;
+use std::cmp::Reverse;
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
@@ -101,6 +103,10 @@ pub enum Flush {
 impl Shard {
     /// Writes as much of `conn`'s backlog as the socket takes right now.
     pub fn flush(&self, conn: &mut Conn) -> Flush {
+        if conn.machine.holds_output() {
+            // A long poll's answer goes out whole once it ends.
+            return Flush::Done;
+        }
         let before = conn.machine.backlog().bytes();
         let result = loop {
             if conn.machine.backlog().is_empty() {
@@ -192,6 +198,9 @@ impl Shard {
         if !conn.machine.is_open() {
             return false;
         }
+        if conn.machine.needs_position() {
+            self.restore_position(key, conn);
+        }
         let offer = match offset {
             Some(offset) => conn
                 .machine
@@ -220,14 +229,83 @@ impl Shard {
         false
     }
 
-    /// Closes a long poll that has its answer queued (the close completes the answer);
-    /// nothing for any other connection.
+    /// Notes a long poll that has its answer queued: [`Shard::settle`] closes it (the
+    /// close completes the answer) at the end of this round, so what the rest of the round
+    /// brings it is in the same answer. Nothing for any other connection.
     #[inline]
     pub(super) fn answer_poll_if_due(&self, key: u32, conn: &mut Conn) {
         if conn.machine.poll_answer_due() {
-            let reason = CloseReason::new(CloseCode::Normal, "");
-            self.schedule_close(key, conn, Some(reason), CloseCause::PollAnswered);
+            // Listed once per message queued in the round at most (a poll not answered
+            // yet is listed again, harmlessly).
+            self.due_polls.borrow_mut().push((key, conn.generation));
         }
+    }
+
+    /// Answers (closes) the polls [`Shard::answer_poll_if_due`] noted.
+    pub(super) fn answer_noted_polls(&self) {
+        let due = std::mem::take(&mut *self.due_polls.borrow_mut());
+        if due.is_empty() {
+            return;
+        }
+        let mut conns = self.conns.borrow_mut();
+        for (key, generation) in due {
+            if let Some(conn) = conns.get_current(key, generation) {
+                let reason = CloseReason::new(CloseCode::Normal, "");
+                self.schedule_close(key, conn, Some(reason), CloseCause::PollAnswered);
+            }
+        }
+    }
+
+    /// Answers every long poll whose deadline passed by `now` (empty, or with what it
+    /// has), from the deadline heap; called on every heartbeat tick (100 ms).
+    pub(super) fn answer_due_polls(&self, now: Instant) {
+        let mut due = Vec::new();
+        {
+            let mut deadlines = self.poll_deadlines.borrow_mut();
+            while let Some(Reverse((at, key, generation))) = deadlines.peek().copied() {
+                if at > now {
+                    break;
+                }
+                deadlines.pop();
+                due.push((key, generation));
+            }
+        }
+        if due.is_empty() {
+            return;
+        }
+        let mut conns = self.conns.borrow_mut();
+        for (key, generation) in due {
+            if let Some(conn) = conns.get_current(key, generation) {
+                if conn.machine.is_poll() {
+                    let reason = CloseReason::new(CloseCode::Normal, "");
+                    self.schedule_close(key, conn, Some(reason), CloseCause::PollAnswered);
+                }
+            }
+        }
+    }
+
+    /// Gives a released SSE stream its position back: each of its channels where the
+    /// subscription index says its subscribers are (its own lag aside, see
+    /// [`crate::proto::conn::Connection::restore_position`]).
+    pub(super) fn restore_position(&self, key: u32, conn: &mut Conn) {
+        let mut position = Position::default();
+        match self.index.try_borrow() {
+            Ok(index) => {
+                for (channel, offset, epoch) in index.subscriptions_of(key) {
+                    position.set(channel, Since { offset, epoch });
+                }
+            }
+            // Not reached (no event is queued while the index is being changed); the
+            // stream's events then name only the channels they are about.
+            Err(_) => tracing::debug!(shard = self.id, "index busy: SSE position not restored"),
+        }
+        conn.machine.restore_position(position);
+    }
+
+    /// Releases the encoder of an SSE stream that is idle (see
+    /// [`crate::proto::conn::Connection::release_position`]).
+    pub(super) fn release_idle_stream(&self, conn: &mut Conn) {
+        conn.machine.release_position();
     }
 
     /// Counts `queued` deliveries of a `frame_len`-byte frame: once per chunk of offers,
@@ -275,6 +353,9 @@ impl Shard {
             self.metrics
                 .caught_up
                 .fetch_add(step.frames.len() as u64, Relaxed);
+            if conn.machine.needs_position() {
+                self.restore_position(key, conn);
+            }
             let close = conn
                 .machine
                 .apply_catch_up(&channel, step, &self.conn_config.get());
@@ -444,7 +525,10 @@ impl Shard {
         for &key in keys {
             if let Some(conn) = conns.get_mut(key) {
                 conn.machine.driver.dirty = false;
-                if conn.machine.is_open() && !conn.machine.backlog().is_empty() {
+                if conn.machine.is_open()
+                    && !conn.machine.backlog().is_empty()
+                    && !conn.machine.holds_output()
+                {
                     total += conn.machine.backlog().frame_count().min(MAX_IOV);
                     selected.push(key);
                 }

@@ -25,7 +25,8 @@ use crate::shard::readiness::ReadySet;
 use crate::shard::send::FairSlice;
 use crate::shard::table::ConnTable;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
@@ -94,6 +95,13 @@ pub struct Shard {
     /// [`crate::fanout::publisher::Attach::exact`]): its connection lags on them from
     /// there once the command is done.
     pub(super) inexact_attaches: RefCell<Vec<(Arc<str>, u64)>>,
+    /// Open long polls by deadline: (deadline, key, generation), the earliest first. The
+    /// heartbeat sweep's 100 ms tick answers the due ones (see [`Shard::answer_due_polls`]);
+    /// an entry of a poll answered earlier is dropped when its deadline comes.
+    pub(super) poll_deadlines: RefCell<BinaryHeap<Reverse<(Instant, u32, u32)>>>,
+    /// Long polls with an answer queued: (key, generation), closed (answered) at the end
+    /// of the round that queued it, so the answer holds all that round had for them.
+    pub(super) due_polls: RefCell<Vec<(u32, u32)>>,
     generation: Cell<u32>,
     started: Instant,
 }
@@ -169,6 +177,8 @@ impl Shard {
             inbox_pending: RefCell::new(HashMap::new()),
             lagging: RefCell::new(Vec::new()),
             inexact_attaches: RefCell::new(Vec::new()),
+            poll_deadlines: RefCell::new(BinaryHeap::new()),
+            due_polls: RefCell::new(Vec::new()),
             generation: Cell::new(0),
             started: Instant::now(),
         })

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::cli::{Common, PublishArgs};
+use crate::cli::{Common, PublishArgs, Transport};
 use crate::fleet::{Fleet, FleetError, Live};
 use crate::ipc::{self, SlowSpec, WorkerFinal, WorkerSpec};
 use crate::limits::{self, LimitError, WorkerPlan};
@@ -111,8 +111,16 @@ impl Run {
         common: &Common,
         default_conns: u64,
     ) -> Result<Run, ScenarioError> {
-        let target = target::parse_ws(&common.url)?;
+        let mut target = target::parse_ws(&common.url)?;
         target::check_local(&common.url, target.addr, common.allow_remote)?;
+        if common.transport == Transport::Sse {
+            if name == "recover" {
+                return Err(ScenarioError::Invalid(
+                    "--transport sse does not apply to `recover` (it subscribes by command)".into(),
+                ));
+            }
+            target.path = target::sse_path(&target.path);
+        }
         if !(common.rate >= 0.0 && common.connect_timeout > 0.0 && common.timeout > 0.0) {
             return Err(ScenarioError::Invalid(
                 "--rate must be >= 0, --connect-timeout and --timeout > 0".into(),
@@ -179,6 +187,7 @@ impl Run {
                     reconnect_rate: reconnect_rate / workers,
                     lifetime_ms,
                     recover: None,
+                    sse: self.common.transport == Transport::Sse,
                 };
                 first += conns;
                 spec

@@ -17,6 +17,7 @@ use super::dial::{self, cause_of};
 use super::record::Recorder;
 use crate::recover::{self, RecoverTracker};
 use crate::seq::{parse_sample, SeqTracker};
+use crate::sseproto;
 use crate::wsproto::{self, FrameHead};
 
 /// Where a connection is in its life.
@@ -49,6 +50,9 @@ pub struct Upgrade {
     pub host: String,
     /// Path and query.
     pub path: String,
+    /// `GET` the path and read Server-Sent Events (ringcast's `/sse`) instead of
+    /// upgrading to a WebSocket.
+    pub sse: bool,
 }
 
 /// One subscriber.
@@ -79,6 +83,8 @@ pub struct Conn {
     buf: Vec<u8>,
     frag: Vec<u8>,
     out: Vec<u8>,
+    /// The current attempt reads Server-Sent Events.
+    sse: bool,
 }
 
 impl Conn {
@@ -100,6 +106,7 @@ impl Conn {
             buf: Vec::new(),
             frag: Vec::new(),
             out: Vec::new(),
+            sse: false,
         }
     }
 
@@ -152,9 +159,14 @@ impl Conn {
                 Err(e) if e.kind() == ErrorKind::NotConnected => return Ok(()),
                 Err(e) => return Err(End::Failed(cause_of(&e))),
             }
-            self.key = wsproto::new_key();
             self.state = State::Handshaking;
-            let request = wsproto::request(&upgrade.host, &upgrade.path, &self.key);
+            self.sse = upgrade.sse;
+            let request = if upgrade.sse {
+                sseproto::request(&upgrade.host, &upgrade.path)
+            } else {
+                self.key = wsproto::new_key();
+                wsproto::request(&upgrade.host, &upgrade.path, &self.key)
+            };
             self.write(&request, rec);
         } else if writable && !self.out.is_empty() {
             self.flush(rec);
@@ -209,7 +221,12 @@ impl Conn {
     fn ingest(&mut self, data: &[u8], rec: &mut Recorder) -> Result<(), End> {
         if self.state == State::Handshaking {
             self.buf.extend_from_slice(data);
-            let head = match wsproto::parse_response(&self.buf, &self.key) {
+            let parsed = if self.sse {
+                sseproto::parse_response(&self.buf)
+            } else {
+                wsproto::parse_response(&self.buf, &self.key)
+            };
+            let head = match parsed {
                 Ok(None) => return Ok(()),
                 Ok(Some(head)) => head,
                 Err(e) => return Err(End::Failed(e.cause())),
@@ -248,8 +265,11 @@ impl Conn {
         Ok(())
     }
 
-    /// Handles every complete frame in `data`; returns the bytes consumed.
+    /// Handles every complete frame (or SSE event) in `data`; returns the bytes consumed.
     fn frames(&mut self, data: &[u8], rec: &mut Recorder) -> Result<usize, End> {
+        if self.sse {
+            return self.events(data, rec);
+        }
         let mut pos = 0;
         loop {
             let head = match wsproto::parse_head(&data[pos..]) {
@@ -261,6 +281,26 @@ impl Conn {
             self.frame(head, payload, rec)?;
             pos += head.total_len();
         }
+    }
+
+    /// Handles every complete SSE event in `data`: each `data:` is a message's JSON
+    /// (accounted like a WebSocket text frame), a subscribe reply (not a delivery) or the
+    /// server's close event; returns the bytes consumed.
+    fn events(&mut self, data: &[u8], rec: &mut Recorder) -> Result<usize, End> {
+        let mut pos = 0;
+        while let Some(event) = sseproto::next_event(&data[pos..]) {
+            pos += event.len;
+            let Some(json) = event.data else {
+                continue;
+            };
+            if let Some(code) = sseproto::close_code(json) {
+                return Err(End::Closed(code));
+            }
+            if !sseproto::is_reply(json) {
+                self.message(json, rec);
+            }
+        }
+        Ok(pos)
     }
 
     fn frame(&mut self, head: FrameHead, payload: &[u8], rec: &mut Recorder) -> Result<(), End> {
@@ -354,9 +394,10 @@ impl Conn {
         }
     }
 
-    /// Closes the socket (after a polite close frame when `polite`) and frees buffers.
+    /// Closes the socket (after a polite close frame when `polite`; an SSE stream just
+    /// closes) and frees buffers.
     pub fn shutdown(&mut self, registry: &Registry, polite: bool, rec: &mut Recorder) {
-        if polite && self.state == State::Open {
+        if polite && self.state == State::Open && !self.sse {
             self.send(wsproto::OP_CLOSE, &1000u16.to_be_bytes(), rec);
         }
         if let Some(mut stream) = self.stream.take() {

@@ -118,6 +118,7 @@ impl Worker {
             upgrade: Upgrade {
                 host: spec.host.clone(),
                 path: spec.path.clone(),
+                sse: spec.sse,
             },
             sched: Schedule::new(spec.conns as usize, spec.rate, spec.max_pending, now),
             conns,
