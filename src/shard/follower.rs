@@ -141,6 +141,17 @@ fn local_frame(frame: &Bytes, subscribers: usize) -> Bytes {
     }
 }
 
+/// Ends a paused fan-out's hold on SSE position releases, however `deliver` ends (it is
+/// a future: it may be dropped at a yield).
+struct Resumed<'a>(&'a Shard);
+
+impl Drop for Resumed<'_> {
+    fn drop(&mut self) {
+        let held = &self.0.partial_deliveries;
+        held.set(held.get().saturating_sub(1));
+    }
+}
+
 /// Offers `frame` to every subscriber of `channel` on this shard; returns how many
 /// subscribers the channel had.
 ///
@@ -201,8 +212,23 @@ async fn deliver(
                 .iter()
                 .filter_map(|&key| conns.get(key).map(|c| (key, c.generation))),
         );
+        // The index already says the channel is at `offset`: a released SSE stream not
+        // yet given it must not rebuild its position from there while the shard yields
+        // (an event queued to it meanwhile would carry an `id:` past a message it has not
+        // had, and a resume from that id would skip it).
+        if let Some(offset) = offset {
+            for &(key, _) in snapshot.iter() {
+                if let Some(conn) = conns.get_mut(key) {
+                    if conn.machine.needs_position() {
+                        shard.restore_position_before(key, conn, channel, offset);
+                    }
+                }
+            }
+        }
         (members.len(), frame)
     };
+    shard.partial_deliveries.set(shard.partial_deliveries.get() + 1);
+    let _resumed = Resumed(shard);
     for part in snapshot.chunks(chunk) {
         shard.fair.yield_if_used().await;
         let index = shard.index.borrow();

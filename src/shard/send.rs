@@ -288,10 +288,31 @@ impl Shard {
     /// subscription index says its subscribers are (its own lag aside, see
     /// [`crate::proto::conn::Connection::restore_position`]).
     pub(super) fn restore_position(&self, key: u32, conn: &mut Conn) {
+        self.restore_position_with(key, conn, None);
+    }
+
+    /// [`Shard::restore_position`] for a stream that has not yet been given `channel`'s
+    /// message `offset`, which the index already counts as given.
+    pub(super) fn restore_position_before(
+        &self,
+        key: u32,
+        conn: &mut Conn,
+        channel: &str,
+        offset: u64,
+    ) {
+        self.restore_position_with(key, conn, Some((channel, offset)));
+    }
+
+    fn restore_position_with(&self, key: u32, conn: &mut Conn, pending: Option<(&str, u64)>) {
         let mut position = Position::default();
         match self.index.try_borrow() {
             Ok(index) => {
-                for (channel, offset, epoch) in index.subscriptions_of(key) {
+                for (channel, mut offset, epoch) in index.subscriptions_of(key) {
+                    if let Some((pending, at)) = pending {
+                        if pending == channel && offset >= at {
+                            offset = at.saturating_sub(1);
+                        }
+                    }
                     position.set(channel, Since { offset, epoch });
                 }
             }
@@ -305,7 +326,9 @@ impl Shard {
     /// Releases the encoder of an SSE stream that is idle (see
     /// [`crate::proto::conn::Connection::release_position`]).
     pub(super) fn release_idle_stream(&self, conn: &mut Conn) {
-        conn.machine.release_position();
+        if self.partial_deliveries.get() == 0 {
+            conn.machine.release_position();
+        }
     }
 
     /// Counts `queued` deliveries of a `frame_len`-byte frame: once per chunk of offers,

@@ -70,6 +70,10 @@ pub struct Shard {
     pub(super) ip_holds: RefCell<HashMap<RawFd, PerIpHold>>,
     /// Set once this shard stopped accepting for a drain.
     pub(super) draining: Cell<bool>,
+    /// Messages whose fan-out paused part-way (see `follower::deliver`): while any is,
+    /// no idle SSE stream releases its position, which the index would rebuild past the
+    /// message for a subscriber not yet given it.
+    pub(super) partial_deliveries: Cell<u32>,
     /// Idle sockets waiting for input or writability.
     pub(super) ready_set: ReadySet,
     /// Closes decided but not yet carried out (see [`Shard::settle`]).
@@ -161,6 +165,7 @@ impl Shard {
             metrics: all_metrics.shard(id),
             all_metrics,
             draining: Cell::new(false),
+            partial_deliveries: Cell::new(0),
             ready_set: ReadySet::new()?,
             closes: RefCell::new(Vec::new()),
             finalize: RefCell::new(Vec::new()),
