@@ -20,11 +20,13 @@ use crate::proto::upgrade::{accept_response, parse_upgrade_with_cookie, Endpoint
 use crate::shard::admission::{refusal_response_with, HandshakeTicket, SlotReservation};
 use crate::shard::conn::{adopt, adopt_stream};
 use crate::shard::state::Shard;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use crate::tls::TlsSession;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 /// What a finished handshake hands to the connection table.
 struct Upgraded {
@@ -42,12 +44,43 @@ struct Upgraded {
 /// Upgrades an accepted TCP connection and adopts it into the shard.
 ///
 /// `ticket` holds the stream's place under `max_handshakes_per_shard` until this returns.
-pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: HandshakeTicket) {
+pub async fn upgrade(shard: Rc<Shard>, stream: TcpStream, ticket: HandshakeTicket) {
+    upgrade_over(shard, stream, ticket, None).await
+}
+
+/// Like [`upgrade`] for a connection to the TLS listener: the TLS handshake first (under
+/// the same `handshake_timeout`), then the same HTTP upgrade over the decrypted bytes.
+pub async fn upgrade_tls(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    ticket: HandshakeTicket,
+    config: Arc<rustls::ServerConfig>,
+) {
+    upgrade_over(shard, stream, ticket, Some(config)).await
+}
+
+async fn upgrade_over(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    mut ticket: HandshakeTicket,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let table_fd = ticket.take_table_fd();
     let ip_hold = ticket.take_ip_hold();
     let deadline = shard.settings.handshake_timeout;
     let outcome = futures_lite::future::or(
-        async { Some(handshake(&shard, &mut stream).await) },
+        async {
+            Some(match tls {
+                None => {
+                    let mut stream = stream;
+                    let upgraded = handshake(&shard, &mut stream).await;
+                    // Frames are written whole, each as soon as it is due.
+                    let _ = stream.set_nodelay(true);
+                    upgraded.map(|u| (u, stream, None))
+                }
+                Some(config) => tls_handshake(&shard, stream, config).await,
+            })
+        },
         async {
             glommio::timer::sleep(deadline).await;
             None
@@ -55,7 +88,7 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: Handsh
     )
     .await;
     drop(ticket);
-    let upgraded = match outcome {
+    let (mut upgraded, stream, tls) = match outcome {
         Some(Some(upgraded)) => upgraded,
         // Answered with an HTTP error (or the peer went away): counted where it happened.
         Some(None) => return,
@@ -75,6 +108,18 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: Handsh
         return;
     };
     drop(stream);
+    let tls = match tls {
+        None => None,
+        Some(conn) => {
+            let mut session = TlsSession::new(conn);
+            // Records read past the request head are plaintext for the table now: no
+            // epoll edge would report them.
+            if session.take_buffered(&mut upgraded.leftover).is_err() {
+                return;
+            }
+            Some(Box::new(session))
+        }
+    };
     // From here the table owns the slot and releases it when the connection leaves it.
     upgraded.slot.adopt();
     let mut channels = upgraded.channels;
@@ -104,6 +149,7 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: Handsh
             upgraded.claims,
             upgraded.since.as_ref(),
             upgraded.leftover,
+            tls,
         ),
         Some((stream, since)) => adopt_stream(
             &shard,
@@ -112,6 +158,7 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: Handsh
             upgraded.claims,
             stream,
             since.as_ref(),
+            tls,
         ),
     }
     shard.settle();
@@ -120,7 +167,10 @@ pub async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, mut ticket: Handsh
 /// Reads and answers the upgrade request. Returns the channels, any bytes the client sent
 /// after the request head and the reserved connection slot, or `None` when the connection
 /// got an HTTP error or failed.
-async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
+async fn handshake<S>(shard: &Shard, stream: &mut S) -> Option<Upgraded>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut head = Vec::with_capacity(512);
     let mut chunk = vec![0u8; 2048];
     // One snapshot for the whole upgrade, whatever a reload does meanwhile.
@@ -144,7 +194,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
                     }
                     _ => String::new(),
                 };
-                let _ = stream.write_all(&reject.response_with(&cors)).await;
+                let _ = answer(stream, &reject.response_with(&cors)).await;
                 return None;
             }
         }
@@ -153,7 +203,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
     if !live.origins.allows(origin) {
         shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
         let reject = HttpReject::new(403, OriginPolicy::refusal(origin));
-        let _ = stream.write_all(&reject.response()).await;
+        let _ = answer(stream, &reject.response()).await;
         return None;
     }
     // The HTTP transports answer an allowed origin with CORS headers, errors included
@@ -165,7 +215,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
         String::new()
     };
     if upgrade.endpoint == Endpoint::Preflight {
-        let _ = stream.write_all(&preflight_response(origin)).await;
+        let _ = answer(stream, &preflight_response(origin)).await;
         return None;
     }
     let claims = match live.auth.admit(upgrade.token.as_deref(), shard.unix_now()) {
@@ -174,7 +224,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
             shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
             shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
             let reject = HttpReject::new(401, format!("unauthorized: {e}"));
-            let _ = stream.write_all(&reject.response_with(&cors)).await;
+            let _ = answer(stream, &reject.response_with(&cors)).await;
             return None;
         }
     };
@@ -188,11 +238,11 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
         Ok(slot) => slot,
         Err(cause) => {
             shard.metrics.refused[cause as usize].fetch_add(1, Relaxed);
-            let _ = stream.write_all(&refusal_response_with(cause, &cors)).await;
+            let _ = answer(stream, &refusal_response_with(cause, &cors)).await;
             return None;
         }
     };
-    let (answer, http_stream) = match upgrade.endpoint {
+    let (response, http_stream) = match upgrade.endpoint {
         Endpoint::Sse => {
             // Reconnects spread over a second rather than all at once after a restart.
             let retry_ms = 1000 + u64::from(std::process::id() ^ shard.next_generation()) % 1000;
@@ -210,8 +260,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
         Endpoint::WebSocket | Endpoint::Preflight => (accept_response(&upgrade.key), None),
     };
     // On failure `slot` drops and the slot is given back.
-    stream.write_all(&answer).await.ok()?;
-    let _ = stream.set_nodelay(true);
+    answer(stream, &response).await.ok()?;
     let leftover = head.split_off(upgrade.head_len);
     let (stream, since) = match http_stream {
         Some(s) => (Some((s, upgrade.since)), None),
@@ -225,4 +274,38 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
         stream,
         since,
     })
+}
+
+/// Writes an answer and flushes it (a TLS stream only encrypts on write).
+async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// The TLS handshake, then the HTTP upgrade over it; the plain stream and the rustls
+/// connection come back for the table. Counts handshakes that succeeded and failed.
+async fn tls_handshake(
+    shard: &Shard,
+    stream: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+) -> Option<(Upgraded, TcpStream, Option<rustls::ServerConnection>)> {
+    // Handshake flights are small writes each waited for: no Nagle delay between them.
+    let _ = stream.set_nodelay(true);
+    let mut tls = match futures_rustls::TlsAcceptor::from(config)
+        .accept(stream)
+        .await
+    {
+        Ok(tls) => {
+            shard.metrics.tls_handshakes[0].fetch_add(1, Relaxed);
+            tls
+        }
+        Err(e) => {
+            shard.metrics.tls_handshakes[1].fetch_add(1, Relaxed);
+            tracing::debug!(shard = shard.id, error = %e, "TLS handshake failed");
+            return None;
+        }
+    };
+    let upgraded = handshake(shard, &mut tls).await?;
+    let (stream, conn) = tls.into_inner();
+    Some((upgraded, stream, Some(conn)))
 }

@@ -101,6 +101,9 @@ pub enum Flush {
 impl Shard {
     /// Writes as much of `conn`'s backlog as the socket takes right now.
     pub fn flush(&self, conn: &mut Conn) -> Flush {
+        if conn.tls.is_some() {
+            return self.flush_tls(conn);
+        }
         let before = conn.machine.backlog().bytes();
         let result = loop {
             if conn.machine.backlog().is_empty() {
@@ -444,6 +447,13 @@ impl Shard {
         for &key in keys {
             if let Some(conn) = conns.get_mut(key) {
                 conn.machine.driver.dirty = false;
+                if conn.tls.is_some() {
+                    // rustls writes its own ciphertext: the plain path, now.
+                    if conn.machine.is_open() {
+                        self.flush_or_close(key, conn);
+                    }
+                    continue;
+                }
                 if conn.machine.is_open() && !conn.machine.backlog().is_empty() {
                     total += conn.machine.backlog().frame_count().min(MAX_IOV);
                     selected.push(key);

@@ -11,6 +11,7 @@
 //! not resident memory.
 
 use crate::proto::conn::Connection;
+use crate::tls::TlsSession;
 use slab::Slab;
 use std::os::fd::OwnedFd;
 
@@ -23,6 +24,9 @@ pub struct Conn {
     pub generation: u32,
     /// Protocol state: input, limits, backlog, heartbeat, close.
     pub machine: Connection,
+    /// The TLS session of a `tls_listen` connection: its bytes in and out of the socket
+    /// go through it ([`crate::shard::tls_io`]). `None` for a plain one.
+    pub tls: Option<Box<TlsSession>>,
 }
 
 /// The connections of one shard, keyed by slot.
