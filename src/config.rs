@@ -816,7 +816,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
 
 /// The TLS listener's address, certificate and key (files read and checked now, so a bad
 /// pair stops the start or is refused by a reload, naming the key).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TlsSettings {
     /// Where the TLS listener binds.
     pub listen: SocketAddr,
@@ -826,6 +826,17 @@ pub struct TlsSettings {
     pub key_file: PathBuf,
     /// The certificate and key, loaded.
     pub server_config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    /// The files, not the loaded chain (the startup log prints the settings).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("listen", &self.listen)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
 }
 
 fn resolve_tls(cli: &ConfigLayer, file: &ConfigLayer) -> Result<Option<TlsSettings>, ConfigError> {

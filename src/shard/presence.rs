@@ -164,7 +164,15 @@ mod tests {
                     let (ours, theirs) = UnixStream::pair().expect("socketpair");
                     peers.push(theirs);
                     let key = shard.conns.borrow().next_key();
-                    adopt(&shard, OwnedFd::from(ours), &chans, None, None, Vec::new());
+                    adopt(
+                        &shard,
+                        OwnedFd::from(ours),
+                        &chans,
+                        None,
+                        None,
+                        Vec::new(),
+                        None,
+                    );
                     key
                 })
                 .collect();
