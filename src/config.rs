@@ -121,7 +121,7 @@ pub struct ConfigLayer {
     #[arg(long, env = "RINGCAST_LISTEN_BACKLOG", value_name = "N")]
     pub listen_backlog: Option<u32>,
     /// TLS listen address for `wss://` (and `https://` for /sse and /poll); empty: no TLS
-    /// listener. Needs tls_cert_file and tls_key_file. Default: empty (off).
+    /// listener. Needs tls_cert_file and tls_key_file. Default: none (off).
     #[arg(long, env = "RINGCAST_TLS_LISTEN", value_name = "ADDR")]
     pub tls_listen: Option<String>,
     /// PEM certificate chain for the TLS listener, leaf first (reloaded on SIGHUP).
