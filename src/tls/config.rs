@@ -112,6 +112,9 @@ pub(crate) mod tests {
             "/CN=localhost",
         ])
         .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        // An end-entity certificate: webpki (the unit tests' rustls client) refuses a CA
+        // certificate as a server's, which `req -x509` makes by default.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
         .arg("-newkey")
         .arg(newkey);
         if kind == "ec" {
