@@ -4,6 +4,9 @@ growth per connection (docs/benchmarks.md, "Idle bytes per SSE connection").
 
     python3 scripts/idle_conns.py --addr 127.0.0.1:18080 --pid PID -n 10000 --transport sse
 
+`--transport wss` upgrades over TLS (the `tls_listen` port; the certificate is not
+checked).
+
 Stdlib only. Each connection sends its request (a WebSocket upgrade or GET /sse) and
 reads the answer's first bytes, then stays silent; RSS is read from /proc/PID/status
 before the first connection and after the last answer (then after --settle seconds).
@@ -14,6 +17,7 @@ import base64
 import json
 import os
 import socket
+import ssl
 import time
 
 
@@ -30,15 +34,20 @@ def main():
     ap.add_argument("--addr", required=True)
     ap.add_argument("--pid", type=int, required=True)
     ap.add_argument("-n", type=int, default=10000)
-    ap.add_argument("--transport", choices=["ws", "sse"], default="sse")
+    ap.add_argument("--transport", choices=["ws", "sse", "wss"], default="sse")
     ap.add_argument("--channel", default="idle")
     ap.add_argument("--settle", type=float, default=3)
     args = ap.parse_args()
     host, port = args.addr.rsplit(":", 1)
     before = rss_kib(args.pid)
     socks = []
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
     for _ in range(args.n):
         s = socket.create_connection((host, int(port)), timeout=10)
+        if args.transport == "wss":
+            s = tls.wrap_socket(s, server_hostname=host)
         if args.transport == "sse":
             req = f"GET /sse?channels={args.channel} HTTP/1.1\r\nHost: {host}\r\n\r\n"
         else:

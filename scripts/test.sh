@@ -104,6 +104,12 @@ if ! command -v curl >/dev/null 2>&1; then
 fi
 command -v curl >/dev/null 2>&1 || die "curl is not on PATH after installing it (needed by tests/sse_and_poll_resume.rs)"
 
+# ---- openssl CLI (tests/tls_listener_serves_wss_and_https.rs, src/tls unit tests) -----
+if ! command -v openssl >/dev/null 2>&1; then
+	apt_install openssl
+fi
+command -v openssl >/dev/null 2>&1 || die "openssl is not on PATH after installing it (needed by tests/tls_listener_serves_wss_and_https.rs)"
+
 # ---- Node + ws -----------------------------------------------------------------------
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
 	apt_install nodejs npm

@@ -121,6 +121,18 @@ pub struct ConfigLayer {
     /// net.core.somaxconn). Default: 65535.
     #[arg(long, env = "RINGCAST_LISTEN_BACKLOG", value_name = "N")]
     pub listen_backlog: Option<u32>,
+    /// TLS listen address for `wss://` (and `https://` for /sse and /poll); empty: no TLS
+    /// listener. Needs tls_cert_file and tls_key_file. Default: none (off).
+    #[arg(long, env = "RINGCAST_TLS_LISTEN", value_name = "ADDR")]
+    pub tls_listen: Option<String>,
+    /// PEM certificate chain for the TLS listener, leaf first (reloaded on SIGHUP).
+    /// Default: none.
+    #[arg(long, env = "RINGCAST_TLS_CERT_FILE", value_name = "FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or EC) of tls_cert_file's certificate (reloaded on
+    /// SIGHUP). Default: none.
+    #[arg(long, env = "RINGCAST_TLS_KEY_FILE", value_name = "FILE")]
+    pub tls_key_file: Option<PathBuf>,
     /// Largest frame or message accepted from a client, and largest published payload,
     /// in bytes. Default: 65536.
     #[arg(long, env = "RINGCAST_MAX_MESSAGE_SIZE", value_name = "BYTES")]
@@ -409,6 +421,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Listener accept queue length.
     pub listen_backlog: u32,
+    /// The TLS listener, when `tls_listen` is set.
+    pub tls: Option<TlsSettings>,
     /// Frame/message/payload size limit.
     pub max_message_size: usize,
     /// Backlog bytes before skipping.
@@ -694,6 +708,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             100_000_000,
         )?,
         listen_backlog: in_range("listen_backlog", pick!(listen_backlog, 65_535), 1, 1 << 20)?,
+        tls: resolve_tls(&cli, &file)?,
         max_message_size: in_range(
             "max_message_size",
             pick!(max_message_size, 65_536),
@@ -850,6 +865,71 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
     exposed("tcp_ingest", s.tcp_ingest)?;
     exposed("admin", Some(s.admin))?;
     Ok(s)
+}
+
+/// The TLS listener's address, certificate and key (files read and checked now, so a bad
+/// pair stops the start or is refused by a reload, naming the key).
+#[derive(Clone)]
+pub struct TlsSettings {
+    /// Where the TLS listener binds.
+    pub listen: SocketAddr,
+    /// `tls_cert_file`.
+    pub cert_file: PathBuf,
+    /// `tls_key_file`.
+    pub key_file: PathBuf,
+    /// The certificate and key, loaded.
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    /// The files, not the loaded chain (the startup log prints the settings).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("listen", &self.listen)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+fn resolve_tls(cli: &ConfigLayer, file: &ConfigLayer) -> Result<Option<TlsSettings>, ConfigError> {
+    let pick = |c: &Option<PathBuf>, f: &Option<PathBuf>| c.clone().or_else(|| f.clone());
+    let listen = cli.tls_listen.clone().or_else(|| file.tls_listen.clone());
+    let cert = pick(&cli.tls_cert_file, &file.tls_cert_file);
+    let key = pick(&cli.tls_key_file, &file.tls_key_file);
+    let listen = match listen.as_deref().map(str::trim) {
+        None | Some("") => return Ok(None),
+        Some(v) => v.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "tls_listen",
+                format!("expected ADDR:PORT or empty, got {v:?}"),
+            )
+        })?,
+    };
+    let cert_file = cert.ok_or_else(|| {
+        invalid(
+            "tls_cert_file",
+            "tls_listen is set: name the PEM certificate chain",
+        )
+    })?;
+    let key_file = key.ok_or_else(|| {
+        invalid(
+            "tls_key_file",
+            "tls_listen is set: name the PEM private key",
+        )
+    })?;
+    let server_config = crate::tls::load_server_config(&cert_file, &key_file).map_err(|e| {
+        ConfigError::Invalid {
+            key: e.key,
+            message: format!("{}: {}", e.path, e.message),
+        }
+    })?;
+    Ok(Some(TlsSettings {
+        listen,
+        cert_file,
+        key_file,
+        server_config,
+    }))
 }
 
 /// The `inbox*` and `data_dir` keys, checked (bounds and that paths are not empty; the

@@ -27,6 +27,8 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/publish` on the admin port.
 //! - [`admission`]: what the accept loop and the upgrade decide about a new socket
 //!   (accept error backoff), pure, with the clock passed in.
+//! - [`tls`]: TLS termination (rustls): the certificate and key, and the sans-io session
+//!   the shard drives for a `wss://`/`https://` connection.
 //! - [`config`]: TOML file + flags + environment, validated into settings.
 //! - [`check_host`]: `ringcast check-host`, the host's limits against a connection target.
 
@@ -45,3 +47,4 @@ pub mod presence;
 pub mod procstat;
 pub mod proto;
 pub mod shard;
+pub mod tls;

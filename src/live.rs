@@ -43,6 +43,8 @@ pub const RELOADABLE: &[&str] = &[
     "subscribe_user_channel",
     "allowed_origins",
     "allow_missing_origin",
+    "tls_cert_file",
+    "tls_key_file",
 ];
 
 /// Keys whose values are secret: a reload names them, never their values.
@@ -73,6 +75,10 @@ pub struct Live {
     pub auth: AuthSettings,
     /// Browser origins allowed on the WebSocket port (upgrade, SSE, long-poll).
     pub origins: OriginPolicy,
+    /// The TLS listener's certificate and key (re-read from the files on every reload,
+    /// so a renewed certificate at the same path is picked up); new handshakes use the
+    /// newest, open connections keep theirs.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Live {
@@ -90,6 +96,7 @@ impl Live {
             ingest_key: settings.ingest_key.clone(),
             auth: settings.auth.clone(),
             origins: settings.origins.clone(),
+            tls: settings.tls.as_ref().map(|t| t.server_config.clone()),
         }
     }
 

@@ -125,6 +125,8 @@ pub struct ShardMetrics {
     pub commands: AtomicU64,
     /// Pings sent by the server.
     pub pings_sent: AtomicU64,
+    /// TLS handshakes on the `tls_listen` port: `[succeeded, failed]`.
+    pub tls_handshakes: [AtomicU64; 2],
 }
 
 /// Upper bounds (seconds) of the delivery latency histogram's buckets: from 100 µs (a
@@ -515,6 +517,7 @@ impl Metrics {
         self.render_per_shard(&mut out);
         crate::procstat::render(&mut out, self.started_unix);
         self.render_inbox(&mut out);
+        self.render_tls(&mut out);
         let _ = writeln!(
             out,
             "# HELP ringcast_config_reloads_total Configuration reloads (SIGHUP) applied (ok) or refused (error).\n# TYPE ringcast_config_reloads_total counter\nringcast_config_reloads_total{{result=\"ok\"}} {}\nringcast_config_reloads_total{{result=\"error\"}} {}",
@@ -529,6 +532,17 @@ impl Metrics {
         );
         let _ = writeln!(out, "# HELP ringcast_draining 1 from the first SIGTERM or SIGINT on (drain_grace and drain).\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
         out
+    }
+
+    fn render_tls(&self, out: &mut String) {
+        out.push_str("# HELP ringcast_tls_handshakes_total TLS handshakes on the tls_listen port, by result (failed: not TLS, bad ClientHello, no common version or cipher, peer gone).\n# TYPE ringcast_tls_handshakes_total counter\n");
+        for (i, result) in ["ok", "failed"].into_iter().enumerate() {
+            let n = self.sum(|s| &s.tls_handshakes[i]);
+            let _ = writeln!(
+                out,
+                "ringcast_tls_handshakes_total{{result=\"{result}\"}} {n}"
+            );
+        }
     }
 
     fn render_latency(&self, out: &mut String) {

@@ -31,6 +31,7 @@ use crate::shard::readiness::Ready;
 use crate::shard::send::Flush;
 use crate::shard::state::Shard;
 use crate::shard::table::{token, untoken, Conn};
+use crate::tls::TlsSession;
 use nix::sys::socket::{recv, MsgFlags};
 use std::cmp::Reverse;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -39,7 +40,7 @@ use std::time::Instant;
 
 /// Input read per readiness event before yielding to other connections; the socket is
 /// re-armed so the rest is read on the next round.
-const MAX_READ_PER_EVENT: usize = 1 << 20;
+pub(super) const MAX_READ_PER_EVENT: usize = 1 << 20;
 
 /// How long a closing connection may take to receive its close frame and answer with
 /// EOF, in shard seconds; then its socket is closed regardless.
@@ -56,8 +57,9 @@ pub(crate) fn adopt(
     since: Option<&Position>,
     mut leftover: Vec<u8>,
     ip_hold: Option<PerIpHold>,
+    tls: Option<Box<TlsSession>>,
 ) {
-    let Some(key) = insert(shard, fd, claims, None, ip_hold) else {
+    let Some(key) = insert(shard, fd, claims, None, ip_hold, tls) else {
         return;
     };
     let mut conns = shard.conns.borrow_mut();
@@ -150,8 +152,9 @@ pub(crate) fn adopt_stream(
     since: Option<&Position>,
     ip_hold: Option<PerIpHold>,
     poll_deadline: Option<Instant>,
+    tls: Option<Box<TlsSession>>,
 ) {
-    let Some(key) = insert(shard, fd, claims, Some(stream), ip_hold) else {
+    let Some(key) = insert(shard, fd, claims, Some(stream), ip_hold, tls) else {
         return;
     };
     let mut conns = shard.conns.borrow_mut();
@@ -220,6 +223,7 @@ fn insert(
     claims: Option<Claims>,
     stream: Option<HttpStream>,
     ip_hold: Option<PerIpHold>,
+    tls: Option<Box<TlsSession>>,
 ) -> Option<u32> {
     let now = shard.now_secs();
     let generation = shard.next_generation();
@@ -259,6 +263,7 @@ fn insert(
                 None => machine,
                 Some(stream) => machine.with_stream(stream),
             },
+            tls,
         })
     };
     shard.metrics.connections.fetch_add(1, Relaxed);
@@ -298,7 +303,10 @@ pub fn on_ready(shard: &Shard, ready: Ready) {
     let Some(conn) = conns.get_current(key, generation) else {
         return;
     };
-    if ready.writable && !conn.machine.backlog().is_empty() {
+    // A TLS connection may have ciphertext left in rustls with its backlog empty.
+    let pending =
+        !conn.machine.backlog().is_empty() || conn.tls.as_deref().is_some_and(|t| t.wants_write());
+    if ready.writable && pending {
         match conn.machine.phase() {
             Phase::Open => {
                 shard.flush_or_close(key, conn);
@@ -321,6 +329,9 @@ pub fn on_ready(shard: &Shard, ready: Ready) {
 
 /// Reads what the socket has (edge-triggered: until EAGAIN, or re-armed past the cap).
 fn read_input(shard: &Shard, key: u32, conn: &mut Conn) {
+    if conn.tls.is_some() {
+        return crate::shard::tls_io::read_input(shard, key, conn);
+    }
     let mut scratch = shard.scratch.borrow_mut();
     let mut total = 0;
     loop {
@@ -345,7 +356,7 @@ fn read_input(shard: &Shard, key: u32, conn: &mut Conn) {
 }
 
 /// Feeds client bytes to the machine, then writes its answers.
-fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
+pub(super) fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
     if !conn.machine.is_open() {
         return;
     }
@@ -381,7 +392,7 @@ fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
     }
 }
 
-fn peer_gone(shard: &Shard, key: u32, conn: &mut Conn) {
+pub(super) fn peer_gone(shard: &Shard, key: u32, conn: &mut Conn) {
     match conn.machine.on_eof() {
         Eof::Finished => shard.schedule_finalize(key),
         Eof::Close(close) => shard.enqueue_close(key, conn.generation, close),

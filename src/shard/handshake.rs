@@ -21,11 +21,15 @@ use crate::shard::admission::{refusal_response_with, HandshakeTicket, SlotReserv
 use crate::shard::conn::{adopt, adopt_stream};
 use crate::shard::proxy::admit_proxied;
 use crate::shard::state::Shard;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use crate::tls::TlsSession;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// What a finished handshake hands to the connection table.
@@ -46,11 +50,29 @@ struct Upgraded {
 ///
 /// `ticket` holds the stream's place under `max_handshakes_per_shard` until this returns;
 /// `accepted` is when the listener accepted the stream (the handshake duration's start).
-pub async fn upgrade(
+pub async fn upgrade(shard: Rc<Shard>, stream: TcpStream, ticket: HandshakeTicket, accepted: Instant) {
+    upgrade_over(shard, stream, ticket, accepted, None).await
+}
+
+/// Like [`upgrade`] for a connection to the TLS listener: the TLS handshake first (under
+/// the same `handshake_timeout`, after a trusted proxy's PROXY header), then the same HTTP
+/// upgrade over the decrypted bytes.
+pub async fn upgrade_tls(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    ticket: HandshakeTicket,
+    accepted: Instant,
+    config: Arc<rustls::ServerConfig>,
+) {
+    upgrade_over(shard, stream, ticket, accepted, Some(config)).await
+}
+
+async fn upgrade_over(
     shard: Rc<Shard>,
     mut stream: TcpStream,
     mut ticket: HandshakeTicket,
     accepted: Instant,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     let table_fd = ticket.take_table_fd();
     let mut ip_hold = ticket.take_ip_hold();
@@ -68,7 +90,15 @@ pub async fn upgrade(
                 ip_hold = hold;
                 head = rest;
             }
-            Some(handshake(&shard, &mut stream, head).await)
+            Some(match tls {
+                None => {
+                    let upgraded = handshake(&shard, &mut stream, head).await;
+                    // Frames are written whole, each as soon as it is due.
+                    let _ = stream.set_nodelay(true);
+                    upgraded.map(|u| (u, stream, None))
+                }
+                Some(config) => tls_handshake(&shard, stream, head, config).await,
+            })
         },
         async {
             glommio::timer::sleep(deadline).await;
@@ -77,7 +107,7 @@ pub async fn upgrade(
     )
     .await;
     drop(ticket);
-    let upgraded = match outcome {
+    let (mut upgraded, stream, tls) = match outcome {
         Some(Some(upgraded)) => {
             let micros = accepted.elapsed().as_micros();
             shard
@@ -103,6 +133,18 @@ pub async fn upgrade(
         return;
     };
     drop(stream);
+    let tls = match tls {
+        None => None,
+        Some(conn) => {
+            let mut session = TlsSession::new(conn);
+            // Records read past the request head are plaintext for the table now: no
+            // epoll edge would report them.
+            if session.take_buffered(&mut upgraded.leftover).is_err() {
+                return;
+            }
+            Some(Box::new(session))
+        }
+    };
     // From here the table owns the slot and releases it when the connection leaves it.
     upgraded.slot.adopt();
     let mut channels = upgraded.channels;
@@ -130,6 +172,7 @@ pub async fn upgrade(
             upgraded.since.as_ref(),
             upgraded.leftover,
             ip_hold,
+            tls,
         ),
         Some((stream, since, poll_deadline)) => adopt_stream(
             &shard,
@@ -140,6 +183,7 @@ pub async fn upgrade(
             since.as_ref(),
             ip_hold,
             poll_deadline,
+            tls,
         ),
     }
     shard.settle();
@@ -148,7 +192,10 @@ pub async fn upgrade(
 /// Reads and answers the upgrade request (`head`: bytes of it already read). Returns the
 /// channels, any bytes the client sent after the request head and the reserved connection
 /// slot, or `None` when the connection got an HTTP error or failed.
-async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> Option<Upgraded> {
+async fn handshake<S>(shard: &Shard, stream: &mut S, mut head: Vec<u8>) -> Option<Upgraded>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     head.reserve(512);
     let mut chunk = vec![0u8; 2048];
     // One snapshot for the whole upgrade, whatever a reload does meanwhile.
@@ -177,7 +224,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> 
                     }
                     _ => String::new(),
                 };
-                let _ = stream.write_all(&reject.response_with(&cors)).await;
+                let _ = answer(stream, &reject.response_with(&cors)).await;
                 return None;
             }
         }
@@ -186,7 +233,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> 
     if !live.origins.allows(origin) {
         shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
         let reject = HttpReject::new(403, OriginPolicy::refusal(origin));
-        let _ = stream.write_all(&reject.response()).await;
+        let _ = answer(stream, &reject.response()).await;
         return None;
     }
     // The HTTP transports answer an allowed origin with CORS headers, errors included
@@ -198,7 +245,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> 
         String::new()
     };
     if upgrade.endpoint == Endpoint::Preflight {
-        let _ = stream.write_all(&preflight_response(origin)).await;
+        let _ = answer(stream, &preflight_response(origin)).await;
         return None;
     }
     let claims = match live.auth.admit(upgrade.token.as_deref(), shard.unix_now()) {
@@ -207,7 +254,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> 
             shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
             shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
             let reject = HttpReject::new(401, format!("unauthorized: {e}"));
-            let _ = stream.write_all(&reject.response_with(&cors)).await;
+            let _ = answer(stream, &reject.response_with(&cors)).await;
             return None;
         }
     };
@@ -221,11 +268,11 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> 
         Ok(slot) => slot,
         Err(cause) => {
             shard.metrics.refused[cause as usize].fetch_add(1, Relaxed);
-            let _ = stream.write_all(&refusal_response_with(cause, &cors)).await;
+            let _ = answer(stream, &refusal_response_with(cause, &cors)).await;
             return None;
         }
     };
-    let (answer, http_stream) = match upgrade.endpoint {
+    let (response, http_stream) = match upgrade.endpoint {
         Endpoint::Sse => {
             // Reconnects spread over a second rather than all at once after a restart.
             let retry_ms = 1000 + u64::from(std::process::id() ^ shard.next_generation()) % 1000;
@@ -246,8 +293,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> 
         Endpoint::WebSocket | Endpoint::Preflight => (accept_response(&upgrade.key), None),
     };
     // On failure `slot` drops and the slot is given back.
-    stream.write_all(&answer).await.ok()?;
-    let _ = stream.set_nodelay(true);
+    answer(stream, &response).await.ok()?;
     let leftover = head.split_off(upgrade.head_len);
     let (stream, since) = match http_stream {
         Some((s, poll_deadline)) => (Some((s, upgrade.since, poll_deadline)), None),
@@ -261,4 +307,93 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, mut head: Vec<u8>) -> 
         stream,
         since,
     })
+}
+
+/// Writes an answer and flushes it (a TLS stream only encrypts on write).
+async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// The TLS handshake, then the HTTP upgrade over it; the plain stream and the rustls
+/// connection come back for the table. `early`: bytes already read after a PROXY header
+/// (the start of the ClientHello). Counts handshakes that succeeded and failed.
+async fn tls_handshake(
+    shard: &Shard,
+    stream: TcpStream,
+    early: Vec<u8>,
+    config: Arc<rustls::ServerConfig>,
+) -> Option<(Upgraded, TcpStream, Option<rustls::ServerConnection>)> {
+    // Handshake flights are small writes each waited for: no Nagle delay between them.
+    let _ = stream.set_nodelay(true);
+    let stream = Prefixed {
+        early,
+        at: 0,
+        inner: stream,
+    };
+    let mut tls = match futures_rustls::TlsAcceptor::from(config)
+        .accept(stream)
+        .await
+    {
+        Ok(tls) => {
+            shard.metrics.tls_handshakes[0].fetch_add(1, Relaxed);
+            tls
+        }
+        Err(e) => {
+            shard.metrics.tls_handshakes[1].fetch_add(1, Relaxed);
+            tracing::debug!(shard = shard.id, error = %e, "TLS handshake failed");
+            return None;
+        }
+    };
+    let upgraded = handshake(shard, &mut tls, Vec::new()).await?;
+    let (stream, conn) = tls.into_inner();
+    Some((upgraded, stream.inner, Some(conn)))
+}
+
+/// A stream whose first bytes were already read (after a PROXY header): they are read
+/// again first, then the stream itself.
+struct Prefixed {
+    early: Vec<u8>,
+    at: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let early = &this.early[this.at..];
+        if !early.is_empty() {
+            let n = early.len().min(buf.len());
+            buf[..n].copy_from_slice(&early[..n]);
+            this.at += n;
+            if this.at == this.early.len() {
+                this.early = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(n));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
 }

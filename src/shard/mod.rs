@@ -22,6 +22,7 @@ pub mod readiness;
 pub mod send;
 pub mod state;
 pub mod table;
+pub mod tls_io;
 
 use crate::admission::accept_backoff::{AcceptBackoff, AcceptError};
 use crate::admission::per_ip::PerIpTable;
@@ -92,6 +93,8 @@ pub enum StartError {
 /// The sockets one shard serves.
 struct ShardSockets {
     ws: Option<Socket>,
+    /// The `tls_listen` listener, when configured.
+    tls: Option<Socket>,
     udp: Option<Socket>,
     tcp: Option<Socket>,
     admin: Option<Socket>,
@@ -226,6 +229,14 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
         n,
     )?
     .into_iter();
+    let mut tls: std::vec::IntoIter<Option<Socket>> = match &settings.tls {
+        Some(t) => tcp_listeners("TLS listener", t.listen, settings.listen_backlog, n)?
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>(),
+        None => (0..n).map(|_| None).collect::<Vec<_>>(),
+    }
+    .into_iter();
     let mut udp: std::vec::IntoIter<Option<Socket>> = match settings.udp_ingest {
         Some(a) => udp_sockets("UDP ingest", a, n)?
             .into_iter()
@@ -246,6 +257,7 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
     let sockets: Vec<ShardSockets> = (0..n)
         .map(|_| ShardSockets {
             ws: ws.next(),
+            tls: tls.next().flatten(),
             udp: udp.next().flatten(),
             tcp: tcp.next().flatten(),
             admin: admin.next(),
@@ -352,6 +364,7 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
     tracing::info!(
         shards = n,
         ws = %settings.listen,
+        tls = ?settings.tls.as_ref().map(|t| t.listen),
         udp = ?settings.udp_ingest,
         tcp = ?settings.tcp_ingest,
         admin = %settings.admin,
@@ -388,6 +401,13 @@ impl Reloader {
                     );
                 }
                 self.slots.set_limit(reloaded.settings.max_connections);
+                if let Some(tls) = &reloaded.settings.tls {
+                    tracing::info!(
+                        cert = %tls.cert_file.display(),
+                        key = %tls.key_file.display(),
+                        "TLS certificate and key re-read; new handshakes use them"
+                    );
+                }
                 crate::live::install(Live::from_settings(&reloaded.settings));
                 self.table = reloaded.table;
                 counters[0].fetch_add(1, Ordering::Relaxed);
@@ -590,6 +610,22 @@ async fn shard_main(setup: ShardSetup) {
             gate,
             per_ip.clone(),
             stop_accepting.clone(),
+            false,
+        ))
+        .detach();
+    }
+    if let Some(tls) = sockets.tls {
+        let tls = unsafe { TcpListener::from_raw_fd(tls.into_raw_fd()) };
+        // Its own gate: a TLS handshake costs more CPU, and a storm of them must not
+        // take the plain listener's upgrade places.
+        let gate = HandshakeGate::new(settings.max_handshakes_per_shard, metrics);
+        glommio::spawn_local(accept_loop(
+            shard.clone(),
+            tls,
+            gate,
+            per_ip.clone(),
+            stop_accepting.clone(),
+            true,
         ))
         .detach();
     }
@@ -608,7 +644,17 @@ async fn accept_loop(
     gate: Rc<HandshakeGate>,
     per_ip: Option<Arc<PerIpTable>>,
     stop: Rc<LocalEvent>,
+    tls: bool,
 ) {
+    // A refusal on the TLS port is counted and closed: a plain-text 503 would only be a
+    // TLS error to the client.
+    let refuse = |fd, cause: RefuseCause| {
+        if tls {
+            shard.metrics.refused[cause as usize].fetch_add(1, Ordering::Relaxed);
+        } else {
+            refuse_now(fd, cause, shard.metrics);
+        }
+    };
     let accept = async {
         let mut live = crate::live::Cached::new(&shard.settings);
         let mut backoff = AcceptBackoff::new();
@@ -664,11 +710,7 @@ async fn accept_loop(
                             match table.admit(peer.ip(), Instant::now()) {
                                 Ok(hold) => Some(hold),
                                 Err(refusal) => {
-                                    refuse_now(
-                                        stream.as_raw_fd(),
-                                        per_ip_cause(refusal),
-                                        shard.metrics,
-                                    );
+                                    refuse(stream.as_raw_fd(), per_ip_cause(refusal));
                                     backoff.on_success();
                                     continue;
                                 }
@@ -685,20 +727,33 @@ async fn accept_loop(
                             if let Some(proxied) = proxied {
                                 ticket = ticket.with_proxied(proxied);
                             }
-                            glommio::spawn_local(handshake::upgrade(
-                                shard.clone(),
-                                stream,
-                                ticket,
-                                accepted,
-                            ))
-                            .detach();
+                            if tls {
+                                // The newest certificate (SIGHUP), else the start's.
+                                let config = live.get().tls.clone().or_else(|| {
+                                    shard.settings.tls.as_ref().map(|t| t.server_config.clone())
+                                });
+                                if let Some(config) = config {
+                                    let upgrade = handshake::upgrade_tls(
+                                        shard.clone(),
+                                        stream,
+                                        ticket,
+                                        accepted,
+                                        config,
+                                    );
+                                    glommio::spawn_local(upgrade).detach();
+                                }
+                            } else {
+                                glommio::spawn_local(handshake::upgrade(
+                                    shard.clone(),
+                                    stream,
+                                    ticket,
+                                    accepted,
+                                ))
+                                .detach();
+                            }
                         }
                         (Some(_), None) => {} // closed: the socket is already unusable
-                        (None, _) => refuse_now(
-                            stream.as_raw_fd(),
-                            RefuseCause::HandshakesInFlight,
-                            shard.metrics,
-                        ),
+                        (None, _) => refuse(stream.as_raw_fd(), RefuseCause::HandshakesInFlight),
                     }
                 }
                 Err(e) => {

@@ -107,6 +107,9 @@ impl Shard {
             // A long poll's answer goes out whole once it ends.
             return Flush::Done;
         }
+        if conn.tls.is_some() {
+            return self.flush_tls(conn);
+        }
         let before = conn.machine.backlog().bytes();
         let result = loop {
             if conn.machine.backlog().is_empty() {
@@ -548,6 +551,13 @@ impl Shard {
         for &key in keys {
             if let Some(conn) = conns.get_mut(key) {
                 conn.machine.driver.dirty = false;
+                if conn.tls.is_some() {
+                    // rustls writes its own ciphertext: the plain path, now.
+                    if conn.machine.is_open() {
+                        self.flush_or_close(key, conn);
+                    }
+                    continue;
+                }
                 if conn.machine.is_open()
                     && !conn.machine.backlog().is_empty()
                     && !conn.machine.holds_output()

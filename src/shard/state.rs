@@ -48,6 +48,9 @@ pub struct Shard {
     pub(super) dirty: RefCell<Vec<u32>>,
     /// Read buffer shared by every connection of the shard.
     pub(super) scratch: RefCell<Box<[u8]>>,
+    /// Plaintext decrypted from the scratch buffer's TLS records (16 KiB, one record;
+    /// empty until the shard's first TLS read).
+    pub(super) tls_plain: RefCell<Vec<u8>>,
     /// Offsets + ring.
     pub(super) publisher: Arc<Publisher>,
     /// Who is connected where, over all shards.
@@ -159,6 +162,7 @@ impl Shard {
             index: RefCell::new(SubscriptionIndex::new()),
             dirty: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
+            tls_plain: RefCell::default(),
             publisher,
             registry,
             presence,

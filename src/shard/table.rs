@@ -11,6 +11,7 @@
 //! not resident memory.
 
 use crate::proto::conn::Connection;
+use crate::tls::TlsSession;
 use slab::Slab;
 use std::os::fd::OwnedFd;
 
@@ -23,6 +24,9 @@ pub struct Conn {
     pub generation: u32,
     /// Protocol state: input, limits, backlog, heartbeat, close.
     pub machine: Connection,
+    /// The TLS session of a `tls_listen` connection: its bytes in and out of the socket
+    /// go through it ([`crate::shard::tls_io`]). `None` for a plain one.
+    pub tls: Option<Box<TlsSession>>,
 }
 
 /// The connections of one shard, keyed by slot.
@@ -108,14 +112,15 @@ mod tests {
 
     /// An idle connection is this entry plus its index slots: a field added here costs a
     /// megabyte per million connections. Raise the bound only deliberately
-    /// (docs/benchmarks.md has the measured bytes per idle connection). 120: the machine
+    /// (docs/benchmarks.md has the measured bytes per idle connection). 128: the machine
     /// holds four boxes that are `None` while idle (split-frame input, the session of an
     /// authenticated connection, the channels it lags on, an HTTP transport's encoder) and
-    /// the driver's two marks (in the machine's padding).
+    /// the driver's two marks (in the machine's padding); the entry adds the TLS session
+    /// box (`None` for a plain connection).
     #[test]
     fn an_idle_connection_entry_stays_small() {
         assert!(
-            std::mem::size_of::<Conn>() <= 120,
+            std::mem::size_of::<Conn>() <= 128,
             "Conn is {} bytes",
             std::mem::size_of::<Conn>()
         );
