@@ -46,6 +46,15 @@ pub(super) const MAX_READ_PER_EVENT: usize = 1 << 20;
 /// EOF, in shard seconds; then its socket is closed regardless.
 pub const LINGER_SECS: u32 = 5;
 
+/// What a connection brings to the table besides its socket: its place under the per-IP
+/// limits, from the TLS listener its rustls session, and for a long poll its deadline.
+#[derive(Default)]
+pub(crate) struct Carried {
+    pub ip_hold: Option<PerIpHold>,
+    pub tls: Option<Box<TlsSession>>,
+    pub poll_deadline: Option<Instant>,
+}
+
 /// Registers an upgraded socket in the table, index, registry and epoll set, subscribes
 /// the upgrade's channels (a channel the identity may not use gets a 403 reply instead),
 /// then handles any bytes the client sent after the request head.
@@ -56,10 +65,9 @@ pub(crate) fn adopt(
     claims: Option<Claims>,
     since: Option<&Position>,
     mut leftover: Vec<u8>,
-    ip_hold: Option<PerIpHold>,
-    tls: Option<Box<TlsSession>>,
+    carried: Carried,
 ) {
-    let Some(key) = insert(shard, fd, claims, None, ip_hold, tls) else {
+    let Some(key) = insert(shard, fd, claims, None, carried) else {
         return;
     };
     let mut conns = shard.conns.borrow_mut();
@@ -150,11 +158,10 @@ pub(crate) fn adopt_stream(
     claims: Option<Claims>,
     stream: HttpStream,
     since: Option<&Position>,
-    ip_hold: Option<PerIpHold>,
-    poll_deadline: Option<Instant>,
-    tls: Option<Box<TlsSession>>,
+    carried: Carried,
 ) {
-    let Some(key) = insert(shard, fd, claims, Some(stream), ip_hold, tls) else {
+    let poll_deadline = carried.poll_deadline;
+    let Some(key) = insert(shard, fd, claims, Some(stream), carried) else {
         return;
     };
     let mut conns = shard.conns.borrow_mut();
@@ -222,9 +229,9 @@ fn insert(
     fd: OwnedFd,
     claims: Option<Claims>,
     stream: Option<HttpStream>,
-    ip_hold: Option<PerIpHold>,
-    tls: Option<Box<TlsSession>>,
+    carried: Carried,
 ) -> Option<u32> {
+    let Carried { ip_hold, tls, .. } = carried;
     let now = shard.now_secs();
     let generation = shard.next_generation();
     let key = {
@@ -559,7 +566,10 @@ mod tests {
                 None,
                 None,
                 Vec::new(),
-                hold(),
+                Carried {
+                    ip_hold: hold(),
+                    ..Carried::default()
+                },
             );
             assert!(
                 table.admit(ip, Instant::now()).is_err(),
@@ -581,7 +591,10 @@ mod tests {
                 None,
                 None,
                 Vec::new(),
-                hold(),
+                Carried {
+                    ip_hold: hold(),
+                    ..Carried::default()
+                },
             );
             assert_eq!(shard.conns.borrow().len(), 0, "not adopted");
             assert!(shard.ip_holds.borrow().is_empty());

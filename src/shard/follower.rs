@@ -227,7 +227,9 @@ async fn deliver(
         }
         (members.len(), frame)
     };
-    shard.partial_deliveries.set(shard.partial_deliveries.get() + 1);
+    shard
+        .partial_deliveries
+        .set(shard.partial_deliveries.get() + 1);
     let _resumed = Resumed(shard);
     for part in snapshot.chunks(chunk) {
         shard.fair.yield_if_used().await;
@@ -255,7 +257,7 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::conn::adopt;
+    use crate::shard::conn::{adopt, Carried};
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixStream;
 
@@ -277,7 +279,7 @@ mod tests {
             None,
             None,
             Vec::new(),
-            None,
+            Carried::default(),
         );
         key
     }

@@ -18,7 +18,7 @@ use crate::proto::position::Position;
 use crate::proto::sse::{sse_head, HttpStream, Mode};
 use crate::proto::upgrade::{accept_response, parse_upgrade_with_cookie, Endpoint, HttpReject};
 use crate::shard::admission::{refusal_response_with, HandshakeTicket, SlotReservation};
-use crate::shard::conn::{adopt, adopt_stream};
+use crate::shard::conn::{adopt, adopt_stream, Carried};
 use crate::shard::proxy::admit_proxied;
 use crate::shard::state::Shard;
 use crate::tls::TlsSession;
@@ -50,7 +50,12 @@ struct Upgraded {
 ///
 /// `ticket` holds the stream's place under `max_handshakes_per_shard` until this returns;
 /// `accepted` is when the listener accepted the stream (the handshake duration's start).
-pub async fn upgrade(shard: Rc<Shard>, stream: TcpStream, ticket: HandshakeTicket, accepted: Instant) {
+pub async fn upgrade(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    ticket: HandshakeTicket,
+    accepted: Instant,
+) {
     upgrade_over(shard, stream, ticket, accepted, None).await
 }
 
@@ -171,8 +176,11 @@ async fn upgrade_over(
             upgraded.claims,
             upgraded.since.as_ref(),
             upgraded.leftover,
-            ip_hold,
-            tls,
+            Carried {
+                ip_hold,
+                tls,
+                poll_deadline: None,
+            },
         ),
         Some((stream, since, poll_deadline)) => adopt_stream(
             &shard,
@@ -181,9 +189,11 @@ async fn upgrade_over(
             upgraded.claims,
             stream,
             since.as_ref(),
-            ip_hold,
-            poll_deadline,
-            tls,
+            Carried {
+                ip_hold,
+                tls,
+                poll_deadline,
+            },
         ),
     }
     shard.settle();

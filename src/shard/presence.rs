@@ -125,7 +125,7 @@ mod tests {
     use super::*;
     use crate::auth::namespace::{NamespaceTable, Namespaces};
     use crate::metrics::CloseCause;
-    use crate::shard::conn::adopt;
+    use crate::shard::conn::{adopt, Carried};
     use std::collections::BTreeMap;
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixStream;
@@ -171,7 +171,7 @@ mod tests {
                         None,
                         None,
                         Vec::new(),
-                        None,
+                        Carried::default(),
                     );
                     key
                 })
