@@ -29,6 +29,7 @@
 //!   (accept error backoff), pure, with the clock passed in.
 //! - [`config`]: TOML file + flags + environment, validated into settings.
 //! - [`check_host`]: `ringcast check-host`, the host's limits against a connection target.
+//! - [`sd_notify`]: READY/STOPPING/RELOADING/STATUS to systemd (`Type=notify`).
 
 pub mod admin;
 pub mod admission;
@@ -43,4 +44,5 @@ pub mod live;
 pub mod metrics;
 pub mod presence;
 pub mod proto;
+pub mod sd_notify;
 pub mod shard;
