@@ -563,7 +563,8 @@ pub fn read_host() -> Result<HostSnapshot, HostReadError> {
 }
 
 /// `ringcast check-host`: prints the assessment. Exit code 0 when nothing blocks the
-/// target (warnings allowed), 1 when something does, 2 when the host could not be read.
+/// target (warnings allowed), 1 when something does, 3 when the host could not be read
+/// (2 is clap's, for bad arguments).
 pub fn run(target: &Target) -> ExitCode {
     match read_host() {
         Ok(host) => {
@@ -573,7 +574,7 @@ pub fn run(target: &Target) -> ExitCode {
         }
         Err(e) => {
             eprintln!("ringcast check-host: {e}");
-            ExitCode::from(2)
+            ExitCode::from(3)
         }
     }
 }

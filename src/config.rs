@@ -337,7 +337,7 @@ pub struct ConfigLayer {
 pub enum Command {
     /// Read this host's limits and sysctls and print what to change for a connection
     /// count, with the memory math and each fix. Exit code 0: nothing blocks the count
-    /// (warnings allowed), 1: something blocks it, 2: the host could not be read.
+    /// (warnings allowed), 1: something blocks it, 3: the host could not be read.
     CheckHost {
         /// Connections the host should hold. Default: 1000000.
         #[arg(
