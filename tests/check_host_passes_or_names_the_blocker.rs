@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::*;
 
-/// Runs `ringcast check-host` with `args`; returns the exit code and stdout.
-fn check_host(args: &[&str]) -> (Option<i32>, String, String) {
+/// Runs `ringcast <global> check-host <args>`; returns the exit code, stdout and stderr.
+fn check_host_with(global: &[&str], args: &[&str]) -> (Option<i32>, String, String) {
     let mut command = Command::new(Server::binary());
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("RINGCAST_") {
@@ -18,6 +18,7 @@ fn check_host(args: &[&str]) -> (Option<i32>, String, String) {
         }
     }
     let child = command
+        .args(global)
         .arg("check-host")
         .args(args)
         .stdin(Stdio::null())
@@ -33,6 +34,10 @@ fn check_host(args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+fn check_host(args: &[&str]) -> (Option<i32>, String, String) {
+    check_host_with(&[], args)
 }
 
 #[test]
@@ -75,7 +80,8 @@ fn check_host_passes_or_names_the_blocker() {
     assert!(out.contains("fix: systemd: LimitNOFILE="), "{out}");
 
     // The configuration's ports are the ones checked against the ephemeral range.
-    let (code, out, err) = check_host(&["--connections", "100", "--listen", "127.0.0.1:8443"]);
+    let (code, out, err) =
+        check_host_with(&["--listen", "127.0.0.1:8443"], &["--connections", "100"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("ports 8443 9000 9001 9090"), "{out}");
 }
