@@ -365,7 +365,8 @@ pub struct ConfigLayer {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Read this host's limits and sysctls and print what to change for a connection
-    /// count, with the memory math. Exit code 0: all OK, 1: something must change.
+    /// count, with the memory math and each fix. Exit code 0: nothing blocks the count
+    /// (warnings allowed), 1: something blocks it, 3: the host could not be read.
     CheckHost {
         /// Connections the host should hold. Default: 1000000.
         #[arg(

@@ -31,6 +31,7 @@
 //!   the shard drives for a `wss://`/`https://` connection.
 //! - [`config`]: TOML file + flags + environment, validated into settings.
 //! - [`check_host`]: `ringcast check-host`, the host's limits against a connection target.
+//! - [`sd_notify`]: READY/STOPPING/RELOADING/STATUS to systemd (`Type=notify`).
 
 pub mod admin;
 pub mod admission;
@@ -46,5 +47,6 @@ pub mod metrics;
 pub mod presence;
 pub mod procstat;
 pub mod proto;
+pub mod sd_notify;
 pub mod shard;
 pub mod tls;

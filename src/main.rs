@@ -26,7 +26,9 @@ fn main() -> ExitCode {
         }
     };
     match &cli.command {
-        Some(Command::CheckHost { connections }) => return check_host::run(*connections),
+        Some(Command::CheckHost { connections }) => {
+            return check_host::run(&check_host_target(&cli, *connections))
+        }
         Some(Command::Config {
             action: ConfigAction::Check { file },
         }) => {
@@ -69,6 +71,38 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("ringcast: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// What `check-host` checks for: the connection count, and the shards, io memory and
+/// ports of the configuration the same flags, environment and `--config` file give (the
+/// defaults when they do not load, said on stderr).
+fn check_host_target(cli: &ConfigLayer, connections: u64) -> check_host::Target {
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get() as u64);
+    let mut layer = cli.clone();
+    layer.command = None;
+    match config::load(layer) {
+        Ok(s) => {
+            let mut ports: Vec<u16> = [Some(s.listen), s.udp_ingest, s.tcp_ingest, Some(s.admin)]
+                .into_iter()
+                .flatten()
+                .map(|a| a.port())
+                .filter(|&p| p != 0)
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            check_host::Target {
+                connections,
+                shards: s.shards as u64,
+                io_memory: s.io_memory as u64,
+                ports,
+                ws_port: s.listen.port(),
+            }
+        }
+        Err(e) => {
+            eprintln!("ringcast check-host: configuration not loaded ({e}); checking the defaults");
+            check_host::Target::defaults(connections, cpus)
         }
     }
 }

@@ -39,6 +39,7 @@ use crate::live::Live;
 use crate::metrics;
 use crate::metrics::RefuseCause;
 use crate::presence::Presence;
+use crate::sd_notify::{self, Event, Notifier};
 use crate::shard::admission::{
     per_ip_cause, refuse_now, ConnectionSlots, HandshakeGate, ProxiedPeer,
 };
@@ -372,7 +373,20 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
     );
     // /readyz answers 200 from here, after the line above, never before.
     lifecycle::SHARDS_READY.store(n, Ordering::Release);
-    wait_for_drain(&settings, done_rx, reloader)
+    // systemd (Type=notify) hears READY=1 at the same moment, never before.
+    let notifier = Notifier::from_env();
+    notifier.send(&Event::Ready {
+        status: &serving_status(&settings),
+    });
+    wait_for_drain(&settings, done_rx, reloader, &notifier)
+}
+
+/// The `STATUS=` line while serving: shards and listening addresses.
+fn serving_status(settings: &Settings) -> String {
+    format!(
+        "serving: {} shards, ws {}, admin {}",
+        settings.shards, settings.listen, settings.admin
+    )
 }
 
 /// What a SIGHUP needs: the start's command line and environment, the file's keys as last
@@ -434,6 +448,7 @@ fn wait_for_drain(
     settings: &Settings,
     done: mpsc::Receiver<usize>,
     mut reloader: Reloader,
+    notifier: &Notifier,
 ) -> Result<(), StartError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
@@ -442,12 +457,25 @@ fn wait_for_drain(
         match signals.forever().next() {
             Some(SIGHUP) => {
                 tracing::info!("SIGHUP: reloading the configuration");
+                notifier.send(&Event::Reloading {
+                    monotonic_usec: sd_notify::monotonic_usec(),
+                });
                 reloader.reload();
+                notifier.send(&Event::Reloaded {
+                    status: &serving_status(settings),
+                });
             }
             other => break other,
         }
     };
     lifecycle::STOPPING.store(true, Ordering::Release);
+    notifier.send(&Event::Stopping {
+        status: &format!(
+            "shutting down: /readyz 503, draining in {} s over {} s",
+            settings.drain_grace.as_secs(),
+            settings.drain_window.as_secs()
+        ),
+    });
     std::thread::spawn(move || {
         for sig in signals.forever() {
             if sig == SIGHUP {
@@ -467,6 +495,10 @@ fn wait_for_drain(
     }
     tracing::info!(signal = ?first, window_secs = settings.drain_window.as_secs(), "draining: no new connections; send the signal again to exit at once");
     lifecycle::DRAINING.store(true, Ordering::Release);
+    notifier.send(&Event::Status(&format!(
+        "draining: closing connections with 1001 over {} s",
+        settings.drain_window.as_secs()
+    )));
     let deadline = Instant::now() + settings.drain_window + Duration::from_secs(5);
     for _ in 0..settings.shards {
         let left = deadline.saturating_duration_since(Instant::now());
