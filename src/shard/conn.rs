@@ -46,6 +46,23 @@ pub(super) const MAX_READ_PER_EVENT: usize = 1 << 20;
 /// EOF, in shard seconds; then its socket is closed regardless.
 pub const LINGER_SECS: u32 = 5;
 
+/// While it lives, subscriptions on this shard do not make their connection a presence
+/// member (see [`Shard::presence_in`]).
+struct QuietPresence<'a>(&'a Shard);
+
+impl<'a> QuietPresence<'a> {
+    fn new(shard: &'a Shard) -> Self {
+        shard.quiet_presence.set(true);
+        QuietPresence(shard)
+    }
+}
+
+impl Drop for QuietPresence<'_> {
+    fn drop(&mut self) {
+        self.0.quiet_presence.set(false);
+    }
+}
+
 /// What a connection brings to the table besides its socket: its place under the per-IP
 /// limits, from the TLS listener its rustls session, and for a long poll its deadline.
 #[derive(Default)]
@@ -176,6 +193,10 @@ pub(crate) fn adopt_stream(
             .borrow_mut()
             .push(Reverse((at, key, generation)));
     }
+    // A long poll is a connection per request: as a presence member it would join and
+    // leave at every poll (and its own join would answer it at once). Polls read
+    // presence events but are not members.
+    let _quiet = conn.machine.is_poll().then(|| QuietPresence::new(shard));
     for ch in channels {
         let at = since.and_then(|p| p.get(ch));
         let session = conn.machine.session();

@@ -271,7 +271,7 @@ impl Shard {
             index.note_position(&channel, position);
             added
         };
-        if added {
+        if added && !conn.machine.is_poll() {
             let id = self.conn_id(tag.key, tag.generation);
             self.presence_in(id, conn.machine.session(), &channel);
         }

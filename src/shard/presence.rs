@@ -33,9 +33,10 @@ impl Shard {
     }
 
     /// A subscription of connection `id` to `channel` took effect.
+    /// Not while a long poll is being adopted: polls are not members.
     pub(super) fn presence_in(&self, id: ConnId, session: Option<&Session>, channel: &str) {
         let rules = self.settings.namespaces.rules_for(channel);
-        if rules.presence {
+        if rules.presence && !self.quiet_presence.get() {
             self.presence
                 .join(channel, &member_of(id, session), rules.join_leave);
         }
@@ -61,6 +62,11 @@ impl Shard {
         };
         let id = self.conn_id(key, conn.generation);
         let session = conn.machine.session();
+        if conn.machine.is_poll() {
+            // Never a presence member (see shard::conn::adopt_stream).
+            index.remove_conn(key);
+            return;
+        }
         index.remove_conn_each(key, |channel| self.presence_out(id, session, channel));
     }
 

@@ -77,6 +77,8 @@ pub struct Shard {
     /// no idle SSE stream releases its position, which the index would rebuild past the
     /// message for a subscriber not yet given it.
     pub(super) partial_deliveries: Cell<u32>,
+    /// Set while a long poll's channels are subscribed: no presence membership.
+    pub(super) quiet_presence: Cell<bool>,
     /// Idle sockets waiting for input or writability.
     pub(super) ready_set: ReadySet,
     /// Closes decided but not yet carried out (see [`Shard::settle`]).
@@ -170,6 +172,7 @@ impl Shard {
             all_metrics,
             draining: Cell::new(false),
             partial_deliveries: Cell::new(0),
+            quiet_presence: Cell::new(false),
             ready_set: ReadySet::new()?,
             closes: RefCell::new(Vec::new()),
             finalize: RefCell::new(Vec::new()),
