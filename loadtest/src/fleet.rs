@@ -66,6 +66,8 @@ pub struct Bucket {
     pub deliveries: u64,
     /// Healthy delivery latency.
     pub latency: Histogram<u64>,
+    /// Worker reports that landed in this second (0: the second has no samples at all).
+    pub reports: u64,
 }
 
 /// Running view of the whole fleet.
@@ -130,6 +132,7 @@ impl Live {
                 closes: 0,
                 deliveries: 0,
                 latency: stats::new_hist(),
+                reports: 0,
             });
         }
         self.connects += tick.connects;
@@ -146,6 +149,7 @@ impl Live {
         bucket.failures += tick.failures;
         bucket.closes += tick.closes;
         bucket.deliveries += tick.deliveries;
+        bucket.reports += 1;
         stats::merge_pairs(&mut bucket.latency, &tick.latency);
     }
 }
