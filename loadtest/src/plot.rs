@@ -82,18 +82,23 @@ struct Series {
     value: fn(&TimelinePoint) -> Option<f64>,
 }
 
-/// A marked kind of second: label, colour, and whether a second is one.
+/// A marked kind of second: label, colour, line kind, and the seconds it happened in.
 struct Event {
     label: String,
     color: RGBColor,
+    dashed: bool,
     seconds: Vec<f64>,
 }
+
+/// One legend line: label, colour, dashed or solid.
+type Entry = (String, RGBColor, bool);
 
 type Fail = Box<dyn std::error::Error>;
 
 fn draw(results: &Results, out: &mut String) -> Result<(), Fail> {
     let points = complete_seconds(&results.timeline, results.timeline_secs);
-    let x_max = (points.len() as f64).max(1.0);
+    // Points sit at the start of their second; the axis ends at the last one.
+    let x_max = (points.len().saturating_sub(1) as f64).max(1.0);
     let latency = [
         Series {
             name: "p50",
@@ -146,6 +151,7 @@ fn draw(results: &Results, out: &mut String) -> Result<(), Fail> {
     chart
         .configure_mesh()
         .x_desc("seconds since start")
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .y_desc("latency (ms)")
         .y_label_formatter(&|v| fmt_num(*v))
         .draw()?;
@@ -167,6 +173,7 @@ fn draw(results: &Results, out: &mut String) -> Result<(), Fail> {
     chart
         .configure_mesh()
         .x_desc("seconds since start")
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .y_desc("deliveries per second")
         .y_label_formatter(&|v| fmt_num(*v))
         .draw()?;
@@ -188,20 +195,20 @@ fn draw(results: &Results, out: &mut String) -> Result<(), Fail> {
         }
     }
 
-    let mut top_entries: Vec<(String, RGBColor)> = latency
+    let mut top_entries: Vec<Entry> = latency
         .iter()
-        .map(|s| (s.name.to_string(), s.color))
+        .map(|s| (s.name.to_string(), s.color, false))
         .collect();
-    let mut bottom_entries = vec![
-        (rate.name.to_string(), rate.color),
-        (open.name.to_string(), open.color),
+    let mut bottom_entries: Vec<Entry> = vec![
+        (rate.name.to_string(), rate.color, false),
+        (open.name.to_string(), open.color, false),
     ];
     for e in &events {
-        top_entries.push((e.label.clone(), e.color));
-        bottom_entries.push((e.label.clone(), e.color));
+        top_entries.push((e.label.clone(), e.color, e.dashed));
+        bottom_entries.push((e.label.clone(), e.color, e.dashed));
     }
     if points.is_empty() {
-        top_entries.push(("no whole second recorded".into(), CLOSED));
+        top_entries.push(("no whole second recorded".into(), CLOSED, false));
     }
     draw_legend(&legends[0], &top_entries)?;
     draw_legend(&legends[1], &bottom_entries)?;
@@ -237,6 +244,7 @@ fn events(results: &Results, points: &[TimelinePoint]) -> Vec<Event> {
         out.push(Event {
             label,
             color: CLOSED,
+            dashed: false,
             seconds: closed,
         });
     }
@@ -245,6 +253,7 @@ fn events(results: &Results, points: &[TimelinePoint]) -> Vec<Event> {
         out.push(Event {
             label: format!("failed connects ({total})"),
             color: FAILED,
+            dashed: true,
             seconds: failed,
         });
     }
@@ -260,10 +269,13 @@ type Chart<'a, 'b> = ChartContext<
 fn mark_events(chart: &mut Chart<'_, '_>, events: &[Event], y_top: f64) -> Result<(), Fail> {
     for e in events {
         for &x in &e.seconds {
-            chart.draw_series(LineSeries::new(
-                [(x, 0.0), (x, y_top)],
-                e.color.mix(0.5).stroke_width(1),
-            ))?;
+            let line = [(x, 0.0), (x, y_top)];
+            if e.dashed {
+                let style = e.color.mix(0.8).stroke_width(1);
+                chart.draw_series(DashedLineSeries::new(line, 6, 4, style))?;
+            } else {
+                chart.draw_series(LineSeries::new(line, e.color.mix(0.3).stroke_width(4)))?;
+            }
         }
     }
     Ok(())
@@ -284,13 +296,20 @@ fn draw_series(
     Ok(())
 }
 
-fn draw_legend(
-    area: &DrawingArea<SVGBackend<'_>, Shift>,
-    entries: &[(String, RGBColor)],
-) -> Result<(), Fail> {
-    for (k, (label, color)) in entries.iter().enumerate() {
+fn draw_legend(area: &DrawingArea<SVGBackend<'_>, Shift>, entries: &[Entry]) -> Result<(), Fail> {
+    for (k, (label, color, dashed)) in entries.iter().enumerate() {
         let y = 24 + 20 * k as i32;
-        area.draw(&PathElement::new([(8, y), (30, y)], color.stroke_width(2)))?;
+        let pieces: &[(i32, i32)] = if *dashed {
+            &[(8, 14), (18, 24), (28, 30)]
+        } else {
+            &[(8, 30)]
+        };
+        for &(from, to) in pieces {
+            area.draw(&PathElement::new(
+                [(from, y), (to, y)],
+                color.stroke_width(2),
+            ))?;
+        }
         area.draw(&Text::new(
             label.clone(),
             (36, y - 6),
