@@ -1,12 +1,12 @@
-//! A run that completes but finds problems exits 3 (after writing its results), and
-//! `--exit-zero` keeps exit 0 for the same run. The problem is provoked for real: messages
+//! A run that completes but finds problems exits 3 (after writing its results and its
+//! plot), and `--exit-zero` keeps exit 0 for the same run. The problem is provoked for real: messages
 //! are published to a UDP port nobody listens on, so every delivery is lost.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{free_udp_port, run_load, start_ringcast};
+use common::{free_udp_port, run_load, start_ringcast, tmp_path};
 
 fn lossy_fanout(rc: &common::Ringcast, extra: &[&str]) -> common::Outcome {
     let url = format!("ws://127.0.0.1:{}/ws?channels=bench", rc.ws);
@@ -44,8 +44,17 @@ fn problems(out: &common::Outcome) -> usize {
 fn lost_messages_exit_3_unless_exit_zero() {
     let rc = start_ringcast(&[]);
 
-    let out = lossy_fanout(&rc, &[]);
+    let plot = tmp_path("plot.svg");
+    let plot_arg = plot.to_string_lossy().into_owned();
+    let out = lossy_fanout(&rc, &["--plot", &plot_arg]);
     assert_eq!(out.status.code(), Some(3), "output:\n{}", out.output);
+    let svg = std::fs::read_to_string(&plot)
+        .unwrap_or_else(|e| panic!("no plot at {}: {e}\n{}", plot.display(), out.output));
+    let _ = std::fs::remove_file(&plot);
+    assert!(svg.starts_with("<svg"), "{svg}");
+    for text in ["latency (ms)", "deliveries per second", "open connections"] {
+        assert!(svg.contains(text), "plot lacks {text:?}");
+    }
     assert!(problems(&out) > 0, "output:\n{}", out.output);
     assert!(out.output.contains("PROBLEM"), "output:\n{}", out.output);
     assert!(
