@@ -88,6 +88,8 @@ pub struct Live {
     pub slow_deliveries: u64,
     /// Per-second timeline.
     pub timeline: Vec<Bucket>,
+    /// Seconds from `started` to the last report absorbed: the timeline ends there.
+    pub last_report_secs: f64,
 }
 
 impl Live {
@@ -123,7 +125,9 @@ impl Live {
     }
 
     fn absorb(&mut self, worker: usize, tick: Tick) {
-        let second = self.started.elapsed().as_secs() as usize;
+        let elapsed = self.started.elapsed();
+        self.last_report_secs = elapsed.as_secs_f64();
+        let second = elapsed.as_secs() as usize;
         while self.timeline.len() <= second {
             self.timeline.push(Bucket {
                 open: 0,
@@ -192,6 +196,7 @@ impl Fleet {
                 deliveries: 0,
                 slow_deliveries: 0,
                 timeline: Vec::new(),
+                last_report_secs: 0.0,
             },
             label: label.to_owned(),
             target: specs.iter().map(|s| s.conns).sum(),

@@ -45,8 +45,8 @@ pub struct Results {
     pub client: ClientResults,
     /// One point per second of the run.
     pub timeline: Vec<TimelinePoint>,
-    /// Seconds the timeline covers (from the workers' start to the end of the run); the
-    /// last point is a partial second when this is not a whole number.
+    /// Seconds the timeline covers (from the workers' start to their last report); the
+    /// last point is a partial second when this is below its `t + 1`.
     pub timeline_secs: f64,
     /// Findings that mean the server (or the run) misbehaved: losses, failures, timeouts.
     pub problems: Vec<String>,
