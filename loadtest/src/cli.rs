@@ -89,6 +89,9 @@ pub struct Common {
     /// Allow targets outside 127.0.0.0/8 and ::1.
     #[arg(long)]
     pub allow_remote: bool,
+    /// Exit 0 even when the run found problems (by default such a run exits 3).
+    #[arg(long)]
+    pub exit_zero: bool,
     /// How subscribers receive: ws (the WebSocket --url) or sse (ringcast's GET /sse with
     /// the query of --url, its path ignored; not for `recover`). Default: ws
     #[arg(long, value_enum, default_value_t = Transport::Ws)]

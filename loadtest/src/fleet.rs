@@ -66,6 +66,8 @@ pub struct Bucket {
     pub deliveries: u64,
     /// Healthy delivery latency.
     pub latency: Histogram<u64>,
+    /// Worker reports that landed in this second (0: the second has no samples at all).
+    pub reports: u64,
 }
 
 /// Running view of the whole fleet.
@@ -86,6 +88,8 @@ pub struct Live {
     pub slow_deliveries: u64,
     /// Per-second timeline.
     pub timeline: Vec<Bucket>,
+    /// Seconds from `started` to the last report absorbed: the timeline ends there.
+    pub last_report_secs: f64,
 }
 
 impl Live {
@@ -121,7 +125,9 @@ impl Live {
     }
 
     fn absorb(&mut self, worker: usize, tick: Tick) {
-        let second = self.started.elapsed().as_secs() as usize;
+        let elapsed = self.started.elapsed();
+        self.last_report_secs = elapsed.as_secs_f64();
+        let second = elapsed.as_secs() as usize;
         while self.timeline.len() <= second {
             self.timeline.push(Bucket {
                 open: 0,
@@ -130,6 +136,7 @@ impl Live {
                 closes: 0,
                 deliveries: 0,
                 latency: stats::new_hist(),
+                reports: 0,
             });
         }
         self.connects += tick.connects;
@@ -146,6 +153,7 @@ impl Live {
         bucket.failures += tick.failures;
         bucket.closes += tick.closes;
         bucket.deliveries += tick.deliveries;
+        bucket.reports += 1;
         stats::merge_pairs(&mut bucket.latency, &tick.latency);
     }
 }
@@ -188,6 +196,7 @@ impl Fleet {
                 deliveries: 0,
                 slow_deliveries: 0,
                 timeline: Vec::new(),
+                last_report_secs: 0.0,
             },
             label: label.to_owned(),
             target: specs.iter().map(|s| s.conns).sum(),

@@ -40,10 +40,20 @@ use clap::Parser;
 
 use cli::{Cli, Scenario};
 
+/// Exit status of a run that completed but found problems (1 is an error that stopped the
+/// run, 2 a usage error).
+const EXIT_PROBLEMS: u8 = 3;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::Clean) => std::process::ExitCode::SUCCESS,
+        Ok(Outcome::Problems(n)) => {
+            eprintln!(
+                "ringcast-load: {n} problem(s) found (see PROBLEM lines; --exit-zero to exit 0)"
+            );
+            std::process::ExitCode::from(EXIT_PROBLEMS)
+        }
         Err(err) => {
             eprintln!("ringcast-load: error: {err:#}");
             std::process::ExitCode::FAILURE
@@ -51,16 +61,39 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let (name, result) = match cli.scenario {
-        Scenario::Worker => return worker::run().context("worker process"),
-        Scenario::Connect(args) => ("connect", scenario::connect::run(&args)),
-        Scenario::Fanout(args) => ("fanout", scenario::fanout::run_fanout(&args)),
-        Scenario::Latency(args) => ("latency", scenario::fanout::run_latency(&args)),
-        Scenario::Storm(args) => ("storm", scenario::storm::run(&args)),
-        Scenario::Slow(args) => ("slow", scenario::slow::run(&args)),
-        Scenario::Recover(args) => ("recover", scenario::recover::run(&args)),
+/// How a run that did not fail outright ended.
+enum Outcome {
+    /// No problems, or `--exit-zero`.
+    Clean,
+    /// This many problems were reported.
+    Problems(usize),
+}
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let (name, exit_zero, result) = match cli.scenario {
+        Scenario::Worker => {
+            worker::run().context("worker process")?;
+            return Ok(Outcome::Clean);
+        }
+        Scenario::Connect(a) => ("connect", a.common.exit_zero, scenario::connect::run(&a)),
+        Scenario::Fanout(a) => (
+            "fanout",
+            a.common.exit_zero,
+            scenario::fanout::run_fanout(&a),
+        ),
+        Scenario::Latency(a) => (
+            "latency",
+            a.common.exit_zero,
+            scenario::fanout::run_latency(&a),
+        ),
+        Scenario::Storm(a) => ("storm", a.common.exit_zero, scenario::storm::run(&a)),
+        Scenario::Slow(a) => ("slow", a.common.exit_zero, scenario::slow::run(&a)),
+        Scenario::Recover(a) => ("recover", a.common.exit_zero, scenario::recover::run(&a)),
     };
-    result.with_context(|| format!("scenario {name}"))?;
-    Ok(())
+    let results = result.with_context(|| format!("scenario {name}"))?;
+    Ok(if results.problems.is_empty() || exit_zero {
+        Outcome::Clean
+    } else {
+        Outcome::Problems(results.problems.len())
+    })
 }

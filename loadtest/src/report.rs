@@ -45,6 +45,9 @@ pub struct Results {
     pub client: ClientResults,
     /// One point per second of the run.
     pub timeline: Vec<TimelinePoint>,
+    /// Seconds the timeline covers (from the workers' start to their last report); the
+    /// last point is a partial second when this is below its `t + 1`.
+    pub timeline_secs: f64,
     /// Findings that mean the server (or the run) misbehaved: losses, failures, timeouts.
     pub problems: Vec<String>,
     /// Things worth knowing that are not failures (system limits, sampling gaps).
@@ -305,6 +308,10 @@ pub struct TimelinePoint {
     pub p99_us: f64,
     /// Maximum latency.
     pub max_us: f64,
+    /// Latency samples in this second (0: the percentiles mean nothing).
+    pub latency_samples: u64,
+    /// Worker reports in this second (0: no sample at all, the counts mean nothing).
+    pub reports: u64,
 }
 
 /// Per-second points from the fleet's timeline.
@@ -324,6 +331,8 @@ pub fn timeline(live: &Live) -> Vec<TimelinePoint> {
                 p50_us: p.p50,
                 p99_us: p.p99,
                 max_us: p.max,
+                latency_samples: p.count,
+                reports: b.reports,
             }
         })
         .collect()

@@ -322,6 +322,7 @@ impl Run {
             connections,
             client: ClientResults { worker_cpu_secs },
             timeline: report::timeline(&fleet.live),
+            timeline_secs: fleet.live.last_report_secs,
             warnings: std::mem::take(&mut self.warnings),
             ..Results::default()
         }
