@@ -79,11 +79,18 @@ impl Server {
     pub fn start(extra: &[&str]) -> Server {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
+            // Three TCP ports found one after another may repeat: drawn until distinct.
+            let (ws, tcp, admin) = loop {
+                let (a, b, c) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+                if a != b && b != c && a != c {
+                    break (a, b, c);
+                }
+            };
             let ports = Ports {
-                ws: free_tcp_port(),
+                ws,
                 udp: free_udp_port(),
-                tcp: free_tcp_port(),
-                admin: free_tcp_port(),
+                tcp,
+                admin,
             };
             match Server::try_start(ports, extra) {
                 Ok(server) => return server,
@@ -191,6 +198,8 @@ impl Server {
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
                 server.exit = Some(status);
+                // Reported here (and retried on a port clash): not a death during a test.
+                server.signalled = true;
                 return Err(format!(
                     "ringcast exited with {status} before it became healthy\n{}",
                     server.describe()
