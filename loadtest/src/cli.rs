@@ -47,6 +47,9 @@ pub struct Common {
     /// Subscriber URL; for ringcast the channel is in the query. Default: ws://127.0.0.1:8080/ws?channels=bench
     #[arg(long, default_value = DEFAULT_URL)]
     pub url: String,
+    /// Several subscriber URLs (one per node), comma separated, and/or files listing one URL per line (optionally followed by that node's source addresses); connections and workers are spread evenly over them, and they replace --url.
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Vec<String>,
     /// Subscriber connections. Default depends on the scenario (connect/fanout/storm 1000, latency 100, slow 200, recover 10000).
     #[arg(short = 'n', long)]
     pub connections: Option<u64>,
@@ -77,9 +80,9 @@ pub struct Common {
     /// Hard limit on the whole run, seconds; the run stops and reports when it is reached. Default: 300
     #[arg(long, default_value_t = 300.0)]
     pub timeout: f64,
-    /// PID of the server (same host): sample its CPU time and RSS around each phase.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// PID of the server (same host): sample its CPU time and RSS around each phase. Several (comma separated, e.g. the nodes of --targets) are sampled together and summed.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Write results as JSON to this file (schema in docs/loadtest.md).
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -136,34 +136,37 @@ pub fn source_ips(target: SocketAddr, explicit: &[IpAddr], count: u8) -> Vec<IpA
     }
 }
 
-/// Warnings about system limits that `conns` connections would hit.
-pub fn system_warnings(conns: u64, sources: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(range) = read_sys("/proc/sys/net/ipv4/ip_local_port_range") {
-        let mut parts = range
-            .split_whitespace()
-            .filter_map(|p| p.parse::<u64>().ok());
-        if let (Some(lo), Some(hi)) = (parts.next(), parts.next()) {
-            let ports = (hi.saturating_sub(lo) + 1) * sources.max(1) as u64;
-            if conns > ports {
-                out.push(format!(
-                    "{conns} connections to one address need more than the {ports} local ports \
-                     of {sources} source address(es) × ip_local_port_range {lo}-{hi}; add \
-                     --source-count/--source-ips or widen net.ipv4.ip_local_port_range"
-                ));
-            }
-        }
-    }
-    if let Some(max) = read_sys("/proc/sys/fs/file-max").and_then(|s| s.trim().parse::<u64>().ok())
-    {
-        if conns * 2 > max {
-            out.push(format!(
-                "fs.file-max is {max}; client and server sockets together need about {}",
-                conns * 2
-            ));
-        }
-    }
-    out
+/// `conns` connections to one address from `sources` addresses need more local ports
+/// than `ip_local_port_range` gives.
+pub fn port_warning(conns: u64, sources: usize) -> Option<String> {
+    let range = read_sys("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let mut parts = range
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u64>().ok());
+    let (lo, hi) = (parts.next()?, parts.next()?);
+    let ports = (hi.saturating_sub(lo) + 1) * sources.max(1) as u64;
+    (conns > ports).then(|| {
+        format!(
+            "{conns} connections to one address need more than the {ports} local ports \
+             of {sources} source address(es) × ip_local_port_range {lo}-{hi}; add \
+             --source-count/--source-ips or widen net.ipv4.ip_local_port_range"
+        )
+    })
+}
+
+/// Client and server sockets of `conns` connections (both on this host) exceed
+/// `fs.file-max`.
+pub fn file_max_warning(conns: u64) -> Option<String> {
+    let max = read_sys("/proc/sys/fs/file-max")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    (conns * 2 > max).then(|| {
+        format!(
+            "fs.file-max is {max}; client and server sockets together need about {}",
+            conns * 2
+        )
+    })
 }
 
 fn read_sys(path: &str) -> Option<String> {

@@ -45,6 +45,8 @@ pub struct Results {
     pub client: ClientResults,
     /// One point per second of the run.
     pub timeline: Vec<TimelinePoint>,
+    /// Per node of a `--targets` run (null otherwise).
+    pub targets: Option<Vec<TargetResults>>,
     /// Seconds the timeline covers (from the workers' start to their last report); the
     /// last point is a partial second when this is below its `t + 1`.
     pub timeline_secs: f64,
@@ -52,6 +54,27 @@ pub struct Results {
     pub problems: Vec<String>,
     /// Things worth knowing that are not failures (system limits, sampling gaps).
     pub warnings: Vec<String>,
+}
+
+/// One node of a `--targets` run.
+#[derive(Debug, Default, Serialize)]
+pub struct TargetResults {
+    /// Its subscriber URL.
+    pub url: String,
+    /// Subscribers asked for there.
+    pub requested: u64,
+    /// Subscribers there that completed a handshake at least once.
+    pub connected: u64,
+    /// Open there when the run ended.
+    pub open_at_end: u64,
+    /// Failed attempts there.
+    pub failed: u64,
+    /// Deliveries received there (healthy and slow subscribers).
+    pub received: u64,
+    /// Worker processes assigned to it.
+    pub workers: usize,
+    /// Source addresses its connections were bound to (empty: the kernel's choice).
+    pub source_ips: Vec<String>,
 }
 
 /// Connection numbers.
@@ -260,8 +283,10 @@ pub struct RecoverResults {
 /// Server cost ratios from /proc sampling.
 #[derive(Debug, Default, Serialize)]
 pub struct ServerResults {
-    /// The sampled pid.
+    /// The sampled pid (the first one when several were given).
     pub pid: u32,
+    /// Every sampled pid; the figures below are their sums.
+    pub pids: Vec<u32>,
     /// RSS before any connection.
     pub rss_before_bytes: u64,
     /// RSS with all subscribers connected.

@@ -119,9 +119,21 @@ pub fn table(r: &Results) -> String {
     }
     if let Some(sv) = &r.server {
         let per_cpu = sv.deliveries_per_cpu_sec.map_or("n/a".into(), human_count);
-        let _ = writeln!(s, "server pid {}  rss {} -> {} MB ({:.0} B/conn)  cpu connect {:.2}s  delivery {:.2}s ({:.0}%)  {} deliveries/cpu-s",
-            sv.pid, sv.rss_before_bytes >> 20, sv.rss_connected_bytes >> 20, sv.rss_per_connection_bytes,
+        let who = if sv.pids.len() > 1 {
+            format!("pids {} (summed)", sv.pids.len())
+        } else {
+            format!("pid {}", sv.pid)
+        };
+        let _ = writeln!(s, "server {who}  rss {} -> {} MB ({:.0} B/conn)  cpu connect {:.2}s  delivery {:.2}s ({:.0}%)  {} deliveries/cpu-s",
+            sv.rss_before_bytes >> 20, sv.rss_connected_bytes >> 20, sv.rss_per_connection_bytes,
             sv.cpu_connect_secs, sv.cpu_delivery_secs, sv.cpu_percent_during_delivery, per_cpu);
+    }
+    for t in r.targets.iter().flatten() {
+        let _ = writeln!(
+            s,
+            "target       {}  requested {}  connected {}  open at end {}  failed {}  received {}  ({} worker(s))",
+            t.url, t.requested, t.connected, t.open_at_end, t.failed, t.received, t.workers
+        );
     }
     let _ = writeln!(
         s,

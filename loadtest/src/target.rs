@@ -4,7 +4,7 @@
 //! Only loopback addresses (127.0.0.0/8, ::1) are accepted unless `--allow-remote` is
 //! given: a load test pointed at the wrong host is an outage, not a benchmark.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 
 /// A URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,24 @@ pub enum UrlError {
         /// Its host part.
         host: String,
         /// The resolver's answer.
+        why: String,
+    },
+    /// A `--targets` file could not be read.
+    #[error("cannot read the --targets file {path:?}: {source}")]
+    TargetsFile {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A `--targets` line does not have the shape `URL [source,source,...]`.
+    #[error("{origin} line {line}: {why}")]
+    TargetsLine {
+        /// The file.
+        origin: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
         why: String,
     },
     /// Not a loopback address and `--allow-remote` was not given.
@@ -83,6 +101,86 @@ impl WsTarget {
             ..self.clone()
         }
     }
+}
+
+/// One node of a `--targets` run: its subscriber URL and the source addresses its
+/// connections are bound to (empty: the default for its address, see `limits`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Subscriber URL (`ws://…`).
+    pub url: String,
+    /// Source addresses, round-robin; empty for the default.
+    pub sources: Vec<IpAddr>,
+}
+
+/// Expands `--targets` values: each is a `ws://` URL or a file of lines
+/// `URL [source,source,...]` (`#` starts a comment; blank lines are skipped).
+///
+/// # Errors
+/// An unreadable file or a malformed line.
+pub fn read_targets(values: &[String]) -> Result<Vec<NodeSpec>, UrlError> {
+    let mut out = Vec::new();
+    for value in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
+        if value.contains("://") {
+            out.push(NodeSpec {
+                url: value.to_owned(),
+                sources: Vec::new(),
+            });
+            continue;
+        }
+        let text = std::fs::read_to_string(value).map_err(|source| UrlError::TargetsFile {
+            path: value.to_owned(),
+            source,
+        })?;
+        out.extend(parse_target_lines(&text, value)?);
+    }
+    Ok(out)
+}
+
+/// Parses the lines of a `--targets` file (`origin` names it in errors).
+///
+/// # Errors
+/// A line with more than two fields or an unparsable source address.
+pub fn parse_target_lines(text: &str, origin: &str) -> Result<Vec<NodeSpec>, UrlError> {
+    let mut out = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let err = |why: String| UrlError::TargetsLine {
+            origin: origin.to_owned(),
+            line: n + 1,
+            why,
+        };
+        let mut fields = line.split_whitespace();
+        let url = fields.next().unwrap_or_default().to_owned();
+        let sources = match fields.next() {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse::<IpAddr>()
+                        .map_err(|_| err(format!("bad source address {s:?}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        if let Some(extra) = fields.next() {
+            return Err(err(format!(
+                "unexpected {extra:?}: expected `URL [source,source,...]`"
+            )));
+        }
+        out.push(NodeSpec { url, sources });
+    }
+    Ok(out)
+}
+
+/// Whether `ip` is an address of this host (network namespace): one a socket can bind.
+/// A loopback-range address that is not (e.g. 127.200.1.1 given to a network namespace
+/// behind a bridge) is reached through a route instead, from that route's source address.
+pub fn is_local_ip(ip: IpAddr) -> bool {
+    UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// Where and how messages are published.
@@ -294,6 +392,34 @@ mod tests {
         assert!(parse_publish("udp://127.0.0.1", &sub).is_err());
         assert!(parse_publish("ftp://x", &sub).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn target_files_parse() -> Result<(), UrlError> {
+        let text = "# nodes\nws://127.200.1.1:8080/ws?channels=b\n\n  ws://127.200.1.2:8080/ws 127.200.0.1,127.200.0.2 # two\n";
+        let nodes = parse_target_lines(text, "t.txt")?;
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0].url, "ws://127.200.1.1:8080/ws?channels=b");
+        assert!(nodes[0].sources.is_empty());
+        assert_eq!(
+            nodes[1].sources,
+            vec![
+                IpAddr::from([127, 200, 0, 1]),
+                IpAddr::from([127, 200, 0, 2])
+            ]
+        );
+        assert!(parse_target_lines("ws://a:1/ 127.0.0.x", "t").is_err());
+        assert!(parse_target_lines("ws://a:1/ 127.0.0.1 extra", "t").is_err());
+        let urls = read_targets(&["ws://127.0.0.1:1/".into(), " ".into()])?;
+        assert_eq!(urls.len(), 1);
+        assert!(read_targets(&["/nonexistent/targets.txt".into()]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn local_addresses_are_told_apart() {
+        assert!(is_local_ip(IpAddr::from([127, 0, 0, 1])));
+        assert!(!is_local_ip(IpAddr::from([192, 0, 2, 123])));
     }
 
     #[test]

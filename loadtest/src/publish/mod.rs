@@ -83,13 +83,20 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Connects to `target` (so an unreachable endpoint fails here) and starts publishing.
+    /// Connects to every endpoint of `targets` (so an unreachable one fails here) and
+    /// starts publishing; each message goes to every endpoint (one per node of a
+    /// `--targets` run) and counts as published when all of them accepted it.
     ///
     /// # Errors
-    /// The endpoint is unreachable or refuses the publisher.
-    pub fn start(target: &PublishTarget, plan: PublishPlan) -> Result<Publisher, PublishError> {
+    /// An endpoint is unreachable or refuses the publisher.
+    pub fn start(targets: &[PublishTarget], plan: PublishPlan) -> Result<Publisher, PublishError> {
         let errors = Arc::new(AtomicU64::new(0));
-        let mut sink = Sink::open(target, &plan.channels, errors.clone())?;
+        let mut sink = Sinks(
+            targets
+                .iter()
+                .map(|t| Sink::open(t, &plan.channels, errors.clone()))
+                .collect::<Result<Vec<_>, _>>()?,
+        );
         let k = plan.channels.len().max(1) as u64;
         let sent = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -172,6 +179,32 @@ impl Publisher {
                 why: "panicked".into(),
             })
         })
+    }
+}
+
+/// One message to every endpoint, in the order given.
+struct Sinks(Vec<Sink>);
+
+impl Sinks {
+    fn what(&self) -> String {
+        let all = self.0.iter().map(Sink::what).collect::<Vec<_>>();
+        all.join(",")
+    }
+
+    /// Sends to every endpoint (a failure at one does not skip the others); the first
+    /// error, if any.
+    fn send(&mut self, channel: usize, payload: &[u8]) -> Result<(), String> {
+        let mut first_err = None;
+        for sink in &mut self.0 {
+            if let Err(why) = sink.send(channel, payload) {
+                first_err.get_or_insert(format!("{}: {why}", sink.what()));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn finish(&mut self) {
+        self.0.iter_mut().for_each(Sink::finish);
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::cli::{Common, PublishArgs, Transport};
 use crate::fleet::{Fleet, FleetError, Live};
 use crate::ipc::{self, SlowSpec, WorkerFinal, WorkerSpec};
-use crate::limits::{self, LimitError, WorkerPlan};
+use crate::limits::{self, LimitError};
 use crate::procstat::ProcError;
 use crate::publish::PublishError;
 use crate::report::{self, ClientResults, Results};
@@ -72,6 +72,18 @@ pub enum ScenarioError {
     },
 }
 
+/// One node the subscribers connect to (the `--url`, or each of `--targets`).
+pub struct Node {
+    /// Subscriber endpoint.
+    pub target: WsTarget,
+    /// Source addresses of its connections (empty: the kernel's choice).
+    pub sources: Vec<IpAddr>,
+    /// Subscribers to open there.
+    pub conns: u64,
+    /// Its workers' connection counts.
+    per_worker: Vec<u64>,
+}
+
 /// One run of a scenario: its target, worker plan, deadline and server probe.
 pub struct Run {
     /// Scenario name.
@@ -82,8 +94,10 @@ pub struct Run {
     pub target: WsTarget,
     /// Subscribers to open.
     pub conns: u64,
-    plan: WorkerPlan,
-    sources: Vec<IpAddr>,
+    /// Where they connect: one node, or every node of `--targets`.
+    pub nodes: Vec<Node>,
+    /// Distinct source addresses over all nodes.
+    sources: usize,
     started: Instant,
     started_ms: u64,
     /// No wait goes past this.
@@ -111,39 +125,89 @@ impl Run {
         common: &Common,
         default_conns: u64,
     ) -> Result<Run, ScenarioError> {
-        let mut target = target::parse_ws(&common.url)?;
-        target::check_local(&common.url, target.addr, common.allow_remote)?;
-        if common.transport == Transport::Sse {
-            if name == "recover" {
-                return Err(ScenarioError::Invalid(
-                    "--transport sse does not apply to `recover` (it subscribes by command)".into(),
-                ));
-            }
-            target.path = target::sse_path(&target.path);
-        }
-        if !(common.rate >= 0.0 && common.connect_timeout > 0.0 && common.timeout > 0.0) {
-            return Err(ScenarioError::Invalid(
-                "--rate must be >= 0, --connect-timeout and --timeout > 0".into(),
-            ));
-        }
         let conns = common.connections.unwrap_or(default_conns);
         let fds = limits::raise_nofile();
-        let plan = limits::plan_workers(
-            conns,
-            common.conns_per_worker,
-            common.workers,
-            common.max_workers,
-            fds,
-        )?;
-        let sources = limits::source_ips(target.addr, &common.source_ips, common.source_count);
-        let warnings = limits::system_warnings(conns, sources.len().max(1));
-        let probe = Probe::new(common.server_pid)?;
+        let specs = target::read_targets(&common.targets)?;
+        let multi = !specs.is_empty();
+        let specs = if multi {
+            specs
+        } else {
+            vec![target::NodeSpec {
+                url: common.url.clone(),
+                sources: Vec::new(),
+            }]
+        };
+        let k = specs.len() as u64;
+        let mut nodes = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let mut target = target::parse_ws(&spec.url)?;
+            target::check_local(&spec.url, target.addr, common.allow_remote)?;
+            if common.transport == Transport::Sse {
+                if name == "recover" {
+                    return Err(ScenarioError::Invalid(
+                        "--transport sse does not apply to `recover` (it subscribes by command)"
+                            .into(),
+                    ));
+                }
+                target.path = target::sse_path(&target.path);
+            }
+            let node_conns = conns / k + u64::from((i as u64) < conns % k);
+            let explicit = if spec.sources.is_empty() {
+                &common.source_ips
+            } else {
+                &spec.sources
+            };
+            // A loopback-range node that is not an address of this host (a network
+            // namespace behind a bridge) is reached from its route's source address:
+            // 127.0.0.x sources would not route back.
+            let sources = if multi && explicit.is_empty() && !target::is_local_ip(target.addr.ip())
+            {
+                Vec::new()
+            } else {
+                limits::source_ips(target.addr, explicit, common.source_count)
+            };
+            let workers = common.workers.map(|w| w.div_ceil(k));
+            let max = if multi { u64::MAX } else { common.max_workers };
+            let plan =
+                limits::plan_workers(node_conns, common.conns_per_worker, workers, max, fds)?;
+            nodes.push(Node {
+                target,
+                sources,
+                conns: node_conns,
+                per_worker: plan.per_worker,
+            });
+        }
+        let total_workers: usize = nodes.iter().map(|n| n.per_worker.len()).sum();
+        if total_workers as u64 > common.max_workers {
+            return Err(LimitError::TooManyWorkers {
+                conns,
+                workers: total_workers as u64,
+                per_worker: common
+                    .conns_per_worker
+                    .clamp(1, fds.0.saturating_sub(64).max(1)),
+                limit: fds.0,
+                max: common.max_workers,
+            }
+            .into());
+        }
+        let mut distinct: Vec<IpAddr> = nodes.iter().flat_map(|n| n.sources.clone()).collect();
+        distinct.sort();
+        distinct.dedup();
+        let sources = distinct.len();
+        let busiest = nodes.iter().map(|n| n.conns).max().unwrap_or(0);
+        let fewest_sources = nodes.iter().map(|n| n.sources.len()).min().unwrap_or(0);
+        let warnings = limits::port_warning(busiest, fewest_sources.max(1))
+            .into_iter()
+            .chain(limits::file_max_warning(conns))
+            .collect();
+        let target = nodes[0].target.clone();
+        let probe = Probe::new(&common.server_pid)?;
         Ok(Run {
             name,
             common: common.clone(),
             target,
             conns,
-            plan,
+            nodes,
             sources,
             started: Instant::now(),
             started_ms: ipc::unix_ms(),
@@ -163,35 +227,49 @@ impl Run {
         reconnect: bool,
         reconnect_rate: f64,
     ) -> Vec<WorkerSpec> {
-        let workers = self.plan.per_worker.len() as f64;
+        let workers = self.worker_nodes().len() as f64;
         let mut first = 0;
         let lifetime_ms = (self.common.timeout * 1000.0) as u64 + 30_000;
-        self.plan
-            .per_worker
-            .iter()
-            .enumerate()
-            .map(|(id, &conns)| {
-                let spec = WorkerSpec {
-                    id,
-                    target: self.target.addr,
-                    host: self.target.host.clone(),
-                    path: self.target.path.clone(),
+        let mut specs = Vec::new();
+        for node in &self.nodes {
+            // `recover` rewrites `self.target` (channels dropped); with one node it is the
+            // node's target.
+            let target = if self.nodes.len() == 1 {
+                &self.target
+            } else {
+                &node.target
+            };
+            for &conns in &node.per_worker {
+                specs.push(WorkerSpec {
+                    id: specs.len(),
+                    target: target.addr,
+                    host: target.host.clone(),
+                    path: target.path.clone(),
                     first_index: first,
                     conns,
                     rate: self.common.rate / workers,
                     max_pending: self.common.max_pending,
                     connect_timeout_ms: (self.common.connect_timeout * 1000.0) as u64,
-                    source_ips: self.sources.clone(),
+                    source_ips: node.sources.clone(),
                     slow: slow.clone(),
                     reconnect,
                     reconnect_rate: reconnect_rate / workers,
                     lifetime_ms,
                     recover: None,
                     sse: self.common.transport == Transport::Sse,
-                };
+                });
                 first += conns;
-                spec
-            })
+            }
+        }
+        specs
+    }
+
+    /// The node of each worker, in worker order.
+    fn worker_nodes(&self) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| std::iter::repeat_n(i, n.per_worker.len()))
             .collect()
     }
 
@@ -207,7 +285,7 @@ impl Run {
         }
         if fleet.live.open() == 0 && self.conns > 0 {
             let finals = fleet.finish(0, Duration::from_secs(10))?;
-            let conn = report::connections(&finals, self.conns, self.sources.len());
+            let conn = report::connections(&finals, self.conns, self.sources);
             let hint = match conn.failures.iter().max_by_key(|(_, n)| **n) {
                 Some((cause, _)) if cause == "refused" => format!(
                     "; connection refused by {}: is the server running and listening there?",
@@ -235,16 +313,26 @@ impl Run {
         Ok(fleet)
     }
 
-    /// The publish endpoint and channel for `args`.
+    /// The publish endpoints (`--publish` may list several, comma separated: each message
+    /// goes to all) and the channel for `args`.
     ///
     /// # Errors
     /// A bad or non-loopback publish URL.
     pub fn publish_target(
         &self,
         args: &PublishArgs,
-    ) -> Result<(PublishTarget, String), ScenarioError> {
-        let publish = target::parse_publish(&args.publish, &self.target)?;
-        target::check_local(&args.publish, publish.addr(), self.common.allow_remote)?;
+    ) -> Result<(Vec<PublishTarget>, String), ScenarioError> {
+        let mut publish = Vec::new();
+        for url in args
+            .publish
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
+            let endpoint = target::parse_publish(url, &self.target)?;
+            target::check_local(url, endpoint.addr(), self.common.allow_remote)?;
+            publish.push(endpoint);
+        }
         let channel = args
             .channel
             .clone()
@@ -287,7 +375,7 @@ impl Run {
 
     /// The parts of [`Results`] every scenario fills the same way.
     pub fn results(&mut self, fleet: &Fleet, finals: &[WorkerFinal]) -> Results {
-        let connections = report::connections(finals, self.conns, self.sources.len());
+        let connections = report::connections(finals, self.conns, self.sources);
         if connections.failed > 0 {
             let causes = connections
                 .failures
@@ -323,9 +411,36 @@ impl Run {
             client: ClientResults { worker_cpu_secs },
             timeline: report::timeline(&fleet.live),
             timeline_secs: fleet.live.last_report_secs,
+            targets: self.per_target(finals),
             warnings: std::mem::take(&mut self.warnings),
             ..Results::default()
         }
+    }
+
+    /// Per-node numbers of a `--targets` run (None with a single `--url`).
+    fn per_target(&self, finals: &[WorkerFinal]) -> Option<Vec<report::TargetResults>> {
+        if self.common.targets.is_empty() {
+            return None;
+        }
+        let mut out: Vec<report::TargetResults> = self
+            .nodes
+            .iter()
+            .map(|n| report::TargetResults {
+                url: n.target.url.clone(),
+                requested: n.conns,
+                workers: n.per_worker.len(),
+                source_ips: n.sources.iter().map(ToString::to_string).collect(),
+                ..report::TargetResults::default()
+            })
+            .collect();
+        for (node, f) in self.worker_nodes().into_iter().zip(finals) {
+            let t = &mut out[node];
+            t.connected += f.healthy.subscribers + f.slow.subscribers;
+            t.open_at_end += f.open_at_end;
+            t.failed += f.failures.values().sum::<u64>();
+            t.received += f.healthy.seq.received + f.slow.seq.received;
+        }
+        Some(out)
     }
 
     /// Prints the summary and writes `--json` / `--plot`.

@@ -8,9 +8,10 @@
 use crate::procstat::{self, ProcError, ProcSample};
 use crate::report::ServerResults;
 
-/// The server sampler; does nothing without a pid.
+/// The server sampler; does nothing without a pid. With several pids (the nodes of a
+/// `--targets` run) every sample is their sum: CPU seconds and RSS of all together.
 pub struct Probe {
-    pid: Option<u32>,
+    pids: Vec<u32>,
     marks: Vec<(&'static str, ProcSample)>,
     /// Marks that could not be taken (the process went away, e.g. during a restart).
     pub missed: Vec<&'static str>,
@@ -21,12 +22,12 @@ impl Probe {
     ///
     /// # Errors
     /// The process does not exist or its /proc files are unreadable.
-    pub fn new(pid: Option<u32>) -> Result<Probe, ProcError> {
-        if let Some(pid) = pid {
+    pub fn new(pids: &[u32]) -> Result<Probe, ProcError> {
+        for &pid in pids {
             procstat::sample(pid)?;
         }
         Ok(Probe {
-            pid,
+            pids: pids.to_vec(),
             marks: Vec::new(),
             missed: Vec::new(),
         })
@@ -34,8 +35,10 @@ impl Probe {
 
     /// Takes a sample named `name`.
     pub fn mark(&mut self, name: &'static str) {
-        let Some(pid) = self.pid else { return };
-        match procstat::sample(pid) {
+        let Some((&first, rest)) = self.pids.split_first() else {
+            return;
+        };
+        match sample_all(first, rest) {
             Ok(sample) => self.marks.push((name, sample)),
             Err(_) => self.missed.push(name),
         }
@@ -57,7 +60,7 @@ impl Probe {
     /// The ratios, given the subscribers connected and the deliveries made between the
     /// `publish` and `drained` marks.
     pub fn results(&self, connected: u64, deliveries: u64) -> Option<ServerResults> {
-        let pid = self.pid?;
+        let pid = *self.pids.first()?;
         let before = self.get("before");
         let conn = self.get("connected");
         let publish = self.get("publish");
@@ -65,6 +68,7 @@ impl Probe {
         let end = drained.or(publish).or(conn)?;
         let mut out = ServerResults {
             pid,
+            pids: self.pids.clone(),
             rss_end_bytes: end.rss_bytes,
             ..ServerResults::default()
         };
@@ -89,4 +93,15 @@ impl Probe {
         }
         Some(out)
     }
+}
+
+/// One sample of `first` and every process in `rest`, summed (taken when the first was).
+fn sample_all(first: u32, rest: &[u32]) -> Result<ProcSample, ProcError> {
+    let mut total = procstat::sample(first)?;
+    for &pid in rest {
+        let s = procstat::sample(pid)?;
+        total.cpu_secs += s.cpu_secs;
+        total.rss_bytes += s.rss_bytes;
+    }
+    Ok(total)
 }

@@ -63,7 +63,7 @@ pub fn run(args: &RecoverArgs) -> Result<Results, ScenarioError> {
         run.target = run.target.without_channels();
     }
     let (endpoint, _) = run.publish_target(&args.publish)?;
-    if matches!(endpoint, PublishTarget::Ws(_)) {
+    if endpoint.iter().any(|e| matches!(e, PublishTarget::Ws(_))) {
         return Err(ScenarioError::Invalid(
             "recover publishes to K channels: use a udp://, tcp:// or http:// --publish endpoint"
                 .into(),

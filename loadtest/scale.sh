@@ -1,0 +1,391 @@
+#!/usr/bin/env bash
+# loadtest/scale.sh N [options] — hold N WebSocket connections on this one machine over many
+# ringcast nodes, each in its own network namespace, and time one broadcast to all of them.
+#
+# A process may hold at most RLIMIT_NOFILE descriptors (20,000 on the build machine), so
+# N connections need about N/15,000 ringcast nodes and as many harness workers. Each node
+# gets a network namespace with its own address, 127.200.1.<i>, on a veth joined to a
+# host bridge that has 127.200.0.1 (route_localnet lets 127/8 addresses cross the veths:
+# the load never leaves the loopback range). `ringcast-load fanout --targets` spreads
+# workers and connections evenly over the nodes from the host namespace.
+#
+# Steps: check root and `ip netns`; record and raise the sysctls that must be raised
+# (host: tcp_mem, ip_local_port_range, fs.file-max, nf_conntrack_max when conntrack is
+# loaded; in each namespace: somaxconn, tcp_max_syn_backlog, small tcp_rmem/tcp_wmem);
+# start one ringcast per namespace (`ip netns exec`); ramp to N; hold; publish ONE
+# broadcast to every node's UDP ingest at once; report connections held, kernel and user
+# memory per connection, ramp time, broadcast latency p50/p99/max, deliveries per
+# server-CPU-second and what limited the run. Everything is torn down on exit (trap on
+# EXIT, INT, TERM): nodes and harness killed by pid, namespaces, veths and the bridge
+# deleted, sysctls put back.
+#
+# --publish-each-node: ringcast nodes do not share messages yet (the NATS cluster is built
+# elsewhere), so the broadcast is published to every node's ingest at once (the harness
+# sends each message to every --publish endpoint). Once nodes form a cluster, publish to
+# ONE node and let NATS carry it: --nats-url is already passed to every node as
+# `[cluster] nats_url`, and only the PUBS line below has to change.
+#
+# Options:
+#   --nodes K          ringcast nodes (default: ceil(N / --per-node))
+#   --per-node C       connections per node when --nodes is not given (default 15000;
+#                      the fd cap is 20,000 per process, so keep it well below ~18k)
+#   --rate R           new connections per second, all workers together (default 10000)
+#   --hold S           seconds to hold every connection before the broadcast (default 10)
+#   --messages M       broadcasts to publish, 1 s apart (default 1)
+#   --shards S         shards per node (default 1)
+#   --server-cpus L    CPU list for the nodes, taskset syntax (default 0)
+#   --harness-cpus L   CPU list for the harness (default 1; "all" for no pinning)
+#   --ping-interval S  ringcast ping_interval (default 120: the box's two CPUs go to the
+#                      ramp, not to 40k pings/s at 1M connections)
+#   --out DIR          where logs, samples, result.json and report.md go
+#                      (default /tmp/ringcast-scale-<N>-<time>)
+#   --prefix P         names: namespaces P-1.., bridge P-br, veths P-v1.. (default rcs)
+#   --subnet A.B       address block (default 127.200): bridge A.B.0.1, node i A.B.1.i
+#   --nats-url URL     passed to every node as [cluster] nats_url (needs a ringcast with
+#                      the cluster section)
+#   --bin-dir DIR      where ringcast and ringcast-load are (default <repo>/target/release)
+#   --timeout S        harness hard limit (default: from N and --rate)
+#
+# Exit status: 0 when all N connections were held and the broadcast reached every one
+# of them; 1 on any setup failure or shortfall (the report says what limited it).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+die() {
+	printf 'scale.sh: FAILED: %s\n' "$*" >&2
+	exit 1
+}
+log() { printf '[scale %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+[ $# -ge 1 ] || die "usage: loadtest/scale.sh N [--nodes K] [--rate R] [--hold S] ... (see the header)"
+N="$1"
+shift
+[[ "$N" =~ ^[0-9]+$ ]] && [ "$N" -gt 0 ] || die "N must be a positive number, got '$N'"
+
+NODES="" PER_NODE=15000 RATE=10000 HOLD=10 MESSAGES=1 SHARDS=1 SERVER_CPUS=0 HARNESS_CPUS=1
+PING=120 OUT="" PREFIX=rcs SUBNET=127.200 NATS_URL="" BIN_DIR="$ROOT/target/release" TIMEOUT=""
+while [ $# -gt 0 ]; do
+	[ $# -ge 2 ] || die "option $1 needs a value"
+	case "$1" in
+	--nodes) NODES="$2" ;;
+	--per-node) PER_NODE="$2" ;;
+	--rate) RATE="$2" ;;
+	--hold) HOLD="$2" ;;
+	--messages) MESSAGES="$2" ;;
+	--shards) SHARDS="$2" ;;
+	--server-cpus) SERVER_CPUS="$2" ;;
+	--harness-cpus) HARNESS_CPUS="$2" ;;
+	--ping-interval) PING="$2" ;;
+	--out) OUT="$2" ;;
+	--prefix) PREFIX="$2" ;;
+	--subnet) SUBNET="$2" ;;
+	--nats-url) NATS_URL="$2" ;;
+	--bin-dir) BIN_DIR="$2" ;;
+	--timeout) TIMEOUT="$2" ;;
+	*) die "unknown option $1" ;;
+	esac
+	shift 2
+done
+
+K="${NODES:-$(((N + PER_NODE - 1) / PER_NODE))}"
+[ "$K" -ge 1 ] && [ "$K" -le 250 ] || die "--nodes must be 1..250 (got $K)"
+PER=$(((N + K - 1) / K))
+[ "$PER" -le 18000 ] || die "$PER connections per node is too close to the 20,000 fd cap; use more --nodes"
+[[ "$SUBNET" =~ ^127\.[0-9]+$ ]] || die "--subnet must be 127.<n> (the load stays in 127.0.0.0/8)"
+[ "${#PREFIX}" -le 8 ] || die "--prefix must be at most 8 characters (interface names)"
+TIMEOUT="${TIMEOUT:-$((N / (RATE > 0 ? RATE : 1000) * 3 + HOLD + 120))}"
+OUT="${OUT:-/tmp/ringcast-scale-$N-$(date -u +%Y%m%dT%H%M%S)}"
+RINGCAST="$BIN_DIR/ringcast"
+LOAD="$BIN_DIR/ringcast-load"
+BRIDGE="$PREFIX-br"
+HOST_IP="$SUBNET.0.1"
+node_ip() { echo "$SUBNET.1.$1"; }
+node_ns() { echo "$PREFIX-$1"; }
+
+# ---- preconditions: fail loudly, never skip ----------------------------------------------
+[ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, sysctls)"
+command -v ip >/dev/null 2>&1 || die "'ip' (iproute2) is not installed"
+ip netns list >/dev/null 2>&1 || die "'ip netns' does not work here"
+[ -x "$RINGCAST" ] || die "no ringcast binary at $RINGCAST (cargo build --release)"
+[ -x "$LOAD" ] || die "no ringcast-load binary at $LOAD (cargo build --release -p ringcast-load)"
+command -v python3 >/dev/null 2>&1 || die "python3 is needed for the report"
+command -v curl >/dev/null 2>&1 || die "curl is needed to wait for the nodes"
+ip link show "$BRIDGE" >/dev/null 2>&1 && die "bridge $BRIDGE exists: another run with --prefix $PREFIX is going on (or was killed -9: ip link del $BRIDGE)"
+if ip netns list | grep -q "^$PREFIX-[0-9]"; then
+	die "namespaces $PREFIX-* exist: another run is going on (or was killed -9: ip netns del ...)"
+fi
+mkdir -p "$OUT"
+
+# ---- teardown: always ------------------------------------------------------------------
+NODE_PIDS=()
+HARNESS_PID=""
+SAMPLER_PID=""
+SYSCTL_SAVED="$OUT/sysctl-saved.txt"
+: >"$SYSCTL_SAVED"
+CREATED_NS=()
+cleanup() {
+	local status=$?
+	trap - EXIT INT TERM
+	set +e
+	[ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null && wait "$SAMPLER_PID" 2>/dev/null
+	[ -n "$HARNESS_PID" ] && kill -TERM "$HARNESS_PID" 2>/dev/null && wait "$HARNESS_PID" 2>/dev/null
+	for pid in "${NODE_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+	for pid in "${NODE_PIDS[@]}"; do wait "$pid" 2>/dev/null; done
+	for ns in "${CREATED_NS[@]}"; do ip netns del "$ns" 2>/dev/null; done
+	ip link del "$BRIDGE" 2>/dev/null
+	# Put back, in reverse order, every sysctl this run changed.
+	if [ -s "$SYSCTL_SAVED" ]; then
+		tac "$SYSCTL_SAVED" | while IFS='=' read -r key value; do
+			sysctl -q -w "$key=$value" >/dev/null || echo "scale.sh: could not restore $key=$value" >&2
+		done
+	fi
+	local left
+	left="$(ip netns list | grep -c "^$PREFIX-[0-9]" || true)"
+	[ "$left" -eq 0 ] || echo "scale.sh: WARNING: $left namespaces $PREFIX-* still exist" >&2
+	log "torn down (nodes, harness, namespaces, bridge, sysctls); output in $OUT"
+	exit "$status"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated"; exit 143' TERM
+
+# raise KEY VALUE: sets a host sysctl after recording its old value (restored on exit).
+raise() {
+	local key="$1" value="$2" old
+	old="$(sysctl -n "$key" | tr '\t' ' ')"
+	[ "$old" = "$value" ] && return 0
+	echo "$key=$old" >>"$SYSCTL_SAVED"
+	sysctl -q -w "$key=$value" >/dev/null || die "sysctl -w $key=$value failed"
+	log "host sysctl $key: $old -> $value"
+}
+
+# ---- host sysctls: raise only what N needs ----------------------------------------------
+MEM_PAGES=$(($(awk '/^MemTotal/ {print $2}' /proc/meminfo) / 4))
+read -r TCP_LO TCP_PR TCP_MAX < <(sysctl -n net.ipv4.tcp_mem)
+# During the broadcast every socket (server and client side) may hold a page of data.
+WANT_MAX=$((2 * N + 65536))
+CAP=$((MEM_PAGES * 6 / 10))
+[ "$WANT_MAX" -gt "$CAP" ] && WANT_MAX="$CAP"
+if [ "$TCP_MAX" -lt "$WANT_MAX" ]; then
+	raise net.ipv4.tcp_mem "$((WANT_MAX / 2)) $((WANT_MAX * 3 / 4)) $WANT_MAX"
+fi
+read -r PORT_LO PORT_HI < <(sysctl -n net.ipv4.ip_local_port_range)
+# One source address per node: each node's connections need PER ports.
+if [ $((PORT_HI - PORT_LO + 1)) -lt $((PER + 1000)) ]; then
+	raise net.ipv4.ip_local_port_range "1024 65535"
+fi
+FILE_MAX="$(sysctl -n fs.file-max)"
+[ "$FILE_MAX" -lt $((2 * N + 100000)) ] && raise fs.file-max $((2 * N + 100000))
+WATCHES="$(sysctl -n fs.epoll.max_user_watches)"
+[ "$WATCHES" -lt $((2 * N + 100000)) ] && raise fs.epoll.max_user_watches $((2 * N + 100000))
+if [ -e /proc/sys/net/netfilter/nf_conntrack_max ]; then
+	CT_MAX="$(sysctl -n net.netfilter.nf_conntrack_max)"
+	[ "$CT_MAX" -lt $((2 * N + 65536)) ] && raise net.netfilter.nf_conntrack_max $((2 * N + 65536))
+fi
+
+# ---- namespaces, addresses, nodes ----------------------------------------------------------
+log "N=$N over K=$K nodes ($PER each), subnet $SUBNET, output $OUT"
+ip link add "$BRIDGE" type bridge || die "cannot create bridge $BRIDGE"
+ip link set "$BRIDGE" up
+ip addr add "$HOST_IP/16" dev "$BRIDGE"
+sysctl -q -w "net.ipv4.conf.$BRIDGE.route_localnet=1" >/dev/null
+
+CONFIG="$OUT/node.toml"
+{
+	echo "# written by loadtest/scale.sh"
+	if [ -n "$NATS_URL" ]; then
+		printf '[cluster]\nnats_url = "%s"\n' "$NATS_URL"
+	fi
+} >"$CONFIG"
+
+TARGETS="$OUT/targets.txt"
+: >"$TARGETS"
+PUBS=""
+for i in $(seq 1 "$K"); do
+	ns="$(node_ns "$i")"
+	addr="$(node_ip "$i")"
+	ip netns add "$ns" || die "ip netns add $ns failed"
+	CREATED_NS+=("$ns")
+	ip link add "$PREFIX-v$i" type veth peer name eth0 netns "$ns" || die "veth for $ns failed"
+	ip link set "$PREFIX-v$i" master "$BRIDGE" up
+	ip -n "$ns" link set lo up
+	ip -n "$ns" addr add "$addr/16" dev eth0
+	ip -n "$ns" link set eth0 up
+	ip netns exec "$ns" sysctl -q -w \
+		net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=1 \
+		net.core.somaxconn=65535 net.ipv4.tcp_max_syn_backlog=65535 \
+		"net.ipv4.tcp_rmem=4096 8192 1048576" "net.ipv4.tcp_wmem=4096 16384 1048576" >/dev/null ||
+		die "sysctls in $ns failed"
+	echo "ws://$addr:8080/ws?channels=scale $HOST_IP" >>"$TARGETS"
+	# --publish-each-node: one ingest per node (see the header); NATS replaces this.
+	PUBS="${PUBS:+$PUBS,}udp://$addr:9000"
+	ip netns exec "$ns" taskset -c "$SERVER_CPUS" "$RINGCAST" --config "$CONFIG" \
+		--listen "$addr:8080" --udp-ingest "$addr:9000" --tcp-ingest off --admin "$addr:9090" \
+		--shards "$SHARDS" --max-connections $((PER + 500)) --ping-interval "$PING" \
+		--log-format text >"$OUT/node-$i.log" 2>&1 &
+	NODE_PIDS+=($!)
+done
+log "waiting for $K nodes to serve"
+for i in $(seq 1 "$K"); do
+	ok=0
+	for _ in $(seq 1 200); do
+		if curl -fsS -o /dev/null --max-time 1 "http://$(node_ip "$i"):9090/readyz"; then
+			ok=1
+			break
+		fi
+		kill -0 "${NODE_PIDS[$((i - 1))]}" 2>/dev/null || break
+		sleep 0.1
+	done
+	[ "$ok" -eq 1 ] || die "node $i ($(node_ip "$i")) did not become ready; log: $(tail -5 "$OUT/node-$i.log")"
+done
+PIDS="$(
+	IFS=,
+	echo "${NODE_PIDS[*]}"
+)"
+
+# ---- samples: kernel memory, sockets, RSS, once a second ---------------------------------
+sample() {
+	# one line: t slab_kb sunreclaim_kb tcp_inuse tcp_mem_pages tcp_alloc conntrack nodes_rss_kb harness_rss_kb
+	local slab sunr inuse mem alloc ct nrss hrss
+	slab="$(awk '/^Slab:/ {print $2}' /proc/meminfo)"
+	sunr="$(awk '/^SUnreclaim:/ {print $2}' /proc/meminfo)"
+	read -r inuse alloc mem < <(awk '/^TCP:/ {print $3, $9, $11}' /proc/net/sockstat)
+	ct="$(cat /proc/sys/net/netfilter/nf_conntrack_count 2>/dev/null || echo 0)"
+	nrss=0
+	for pid in "${NODE_PIDS[@]}"; do
+		nrss=$((nrss + $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
+	done
+	hrss=0
+	if [ -n "$HARNESS_PID" ]; then
+		for pid in $HARNESS_PID $(cat "/proc/$HARNESS_PID/task/$HARNESS_PID/children" 2>/dev/null); do
+			hrss=$((hrss + $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
+		done
+	fi
+	echo "$(date +%s.%N) $slab $sunr $inuse $mem $alloc $ct $nrss $hrss"
+}
+slabs() { grep -E '^(TCP|request_sock_TCP|sock_inode_cache|filp|dentry|eventpoll_epi|eventpoll_pwq|kmalloc-[0-9]+|skbuff_head_cache|nf_conntrack) ' /proc/slabinfo | awk '{print $1, $2, $4}'; }
+
+sync
+slabs >"$OUT/slab-before.txt"
+sample >"$OUT/sample-before.txt"
+cp /proc/net/sockstat "$OUT/sockstat-before.txt"
+DMESG_BEFORE="$(dmesg 2>/dev/null | wc -l || echo 0)"
+
+# ---- the run ---------------------------------------------------------------------------------
+HARNESS=(taskset -c "$HARNESS_CPUS")
+[ "$HARNESS_CPUS" = all ] && HARNESS=()
+log "ramping to $N at $RATE/s, hold ${HOLD}s, then $MESSAGES broadcast(s) to every node"
+RAMP_T0="$(date +%s.%N)"
+"${HARNESS[@]}" "$LOAD" fanout --targets "$TARGETS" -n "$N" --rate "$RATE" \
+	--connect-timeout 30 --conns-per-worker 15000 --max-workers $((K * 4 + 4)) \
+	--publish "$PUBS" --messages "$MESSAGES" --msg-rate 1 --settle "$HOLD" --drain 30 \
+	--server-pid "$PIDS" --timeout "$TIMEOUT" --json "$OUT/result.json" \
+	>"$OUT/harness.txt" 2>"$OUT/harness-stderr.txt" &
+HARNESS_PID=$!
+(
+	while :; do
+		sample
+		slabs >"$OUT/slab-latest.txt.tmp" && mv "$OUT/slab-latest.txt.tmp" "$OUT/slab-latest.txt"
+		# keep the slab table of the sample with the most sockets (the hold)
+		inuse="$(awk '/^TCP:/ {print $3}' /proc/net/sockstat)"
+		best="$(cat "$OUT/slab-peak-inuse" 2>/dev/null || echo 0)"
+		if [ "$inuse" -gt "$best" ]; then
+			echo "$inuse" >"$OUT/slab-peak-inuse"
+			cp "$OUT/slab-latest.txt" "$OUT/slab-peak.txt"
+		fi
+		sleep 1
+	done
+) >"$OUT/samples.txt" 2>/dev/null &
+SAMPLER_PID=$!
+set +e
+wait "$HARNESS_PID"
+HARNESS_STATUS=$?
+set -e
+HARNESS_PID=""
+kill "$SAMPLER_PID" 2>/dev/null || true
+wait "$SAMPLER_PID" 2>/dev/null || true
+SAMPLER_PID=""
+cp /proc/net/sockstat "$OUT/sockstat-after.txt"
+dmesg 2>/dev/null | tail -n +"$((DMESG_BEFORE + 1))" >"$OUT/dmesg.txt" || true
+for i in $(seq 1 "$K"); do
+	curl -fsS --max-time 2 "http://$(node_ip "$i"):9090/metrics" >"$OUT/metrics-node-$i.txt" 2>/dev/null || true
+done
+cat "$OUT/harness.txt"
+[ -s "$OUT/result.json" ] || die "the harness wrote no result (status $HARNESS_STATUS): $(tail -5 "$OUT/harness-stderr.txt")"
+
+# ---- report ------------------------------------------------------------------------------------
+python3 - "$OUT" "$N" "$K" "$HARNESS_STATUS" "$RAMP_T0" "$RATE" "$HOLD" <<'PY'
+import json, sys, os
+out, n, k, status, t0, rate, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6], sys.argv[7]
+r = json.load(open(os.path.join(out, "result.json")))
+def rows(path):
+    return [l.split() for l in open(path) if l.strip()]
+before = [float(x) for x in rows(os.path.join(out, "sample-before.txt"))[0]]
+samples = [[float(x) for x in s] for s in rows(os.path.join(out, "samples.txt")) if len(s) == 9]
+# The hold: the sample with the most harness-side TCP sockets (first of equals).
+peak = max(samples, key=lambda s: (s[3], -s[0])) if samples else before
+def slab(path):
+    d = {}
+    if os.path.exists(path):
+        for name, active, size in rows(path):
+            d[name] = (int(active), int(size))
+    return d
+sb, sp = slab(os.path.join(out, "slab-before.txt")), slab(os.path.join(out, "slab-peak.txt"))
+c = r["connections"]
+held = min(c["connected"], c["open_at_end"])
+sockets = int(peak[3] - before[3])
+conns = max(held, 1)
+slab_delta_kb = peak[1] - before[1]
+tcp_pages = peak[4] - before[4]
+d = r.get("delivery") or {}
+lat = d.get("latency_us") or {}
+sv = r.get("server") or {}
+lines = []
+P = lines.append
+P(f"## scale.sh {n}: {k} nodes, {held} connections held")
+P("")
+P(f"- requested {n}, connected {c['connected']}, open at end {c['open_at_end']}, failed attempts {c['failed']} {dict(c.get('failures') or {})}")
+P(f"- harness-side TCP sockets at the hold (sockstat inuse delta): {sockets}")
+P(f"- ramp: {c['ramp_secs']:.1f} s ({c['connect_rate']:.0f}/s asked {rate}/s), handshake p50 {c['handshake_us']['p50']/1000:.1f} ms p99 {c['handshake_us']['p99']/1000:.1f} ms")
+P(f"- kernel memory: Slab +{slab_delta_kb/1024:.0f} MiB = {slab_delta_kb*1024/conns:.0f} B per connection (client + server socket), "
+  f"SUnreclaim +{(peak[2]-before[2])/1024:.0f} MiB; TCP buffer pages (sockstat mem) +{tcp_pages:.0f} = {tcp_pages*4096/conns:.0f} B per connection")
+for name in ("TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi", "eventpoll_pwq", "kmalloc-64", "kmalloc-128", "kmalloc-256", "kmalloc-512", "kmalloc-1k", "nf_conntrack"):
+    if name in sp and name in sb:
+        delta = sp[name][0] - sb[name][0]
+        if delta > conns // 10:
+            P(f"  - slab {name}: +{delta} objects x {sp[name][1]} B = {delta*sp[name][1]/conns:.0f} B per connection")
+P(f"- user memory: servers RSS {before[7]/1024:.0f} -> {peak[7]/1024:.0f} MiB = {(peak[7]-before[7])*1024/conns:.0f} B per connection "
+  f"(harness probe: {sv.get('rss_per_connection_bytes', 0):.0f} B); harness RSS {peak[8]/1024:.0f} MiB = {peak[8]*1024/conns:.0f} B per connection")
+P(f"- conntrack entries at the hold: {int(peak[6])}")
+if d:
+    P(f"- broadcast: {d['received']} of {d['expected']} deliveries, lost {d['lost']}, duplicates {d['duplicates']}; "
+      f"latency p50 {lat.get('p50',0)/1000:.1f} ms p99 {lat.get('p99',0)/1000:.1f} ms max {lat.get('max',0)/1000:.1f} ms")
+if sv:
+    dps = sv.get("deliveries_per_cpu_sec")
+    P(f"- server CPU (all nodes summed): connect {sv.get('cpu_connect_secs',0):.2f} s, delivery {sv.get('cpu_delivery_secs',0):.2f} s, "
+      f"{dps:.0f} deliveries per server-CPU-second" if dps else f"- server CPU: delivery {sv.get('cpu_delivery_secs',0):.2f} s (too short to rate)")
+P(f"- harness worker CPU {r['client']['worker_cpu_secs']:.1f} s; harness exit status {status}")
+targets = r.get("targets") or []
+if targets:
+    lo = min(t["open_at_end"] for t in targets); hi = max(t["open_at_end"] for t in targets)
+    P(f"- per node open at end: min {lo}, max {hi} over {len(targets)} nodes")
+limits = []
+if c["failed"]:
+    limits.append(f"failed attempts: {dict(c['failures'])}")
+dm = open(os.path.join(out, "dmesg.txt")).read().strip().splitlines() if os.path.exists(os.path.join(out, "dmesg.txt")) else []
+for l in dm[-10:]:
+    limits.append("dmesg: " + l)
+for p in r.get("problems", []):
+    limits.append("problem: " + p)
+ok = held >= n and d and d.get("lost", 1) == 0 and d.get("received", 0) >= d.get("expected", 1)
+P(f"- result: {'OK, every connection held and reached' if ok else 'SHORT'}")
+if limits:
+    P("- what limited it:")
+    for l in limits:
+        P(f"  - {l}")
+text = "\n".join(lines) + "\n"
+open(os.path.join(out, "report.md"), "w").write(text)
+print(text)
+sys.exit(0 if ok else 1)
+PY
