@@ -35,8 +35,9 @@
 #   --shards S         shards per node (default 1)
 #   --server-cpus L    CPU list for the nodes, taskset syntax (default 0)
 #   --harness-cpus L   CPU list for the harness (default 1; "all" for no pinning)
-#   --ping-interval S  ringcast ping_interval (default 120: the box's two CPUs go to the
-#                      ramp, not to 40k pings/s at 1M connections)
+#   --ping-interval S  ringcast ping_interval (default 600, longer than a run: on two
+#                      shared CPUs a harness still ramping cannot answer every ping within
+#                      pong_timeout, and the nodes then close live connections as dead)
 #   --out DIR          where logs, samples, result.json and report.md go
 #                      (default /tmp/ringcast-scale-<N>-<time>)
 #   --prefix P         names: namespaces P-1.., bridge P-br, veths P-v1.. (default rcs)
@@ -64,7 +65,7 @@ shift
 [[ "$N" =~ ^[0-9]+$ ]] && [ "$N" -gt 0 ] || die "N must be a positive number, got '$N'"
 
 NODES="" PER_NODE=15000 RATE=10000 HOLD=10 MESSAGES=1 SHARDS=1 SERVER_CPUS=0 HARNESS_CPUS=1
-PING=120 OUT="" PREFIX=rcs SUBNET=127.200 NATS_URL="" BIN_DIR="$ROOT/target/release" TIMEOUT=""
+PING=600 OUT="" PREFIX=rcs SUBNET=127.200 NATS_URL="" BIN_DIR="$ROOT/target/release" TIMEOUT=""
 while [ $# -gt 0 ]; do
 	[ $# -ge 2 ] || die "option $1 needs a value"
 	case "$1" in
@@ -179,6 +180,9 @@ FILE_MAX="$(sysctl -n fs.file-max)"
 [ "$FILE_MAX" -lt $((2 * N + 100000)) ] && raise fs.file-max $((2 * N + 100000))
 WATCHES="$(sysctl -n fs.epoll.max_user_watches)"
 [ "$WATCHES" -lt $((2 * N + 100000)) ] && raise fs.epoll.max_user_watches $((2 * N + 100000))
+# veth delivers through the per-CPU backlog: a ramp's bursts of SYNs and ACKs past it are
+# dropped (softnet_stat "dropped") and come back as 1 s, 3 s, 7 s retransmits.
+[ "$(sysctl -n net.core.netdev_max_backlog)" -lt 65536 ] && raise net.core.netdev_max_backlog 65536
 if [ -e /proc/sys/net/netfilter/nf_conntrack_max ]; then
 	CT_MAX="$(sysctl -n net.netfilter.nf_conntrack_max)"
 	[ "$CT_MAX" -lt $((2 * N + 65536)) ] && raise net.netfilter.nf_conntrack_max $((2 * N + 65536))
@@ -266,7 +270,13 @@ sample() {
 }
 slabs() { grep -E '^(TCP|request_sock_TCP|sock_inode_cache|filp|dentry|eventpoll_epi|eventpoll_pwq|kmalloc-[0-9]+|skbuff_head_cache|nf_conntrack) ' /proc/slabinfo | awk '{print $1, $2, $4}'; }
 
+# TCP counters (/proc/net/netstat + snmp): the host's (client side) and, at the end, each
+# node namespace's (server side; they start at zero), and softnet drops (per CPU).
+counters() { cat /proc/net/netstat /proc/net/snmp; }
+softnet() { awk '{print $2}' /proc/net/softnet_stat; }
 sync
+counters >"$OUT/netstat-host-before.txt"
+softnet >"$OUT/softnet-before.txt"
 slabs >"$OUT/slab-before.txt"
 sample >"$OUT/sample-before.txt"
 cp /proc/net/sockstat "$OUT/sockstat-before.txt"
@@ -307,6 +317,11 @@ kill "$SAMPLER_PID" 2>/dev/null || true
 wait "$SAMPLER_PID" 2>/dev/null || true
 SAMPLER_PID=""
 cp /proc/net/sockstat "$OUT/sockstat-after.txt"
+counters >"$OUT/netstat-host-after.txt"
+softnet >"$OUT/softnet-after.txt"
+for i in $(seq 1 "$K"); do
+	ip netns exec "$(node_ns "$i")" sh -c 'cat /proc/net/netstat /proc/net/snmp' >"$OUT/netstat-node-$i.txt" 2>/dev/null || true
+done
 dmesg 2>/dev/null | tail -n +"$((DMESG_BEFORE + 1))" >"$OUT/dmesg.txt" || true
 for i in $(seq 1 "$K"); do
 	curl -fsS --max-time 2 "http://$(node_ip "$i"):9090/metrics" >"$OUT/metrics-node-$i.txt" 2>/dev/null || true
@@ -370,6 +385,53 @@ targets = r.get("targets") or []
 if targets:
     lo = min(t["open_at_end"] for t in targets); hi = max(t["open_at_end"] for t in targets)
     P(f"- per node open at end: min {lo}, max {hi} over {len(targets)} nodes")
+def netstat(path):
+    d, lines_ = {}, open(path).read().splitlines() if os.path.exists(path) else []
+    for head, vals in zip(lines_[0::2], lines_[1::2]):
+        proto = head.split(":")[0]
+        for key, v in zip(head.split()[1:], vals.split()[1:]):
+            try:
+                d[f"{proto}.{key}"] = int(v)
+            except ValueError:
+                pass
+    return d
+hb, ha = netstat(os.path.join(out, "netstat-host-before.txt")), netstat(os.path.join(out, "netstat-host-after.txt"))
+nodes = {}
+for i in range(1, k + 1):
+    for key, v in netstat(os.path.join(out, f"netstat-node-{i}.txt")).items():
+        nodes[key] = nodes.get(key, 0) + v
+WATCH = ["TcpExt.ListenOverflows", "TcpExt.ListenDrops", "TcpExt.TCPReqQFullDrop", "TcpExt.TCPSynRetrans",
+         "TcpExt.TCPTimeouts", "TcpExt.TCPLossProbes", "TcpExt.TCPAbortOnMemory", "TcpExt.TCPMemoryPressures",
+         "TcpExt.TCPBacklogDrop", "TcpExt.PruneCalled", "TcpExt.TCPAbortOnTimeout", "TcpExt.SyncookiesSent",
+         "Tcp.RetransSegs", "Tcp.AttemptFails", "Tcp.EstabResets", "Tcp.OutRsts", "TcpExt.TCPOrphanQueued"]
+def soft(path):
+    return [int(x, 16) for x in open(path).read().split()] if os.path.exists(path) else []
+sb_, sa_ = soft(os.path.join(out, "softnet-before.txt")), soft(os.path.join(out, "softnet-after.txt"))
+drops = sum(a - b for a, b in zip(sa_, sb_))
+P(f"- softnet backlog drops (all CPUs, whole host): {drops}")
+P("- TCP counters, host side (harness, whole host namespace) / node namespaces (servers), nonzero only:")
+for key in WATCH:
+    h = ha.get(key, 0) - hb.get(key, 0)
+    s_ = nodes.get(key, 0)
+    if h or s_:
+        P(f"  - {key}: host +{h} / nodes {s_}")
+agg = {}
+for i in range(1, k + 1):
+    path = os.path.join(out, f"metrics-node-{i}.txt")
+    if not os.path.exists(path):
+        continue
+    for line in open(path):
+        if line.startswith(("ringcast_connections_closed_total", "ringcast_handshakes_timed_out_total",
+                            "ringcast_handshakes_rejected_total", "ringcast_pings_sent_total",
+                            "ringcast_connections_accepted_total")):
+            name, _, v = line.rpartition(" ")
+            try:
+                agg[name] = agg.get(name, 0) + float(v)
+            except ValueError:
+                pass
+nz = {n: int(v) for n, v in agg.items() if v}
+P("- ringcast counters summed over nodes (scraped after the run, so client_close counts the harness leaving): "
+  + ", ".join(f"{n} {v}" for n, v in sorted(nz.items())))
 limits = []
 if c["failed"]:
     limits.append(f"failed attempts: {dict(c['failures'])}")
