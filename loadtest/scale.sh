@@ -33,7 +33,7 @@
 #   --hold S           seconds to hold every connection before the broadcast (default 10)
 #   --messages M       broadcasts to publish, 1 s apart (default 1)
 #   --shards S         shards per node (default 1)
-#   --server-cpus L    CPU list for the nodes, taskset syntax (default 0)
+#   --server-cpus L    CPU list for the nodes, taskset syntax (default 0; "all": no pinning)
 #   --harness-cpus L   CPU list for the harness (default 1; "all" for no pinning)
 #   --ping-interval S  ringcast ping_interval (default 600, longer than a run: on two
 #                      shared CPUs a harness still ramping cannot answer every ping within
@@ -45,6 +45,8 @@
 #   --nats-url URL     passed to every node as [cluster] nats_url (needs a ringcast with
 #                      the cluster section)
 #   --bin-dir DIR      where ringcast and ringcast-load are (default <repo>/target/release)
+#   --ringcast-bin F   the ringcast binary (default DIR/ringcast)
+#   --load-bin F       the ringcast-load binary (default DIR/ringcast-load)
 #   --timeout S        harness hard limit (default: from N and --rate)
 #
 # Exit status: 0 when all N connections were held and the broadcast reached every one
@@ -66,6 +68,7 @@ shift
 
 NODES="" PER_NODE=15000 RATE=10000 HOLD=10 MESSAGES=1 SHARDS=1 SERVER_CPUS=0 HARNESS_CPUS=1
 PING=600 OUT="" PREFIX=rcs SUBNET=127.200 NATS_URL="" BIN_DIR="$ROOT/target/release" TIMEOUT=""
+RINGCAST="" LOAD=""
 while [ $# -gt 0 ]; do
 	[ $# -ge 2 ] || die "option $1 needs a value"
 	case "$1" in
@@ -84,6 +87,8 @@ while [ $# -gt 0 ]; do
 	--nats-url) NATS_URL="$2" ;;
 	--bin-dir) BIN_DIR="$2" ;;
 	--timeout) TIMEOUT="$2" ;;
+	--ringcast-bin) RINGCAST="$2" ;;
+	--load-bin) LOAD="$2" ;;
 	*) die "unknown option $1" ;;
 	esac
 	shift 2
@@ -97,8 +102,8 @@ PER=$(((N + K - 1) / K))
 [ "${#PREFIX}" -le 8 ] || die "--prefix must be at most 8 characters (interface names)"
 TIMEOUT="${TIMEOUT:-$((N / (RATE > 0 ? RATE : 1000) * 3 + HOLD + 120))}"
 OUT="${OUT:-/tmp/ringcast-scale-$N-$(date -u +%Y%m%dT%H%M%S)}"
-RINGCAST="$BIN_DIR/ringcast"
-LOAD="$BIN_DIR/ringcast-load"
+RINGCAST="${RINGCAST:-$BIN_DIR/ringcast}"
+LOAD="${LOAD:-$BIN_DIR/ringcast-load}"
 BRIDGE="$PREFIX-br"
 HOST_IP="$SUBNET.0.1"
 node_ip() { echo "$SUBNET.1.$1"; }
@@ -172,8 +177,12 @@ if [ "$TCP_MAX" -lt "$WANT_MAX" ]; then
 	raise net.ipv4.tcp_mem "$((WANT_MAX / 2)) $((WANT_MAX * 3 / 4)) $WANT_MAX"
 fi
 read -r PORT_LO PORT_HI < <(sysctl -n net.ipv4.ip_local_port_range)
-# One source address per node: each node's connections need PER ports.
-if [ $((PORT_HI - PORT_LO + 1)) -lt $((PER + 1000)) ]; then
+# One source address per node: each node's connections need PER ports. connect() takes
+# ports of one parity first (half the range) and scans that whole half, under a lock, for
+# every connection past it: the default range (28,232 ports, 14,116 even) makes the last
+# ~600 connections of a 14,706-connection node crawl (~50/s over all nodes) until the
+# --timeout. Keep PER under half the range with a margin.
+if [ $(((PORT_HI - PORT_LO + 1) / 2)) -lt $((PER * 5 / 4)) ]; then
 	raise net.ipv4.ip_local_port_range "1024 65535"
 fi
 FILE_MAX="$(sysctl -n fs.file-max)"
@@ -224,7 +233,9 @@ for i in $(seq 1 "$K"); do
 	echo "ws://$addr:8080/ws?channels=scale $HOST_IP" >>"$TARGETS"
 	# --publish-each-node: one ingest per node (see the header); NATS replaces this.
 	PUBS="${PUBS:+$PUBS,}udp://$addr:9000"
-	ip netns exec "$ns" taskset -c "$SERVER_CPUS" "$RINGCAST" --config "$CONFIG" \
+	PIN=(taskset -c "$SERVER_CPUS")
+	[ "$SERVER_CPUS" = all ] && PIN=()
+	ip netns exec "$ns" "${PIN[@]}" "$RINGCAST" --config "$CONFIG" \
 		--listen "$addr:8080" --udp-ingest "$addr:9000" --tcp-ingest off --admin "$addr:9090" \
 		--shards "$SHARDS" --max-connections $((PER + 500)) --ping-interval "$PING" \
 		--log-format text >"$OUT/node-$i.log" 2>&1 &

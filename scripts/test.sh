@@ -167,6 +167,13 @@ ulimit -n "$hard_nofile" 2>/dev/null || true
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge 4096 ] ||
 	die "RLIMIT_NOFILE is $(ulimit -n); the end-to-end tests need at least 4096 open files"
 
+# ---- iproute2 + network namespaces (loadtest/tests/scale_script_holds_and_tears_down.rs) --
+if ! command -v ip >/dev/null 2>&1 || ! command -v taskset >/dev/null 2>&1; then
+	apt_install iproute2 util-linux
+fi
+command -v ip >/dev/null 2>&1 || die "ip (iproute2) is not on PATH after installing it (needed by loadtest/scale.sh)"
+$SUDO ip netns list >/dev/null 2>&1 || die "'ip netns' does not work here: loadtest/scale.sh's test needs root and network namespaces"
+
 # ---- checks --------------------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check --color never
