@@ -32,6 +32,7 @@
 #   --rate R           new connections per second, all workers together (default 10000)
 #   --hold S           seconds to hold every connection before the broadcast (default 10)
 #   --messages M       broadcasts to publish, 1 s apart (default 1)
+#   --drain S          seconds to wait at most for the broadcast to reach everyone (default 60)
 #   --shards S         shards per node (default 1)
 #   --server-cpus L    CPU list for the nodes, taskset syntax (default 0; "all": no pinning)
 #   --harness-cpus L   CPU list for the harness (default 1; "all" for no pinning)
@@ -68,7 +69,7 @@ shift
 
 NODES="" PER_NODE=15000 RATE=10000 HOLD=10 MESSAGES=1 SHARDS=1 SERVER_CPUS=0 HARNESS_CPUS=1
 PING=600 OUT="" PREFIX=rcs SUBNET=127.200 NATS_URL="" BIN_DIR="$ROOT/target/release" TIMEOUT=""
-RINGCAST="" LOAD=""
+RINGCAST="" LOAD="" DRAIN=60
 while [ $# -gt 0 ]; do
 	[ $# -ge 2 ] || die "option $1 needs a value"
 	case "$1" in
@@ -77,6 +78,7 @@ while [ $# -gt 0 ]; do
 	--rate) RATE="$2" ;;
 	--hold) HOLD="$2" ;;
 	--messages) MESSAGES="$2" ;;
+	--drain) DRAIN="$2" ;;
 	--shards) SHARDS="$2" ;;
 	--server-cpus) SERVER_CPUS="$2" ;;
 	--harness-cpus) HARNESS_CPUS="$2" ;;
@@ -100,7 +102,7 @@ PER=$(((N + K - 1) / K))
 [ "$PER" -le 18000 ] || die "$PER connections per node is too close to the 20,000 fd cap; use more --nodes"
 [[ "$SUBNET" =~ ^127\.[0-9]+$ ]] || die "--subnet must be 127.<n> (the load stays in 127.0.0.0/8)"
 [ "${#PREFIX}" -le 8 ] || die "--prefix must be at most 8 characters (interface names)"
-TIMEOUT="${TIMEOUT:-$((N / (RATE > 0 ? RATE : 1000) * 3 + HOLD + 120))}"
+TIMEOUT="${TIMEOUT:-$((N / (RATE > 0 ? RATE : 1000) * 3 + HOLD + DRAIN + 120))}"
 OUT="${OUT:-/tmp/ringcast-scale-$N-$(date -u +%Y%m%dT%H%M%S)}"
 RINGCAST="${RINGCAST:-$BIN_DIR/ringcast}"
 LOAD="${LOAD:-$BIN_DIR/ringcast-load}"
@@ -300,7 +302,7 @@ log "ramping to $N at $RATE/s, hold ${HOLD}s, then $MESSAGES broadcast(s) to eve
 RAMP_T0="$(date +%s.%N)"
 "${HARNESS[@]}" "$LOAD" fanout --targets "$TARGETS" -n "$N" --rate "$RATE" \
 	--connect-timeout 30 --conns-per-worker 15000 --max-workers $((K * 4 + 4)) \
-	--publish "$PUBS" --messages "$MESSAGES" --msg-rate 1 --settle "$HOLD" --drain 30 \
+	--publish "$PUBS" --messages "$MESSAGES" --msg-rate 1 --settle "$HOLD" --drain "$DRAIN" \
 	--server-pid "$PIDS" --timeout "$TIMEOUT" --json "$OUT/result.json" \
 	>"$OUT/harness.txt" 2>"$OUT/harness-stderr.txt" &
 HARNESS_PID=$!
