@@ -47,8 +47,8 @@ pub struct Common {
     /// Subscriber URL; for ringcast the channel is in the query. Default: ws://127.0.0.1:8080/ws?channels=bench
     #[arg(long, default_value = DEFAULT_URL)]
     pub url: String,
-    /// Several subscriber URLs (one per node), comma separated, and/or files listing one URL per line (optionally followed by that node's source addresses); connections and workers are spread evenly over them, and they replace --url.
-    #[arg(long, value_delimiter = ',')]
+    /// Several subscriber URLs (one per node), comma separated or repeated, and/or files listing one URL per line (optionally followed by that node's source addresses); connections and workers are spread evenly over them, and they replace --url.
+    #[arg(long)]
     pub targets: Vec<String>,
     /// Subscriber connections. Default depends on the scenario (connect/fanout/storm 1000, latency 100, slow 200, recover 10000).
     #[arg(short = 'n', long)]

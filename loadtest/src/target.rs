@@ -113,6 +113,27 @@ pub struct NodeSpec {
     pub sources: Vec<IpAddr>,
 }
 
+/// Splits a comma-separated list of endpoints. After a URL with a query, a comma starts
+/// a new item only when what follows is an endpoint itself (`scheme://…`, or `ws`
+/// alone); otherwise it belongs to that query, as in `ws://host/ws?channels=a,b`.
+pub fn split_list(list: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in list.split(',') {
+        let starts_new = part.trim() == "ws" || part.contains("://");
+        match out.last_mut() {
+            Some(last) if !starts_new && last.contains("://") && last.contains('?') => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => out.push(part.to_owned()),
+        }
+    }
+    out.into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
 /// Expands `--targets` values: each is a `ws://` URL or a file of lines
 /// `URL [source,source,...]` (`#` starts a comment; blank lines are skipped).
 ///
@@ -120,7 +141,8 @@ pub struct NodeSpec {
 /// An unreadable file or a malformed line.
 pub fn read_targets(values: &[String]) -> Result<Vec<NodeSpec>, UrlError> {
     let mut out = Vec::new();
-    for value in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
+    for value in values.iter().flat_map(|v| split_list(v)) {
+        let value = value.as_str();
         if value.contains("://") {
             out.push(NodeSpec {
                 url: value.to_owned(),
@@ -414,6 +436,28 @@ mod tests {
         assert_eq!(urls.len(), 1);
         assert!(read_targets(&["/nonexistent/targets.txt".into()]).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn lists_split_between_endpoints_only() {
+        assert_eq!(
+            split_list("udp://127.0.0.1:9000, udp://127.0.0.2:9000"),
+            vec!["udp://127.0.0.1:9000", "udp://127.0.0.2:9000"]
+        );
+        assert_eq!(
+            split_list("ws://a:1/ws?channels=x,y,ws://b:1/ws?channels=z"),
+            vec!["ws://a:1/ws?channels=x,y", "ws://b:1/ws?channels=z"]
+        );
+        assert_eq!(split_list("ws,nodes.txt"), vec!["ws", "nodes.txt"]);
+        assert_eq!(
+            split_list("ws://a:1/ws,nodes.txt"),
+            vec!["ws://a:1/ws", "nodes.txt"]
+        );
+        assert_eq!(
+            split_list("ws://a:1/?channels=x,y"),
+            vec!["ws://a:1/?channels=x,y"]
+        );
+        assert!(split_list(" , ").is_empty());
     }
 
     #[test]

@@ -323,14 +323,9 @@ impl Run {
         args: &PublishArgs,
     ) -> Result<(Vec<PublishTarget>, String), ScenarioError> {
         let mut publish = Vec::new();
-        for url in args
-            .publish
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-        {
-            let endpoint = target::parse_publish(url, &self.target)?;
-            target::check_local(url, endpoint.addr(), self.common.allow_remote)?;
+        for url in target::split_list(&args.publish) {
+            let endpoint = target::parse_publish(&url, &self.target)?;
+            target::check_local(&url, endpoint.addr(), self.common.allow_remote)?;
             publish.push(endpoint);
         }
         let channel = args
