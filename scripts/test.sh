@@ -154,6 +154,16 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 command -v promtool >/dev/null 2>&1 || die "promtool is not on PATH after installing Debian's prometheus (needed by tests/metrics_pass_promtool.rs)"
 
+# ---- systemd-analyze from Debian's systemd (tests/systemd_unit_verifies.rs) -----------
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+	apt_install systemd
+fi
+command -v systemd-analyze >/dev/null 2>&1 || die "systemd-analyze is not on PATH after installing Debian's systemd (needed by tests/systemd_unit_verifies.rs, tests/systemd_sandbox_allows_ringcasts_syscalls.rs)"
+if ! command -v strace >/dev/null 2>&1; then
+	apt_install strace
+fi
+command -v strace >/dev/null 2>&1 || die "strace is not on PATH after installing Debian's strace (needed by tests/systemd_sandbox_allows_ringcasts_syscalls.rs)"
+
 # ---- HAProxy (tests/proxy_protocol_names_the_client.rs: send-proxy-v2 in front) --------
 if ! command -v haproxy >/dev/null 2>&1; then
 	apt_install haproxy

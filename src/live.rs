@@ -45,6 +45,17 @@ pub const RELOADABLE: &[&str] = &[
     "allow_missing_origin",
     "tls_cert_file",
     "tls_key_file",
+    "max_connections_per_ip",
+    "max_new_connections_per_ip_per_sec",
+    "max_handshakes_per_ip",
+];
+
+/// The per-IP limits among [`RELOADABLE`]: they reload only when one of them was on at
+/// start (the process keeps no per-address counts otherwise), else they need a restart.
+pub const PER_IP_KEYS: &[&str] = &[
+    "max_connections_per_ip",
+    "max_new_connections_per_ip_per_sec",
+    "max_handshakes_per_ip",
 ];
 
 /// Keys whose values are secret: a reload names them, never their values.

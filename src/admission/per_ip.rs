@@ -20,6 +20,7 @@ use crossbeam_utils::CachePadded;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -87,9 +88,16 @@ struct Map {
 }
 
 /// The process-wide per-address table.
+///
+/// The three limits can change while it runs ([`PerIpTable::set_limits`], on SIGHUP): a
+/// lowered limit refuses the next sockets over it and closes none. `ipv6_prefix_len`
+/// stays as it was at start (it decides the keys entries are counted under).
 #[derive(Debug)]
 pub struct PerIpTable {
-    limits: PerIpLimits,
+    ipv6_prefix_len: u8,
+    max_connections: AtomicU32,
+    max_new_per_sec: AtomicU32,
+    max_handshakes: AtomicU32,
     hasher: RandomState,
     maps: Box<[CachePadded<Mutex<Map>>]>,
 }
@@ -101,7 +109,10 @@ impl PerIpTable {
     /// An empty table enforcing `limits`.
     pub fn new(limits: PerIpLimits) -> Arc<PerIpTable> {
         Arc::new(PerIpTable {
-            limits,
+            ipv6_prefix_len: limits.ipv6_prefix_len,
+            max_connections: AtomicU32::new(limits.max_connections),
+            max_new_per_sec: AtomicU32::new(limits.max_new_per_sec),
+            max_handshakes: AtomicU32::new(limits.max_handshakes),
             hasher: RandomState::new(),
             maps: (0..MAP_SHARDS)
                 .map(|_| {
@@ -114,9 +125,25 @@ impl PerIpTable {
         })
     }
 
-    /// The limits.
+    /// The limits in force.
     pub fn limits(&self) -> PerIpLimits {
-        self.limits
+        PerIpLimits {
+            max_connections: self.max_connections.load(Ordering::Relaxed),
+            max_new_per_sec: self.max_new_per_sec.load(Ordering::Relaxed),
+            max_handshakes: self.max_handshakes.load(Ordering::Relaxed),
+            ipv6_prefix_len: self.ipv6_prefix_len,
+        }
+    }
+
+    /// Replaces the three limits for the sockets admitted from now on (a reload); the
+    /// counts already kept stay, and `limits.ipv6_prefix_len` is ignored.
+    pub fn set_limits(&self, limits: PerIpLimits) {
+        self.max_connections
+            .store(limits.max_connections, Ordering::Relaxed);
+        self.max_new_per_sec
+            .store(limits.max_new_per_sec, Ordering::Relaxed);
+        self.max_handshakes
+            .store(limits.max_handshakes, Ordering::Relaxed);
     }
 
     fn map(&self, key: &IpAddr) -> MutexGuard<'_, Map> {
@@ -130,7 +157,7 @@ impl PerIpTable {
     /// # Errors
     /// The [`PerIpRefusal`] naming the limit; nothing is counted then.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<PerIpHold, PerIpRefusal> {
-        let l = self.limits;
+        let l = self.limits();
         let key = l.key(ip);
         let mut map = self.map(&key);
         if map.entries.len() >= map.sweep_at {
@@ -175,7 +202,7 @@ impl PerIpTable {
     }
 
     fn release(&self, key: &IpAddr, handshake: bool) {
-        let rate_on = self.limits.max_new_per_sec > 0;
+        let rate_on = self.max_new_per_sec.load(Ordering::Relaxed) > 0;
         let mut map = self.map(key);
         let Some(entry) = map.entries.get_mut(key) else {
             return;
@@ -305,6 +332,35 @@ mod tests {
         assert!(t
             .admit(ip("10.0.0.1"), now + Duration::from_millis(500))
             .is_ok());
+    }
+
+    #[test]
+    fn new_limits_apply_to_the_next_sockets_and_keep_the_counts() {
+        let t = PerIpTable::new(limits(3, 0, 0));
+        let now = Instant::now();
+        let held: Vec<_> = (0..3)
+            .map(|_| t.admit(ip("10.0.0.1"), now).unwrap())
+            .collect();
+        t.set_limits(PerIpLimits {
+            ipv6_prefix_len: 1,
+            ..limits(2, 0, 0)
+        });
+        assert_eq!(t.limits().max_connections, 2);
+        assert_eq!(
+            t.limits().ipv6_prefix_len,
+            64,
+            "the prefix is fixed at start"
+        );
+        assert_eq!(
+            t.admit(ip("10.0.0.1"), now).unwrap_err(),
+            PerIpRefusal::Connections,
+            "lowered below the open count: the next one is refused"
+        );
+        drop(held);
+        assert!(t.admit(ip("10.0.0.1"), now).is_ok());
+        t.set_limits(limits(0, 0, 0));
+        let all: Vec<_> = (0..10).map(|_| t.admit(ip("10.0.0.1"), now)).collect();
+        assert!(all.iter().all(Result::is_ok), "every limit off");
     }
 
     #[test]

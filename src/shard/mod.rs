@@ -207,16 +207,17 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
-    let reloader = Reloader {
-        cli,
-        table,
-        slots: slots.clone(),
-    };
     // One table for the process: SO_REUSEPORT spreads one address over every shard.
     let per_ip = settings
         .per_ip
         .any()
         .then(|| PerIpTable::new(settings.per_ip));
+    let reloader = Reloader {
+        cli,
+        table,
+        slots: slots.clone(),
+        per_ip: per_ip.clone(),
+    };
     let registry = Arc::new(Registry::new().with_user_gauge(&metrics::get().users));
     let presence = Arc::new(
         Presence::new(publisher.ring().clone(), publisher.idle_flags().clone())
@@ -395,6 +396,9 @@ struct Reloader {
     cli: ConfigLayer,
     table: toml::Table,
     slots: Arc<ConnectionSlots>,
+    /// The per-address table, when a per-IP limit was on at start (its limits reload;
+    /// without one, turning a limit on needs a restart).
+    per_ip: Option<Arc<PerIpTable>>,
 }
 
 impl Reloader {
@@ -407,7 +411,17 @@ impl Reloader {
                 counters[1].fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "config reload refused: {e}; the running configuration stays");
             }
-            Ok(reloaded) => {
+            Ok(mut reloaded) => {
+                if self.per_ip.is_none() {
+                    // No table was kept at start (every per-IP limit off): there are no
+                    // counts to check a new limit against.
+                    let (later, now): (Vec<String>, Vec<String>) = reloaded
+                        .applied
+                        .drain(..)
+                        .partition(|k| crate::live::PER_IP_KEYS.contains(&k.as_str()));
+                    reloaded.applied = now;
+                    reloaded.need_restart.extend(later);
+                }
                 for key in &reloaded.need_restart {
                     tracing::warn!(
                         key = %key,
@@ -415,6 +429,9 @@ impl Reloader {
                     );
                 }
                 self.slots.set_limit(reloaded.settings.max_connections);
+                if let Some(table) = &self.per_ip {
+                    table.set_limits(reloaded.settings.per_ip);
+                }
                 if let Some(tls) = &reloaded.settings.tls {
                     tracing::info!(
                         cert = %tls.cert_file.display(),
