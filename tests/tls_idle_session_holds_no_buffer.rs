@@ -40,6 +40,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The counter is process-wide: the tests take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[derive(Debug)]
 struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
 
@@ -104,6 +107,7 @@ fn to_client(client: &mut ClientConnection, server: &mut TlsSession, out: &[u8])
 
 #[test]
 fn an_idle_tls_session_keeps_only_rustls_state() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     let status = Command::new("openssl")
@@ -181,4 +185,114 @@ fn an_idle_tls_session_keeps_only_rustls_state() {
         );
         drop(server);
     }
+}
+
+/// The same exchange over rustls' buffered `ServerConnection` (what sessions used before):
+/// the figure the unbuffered session is compared with in docs/benchmarks.md.
+#[test]
+fn the_buffered_api_keeps_more() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl must be installed");
+    assert!(status.status.success(), "openssl req failed: {status:?}");
+    let mut config = (*load_server_config(&cert, &key).expect("server config")).clone();
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    let config = Arc::new(config);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client_config = Arc::new(
+        ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth(),
+    );
+    let mut figures = Vec::new();
+    for round in 0..3 {
+        let before = LIVE.load(SeqCst);
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut client = ClientConnection::new(client_config.clone(), name).expect("client");
+        let mut server = Box::new(rustls::ServerConnection::new(config.clone()).expect("server"));
+        let pump = |from: &mut dyn FnMut(&mut Vec<u8>), to: &mut dyn FnMut(&[u8])| {
+            let mut wire = Vec::new();
+            from(&mut wire);
+            to(&wire);
+        };
+        while client.is_handshaking() || server.is_handshaking() {
+            pump(
+                &mut |w| {
+                    while client.wants_write() {
+                        client.write_tls(w).expect("client write");
+                    }
+                },
+                &mut |mut w: &[u8]| {
+                    while !w.is_empty() {
+                        server.read_tls(&mut w).expect("server read");
+                        server.process_new_packets().expect("server process");
+                    }
+                },
+            );
+            let mut wire = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut wire).expect("server write");
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                client.read_tls(&mut rd).expect("client read");
+                client.process_new_packets().expect("client process");
+            }
+        }
+        client
+            .writer()
+            .write_all(b"GET /ws HTTP/1.1\r\n\r\n")
+            .expect("write");
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).expect("client write");
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd).expect("server read");
+            server.process_new_packets().expect("server process");
+        }
+        let mut got = Vec::new();
+        let _ = server.reader().read_to_end(&mut got);
+        server
+            .writer()
+            .write_all(b"HTTP/1.1 101 \r\n\r\n")
+            .expect("write");
+        let mut wire = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut wire).expect("server write");
+        }
+        drop((client, wire, got));
+        let idle = LIVE.load(SeqCst) - before;
+        println!("round {round}: idle buffered ServerConnection {idle} B on the heap");
+        figures.push(idle);
+        drop(server);
+    }
+    assert!(figures[1..].iter().all(|&b| b > 4096), "{figures:?}");
 }
