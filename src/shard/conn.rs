@@ -355,11 +355,28 @@ pub fn on_ready(shard: &Shard, ready: Ready) {
     }
 }
 
-/// Reads what the socket has (edge-triggered: until EAGAIN, or re-armed past the cap).
+/// Reads what the socket has; a TLS connection's reads are decrypted first.
 fn read_input(shard: &Shard, key: u32, conn: &mut Conn) {
     if conn.tls.is_some() {
-        return crate::shard::tls_io::read_input(shard, key, conn);
+        return read_socket(shard, key, conn, crate::shard::tls_io::decrypt_input);
     }
+    read_socket(shard, key, conn, |shard, key, conn, input| {
+        // A closing connection's input is read only to reach its EOF.
+        receive(shard, key, conn, input);
+        true
+    });
+}
+
+/// The read loop of every connection (edge-triggered): reads the socket into the shard's
+/// scratch buffer until EAGAIN, or re-arms it past [`MAX_READ_PER_EVENT`] so the rest is
+/// read on the next round, and hands each read to `take` (false: stop reading for this
+/// event). EOF and socket errors are the peer's end.
+pub(super) fn read_socket(
+    shard: &Shard,
+    key: u32,
+    conn: &mut Conn,
+    mut take: impl FnMut(&Shard, u32, &mut Conn, &mut [u8]) -> bool,
+) {
     let mut scratch = shard.scratch.borrow_mut();
     let mut total = 0;
     loop {
@@ -367,8 +384,9 @@ fn read_input(shard: &Shard, key: u32, conn: &mut Conn) {
             Ok(0) => return peer_gone(shard, key, conn),
             Ok(n) => {
                 total += n;
-                // A closing connection's input is read only to reach its EOF.
-                receive(shard, key, conn, &mut scratch[..n]);
+                if !take(shard, key, conn, &mut scratch[..n]) {
+                    return;
+                }
                 if total >= MAX_READ_PER_EVENT {
                     // Re-registering re-reports pending input as a new edge.
                     shard.ready_set.remove(&conn.fd);

@@ -138,18 +138,12 @@ async fn upgrade_over(
         return;
     };
     drop(stream);
-    let tls = match tls {
-        None => None,
-        Some(conn) => {
-            let mut session = TlsSession::new(conn);
-            // Records read past the request head are plaintext for the table now: no
-            // epoll edge would report them.
-            if session.take_buffered(&mut upgraded.leftover).is_err() {
-                return;
-            }
-            Some(Box::new(session))
-        }
-    };
+    let tls = tls.map(|(session, plain)| {
+        // Plaintext decrypted past the request head is the connection's first input: no
+        // epoll edge would report it.
+        upgraded.leftover.extend_from_slice(&plain);
+        Box::new(session)
+    });
     // From here the table owns the slot and releases it when the connection leaves it.
     upgraded.slot.adopt();
     let mut channels = upgraded.channels;
@@ -333,7 +327,7 @@ async fn tls_handshake(
     stream: TcpStream,
     early: Vec<u8>,
     config: Arc<rustls::ServerConfig>,
-) -> Option<(Upgraded, TcpStream, Option<rustls::ServerConnection>)> {
+) -> Option<(Upgraded, TcpStream, Option<(TlsSession, Vec<u8>)>)> {
     // Handshake flights are small writes each waited for: no Nagle delay between them.
     let _ = stream.set_nodelay(true);
     let stream = Prefixed {
@@ -341,10 +335,7 @@ async fn tls_handshake(
         at: 0,
         inner: stream,
     };
-    let mut tls = match futures_rustls::TlsAcceptor::from(config)
-        .accept(stream)
-        .await
-    {
+    let mut tls = match crate::tls::stream::accept(config, stream).await {
         Ok(tls) => {
             shard.metrics.tls_handshakes[0].fetch_add(1, Relaxed);
             tls
@@ -356,8 +347,8 @@ async fn tls_handshake(
         }
     };
     let upgraded = handshake(shard, &mut tls, Vec::new()).await?;
-    let (stream, conn) = tls.into_inner();
-    Some((upgraded, stream.inner, Some(conn)))
+    let (stream, session, plain) = tls.into_parts();
+    Some((upgraded, stream.inner, Some((session, plain))))
 }
 
 /// A stream whose first bytes were already read (after a PROXY header): they are read

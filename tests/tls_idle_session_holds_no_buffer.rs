@@ -1,0 +1,298 @@
+//! What an idle TLS session keeps on the heap, counted by the allocator: after the
+//! handshake, a request and an answer, the session holds rustls' connection state and no
+//! buffer (the buffered API kept a 4 KiB receive buffer for the connection's life).
+//! docs/benchmarks.md has the RSS figure for the whole server.
+
+use ringcast::tls::session::Input;
+use ringcast::tls::{load_server_config, TlsSession};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{IoSlice, Read, Write};
+use std::process::Command;
+use std::sync::atomic::{AtomicIsize, Ordering::SeqCst};
+use std::sync::Arc;
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is
+// updated besides.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, SeqCst);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, SeqCst);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size as isize - layout.size() as isize, SeqCst);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// The counter is process-wide: the tests take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn to_server(client: &mut ClientConnection, server: &mut TlsSession, plain: &mut Vec<u8>) {
+    let mut wire = Vec::new();
+    while client.wants_write() {
+        client.write_tls(&mut wire).expect("client write");
+    }
+    if !wire.is_empty() {
+        assert_eq!(
+            server.receive(&mut wire, plain).expect("server receive"),
+            Input::Drained
+        );
+    }
+}
+
+fn to_client(client: &mut ClientConnection, server: &mut TlsSession, out: &[u8]) -> Vec<u8> {
+    let mut wire = server.unsent().to_vec();
+    server.sent(wire.len());
+    wire.extend_from_slice(out);
+    let mut rd = &wire[..];
+    let mut got = Vec::new();
+    while !rd.is_empty() {
+        client.read_tls(&mut rd).expect("client read");
+        client.process_new_packets().expect("client process");
+        let _ = client.reader().read_to_end(&mut got);
+    }
+    got
+}
+
+#[test]
+fn an_idle_tls_session_keeps_only_rustls_state() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl must be installed");
+    assert!(status.status.success(), "openssl req failed: {status:?}");
+    // The server's config without its session cache: the cache is shared by all
+    // connections and bounded (256 entries), so it would blur one session's figure.
+    let mut config = (*load_server_config(&cert, &key).expect("server config")).clone();
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    let config = Arc::new(config);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client_config = Arc::new(
+        ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth(),
+    );
+    for round in 0..3 {
+        let before = LIVE.load(SeqCst);
+        let (mut stage, mut out, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut client = ClientConnection::new(client_config.clone(), name).expect("client");
+        let mut server = Box::new(TlsSession::new(config.clone()).expect("session"));
+        while client.is_handshaking() || server.is_handshaking() {
+            to_server(&mut client, &mut server, &mut plain);
+            to_client(&mut client, &mut server, &[]);
+        }
+        client
+            .writer()
+            .write_all(b"GET /ws HTTP/1.1\r\n\r\n")
+            .expect("write");
+        to_server(&mut client, &mut server, &mut plain);
+        let answer = b"HTTP/1.1 101 \r\n\r\n";
+        let taken = server
+            .encrypt(&[IoSlice::new(answer)], &mut stage, &mut out)
+            .expect("encrypt");
+        assert_eq!(taken, answer.len());
+        assert_eq!(to_client(&mut client, &mut server, &out), answer);
+        assert_eq!(server.buffered(), 0, "no buffer held while idle");
+        // The client's own state is dropped; what is left is the session's.
+        drop((client, stage, out, plain));
+        let idle = LIVE.load(SeqCst) - before;
+        println!(
+            "round {round}: idle session {idle} B on the heap ({:?}, {} B inline)",
+            server.protocol_version(),
+            std::mem::size_of::<TlsSession>()
+        );
+        // The first round also pays one-time initialisations.
+        assert!(
+            round == 0 || idle < 4096,
+            "an idle session holds {idle} B, more than the old receive buffer alone"
+        );
+        drop(server);
+    }
+}
+
+/// The same exchange over rustls' buffered `ServerConnection` (what sessions used before):
+/// the figure the unbuffered session is compared with in docs/benchmarks.md.
+#[test]
+fn the_buffered_api_keeps_more() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl must be installed");
+    assert!(status.status.success(), "openssl req failed: {status:?}");
+    let mut config = (*load_server_config(&cert, &key).expect("server config")).clone();
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    let config = Arc::new(config);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client_config = Arc::new(
+        ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth(),
+    );
+    let mut figures = Vec::new();
+    for round in 0..3 {
+        let before = LIVE.load(SeqCst);
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut client = ClientConnection::new(client_config.clone(), name).expect("client");
+        let mut server = Box::new(rustls::ServerConnection::new(config.clone()).expect("server"));
+        let pump = |from: &mut dyn FnMut(&mut Vec<u8>), to: &mut dyn FnMut(&[u8])| {
+            let mut wire = Vec::new();
+            from(&mut wire);
+            to(&wire);
+        };
+        while client.is_handshaking() || server.is_handshaking() {
+            pump(
+                &mut |w| {
+                    while client.wants_write() {
+                        client.write_tls(w).expect("client write");
+                    }
+                },
+                &mut |mut w: &[u8]| {
+                    while !w.is_empty() {
+                        server.read_tls(&mut w).expect("server read");
+                        server.process_new_packets().expect("server process");
+                    }
+                },
+            );
+            let mut wire = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut wire).expect("server write");
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                client.read_tls(&mut rd).expect("client read");
+                client.process_new_packets().expect("client process");
+            }
+        }
+        client
+            .writer()
+            .write_all(b"GET /ws HTTP/1.1\r\n\r\n")
+            .expect("write");
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).expect("client write");
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd).expect("server read");
+            server.process_new_packets().expect("server process");
+        }
+        let mut got = Vec::new();
+        let _ = server.reader().read_to_end(&mut got);
+        server
+            .writer()
+            .write_all(b"HTTP/1.1 101 \r\n\r\n")
+            .expect("write");
+        let mut wire = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut wire).expect("server write");
+        }
+        drop((client, wire, got));
+        let idle = LIVE.load(SeqCst) - before;
+        println!("round {round}: idle buffered ServerConnection {idle} B on the heap");
+        figures.push(idle);
+        drop(server);
+    }
+    assert!(figures[1..].iter().all(|&b| b > 4096), "{figures:?}");
+}
