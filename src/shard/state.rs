@@ -48,8 +48,9 @@ pub struct Shard {
     pub(super) dirty: RefCell<Vec<u32>>,
     /// Read buffer shared by every connection of the shard.
     pub(super) scratch: RefCell<Box<[u8]>>,
-    /// Plaintext decrypted from the scratch buffer's TLS records (16 KiB, one record;
-    /// empty until the shard's first TLS read).
+    /// Plaintext decrypted from one read's TLS records (grows to the largest read's
+    /// plaintext, at most the scratch buffer's size; empty until the shard's first TLS
+    /// read).
     pub(super) tls_plain: RefCell<Vec<u8>>,
     /// Offsets + ring.
     pub(super) publisher: Arc<Publisher>,
