@@ -328,7 +328,10 @@ fn route(method: &str, target: &str, settings: &Settings) -> Response {
         }
         ("GET", "/readyz") if crate::cluster::is_down() => {
             // Still serving local clients and publishes: only cross-node delivery is down.
-            text(200, "ready (cluster down: NATS unreachable, cross-node delivery stopped)\n")
+            text(
+                200,
+                "ready (cluster down: NATS unreachable, cross-node delivery stopped)\n",
+            )
         }
         ("GET", "/readyz") => text(200, "ready\n"),
         (_, "/metrics" | "/healthz" | "/readyz" | "/publish") => text(405, "method not allowed\n"),
@@ -446,23 +449,12 @@ async fn publish(
         };
     }
     if let Some(cluster) = crate::cluster::get() {
-        // Through the NATS thread: the offset is the cluster's, known once stored.
+        // Through the NATS thread: the offset is the cluster's, answered once stored.
         let (tx, rx) = flume::bounded(1);
-        let reply = if ack {
-            crate::cluster::ClusterReply::Wait(tx)
-        } else {
-            crate::cluster::ClusterReply::None
-        };
-        if let Err(e) = cluster.publish(&channel, body, reply) {
+        if let Err(e) = cluster.publish(&channel, body, crate::cluster::ClusterReply::Wait(tx)) {
             return json_error(503, e);
         }
         metrics.messages_in[source].fetch_add(1, Ordering::Relaxed);
-        if !ack {
-            return json(
-                202,
-                format!("{{\"channel\":\"{channel}\",\"queued\":true}}\n"),
-            );
-        }
         return match rx.recv_async().await {
             Ok(Ok(offset)) => json(
                 200,

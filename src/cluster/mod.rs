@@ -157,12 +157,12 @@ impl ClusterTable {
                 }
             }
         }
-        let stream_name = self.stream_name.clone().unwrap_or_else(|| "RINGCAST".into());
+        let stream_name = self
+            .stream_name
+            .clone()
+            .unwrap_or_else(|| "RINGCAST".into());
         if !token_ok(&stream_name) {
-            return Err((
-                "cluster.stream_name",
-                "1-64 bytes of [A-Za-z0-9_-]".into(),
-            ));
+            return Err(("cluster.stream_name", "1-64 bytes of [A-Za-z0-9_-]".into()));
         }
         let subject_prefix = self.subject_prefix.clone().unwrap_or_else(|| "rc".into());
         if !token_ok(&subject_prefix) {
@@ -260,17 +260,72 @@ pub fn render_metrics(out: &mut String) {
     use std::fmt::Write;
     let Some(s) = STATS.get() else { return };
     let rows: [(&str, &str, &str, &AtomicU64); 11] = [
-        ("ringcast_cluster_up", "gauge", "1 while the NATS connection is up (cross-node delivery works), else 0.", &s.up),
-        ("ringcast_cluster_published_total", "counter", "Messages this node stored in the JetStream stream.", &s.published),
-        ("ringcast_cluster_publish_retries_total", "counter", "Publishes retried because another node took the offset first (JetStream error 10071).", &s.retries),
-        ("ringcast_cluster_local_publishes_total", "counter", "Messages published on this node only, in a local epoch, while NATS was unreachable.", &s.local_only),
-        ("ringcast_cluster_publish_errors_total", "counter", "Stream publishes that failed (then served locally or refused).", &s.publish_errors),
-        ("ringcast_cluster_received_total", "counter", "Messages from other nodes given to this node's subscribers.", &s.received),
-        ("ringcast_cluster_duplicates_total", "counter", "Cluster messages dropped as already delivered (own echoes, re-reads).", &s.duplicates),
-        ("ringcast_cluster_fetched_total", "counter", "Messages read back from the stream to fill a hole or resync after an outage.", &s.fetched),
-        ("ringcast_cluster_gap_offsets_total", "counter", "Offsets skipped because they could not be read back from the stream.", &s.gap_offsets),
-        ("ringcast_cluster_subscriptions", "gauge", "Channels this node has a live NATS subscription for (local interest, plus linger).", &s.subscriptions),
-        ("ringcast_cluster_reconnects_total", "counter", "Reconnections to NATS after a lost connection.", &s.reconnects),
+        (
+            "ringcast_cluster_up",
+            "gauge",
+            "1 while the NATS connection is up (cross-node delivery works), else 0.",
+            &s.up,
+        ),
+        (
+            "ringcast_cluster_published_total",
+            "counter",
+            "Messages this node stored in the JetStream stream.",
+            &s.published,
+        ),
+        (
+            "ringcast_cluster_publish_retries_total",
+            "counter",
+            "Publishes retried because another node took the offset first (JetStream error 10071).",
+            &s.retries,
+        ),
+        (
+            "ringcast_cluster_local_publishes_total",
+            "counter",
+            "Messages published on this node only, in a local epoch, while NATS was unreachable.",
+            &s.local_only,
+        ),
+        (
+            "ringcast_cluster_publish_errors_total",
+            "counter",
+            "Stream publishes that failed (then served locally or refused).",
+            &s.publish_errors,
+        ),
+        (
+            "ringcast_cluster_received_total",
+            "counter",
+            "Messages from other nodes given to this node's subscribers.",
+            &s.received,
+        ),
+        (
+            "ringcast_cluster_duplicates_total",
+            "counter",
+            "Cluster messages dropped as already delivered (own echoes, re-reads).",
+            &s.duplicates,
+        ),
+        (
+            "ringcast_cluster_fetched_total",
+            "counter",
+            "Messages read back from the stream to fill a hole or resync after an outage.",
+            &s.fetched,
+        ),
+        (
+            "ringcast_cluster_gap_offsets_total",
+            "counter",
+            "Offsets skipped because they could not be read back from the stream.",
+            &s.gap_offsets,
+        ),
+        (
+            "ringcast_cluster_subscriptions",
+            "gauge",
+            "Channels this node has a live NATS subscription for (local interest, plus linger).",
+            &s.subscriptions,
+        ),
+        (
+            "ringcast_cluster_reconnects_total",
+            "counter",
+            "Reconnections to NATS after a lost connection.",
+            &s.reconnects,
+        ),
     ];
     for (name, kind, help, v) in rows {
         let _ = writeln!(
@@ -293,7 +348,10 @@ mod tests {
             ..ClusterTable::default()
         };
         let s = t.resolve(100).unwrap().unwrap();
-        assert_eq!((s.stream_name.as_str(), s.subject_prefix.as_str()), ("RINGCAST", "rc"));
+        assert_eq!(
+            (s.stream_name.as_str(), s.subject_prefix.as_str()),
+            ("RINGCAST", "rc")
+        );
         let bad = ClusterTable {
             stream_replicas: Some(7),
             ..t.clone()

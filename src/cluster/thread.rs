@@ -12,9 +12,7 @@
 //! publisher (`applied`), with out-of-order arrivals buffered until the hole before them
 //! is filled from the stream, or skipped after [`FILL_BOUND`].
 
-use crate::cluster::subject::{
-    encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER,
-};
+use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
 use crate::cluster::{ClusterSettings, ClusterStats};
 use crate::fanout::publisher::Publisher;
 use async_nats::jetstream::context::PublishErrorKind;
@@ -301,11 +299,19 @@ impl Node {
     }
 
     fn stream_subject(&self, channel: &str) -> String {
-        format!("{}.ch.{}", self.settings.subject_prefix, encode_channel(channel))
+        format!(
+            "{}.ch.{}",
+            self.settings.subject_prefix,
+            encode_channel(channel)
+        )
     }
 
     fn live_subject(&self, channel: &str) -> String {
-        format!("{}.live.{}", self.settings.subject_prefix, encode_channel(channel))
+        format!(
+            "{}.live.{}",
+            self.settings.subject_prefix,
+            encode_channel(channel)
+        )
     }
 
     fn handle(self: Rc<Self>, request: Request) {
@@ -370,7 +376,9 @@ impl Node {
                     }
                     Err(e) => tracing::warn!(error = %e, "cluster: reading the stream"),
                 },
-                Err(e) => tracing::warn!(error = %e, stream = %s.stream_name, "cluster: creating the stream"),
+                Err(e) => {
+                    tracing::warn!(error = %e, stream = %s.stream_name, "cluster: creating the stream")
+                }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -429,7 +437,11 @@ impl Node {
     /// The stream's last message of `channel`: (offset, epoch, seq); a new epoch at 0
     /// when the subject has none.
     async fn read_last(&self, channel: &str) -> Result<(u64, u64, u64), String> {
-        let stream = self.stream.borrow().clone().ok_or("cluster: no stream yet")?;
+        let stream = self
+            .stream
+            .borrow()
+            .clone()
+            .ok_or("cluster: no stream yet")?;
         match stream
             .direct_get_last_for_subject(self.stream_subject(channel))
             .await
@@ -450,7 +462,11 @@ impl Node {
         }
     }
 
-    async fn publish_one(self: &Rc<Self>, channel: &Arc<str>, payload: Bytes) -> Result<u64, String> {
+    async fn publish_one(
+        self: &Rc<Self>,
+        channel: &Arc<str>,
+        payload: Bytes,
+    ) -> Result<u64, String> {
         for _ in 0..MAX_TRIES {
             if !self.up() {
                 return Ok(self.publish_local(channel, &payload));
@@ -474,7 +490,11 @@ impl Node {
                 .payload(payload.clone())
                 .headers(headers)
                 .expected_last_subject_sequence(seq);
-            let ack = match self.js.send_publish(self.stream_subject(channel), publish).await {
+            let ack = match self
+                .js
+                .send_publish(self.stream_subject(channel), publish)
+                .await
+            {
                 Ok(future) => future.await,
                 Err(e) => Err(e),
             };
@@ -641,7 +661,9 @@ impl Node {
         loop {
             {
                 let mut chans = self.chans.borrow_mut();
-                let Some(c) = chans.get_mut(&channel) else { return };
+                let Some(c) = chans.get_mut(&channel) else {
+                    return;
+                };
                 if c.pending.is_empty() && !c.catch_up {
                     c.filling = false;
                     return;
@@ -671,9 +693,13 @@ impl Node {
                     self.stats.fetched.fetch_add(1, Relaxed);
                     let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()));
                     let epoch = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
-                    let (Some(offset), Some(epoch)) = (offset, epoch) else { continue };
+                    let (Some(offset), Some(epoch)) = (offset, epoch) else {
+                        continue;
+                    };
                     let mut chans = self.chans.borrow_mut();
-                    let Some(c) = chans.get_mut(&channel) else { return };
+                    let Some(c) = chans.get_mut(&channel) else {
+                        return;
+                    };
                     if c.epoch != epoch || offset > c.applied + 1 {
                         if c.epoch == epoch && !c.local {
                             // The messages between were discarded from the stream.
@@ -697,7 +723,9 @@ impl Node {
                 }
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
                     let mut chans = self.chans.borrow_mut();
-                    let Some(c) = chans.get_mut(&channel) else { return };
+                    let Some(c) = chans.get_mut(&channel) else {
+                        return;
+                    };
                     c.catch_up = false;
                     // Nothing newer in the stream: what is buffered is ahead of it.
                     self.skip_hole(&channel, c);
@@ -756,7 +784,9 @@ impl Node {
             }
             use futures_lite::StreamExt;
             while let Some(m) = sub.next().await {
-                let Some(h) = m.headers.as_ref() else { continue };
+                let Some(h) = m.headers.as_ref() else {
+                    continue;
+                };
                 let offset = parse_u64(h.get(OFFSET_HEADER).map(|v| v.as_str()));
                 let epoch = parse_u64(h.get(EPOCH_HEADER).map(|v| v.as_str()));
                 let seq = parse_u64(h.get(SEQ_HEADER).map(|v| v.as_str())).unwrap_or(0);

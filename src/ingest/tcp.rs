@@ -174,7 +174,8 @@ async fn connection(
                             if let Some(cluster) = crate::cluster::get() {
                                 match cluster.publish(channel, payload, reply) {
                                     Ok(()) => replies.extend(wait.map(Pending::Cluster)),
-                                    Err(e) => replies.push(Pending::Ready(format!("ERR {e}\n").into_bytes())),
+                                    Err(e) => replies
+                                        .push(Pending::Ready(format!("ERR {e}\n").into_bytes())),
                                 }
                             }
                         }

@@ -52,7 +52,8 @@ pub async fn serve(
                         match crate::cluster::get() {
                             // Counted by the cluster when it cannot queue it.
                             Some(c) => {
-                                let _ = c.publish(channel, payload, crate::cluster::ClusterReply::None);
+                                let _ =
+                                    c.publish(channel, payload, crate::cluster::ClusterReply::None);
                             }
                             None => {
                                 publisher.publish(channel, payload);
