@@ -181,6 +181,9 @@ struct Chan {
     sub: Option<tokio::task::AbortHandle>,
 }
 
+/// A channel's publish worker queue.
+type JobSender = tokio::sync::mpsc::UnboundedSender<(Bytes, ClusterReply)>;
+
 struct Node {
     settings: ClusterSettings,
     publisher: Arc<Publisher>,
@@ -190,7 +193,7 @@ struct Node {
     js: async_nats::jetstream::Context,
     stream: RefCell<Option<JsStream>>,
     chans: RefCell<HashMap<Arc<str>, Chan>>,
-    workers: RefCell<HashMap<Arc<str>, tokio::sync::mpsc::UnboundedSender<(Bytes, ClusterReply)>>>,
+    workers: RefCell<HashMap<Arc<str>, JobSender>>,
     epoch_base: u64,
     epoch_next: Cell<u64>,
 }
