@@ -370,7 +370,8 @@ impl Node {
             allow_direct: true,
             ..StreamConfig::default()
         };
-        for _ in 0..5 {
+        // A clustered JetStream may still be electing its meta leader: ~30 s of tries.
+        for _ in 0..60 {
             match self.js.create_or_update_stream(config.clone()).await {
                 Ok(_) => match self.js.get_stream(&s.stream_name).await {
                     Ok(stream) => {
