@@ -38,6 +38,10 @@ pub const FILL_BOUND: Duration = Duration::from_secs(2);
 const QUEUE: usize = 65_536;
 /// A channel's publish worker ends after this long without a publish.
 const WORKER_IDLE: Duration = Duration::from_secs(30);
+/// How long publishes wait for NATS to come back before they are served locally: a NATS
+/// server failing over (the client reconnects to another in ~100 ms) must not fork the
+/// channel into a local epoch.
+pub const LOCAL_AFTER: Duration = Duration::from_secs(2);
 /// JetStream request timeout (publish acks, direct gets).
 const JS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -196,6 +200,8 @@ struct Node {
     workers: RefCell<HashMap<Arc<str>, JobSender>>,
     epoch_base: u64,
     epoch_next: Cell<u64>,
+    /// When the connection was last lost (or the thread started, before the first one).
+    down_since: Cell<Instant>,
 }
 
 fn now_nanos() -> u64 {
@@ -274,6 +280,7 @@ async fn run(
         workers: RefCell::new(HashMap::new()),
         epoch_base: now_nanos(),
         epoch_next: Cell::new(0),
+        down_since: Cell::new(Instant::now()),
     });
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut was_up = false;
@@ -351,6 +358,7 @@ impl Node {
             }
             Event::Disconnected | Event::Closed => {
                 if self.stats.up.swap(0, Relaxed) == 1 {
+                    self.down_since.set(Instant::now());
                     tracing::warn!("cluster: NATS connection lost; serving local publishes only (local epoch) until it returns");
                 }
             }
@@ -472,6 +480,9 @@ impl Node {
         payload: Bytes,
     ) -> Result<u64, String> {
         for _ in 0..MAX_TRIES {
+            while !self.up() && self.down_since.get().elapsed() < LOCAL_AFTER {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             if !self.up() {
                 return Ok(self.publish_local(channel, &payload));
             }

@@ -11,7 +11,10 @@ import asyncio
 import json
 import sys
 
+import time
+
 import nats
+from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
 
 
@@ -24,11 +27,19 @@ async def main():
     nc = await nats.connect(servers=a.servers.split(","), connect_timeout=5)
     js = nc.jetstream()
     offsets, epochs, seq = [], set(), 1
+    # A stream that just lost a server may answer "unavailable" for a few seconds while
+    # its leader moves: retried for up to 30 s.
+    give_up = time.monotonic() + 30
     while True:
         try:
             msg = await js.get_msg(a.stream, seq=seq, subject=a.subject, next=True)
         except NotFoundError:
             break
+        except NatsError:
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(0.2)
+            continue
         headers = msg.headers or {}
         offsets.append(int(headers["Ringcast-Offset"]))
         epochs.add(headers["Ringcast-Epoch"])
