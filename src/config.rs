@@ -355,6 +355,10 @@ pub struct ConfigLayer {
     /// only; keys they leave out come from `[channel_defaults]`). Default: none.
     #[arg(skip)]
     pub namespaces: Option<BTreeMap<String, NamespaceTable>>,
+    /// The NATS cluster (`[cluster]` table, TOML only; see docs/cluster.md). Default: none
+    /// (the node runs alone).
+    #[arg(skip)]
+    pub cluster: Option<crate::cluster::ClusterTable>,
     /// A tool to run instead of the server; without one, `ringcast` serves.
     #[command(subcommand)]
     #[serde(skip)]
@@ -484,6 +488,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Namespace rules, looked up per channel with [`Namespaces::rules_for`].
     pub namespaces: Namespaces,
+    /// The NATS cluster; `None`: this node runs alone.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 /// How log lines are written to stderr.
@@ -847,6 +853,17 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         inbox: resolve_inbox(&cli, &file)?,
         transparent_huge_pages: pick!(transparent_huge_pages, false),
         auth,
+        cluster: cli
+            .cluster
+            .as_ref()
+            .or(file.cluster.as_ref())
+            .map(|t| t.resolve(namespaces.max_history_size()))
+            .transpose()
+            .map_err(|(key, message)| ConfigError::InvalidTable {
+                key: key.into(),
+                message,
+            })?
+            .flatten(),
         namespaces,
     };
     let exposed = |key: &'static str, addr: Option<SocketAddr>| match addr {

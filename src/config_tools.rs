@@ -67,6 +67,14 @@ pub fn defaults_toml() -> String {
          # [namespaces.NAME] for channels NAME:...; see the README's namespace table.\n\
          # [channel_defaults]\n# [namespaces.news]\n# anonymous = true\n",
     );
+    out.push_str(
+        "\n# The NATS cluster (TOML only; docs/cluster.md). Without nats_url the node runs alone.\n\
+         # One of nats_creds_file, nats_user + nats_password, nats_token; nats_tls_ca_file\n\
+         # turns TLS to NATS on.\n\
+         # [cluster]\n# nats_url = \"nats://127.0.0.1:4222\"\n# nats_creds_file =\n# nats_user =\n\
+         # nats_password =\n# nats_token =\n# nats_tls_ca_file =\n# stream_name = \"RINGCAST\"\n\
+         # stream_replicas = 1\n# subject_prefix = \"rc\"\n# interest_linger = 30\n",
+    );
     out
 }
 

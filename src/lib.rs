@@ -37,6 +37,7 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod check_host;
+pub mod cluster;
 pub mod config;
 pub mod config_tools;
 pub mod fanout;

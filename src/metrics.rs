@@ -517,6 +517,7 @@ impl Metrics {
         self.render_per_shard(&mut out);
         crate::procstat::render(&mut out, self.started_unix);
         self.render_inbox(&mut out);
+        crate::cluster::render_metrics(&mut out);
         self.render_tls(&mut out);
         let _ = writeln!(
             out,

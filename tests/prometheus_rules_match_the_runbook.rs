@@ -6,7 +6,8 @@
 //!   and the alerts they must and must not raise);
 //! - every row of the runbook's alert table has a rule named `Ringcast` + the row's name
 //!   in CamelCase with exactly the row's expression, and every rule has a row;
-//! - every `ringcast_*` / `process_*` name a rule reads is on a live `/metrics` page.
+//! - every `ringcast_*` / `process_*` name a rule reads is on a live `/metrics` page (of
+//!   a cluster node, so the `ringcast_cluster_*` families are there too).
 //!
 //! `promtool` comes from Debian's `prometheus` package (scripts/test.sh installs it); a
 //! missing `promtool` fails the test.
@@ -209,7 +210,14 @@ fn every_metric_a_rule_reads_is_exported() {
         .flat_map(|e| metric_names(e))
         .collect();
     assert!(wanted.contains("ringcast_connections"), "{wanted:?}");
-    let server = Server::start(&[]);
+    // A cluster node (with a real nats-server), so the `ringcast_cluster_*` families,
+    // exported only with `[cluster]` on, are on the page too.
+    let nats = common::nats::NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(&config, format!("[cluster]\nnats_url = \"{}\"\n", nats.url()))
+        .expect("write config");
+    let server = Server::start(&["--config", config.to_str().expect("utf-8 path")]);
     let page = match server.admin_get("/metrics") {
         Ok(r) if r.status == 200 => r.text(),
         Ok(r) => panic!("GET /metrics answered {}: {}", r.status, r.text()),

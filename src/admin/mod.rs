@@ -326,6 +326,13 @@ fn route(method: &str, target: &str, settings: &Settings) -> Response {
         ("GET", "/readyz") if SHARDS_READY.load(Ordering::Acquire) < settings.shards => {
             text(503, "starting\n")
         }
+        ("GET", "/readyz") if crate::cluster::is_down() => {
+            // Still serving local clients and publishes: only cross-node delivery is down.
+            text(
+                200,
+                "ready (cluster down: NATS unreachable, cross-node delivery stopped)\n",
+            )
+        }
         ("GET", "/readyz") => text(200, "ready\n"),
         (_, "/metrics" | "/healthz" | "/readyz" | "/publish") => text(405, "method not allowed\n"),
         _ => text(
@@ -439,6 +446,22 @@ async fn publish(
             ),
             Ok(Err(e)) => json_error(503, &format!("inbox: {e}")),
             Err(_) => json_error(503, "inbox: the store thread stopped"),
+        };
+    }
+    if let Some(cluster) = crate::cluster::get() {
+        // Through the NATS thread: the offset is the cluster's, answered once stored.
+        let (tx, rx) = flume::bounded(1);
+        if let Err(e) = cluster.publish(&channel, body, crate::cluster::ClusterReply::Wait(tx)) {
+            return json_error(503, e);
+        }
+        metrics.messages_in[source].fetch_add(1, Ordering::Relaxed);
+        return match rx.recv_async().await {
+            Ok(Ok(offset)) => json(
+                200,
+                format!("{{\"channel\":\"{channel}\",\"offset\":{offset}}}\n"),
+            ),
+            Ok(Err(e)) => json_error(503, &e),
+            Err(_) => json_error(503, "cluster: the NATS thread stopped"),
         };
     }
     let published = publisher.publish(&channel, body);

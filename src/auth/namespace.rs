@@ -140,6 +140,15 @@ impl Namespaces {
             .unwrap_or(&self.default)
     }
 
+    /// The largest history size of any namespace (and the default): the cluster stream
+    /// keeps that many messages per channel.
+    pub fn max_history_size(&self) -> usize {
+        self.by_name
+            .values()
+            .map(|r| r.history_size)
+            .fold(self.default.history_size, usize::max)
+    }
+
     /// The rules for channels outside any configured namespace.
     pub fn default_rules(&self) -> &NamespaceRules {
         &self.default

@@ -55,6 +55,8 @@ impl SubscriptionIndex {
                     epoch: Cell::new(0),
                 }) as u32;
                 self.ids.insert(name, id);
+                // This shard's first subscriber: the cluster follows the channel here.
+                crate::cluster::interest(channel, true);
                 id
             }
         };
@@ -118,6 +120,7 @@ impl SubscriptionIndex {
         } else if ch.members.is_empty() {
             let gone = self.channels.remove(id as usize);
             self.ids.remove(&gone.name);
+            crate::cluster::interest(&gone.name, false);
         }
     }
 

@@ -56,6 +56,8 @@ pub async fn serve(
 enum Pending {
     Ready(Vec<u8>),
     Commit(flume::Receiver<Result<u64, StoreError>>),
+    /// A cluster publish's offset (or why not).
+    Cluster(flume::Receiver<Result<u64, String>>),
 }
 
 /// The line an ack-mode publisher gets for an inbox commit's outcome.
@@ -162,6 +164,21 @@ async fn connection(
                                 ))))),
                             }
                         }
+                        _ if crate::cluster::get().is_some() => {
+                            let (reply, wait) = if acks {
+                                let (tx, rx) = flume::bounded(1);
+                                (crate::cluster::ClusterReply::Wait(tx), Some(rx))
+                            } else {
+                                (crate::cluster::ClusterReply::None, None)
+                            };
+                            if let Some(cluster) = crate::cluster::get() {
+                                match cluster.publish(channel, payload, reply) {
+                                    Ok(()) => replies.extend(wait.map(Pending::Cluster)),
+                                    Err(e) => replies
+                                        .push(Pending::Ready(format!("ERR {e}\n").into_bytes())),
+                                }
+                            }
+                        }
                         _ => {
                             let published = publisher.publish(channel, payload);
                             if acks {
@@ -195,6 +212,14 @@ async fn connection(
                 Pending::Commit(rx) => {
                     out.extend_from_slice(&commit_line(rx.recv_async().await.ok()))
                 }
+                Pending::Cluster(rx) => out.extend_from_slice(
+                    &match rx.recv_async().await {
+                        Ok(Ok(offset)) => format!("OK {offset}\n"),
+                        Ok(Err(e)) => format!("ERR {e}\n"),
+                        Err(_) => "ERR cluster: the NATS thread stopped\n".to_string(),
+                    }
+                    .into_bytes(),
+                ),
             }
         }
         if !out.is_empty() && stream.write_all(&out).await.is_err() {

@@ -49,7 +49,16 @@ pub async fn serve(
                         let _ = inbox.publish(channel, payload, InboxReply::None);
                     }
                     _ => {
-                        publisher.publish(channel, payload);
+                        match crate::cluster::get() {
+                            // Counted by the cluster when it cannot queue it.
+                            Some(c) => {
+                                let _ =
+                                    c.publish(channel, payload, crate::cluster::ClusterReply::None);
+                            }
+                            None => {
+                                publisher.publish(channel, payload);
+                            }
+                        }
                     }
                 }
                 metrics.messages_in[Source::Udp as usize].fetch_add(1, Relaxed);

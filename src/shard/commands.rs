@@ -267,6 +267,22 @@ impl Shard {
             // Answered once committed.
             return String::new();
         }
+        if let Some(cluster) = crate::cluster::get() {
+            // Queued to the cluster, which gives the offset once stored: the reply says
+            // offset 0 (docs/cluster.md).
+            if let Err(e) =
+                cluster.publish(channel, data.as_bytes(), crate::cluster::ClusterReply::None)
+            {
+                return refuse(503, e);
+            }
+            self.metrics.messages_in[source].fetch_add(1, Relaxed);
+            return Reply::Published {
+                id,
+                channel,
+                offset: 0,
+            }
+            .to_json();
+        }
         let published = self.publisher.publish(channel, data.as_bytes());
         self.metrics.messages_in[source].fetch_add(1, Relaxed);
         Reply::Published {

@@ -204,6 +204,15 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
         None => (None, Vec::new()),
     };
     let mut inbox_queues = inbox_queues.into_iter();
+    if let Some(cluster) = &settings.cluster {
+        let handle = crate::cluster::Cluster::start(cluster.clone(), publisher.clone(), n)
+            .map_err(|e| StartError::Shard {
+                shard: 0,
+                message: format!("cluster: spawning the NATS thread: {e}"),
+            })?;
+        crate::cluster::install(handle);
+        tracing::info!(nats = %cluster.nats_url, stream = %cluster.stream_name, "cluster on: channels are published through NATS JetStream");
+    }
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
@@ -597,6 +606,16 @@ async fn shard_main(setup: ShardSetup) {
         glommio::spawn_local(async move {
             while let Ok(answer) = answers.recv_async().await {
                 shard.on_inbox_answer(answer);
+            }
+        })
+        .detach();
+    }
+    if let Some(rx) = crate::cluster::get().and_then(|c| c.shard_wake(id)) {
+        // The NATS thread publishes from outside any executor: its wake-ups come here.
+        let notify = wake.clone();
+        glommio::spawn_local(async move {
+            while rx.recv_async().await.is_ok() {
+                notify.notify();
             }
         })
         .detach();

