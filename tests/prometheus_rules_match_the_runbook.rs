@@ -215,8 +215,11 @@ fn every_metric_a_rule_reads_is_exported() {
     let nats = common::nats::NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("cluster.toml");
-    std::fs::write(&config, format!("[cluster]\nnats_url = \"{}\"\n", nats.url()))
-        .expect("write config");
+    std::fs::write(
+        &config,
+        format!("[cluster]\nnats_url = \"{}\"\n", nats.url()),
+    )
+    .expect("write config");
     let server = Server::start(&["--config", config.to_str().expect("utf-8 path")]);
     let page = match server.admin_get("/metrics") {
         Ok(r) if r.status == 200 => r.text(),
