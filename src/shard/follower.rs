@@ -177,10 +177,7 @@ async fn deliver(
     // re-check, because nothing can change while the core is held.
     let (count, frame) = {
         let index = shard.index.borrow();
-        let members = match offset {
-            Some(offset) => index.members_at(channel, offset),
-            None => index.members(channel),
-        };
+        let members = index.members(channel);
         if members.is_empty() {
             return 0;
         }
@@ -198,6 +195,9 @@ async fn deliver(
             shard.count_deliveries(queued, frame.len());
             at = end;
             if at == members.len() {
+                if let Some(offset) = offset {
+                    index.delivered(channel, offset);
+                }
                 return members.len();
             }
             if shard.fair.used() {
@@ -205,28 +205,21 @@ async fn deliver(
             }
         }
         // The rest is served after a yield, from a copy: the live list may be reordered
-        // by then.
+        // by then. A member catching up on the channel is left out: it gets the message
+        // from history, which the follower's cursor is already past (a catch-up that ends
+        // while the fan-out is paused has given it the message).
         snapshot.clear();
-        snapshot.extend(
-            members[at..]
-                .iter()
-                .filter_map(|&key| conns.get(key).map(|c| (key, c.generation))),
-        );
-        // The index already says the channel is at `offset`: a released SSE stream not
-        // yet given it must not rebuild its position from there while the shard yields
-        // (an event queued to it meanwhile would carry an `id:` past a message it has not
-        // had, and a resume from that id would skip it).
-        if let Some(offset) = offset {
-            for &(key, _) in snapshot.iter() {
-                if let Some(conn) = conns.get_mut(key) {
-                    if conn.machine.needs_position() {
-                        shard.restore_position_before(key, conn, channel, offset);
-                    }
-                }
-            }
-        }
+        snapshot.extend(members[at..].iter().filter_map(|&key| {
+            let conn = conns.get(key)?;
+            let from_history = offset.is_some() && conn.machine.lags_on(channel);
+            (!from_history).then_some((key, conn.generation))
+        }));
         (members.len(), frame)
     };
+    // Until the last member is offered the message, the index keeps the channel's
+    // position before it (where a released stream still waiting for it rebuilds its
+    // position), and no stream releases its own (one already given it would rebuild it
+    // before the message: see `Shard::release_idle_stream`).
     shard
         .partial_deliveries
         .set(shard.partial_deliveries.get() + 1);
@@ -250,6 +243,9 @@ async fn deliver(
             }
         }
         shard.count_deliveries(queued, frame.len());
+    }
+    if let Some(offset) = offset {
+        shard.index.borrow().delivered(channel, offset);
     }
     count
 }
