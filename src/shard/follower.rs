@@ -266,6 +266,13 @@ mod tests {
         Shard::for_tests(settings, 8)
     }
 
+    /// A test shard whose fan-out yields after every chunk.
+    fn yielding_shard() -> Rc<Shard> {
+        let shard = Rc::new(test_shard());
+        shard.fair.set_slice(std::time::Duration::ZERO);
+        shard
+    }
+
     /// A connection whose peer end is kept in `peers` (so its socket stays open).
     fn connect(shard: &Shard, channels: &[String], peers: &mut Vec<UnixStream>) -> u32 {
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
@@ -299,9 +306,7 @@ mod tests {
             .make()
             .expect("executor");
         ex.run(async {
-            let shard = Rc::new(test_shard());
-            // Yield after every chunk.
-            shard.fair.set_slice(std::time::Duration::ZERO);
+            let shard = yielding_shard();
             let chan = vec!["big".to_string()];
             let mut peers = Vec::new();
             let keys: Vec<u32> = (0..12)
@@ -410,9 +415,7 @@ mod tests {
             .make()
             .expect("executor");
         ex.run(async {
-            let shard = Rc::new(test_shard());
-            // Yield after every chunk.
-            shard.fair.set_slice(std::time::Duration::ZERO);
+            let shard = yielding_shard();
             let chan = vec!["big".to_string()];
             let mut peers = Vec::new();
             let keys: Vec<u32> = (0..8)
