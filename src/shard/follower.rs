@@ -453,8 +453,7 @@ mod tests {
                 frame: crate::proto::frame::encode_frame(
                     crate::proto::frame::opcode::TEXT,
                     br#"{"channel":"big","offset":1,"data":{}}"#,
-                )
-                .into(),
+                ),
                 published_at: Instant::now(),
                 kind: RingKind::Message,
             };
