@@ -11,7 +11,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::admin::http_publish_acked;
 use common::browser::query_escape;
+use common::inbox::{drain_behind_shut_gate, wait_for_refused_attempt, InboxServer};
 use common::*;
 use serde_json::{json, Value};
 
@@ -38,16 +40,6 @@ fn delivered(browser: &mut Browser) -> Vec<(String, u64)> {
             )
         })
         .collect()
-}
-
-fn http_publish_acked(server: &Server, channel: &str, body: &str) -> u64 {
-    let request = format!(
-        "POST /publish?channel={channel}&ack=1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let response = http::send_raw(server.admin_addr(), request.as_bytes()).expect("HTTP publish");
-    assert_eq!(response.status, 200, "{}", response.text());
-    response.json()["offset"].as_u64().expect("offset")
 }
 
 fn artifact_dir() -> PathBuf {
@@ -116,18 +108,8 @@ fn browser_follows_an_inbox_channel_across_a_restart_without_loss() {
         "browser_follows_an_inbox_channel_across_a_restart_without_loss",
         Duration::from_secs(180),
     );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let args = [
-        "--jwt-secret",
-        SECRET,
-        "--inbox",
-        "true",
-        "--data-dir",
-        dir.path().to_str().expect("utf-8 temp dir"),
-        "--drain-window",
-        "1",
-    ];
-    let mut server = Server::start(&args);
+    let inbox = InboxServer::new(SECRET);
+    let mut server = inbox.start();
     let ports = server.ports();
     // The browser reaches the server through a gate, so the test decides when it may
     // reconnect: after the messages published while it was away.
@@ -157,13 +139,7 @@ fn browser_follows_an_inbox_channel_across_a_restart_without_loss() {
     publish(&server, 1..=5);
     browser.wait("window.log.messages.length >= 5", Duration::from_secs(20));
 
-    gate.shut();
-    server.sigterm();
-    assert!(
-        server.wait_exit(Duration::from_secs(30)).is_some(),
-        "no exit within 30 s of SIGTERM\n{}",
-        server.describe()
-    );
+    drain_behind_shut_gate(&mut server, &gate);
     let close = browser.wait(
         "window.log.states.find(s => s.state === 'disconnected')",
         Duration::from_secs(10),
@@ -175,14 +151,10 @@ fn browser_follows_an_inbox_channel_across_a_restart_without_loss() {
             .is_some_and(|r| r.starts_with("reconnect after ")),
         "{close}"
     );
-    let server = Server::start_on(ports, &args);
+    let server = inbox.restart_on(ports);
     // Published while the client is away: it comes back for them with `since`.
     publish(&server, 6..=10);
-    wait_until(
-        Duration::from_secs(30),
-        "the client tried to reconnect while the gate was shut",
-        || (gate.refused() >= 1).then_some(()),
-    );
+    wait_for_refused_attempt(&gate);
     assert_eq!(
         gate.relayed(),
         1,

@@ -12,9 +12,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::admin::admin_disconnect;
 use common::browser::query_escape;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const SECRET: &str = "ringcast-browser-gap-secret-0123456789";
 
@@ -24,19 +25,6 @@ fn publish(server: &Server, channel: &str, range: std::ops::RangeInclusive<u64>)
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["offset"], i, "{}", r.text());
     }
-}
-
-fn admin_disconnect(server: &Server, user: &str) -> Value {
-    let r = http::request(
-        server.admin_addr(),
-        "POST",
-        &format!("/admin/disconnect?user={user}"),
-        &[],
-        b"",
-    )
-    .expect("POST /admin/disconnect");
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
 }
 
 fn loses_messages_while_away(transport: &str, server_args: &[&str], reason: &str) {
@@ -110,10 +98,10 @@ fn loses_messages_while_away(transport: &str, server_args: &[&str], reason: &str
     assert_eq!(browser.eval("window.rc.transport"), transport);
     browser.assert_no_page_errors();
     let metrics = server.metrics();
-    assert!(
-        metrics.sum_where("ringcast_recoveries_total", &[("result", "not_recovered")]) >= 1.0,
-        "{}",
-        metrics.describe("ringcast_recoveries_total")
+    metrics.assert_at_least(
+        "ringcast_recoveries_total",
+        &[("result", "not_recovered")],
+        1.0,
     );
 }
 

@@ -8,6 +8,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::admin::admin_disconnect;
 use common::browser::query_escape;
 use common::*;
 use serde_json::json;
@@ -61,15 +62,7 @@ fn browser_delivers_the_inbox_channel_the_server_subscribed_it_to() {
 
     // The server closes it (4403); the client reconnects, is subscribed again by the
     // server (all 3 unacked follow again) and asks with `since` itself (409).
-    let r = http::request(
-        server.admin_addr(),
-        "POST",
-        "/admin/disconnect?user=bob",
-        &[],
-        b"",
-    )
-    .expect("POST /admin/disconnect");
-    assert_eq!(r.status, 200, "{}", r.text());
+    admin_disconnect(&server, "bob");
     browser.wait(
         "window.log.states.filter(s => s.state === 'connected').length === 2",
         Duration::from_secs(20),

@@ -6,35 +6,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
+use common::curl::{curl, curl_spawn};
 use common::*;
 use serde_json::Value;
-
-fn curl_command(args: &[&str]) -> Command {
-    let mut command = Command::new("curl");
-    command
-        .arg("-s")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    server::die_with_parent(&mut command);
-    command
-}
-
-fn curl(args: &[&str]) -> Output {
-    curl_command(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run curl ({e}); install curl (scripts/test.sh does)"))
-}
-
-fn curl_spawn(args: &[&str]) -> Child {
-    curl_command(args)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run curl ({e}); install curl (scripts/test.sh does)"))
-}
 
 /// One poll answer from curl's `-i` output followed by `\n<time_total>`: the head, the
 /// parsed body and the seconds curl took.

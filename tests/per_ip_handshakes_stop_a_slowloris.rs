@@ -8,30 +8,11 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::per_ip::{assert_refused_503, connect_from, upgrade_request};
 use common::*;
-use socket2::{Domain, SockAddr, Socket, Type};
-
-const UPGRADE: &str = "GET /ws?channels=slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-     Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-     Sec-WebSocket-Version: 13\r\n\r\n";
-
-/// A socket connected from `source` to `addr`.
-fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    let local: SocketAddr = format!("{source}:0").parse().expect("source address");
-    socket
-        .bind(&SockAddr::from(local))
-        .unwrap_or_else(|e| panic!("binding a client socket to {local}: {e}"));
-    socket
-        .connect_timeout(&SockAddr::from(addr), Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connecting from {source} to {addr}: {e}"));
-    let stream: TcpStream = socket.into();
-    stream.set_nodelay(true).expect("TCP_NODELAY");
-    stream
-}
 
 fn send(stream: &mut TcpStream, bytes: &[u8], what: &str) {
     stream
@@ -60,7 +41,8 @@ fn per_ip_handshakes_stop_a_slowloris() {
         "60",
     ]);
     let addr = server.ws_addr();
-    let half = &UPGRADE.as_bytes()[..UPGRADE.len() - 2];
+    let upgrade = upgrade_request("slow");
+    let half = &upgrade.as_bytes()[..upgrade.len() - 2];
     let mut slow: Vec<TcpStream> = (0..CAP)
         .map(|i| {
             let mut s = connect_from("127.0.0.2", addr);
@@ -82,15 +64,9 @@ fn per_ip_handshakes_stop_a_slowloris() {
     // Past the quota: refused at once, before any byte of the request is needed.
     let mut extra = connect_from("127.0.0.2", addr);
     let refused = answer(&mut extra, "a socket from 127.0.0.2 past its upgrade quota");
-    assert_eq!(
-        refused.status, 503,
-        "127.0.0.2 past --max-handshakes-per-ip {CAP}: {} {}",
-        refused.status, refused.reason
-    );
-    assert!(
-        refused.header("retry-after").is_some(),
-        "503 without Retry-After: {:?}",
-        refused.headers
+    assert_refused_503(
+        &refused,
+        &format!("127.0.0.2 past --max-handshakes-per-ip {CAP}"),
     );
     let m = server.metrics();
     assert_eq!(
@@ -105,7 +81,7 @@ fn per_ip_handshakes_stop_a_slowloris() {
 
     // Another address is not held back by 127.0.0.2's upgrades.
     let mut other = connect_from("127.0.0.3", addr);
-    send(&mut other, UPGRADE.as_bytes(), "an upgrade from 127.0.0.3");
+    send(&mut other, upgrade.as_bytes(), "an upgrade from 127.0.0.3");
     let head = answer(&mut other, "an upgrade from 127.0.0.3");
     assert_eq!(
         head.status, 101,
@@ -129,7 +105,7 @@ fn per_ip_handshakes_stop_a_slowloris() {
     let mut again = connect_from("127.0.0.2", addr);
     send(
         &mut again,
-        UPGRADE.as_bytes(),
+        upgrade.as_bytes(),
         "a new upgrade from 127.0.0.2",
     );
     let head = answer(&mut again, "a new upgrade from 127.0.0.2");

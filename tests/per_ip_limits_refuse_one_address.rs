@@ -11,27 +11,15 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::per_ip::{assert_refused_503, connect_from, upgrade_request};
 use common::*;
-use socket2::{Domain, SockAddr, Socket, Type};
-
-const UPGRADE: &str = "GET /ws?channels=ip HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-     Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-     Sec-WebSocket-Version: 13\r\n\r\n";
 
 /// Connects to `addr` from `source` (port chosen by the kernel) and sends an upgrade;
 /// returns the answer and the socket (kept open by the caller to hold the connection).
 fn upgrade_from(source: &str, addr: SocketAddr) -> (http::HttpResponse, TcpStream) {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    let local: SocketAddr = format!("{source}:0").parse().expect("source address");
-    socket
-        .bind(&SockAddr::from(local))
-        .unwrap_or_else(|e| panic!("binding a client socket to {local}: {e}"));
-    socket
-        .connect_timeout(&SockAddr::from(addr), Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connecting from {source} to {addr}: {e}"));
-    let mut stream: TcpStream = socket.into();
+    let mut stream = connect_from(source, addr);
     stream
-        .write_all(UPGRADE.as_bytes())
+        .write_all(upgrade_request("ip").as_bytes())
         .unwrap_or_else(|e| panic!("sending an upgrade from {source}: {e}"));
     let (head, _) = http::read_head(&mut stream, Instant::now() + Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("no answer to an upgrade from {source}: {e}"));
@@ -39,16 +27,7 @@ fn upgrade_from(source: &str, addr: SocketAddr) -> (http::HttpResponse, TcpStrea
 }
 
 fn assert_refused(head: &http::HttpResponse, source: &str) {
-    assert_eq!(
-        head.status, 503,
-        "an upgrade from {source} past its limit: {} {}",
-        head.status, head.reason
-    );
-    assert!(
-        head.header("retry-after").is_some(),
-        "503 without Retry-After: {:?}",
-        head.headers
-    );
+    assert_refused_503(head, &format!("an upgrade from {source} past its limit"));
 }
 
 #[test]

@@ -15,29 +15,14 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::per_ip::connect_from;
 use common::*;
-use socket2::{Domain, SockAddr, Socket, Type};
 
 const UPGRADE: &str = "GET /ws?channels=px HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
      Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
      Sec-WebSocket-Version: 13\r\n\r\n";
 
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
-
-/// A socket connected from `source` to `addr`.
-fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    let local: SocketAddr = format!("{source}:0").parse().expect("source address");
-    socket
-        .bind(&SockAddr::from(local))
-        .unwrap_or_else(|e| panic!("binding a client socket to {local}: {e}"));
-    socket
-        .connect_timeout(&SockAddr::from(addr), Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connecting from {source} to {addr}: {e}"));
-    let stream: TcpStream = socket.into();
-    stream.set_nodelay(true).expect("TCP_NODELAY");
-    stream
-}
 
 fn v1(source: &str, sport: u16) -> Vec<u8> {
     let family = if source.contains(':') { "TCP6" } else { "TCP4" };

@@ -11,13 +11,20 @@
 //! a gap notice `{"type":"gap","from":F,"to":T}` with `F` its next offset, or a
 //! `recovered: false` answer to a reconnect. After publishing stops and every socket
 //! drains, every open client has reached the last offset of each of its channels.
+//!
+//! A fan-out may pause part-way, as the shard's does when its fair slice is used up: it
+//! offers a message to at most `per_yield` members per step, and the rest of the schedule
+//! (reconnects, catch-ups, writes, ticks, publishes) runs in between. And the position the
+//! index keeps per channel is checked as an idle SSE stream rebuilds its `id:` from it:
+//! whenever no fan-out is paused on a shard, every client there with nothing queued and
+//! no lag has exactly the index's position on each of its channels.
 
 use proptest::prelude::*;
 use ringcast::fanout::backlog::BacklogLimits;
 use ringcast::fanout::history::{CatchUp, HistoryStats, Limits, Since};
 use ringcast::fanout::index::SubscriptionIndex;
 use ringcast::fanout::publisher::Publisher;
-use ringcast::fanout::ring::{Poll, Ring};
+use ringcast::fanout::ring::{Poll, Ring, RingMessage};
 use ringcast::fanout::wake::IdleFlags;
 use ringcast::proto::close::CloseCause;
 use ringcast::proto::conn::{CloseDecision, ConnConfig, Connection, Tick};
@@ -60,6 +67,9 @@ struct Client {
 
 struct SimConn {
     machine: Connection,
+    /// Bumped on every (re)connect: a paused fan-out skips a connection that is not the
+    /// one it listed (as the shard's does by slot generation).
+    generation: u32,
     client: Client,
     /// Closed by the server (decided); the client reconnects once it notices.
     closed: Option<CloseCause>,
@@ -69,6 +79,9 @@ struct SimShard {
     cursor: u64,
     index: SubscriptionIndex,
     conns: Vec<SimConn>,
+    /// A fan-out paused part-way: the message and the members (key, generation) not yet
+    /// offered it.
+    paused: Option<(RingMessage, Vec<(u32, u32)>)>,
 }
 
 fn subscribed(key: usize, channel: usize) -> bool {
@@ -83,6 +96,8 @@ struct Sim {
     ring: Arc<Ring>,
     shards: Vec<SimShard>,
     published: HashMap<&'static str, u64>,
+    /// Most members a fan-out offers a message to before it pauses.
+    per_yield: usize,
 }
 
 impl Sim {
@@ -94,6 +109,7 @@ impl Sim {
         shard.index.remove_conn(key as u32);
         let conn = &mut shard.conns[key];
         conn.machine = Connection::new(now);
+        conn.generation += 1;
         conn.closed = None;
         conn.client.wire.clear();
         conn.client.close_seen = None;
@@ -161,8 +177,40 @@ impl Sim {
         conn.machine.start_close(now, decision.reason.as_ref());
     }
 
-    /// A fan-out round of up to `n` ring slots on shard `s`, then catch-up for the laggers.
+    /// Offers `msg` to the members `rest` of shard `s` (those still the listed
+    /// connection and subscribed), at most `per_yield` of them; pauses the fan-out with
+    /// the others, or ends it: the channel's position in the index is then the message.
+    fn offer(&mut self, s: usize, msg: RingMessage, mut rest: Vec<(u32, u32)>) -> bool {
+        let shard = &mut self.shards[s];
+        let now_served = rest.len().min(self.per_yield);
+        for (key, generation) in rest.drain(..now_served) {
+            let conn = &mut shard.conns[key as usize];
+            if conn.generation == generation && shard.index.is_subscribed(key, &msg.channel) {
+                conn.machine
+                    .offer_on(&msg.channel, msg.offset, &msg.frame, &CONFIG);
+            }
+        }
+        if rest.is_empty() {
+            shard.index.delivered(&msg.channel, msg.offset);
+            true
+        } else {
+            // A member catching up on the channel gets the message from history (the
+            // cursor is past it), as in the shard's snapshot.
+            rest.retain(|&(key, _)| !shard.conns[key as usize].machine.lags_on(&msg.channel));
+            shard.paused = Some((msg, rest));
+            false
+        }
+    }
+
+    /// A fan-out round of up to `n` ring slots on shard `s` (resuming a paused fan-out
+    /// first; it may pause again), then catch-up for the laggers.
     fn round(&mut self, s: usize, n: u64, now: u32) {
+        if let Some((msg, rest)) = self.shards[s].paused.take() {
+            if !self.offer(s, msg, rest) {
+                self.catch_up_all(s, now);
+                return;
+            }
+        }
         for _ in 0..n {
             let shard = &mut self.shards[s];
             match self.ring.poll(&mut shard.cursor) {
@@ -173,11 +221,14 @@ impl Sim {
                             msg.channel, msg.offset, shard.cursor
                         );
                     }
-                    let members = shard.index.members_at(&msg.channel, msg.offset).to_vec();
-                    for key in members {
-                        let conn = &mut shard.conns[key as usize];
-                        conn.machine
-                            .offer_on(&msg.channel, msg.offset, &msg.frame, &CONFIG);
+                    let members: Vec<(u32, u32)> = shard
+                        .index
+                        .members(&msg.channel)
+                        .iter()
+                        .map(|&key| (key, shard.conns[key as usize].generation))
+                        .collect();
+                    if !self.offer(s, msg, members) {
+                        break;
                     }
                 }
                 Poll::Overrun { lost } => {
@@ -204,8 +255,41 @@ impl Sim {
                 Poll::Empty => break,
             }
         }
+        self.catch_up_all(s, now);
+    }
+
+    fn catch_up_all(&mut self, s: usize, now: u32) {
         for key in 0..CONNS_PER_SHARD {
             self.catch_up(s, key, now);
+        }
+    }
+
+    /// With no fan-out paused on a shard, each of its clients with nothing queued and no
+    /// lag (an SSE stream that would release its encoder) has, on every channel, the
+    /// position the index keeps: what its `id:` would be rebuilt from.
+    fn check_positions(&self) {
+        for (s, shard) in self.shards.iter().enumerate() {
+            if shard.paused.is_some() {
+                continue;
+            }
+            for (key, conn) in shard.conns.iter().enumerate() {
+                let idle = conn.closed.is_none()
+                    && conn.machine.is_open()
+                    && conn.machine.backlog().is_empty()
+                    && !conn.machine.is_lagging();
+                if !idle {
+                    continue;
+                }
+                for (channel, offset, _epoch) in shard.index.subscriptions_of(key as u32) {
+                    assert_eq!(
+                        conn.client.last.get(channel).copied(),
+                        Some(offset),
+                        "shard {s} conn {key} {channel}: an idle client is where the index \
+                         says (seed {})",
+                        self.seed
+                    );
+                }
+            }
         }
     }
 
@@ -317,7 +401,14 @@ struct Seen {
     not_recovered: u64,
 }
 
-fn run(seed: u64, steps: usize, ring_capacity: usize, history: usize, budget: u64) -> Seen {
+fn run(
+    seed: u64,
+    steps: usize,
+    ring_capacity: usize,
+    history: usize,
+    budget: u64,
+    per_yield: usize,
+) -> Seen {
     let ring = Arc::new(Ring::new(ring_capacity));
     let publisher = Publisher::new(ring.clone(), Arc::new(IdleFlags::new(2))).with_history(
         move |_| Limits {
@@ -349,14 +440,17 @@ fn run(seed: u64, steps: usize, ring_capacity: usize, history: usize, budget: u6
                 conns: (0..CONNS_PER_SHARD)
                     .map(|_| SimConn {
                         machine: Connection::new(0),
+                        generation: 0,
                         client: Client::default(),
                         closed: None,
                     })
                     .collect(),
+                paused: None,
             })
             .collect(),
         ring,
         published: HashMap::new(),
+        per_yield,
     };
     for s in 0..2 {
         for key in 0..CONNS_PER_SHARD {
@@ -415,6 +509,7 @@ fn run(seed: u64, steps: usize, ring_capacity: usize, history: usize, budget: u6
                 }
             }
         }
+        sim.check_positions();
     }
     // Publishing stops: reconnect whoever was closed, then run rounds, catch-ups and
     // writes (reconnecting whoever a catch-up closes) until everything has drained.
@@ -438,6 +533,7 @@ fn run(seed: u64, steps: usize, ring_capacity: usize, history: usize, budget: u6
         }
         let idle = sim.shards.iter().all(|shard| {
             shard.cursor == sim.ring.head()
+                && shard.paused.is_none()
                 && shard
                     .conns
                     .iter()
@@ -488,14 +584,22 @@ proptest! {
 
     #[test]
     fn reconnects_and_laggers_get_everything_or_an_explicit_gap(seed in any::<u64>()) {
-        run(seed, 4000, 1024, 32, 1 << 20);
+        run(seed, 4000, 1024, 32, 1 << 20, usize::MAX);
     }
 
     #[test]
     fn overruns_and_a_small_history_end_in_gap_notices_not_silence(seed in any::<u64>()) {
         // A ring smaller than a burst forces overruns; a history of 8 and a global budget
         // of a few frames force gaps and failed recoveries.
-        run(seed, 4000, 16, 8, 600);
+        run(seed, 4000, 16, 8, 600, usize::MAX);
+    }
+
+    #[test]
+    fn fan_outs_paused_part_way_keep_sequences_and_positions_exact(seed in any::<u64>()) {
+        // Two members per step: most fan-outs pause, and reconnects, catch-ups and
+        // writes run while they are paused.
+        run(seed, 4000, 1024, 32, 1 << 20, 2);
+        run(seed, 4000, 16, 8, 600, 2);
     }
 }
 
@@ -506,8 +610,9 @@ fn the_schedules_reach_every_outcome() {
     let mut total = Seen::default();
     for seed in 1..=32u64 {
         for seen in [
-            run(seed, 4000, 1024, 32, 1 << 20),
-            run(seed, 4000, 16, 8, 600),
+            run(seed, 4000, 1024, 32, 1 << 20, usize::MAX),
+            run(seed, 4000, 16, 8, 600, usize::MAX),
+            run(seed, 4000, 16, 8, 600, 2),
         ] {
             total.received += seen.received;
             total.gap_notices += seen.gap_notices;
@@ -528,5 +633,7 @@ fn trace_one() {
         .expect("SIM_SEED")
         .parse()
         .expect("u64");
-    run(seed, 4000, 16, 8, 600);
+    let per_yield =
+        std::env::var("SIM_PER_YIELD").map_or(usize::MAX, |v| v.parse().expect("usize"));
+    run(seed, 4000, 16, 8, 600, per_yield);
 }

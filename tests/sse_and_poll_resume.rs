@@ -10,40 +10,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use common::curl::{curl_spawn, curl_text};
 use common::*;
 use serde_json::Value;
-
-/// Runs curl with `args` (`-s`, and `--max-time` bounding it), returning its output.
-fn curl(args: &[&str]) -> Output {
-    let mut command = Command::new("curl");
-    command.arg("-s").args(args).stdin(Stdio::null());
-    server::die_with_parent(&mut command);
-    command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run curl ({e}); install curl (scripts/test.sh does)"))
-}
-
-fn curl_text(args: &[&str]) -> String {
-    String::from_utf8_lossy(&curl(args).stdout).into_owned()
-}
-
-/// Starts curl in the background (output piped).
-fn curl_spawn(args: &[&str]) -> Child {
-    let mut command = Command::new("curl");
-    command
-        .arg("-s")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    server::die_with_parent(&mut command);
-    command
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run curl ({e}); install curl (scripts/test.sh does)"))
-}
 
 /// The status line and headers (`-i` output up to the blank line) and the body.
 fn split_response(text: &str) -> (String, String) {
@@ -126,7 +97,7 @@ fn sse_matches_websocket_and_resumes_with_last_event_id_without_gaps() {
         );
     }
     let metrics = server.metrics();
-    assert!(metrics.sum_where("ringcast_recoveries_total", &[("result", "recovered")]) >= 5.0);
+    metrics.assert_at_least("ringcast_recoveries_total", &[("result", "recovered")], 5.0);
 }
 
 #[test]

@@ -22,6 +22,9 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::admin::{admin_disconnect, http_publish_acked};
+use common::curl::{curl_spawn, curl_text};
+use common::inbox::{drain_behind_shut_gate, wait_for_refused_attempt, InboxServer};
 use common::*;
 use serde_json::Value;
 
@@ -59,11 +62,7 @@ fn httpx_resumes_sse_by_header_and_since_and_chains_long_polls() {
         println!("{line}");
     }
     let metrics = server.metrics();
-    assert!(
-        metrics.sum_where("ringcast_recoveries_total", &[("result", "recovered")]) >= 6.0,
-        "{}",
-        metrics.describe("ringcast_recoveries_total")
-    );
+    metrics.assert_at_least("ringcast_recoveries_total", &[("result", "recovered")], 6.0);
 }
 
 #[test]
@@ -97,10 +96,10 @@ fn httpx_gets_reasons_for_bad_parameters_and_unknown_positions() {
     run.assert_cases(&["bad_params", "unknown_positions"], &server.describe());
     let metrics = server.metrics();
     // epoch_changed, ahead and too_old, each over SSE and over long-poll.
-    assert!(
-        metrics.sum_where("ringcast_recoveries_total", &[("result", "not_recovered")]) >= 6.0,
-        "{}",
-        metrics.describe("ringcast_recoveries_total")
+    metrics.assert_at_least(
+        "ringcast_recoveries_total",
+        &[("result", "not_recovered")],
+        6.0,
     );
 }
 
@@ -240,32 +239,6 @@ fn count_replies(seen: &[Value]) -> usize {
         .count()
 }
 
-fn admin_disconnect(server: &Server, user: &str) -> Value {
-    let r = http::request(
-        server.admin_addr(),
-        "POST",
-        &format!("/admin/disconnect?user={user}"),
-        &[],
-        b"",
-    )
-    .expect("POST /admin/disconnect");
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-fn http_publish_acked(server: &Server, channel: &str, body: &str) -> u64 {
-    let r = http::request(
-        server.admin_addr(),
-        "POST",
-        &format!("/publish?channel={channel}&ack=1"),
-        &[],
-        body.as_bytes(),
-    )
-    .expect("HTTP publish");
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["offset"].as_u64().expect("offset")
-}
-
 #[test]
 fn eventsource_reconnects_with_last_event_id_after_the_server_ends_its_stream() {
     let _deadline = Deadline::new(
@@ -379,18 +352,8 @@ fn eventsource_resumes_across_a_drained_restart() {
         "eventsource_resumes_across_a_drained_restart",
         Duration::from_secs(180),
     );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let args = [
-        "--jwt-secret",
-        SECRET,
-        "--inbox",
-        "true",
-        "--data-dir",
-        dir.path().to_str().expect("utf-8 temp dir"),
-        "--drain-window",
-        "1",
-    ];
-    let mut server = Server::start(&args);
+    let inbox = InboxServer::new(SECRET);
+    let mut server = inbox.start();
     let ports = server.ports();
     // The client reaches the server through a gate: it may come back only once the
     // messages of the restarted server are published (no timing).
@@ -418,23 +381,13 @@ fn eventsource_resumes_across_a_drained_restart() {
         offsets_in(s, "user:alice").len() == 5 && offsets_in(s, "feed").len() == 3
     });
 
-    gate.shut();
-    server.sigterm();
-    assert!(
-        server.wait_exit(Duration::from_secs(30)).is_some(),
-        "no exit within 30 s of SIGTERM\n{}",
-        server.describe()
-    );
+    drain_behind_shut_gate(&mut server, &gate);
     es.wait_for("the drain's close event", Duration::from_secs(10), |s| {
         s.iter().any(|l| l["data"]["type"] == "close")
     });
-    let server = Server::start_on(ports, &args);
+    let server = inbox.restart_on(ports);
     publish_inbox(&server, 6..=10);
-    wait_until(
-        Duration::from_secs(30),
-        "the client tried to reconnect while the gate was shut",
-        || (gate.refused() >= 1).then_some(()),
-    );
+    wait_for_refused_attempt(&gate);
     gate.open();
     es.wait_for("the reconnect's replies", Duration::from_secs(30), |s| {
         count_replies(s) >= 4
@@ -486,17 +439,6 @@ fn eventsource_resumes_across_a_drained_restart() {
     es.finish();
 }
 
-/// Runs curl with `args` (`-s`; every call bounds itself with `--max-time`).
-fn curl(args: &[&str]) -> String {
-    let mut command = Command::new("curl");
-    command.arg("-s").args(args).stdin(Stdio::null());
-    server::die_with_parent(&mut command);
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run curl ({e}); install curl (scripts/test.sh does)"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `(id, data)` of every event of an SSE stream's text.
 fn sse_events(stream: &str) -> Vec<(Option<String>, Value)> {
     stream
@@ -529,7 +471,7 @@ fn curl_streams_resumes_and_chains_polls() {
         }
     }
     // Live from here: only the replies, then heartbeats, until --max-time ends it.
-    let out = curl(&[
+    let out = curl_text(&[
         "-N",
         "--max-time",
         "2",
@@ -549,7 +491,7 @@ fn curl_streams_resumes_and_chains_polls() {
         .collect();
     // Resume both channels from offset 2 with Last-Event-ID: 3 and 4 of each, once.
     let from2 = format!("ca~2~{},cb~2~{}", epochs[0], epochs[1]);
-    let out = curl(&[
+    let out = curl_text(&[
         "-N",
         "--max-time",
         "2",
@@ -586,7 +528,7 @@ fn curl_streams_resumes_and_chains_polls() {
     );
     // The same with ?since= (percent-encoded), for clients that cannot set the header.
     let since = from2.replace(',', "%2C").replace('~', "%7E");
-    let out2 = curl(&[
+    let out2 = curl_text(&[
         "-N",
         "--max-time",
         "2",
@@ -600,7 +542,7 @@ fn curl_streams_resumes_and_chains_polls() {
     // Long-poll chain: replayed at once, then an empty answer at the timeout with the
     // same position, then a held poll answered by a publish.
     let poll = |query: &str| -> Value {
-        let body = curl(&["--max-time", "70", &format!("{base}/poll?{query}")]);
+        let body = curl_text(&["--max-time", "70", &format!("{base}/poll?{query}")]);
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("poll {query}: {body:?}: {e}"))
     };
     let replay = poll(&format!("channels=ca,cb&since={since}"));
@@ -616,13 +558,7 @@ fn curl_streams_resumes_and_chains_polls() {
         serde_json::json!({"events": [], "position": position})
     );
     let url = format!("{base}/poll?channels=ca,cb&timeout=30&since={position}");
-    let mut command = Command::new("curl");
-    command
-        .args(["-s", "--max-time", "60", &url])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-    server::die_with_parent(&mut command);
-    let held = command.spawn().expect("curl");
+    let held = curl_spawn(&["--max-time", "60", &url]);
     server.wait_for_connections(1, Duration::from_secs(10));
     let r = server.http_publish(Some("cb"), b"{\"i\":5}");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -644,7 +580,7 @@ fn curl_streams_resumes_and_chains_polls() {
         ("poll?channels=ca&timeout=99", "timeout must be"),
         ("sse?channels=bad%20name", "invalid channel name"),
     ] {
-        let out = curl(&["-i", "--max-time", "5", &format!("{base}/{query}")]);
+        let out = curl_text(&["-i", "--max-time", "5", &format!("{base}/{query}")]);
         assert!(out.starts_with("HTTP/1.1 400"), "{query}: {out}");
         assert!(out.contains(why), "{query}: {out}");
     }

@@ -17,8 +17,9 @@ pub type ConnKey = u32;
 struct ChannelMembers {
     name: Arc<str>,
     members: Vec<ConnKey>,
-    /// The last offset of the channel this shard's subscribers were given (or were told
-    /// they are at): where a heal after a ring overrun starts.
+    /// The last offset of the channel every subscriber on this shard was offered (its
+    /// fan-out here ended), or that one was told it is at: where a heal after a ring
+    /// overrun starts, and where a released SSE stream that keeps up is.
     position: Cell<u64>,
     /// The channel's epoch as last attached here (0 until an attach told it): with
     /// `position`, where a subscriber that keeps up is (an SSE stream's `id:`).
@@ -131,14 +132,12 @@ impl SubscriptionIndex {
             .map_or(&[], |&id| &self.channels[id as usize].members)
     }
 
-    /// The subscribers of `channel` on this shard, noting that they are being given its
-    /// message `offset`.
-    pub fn members_at(&self, channel: &str, offset: u64) -> &[ConnKey] {
-        self.ids.get(channel).map_or(&[], |&id| {
-            let ch = &self.channels[id as usize];
-            ch.position.set(offset);
-            &ch.members
-        })
+    /// Notes that every subscriber of `channel` on this shard was offered its message
+    /// `offset` (its fan-out here ended): a subscriber that keeps up is now there.
+    pub fn delivered(&self, channel: &str, offset: u64) {
+        if let Some(&id) = self.ids.get(channel) {
+            self.channels[id as usize].position.set(offset);
+        }
     }
 
     /// Notes that `channel`'s subscribers here are at least at `offset` (a subscriber

@@ -555,7 +555,7 @@ impl Connection {
     }
 
     /// True while it takes `channel` from history instead of live.
-    fn lags_on(&self, channel: &str) -> bool {
+    pub fn lags_on(&self, channel: &str) -> bool {
         self.lag
             .as_ref()
             .is_some_and(|lag| lag.channels.iter().any(|(c, _)| &**c == channel))

@@ -177,10 +177,7 @@ async fn deliver(
     // re-check, because nothing can change while the core is held.
     let (count, frame) = {
         let index = shard.index.borrow();
-        let members = match offset {
-            Some(offset) => index.members_at(channel, offset),
-            None => index.members(channel),
-        };
+        let members = index.members(channel);
         if members.is_empty() {
             return 0;
         }
@@ -198,6 +195,9 @@ async fn deliver(
             shard.count_deliveries(queued, frame.len());
             at = end;
             if at == members.len() {
+                if let Some(offset) = offset {
+                    index.delivered(channel, offset);
+                }
                 return members.len();
             }
             if shard.fair.used() {
@@ -205,28 +205,21 @@ async fn deliver(
             }
         }
         // The rest is served after a yield, from a copy: the live list may be reordered
-        // by then.
+        // by then. A member catching up on the channel is left out: it gets the message
+        // from history, which the follower's cursor is already past (a catch-up that ends
+        // while the fan-out is paused has given it the message).
         snapshot.clear();
-        snapshot.extend(
-            members[at..]
-                .iter()
-                .filter_map(|&key| conns.get(key).map(|c| (key, c.generation))),
-        );
-        // The index already says the channel is at `offset`: a released SSE stream not
-        // yet given it must not rebuild its position from there while the shard yields
-        // (an event queued to it meanwhile would carry an `id:` past a message it has not
-        // had, and a resume from that id would skip it).
-        if let Some(offset) = offset {
-            for &(key, _) in snapshot.iter() {
-                if let Some(conn) = conns.get_mut(key) {
-                    if conn.machine.needs_position() {
-                        shard.restore_position_before(key, conn, channel, offset);
-                    }
-                }
-            }
-        }
+        snapshot.extend(members[at..].iter().filter_map(|&key| {
+            let conn = conns.get(key)?;
+            let from_history = offset.is_some() && conn.machine.lags_on(channel);
+            (!from_history).then_some((key, conn.generation))
+        }));
         (members.len(), frame)
     };
+    // Until the last member is offered the message, the index keeps the channel's
+    // position before it (where a released stream still waiting for it rebuilds its
+    // position), and no stream releases its own (one already given it would rebuild it
+    // before the message: see `Shard::release_idle_stream`).
     shard
         .partial_deliveries
         .set(shard.partial_deliveries.get() + 1);
@@ -251,13 +244,19 @@ async fn deliver(
         }
         shard.count_deliveries(queued, frame.len());
     }
+    if let Some(offset) = offset {
+        shard.index.borrow().delivered(channel, offset);
+    }
     count
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::conn::{adopt, Carried};
+    use crate::proto::position::Position;
+    use crate::proto::sse::{HttpStream, Mode};
+    use crate::shard::conn::{adopt, adopt_stream, Carried};
+    use crate::shard::send::Flush;
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixStream;
 
@@ -265,6 +264,13 @@ mod tests {
         let settings = crate::config::resolve(Default::default(), Default::default())
             .expect("default settings");
         Shard::for_tests(settings, 8)
+    }
+
+    /// A test shard whose fan-out yields after every chunk.
+    fn yielding_shard() -> Rc<Shard> {
+        let shard = Rc::new(test_shard());
+        shard.fair.set_slice(std::time::Duration::ZERO);
+        shard
     }
 
     /// A connection whose peer end is kept in `peers` (so its socket stays open).
@@ -300,9 +306,7 @@ mod tests {
             .make()
             .expect("executor");
         ex.run(async {
-            let shard = Rc::new(test_shard());
-            // Yield after every chunk.
-            shard.fair.set_slice(std::time::Duration::ZERO);
+            let shard = yielding_shard();
             let chan = vec!["big".to_string()];
             let mut peers = Vec::new();
             let keys: Vec<u32> = (0..12)
@@ -345,6 +349,143 @@ mod tests {
             assert_eq!(queued(&shard, 9), 0, "unsubscribed before being served");
             assert_eq!(queued(&shard, joined), 0, "subscribed after the publish");
             drop(peers);
+        });
+    }
+
+    /// An SSE stream on a socketpair (its peer end kept in `peers`), subscribed to
+    /// `channels`; idle once its subscribe replies are written, so it holds no encoder.
+    fn connect_sse(shard: &Shard, channels: &[String], peers: &mut Vec<UnixStream>) -> u32 {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        theirs.set_nonblocking(true).expect("nonblocking peer");
+        peers.push(theirs);
+        let key = shard.conns.borrow().next_key();
+        let stream = HttpStream::new(Mode::Sse, channels, None);
+        adopt_stream(
+            shard,
+            OwnedFd::from(ours),
+            channels,
+            None,
+            stream,
+            None,
+            Carried::default(),
+        );
+        key
+    }
+
+    /// The offset of `channel` in the `id:` the next event of SSE stream `key` would
+    /// carry: its encoder's position, rebuilt from the index first if it released it
+    /// (as the driver does before queuing any event).
+    fn next_id_offset(shard: &Shard, key: u32, channel: &str) -> u64 {
+        let mut conns = shard.conns.borrow_mut();
+        let conn = conns.get_mut(key).expect("open stream");
+        if conn.machine.needs_position() {
+            shard.restore_position(key, conn);
+        }
+        let token = conn.machine.http_stream().expect("an encoder").token();
+        Position::parse(&token)
+            .expect("position token")
+            .get(channel)
+            .expect("the channel in the position")
+            .offset
+    }
+
+    /// Everything the peer of a socketpair has been sent so far.
+    fn drain_peer(peer: &mut UnixStream, into: &mut Vec<u8>) {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        loop {
+            match peer.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => into.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("reading the peer: {e}"),
+            }
+        }
+    }
+
+    /// Regression: a fan-out that pauses part-way. While it is yielded, streams it
+    /// reached write everything and go idle, and the heartbeat sweep comes by; then every
+    /// stream is asked for the `id:` its next event would carry. A stream already given
+    /// the message must not fall back before it (a resume would get it twice), and one
+    /// still waiting for it must not be put past it (a resume would skip it). Once the
+    /// fan-out ends, every stream's last `id:` on the wire names the message.
+    #[test]
+    fn sse_ids_stay_exact_while_a_fan_out_is_paused() {
+        let ex = glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor");
+        ex.run(async {
+            let shard = yielding_shard();
+            let chan = vec!["big".to_string()];
+            let mut peers = Vec::new();
+            let keys: Vec<u32> = (0..8)
+                .map(|_| connect_sse(&shard, &chan, &mut peers))
+                .collect();
+            for &key in &keys {
+                let conns = shard.conns.borrow();
+                let conn = conns.get(key).expect("adopted");
+                assert!(conn.machine.needs_position(), "stream {key} is idle");
+            }
+            // Runs at the yield after chunk 0 (keys 0..4) was served.
+            let paused = {
+                let shard = shard.clone();
+                let keys = keys.clone();
+                glommio::spawn_local(async move {
+                    futures_lite::future::yield_now().await;
+                    {
+                        let mut conns = shard.conns.borrow_mut();
+                        for &key in &keys {
+                            let conn = conns.get_mut(key).expect("open");
+                            // A writable edge writes what is queued; the sweep finds the
+                            // stream idle.
+                            assert_eq!(shard.flush(conn), Flush::Done);
+                            shard.release_idle_stream(conn);
+                        }
+                    }
+                    keys.iter()
+                        .map(|&key| next_id_offset(&shard, key, "big"))
+                        .collect::<Vec<u64>>()
+                })
+            };
+            let msg = RingMessage {
+                channel: std::sync::Arc::from("big"),
+                offset: 1,
+                frame: crate::proto::frame::encode_frame(
+                    crate::proto::frame::opcode::TEXT,
+                    br#"{"channel":"big","offset":1,"data":{}}"#,
+                ),
+                published_at: Instant::now(),
+                kind: RingKind::Message,
+            };
+            let mut snapshot = Vec::new();
+            assert_eq!(deliver(&shard, &msg, &mut snapshot, 4).await, 8);
+            let during = paused.await;
+            assert_eq!(
+                during,
+                vec![1, 1, 1, 1, 0, 0, 0, 0],
+                "ids during the pause: given the message, at it; waiting for it, before it"
+            );
+            shard.flush_dirty();
+            for (i, peer) in peers.iter_mut().enumerate() {
+                let mut wire = Vec::new();
+                drain_peer(peer, &mut wire);
+                let text = String::from_utf8(wire).expect("UTF-8 event stream");
+                let ids: Vec<&str> = text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("id: "))
+                    .collect();
+                let last = ids.last().expect("an event with an id");
+                let at = Position::parse(last)
+                    .expect("token")
+                    .get("big")
+                    .expect("big");
+                assert_eq!(at.offset, 1, "stream {i}: last id {last} in {text:?}");
+                let events = text.matches(r#""offset":1"#).count();
+                assert_eq!(events, 1, "stream {i} got the message once: {text:?}");
+            }
+            for &key in &keys {
+                assert_eq!(next_id_offset(&shard, key, "big"), 1, "after the fan-out");
+            }
         });
     }
 

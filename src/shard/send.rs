@@ -291,31 +291,10 @@ impl Shard {
     /// subscription index says its subscribers are (its own lag aside, see
     /// [`crate::proto::conn::Connection::restore_position`]).
     pub(super) fn restore_position(&self, key: u32, conn: &mut Conn) {
-        self.restore_position_with(key, conn, None);
-    }
-
-    /// [`Shard::restore_position`] for a stream that has not yet been given `channel`'s
-    /// message `offset`, which the index already counts as given.
-    pub(super) fn restore_position_before(
-        &self,
-        key: u32,
-        conn: &mut Conn,
-        channel: &str,
-        offset: u64,
-    ) {
-        self.restore_position_with(key, conn, Some((channel, offset)));
-    }
-
-    fn restore_position_with(&self, key: u32, conn: &mut Conn, pending: Option<(&str, u64)>) {
         let mut position = Position::default();
         match self.index.try_borrow() {
             Ok(index) => {
-                for (channel, mut offset, epoch) in index.subscriptions_of(key) {
-                    if let Some((pending, at)) = pending {
-                        if pending == channel && offset >= at {
-                            offset = at.saturating_sub(1);
-                        }
-                    }
+                for (channel, offset, epoch) in index.subscriptions_of(key) {
                     position.set(channel, Since { offset, epoch });
                 }
             }
@@ -327,7 +306,9 @@ impl Shard {
     }
 
     /// Releases the encoder of an SSE stream that is idle (see
-    /// [`crate::proto::conn::Connection::release_position`]).
+    /// [`crate::proto::conn::Connection::release_position`]), unless a fan-out is paused
+    /// part-way: the index then still has that message's channel before it, and a stream
+    /// already given it would rebuild its position there (a resume would repeat it).
     pub(super) fn release_idle_stream(&self, conn: &mut Conn) {
         if self.partial_deliveries.get() == 0 {
             conn.machine.release_position();

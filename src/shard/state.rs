@@ -75,8 +75,9 @@ pub struct Shard {
     /// Set once this shard stopped accepting for a drain.
     pub(super) draining: Cell<bool>,
     /// Messages whose fan-out paused part-way (see `follower::deliver`): while any is,
-    /// no idle SSE stream releases its position, which the index would rebuild past the
-    /// message for a subscriber not yet given it.
+    /// no idle SSE stream releases its position, which the index (at the message's
+    /// channel's position before it until its fan-out ends) would rebuild before the
+    /// message for a stream already given it.
     pub(super) partial_deliveries: Cell<u32>,
     /// Set while a long poll's channels are subscribed: no presence membership.
     pub(super) quiet_presence: Cell<bool>,

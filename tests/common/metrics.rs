@@ -172,3 +172,16 @@ fn parse_labels(mut s: &str) -> Result<(Labels, &str), String> {
         s = &s[end + 1..];
     }
 }
+
+impl Metrics {
+    /// Asserts that `name` summed over the samples with `labels` is at least `min`,
+    /// showing every sample of `name` when it is not.
+    pub fn assert_at_least(&self, name: &str, labels: &[(&str, &str)], min: f64) {
+        let sum = self.sum_where(name, labels);
+        assert!(
+            sum >= min,
+            "{name} {labels:?}: {sum}, expected at least {min}\n{}",
+            self.describe(name)
+        );
+    }
+}

@@ -19,6 +19,8 @@
 //! - [`nats`]: a real JetStream nats-server (one, or a 3-server cluster), killed on drop.
 //! - [`tcp_gate`]: a TCP forwarder a test can shut (refusing and counting connection
 //!   attempts) and open again.
+//! - [`curl`]: curl runs; [`per_ip`]: sockets from chosen loopback source addresses;
+//!   [`inbox`]: an inbox server restarted behind a shut gate; [`admin`]: admin-port calls.
 //!
 //! Every wait is bounded: helpers take a timeout and panic with a message saying what
 //! did not happen, and [`Deadline`] aborts a test binary that hangs anyway.
@@ -26,11 +28,15 @@
 // Each test file compiles this module on its own and uses only part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod admin;
 pub mod browser;
+pub mod curl;
 pub mod external;
 pub mod http;
+pub mod inbox;
 pub mod metrics;
 pub mod nats;
+pub mod per_ip;
 pub mod python;
 pub mod raw_ws;
 pub mod server;
