@@ -27,22 +27,10 @@ fn repo() -> PathBuf {
 
 /// Runs `promtool ARGS` in `dir`; returns its exit success and everything it printed.
 fn promtool(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new("promtool")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run promtool ({e}): install Debian's prometheus package \
-                 (scripts/test.sh does)"
-            )
-        });
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), printed)
+    run_tool(
+        Command::new("promtool").args(args).current_dir(dir),
+        "prometheus",
+    )
 }
 
 /// `alert` name → `expr`, read from the rules file (one `expr:` line per rule).

@@ -57,42 +57,19 @@ fn a_proxy_header_before_tls_names_the_client() {
         Duration::from_secs(60),
     );
     let dir = tempfile::tempdir().expect("temp dir");
-    let (cert, key) = (dir.path().join("c.crt"), dir.path().join("c.key"));
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .args(["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("the openssl CLI is needed (scripts/test.sh installs it)");
-    assert!(out.status.success(), "openssl req failed: {out:?}");
-    let port = free_tcp_port();
-    let listen = format!("127.0.0.1:{port}");
-    let server = Server::start(&[
-        "--tls-listen",
-        &listen,
-        "--tls-cert-file",
-        cert.to_str().expect("utf-8"),
-        "--tls-key-file",
-        key.to_str().expect("utf-8"),
-        "--proxy-protocol",
-        "v1",
-        "--trusted-proxies",
-        "127.0.0.0/8",
-        "--max-connections-per-ip",
-        "1",
-    ]);
+    let (cert, key) = tls::self_signed(dir.path(), "c");
+    let (server, port) = tls::start(
+        &cert,
+        &key,
+        &[
+            "--proxy-protocol",
+            "v1",
+            "--trusted-proxies",
+            "127.0.0.0/8",
+            "--max-connections-per-ip",
+            "1",
+        ],
+    );
 
     let (mut first, status) = client(port, &cert, "192.0.2.7");
     assert_eq!(status, "HTTP/1.1 200 OK", "{}", server.log());

@@ -10,11 +10,9 @@ mod common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use socket2::{Domain, SockAddr, Socket, Type};
 
 const FLEET: usize = 1000;
 const CHANNEL: &str = "hup1k";
@@ -23,15 +21,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Connects from `source`, sends an upgrade (with `Origin: origin` when given) and
 /// returns the answer's status and the socket.
 fn upgrade(addr: SocketAddr, source: &str, origin: Option<&str>) -> (u16, TcpStream) {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    let local: SocketAddr = format!("{source}:0").parse().expect("source address");
-    socket
-        .bind(&SockAddr::from(local))
-        .unwrap_or_else(|e| panic!("binding a client socket to {local}: {e}"));
-    socket
-        .connect_timeout(&SockAddr::from(addr), TIMEOUT)
-        .unwrap_or_else(|e| panic!("connecting from {source} to {addr}: {e}"));
-    let mut stream: TcpStream = socket.into();
+    let mut stream = per_ip::connect_from(source, addr);
     let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
     let request = format!(
         "GET /ws?channels={CHANNEL} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
@@ -49,24 +39,6 @@ fn upgrade(addr: SocketAddr, source: &str, origin: Option<&str>) -> (u16, TcpStr
 /// [`upgrade`]'s status; the socket is closed on return.
 fn upgrade_status(addr: SocketAddr, source: &str, origin: Option<&str>) -> u16 {
     upgrade(addr, source, origin).0
-}
-
-fn write_config(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-}
-
-/// Sends SIGHUP and waits until `ringcast_config_reloads_total{result}` reaches `count`.
-fn hup_and_wait(server: &Server, result: &str, count: f64) {
-    server.signal(libc::SIGHUP);
-    wait_until(
-        TIMEOUT,
-        &format!("ringcast_config_reloads_total{{result=\"{result}\"}} == {count}"),
-        || {
-            let m = server.metrics();
-            (m.sum_where("ringcast_config_reloads_total", &[("result", result)]) == count)
-                .then_some(())
-        },
-    );
 }
 
 /// Publishes one message over HTTP; returns its offset.
@@ -108,7 +80,7 @@ fn sighup_reload_keeps_1k_clients() {
     let _deadline = Deadline::new("sighup_reload_keeps_1k_clients", Duration::from_secs(180));
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("ringcast.toml");
-    write_config(
+    write_file(
         &path,
         "max_connections_per_ip = 1100\nallowed_origins = [\"https://a.example\"]\n",
     );
@@ -137,12 +109,12 @@ fn sighup_reload_keeps_1k_clients() {
     check_admission(&server, &before, "at start");
 
     // Lower the per-IP limit to what 127.0.0.1 holds and swap the origin list.
-    write_config(
+    write_file(
         &path,
         "max_connections_per_ip = 1000\n\
          allowed_origins = [\"https://b.example\", \"https://*.c.example\"]\n",
     );
-    hup_and_wait(&server, "ok", 1.0);
+    server.hup_and_wait("ok", 1.0, TIMEOUT);
     let log = server.log();
     assert!(
         log.contains("config reloaded: applied allowed_origins, max_connections_per_ip"),
@@ -170,12 +142,12 @@ fn sighup_reload_keeps_1k_clients() {
 
     // A broken file (one bad origin entry, and a per-IP limit that would change) is
     // refused as a whole, named by its key; the reloaded rules stay.
-    write_config(
+    write_file(
         &path,
         "max_connections_per_ip = 5000\n\
          allowed_origins = [\"https://a.example\", \"ftp:/nowhere\"]\n",
     );
-    hup_and_wait(&server, "error", 1.0);
+    server.hup_and_wait("error", 1.0, TIMEOUT);
     assert!(server.is_running(), "a bad file must not stop the server");
     let log = server.log();
     assert!(
@@ -213,10 +185,10 @@ fn per_ip_limit_off_at_start_needs_a_restart() {
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("ringcast.toml");
-    write_config(&path, "max_connections = 100\n");
+    write_file(&path, "max_connections = 100\n");
     let server = Server::start(&["--config", path.to_str().expect("utf-8 path")]);
-    write_config(&path, "max_connections = 50\nmax_connections_per_ip = 1\n");
-    hup_and_wait(&server, "ok", 1.0);
+    write_file(&path, "max_connections = 50\nmax_connections_per_ip = 1\n");
+    server.hup_and_wait("ok", 1.0, TIMEOUT);
     let log = server.log();
     assert!(
         log.contains("`max_connections_per_ip` changed but needs a restart")

@@ -7,7 +7,6 @@ mod common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -34,24 +33,6 @@ fn upgrade_status(addr: SocketAddr, open: &mut Vec<TcpStream>) -> u16 {
     head.status
 }
 
-fn write_config(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-}
-
-/// Sends SIGHUP and waits until `ringcast_config_reloads_total{result}` reaches `count`.
-fn hup_and_wait(server: &Server, result: &str, count: f64) {
-    server.signal(libc::SIGHUP);
-    wait_until(
-        TIMEOUT,
-        &format!("ringcast_config_reloads_total{{result=\"{result}\"}} == {count}"),
-        || {
-            let m = server.metrics();
-            (m.sum_where("ringcast_config_reloads_total", &[("result", result)]) == count)
-                .then_some(())
-        },
-    );
-}
-
 /// Both subscribers get one message published after each step.
 fn both_receive(server: &Server, subs: &mut [Subscriber], step: &str) {
     let payload = format!("{{\"step\":\"{step}\"}}");
@@ -70,7 +51,7 @@ fn sighup_reloads_config() {
     let _deadline = Deadline::new("sighup_reloads_config", Duration::from_secs(90));
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("ringcast.toml");
-    write_config(&path, "max_connections = 100\nping_interval = 25\n");
+    write_file(&path, "max_connections = 100\nping_interval = 25\n");
     let mut server = Server::start(&["--config", path.to_str().expect("utf-8 path")]);
     let mut subs = vec![server.subscribe(&["hup"]), server.subscribe(&["hup"])];
     server.wait_for_connections(2, TIMEOUT);
@@ -78,8 +59,8 @@ fn sighup_reloads_config() {
 
     // Lowered to what is open: existing connections stay, the next upgrade is refused.
     // ping_interval needs a restart: logged, not applied, and not a failure.
-    write_config(&path, "max_connections = 2\nping_interval = 30\n");
-    hup_and_wait(&server, "ok", 1.0);
+    write_file(&path, "max_connections = 2\nping_interval = 30\n");
+    server.hup_and_wait("ok", 1.0, TIMEOUT);
     let mut open = Vec::new();
     assert_eq!(
         upgrade_status(server.ws_addr(), &mut open),
@@ -95,8 +76,8 @@ fn sighup_reloads_config() {
     );
 
     // A bad value is refused with its key; the server and its limit stay as they were.
-    write_config(&path, "max_connections = 0\nping_interval = 30\n");
-    hup_and_wait(&server, "error", 1.0);
+    write_file(&path, "max_connections = 0\nping_interval = 30\n");
+    server.hup_and_wait("error", 1.0, TIMEOUT);
     assert!(server.is_running(), "a bad file must not stop the server");
     let log = server.log();
     assert!(
@@ -107,24 +88,24 @@ fn sighup_reloads_config() {
     both_receive(&server, &mut subs, "refused");
 
     // Not TOML, or an unknown key: refused the same way, named.
-    write_config(&path, "max_connections = 3\nmax_conections = 4\n");
-    hup_and_wait(&server, "error", 2.0);
+    write_file(&path, "max_connections = 3\nmax_conections = 4\n");
+    server.hup_and_wait("error", 2.0, TIMEOUT);
     assert!(server.log().contains("max_conections"), "{}", server.log());
 
     // Raised again: the next upgrade is served.
-    write_config(&path, "max_connections = 3\nping_interval = 30\n");
-    hup_and_wait(&server, "ok", 2.0);
+    write_file(&path, "max_connections = 3\nping_interval = 30\n");
+    server.hup_and_wait("ok", 2.0, TIMEOUT);
     assert_eq!(upgrade_status(server.ws_addr(), &mut open), 101);
     server.wait_for_connections(3, TIMEOUT);
     both_receive(&server, &mut subs, "raised");
 
     // The ingest key reloads too: from the next request on, publishing needs it.
     let key = "reloaded-ingest-key-0123456789";
-    write_config(
+    write_file(
         &path,
         &format!("max_connections = 3\nping_interval = 30\ningest_key = \"{key}\"\n"),
     );
-    hup_and_wait(&server, "ok", 3.0);
+    server.hup_and_wait("ok", 3.0, TIMEOUT);
     let refused = server.http_publish(Some("hup"), b"{\"step\":\"no key\"}");
     assert_eq!(refused.status, 401, "{}", refused.text());
     let bearer = format!("Bearer {key}");

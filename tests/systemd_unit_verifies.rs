@@ -44,22 +44,10 @@ fn unit_copy(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
 
 /// Runs `systemd-analyze ARGS`; returns its exit success and everything it printed.
 fn analyze(args: &[&str], unit: &Path) -> (bool, String) {
-    let out = Command::new("systemd-analyze")
-        .args(args)
-        .arg(unit)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run systemd-analyze ({e}): install Debian's systemd package \
-                 (scripts/test.sh does)"
-            )
-        });
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), printed)
+    run_tool(
+        Command::new("systemd-analyze").args(args).arg(unit),
+        "systemd",
+    )
 }
 
 #[test]

@@ -3,13 +3,14 @@
 //! buffer (the buffered API kept a 4 KiB receive buffer for the connection's life).
 //! docs/benchmarks.md has the RSS figure for the whole server.
 
+mod common;
+
 use ringcast::tls::session::Input;
 use ringcast::tls::{load_server_config, TlsSession};
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection};
+use rustls::{ClientConfig, ClientConnection, ServerConfig};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{IoSlice, Read, Write};
-use std::process::Command;
 use std::sync::atomic::{AtomicIsize, Ordering::SeqCst};
 use std::sync::Arc;
 
@@ -78,11 +79,25 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     }
 }
 
-fn to_server(client: &mut ClientConnection, server: &mut TlsSession, plain: &mut Vec<u8>) {
+/// What `conn` has to send, as one piece of ciphertext.
+fn drain<T>(conn: &mut rustls::ConnectionCommon<T>) -> Vec<u8> {
     let mut wire = Vec::new();
-    while client.wants_write() {
-        client.write_tls(&mut wire).expect("client write");
+    while conn.wants_write() {
+        conn.write_tls(&mut wire).expect("write_tls");
     }
+    wire
+}
+
+/// Hands `conn` the ciphertext `wire` and processes it (rustls' buffered API).
+fn feed<T>(conn: &mut rustls::ConnectionCommon<T>, mut wire: &[u8]) {
+    while !wire.is_empty() {
+        conn.read_tls(&mut wire).expect("read_tls");
+        conn.process_new_packets().expect("process_new_packets");
+    }
+}
+
+fn to_server(client: &mut ClientConnection, server: &mut TlsSession, plain: &mut Vec<u8>) {
+    let mut wire = drain(client);
     if !wire.is_empty() {
         assert_eq!(
             server.receive(&mut wire, plain).expect("server receive"),
@@ -105,49 +120,29 @@ fn to_client(client: &mut ClientConnection, server: &mut TlsSession, out: &[u8])
     got
 }
 
-#[test]
-fn an_idle_tls_session_keeps_only_rustls_state() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+/// The server's config without its session cache (the cache is shared by all
+/// connections and bounded at 256 entries, so it would blur one session's figure), and a
+/// client config that accepts the self-signed certificate.
+fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl must be installed");
-    assert!(status.status.success(), "openssl req failed: {status:?}");
-    // The server's config without its session cache: the cache is shared by all
-    // connections and bounded (256 entries), so it would blur one session's figure.
+    let (cert, key) = common::tls::self_signed(dir.path(), "c");
     let mut config = (*load_server_config(&cert, &key).expect("server config")).clone();
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    let config = Arc::new(config);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client_config = Arc::new(
-        ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth(),
-    );
+    let client_config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_no_client_auth();
+    (Arc::new(config), Arc::new(client_config))
+}
+
+#[test]
+fn an_idle_tls_session_keeps_only_rustls_state() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (config, client_config) = configs();
     for round in 0..3 {
         let before = LIVE.load(SeqCst);
         let (mut stage, mut out, mut plain) = (Vec::new(), Vec::new(), Vec::new());
@@ -192,102 +187,29 @@ fn an_idle_tls_session_keeps_only_rustls_state() {
 #[test]
 fn the_buffered_api_keeps_more() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl must be installed");
-    assert!(status.status.success(), "openssl req failed: {status:?}");
-    let mut config = (*load_server_config(&cert, &key).expect("server config")).clone();
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    let config = Arc::new(config);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client_config = Arc::new(
-        ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth(),
-    );
+    let (config, client_config) = configs();
     let mut figures = Vec::new();
     for round in 0..3 {
         let before = LIVE.load(SeqCst);
         let name = ServerName::try_from("localhost").expect("name");
         let mut client = ClientConnection::new(client_config.clone(), name).expect("client");
         let mut server = Box::new(rustls::ServerConnection::new(config.clone()).expect("server"));
-        let pump = |from: &mut dyn FnMut(&mut Vec<u8>), to: &mut dyn FnMut(&[u8])| {
-            let mut wire = Vec::new();
-            from(&mut wire);
-            to(&wire);
-        };
         while client.is_handshaking() || server.is_handshaking() {
-            pump(
-                &mut |w| {
-                    while client.wants_write() {
-                        client.write_tls(w).expect("client write");
-                    }
-                },
-                &mut |mut w: &[u8]| {
-                    while !w.is_empty() {
-                        server.read_tls(&mut w).expect("server read");
-                        server.process_new_packets().expect("server process");
-                    }
-                },
-            );
-            let mut wire = Vec::new();
-            while server.wants_write() {
-                server.write_tls(&mut wire).expect("server write");
-            }
-            let mut rd = &wire[..];
-            while !rd.is_empty() {
-                client.read_tls(&mut rd).expect("client read");
-                client.process_new_packets().expect("client process");
-            }
+            feed(&mut server, &drain(&mut client));
+            feed(&mut client, &drain(&mut server));
         }
         client
             .writer()
             .write_all(b"GET /ws HTTP/1.1\r\n\r\n")
             .expect("write");
-        let mut wire = Vec::new();
-        while client.wants_write() {
-            client.write_tls(&mut wire).expect("client write");
-        }
-        let mut rd = &wire[..];
-        while !rd.is_empty() {
-            server.read_tls(&mut rd).expect("server read");
-            server.process_new_packets().expect("server process");
-        }
+        feed(&mut server, &drain(&mut client));
         let mut got = Vec::new();
         let _ = server.reader().read_to_end(&mut got);
         server
             .writer()
             .write_all(b"HTTP/1.1 101 \r\n\r\n")
             .expect("write");
-        let mut wire = Vec::new();
-        while server.wants_write() {
-            server.write_tls(&mut wire).expect("server write");
-        }
+        let wire = drain(&mut server);
         drop((client, wire, got));
         let idle = LIVE.load(SeqCst) - before;
         println!("round {round}: idle buffered ServerConnection {idle} B on the heap");

@@ -8,57 +8,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::python::run_script;
+use common::tls::self_signed;
 use common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A self-signed certificate for `localhost` and 127.0.0.1 from the `openssl` CLI.
-fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .args(["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("the openssl CLI is needed (scripts/test.sh installs it)");
-    assert!(out.status.success(), "openssl req failed: {out:?}");
-    (cert, key)
-}
-
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-fn start_tls(cert: &Path, key: &Path) -> (Server, u16) {
-    let port = free_tcp_port();
-    let listen = format!("127.0.0.1:{port}");
-    let server = Server::start(&[
-        "--tls-listen",
-        &listen,
-        "--tls-cert-file",
-        path(cert),
-        "--tls-key-file",
-        path(key),
-    ]);
-    (server, port)
 }
 
 fn py(case: &str, server: &Server, port: u16, ca: &Path, extra: &[&str]) {
@@ -91,7 +52,7 @@ fn wss_https_and_openssl_over_the_tls_listener() {
     let _deadline = Deadline::new("wss_https_and_openssl", Duration::from_secs(120));
     let dir = tempfile::tempdir().expect("temp dir");
     let (cert, key) = self_signed(dir.path(), "server");
-    let (server, port) = start_tls(&cert, &key);
+    let (server, port) = tls::start(&cert, &key, &[]);
     py("wss", &server, port, &cert, &[]);
     py("sse", &server, port, &cert, &[]);
     py("garbage", &server, port, &cert, &[]);
@@ -127,7 +88,7 @@ fn sighup_swaps_the_certificate_and_keeps_connections() {
     let (next_cert, next_key) = self_signed(dir.path(), "next");
     let first_ca = dir.path().join("first-ca.crt");
     std::fs::copy(&cert, &first_ca).expect("copy of the first certificate");
-    let (mut server, port) = start_tls(&cert, &key);
+    let (mut server, port) = tls::start(&cert, &key, &[]);
     let pid = server.pid().to_string();
     let extra = [
         &pid,

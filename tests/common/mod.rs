@@ -21,6 +21,7 @@
 //!   attempts) and open again.
 //! - [`curl`]: curl runs; [`per_ip`]: sockets from chosen loopback source addresses;
 //!   [`inbox`]: an inbox server restarted behind a shut gate; [`admin`]: admin-port calls.
+//! - [`tls`]: a self-signed certificate for the TLS port.
 //!
 //! Every wait is bounded: helpers take a timeout and panic with a message saying what
 //! did not happen, and [`Deadline`] aborts a test binary that hangs anyway.
@@ -42,6 +43,7 @@ pub mod raw_ws;
 pub mod server;
 pub mod subscriber;
 pub mod tcp_gate;
+pub mod tls;
 
 pub use browser::Browser;
 pub use external::{ClientKind, ExternalFleet, FleetSummary};
@@ -89,6 +91,29 @@ pub fn child_output(
         }
     });
     (lines, stderr)
+}
+
+/// Runs an installed tool (`command`, from Debian's `package`); returns its exit success
+/// and everything it printed (stdout, then stderr). A missing tool fails the test.
+pub fn run_tool(command: &mut std::process::Command, package: &str) -> (bool, String) {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let out = command.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {program} ({e}): install Debian's {package} package \
+             (scripts/test.sh does)"
+        )
+    });
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), printed)
+}
+
+/// Writes `text` to `path` (a configuration file a test then reloads).
+pub fn write_file(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
 /// A loopback TCP port that was free a moment ago.

@@ -363,6 +363,21 @@ impl Server {
         );
     }
 
+    /// Sends SIGHUP and waits up to `timeout` until
+    /// `ringcast_config_reloads_total{result}` reaches `count`.
+    pub fn hup_and_wait(&self, result: &str, count: f64, timeout: Duration) {
+        self.signal(libc::SIGHUP);
+        super::wait_until(
+            timeout,
+            &format!("ringcast_config_reloads_total{{result=\"{result}\"}} == {count}"),
+            || {
+                let m = self.metrics();
+                (m.sum_where("ringcast_config_reloads_total", &[("result", result)]) == count)
+                    .then_some(())
+            },
+        );
+    }
+
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let start = Instant::now();
