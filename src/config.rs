@@ -582,13 +582,26 @@ pub fn load(cli: ConfigLayer) -> Result<Settings, ConfigError> {
                 path: path.clone(),
                 source,
             })?;
-            toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            parse_layer(&text).map_err(|message| ConfigError::Parse {
                 path: path.clone(),
-                message: e.to_string(),
+                message,
             })?
         }
     };
     resolve(cli, file)
+}
+
+/// Parses a config file's text. A wrongly typed or out-of-range value is named by its
+/// full key (`namespaces.news.history_size`), not only by the line toml quotes.
+pub(crate) fn parse_layer(text: &str) -> Result<ConfigLayer, String> {
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        let key = e.path().to_string();
+        if key.is_empty() || key == "." {
+            e.inner().to_string()
+        } else {
+            format!("`{key}`: {}", e.inner())
+        }
+    })
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -1424,10 +1437,11 @@ history_size = 0
             0,
             "inherited TTL is fine"
         );
-        let err = toml::from_str::<ConfigLayer>("[namespaces.news]\nhistory_size = -1\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("history_size"), "{err}");
+        let err = parse_layer("[namespaces.news]\nhistory_size = -1\n").unwrap_err();
+        assert!(err.starts_with("`namespaces.news.history_size`: "), "{err}");
+        let err = parse_layer("max_connections_per_ip = -5\n").unwrap_err();
+        assert!(err.starts_with("`max_connections_per_ip`: "), "{err}");
+        assert!(err.contains("line 1"), "the line is still quoted: {err}");
         let err = toml::from_str::<ConfigLayer>("[namespaces.news]\nhistroy_size = 1\n")
             .unwrap_err()
             .to_string();

@@ -241,7 +241,7 @@ mod tests {
 
     /// What `config check` does, on text.
     fn check_text(text: &str) -> Result<(), String> {
-        let layer: ConfigLayer = toml::from_str(text).map_err(|e| e.to_string())?;
+        let layer = crate::config::parse_layer(text)?;
         resolve(ConfigLayer::default(), layer)
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -275,9 +275,8 @@ mod tests {
                 text.push_str(&format!("{key} = {value}\n"));
                 used.push(key);
             }
-            match toml::from_str::<ConfigLayer>(&text) {
-                Err(e) => {
-                    let message = e.to_string();
+            match crate::config::parse_layer(&text) {
+                Err(message) => {
                     // A TOML syntax error names the line instead of a key.
                     prop_assert!(
                         used.iter().any(|k| message.contains(k.as_str())) || message.contains("line"),

@@ -213,7 +213,7 @@ pub fn read_file(path: &Path) -> Result<(toml::Table, ConfigLayer), ConfigError>
         path: path.to_path_buf(),
         message,
     };
-    let layer: ConfigLayer = toml::from_str(&text).map_err(|e| parse(e.to_string()))?;
+    let layer = crate::config::parse_layer(&text).map_err(parse)?;
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| parse(e.to_string()))?;
