@@ -259,7 +259,7 @@ if [ "$NATS" -eq 1 ]; then
 	NATS_PID=$!
 	ok=0
 	for _ in $(seq 1 200); do
-		if curl -fsS -o /dev/null --max-time 1 "http://$HOST_IP:$NATS_MON/healthz?js-enabled-only=true"; then
+		if curl -fs -o /dev/null --max-time 1 "http://$HOST_IP:$NATS_MON/healthz?js-enabled-only=true"; then
 			ok=1
 			break
 		fi

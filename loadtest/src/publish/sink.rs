@@ -91,7 +91,7 @@ impl Sink {
             }
             PublishTarget::Http { addr, host, path } => {
                 let what = format!("http://{host}{path}");
-                let stream = Some(dial(*addr, &what)?);
+                let stream = Some(dial_http(*addr, &what)?);
                 let heads = channels
                     .iter()
                     .map(|c| format!("POST {path}?channel={c} HTTP/1.1\r\nHost: {host}\r\n"))
@@ -187,6 +187,27 @@ fn dial(addr: std::net::SocketAddr, what: &str) -> Result<TcpStream, PublishErro
     Ok(stream)
 }
 
+/// How long an HTTP publish may wait for its answer. A clustered node answers only after
+/// JetStream stored the message, and on a starved box (67 nodes on one CPU) that took
+/// more than 10 s.
+const HTTP_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether a failed `POST` may be sent again: only when the server closed a kept-alive
+/// connection (EOF, reset), never after a timeout — the server may be storing the message
+/// right now, and a second `POST` would publish it twice.
+fn may_resend(err: &std::io::Error) -> bool {
+    !matches!(
+        err.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+fn dial_http(addr: std::net::SocketAddr, what: &str) -> Result<TcpStream, PublishError> {
+    let stream = dial(addr, what)?;
+    let _ = stream.set_read_timeout(Some(HTTP_ANSWER_TIMEOUT));
+    Ok(stream)
+}
+
 /// One keep-alive `POST`; reconnects once if the server closed the previous connection.
 fn http_post(
     stream: &mut Option<TcpStream>,
@@ -199,7 +220,7 @@ fn http_post(
     request.extend_from_slice(body);
     for attempt in 0..2 {
         if stream.is_none() {
-            *stream = Some(dial(target.addr(), what).map_err(|e| e.to_string())?);
+            *stream = Some(dial_http(target.addr(), what).map_err(|e| e.to_string())?);
         }
         let Some(conn) = stream.as_mut() else {
             continue;
@@ -218,11 +239,13 @@ fn http_post(
                     Err(format!("HTTP {status}"))
                 };
             }
-            Err(err) if attempt == 0 => {
-                let _ = err;
+            Err(err) if attempt == 0 && may_resend(&err) => {
                 *stream = None;
             }
-            Err(err) => return Err(err.to_string()),
+            Err(err) => {
+                *stream = None;
+                return Err(err.to_string());
+            }
         }
     }
     Err("no connection".into())
@@ -288,4 +311,59 @@ fn ws_publisher(ws: &WsTarget) -> Result<TcpStream, PublishError> {
         std::thread::spawn(move || while matches!(reader.read(&mut chunk), Ok(n) if n > 0) {});
     }
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    /// A `POST` whose answer does not come in time is not sent again (it may be stored).
+    #[test]
+    fn a_post_that_times_out_is_not_sent_twice() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding a listener");
+        let addr = listener.local_addr().expect("listener address");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let seen = requests.clone();
+        let server = std::thread::spawn(move || {
+            // Accept for 2 s, count requests, never answer.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut open = Vec::new();
+            while Instant::now() < deadline {
+                if let Ok((mut conn, _)) = listener.accept() {
+                    conn.set_read_timeout(Some(Duration::from_millis(500)))
+                        .expect("read timeout");
+                    let mut buf = [0u8; 4096];
+                    if conn.read(&mut buf).is_ok_and(|n| n > 0) {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                    }
+                    open.push(conn);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let conn = TcpStream::connect(addr).expect("connecting");
+        conn.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("client read timeout");
+        let mut stream = Some(conn);
+        let target = PublishTarget::Http {
+            addr,
+            host: addr.to_string(),
+            path: "/publish".into(),
+        };
+        let head = format!("POST /publish?channel=c HTTP/1.1\r\nHost: {addr}\r\n");
+        let result = http_post(&mut stream, &target, &head, "test", b"x");
+        assert!(result.is_err(), "no answer must be an error: {result:?}");
+        server.join().expect("server thread");
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            1,
+            "the POST was sent again"
+        );
+    }
 }
