@@ -89,7 +89,7 @@ fn deliver(
         publish.drain,
     )?;
     run.probe.mark("drained");
-    let finals = fleet.finish(sent.sent, Duration::from_secs(30))?;
+    let finals = fleet.finish(sent.sent, finish_wait(subscribers))?;
     let mut results = run.results(&fleet, &finals);
     let (healthy, _) = merge_groups(&finals);
     let delivery = DeliveryResults::of(&healthy, sent.sent, delivery_window(&finals, start_ns));
@@ -116,4 +116,10 @@ fn deliver(
     ));
     results.delivery = Some(delivery);
     run.emit(results)
+}
+
+/// How long the workers get to report back after the drain: 30 s, plus 1 s per 5,000
+/// connections they hold (a 1M run over 67 workers on a starved CPU took more than 30 s).
+fn finish_wait(connections: u64) -> Duration {
+    Duration::from_secs(30 + connections / 5_000)
 }
