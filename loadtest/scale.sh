@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# loadtest/scale.sh N [options] — hold N WebSocket connections on this one machine over many
-# ringcast nodes, each in its own network namespace, and time one broadcast to all of them.
+# loadtest/scale.sh N [--nats] [options] — hold N WebSocket connections on this one machine
+# over many ringcast nodes, each in its own network namespace, and time one broadcast to all
+# of them (with --nats: published once, carried to every node by NATS).
 #
 # A process may hold at most RLIMIT_NOFILE descriptors (20,000 on the build machine), so
 # N connections need about N/15,000 ringcast nodes and as many harness workers. Each node
@@ -31,7 +32,7 @@
 # PATH), listening on the bridge's host address <subnet>.0.1:4222 (every namespace reaches
 # it over its veth), monitoring on :8222, its store in a temp dir. It is killed and its
 # store removed with everything else. Its CPU and RSS are sampled apart from the nodes'
-# (nats-samples.txt), /varz is saved before the publish and at the end, and each node's
+# (nats-samples.txt), /varz is saved before the ramp and at the end, and each node's
 # ringcast_cluster_* counters are checked: node 1 stored the message (published 1), every
 # other node received it once (received 1), no node skipped an offset (gap_offsets 0).
 #
@@ -76,7 +77,7 @@ die() {
 }
 log() { printf '[scale %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
-[ $# -ge 1 ] || die "usage: loadtest/scale.sh N [--nodes K] [--rate R] [--hold S] ... (see the header)"
+[ $# -ge 1 ] || die "usage: loadtest/scale.sh N [--nodes K] [--rate R] [--hold S] [--nats] ... (see the header)"
 N="$1"
 shift
 [[ "$N" =~ ^[0-9]+$ ]] && [ "$N" -gt 0 ] || die "N must be a positive number, got '$N'"
