@@ -55,9 +55,7 @@ fn logged<'a>(log: &'a str, marker: &str) -> &'a str {
         .unwrap_or_else(|| panic!("scale.sh did not log {marker:?}:\n{log}"))
         + marker.len();
     let rest = &log[start..];
-    let end = rest
-        .find(|c: char| c == ' ' || c == ')' || c == '\n')
-        .unwrap_or(rest.len());
+    let end = rest.find([' ', ')', '\n']).unwrap_or(rest.len());
     &rest[..end]
 }
 
