@@ -221,8 +221,7 @@ pub fn event(channel: &str, member: &Member, join: bool) {
         join,
         member: wire_member(member),
     };
-    if b
-        .tx
+    if b.tx
         .try_send(Job::Event {
             channel: Arc::from(channel),
             event,
@@ -245,8 +244,7 @@ pub fn interest(channel: &str, on: bool) {
     }
     // Unbounded in effect: interest changes are few, and a lost "off" would leak a
     // subscription. The bounded queue refusing one is logged.
-    if b
-        .tx
+    if b.tx
         .try_send(Job::Interest {
             channel: Arc::from(channel),
             on,
@@ -276,11 +274,9 @@ fn local_answer(node: &str, channel: &str, max: usize) -> Answer {
         node: node.to_string(),
         count: snap.count as u64,
         connections: snap.connections,
-        members: snap.members.map(|list| {
-            list.iter()
-                .map(|(m, n)| (wire_member(m), *n))
-                .collect()
-        }),
+        members: snap
+            .members
+            .map(|list| list.iter().map(|(m, n)| (wire_member(m), *n)).collect()),
     }
 }
 
@@ -424,7 +420,9 @@ async fn gather(
                 partial = true;
             }
             let deadline = tokio::time::Instant::now() + b.window;
-            while !partial {
+            // Not sent (partial): no answer will come.
+            let mut gathering = !partial;
+            while gathering {
                 match tokio::time::timeout_at(deadline, sub.next()).await {
                     Ok(Some(m)) => {
                         if let Some(answer) = Answer::decode(&m.payload) {
@@ -432,7 +430,7 @@ async fn gather(
                             merge.add(answer);
                         }
                     }
-                    Ok(None) | Err(_) => break,
+                    Ok(None) | Err(_) => gathering = false,
                 }
             }
             let _ = sub.unsubscribe().await;

@@ -154,11 +154,10 @@ impl Answer {
             node: self.node.clone(),
             count: self.count,
             connections: self.connections,
-            members: self.members.as_ref().map(|list| {
-                list.iter()
-                    .map(|(m, n)| Listed::of(m, Some(*n)))
-                    .collect()
-            }),
+            members: self
+                .members
+                .as_ref()
+                .map(|list| list.iter().map(|(m, n)| Listed::of(m, Some(*n))).collect()),
         };
         serde_json::to_vec(&body).unwrap_or_default()
     }
@@ -433,6 +432,9 @@ mod tests {
             members: Some(vec![(WireMember::User("a".into()), 1)]),
         });
         let merged = merge.finish(100);
-        assert_eq!((merged.count, merged.connections, merged.members), (51, 61, None));
+        assert_eq!(
+            (merged.count, merged.connections, merged.members),
+            (51, 61, None)
+        );
     }
 }
