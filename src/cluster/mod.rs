@@ -11,7 +11,11 @@
 //!
 //! - [`subject`]: channel names as subject tokens, header names (sans-io).
 //! - [`thread`]: the NATS thread.
+//! - [`presence_wire`], [`presence`]: presence queries and join/leave events across
+//!   nodes (sans-io payloads; the NATS-thread side).
 
+pub mod presence;
+pub mod presence_wire;
 pub mod subject;
 pub mod thread;
 
@@ -47,6 +51,8 @@ pub struct ClusterTable {
     pub subject_prefix: Option<String>,
     /// Seconds a channel's live subscription is kept after its last local subscriber left.
     pub interest_linger: Option<u64>,
+    /// Milliseconds a presence query waits for the other nodes' answers.
+    pub presence_window_ms: Option<u64>,
 }
 
 /// How a node joins the cluster (validated).
@@ -72,6 +78,8 @@ pub struct ClusterSettings {
     pub interest_linger: Duration,
     /// `max_msgs_per_subject` of the stream: the largest history size of any namespace.
     pub history_size: usize,
+    /// How long a presence query gathers the other nodes' answers.
+    pub presence_window: Duration,
 }
 
 impl std::fmt::Debug for ClusterSettings {
@@ -87,6 +95,7 @@ impl std::fmt::Debug for ClusterSettings {
             .field("subject_prefix", &self.subject_prefix)
             .field("interest_linger", &self.interest_linger)
             .field("history_size", &self.history_size)
+            .field("presence_window", &self.presence_window)
             .finish()
     }
 }
@@ -185,6 +194,13 @@ impl ClusterTable {
                 format!("must be between 0 and 3600, got {linger}"),
             ));
         }
+        let window = self.presence_window_ms.unwrap_or(100);
+        if !(1..=5000).contains(&window) {
+            return Err((
+                "cluster.presence_window_ms",
+                format!("must be between 1 and 5000, got {window}"),
+            ));
+        }
         Ok(Some(ClusterSettings {
             nats_url: url,
             creds_file: self.nats_creds_file.clone(),
@@ -196,6 +212,7 @@ impl ClusterTable {
             subject_prefix,
             interest_linger: Duration::from_secs(linger),
             history_size: history_size.max(1),
+            presence_window: Duration::from_millis(window),
         }))
     }
 }
@@ -247,6 +264,7 @@ pub fn install(cluster: Cluster) {
 pub fn interest(channel: &str, on: bool) {
     if let Some(cluster) = get() {
         cluster.interest(channel, on);
+        presence::interest(channel, on);
     }
 }
 
@@ -334,6 +352,7 @@ pub fn render_metrics(out: &mut String) {
             v.load(Relaxed)
         );
     }
+    presence::render_metrics(out);
 }
 
 #[cfg(test)]

@@ -282,6 +282,12 @@ async fn run(
         epoch_next: Cell::new(0),
         down_since: Cell::new(Instant::now()),
     });
+    // Presence across nodes (src/cluster/presence.rs): its own task and queue.
+    tokio::task::spawn_local(crate::cluster::presence::serve(
+        node.client.clone(),
+        node.publisher.clone(),
+        node.wakes.clone(),
+    ));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut was_up = false;
     loop {

@@ -8,10 +8,20 @@
 use crate::auth::session::User;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+/// With the cluster on, this node's tag: anonymous connection ids start with it, so they
+/// are unique over every node (docs/cluster.md, *Presence*).
+static NODE_TAG: OnceLock<String> = OnceLock::new();
+
+/// Sets the node tag (once, at start, cluster on only).
+pub fn set_node_tag(tag: &str) {
+    let _ = NODE_TAG.set(tag.to_string());
+}
 
 /// A connection's process-wide name while it is open: shard, table slot and the slot's
-/// generation (so a reused slot is a different connection). Written `shard-key-generation`.
+/// generation (so a reused slot is a different connection). Written `shard-key-generation`,
+/// or `node-shard-key-generation` with the cluster on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnId {
     /// The shard that owns it.
@@ -24,6 +34,9 @@ pub struct ConnId {
 
 impl fmt::Display for ConnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(node) = NODE_TAG.get() {
+            write!(f, "{node}-")?;
+        }
         write!(f, "{}-{}-{}", self.shard, self.key, self.generation)
     }
 }

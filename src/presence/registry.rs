@@ -215,6 +215,24 @@ impl Presence {
         self.idle.wake_idle();
     }
 
+    /// Puts a join/leave event decided on another node into the ring (from the NATS
+    /// thread, which wakes the idle shards itself: [`IdleFlags::wake_idle`] only works on
+    /// a shard executor). `member_json` is the member as [`Member::write_json`] writes it.
+    pub fn inject_event(&self, kind: &str, channel: &str, member_json: &str) {
+        let seq = self.ring.claim();
+        let frame = encode_presence_event(kind, channel, member_json);
+        self.ring.install(
+            seq,
+            RingMessage {
+                channel: Arc::from(channel),
+                frame,
+                published_at: Instant::now(),
+                offset: 0,
+                kind: RingKind::Event,
+            },
+        );
+    }
+
     /// `channel`'s members, listed when there are at most `max_members` of them.
     pub fn snapshot(&self, channel: &str, max_members: usize) -> Snapshot {
         let map = spin_lock(self.stripe(channel));

@@ -153,7 +153,7 @@ impl Shard {
                 offset,
             } => self.inbox_ack(key, generation, id, &channel, offset, session.as_deref()),
             Command::Presence { id, channel } => {
-                self.presence_query(id.as_deref(), &channel, session.as_deref())
+                self.presence_query_from(conn, id.as_deref(), &channel, session.as_deref())
             }
             Command::Refresh { id, token } => self.refresh(id.as_deref(), &token, session),
         }

@@ -205,6 +205,7 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
     };
     let mut inbox_queues = inbox_queues.into_iter();
     if let Some(cluster) = &settings.cluster {
+        crate::cluster::presence::init(n, &cluster.subject_prefix, cluster.presence_window);
         let handle = crate::cluster::Cluster::start(cluster.clone(), publisher.clone(), n)
             .map_err(|e| StartError::Shard {
                 shard: 0,
@@ -232,6 +233,9 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
         Presence::new(publisher.ring().clone(), publisher.idle_flags().clone())
             .with_stats(metrics::get().presence.clone()),
     );
+    if settings.cluster.is_some() {
+        crate::cluster::presence::install_registry(presence.clone(), settings.namespaces.clone());
+    }
 
     let mut ws = tcp_listeners(
         "WebSocket listener",
@@ -616,6 +620,16 @@ async fn shard_main(setup: ShardSetup) {
         glommio::spawn_local(async move {
             while rx.recv_async().await.is_ok() {
                 notify.notify();
+            }
+        })
+        .detach();
+    }
+    if let Some(answers) = crate::cluster::presence::shard_answers(id) {
+        // Cluster presence answers, merged on the NATS thread (src/shard/presence.rs).
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Ok(answer) = answers.recv_async().await {
+                shard.on_presence_answer(answer);
             }
         })
         .detach();

@@ -9,10 +9,32 @@
 use crate::auth::namespace::namespace_of;
 use crate::auth::permission::Access;
 use crate::auth::session::Session;
-use crate::presence::{ConnId, Member};
+use crate::cluster::presence::{QueryTag, ShardAnswer};
+use crate::cluster::presence_wire::Merged;
+use crate::presence::{Change, ConnId, Member};
 use crate::proto::command::Reply;
+use crate::proto::frame::{encode_frame, opcode};
 use crate::shard::state::Shard;
 use crate::shard::table::Conn;
+
+/// Renders a presence reply; `partial` adds `"partial":true` (cluster on, only this
+/// node's members: docs/protocol.md, *Presence*).
+fn presence_reply(id: Option<&str>, channel: &str, merged: &Merged, partial: bool) -> String {
+    let members = merged.members_json();
+    let mut reply = Reply::Presence {
+        id,
+        channel,
+        count: usize::try_from(merged.count).unwrap_or(usize::MAX),
+        connections: merged.connections,
+        members: members.as_deref(),
+    }
+    .to_json();
+    if partial && reply.ends_with('}') {
+        reply.pop();
+        reply.push_str(",\"partial\":true}");
+    }
+    reply
+}
 
 /// The presence member a connection counts as: its user, or itself when anonymous.
 pub(super) fn member_of(id: ConnId, session: Option<&Session>) -> Member {
@@ -37,8 +59,12 @@ impl Shard {
     pub(super) fn presence_in(&self, id: ConnId, session: Option<&Session>, channel: &str) {
         let rules = self.settings.namespaces.rules_for(channel);
         if rules.presence && !self.quiet_presence.get() {
-            self.presence
-                .join(channel, &member_of(id, session), rules.join_leave);
+            let member = member_of(id, session);
+            let change = self.presence.join(channel, &member, rules.join_leave);
+            if rules.join_leave && change == Change::Joined {
+                // The other nodes' subscribers (nothing when the cluster is off).
+                crate::cluster::presence::event(channel, &member, true);
+            }
         }
     }
 
@@ -46,8 +72,11 @@ impl Shard {
     pub(super) fn presence_out(&self, id: ConnId, session: Option<&Session>, channel: &str) {
         let rules = self.settings.namespaces.rules_for(channel);
         if rules.presence {
-            self.presence
-                .leave(channel, &member_of(id, session), rules.join_leave);
+            let member = member_of(id, session);
+            let change = self.presence.leave(channel, &member, rules.join_leave);
+            if rules.join_leave && change == Change::Left {
+                crate::cluster::presence::event(channel, &member, false);
+            }
         }
     }
 
@@ -70,15 +99,69 @@ impl Shard {
         index.remove_conn_each(key, |channel| self.presence_out(id, session, channel));
     }
 
-    /// `{"cmd":"presence"}`: the channel's members over every shard, or only their count
-    /// past `presence_max_members`. Needs the right to subscribe to the channel (403) and
-    /// presence on in its namespace (404).
-    pub(super) fn presence_query(
+    /// `{"cmd":"presence"}` from connection `conn`: with the cluster on, asks every node
+    /// and answers when the NATS thread has merged their answers (an empty reply now);
+    /// otherwise (or NATS down) at once from this node ([`Shard::presence_query`]).
+    pub(super) fn presence_query_from(
         &self,
+        conn: ConnId,
         id: Option<&str>,
         channel: &str,
         session: Option<&Session>,
     ) -> String {
+        if !crate::cluster::presence::enabled() {
+            return self.presence_query(id, channel, session);
+        }
+        if let Some(refusal) = self.presence_refusal(id, channel, session) {
+            return refusal;
+        }
+        let max = self.settings.presence_max_members;
+        let tag = QueryTag {
+            key: conn.key,
+            generation: conn.generation,
+            id: id.map(str::to_string),
+        };
+        match crate::cluster::presence::query(channel, self.id, tag, max) {
+            Ok(()) => String::new(),
+            Err(_) => {
+                let merged = crate::cluster::presence::local_only(channel, max);
+                presence_reply(id, channel, &merged, true)
+            }
+        }
+    }
+
+    /// The NATS thread's merged answer for one of this shard's connections: sent if the
+    /// connection is still the one that asked (a closed one's answer is dropped here).
+    pub fn on_presence_answer(&self, answer: ShardAnswer) {
+        let ShardAnswer {
+            tag,
+            channel,
+            merged,
+            partial,
+        } = answer;
+        let reply = presence_reply(tag.id.as_deref(), &channel, &merged, partial);
+        {
+            let mut conns = self.conns.borrow_mut();
+            let Some(conn) = conns.get_current(tag.key, tag.generation) else {
+                return;
+            };
+            if !conn.machine.is_open() {
+                return;
+            }
+            self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+            self.answer_poll_if_due(tag.key, conn);
+            self.flush_or_close(tag.key, conn);
+        }
+        self.settle();
+    }
+
+    /// The 403 or 404 refusal of a presence query, if any.
+    fn presence_refusal(
+        &self,
+        id: Option<&str>,
+        channel: &str,
+        session: Option<&Session>,
+    ) -> Option<String> {
         let refuse = |code, error: &str| {
             Reply::Refused {
                 kind: "presence",
@@ -90,7 +173,7 @@ impl Shard {
             .to_json()
         };
         if let Err(reason) = self.permit(session, channel, Access::Subscribe) {
-            return refuse(403, &reason);
+            return Some(refuse(403, &reason));
         }
         if !self.settings.namespaces.rules_for(channel).presence {
             let scope = match namespace_of(channel) {
@@ -98,7 +181,22 @@ impl Shard {
                 None => "channels without a namespace: set presence = true in [channel_defaults]"
                     .to_string(),
             };
-            return refuse(404, &format!("presence is not kept for {scope}"));
+            return Some(refuse(404, &format!("presence is not kept for {scope}")));
+        }
+        None
+    }
+
+    /// `{"cmd":"presence"}` answered from this node: the channel's members over every
+    /// shard, or only their count past `presence_max_members`. Needs the right to
+    /// subscribe to the channel (403) and presence on in its namespace (404).
+    pub(super) fn presence_query(
+        &self,
+        id: Option<&str>,
+        channel: &str,
+        session: Option<&Session>,
+    ) -> String {
+        if let Some(refusal) = self.presence_refusal(id, channel, session) {
+            return refusal;
         }
         let snapshot = self
             .presence
