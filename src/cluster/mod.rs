@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-pub use thread::{Cluster, ClusterReply};
+pub use thread::{Cluster, ClusterReply, JoinAnswer, JoinTag};
 
 /// The `[cluster]` table as written in the file (TOML only).
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -225,6 +225,8 @@ pub struct ClusterStats {
     pub subscriptions: AtomicU64,
     /// Reconnections to NATS.
     pub reconnects: AtomicU64,
+    /// Joins: subscribes waiting until the node follows their channel.
+    pub join: thread::JoinStats,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -334,6 +336,7 @@ pub fn render_metrics(out: &mut String) {
             v.load(Relaxed)
         );
     }
+    s.join.render(out);
 }
 
 #[cfg(test)]
