@@ -727,7 +727,10 @@ mod tests {
         // ... at most `keep` messages.
         assert_eq!(first_to_read(10, 7, Some(0), 3, []), 8);
         // Ahead or level: nothing.
-        assert_eq!(first_to_read(10, 7, Some(12), 100, [(since(1, 7), 100)]), 11);
+        assert_eq!(
+            first_to_read(10, 7, Some(12), 100, [(since(1, 7), 100)]),
+            11
+        );
         // No base: the earliest since in the epoch, within its bound.
         let wants = [(since(6, 7), 100), (since(2, 7), 100), (since(0, 9), 100)];
         assert_eq!(first_to_read(10, 7, None, 100, wants), 3);

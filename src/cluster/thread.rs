@@ -31,8 +31,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[path = "join.rs"]
 mod join;
-use join::{JoinRequest, JoinShared, Joins};
 pub use join::{first_to_read, JoinAnswer, JoinStats, JoinTag, SeqSearch};
+use join::{JoinRequest, JoinShared, Joins};
 
 /// Attempts of one publish when other nodes keep taking the offset (error 10071).
 const MAX_TRIES: usize = 16;
@@ -810,8 +810,7 @@ impl Node {
         let now = Instant::now();
         let workers = self.workers.borrow();
         self.chans.borrow_mut().retain(|name, c| {
-            if c.interest == 0 && c.linger_until.is_some_and(|t| t <= now) && !self.joining(name)
-            {
+            if c.interest == 0 && c.linger_until.is_some_and(|t| t <= now) && !self.joining(name) {
                 c.linger_until = None;
                 if let Some(sub) = c.sub.take() {
                     sub.abort();

@@ -27,9 +27,9 @@ use crate::proto::conn::{Answer, CloseDecision, Connection, Eof, Phase};
 use crate::proto::frame::{encode_frame, opcode};
 use crate::proto::position::Position;
 use crate::proto::sse::HttpStream;
+use crate::shard::join::Joining;
 use crate::shard::readiness::Ready;
 use crate::shard::send::Flush;
-use crate::shard::join::Joining;
 use crate::shard::state::Shard;
 use crate::shard::table::{token, untoken, Conn};
 use crate::tls::TlsSession;
@@ -111,10 +111,11 @@ pub(crate) fn adopt(
                     }
                 }
             }
-            Ok(()) if matches!(
-                shard.cluster_join(shard.conn_id(key, generation), ch, None, at, at.is_some()),
-                Joining::Waiting
-            ) =>
+            Ok(())
+                if matches!(
+                    shard.cluster_join(shard.conn_id(key, generation), ch, None, at, at.is_some()),
+                    Joining::Waiting
+                ) =>
             {
                 // Cluster: subscribed once this node follows the channel (shard::join).
             }

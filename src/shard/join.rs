@@ -75,10 +75,7 @@ impl Shard {
             pending.insert(k.clone(), conn.generation);
         }
         let rules = self.settings.namespaces.rules_for(channel);
-        let bound = self
-            .settings
-            .max_recovery_messages
-            .min(rules.history_size);
+        let bound = self.settings.max_recovery_messages.min(rules.history_size);
         let tag = JoinTag {
             key: conn.key,
             generation: conn.generation,
