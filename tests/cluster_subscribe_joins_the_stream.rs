@@ -108,7 +108,10 @@ fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
         cluster_metrics(&[&a, &b])
     );
     assert_eq!(reply["epoch"].as_str(), Some(epoch.as_str()), "{reply}");
-    assert_eq!(reply["offset"], 25, "{reply}");
+    // Replayed up to the reply's offset; the rest (if the shard had not read them from
+    // the ring yet) follow live: either way 11..=25, once each, in order.
+    let position = reply["offset"].as_u64().expect("offset");
+    assert!((at..=25).contains(&position), "{reply}");
     let replayed = moved.collect(15, Duration::from_secs(10));
     assert_eq!(
         replayed.iter().map(|d| d.offset).collect::<Vec<_>>(),
