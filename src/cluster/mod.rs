@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-pub use thread::{Cluster, ClusterReply};
+pub use thread::{Cluster, ClusterReply, JoinAnswer, JoinTag};
 
 /// The `[cluster]` table as written in the file (TOML only).
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -242,6 +242,8 @@ pub struct ClusterStats {
     pub subscriptions: AtomicU64,
     /// Reconnections to NATS.
     pub reconnects: AtomicU64,
+    /// Joins: subscribes waiting until the node follows their channel.
+    pub join: thread::JoinStats,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -352,6 +354,7 @@ pub fn render_metrics(out: &mut String) {
             v.load(Relaxed)
         );
     }
+    s.join.render(out);
     presence::render_metrics(out);
 }
 

@@ -29,6 +29,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "join.rs"]
+mod join;
+pub use join::{first_to_read, JoinAnswer, JoinStats, JoinTag, SeqSearch};
+use join::{JoinRequest, JoinShared, Joins};
+
 /// Attempts of one publish when other nodes keep taking the offset (error 10071).
 const MAX_TRIES: usize = 16;
 /// How long a hole before buffered messages may take to fill from the stream before the
@@ -63,6 +68,8 @@ enum Request {
         channel: Arc<str>,
         on: bool,
     },
+    /// A subscribe waits until this node follows the channel (join.rs).
+    Join(JoinRequest),
 }
 
 /// The handle shards and ingest use to reach the NATS thread.
@@ -72,6 +79,8 @@ pub struct Cluster {
     interest_tx: flume::Sender<Request>,
     stats: Arc<ClusterStats>,
     wakes: Vec<flume::Receiver<()>>,
+    join: Arc<JoinShared>,
+    join_answers: Vec<flume::Receiver<JoinAnswer>>,
 }
 
 impl Cluster {
@@ -91,6 +100,8 @@ impl Cluster {
         let (interest_tx, interest_rx) = flume::unbounded();
         let (wake_txs, wakes): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::bounded(1)).unzip();
         let thread_stats = stats.clone();
+        let (join, join_answers) = JoinShared::new(shards);
+        let thread_join = join.clone();
         std::thread::Builder::new()
             .name("ringcast-nats".into())
             .spawn(move || {
@@ -107,7 +118,15 @@ impl Cluster {
                 let local = tokio::task::LocalSet::new();
                 local.block_on(
                     &runtime,
-                    run(settings, publisher, thread_stats, wake_txs, rx, interest_rx),
+                    run(
+                        settings,
+                        publisher,
+                        thread_stats,
+                        wake_txs,
+                        rx,
+                        interest_rx,
+                        thread_join,
+                    ),
                 );
             })?;
         Ok(Cluster {
@@ -115,6 +134,8 @@ impl Cluster {
             interest_tx,
             stats,
             wakes,
+            join,
+            join_answers,
         })
     }
 
@@ -202,6 +223,8 @@ struct Node {
     epoch_next: Cell<u64>,
     /// When the connection was last lost (or the thread started, before the first one).
     down_since: Cell<Instant>,
+    /// Subscribes waiting for channels to be followed (join.rs).
+    joins: Joins,
 }
 
 fn now_nanos() -> u64 {
@@ -240,6 +263,7 @@ async fn run(
     wakes: Vec<flume::Sender<()>>,
     requests: flume::Receiver<Request>,
     interest: flume::Receiver<Request>,
+    join: Arc<JoinShared>,
 ) {
     let (event_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let options = match connect_options(&settings).await {
@@ -281,6 +305,7 @@ async fn run(
         epoch_base: now_nanos(),
         epoch_next: Cell::new(0),
         down_since: Cell::new(Instant::now()),
+        joins: Joins::new(join),
     });
     // Presence across nodes (src/cluster/presence.rs): its own task and queue.
     tokio::task::spawn_local(crate::cluster::presence::serve(
@@ -346,6 +371,7 @@ impl Node {
                 let _ = tx.send((payload, reply));
             }
             Request::Interest { channel, on } => self.on_interest(channel, on),
+            Request::Join(request) => self.on_join(request),
         }
     }
 
@@ -410,7 +436,8 @@ impl Node {
         let mut start = Vec::new();
         for (name, c) in chans.iter_mut() {
             c.stream_last = None;
-            if c.sub.is_some() || c.local {
+            // A joining channel reads the stream itself when its join goes on.
+            if (c.sub.is_some() || c.local) && !self.joining(name) {
                 c.catch_up = true;
                 if !c.filling {
                     c.filling = true;
@@ -598,6 +625,9 @@ impl Node {
         payload: Bytes,
         own: bool,
     ) {
+        if self.join_intercept(channel, offset, epoch, seq, &payload, own) {
+            return;
+        }
         let mut chans = self.chans.borrow_mut();
         let c = chans.entry(channel.clone()).or_default();
         if c.epoch != epoch {
@@ -776,47 +806,9 @@ impl Node {
         if c.sub.is_some() {
             return;
         }
-        self.stats.subscriptions.fetch_add(1, Relaxed);
-        let node = self.clone();
-        let name = channel.clone();
-        let task = tokio::task::spawn_local(async move {
-            let mut sub = loop {
-                match node.client.subscribe(node.live_subject(&name)).await {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cluster: subscribing");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            };
-            // Subscribed: what was published before is in the stream.
-            if node.up() {
-                if let Ok((last, epoch, seq)) = node.read_last(&name).await {
-                    let mut chans = node.chans.borrow_mut();
-                    if let Some(c) = chans.get_mut(&name) {
-                        if c.epoch == 0 && seq > 0 {
-                            c.epoch = epoch;
-                            c.applied = last;
-                            c.applied_seq = seq;
-                            node.publisher.adopt_position(&name, last, epoch);
-                        }
-                    }
-                }
-            }
-            use futures_lite::StreamExt;
-            while let Some(m) = sub.next().await {
-                let Some(h) = m.headers.as_ref() else {
-                    continue;
-                };
-                let offset = parse_u64(h.get(OFFSET_HEADER).map(|v| v.as_str()));
-                let epoch = parse_u64(h.get(EPOCH_HEADER).map(|v| v.as_str()));
-                let seq = parse_u64(h.get(SEQ_HEADER).map(|v| v.as_str())).unwrap_or(0);
-                if let (Some(offset), Some(epoch)) = (offset, epoch) {
-                    node.deliver(&name, offset, epoch, seq, m.payload, false);
-                }
-            }
-        });
-        c.sub = Some(task.abort_handle());
+        drop(chans);
+        // Subscribed, then joined (join.rs): the position is the stream's, nothing lost.
+        self.start_follow(channel);
     }
 
     /// Ends live subscriptions whose linger passed; forgets idle channel state.
@@ -824,11 +816,12 @@ impl Node {
         let now = Instant::now();
         let workers = self.workers.borrow();
         self.chans.borrow_mut().retain(|name, c| {
-            if c.interest == 0 && c.linger_until.is_some_and(|t| t <= now) {
+            if c.interest == 0 && c.linger_until.is_some_and(|t| t <= now) && !self.joining(name) {
                 c.linger_until = None;
                 if let Some(sub) = c.sub.take() {
                     sub.abort();
                     self.stats.subscriptions.fetch_sub(1, Relaxed);
+                    self.unfollowed(name);
                 }
             }
             c.sub.is_some()

@@ -16,6 +16,7 @@ use crate::ingest::line::validate_payload;
 use crate::metrics::Source;
 use crate::presence::ConnId;
 use crate::proto::command::{parse_command, Command, Reply, Since};
+use crate::shard::join::Joining;
 use crate::shard::state::Shard;
 use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
@@ -87,7 +88,8 @@ impl Shard {
                     .borrow()
                     .keys()
                     .filter(|(k, _)| *k == key)
-                    .count();
+                    .count()
+                    + self.cluster_waiting(key);
                 if index.count_of(key) + waiting >= limit && !index.is_subscribed(key, &channel) {
                     return refuse(
                         413,
@@ -112,7 +114,16 @@ impl Shard {
                         &format!("already subscribed to {channel}: unsubscribe first to recover"),
                     );
                 }
+                let subscribed = index.is_subscribed(key, &channel);
                 drop(index);
+                if !subscribed {
+                    // Cluster: answered once this node follows the channel (shard::join).
+                    match self.cluster_join(conn, &channel, id.as_deref(), since, true) {
+                        Joining::Waiting => return String::new(),
+                        Joining::Refused(reply) => return reply,
+                        Joining::Local => {}
+                    }
+                }
                 self.subscribe_at(
                     conn,
                     session.as_deref(),
@@ -126,6 +137,8 @@ impl Shard {
                 if self.index.borrow_mut().unsubscribe(key, &channel) {
                     self.presence_out(conn, session.as_deref(), &channel);
                 }
+                // A subscribe still waiting for a join: its answer is dropped.
+                self.cluster_forget(key, &channel);
                 if self.inbox_for(&channel).is_some() {
                     // An inbox subscribe still waiting for the store: its answer is dropped.
                     self.inbox_pending

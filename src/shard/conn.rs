@@ -27,6 +27,7 @@ use crate::proto::conn::{Answer, CloseDecision, Connection, Eof, Phase};
 use crate::proto::frame::{encode_frame, opcode};
 use crate::proto::position::Position;
 use crate::proto::sse::HttpStream;
+use crate::shard::join::Joining;
 use crate::shard::readiness::Ready;
 use crate::shard::send::Flush;
 use crate::shard::state::Shard;
@@ -109,6 +110,14 @@ pub(crate) fn adopt(
                         shard.queue_control(key, conn, frame);
                     }
                 }
+            }
+            Ok(())
+                if matches!(
+                    shard.cluster_join(shard.conn_id(key, generation), ch, None, at, at.is_some()),
+                    Joining::Waiting
+                ) =>
+            {
+                // Cluster: subscribed once this node follows the channel (shard::join).
             }
             Ok(()) if at.is_some() => {
                 // Resumed from the URL's position: answered like `subscribe` with `since`.
@@ -213,7 +222,12 @@ pub(crate) fn adopt_stream(
                         .err()
                         .unwrap_or_default()
                 }
-                None => shard.subscribe_at(id, session, ch, None, at, &mut replay),
+                // Cluster: answered once this node follows the channel (shard::join).
+                None => match shard.cluster_join(id, ch, None, at, true) {
+                    Joining::Waiting => String::new(),
+                    Joining::Refused(reply) => reply,
+                    Joining::Local => shard.subscribe_at(id, session, ch, None, at, &mut replay),
+                },
             },
             Err(reason) => Reply::Refused {
                 kind: "subscribe",

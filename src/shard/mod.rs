@@ -14,6 +14,7 @@ pub mod control;
 pub mod follower;
 pub mod handshake;
 pub mod inbox;
+pub mod join;
 pub mod lifecycle;
 pub mod listener;
 pub mod presence;
@@ -630,6 +631,16 @@ async fn shard_main(setup: ShardSetup) {
         glommio::spawn_local(async move {
             while let Ok(answer) = answers.recv_async().await {
                 shard.on_presence_answer(answer);
+            }
+        })
+        .detach();
+    }
+    if let Some(answers) = crate::cluster::get().and_then(|c| c.join_answers(id)) {
+        // Joins answered by the NATS thread (see shard::join).
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Ok(answer) = answers.recv_async().await {
+                shard.on_join_answer(answer);
             }
         })
         .detach();

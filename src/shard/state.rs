@@ -100,6 +100,9 @@ pub struct Shard {
     /// connection generation. An unsubscribe meanwhile removes the entry, and the answer
     /// is then dropped.
     pub(super) inbox_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
+    /// Subscribes waiting for the NATS thread to follow their channel (see
+    /// [`crate::shard::join`]), keyed like `inbox_pending`.
+    pub(super) cluster_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
     /// Connections catching up from history (see [`Shard::catch_up`]).
     pub(super) lagging: RefCell<Vec<u32>>,
     /// Channels the command being run attached at an estimated position (see
@@ -189,6 +192,7 @@ impl Shard {
             ring_cursor: Cell::new(cursor),
             inbox,
             inbox_pending: RefCell::new(HashMap::new()),
+            cluster_pending: RefCell::new(HashMap::new()),
             lagging: RefCell::new(Vec::new()),
             inexact_attaches: RefCell::new(Vec::new()),
             poll_deadlines: RefCell::new(BinaryHeap::new()),
