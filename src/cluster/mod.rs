@@ -11,7 +11,9 @@
 //!
 //! - [`subject`]: channel names as subject tokens, header names (sans-io).
 //! - [`thread`]: the NATS thread.
+//! - [`inbox`]: `user:` inboxes in JetStream when the inbox is on (its own thread).
 
+pub mod inbox;
 pub mod subject;
 pub mod thread;
 
@@ -245,6 +247,9 @@ pub fn install(cluster: Cluster) {
 /// tells the NATS thread, which keeps the channel's live subscription while any shard has
 /// one (and `interest_linger` after). Never waits; nothing when the cluster is off.
 pub fn interest(channel: &str, on: bool) {
+    if inbox::interest(channel, on) {
+        return; // A user channel kept by the cluster inbox.
+    }
     if let Some(cluster) = get() {
         cluster.interest(channel, on);
     }
