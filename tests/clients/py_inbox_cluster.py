@@ -8,7 +8,8 @@
                                 check --first 7 --last 17
 
 `moves`: HTTP publishes (`ack=1`) on node 0 get offsets 1..5; the user subscribes on
-node 1 and gets 1..5 as unacked, then a 6th published on node 0 arrives live; another
+node 1 and gets 1..5 (as unacked, or live right after the reply when that node's ring
+follower had not passed them yet: the reply's offset says which), then a 6th published on node 0 arrives live; another
 user's ack is refused (403); the user acks 4 on node 1, reconnects to node 2 and gets
 only 5 and 6 with the same epoch; acks everything there, reconnects to node 0 and gets
 nothing, with the position kept; a message published on node 2 then continues at 7 and
@@ -98,7 +99,9 @@ async def moves(args, nodes):
         expect(status == 200 and body["offset"] == i, f"publish {i} on node 0: {status} {body}")
     # On node 1: the unacked ones, then live from node 0.
     ws, sub = await subscribe(ws1, args.secret, args.user, 1)
-    expect(sub["inbox"]["unacked"] == 5 and sub["offset"] == 5, f"node 1 subscribe: {sub}")
+    # Unacked from the store, or live when this node's ring follower had not passed
+    # them yet when the answer came (the reply's offset says where live starts).
+    expect(sub["inbox"]["unacked"] <= 5 and sub["offset"] == sub["inbox"]["unacked"], f"node 1 subscribe: {sub}")
     epoch = sub["epoch"]
     got = [m["offset"] for m in await messages(ws, 5)]
     expect(got == [1, 2, 3, 4, 5], f"node 1 unacked: {got}")
@@ -118,8 +121,8 @@ async def moves(args, nodes):
     await other.close()
     # On node 2: only what was not acked, same offsets and epoch.
     ws, sub = await subscribe(ws2, args.secret, args.user, 5)
-    expect(sub["inbox"]["unacked"] == 2 and sub["epoch"] == epoch, f"node 2 subscribe: {sub}")
-    expect(sub["offset"] == 6, f"node 2 position: {sub}")
+    expect(sub["inbox"]["unacked"] <= 2 and sub["epoch"] == epoch, f"node 2 subscribe: {sub}")
+    expect(sub["offset"] == 4 + sub["inbox"]["unacked"], f"node 2 position: {sub}")
     got = await messages(ws, 2)
     expect([m["offset"] for m in got] == [5, 6], f"node 2 unacked: {got}")
     expect([m["data"]["n"] for m in got] == [5, 6], f"node 2 payloads: {got}")
@@ -145,7 +148,7 @@ async def check(args, nodes):
     ws_addr = nodes[0][0]
     ws, sub = await subscribe(ws_addr, args.secret, args.user, 1)
     n = args.last - args.first + 1
-    expect(sub["inbox"]["unacked"] == n, f"unacked count: {sub}")
+    expect(sub["inbox"]["unacked"] <= n, f"unacked count: {sub}")
     if args.epoch:
         expect(sub["epoch"] == args.epoch, f"epoch: {sub}")
     got = [m["offset"] for m in await messages(ws, n)]
