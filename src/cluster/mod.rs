@@ -13,7 +13,9 @@
 //! - [`thread`]: the NATS thread.
 //! - [`presence_wire`], [`presence`]: presence queries and join/leave events across
 //!   nodes (sans-io payloads; the NATS-thread side).
+//! - [`inbox`]: `user:` inboxes in JetStream when the inbox is on (its own thread).
 
+pub mod inbox;
 pub mod presence;
 pub mod presence_wire;
 pub mod subject;
@@ -264,6 +266,9 @@ pub fn install(cluster: Cluster) {
 /// tells the NATS thread, which keeps the channel's live subscription while any shard has
 /// one (and `interest_linger` after). Never waits; nothing when the cluster is off.
 pub fn interest(channel: &str, on: bool) {
+    if inbox::interest(channel, on) {
+        return; // A user channel kept by the cluster inbox.
+    }
     if let Some(cluster) = get() {
         cluster.interest(channel, on);
         presence::interest(channel, on);

@@ -128,8 +128,10 @@ pub struct InboxAnswer {
     pub kind: AnswerKind,
 }
 
+/// One request to the inbox backend (the redb store thread, or the JetStream backend of
+/// [`crate::cluster::inbox`] when the cluster is on).
 #[derive(Debug)]
-enum Request {
+pub(crate) enum Request {
     Publish {
         channel: Arc<str>,
         payload: Bytes,
@@ -238,6 +240,20 @@ impl Inbox {
             .spawn(move || worker.run(rx))
             .map_err(|e| StoreError::from_io(&e).context("spawning the inbox store thread"))?;
         Ok((Inbox { tx, stats, path }, queues))
+    }
+
+    /// A handle on another backend that takes the same requests and answers on the same
+    /// queues (the cluster's JetStream inbox); `path` names it in logs.
+    pub(crate) fn from_parts(
+        tx: flume::Sender<Request>,
+        stats: Arc<InboxStats>,
+        path: PathBuf,
+    ) -> Inbox {
+        Inbox {
+            tx,
+            stats,
+            path: Arc::new(path),
+        }
     }
 
     /// The database file.

@@ -183,14 +183,27 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
             None
         }
         Some(config) => {
-            let (inbox, queues) = Inbox::start(
-                config.clone(),
-                publisher.clone(),
-                n,
-                metrics::get().inbox.clone(),
-            )
+            let (inbox, queues) = match &settings.cluster {
+                // With the cluster on, user inboxes live in JetStream (docs/cluster.md).
+                Some(cluster) => crate::cluster::inbox::start(
+                    cluster.clone(),
+                    config.clone(),
+                    publisher.clone(),
+                    n,
+                    metrics::get().inbox.clone(),
+                ),
+                None => Inbox::start(
+                    config.clone(),
+                    publisher.clone(),
+                    n,
+                    metrics::get().inbox.clone(),
+                ),
+            }
             .map_err(StartError::Inbox)?;
-            let path = std::path::absolute(&config.path).unwrap_or_else(|_| config.path.clone());
+            let path = match settings.cluster {
+                Some(_) => inbox.path().clone(),
+                None => std::path::absolute(&config.path).unwrap_or_else(|_| config.path.clone()),
+            };
             tracing::info!(
                 path = %path.display(),
                 retention_secs = config.retention.as_secs(),

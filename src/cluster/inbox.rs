@@ -1,0 +1,1125 @@
+//! The inbox across the cluster (docs/cluster.md, "Inbox"): with `[cluster]` and
+//! `inbox = true`, `user:<id>` channels are stored in JetStream instead of the node's
+//! redb file, so any node can take a user's publishes, subscribes and acks.
+//!
+//! It is a second backend behind the shard-facing [`Inbox`] handle: the same requests
+//! (publish / ack / read), the same answers on the same per-shard queues, so the shards
+//! do not know which backend runs. It runs on its own OS thread (`ringcast-inbox-js`)
+//! with its own `async-nats` client on a current-thread tokio runtime, beside the
+//! cluster's NATS thread (which it does not touch).
+//!
+//! Storage (two streams):
+//! - `<stream_name>_INBOX` over `<prefix>.inbox.<enc>`: the messages, with the
+//!   `Ringcast-Offset` and `Ringcast-Epoch` headers, written with
+//!   `Nats-Expected-Last-Subject-Sequence` (retried on 10071) exactly as channel
+//!   messages are, so offsets are one order for every node. `max_age` = `inbox_retention`.
+//! - `<stream_name>_INACK` over `<prefix>.inack.<enc>`, one message per subject, no age
+//!   limit: the user's ack record (`Ringcast-Acked`, plus the channel's last offset and
+//!   epoch when it was written). Acked messages are purged from the inbox stream (purge
+//!   with a subject filter and a sequence bound); when every message is acked (or
+//!   expired) the subject is empty and the next offset continues from the ack record.
+//!
+//! Per channel, requests run one at a time in arrival order (a worker task per channel),
+//! so one node's publishes, acks and reads of a user keep their order.
+//!
+//! Live delivery: after JetStream acknowledged a message, the storing node gives it to
+//! its own publisher and publishes it on core NATS `<prefix>.inlive.<enc>`. Nodes with
+//! local subscribers of the user's channel (the shards' interest, routed here by
+//! [`interest`]) subscribe to that subject and give messages to their publisher in offset
+//! order, once; a hole is read back from the stream (acked, purged messages are skipped:
+//! they are acked). A read (a subscribe) gives the local publisher every unacked message
+//! it has not seen before answering, so the shard's attach (src/shard/inbox.rs) finds
+//! every offset up to the answer's last one already in the ring, as with the redb store.
+
+use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
+use crate::cluster::ClusterSettings;
+use crate::fanout::publisher::Publisher;
+use crate::inbox::thread::{
+    AnswerKind, Backlog, InboxConfig, InboxReply, Request, ShardQueues, MAX_DELIVERY,
+};
+use crate::inbox::{is_user_channel, ErrorKind, Inbox, InboxAnswer, InboxStats, StoreError};
+use crate::proto::message::{encode_message, EncodedData};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::stream::{
+    Config as StreamConfig, DirectGetErrorKind, DiscardPolicy, Stream as JsStream,
+};
+use async_nats::{Client, Event, HeaderMap};
+use bytes::Bytes;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Header of an ack record: the user acked every offset up to this one.
+pub const ACKED_HEADER: &str = "Ringcast-Acked";
+
+/// Attempts of one write when another node wrote the subject first (error 10071).
+const MAX_TRIES: usize = 16;
+/// JetStream request timeout.
+const JS_TIMEOUT: Duration = Duration::from_secs(2);
+/// A channel's worker ends after this long without a request.
+const WORKER_IDLE: Duration = Duration::from_secs(30);
+
+/// What the shards' interest in user channels is sent to (set when this backend runs).
+static INTEREST: OnceLock<flume::Sender<(Arc<str>, bool)>> = OnceLock::new();
+
+/// Routes a shard's interest in a `user:` channel to this backend; false when the
+/// channel is not one it keeps (or the backend is not running).
+pub fn interest(channel: &str, on: bool) -> bool {
+    match INTEREST.get() {
+        Some(tx) if is_user_channel(channel) => {
+            let _ = tx.send((Arc::from(channel), on));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// An ack record as stored: acked up to `acked`; the channel's last offset and epoch
+/// when it was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckRecord {
+    /// Every offset up to this one is acked.
+    pub acked: u64,
+    /// The channel's last offset then.
+    pub last: u64,
+    /// The channel's epoch.
+    pub epoch: u64,
+}
+
+impl AckRecord {
+    /// The record's headers.
+    pub fn to_headers(self) -> [(&'static str, String); 3] {
+        [
+            (ACKED_HEADER, self.acked.to_string()),
+            (OFFSET_HEADER, self.last.to_string()),
+            (EPOCH_HEADER, self.epoch.to_string()),
+        ]
+    }
+
+    /// Parses a record from header values; `None` when one is missing or malformed, or
+    /// the record is inconsistent (acked past the last offset, epoch 0).
+    pub fn parse(acked: Option<&str>, last: Option<&str>, epoch: Option<&str>) -> Option<Self> {
+        let r = AckRecord {
+            acked: parse_u64(acked)?,
+            last: parse_u64(last)?,
+            epoch: parse_u64(epoch)?,
+        };
+        (r.acked <= r.last && r.epoch != 0).then_some(r)
+    }
+}
+
+/// What an ack of `upto` does, given the ack record's `acked` and the channel's `last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckPlan {
+    /// Beyond the channel's last offset: refused with it.
+    Ahead(u64),
+    /// Already acked: nothing removed.
+    Nothing,
+    /// Removes the messages in `(from, upto]`.
+    Remove {
+        /// The previous ack position.
+        from: u64,
+        /// The new one.
+        upto: u64,
+    },
+}
+
+/// Decides an ack (sans-io).
+pub fn plan_ack(acked: u64, last: u64, upto: u64) -> AckPlan {
+    if upto > last {
+        AckPlan::Ahead(last)
+    } else if upto <= acked {
+        AckPlan::Nothing
+    } else {
+        AckPlan::Remove { from: acked, upto }
+    }
+}
+
+/// Where the next message of a channel goes: the last message in the stream if any, else
+/// the ack record's position (the subject was emptied by acks or retention), else a new
+/// channel (offset 0, epoch to choose). Returns (last offset, epoch or 0, expected
+/// subject sequence).
+pub fn next_position(last: Option<(u64, u64, u64)>, record: Option<AckRecord>) -> (u64, u64, u64) {
+    match (last, record) {
+        (Some((o, e, s)), Some(r)) if r.epoch == e => (o.max(r.last), e, s),
+        (Some(l), _) => l,
+        (None, Some(r)) => (r.last, r.epoch, 0),
+        (None, None) => (0, 0, 0),
+    }
+}
+
+/// Builds the JetStream backend: the [`Inbox`] handle and each shard's queues. Nothing
+/// connects here; the thread connects (and reconnects) in the background and answers
+/// `inbox: ...` errors (503) while NATS is unreachable.
+///
+/// # Errors
+/// The thread cannot be spawned.
+pub fn start(
+    settings: ClusterSettings,
+    config: InboxConfig,
+    publisher: Arc<Publisher>,
+    shards: usize,
+    stats: Arc<InboxStats>,
+) -> Result<(Inbox, Vec<ShardQueues>), StoreError> {
+    let (tx, rx) = flume::bounded(config.queue);
+    let mut wakes = Vec::with_capacity(shards);
+    let mut answers = Vec::with_capacity(shards);
+    let mut queues = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let (wake_tx, wake_rx) = flume::bounded(1);
+        let (answer_tx, answer_rx) = flume::unbounded();
+        wakes.push(wake_tx);
+        answers.push(answer_tx);
+        queues.push(ShardQueues {
+            wake: wake_rx,
+            answers: answer_rx,
+        });
+    }
+    let (interest_tx, interest_rx) = flume::unbounded();
+    let _ = INTEREST.set(interest_tx);
+    let name = PathBuf::from(format!("jetstream:{}_INBOX", settings.stream_name));
+    let thread_stats = stats.clone();
+    std::thread::Builder::new()
+        .name("ringcast-inbox-js".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cluster inbox: cannot build its runtime; user channels get errors");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            let parts = Parts {
+                settings,
+                retention: config.retention,
+                publisher,
+                stats: thread_stats,
+                wakes,
+                answers,
+            };
+            local.block_on(&runtime, run(parts, rx, interest_rx));
+        })
+        .map_err(|e| StoreError::from_io(&e).context("spawning the cluster inbox thread"))?;
+    Ok((Inbox::from_parts(tx, stats, name), queues))
+}
+
+struct Parts {
+    settings: ClusterSettings,
+    retention: Duration,
+    publisher: Arc<Publisher>,
+    stats: Arc<InboxStats>,
+    wakes: Vec<flume::Sender<()>>,
+    answers: Vec<flume::Sender<InboxAnswer>>,
+}
+
+/// What this node knows of one user channel.
+#[derive(Default)]
+struct Chan {
+    /// Last offset given to the local publisher, its epoch and stream sequence.
+    applied: u64,
+    epoch: u64,
+    applied_seq: u64,
+    /// The stream's last message as far as publishing knows: (offset, epoch, seq).
+    stream_last: Option<(u64, u64, u64)>,
+    /// Shards with subscribers here.
+    interest: usize,
+    linger_until: Option<Instant>,
+    /// The live subscription task.
+    sub: Option<tokio::task::AbortHandle>,
+}
+
+struct Node {
+    parts: Parts,
+    client: Client,
+    js: async_nats::jetstream::Context,
+    streams: RefCell<Option<(JsStream, JsStream)>>,
+    chans: RefCell<HashMap<Arc<str>, Chan>>,
+    workers: RefCell<HashMap<Arc<str>, tokio::sync::mpsc::UnboundedSender<Request>>>,
+    epoch_base: u64,
+    epoch_next: Cell<u64>,
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
+}
+
+/// The cluster thread's connect options (same URLs, credentials and TLS), for this
+/// thread's own client.
+async fn connect_options(s: &ClusterSettings) -> std::io::Result<async_nats::ConnectOptions> {
+    let mut o = match &s.creds_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path).await?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some((user, password)) = &s.user_password {
+        o = o.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &s.token {
+        o = o.token(token.clone());
+    }
+    if let Some(ca) = &s.tls_ca_file {
+        o = o.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    Ok(o.retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100 * attempts as u64).min(2000))
+        }))
+}
+
+fn unavailable(what: impl std::fmt::Display) -> StoreError {
+    StoreError::new(ErrorKind::Unavailable, what.to_string())
+}
+
+fn js_error(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(ErrorKind::Io, format!("JetStream: {what}: {e}"))
+}
+
+async fn run(
+    parts: Parts,
+    requests: flume::Receiver<Request>,
+    interest: flume::Receiver<(Arc<str>, bool)>,
+) {
+    let (event_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let options = match connect_options(&parts.settings).await {
+        Ok(o) => o.name("ringcast-inbox").event_callback(move |event| {
+            let tx = event_tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "cluster inbox: cannot read the NATS credentials; user channels get errors");
+            return fail_forever(&parts, requests).await;
+        }
+    };
+    let urls: Vec<String> = parts
+        .settings
+        .nats_url
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .collect();
+    let client = match options.connect(urls).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cluster inbox: bad NATS address; user channels get errors");
+            return fail_forever(&parts, requests).await;
+        }
+    };
+    let mut js = async_nats::jetstream::new(client.clone());
+    js.set_timeout(JS_TIMEOUT);
+    let node = Rc::new(Node {
+        parts,
+        client,
+        js,
+        streams: RefCell::new(None),
+        chans: RefCell::new(HashMap::new()),
+        workers: RefCell::new(HashMap::new()),
+        epoch_base: now_nanos(),
+        epoch_next: Cell::new(0),
+    });
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = requests.recv_async() => match r {
+                Ok(r) => {
+                    node.parts.stats.queued.fetch_sub(1, Relaxed);
+                    node.clone().dispatch(r);
+                }
+                Err(_) => return,
+            },
+            r = interest.recv_async() => if let Ok((channel, on)) = r { node.clone().on_interest(channel, on) },
+            Some(event) = events.recv() => node.on_event(event).await,
+            _ = tick.tick() => node.sweep(),
+        }
+    }
+}
+
+/// Answers every request with an error (the backend cannot start).
+async fn fail_forever(parts: &Parts, requests: flume::Receiver<Request>) {
+    let e = unavailable("the cluster inbox cannot connect to NATS (see the log)");
+    while let Ok(r) = requests.recv_async().await {
+        parts.stats.queued.fetch_sub(1, Relaxed);
+        parts.stats.errors[e.kind as usize].fetch_add(1, Relaxed);
+        answer(parts, r, Err(e.clone()));
+    }
+}
+
+/// What a request came to.
+enum Outcome {
+    Published(u64),
+    Acked(Result<u64, u64>),
+    Read(Backlog),
+}
+
+fn answer(parts: &Parts, request: Request, outcome: Result<Outcome, StoreError>) {
+    let to_shard = |shard: usize, tag, channel, kind| {
+        if let Some(tx) = parts.answers.get(shard) {
+            let _ = tx.send(InboxAnswer { tag, channel, kind });
+        }
+    };
+    match request {
+        Request::Publish { channel, reply, .. } => {
+            let offset = outcome.and_then(|o| match o {
+                Outcome::Published(offset) => Ok(offset),
+                _ => Err(StoreError::new(ErrorKind::Io, "append lost (bug)")),
+            });
+            match reply {
+                InboxReply::None => {}
+                InboxReply::Wait(tx) => {
+                    let _ = tx.send(offset);
+                }
+                InboxReply::Shard { shard, tag } => {
+                    to_shard(shard, tag, channel, AnswerKind::Published(offset))
+                }
+            }
+        }
+        Request::Ack {
+            channel,
+            upto,
+            reply,
+        } => {
+            let result = outcome.and_then(|o| match o {
+                Outcome::Acked(r) => Ok(r),
+                _ => Err(StoreError::new(ErrorKind::Io, "ack lost (bug)")),
+            });
+            if let InboxReply::Shard { shard, tag } = reply {
+                to_shard(shard, tag, channel, AnswerKind::Acked { upto, result });
+            }
+        }
+        Request::Read { channel, reply } => {
+            let result = outcome.and_then(|o| match o {
+                Outcome::Read(b) => Ok(b),
+                _ => Err(StoreError::new(ErrorKind::Io, "read lost (bug)")),
+            });
+            if let InboxReply::Shard { shard, tag } = reply {
+                to_shard(shard, tag, channel, AnswerKind::Unacked(result));
+            }
+        }
+    }
+}
+
+fn channel_of(r: &Request) -> Arc<str> {
+    match r {
+        Request::Publish { channel, .. }
+        | Request::Ack { channel, .. }
+        | Request::Read { channel, .. } => channel.clone(),
+    }
+}
+
+impl Node {
+    fn up(&self) -> bool {
+        self.parts.stats.up.load(Relaxed) == 1
+    }
+
+    fn new_epoch(&self) -> u64 {
+        let n = self.epoch_next.get();
+        self.epoch_next.set(n + 1);
+        self.epoch_base + n
+    }
+
+    fn subject(&self, kind: &str, channel: &str) -> String {
+        format!(
+            "{}.{kind}.{}",
+            self.parts.settings.subject_prefix,
+            encode_channel(channel)
+        )
+    }
+
+    fn streams(&self) -> Result<(JsStream, JsStream), StoreError> {
+        if !self.up() {
+            return Err(unavailable(
+                "NATS is unreachable: the cluster inbox cannot be reached; retry later",
+            ));
+        }
+        self.streams
+            .borrow()
+            .clone()
+            .ok_or_else(|| unavailable("the inbox streams are not ready yet; retry later"))
+    }
+
+    async fn on_event(&self, event: Event) {
+        match event {
+            Event::Connected => {
+                if self.ensure_streams().await {
+                    self.parts.stats.up.store(1, Relaxed);
+                    tracing::info!("cluster inbox: connected; user inboxes are in JetStream");
+                    for c in self.chans.borrow_mut().values_mut() {
+                        c.stream_last = None;
+                    }
+                }
+            }
+            Event::Disconnected | Event::Closed => {
+                if self.parts.stats.up.swap(0, Relaxed) == 1 {
+                    tracing::warn!("cluster inbox: NATS connection lost; user channel publishes, subscribes and acks get 503 until it returns");
+                }
+            }
+            other => tracing::debug!(event = %other, "cluster inbox: NATS event"),
+        }
+    }
+
+    async fn ensure_streams(&self) -> bool {
+        let s = &self.parts.settings;
+        let inbox = StreamConfig {
+            name: format!("{}_INBOX", s.stream_name),
+            subjects: vec![format!("{}.inbox.>", s.subject_prefix)],
+            max_age: self.parts.retention,
+            discard: DiscardPolicy::Old,
+            num_replicas: s.stream_replicas,
+            allow_direct: true,
+            ..StreamConfig::default()
+        };
+        let acks = StreamConfig {
+            name: format!("{}_INACK", s.stream_name),
+            subjects: vec![format!("{}.inack.>", s.subject_prefix)],
+            max_messages_per_subject: 1,
+            discard: DiscardPolicy::Old,
+            num_replicas: s.stream_replicas,
+            allow_direct: true,
+            ..StreamConfig::default()
+        };
+        // A clustered JetStream may still be electing its meta leader: ~30 s of tries.
+        for _ in 0..60 {
+            let mut got = Vec::new();
+            for config in [&inbox, &acks] {
+                match self.js.create_or_update_stream(config.clone()).await {
+                    Ok(_) => match self.js.get_stream(&config.name).await {
+                        Ok(stream) => got.push(stream),
+                        Err(e) => tracing::warn!(error = %e, "cluster inbox: reading a stream"),
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, stream = %config.name, "cluster inbox: creating the stream")
+                    }
+                }
+            }
+            if let (Some(a), Some(b)) = (got.first(), got.get(1)) {
+                *self.streams.borrow_mut() = Some((a.clone(), b.clone()));
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        false
+    }
+
+    fn dispatch(self: Rc<Self>, request: Request) {
+        let channel = channel_of(&request);
+        let mut workers = self.workers.borrow_mut();
+        let tx = workers.entry(channel.clone()).or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::task::spawn_local(self.clone().worker(channel.clone(), rx));
+            tx
+        });
+        let _ = tx.send(request);
+    }
+
+    async fn worker(
+        self: Rc<Self>,
+        channel: Arc<str>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Request>,
+    ) {
+        loop {
+            let request = match rx.try_recv() {
+                Ok(r) => r,
+                Err(_) => match tokio::time::timeout(WORKER_IDLE, rx.recv()).await {
+                    Ok(Some(r)) => r,
+                    _ => {
+                        if rx.is_empty() {
+                            // Checked and removed with no await between: nothing lost.
+                            self.workers.borrow_mut().remove(&channel);
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let outcome = match &request {
+                Request::Publish { payload, .. } => {
+                    let started = Instant::now();
+                    let r = self.publish(&channel, payload.clone()).await;
+                    if r.is_ok() {
+                        self.parts
+                            .stats
+                            .commit_latency
+                            .record(started.elapsed().as_micros() as u64);
+                        self.parts.stats.commits.fetch_add(1, Relaxed);
+                        self.parts.stats.stored.fetch_add(1, Relaxed);
+                    }
+                    r.map(Outcome::Published)
+                }
+                Request::Ack { upto, .. } => self.ack(&channel, *upto).await.map(Outcome::Acked),
+                Request::Read { .. } => self.read(&channel).await.map(Outcome::Read),
+            };
+            if let Err(e) = &outcome {
+                self.parts.stats.errors[e.kind as usize].fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, channel = %channel, "cluster inbox: request failed");
+            }
+            answer(&self.parts, request, outcome);
+        }
+    }
+
+    /// The channel's last stored message: (offset, epoch, seq).
+    async fn read_last(
+        &self,
+        inbox: &JsStream,
+        channel: &str,
+    ) -> Result<Option<(u64, u64, u64)>, StoreError> {
+        match inbox
+            .direct_get_last_for_subject(self.subject("inbox", channel))
+            .await
+        {
+            Ok(m) => {
+                let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()));
+                let epoch = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
+                match (offset, epoch) {
+                    (Some(o), Some(e)) => Ok(Some((o, e, m.sequence))),
+                    _ => Err(js_error(
+                        "reading the inbox",
+                        format!("message {} has no ringcast headers", m.sequence),
+                    )),
+                }
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(js_error("reading the inbox's last message", e)),
+        }
+    }
+
+    /// The ack record and its subject sequence.
+    async fn read_record(
+        &self,
+        acks: &JsStream,
+        channel: &str,
+    ) -> Result<Option<(AckRecord, u64)>, StoreError> {
+        match acks
+            .direct_get_last_for_subject(self.subject("inack", channel))
+            .await
+        {
+            Ok(m) => {
+                let h = |k: &str| m.headers.get(k).map(|v| v.as_str().to_string());
+                let (a, l, e) = (h(ACKED_HEADER), h(OFFSET_HEADER), h(EPOCH_HEADER));
+                AckRecord::parse(a.as_deref(), l.as_deref(), e.as_deref())
+                    .map(|r| Some((r, m.sequence)))
+                    .ok_or_else(|| js_error("reading an ack record", "malformed headers"))
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(js_error("reading the ack record", e)),
+        }
+    }
+
+    /// Writes an ack record expecting the record subject at `seq`; `Ok(false)` when
+    /// another node wrote it first (10071).
+    async fn write_record(
+        &self,
+        channel: &str,
+        record: AckRecord,
+        seq: u64,
+    ) -> Result<bool, StoreError> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in record.to_headers() {
+            headers.insert(k, v.as_str());
+        }
+        let publish = Publish::build()
+            .payload(Bytes::new())
+            .headers(headers)
+            .expected_last_subject_sequence(seq);
+        let ack = match self
+            .js
+            .send_publish(self.subject("inack", channel), publish)
+            .await
+        {
+            Ok(future) => future.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+            Err(e) => Err(js_error("writing the ack record", e)),
+        }
+    }
+
+    async fn publish(
+        self: &Rc<Self>,
+        channel: &Arc<str>,
+        payload: Bytes,
+    ) -> Result<u64, StoreError> {
+        for _ in 0..MAX_TRIES {
+            let (inbox, acks) = self.streams()?;
+            let known = self.chans.borrow().get(channel).and_then(|c| c.stream_last);
+            let (last, epoch, seq) = match known {
+                Some(k) => k,
+                None => {
+                    let last = self.read_last(&inbox, channel).await?;
+                    let record = self.read_record(&acks, channel).await?.map(|r| r.0);
+                    next_position(last, record)
+                }
+            };
+            let epoch = if epoch == 0 { self.new_epoch() } else { epoch };
+            let offset = last + 1;
+            let mut headers = HeaderMap::new();
+            headers.insert(OFFSET_HEADER, offset.to_string().as_str());
+            headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
+            let publish = Publish::build()
+                .payload(payload.clone())
+                .headers(headers)
+                .expected_last_subject_sequence(seq);
+            let ack = match self
+                .js
+                .send_publish(self.subject("inbox", channel), publish)
+                .await
+            {
+                Ok(future) => future.await,
+                Err(e) => Err(e),
+            };
+            match ack {
+                Ok(ack) => {
+                    self.chans
+                        .borrow_mut()
+                        .entry(channel.clone())
+                        .or_default()
+                        .stream_last = Some((offset, epoch, ack.sequence));
+                    self.deliver(channel, offset, epoch, ack.sequence, payload.clone())
+                        .await;
+                    let mut headers = HeaderMap::new();
+                    headers.insert(OFFSET_HEADER, offset.to_string().as_str());
+                    headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
+                    headers.insert(SEQ_HEADER, ack.sequence.to_string().as_str());
+                    // Live delivery to the other nodes is best effort: a node that misses
+                    // it reads the message back (hole fill, or the subscribe's read).
+                    let _ = self
+                        .client
+                        .publish_with_headers(self.subject("inlive", channel), headers, payload)
+                        .await;
+                    return Ok(offset);
+                }
+                Err(e) => {
+                    if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
+                        c.stream_last = None;
+                    }
+                    if e.kind() != PublishErrorKind::WrongLastSequence {
+                        return Err(js_error("storing the message", e));
+                    }
+                }
+            }
+        }
+        Err(StoreError::new(
+            ErrorKind::Overloaded,
+            format!("other nodes took the next offset {MAX_TRIES} times in a row; retry"),
+        ))
+    }
+
+    async fn ack(
+        self: &Rc<Self>,
+        channel: &Arc<str>,
+        upto: u64,
+    ) -> Result<Result<u64, u64>, StoreError> {
+        let subject = self.subject("inbox", channel);
+        for _ in 0..MAX_TRIES {
+            let (inbox, acks) = self.streams()?;
+            let last = self.read_last(&inbox, channel).await?;
+            let record = self.read_record(&acks, channel).await?;
+            let (last_offset, epoch, last_seq) = next_position(last, record.map(|r| r.0));
+            let acked = record.map_or(0, |r| r.0.acked);
+            let (from, upto) = match plan_ack(acked, last_offset, upto) {
+                AckPlan::Ahead(last) => return Ok(Err(last)),
+                AckPlan::Nothing => {
+                    self.parts.stats.acks.fetch_add(1, Relaxed);
+                    return Ok(Ok(0));
+                }
+                AckPlan::Remove { from, upto } => (from, upto),
+            };
+            // Count what goes and find the first sequence that stays.
+            let mut removed = 0;
+            let mut bound = last_seq + 1;
+            let mut cursor = 1;
+            loop {
+                match inbox
+                    .direct_get_next_for_subject(subject.clone(), Some(cursor))
+                    .await
+                {
+                    Ok(m) => {
+                        let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()))
+                            .unwrap_or(0);
+                        if offset > upto {
+                            bound = m.sequence;
+                            break;
+                        }
+                        if offset > from {
+                            removed += 1;
+                        }
+                        cursor = m.sequence + 1;
+                    }
+                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+                    Err(e) => return Err(js_error("reading the inbox", e)),
+                }
+            }
+            let record_seq = record.map_or(0, |r| r.1);
+            let new = AckRecord {
+                acked: upto,
+                last: last_offset,
+                epoch: if epoch == 0 { self.new_epoch() } else { epoch },
+            };
+            if !self.write_record(channel, new, record_seq).await? {
+                continue; // Another node acked (or created the record) meanwhile.
+            }
+            if bound > 1 {
+                if let Err(e) = inbox.purge().filter(subject.clone()).sequence(bound).await {
+                    // The ack is durable; the next ack purges these too.
+                    tracing::warn!(error = %e, channel = %channel, "cluster inbox: purging acked messages");
+                }
+            }
+            if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
+                c.stream_last = None;
+            }
+            self.parts.stats.acks.fetch_add(1, Relaxed);
+            self.parts.stats.acked.fetch_add(removed, Relaxed);
+            return Ok(Ok(removed));
+        }
+        Err(StoreError::new(
+            ErrorKind::Overloaded,
+            format!("other nodes wrote the ack record {MAX_TRIES} times in a row; retry"),
+        ))
+    }
+
+    async fn read(self: &Rc<Self>, channel: &Arc<str>) -> Result<Backlog, StoreError> {
+        let subject = self.subject("inbox", channel);
+        let (inbox, acks) = self.streams()?;
+        let mut tries = 0;
+        let (record, (last, epoch, last_seq)) = loop {
+            let last = self.read_last(&inbox, channel).await?;
+            let record = self.read_record(&acks, channel).await?;
+            let position = next_position(last, record.map(|r| r.0));
+            if position.1 != 0 {
+                break (record.map(|r| r.0), position);
+            }
+            // A user channel never written: fix its epoch now, so this answer and every
+            // later message agree (one record wins on every node).
+            let fresh = AckRecord {
+                acked: 0,
+                last: 0,
+                epoch: self.new_epoch(),
+            };
+            self.write_record(channel, fresh, 0).await?;
+            tries += 1;
+            if tries >= MAX_TRIES {
+                return Err(StoreError::new(
+                    ErrorKind::Overloaded,
+                    "the ack record keeps changing; retry",
+                ));
+            }
+        };
+        let acked = record.filter(|r| r.epoch == epoch).map_or(0, |r| r.acked);
+        let mut messages: Vec<(u64, u64, Bytes)> = Vec::new();
+        let mut cursor = 1;
+        while messages.len() < MAX_DELIVERY {
+            match inbox
+                .direct_get_next_for_subject(subject.clone(), Some(cursor))
+                .await
+            {
+                Ok(m) => {
+                    cursor = m.sequence + 1;
+                    let offset =
+                        parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str())).unwrap_or(0);
+                    let e = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
+                    if offset > last {
+                        break;
+                    }
+                    if offset > acked && e == Some(epoch) {
+                        messages.push((offset, m.sequence, m.payload));
+                    }
+                }
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(js_error("reading the inbox", e)),
+            }
+        }
+        let more = match messages.last() {
+            Some(&(o, _, _)) if messages.len() >= MAX_DELIVERY => last.saturating_sub(o),
+            _ => 0,
+        };
+        // Every unacked offset up to `last` reaches the local publisher before the answer
+        // (the shard's attach relies on it; see src/shard/inbox.rs).
+        {
+            let mut chans = self.chans.borrow_mut();
+            let c = chans.entry(channel.clone()).or_default();
+            if c.epoch != epoch {
+                c.epoch = epoch;
+                c.applied = 0;
+                c.applied_seq = 0;
+            }
+            for (offset, seq, payload) in &messages {
+                if *offset > c.applied {
+                    self.publish_local(channel, *offset, epoch, payload);
+                    c.applied = *offset;
+                    c.applied_seq = *seq;
+                }
+            }
+            if last > c.applied {
+                c.applied = last;
+                c.applied_seq = c.applied_seq.max(last_seq);
+            }
+        }
+        self.wake();
+        Ok(Backlog {
+            last,
+            epoch,
+            frames: messages
+                .into_iter()
+                .map(|(offset, _, payload)| {
+                    (
+                        offset,
+                        encode_message(channel, offset, &EncodedData::new(&payload)),
+                    )
+                })
+                .collect(),
+            more,
+        })
+    }
+
+    /// Gives a message to the local publisher unless it is at or behind its position.
+    fn publish_local(&self, channel: &str, offset: u64, epoch: u64, payload: &[u8]) {
+        let publisher = &self.parts.publisher;
+        match publisher.position(channel) {
+            Some((last, e)) if e == epoch && last >= offset => {}
+            _ => {
+                publisher.publish_at(channel, offset, epoch, payload);
+            }
+        }
+    }
+
+    fn wake(&self) {
+        let wakes = &self.parts.wakes;
+        self.parts.publisher.idle_flags().claim_idle(|shard| {
+            if let Some(tx) = wakes.get(shard) {
+                let _ = tx.try_send(());
+            }
+        });
+    }
+
+    /// Gives one stored message to the local publisher in offset order, once: earlier
+    /// missing offsets are read back from the stream first when the channel has local
+    /// subscribers (acked ones are gone: skipped).
+    async fn deliver(
+        self: &Rc<Self>,
+        channel: &Arc<str>,
+        offset: u64,
+        epoch: u64,
+        seq: u64,
+        payload: Bytes,
+    ) {
+        let (fill_from, followed) = {
+            let mut chans = self.chans.borrow_mut();
+            let c = chans.entry(channel.clone()).or_default();
+            if c.epoch != epoch {
+                c.epoch = epoch;
+                c.applied = offset.saturating_sub(1);
+                c.applied_seq = 0;
+            }
+            if offset <= c.applied {
+                return;
+            }
+            (
+                (offset > c.applied + 1).then_some(c.applied_seq + 1),
+                c.sub.is_some() || c.interest > 0,
+            )
+        };
+        if let (Some(cursor), true) = (fill_from, followed) {
+            self.fill(channel, epoch, cursor, offset).await;
+        }
+        let mut chans = self.chans.borrow_mut();
+        let c = chans.entry(channel.clone()).or_default();
+        if c.epoch == epoch && offset > c.applied {
+            self.publish_local(channel, offset, epoch, &payload);
+            c.applied = offset;
+            c.applied_seq = c.applied_seq.max(seq);
+            drop(chans);
+            self.wake();
+        }
+    }
+
+    /// Reads the channel's messages from stream sequence `cursor` on and applies those
+    /// before `before`.
+    async fn fill(&self, channel: &Arc<str>, epoch: u64, mut cursor: u64, before: u64) {
+        let Ok((inbox, _)) = self.streams() else {
+            return;
+        };
+        let subject = self.subject("inbox", channel);
+        loop {
+            match inbox
+                .direct_get_next_for_subject(subject.clone(), Some(cursor))
+                .await
+            {
+                Ok(m) => {
+                    cursor = m.sequence + 1;
+                    let offset =
+                        parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str())).unwrap_or(0);
+                    if offset >= before {
+                        return;
+                    }
+                    let e = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
+                    let mut chans = self.chans.borrow_mut();
+                    let Some(c) = chans.get_mut(channel) else {
+                        return;
+                    };
+                    if e == Some(epoch) && c.epoch == epoch && offset > c.applied {
+                        self.publish_local(channel, offset, epoch, &m.payload);
+                        c.applied = offset;
+                        c.applied_seq = m.sequence;
+                    }
+                }
+                Err(e) => {
+                    if e.kind() != DirectGetErrorKind::NotFound {
+                        tracing::debug!(error = %e, channel = %channel, "cluster inbox: reading back a hole");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_interest(self: Rc<Self>, channel: Arc<str>, on: bool) {
+        let mut chans = self.chans.borrow_mut();
+        let c = chans.entry(channel.clone()).or_default();
+        if !on {
+            c.interest = c.interest.saturating_sub(1);
+            if c.interest == 0 {
+                c.linger_until = Some(Instant::now() + self.parts.settings.interest_linger);
+            }
+            return;
+        }
+        c.interest += 1;
+        c.linger_until = None;
+        if c.sub.is_some() {
+            return;
+        }
+        let node = self.clone();
+        let name = channel.clone();
+        let task = tokio::task::spawn_local(async move {
+            let mut sub = loop {
+                match node.client.subscribe(node.subject("inlive", &name)).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cluster inbox: subscribing");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            };
+            // Messages stored between the subscribe's read and this subscription: read
+            // them back (twice: interest travels between NATS servers asynchronously).
+            let _ = node.client.flush().await;
+            node.catch_up(&name).await;
+            {
+                let (node, name) = (node.clone(), name.clone());
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    node.catch_up(&name).await;
+                });
+            }
+            use futures_lite::StreamExt;
+            while let Some(m) = sub.next().await {
+                let Some(h) = m.headers.as_ref() else {
+                    continue;
+                };
+                let offset = parse_u64(h.get(OFFSET_HEADER).map(|v| v.as_str()));
+                let epoch = parse_u64(h.get(EPOCH_HEADER).map(|v| v.as_str()));
+                let seq = parse_u64(h.get(SEQ_HEADER).map(|v| v.as_str())).unwrap_or(0);
+                if let (Some(offset), Some(epoch)) = (offset, epoch) {
+                    node.deliver(&name, offset, epoch, seq, m.payload).await;
+                }
+            }
+        });
+        c.sub = Some(task.abort_handle());
+    }
+
+    /// Applies whatever the stream has after the last applied message.
+    async fn catch_up(&self, channel: &Arc<str>) {
+        let from = self
+            .chans
+            .borrow()
+            .get(channel)
+            .map(|c| (c.epoch, c.applied_seq + 1));
+        if let Some((epoch, cursor)) = from.filter(|f| f.0 != 0) {
+            self.fill(channel, epoch, cursor, u64::MAX).await;
+            self.wake();
+        }
+    }
+
+    /// Ends live subscriptions whose linger passed; forgets idle channels.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let workers = self.workers.borrow();
+        self.chans.borrow_mut().retain(|name, c| {
+            if c.interest == 0 && c.linger_until.is_some_and(|t| t <= now) {
+                c.linger_until = None;
+                if let Some(sub) = c.sub.take() {
+                    sub.abort();
+                }
+            }
+            c.sub.is_some() || c.interest > 0 || workers.contains_key(name)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn acks_are_cumulative_and_bounded_by_the_last_offset() {
+        assert_eq!(plan_ack(0, 10, 4), AckPlan::Remove { from: 0, upto: 4 });
+        assert_eq!(plan_ack(4, 10, 4), AckPlan::Nothing);
+        assert_eq!(plan_ack(4, 10, 2), AckPlan::Nothing);
+        assert_eq!(plan_ack(4, 10, 11), AckPlan::Ahead(10));
+        assert_eq!(plan_ack(0, 0, 1), AckPlan::Ahead(0));
+    }
+
+    #[test]
+    fn an_emptied_subject_continues_from_the_ack_record() {
+        let record = AckRecord {
+            acked: 7,
+            last: 7,
+            epoch: 99,
+        };
+        assert_eq!(next_position(None, Some(record)), (7, 99, 0));
+        assert_eq!(next_position(Some((9, 99, 40)), Some(record)), (9, 99, 40));
+        assert_eq!(next_position(Some((3, 5, 2)), None), (3, 5, 2));
+        assert_eq!(next_position(None, None), (0, 0, 0));
+    }
+
+    proptest! {
+        #[test]
+        fn records_round_trip(acked in 0u64..1000, extra in 0u64..1000, epoch in 1u64..) {
+            let r = AckRecord { acked, last: acked + extra, epoch };
+            let h = r.to_headers();
+            prop_assert_eq!(
+                AckRecord::parse(Some(&h[0].1), Some(&h[1].1), Some(&h[2].1)),
+                Some(r)
+            );
+        }
+
+        #[test]
+        fn arbitrary_header_values_never_panic(a in any::<String>(), l in any::<String>(), e in any::<String>()) {
+            if let Some(r) = AckRecord::parse(Some(&a), Some(&l), Some(&e)) {
+                prop_assert!(r.acked <= r.last && r.epoch != 0);
+            }
+        }
+
+        #[test]
+        fn a_plan_never_removes_past_the_last_offset(acked in 0u64..100, last in 0u64..100, upto in 0u64..200) {
+            match plan_ack(acked, last, upto) {
+                AckPlan::Ahead(l) => prop_assert!(upto > l),
+                AckPlan::Nothing => prop_assert!(upto <= acked),
+                AckPlan::Remove { from, upto: u } => prop_assert!(from < u && u <= last),
+            }
+        }
+    }
+}
