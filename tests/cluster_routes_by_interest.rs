@@ -24,7 +24,8 @@ fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
     let mut f = std::fs::File::create(&path).expect("config file");
     writeln!(
         f,
-        "history_size = 1000\n[cluster]\nnats_url = \"{nats_url}\"\ninterest_linger = {LINGER_SECS}"
+        "history_size = 1000\n[cluster]\nnats_url = \"{nats_url}\"\ninterest_linger = {LINGER_SECS}\n\
+         [namespaces.news]\nallow_publish = true"
     )
     .expect("write config");
     Server::start(&["--config", path.to_str().expect("utf-8 path")])

@@ -49,7 +49,8 @@ impl NatsServer {
         let r = super::http::get(addr, path)
             .unwrap_or_else(|e| panic!("GET {path} on nats-server's monitoring port: {e}"));
         assert_eq!(r.status, 200, "GET {path} on nats-server: {}", r.text());
-        serde_json::from_slice(&r.body)
+        let body = dechunk(&r.body);
+        serde_json::from_slice(&body)
             .unwrap_or_else(|e| panic!("GET {path} on nats-server: not JSON ({e})"))
     }
 
@@ -135,6 +136,29 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The body of a `Transfer-Encoding: chunked` answer (nats-server's monitoring endpoint
+/// sends one), or `body` itself when it is not chunked.
+fn dechunk(body: &[u8]) -> Vec<u8> {
+    if body.first() == Some(&b'{') {
+        return body.to_vec();
+    }
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&rest[..eol])
+            .ok()
+            .and_then(|h| usize::from_str_radix(h.trim(), 16).ok())
+            .unwrap_or(0);
+        rest = &rest[eol + 2..];
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = rest.get(size + 2..).unwrap_or(&[]);
+    }
+    out
 }
 
 /// Three clustered JetStream servers.
