@@ -14,14 +14,10 @@ use std::time::Duration;
 
 const CHANNEL: &str = "feed:ha";
 
-// Known gap (docs/cluster.md, "Failure modes"): while the surviving NATS servers elect a
-// new JetStream leader, a node that has reconnected but cannot yet use the stream counts
-// as down, and after `LOCAL_AFTER` (2 s) answers publishes in a local epoch: those are
-// acknowledged but not in the stream. When the election takes longer than that (it did
-// on a loaded 2-vCPU machine), this test fails. Run it with `--ignored` until publishes
-// wait for (or are refused during) the election instead.
+// While the surviving NATS servers elect a new JetStream leader, a node's publishes are
+// re-sent with the same message id (the stream dedupes them) or refused (503), never
+// served in a local epoch (docs/cluster.md, "Failure modes").
 #[test]
-#[ignore = "fails when the JetStream leader election outlasts LOCAL_AFTER; see the comment"]
 fn no_acknowledged_message_is_lost_when_one_nats_server_dies() {
     let _deadline = Deadline::new(
         "no_acknowledged_message_is_lost_when_one_nats_server_dies",
@@ -63,19 +59,46 @@ fn no_acknowledged_message_is_lost_when_one_nats_server_dies() {
         |v| v >= 1.0,
     );
 
+    // Its NATS subscription is in place, so no live message goes past it before it is
+    // there.
+    wait_until(
+        Duration::from_secs(20),
+        "a NATS server knows node 1's interest in the channel",
+        || {
+            nats.servers
+                .iter()
+                .any(|s| {
+                    let subsz = s.monitor("/subsz?subs=1&test=rc.live.feed=3Aha");
+                    subsz["subscriptions_list"]
+                        .as_array()
+                        .is_some_and(|l| !l.is_empty())
+                })
+                .then_some(())
+        },
+    );
+
     const TOTAL: usize = 200;
     let mut acked: Vec<u64> = Vec::new();
     for i in 0..TOTAL {
         if i == TOTAL / 2 {
             nats.servers[0].stop();
         }
-        let offset = wait_until(Duration::from_secs(60), "a publish is acknowledged", || {
-            let r = nodes[0].http_publish(Some(CHANNEL), format!("{{\"n\":{i}}}").as_bytes());
-            if r.status == 200 {
-                r.json()["offset"].as_u64()
-            } else {
-                std::thread::sleep(Duration::from_millis(100));
-                None
+        let offset = wait_until(Duration::from_secs(90), "a publish is acknowledged", || {
+            // A refusal (503) or an answer slower than the client's 5 s timeout is not an
+            // acknowledgement: the publisher sends the message again, as a real one would.
+            let r = http::request(
+                nodes[0].admin_addr(),
+                "POST",
+                &format!("/publish?channel={CHANNEL}"),
+                &[],
+                format!("{{\"n\":{i}}}").as_bytes(),
+            );
+            match r {
+                Ok(r) if r.status == 200 => r.json()["offset"].as_u64(),
+                _ => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    None
+                }
             }
         });
         acked.push(offset);
@@ -107,6 +130,14 @@ fn no_acknowledged_message_is_lost_when_one_nats_server_dies() {
         ns,
         (0..TOTAL as u64).collect::<Vec<_>>(),
         "every payload delivered"
+    );
+
+    assert_eq!(
+        nodes[0]
+            .metrics()
+            .sum("ringcast_cluster_local_publishes_total"),
+        0.0,
+        "nothing was served in a local epoch"
     );
 
     let live: Vec<String> = nats.servers[1..].iter().map(|s| s.url()).collect();

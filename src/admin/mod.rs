@@ -326,6 +326,14 @@ fn route(method: &str, target: &str, settings: &Settings) -> Response {
         ("GET", "/readyz") if SHARDS_READY.load(Ordering::Acquire) < settings.shards => {
             text(503, "starting\n")
         }
+        ("GET", "/readyz") if crate::cluster::is_not_ready() => {
+            // Connected, but the stream cannot be used: cluster publishes are refused
+            // (never served locally); subscribers keep what they have.
+            text(
+                200,
+                "ready (cluster not ready: connected to NATS, JetStream stream not usable; publishes refused)\n",
+            )
+        }
         ("GET", "/readyz") if crate::cluster::is_down() => {
             // Still serving local clients and publishes: only cross-node delivery is down.
             text(

@@ -246,6 +246,12 @@ pub struct ClusterStats {
     pub reconnects: AtomicU64,
     /// Joins: subscribes waiting until the node follows their channel.
     pub join: thread::JoinStats,
+    /// 1 while the NATS connection is up, whether or not the stream is usable.
+    pub connected: AtomicU64,
+    /// Publishes sent again with the same message id after an unknown outcome.
+    pub resent: AtomicU64,
+    /// Re-sent publishes the stream had already stored (duplicate ack).
+    pub deduped: AtomicU64,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -277,7 +283,17 @@ pub fn interest(channel: &str, on: bool) {
 
 /// True when the cluster is configured and its NATS connection is down.
 pub fn is_down() -> bool {
-    STATS.get().is_some_and(|s| s.up.load(Relaxed) == 0)
+    STATS
+        .get()
+        .is_some_and(|s| s.up.load(Relaxed) == 0 && s.connected.load(Relaxed) == 0)
+}
+
+/// True when the cluster is configured, connected to NATS, and its stream is not usable
+/// yet (JetStream unavailable or refusing the stream): cluster publishes are refused.
+pub fn is_not_ready() -> bool {
+    STATS
+        .get()
+        .is_some_and(|s| s.up.load(Relaxed) == 0 && s.connected.load(Relaxed) == 1)
 }
 
 /// Appends the `ringcast_cluster_*` metrics (nothing when the cluster is off).
@@ -288,7 +304,7 @@ pub fn render_metrics(out: &mut String) {
         (
             "ringcast_cluster_up",
             "gauge",
-            "1 while the NATS connection is up (cross-node delivery works), else 0.",
+            "1 while the NATS connection is up and the JetStream stream usable (cross-node delivery works), else 0.",
             &s.up,
         ),
         (
@@ -352,7 +368,27 @@ pub fn render_metrics(out: &mut String) {
             &s.reconnects,
         ),
     ];
-    for (name, kind, help, v) in rows {
+    let failover: [(&str, &str, &str, &AtomicU64); 3] = [
+        (
+            "ringcast_cluster_connected",
+            "gauge",
+            "1 while the NATS connection is up, whether or not the JetStream stream is usable (up 0 with connected 1: JetStream not ready, publishes refused).",
+            &s.connected,
+        ),
+        (
+            "ringcast_cluster_publish_resent_total",
+            "counter",
+            "Stream publishes sent again with the same Nats-Msg-Id after an unknown outcome (ack timeout, no responders).",
+            &s.resent,
+        ),
+        (
+            "ringcast_cluster_publish_deduped_total",
+            "counter",
+            "Re-sent publishes the stream had already stored (JetStream duplicate ack): not stored twice.",
+            &s.deduped,
+        ),
+    ];
+    for (name, kind, help, v) in rows.into_iter().chain(failover) {
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",

@@ -12,15 +12,15 @@
 //! publisher (`applied`), with out-of-order arrivals buffered until the hole before them
 //! is filled from the stream, or skipped after [`FILL_BOUND`].
 
-use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
+mod failover;
+
+use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER};
 use crate::cluster::{ClusterSettings, ClusterStats};
 use crate::fanout::publisher::Publisher;
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::stream::{
     Config as StreamConfig, DirectGetErrorKind, DiscardPolicy, Stream as JsStream,
 };
-use async_nats::{Client, Event, HeaderMap};
+use async_nats::{Client, Event};
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -225,6 +225,14 @@ struct Node {
     down_since: Cell<Instant>,
     /// Subscribes waiting for channels to be followed (join.rs).
     joins: Joins,
+    /// When the connection last came up.
+    connected_since: Cell<Instant>,
+    /// Counts connects: a stream-ensuring task belongs to one.
+    conn_generation: Cell<u64>,
+    /// Why the stream is not usable yet (empty when it is).
+    ensure_error: RefCell<String>,
+    /// The next message's number in its `Nats-Msg-Id`.
+    msg_next: Cell<u64>,
 }
 
 fn now_nanos() -> u64 {
@@ -306,6 +314,10 @@ async fn run(
         epoch_next: Cell::new(0),
         down_since: Cell::new(Instant::now()),
         joins: Joins::new(join),
+        connected_since: Cell::new(Instant::now()),
+        conn_generation: Cell::new(0),
+        ensure_error: RefCell::new("not connected yet".into()),
+        msg_next: Cell::new(0),
     });
     // Presence across nodes (src/cluster/presence.rs): its own task and queue.
     tokio::task::spawn_local(crate::cluster::presence::serve(
@@ -378,28 +390,45 @@ impl Node {
     async fn on_event(self: Rc<Self>, event: Event, was_up: &mut bool) {
         match event {
             Event::Connected => {
-                if self.ensure_stream().await {
-                    self.stats.up.store(1, Relaxed);
-                    if *was_up {
-                        self.stats.reconnects.fetch_add(1, Relaxed);
-                    }
-                    *was_up = true;
-                    tracing::info!("cluster: connected to NATS; cross-node delivery up");
-                    self.resync();
+                // Never waits here: the stream is ensured by a task of its own, so the
+                // thread keeps taking requests (publishes wait, bounded, in their worker).
+                self.conn_generation.set(self.conn_generation.get() + 1);
+                self.connected_since.set(Instant::now());
+                self.stats.connected.store(1, Relaxed);
+                let known = self.stream.borrow().is_some();
+                if *was_up {
+                    self.stats.reconnects.fetch_add(1, Relaxed);
                 }
+                *was_up = true;
+                if known {
+                    // The stream was ensured on an earlier connection: it is used at
+                    // once (publishes ride out a leader move by re-sending, see
+                    // `failover`); it is ensured again in the background.
+                    self.stats.up.store(1, Relaxed);
+                    tracing::info!("cluster: reconnected to NATS; cross-node delivery up");
+                    self.resync();
+                } else {
+                    tracing::info!("cluster: connected to NATS; ensuring the stream");
+                }
+                tokio::task::spawn_local(
+                    self.clone()
+                        .ensure_until_ready(self.conn_generation.get(), !known),
+                );
             }
             Event::Disconnected | Event::Closed => {
-                if self.stats.up.swap(0, Relaxed) == 1 {
+                self.conn_generation.set(self.conn_generation.get() + 1);
+                self.stats.up.store(0, Relaxed);
+                if self.stats.connected.swap(0, Relaxed) == 1 {
                     self.down_since.set(Instant::now());
-                    tracing::warn!("cluster: NATS connection lost; serving local publishes only (local epoch) until it returns");
+                    tracing::warn!("cluster: NATS connection lost; local publishes are served locally (local epoch) if it stays lost for 2 s");
                 }
             }
             other => tracing::debug!(event = %other, "cluster: NATS event"),
         }
     }
 
-    /// Creates or updates the stream; false (and a log line) when JetStream refuses.
-    async fn ensure_stream(&self) -> bool {
+    /// Creates or updates the stream once (the caller retries).
+    async fn ensure_stream(&self) -> Result<(), String> {
         let s = &self.settings;
         let config = StreamConfig {
             name: s.stream_name.clone(),
@@ -408,25 +437,20 @@ impl Node {
             discard: DiscardPolicy::Old,
             num_replicas: s.stream_replicas,
             allow_direct: true,
+            duplicate_window: failover::DUPLICATE_WINDOW,
             ..StreamConfig::default()
         };
-        // A clustered JetStream may still be electing its meta leader: ~30 s of tries.
-        for _ in 0..60 {
-            match self.js.create_or_update_stream(config.clone()).await {
-                Ok(_) => match self.js.get_stream(&s.stream_name).await {
-                    Ok(stream) => {
-                        *self.stream.borrow_mut() = Some(stream);
-                        return true;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cluster: reading the stream"),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, stream = %s.stream_name, "cluster: creating the stream")
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        false
+        self.js
+            .create_or_update_stream(config)
+            .await
+            .map_err(|e| format!("creating the stream: {e}"))?;
+        let stream = self
+            .js
+            .get_stream(&s.stream_name)
+            .await
+            .map_err(|e| format!("reading the stream: {e}"))?;
+        *self.stream.borrow_mut() = Some(stream);
+        Ok(())
     }
 
     /// After a (re)connect: publishing knowledge is stale; channels with interest or
@@ -505,85 +529,6 @@ impl Node {
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok((0, self.new_epoch(), 0)),
             Err(e) => Err(format!("cluster: reading the channel's last message: {e}")),
         }
-    }
-
-    async fn publish_one(
-        self: &Rc<Self>,
-        channel: &Arc<str>,
-        payload: Bytes,
-    ) -> Result<u64, String> {
-        for _ in 0..MAX_TRIES {
-            while !self.up() && self.down_since.get().elapsed() < LOCAL_AFTER {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if !self.up() {
-                return Ok(self.publish_local(channel, &payload));
-            }
-            let known = self.chans.borrow().get(channel).and_then(|c| c.stream_last);
-            let (last, epoch, seq) = match known {
-                Some(k) => k,
-                None => match self.read_last(channel).await {
-                    Ok(k) => k,
-                    Err(e) => {
-                        self.stats.publish_errors.fetch_add(1, Relaxed);
-                        return Err(e);
-                    }
-                },
-            };
-            let offset = last + 1;
-            let mut headers = HeaderMap::new();
-            headers.insert(OFFSET_HEADER, offset.to_string().as_str());
-            headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
-            let publish = Publish::build()
-                .payload(payload.clone())
-                .headers(headers)
-                .expected_last_subject_sequence(seq);
-            let ack = match self
-                .js
-                .send_publish(self.stream_subject(channel), publish)
-                .await
-            {
-                Ok(future) => future.await,
-                Err(e) => Err(e),
-            };
-            match ack {
-                Ok(ack) => {
-                    self.stats.published.fetch_add(1, Relaxed);
-                    self.chans
-                        .borrow_mut()
-                        .entry(channel.clone())
-                        .or_default()
-                        .stream_last = Some((offset, epoch, ack.sequence));
-                    let mut headers = HeaderMap::new();
-                    headers.insert(OFFSET_HEADER, offset.to_string().as_str());
-                    headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
-                    headers.insert(SEQ_HEADER, ack.sequence.to_string().as_str());
-                    let _ = self
-                        .client
-                        .publish_with_headers(self.live_subject(channel), headers, payload.clone())
-                        .await;
-                    self.deliver(channel, offset, epoch, ack.sequence, payload, true);
-                    return Ok(offset);
-                }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    self.stats.retries.fetch_add(1, Relaxed);
-                    if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
-                        c.stream_last = None;
-                    }
-                }
-                Err(e) => {
-                    self.stats.publish_errors.fetch_add(1, Relaxed);
-                    if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
-                        c.stream_last = None;
-                    }
-                    return Err(format!("cluster: publish not stored: {e}"));
-                }
-            }
-        }
-        self.stats.publish_errors.fetch_add(1, Relaxed);
-        Err(format!(
-            "cluster: other nodes took the next offset {MAX_TRIES} times in a row; retry"
-        ))
     }
 
     /// NATS is down: the message is served on this node only, in a local epoch.

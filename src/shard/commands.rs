@@ -281,20 +281,21 @@ impl Shard {
             return String::new();
         }
         if let Some(cluster) = crate::cluster::get() {
-            // Queued to the cluster, which gives the offset once stored: the reply says
-            // offset 0 (docs/cluster.md).
+            // Answered with the stream's offset once stored (crate::shard::cluster_publish).
+            let tag = ShardTag {
+                key,
+                generation,
+                id: id.map(str::to_string),
+                since: None,
+                attempt: 0,
+            };
             if let Err(e) =
-                cluster.publish(channel, data.as_bytes(), crate::cluster::ClusterReply::None)
+                crate::shard::cluster_publish::publish(cluster, tag, channel, data.as_bytes())
             {
                 return refuse(503, e);
             }
             self.metrics.messages_in[source].fetch_add(1, Relaxed);
-            return Reply::Published {
-                id,
-                channel,
-                offset: 0,
-            }
-            .to_json();
+            return String::new();
         }
         let published = self.publisher.publish(channel, data.as_bytes());
         self.metrics.messages_in[source].fetch_add(1, Relaxed);

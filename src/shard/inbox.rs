@@ -325,7 +325,7 @@ impl Shard {
     }
 
     /// Sends a reply (and frames) to the connection of `tag`, if it is still there.
-    fn answer_later(&self, tag: &ShardTag, reply: String, frames: Vec<Bytes>) {
+    pub(super) fn answer_later(&self, tag: &ShardTag, reply: String, frames: Vec<Bytes>) {
         let mut conns = self.conns.borrow_mut();
         let Some(conn) = conns.get_current(tag.key, tag.generation) else {
             return;

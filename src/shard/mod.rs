@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod batch;
+pub mod cluster_publish;
 pub mod commands;
 pub mod conn;
 pub mod control;
@@ -627,6 +628,9 @@ async fn shard_main(setup: ShardSetup) {
             }
         })
         .detach();
+    }
+    if crate::cluster::get().is_some() {
+        glommio::spawn_local(cluster_publish::serve(shard.clone())).detach();
     }
     if let Some(rx) = crate::cluster::get().and_then(|c| c.shard_wake(id)) {
         // The NATS thread publishes from outside any executor: its wake-ups come here.

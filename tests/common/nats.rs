@@ -14,6 +14,8 @@ pub struct NatsServer {
     /// Client port.
     pub port: u16,
     args: Vec<String>,
+    /// Monitoring port (`-m`), when started with [`NatsServer::start_monitored`].
+    pub monitor_port: Option<u16>,
     _dir: tempfile::TempDir,
     log: PathBuf,
 }
@@ -27,6 +29,29 @@ impl NatsServer {
     pub fn start() -> NatsServer {
         let port = free_tcp_port();
         NatsServer::spawn(port, Vec::new(), "n0")
+    }
+
+    /// A standalone JetStream server with its HTTP monitoring endpoint on a free port
+    /// (`/connz`, `/subsz`: see [`NatsServer::monitor`]).
+    pub fn start_monitored() -> NatsServer {
+        let port = free_tcp_port();
+        let monitor = free_tcp_port();
+        NatsServer::spawn(port, vec!["-m".into(), monitor.to_string()], "n0")
+    }
+
+    /// `GET path` on the monitoring endpoint, parsed as JSON.
+    ///
+    /// # Panics
+    /// Not started with [`NatsServer::start_monitored`], or no JSON answer.
+    pub fn monitor(&self, path: &str) -> serde_json::Value {
+        let port = self.monitor_port.expect("nats-server started without -m");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let r = super::http::get(addr, path)
+            .unwrap_or_else(|e| panic!("GET {path} on nats-server's monitoring port: {e}"));
+        assert_eq!(r.status, 200, "GET {path} on nats-server: {}", r.text());
+        let body = dechunk(&r.body);
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("GET {path} on nats-server: not JSON ({e})"))
     }
 
     fn spawn(port: u16, extra: Vec<String>, name: &str) -> NatsServer {
@@ -46,10 +71,16 @@ impl NatsServer {
             log.display().to_string(),
         ];
         args.extend(extra);
+        let monitor_port = args
+            .iter()
+            .position(|a| a == "-m")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|p| p.parse().ok());
         let mut server = NatsServer {
             child: None,
             port,
             args,
+            monitor_port,
             _dir: dir,
             log,
         };
@@ -107,6 +138,29 @@ impl Drop for NatsServer {
     }
 }
 
+/// The body of a `Transfer-Encoding: chunked` answer (nats-server's monitoring endpoint
+/// sends one), or `body` itself when it is not chunked.
+fn dechunk(body: &[u8]) -> Vec<u8> {
+    if body.first() == Some(&b'{') {
+        return body.to_vec();
+    }
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&rest[..eol])
+            .ok()
+            .and_then(|h| usize::from_str_radix(h.trim(), 16).ok())
+            .unwrap_or(0);
+        rest = &rest[eol + 2..];
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = rest.get(size + 2..).unwrap_or(&[]);
+    }
+    out
+}
+
 /// Three clustered JetStream servers.
 pub struct NatsCluster {
     /// The members.
@@ -114,7 +168,8 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts three servers routed to each other.
+    /// Starts three servers routed to each other, each with its monitoring endpoint
+    /// ([`NatsServer::monitor`]).
     pub fn start() -> NatsCluster {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_tcp_port(), free_tcp_port())).collect();
         let routes = ports
@@ -135,6 +190,8 @@ impl NatsCluster {
                         format!("nats://127.0.0.1:{route}"),
                         "--routes".into(),
                         routes.clone(),
+                        "-m".into(),
+                        free_tcp_port().to_string(),
                     ],
                     &format!("n{i}"),
                 )

@@ -349,6 +349,13 @@ impl Server {
         self.signalled = true;
     }
 
+    /// Kills the process with SIGKILL (no drain, no goodbye to its clients) and reaps it.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.signalled = true;
+        let _ = self.wait_exit(Duration::from_secs(10));
+    }
+
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");

@@ -1,0 +1,288 @@
+//! Publishing when NATS or JetStream fails (docs/cluster.md, "Failure modes").
+//!
+//! Two states are told apart:
+//!
+//! - **connection down** (no NATS server reachable since `Event::Disconnected`): after
+//!   [`LOCAL_AFTER`] a publish is served on this node only, in a local epoch, so local
+//!   service goes on;
+//! - **connected, JetStream not usable** (the stream cannot be created or read yet, e.g.
+//!   a JetStream cluster still electing its leaders): a publish waits up to
+//!   [`READY_WAIT`] from the connect for the stream, then is refused. Never served
+//!   locally: an acknowledged message is always in the stream.
+//!
+//! Every message carries a `Nats-Msg-Id` of its own. A publish whose outcome is unknown
+//! (the ack timed out, no responders while a stream leader moves, the connection broke)
+//! is sent again with the same id for up to [`RESEND_FOR`]: JetStream's duplicate
+//! window ([`DUPLICATE_WINDOW`]) answers a copy of a stored message with the first one's
+//! sequence (`duplicate: true`) instead of storing it twice; the node then learns the
+//! offset the first copy took and delivers it locally once (offsets at or below the last
+//! applied one are dropped).
+
+use super::{Node, LOCAL_AFTER, MAX_TRIES};
+use crate::cluster::subject::{parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long publishes wait, while connected to NATS, for the stream to become usable
+/// (counted from the connect) before they are refused.
+pub const READY_WAIT: Duration = Duration::from_secs(5);
+/// How long a publish whose outcome is unknown is sent again with the same
+/// `Nats-Msg-Id` (and how long any transient JetStream failure is retried) before it is
+/// refused.
+pub const RESEND_FOR: Duration = Duration::from_secs(10);
+/// The stream's `duplicate_window`: a re-sent copy within it is recognised. Far longer
+/// than [`RESEND_FOR`].
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// What a publish does next.
+enum Gate {
+    /// The stream is usable.
+    Stream,
+    /// The connection has been down for [`LOCAL_AFTER`]: serve it locally.
+    Local,
+    /// Refuse it with this reason.
+    Refuse(String),
+}
+
+/// Failures after which the message may or may not be stored, or JetStream is briefly
+/// unable to answer: sent again with the same id. The others are final.
+fn transient(kind: PublishErrorKind) -> bool {
+    !matches!(
+        kind,
+        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::WrongLastMessageId
+    )
+}
+
+impl Node {
+    /// A message id unique to this process and message.
+    fn next_msg_id(&self) -> String {
+        let n = self.msg_next.get();
+        self.msg_next.set(n + 1);
+        format!("{:x}.{}.{n}", self.epoch_base, std::process::id())
+    }
+
+    /// True while the NATS connection is up (whether or not the stream is usable).
+    pub(super) fn connected(&self) -> bool {
+        self.stats.connected.load(Relaxed) == 1
+    }
+
+    /// Waits until the stream is usable, or decides the publish's fate. `sent`: a copy
+    /// may already be stored (then it is never served locally). `deadline`: when a
+    /// publish that is waiting on a transient failure gives up.
+    async fn gate(&self, sent: bool, deadline: Instant) -> Gate {
+        loop {
+            if self.up() {
+                return Gate::Stream;
+            }
+            let now = Instant::now();
+            if !self.connected() {
+                if sent && now >= deadline {
+                    return Gate::Refuse(
+                        "cluster: the NATS connection was lost before the stream acknowledged; \
+                         the message may be stored: retry"
+                            .into(),
+                    );
+                }
+                if !sent && self.down_since.get().elapsed() >= LOCAL_AFTER {
+                    return Gate::Local;
+                }
+            } else if now >= self.connected_since.get() + READY_WAIT || (sent && now >= deadline) {
+                let why = self.ensure_error.borrow().clone();
+                return Gate::Refuse(format!(
+                    "cluster: connected to NATS but the JetStream stream is not usable ({why}); retry"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stores one message in the stream with the channel's next offset (retrying lost
+    /// races and unknown outcomes), delivers it locally, publishes it live; or serves it
+    /// locally while the connection is down; or refuses it.
+    pub(super) async fn publish_one(
+        self: &Rc<Self>,
+        channel: &Arc<str>,
+        payload: Bytes,
+    ) -> Result<u64, String> {
+        let msg_id = self.next_msg_id();
+        let deadline = Instant::now() + RESEND_FOR;
+        let mut sent = false;
+        let mut races = 0;
+        let fail = |e: String| {
+            self.stats.publish_errors.fetch_add(1, Relaxed);
+            Err(e)
+        };
+        loop {
+            match self.gate(sent, deadline).await {
+                Gate::Stream => {}
+                Gate::Local => return Ok(self.publish_local(channel, &payload)),
+                Gate::Refuse(e) => return fail(e),
+            }
+            let known = self.chans.borrow().get(channel).and_then(|c| c.stream_last);
+            let (last, epoch, seq) = match known {
+                Some(k) => k,
+                None => match self.read_last(channel).await {
+                    Ok(k) => k,
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "cluster: reading the last message; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Err(e) => return fail(e),
+                },
+            };
+            let offset = last + 1;
+            let mut headers = HeaderMap::new();
+            headers.insert(OFFSET_HEADER, offset.to_string().as_str());
+            headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
+            let publish = Publish::build()
+                .payload(payload.clone())
+                .headers(headers)
+                .expected_last_subject_sequence(seq)
+                .message_id(msg_id.as_str());
+            sent = true;
+            let ack = match self
+                .js
+                .send_publish(self.stream_subject(channel), publish)
+                .await
+            {
+                Ok(future) => future.await,
+                Err(e) => Err(e),
+            };
+            let ack = match ack {
+                Ok(ack) => ack,
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    // Another node took the offset, or an earlier copy of this message
+                    // did: read the last one again (the copy then comes back duplicate).
+                    self.stats.retries.fetch_add(1, Relaxed);
+                    self.forget_last(channel);
+                    races += 1;
+                    if races >= MAX_TRIES {
+                        return fail(format!(
+                            "cluster: other nodes took the next offset {MAX_TRIES} times in a row; retry"
+                        ));
+                    }
+                    continue;
+                }
+                Err(e) if transient(e.kind()) && Instant::now() < deadline => {
+                    // Unknown outcome: the same message id again (the stream dedupes).
+                    self.stats.resent.fetch_add(1, Relaxed);
+                    tracing::debug!(error = %e, channel = %channel, "cluster: publish unacknowledged; sending it again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => {
+                    self.forget_last(channel);
+                    return fail(format!("cluster: publish not stored: {e}"));
+                }
+            };
+            let (offset, epoch) = if ack.duplicate {
+                self.stats.deduped.fetch_add(1, Relaxed);
+                self.forget_last(channel);
+                match self
+                    .stored_position(ack.sequence, (last, epoch, seq), (offset, epoch), races)
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => return fail(e),
+                }
+            } else {
+                self.stats.published.fetch_add(1, Relaxed);
+                self.chans
+                    .borrow_mut()
+                    .entry(channel.clone())
+                    .or_default()
+                    .stream_last = Some((offset, epoch, ack.sequence));
+                (offset, epoch)
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(OFFSET_HEADER, offset.to_string().as_str());
+            headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
+            headers.insert(SEQ_HEADER, ack.sequence.to_string().as_str());
+            let _ = self
+                .client
+                .publish_with_headers(self.live_subject(channel), headers, payload.clone())
+                .await;
+            // At or below the last applied offset (a copy already read back from the
+            // stream): dropped there, so delivered once.
+            self.deliver(channel, offset, epoch, ack.sequence, payload, true);
+            return Ok(offset);
+        }
+    }
+
+    fn forget_last(&self, channel: &Arc<str>) {
+        if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
+            c.stream_last = None;
+        }
+    }
+
+    /// The offset and epoch of the stored copy at `seq` (a duplicate ack): the message
+    /// this attempt expected to follow when the sequences agree, else read back.
+    async fn stored_position(
+        &self,
+        seq: u64,
+        read: (u64, u64, u64),
+        attempted: (u64, u64),
+        races: usize,
+    ) -> Result<(u64, u64), String> {
+        if seq == read.2 {
+            return Ok((read.0, read.1));
+        }
+        for _ in 0..20 {
+            let stream = self.stream.borrow().clone();
+            if let Some(stream) = stream {
+                if let Ok(m) = stream.direct_get(seq).await {
+                    let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()));
+                    let epoch = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
+                    if let (Some(o), Some(e)) = (offset, epoch) {
+                        return Ok((o, e));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if races == 0 {
+            // Every copy carried the same offset.
+            return Ok(attempted);
+        }
+        Err(format!(
+            "cluster: the message is stored (stream sequence {seq}) but its offset could not be read back"
+        ))
+    }
+
+    /// Creates or updates the stream until it works or the connection `generation`
+    /// ends; then the node is up. `first`: the node was not up with this stream before
+    /// (it counts as connected but not ready until this succeeds).
+    pub(super) async fn ensure_until_ready(self: Rc<Self>, generation: u64, first: bool) {
+        let mut tries: u64 = 0;
+        loop {
+            if self.conn_generation.get() != generation || !self.connected() {
+                return;
+            }
+            match self.ensure_stream().await {
+                Ok(()) => break,
+                Err(e) => {
+                    if tries % 10 == 0 {
+                        tracing::warn!(error = %e, stream = %self.settings.stream_name, "cluster: the JetStream stream is not usable yet; retrying");
+                    }
+                    *self.ensure_error.borrow_mut() = e;
+                }
+            }
+            tries += 1;
+            let pause = Duration::from_millis((250 * tries).min(2000));
+            tokio::time::sleep(pause).await;
+        }
+        if first && self.conn_generation.get() == generation && self.connected() {
+            self.ensure_error.borrow_mut().clear();
+            self.stats.up.store(1, Relaxed);
+            tracing::info!("cluster: connected to NATS, stream ready; cross-node delivery up");
+            self.resync();
+        }
+    }
+}
