@@ -11,30 +11,27 @@ mod common;
 
 use common::nats::NatsServer;
 use common::*;
-use std::io::Write;
 use std::time::Duration;
 
 const SECRET: &str = "ringcast-test-secret-0123456789abcdef";
 
 fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
-    let path = dir.path().join(format!("{name}.toml"));
-    let mut f = std::fs::File::create(&path).expect("config file");
-    writeln!(
-        f,
-        "history_size = 1000\nmax_recovery_messages = 1000\n[cluster]\nnats_url = \"{nats_url}\"\ninterest_linger = 5"
-    )
-    .expect("write config");
     let data = dir.path().join(name);
-    Server::start(&[
-        "--config",
-        path.to_str().expect("utf-8 path"),
-        "--jwt-secret",
-        SECRET,
-        "--inbox",
-        "true",
-        "--data-dir",
-        data.to_str().expect("utf-8 path"),
-    ])
+    common::nats::start_node(
+        dir.path(),
+        name,
+        nats_url,
+        "history_size = 1000\nmax_recovery_messages = 1000",
+        "interest_linger = 5",
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--inbox",
+            "true",
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
+        ],
+    )
 }
 
 fn wait_inbox_up(server: &Server, up: f64) {

@@ -6,32 +6,22 @@
 
 mod common;
 
-use common::nats::NatsServer;
+use common::nats::{wait_cluster_up, NatsServer};
 use common::*;
 use serde_json::json;
-use std::io::Write;
 use std::time::Duration;
 
 const CHANNEL: &str = "news:cluster";
 
 fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
-    let path = dir.path().join(format!("{name}.toml"));
-    let mut f = std::fs::File::create(&path).expect("config file");
-    writeln!(
-        f,
-        "history_size = 1000\nmax_recovery_messages = 1000\n[cluster]\nnats_url = \"{nats_url}\"\ninterest_linger = 5"
+    common::nats::start_node(
+        dir.path(),
+        name,
+        nats_url,
+        "history_size = 1000\nmax_recovery_messages = 1000",
+        "interest_linger = 5",
+        &[],
     )
-    .expect("write config");
-    Server::start(&["--config", path.to_str().expect("utf-8 path")])
-}
-
-fn wait_cluster_up(server: &Server, up: f64) {
-    server.wait_for_metric(
-        "ringcast_cluster_up",
-        &format!("ringcast_cluster_up == {up}"),
-        Duration::from_secs(20),
-        |v| v == up,
-    );
 }
 
 fn subscribe(server: &Server, channel: &str) -> (Subscriber, Value) {

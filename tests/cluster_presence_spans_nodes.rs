@@ -11,7 +11,6 @@ mod common;
 
 use common::nats::NatsServer;
 use common::*;
-use std::io::Write;
 use std::time::Duration;
 
 const SECRET: &str = "ringcast-test-secret-0123456789abcdef";
@@ -23,24 +22,21 @@ const CASES: [&str; 3] = [
 ];
 
 fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
-    let path = dir.path().join(format!("{name}.toml"));
-    let mut f = std::fs::File::create(&path).expect("config file");
-    writeln!(
-        f,
-        "[namespaces.room]\npresence = true\njoin_leave = true\n\
-         [cluster]\nnats_url = \"{nats_url}\"\ninterest_linger = 5\npresence_window_ms = 200"
+    common::nats::start_node(
+        dir.path(),
+        name,
+        nats_url,
+        "[namespaces.room]\npresence = true\njoin_leave = true",
+        "interest_linger = 5\npresence_window_ms = 200",
+        &[
+            "--shards",
+            "2",
+            "--jwt-secret",
+            SECRET,
+            "--allow-anonymous",
+            "true",
+        ],
     )
-    .expect("write config");
-    Server::start(&[
-        "--config",
-        path.to_str().expect("utf-8 path"),
-        "--shards",
-        "2",
-        "--jwt-secret",
-        SECRET,
-        "--allow-anonymous",
-        "true",
-    ])
 }
 
 #[test]

@@ -10,7 +10,6 @@ mod common;
 use common::nats::NatsServer;
 use common::*;
 use serde_json::{json, Value};
-use std::io::Write;
 use std::time::Duration;
 
 const CHANNEL: &str = "news:interest";
@@ -20,15 +19,14 @@ const LIVE_SUBJECT: &str = "rc.live.news=3Ainterest";
 const LINGER_SECS: u64 = 20;
 
 fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
-    let path = dir.path().join(format!("{name}.toml"));
-    let mut f = std::fs::File::create(&path).expect("config file");
-    writeln!(
-        f,
-        "history_size = 1000\n[cluster]\nnats_url = \"{nats_url}\"\ninterest_linger = {LINGER_SECS}\n\
-         [namespaces.news]\nallow_publish = true"
+    common::nats::start_node(
+        dir.path(),
+        name,
+        nats_url,
+        "history_size = 1000\n[namespaces.news]\nallow_publish = true",
+        &format!("interest_linger = {LINGER_SECS}"),
+        &[],
     )
-    .expect("write config");
-    Server::start(&["--config", path.to_str().expect("utf-8 path")])
 }
 
 /// Every NATS subscription (over all connections) to the channel's live subject:

@@ -6,30 +6,20 @@
 
 mod common;
 
-use common::nats::NatsServer;
+use common::nats::{wait_cluster_up, NatsServer};
 use common::*;
 use serde_json::{json, Value};
-use std::io::Write;
 use std::time::Duration;
 
 fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
-    let path = dir.path().join(format!("{name}.toml"));
-    let mut f = std::fs::File::create(&path).expect("config file");
-    writeln!(
-        f,
-        "history_size = 1000\nmax_recovery_messages = 1000\n[cluster]\nnats_url = \"{nats_url}\"\ninterest_linger = 5"
+    common::nats::start_node(
+        dir.path(),
+        name,
+        nats_url,
+        "history_size = 1000\nmax_recovery_messages = 1000",
+        "interest_linger = 5",
+        &[],
     )
-    .expect("write config");
-    Server::start(&["--config", path.to_str().expect("utf-8 path")])
-}
-
-fn wait_cluster_up(server: &Server) {
-    server.wait_for_metric(
-        "ringcast_cluster_up",
-        "ringcast_cluster_up == 1",
-        Duration::from_secs(20),
-        |v| v == 1.0,
-    );
 }
 
 fn publish(server: &Server, channel: &str, payload: &Value) -> u64 {
@@ -76,8 +66,8 @@ fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
     let dir = tempfile::tempdir().expect("temp dir");
     let a = node(&nats.url(), &dir, "a");
     let b = node(&nats.url(), &dir, "b");
-    wait_cluster_up(&a);
-    wait_cluster_up(&b);
+    wait_cluster_up(&a, 1.0);
+    wait_cluster_up(&b, 1.0);
 
     // The channel's first publish chooses its cluster epoch (a subscriber that came
     // before it holds a local epoch: docs/cluster.md, "Joining a channel").
@@ -160,8 +150,8 @@ fn subscribers_joining_while_publishes_flow_get_every_offset_after_their_reply()
     let dir = tempfile::tempdir().expect("temp dir");
     let a = node(&nats.url(), &dir, "a");
     let b = node(&nats.url(), &dir, "b");
-    wait_cluster_up(&a);
-    wait_cluster_up(&b);
+    wait_cluster_up(&a, 1.0);
+    wait_cluster_up(&b, 1.0);
     let channels: Vec<String> = (0..CHANNELS).map(|i| format!("news:flow{i}")).collect();
     // A publishes to every channel in turn, through its TCP ingest (acked: each line is
     // stored in the stream before the next).

@@ -9,7 +9,6 @@ mod common;
 use common::nats::NatsCluster;
 use common::*;
 use serde_json::json;
-use std::io::Write;
 use std::time::Duration;
 
 const CHANNEL: &str = "feed:ha";
@@ -27,15 +26,14 @@ fn no_acknowledged_message_is_lost_when_one_nats_server_dies() {
     let dir = tempfile::tempdir().expect("temp dir");
     let nodes: Vec<Server> = (0..2)
         .map(|i| {
-            let path = dir.path().join(format!("n{i}.toml"));
-            let mut f = std::fs::File::create(&path).expect("config");
-            writeln!(
-                f,
-                "history_size = 1000\n[cluster]\nnats_url = \"{}\"\nstream_replicas = 3",
-                nats.urls()
+            common::nats::start_node(
+                dir.path(),
+                &format!("n{i}"),
+                &nats.urls(),
+                "history_size = 1000",
+                "stream_replicas = 3",
+                &[],
             )
-            .expect("write config");
-            Server::start(&["--config", path.to_str().expect("utf-8")])
         })
         .collect();
     for n in &nodes {

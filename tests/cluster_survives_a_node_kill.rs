@@ -10,7 +10,6 @@ mod common;
 use common::nats::NatsServer;
 use common::*;
 use serde_json::{json, Value};
-use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,14 +19,14 @@ const TOTAL: u64 = 300;
 const LIVE_SUBJECT: &str = "rc.live.news=3Akill";
 
 fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
-    let path = dir.path().join(format!("{name}.toml"));
-    let mut f = std::fs::File::create(&path).expect("config file");
-    writeln!(
-        f,
-        "history_size = 2000\nmax_recovery_messages = 2000\n[cluster]\nnats_url = \"{nats_url}\"\ninterest_linger = 30"
+    common::nats::start_node(
+        dir.path(),
+        name,
+        nats_url,
+        "history_size = 2000\nmax_recovery_messages = 2000",
+        "interest_linger = 30",
+        &[],
     )
-    .expect("write config");
-    Server::start(&["--config", path.to_str().expect("utf-8 path")])
 }
 
 fn subscribe(server: &Server, since: Option<(u64, &str)>) -> (Subscriber, Value) {

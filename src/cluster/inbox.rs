@@ -32,6 +32,7 @@
 //! every offset up to the answer's last one already in the ring, as with the redb store.
 
 use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
+use crate::cluster::thread::{connect_options, now_nanos};
 use crate::cluster::ClusterSettings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::thread::{
@@ -52,7 +53,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Header of an ack record: the user acked every offset up to this one.
 pub const ACKED_HEADER: &str = "Ringcast-Acked";
@@ -248,36 +249,6 @@ struct Node {
     epoch_next: Cell<u64>,
 }
 
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
-}
-
-/// The cluster thread's connect options (same URLs, credentials and TLS), for this
-/// thread's own client.
-async fn connect_options(s: &ClusterSettings) -> std::io::Result<async_nats::ConnectOptions> {
-    let mut o = match &s.creds_file {
-        Some(path) => async_nats::ConnectOptions::with_credentials_file(path).await?,
-        None => async_nats::ConnectOptions::new(),
-    };
-    if let Some((user, password)) = &s.user_password {
-        o = o.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(token) = &s.token {
-        o = o.token(token.clone());
-    }
-    if let Some(ca) = &s.tls_ca_file {
-        o = o.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    Ok(o.retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(2))
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((100 * attempts as u64).min(2000))
-        }))
-}
-
 fn unavailable(what: impl std::fmt::Display) -> StoreError {
     StoreError::new(ErrorKind::Unavailable, what.to_string())
 }
@@ -292,7 +263,7 @@ async fn run(
     interest: flume::Receiver<(Arc<str>, bool)>,
 ) {
     let (event_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let options = match connect_options(&parts.settings).await {
+    let options = match connect_options(&parts.settings, "ringcast-inbox").await {
         Ok(o) => o.name("ringcast-inbox").event_callback(move |event| {
             let tx = event_tx.clone();
             async move {

@@ -235,13 +235,19 @@ struct Node {
     msg_next: Cell<u64>,
 }
 
-fn now_nanos() -> u64 {
+/// Nanoseconds since the Unix epoch: the base of the epochs a node chooses.
+pub(crate) fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
 }
 
-async fn connect_options(s: &ClusterSettings) -> std::io::Result<async_nats::ConnectOptions> {
+/// Connect options from `[cluster]` (URLs, credentials, TLS, reconnect policy) for a
+/// client called `name`.
+pub(crate) async fn connect_options(
+    s: &ClusterSettings,
+    name: &str,
+) -> std::io::Result<async_nats::ConnectOptions> {
     let mut o = match &s.creds_file {
         Some(path) => async_nats::ConnectOptions::with_credentials_file(path).await?,
         None => async_nats::ConnectOptions::new(),
@@ -255,7 +261,7 @@ async fn connect_options(s: &ClusterSettings) -> std::io::Result<async_nats::Con
     if let Some(ca) = &s.tls_ca_file {
         o = o.add_root_certificates(ca.clone()).require_tls(true);
     }
-    Ok(o.name("ringcast")
+    Ok(o.name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
@@ -274,7 +280,7 @@ async fn run(
     join: Arc<JoinShared>,
 ) {
     let (event_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let options = match connect_options(&settings).await {
+    let options = match connect_options(&settings, "ringcast").await {
         Ok(o) => o.event_callback(move |event| {
             let tx = event_tx.clone();
             async move {

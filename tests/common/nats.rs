@@ -2,7 +2,7 @@
 //! JetStream, on free loopback ports in a temporary directory: one server, or a
 //! 3-server cluster. Killed on drop; a test can stop one and start it again in place.
 
-use super::{free_tcp_port, server::die_with_parent, wait_until};
+use super::{free_tcp_port, server::die_with_parent, wait_until, write_file, Server};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -208,4 +208,35 @@ impl NatsCluster {
             .collect::<Vec<_>>()
             .join(",")
     }
+}
+
+/// Starts a ringcast node of a cluster: `<dir>/<name>.toml` holds `toml` (top-level keys
+/// and tables), then `[cluster]` with `nats_url` and `cluster_keys`; `args` go on the
+/// command line after `--config`.
+pub fn start_node(
+    dir: &std::path::Path,
+    name: &str,
+    nats_url: &str,
+    toml: &str,
+    cluster_keys: &str,
+    args: &[&str],
+) -> Server {
+    let path = dir.join(format!("{name}.toml"));
+    write_file(
+        &path,
+        &format!("{toml}\n[cluster]\nnats_url = \"{nats_url}\"\n{cluster_keys}\n"),
+    );
+    let mut all = vec!["--config", path.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    Server::start(&all)
+}
+
+/// Waits until `server`'s `ringcast_cluster_up` is `up` (1: joined, 0: down).
+pub fn wait_cluster_up(server: &Server, up: f64) {
+    server.wait_for_metric(
+        "ringcast_cluster_up",
+        &format!("ringcast_cluster_up == {up}"),
+        Duration::from_secs(20),
+        |v| v == up,
+    );
 }
