@@ -32,7 +32,7 @@
 //! every offset up to the answer's last one already in the ring, as with the redb store.
 
 use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
-use crate::cluster::thread::{connect_options, now_nanos};
+use crate::cluster::thread::{connect_options, now_nanos, spawn_runtime_thread};
 use crate::cluster::ClusterSettings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::thread::{
@@ -168,37 +168,15 @@ pub fn start(
     stats: Arc<InboxStats>,
 ) -> Result<(Inbox, Vec<ShardQueues>), StoreError> {
     let (tx, rx) = flume::bounded(config.queue);
-    let mut wakes = Vec::with_capacity(shards);
-    let mut answers = Vec::with_capacity(shards);
-    let mut queues = Vec::with_capacity(shards);
-    for _ in 0..shards {
-        let (wake_tx, wake_rx) = flume::bounded(1);
-        let (answer_tx, answer_rx) = flume::unbounded();
-        wakes.push(wake_tx);
-        answers.push(answer_tx);
-        queues.push(ShardQueues {
-            wake: wake_rx,
-            answers: answer_rx,
-        });
-    }
+    let (wakes, answers, queues) = ShardQueues::for_shards(shards);
     let (interest_tx, interest_rx) = flume::unbounded();
     let _ = INTEREST.set(interest_tx);
     let name = PathBuf::from(format!("jetstream:{}_INBOX", settings.stream_name));
     let thread_stats = stats.clone();
-    std::thread::Builder::new()
-        .name("ringcast-inbox-js".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "cluster inbox: cannot build its runtime; user channels get errors");
-                    return;
-                }
-            };
-            let local = tokio::task::LocalSet::new();
+    spawn_runtime_thread(
+        "ringcast-inbox-js",
+        "cluster inbox: cannot build its runtime; user channels get errors",
+        move || {
             let parts = Parts {
                 settings,
                 retention: config.retention,
@@ -207,9 +185,10 @@ pub fn start(
                 wakes,
                 answers,
             };
-            local.block_on(&runtime, run(parts, rx, interest_rx));
-        })
-        .map_err(|e| StoreError::from_io(&e).context("spawning the cluster inbox thread"))?;
+            run(parts, rx, interest_rx)
+        },
+    )
+    .map_err(|e| StoreError::from_io(&e).context("spawning the cluster inbox thread"))?;
     Ok((Inbox::from_parts(tx, stats, name), queues))
 }
 

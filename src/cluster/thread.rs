@@ -102,33 +102,21 @@ impl Cluster {
         let thread_stats = stats.clone();
         let (join, join_answers) = JoinShared::new(shards);
         let thread_join = join.clone();
-        std::thread::Builder::new()
-            .name("ringcast-nats".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cluster: cannot build the NATS thread's runtime; running alone");
-                        return;
-                    }
-                };
-                let local = tokio::task::LocalSet::new();
-                local.block_on(
-                    &runtime,
-                    run(
-                        settings,
-                        publisher,
-                        thread_stats,
-                        wake_txs,
-                        rx,
-                        interest_rx,
-                        thread_join,
-                    ),
-                );
-            })?;
+        spawn_runtime_thread(
+            "ringcast-nats",
+            "cluster: cannot build the NATS thread's runtime; running alone",
+            move || {
+                run(
+                    settings,
+                    publisher,
+                    thread_stats,
+                    wake_txs,
+                    rx,
+                    interest_rx,
+                    thread_join,
+                )
+            },
+        )?;
         Ok(Cluster {
             tx,
             interest_tx,
@@ -233,6 +221,39 @@ struct Node {
     ensure_error: RefCell<String>,
     /// The next message's number in its `Nats-Msg-Id`.
     msg_next: Cell<u64>,
+}
+
+/// Spawns OS thread `name` running the future `make` builds on a current-thread tokio
+/// runtime (a `LocalSet`, so the future may hold `Rc`s). If the runtime cannot be built,
+/// `on_error` is logged and the thread ends.
+///
+/// # Errors
+/// The thread cannot be spawned.
+pub(crate) fn spawn_runtime_thread<F, Fut>(
+    name: &str,
+    on_error: &'static str,
+    make: F,
+) -> std::io::Result<()>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "{on_error}");
+                    return;
+                }
+            };
+            tokio::task::LocalSet::new().block_on(&runtime, make());
+        })
+        .map(|_| ())
 }
 
 /// Nanoseconds since the Unix epoch: the base of the epochs a node chooses.

@@ -194,6 +194,33 @@ pub struct ShardQueues {
     pub answers: flume::Receiver<InboxAnswer>,
 }
 
+impl ShardQueues {
+    /// One wake queue (a token at most) and one answer queue per shard: the senders for
+    /// the store thread, the receivers for the shards.
+    pub(crate) fn for_shards(
+        shards: usize,
+    ) -> (
+        Vec<flume::Sender<()>>,
+        Vec<flume::Sender<InboxAnswer>>,
+        Vec<ShardQueues>,
+    ) {
+        let mut wakes = Vec::with_capacity(shards);
+        let mut answers = Vec::with_capacity(shards);
+        let mut queues = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let (wake_tx, wake_rx) = flume::bounded(1);
+            let (answer_tx, answer_rx) = flume::unbounded();
+            wakes.push(wake_tx);
+            answers.push(answer_tx);
+            queues.push(ShardQueues {
+                wake: wake_rx,
+                answers: answer_rx,
+            });
+        }
+        (wakes, answers, queues)
+    }
+}
+
 impl Inbox {
     /// Opens the database (on the calling thread, so a bad path fails startup with a
     /// clear error) and starts the store thread publishing through `publisher` to
@@ -210,19 +237,7 @@ impl Inbox {
         let store = InboxStore::open(&config.path)?;
         stats.up.store(1, Relaxed);
         let (tx, rx) = flume::bounded(config.queue);
-        let mut wakes = Vec::with_capacity(shards);
-        let mut answers = Vec::with_capacity(shards);
-        let mut queues = Vec::with_capacity(shards);
-        for _ in 0..shards {
-            let (wake_tx, wake_rx) = flume::bounded(1);
-            let (answer_tx, answer_rx) = flume::unbounded();
-            wakes.push(wake_tx);
-            answers.push(answer_tx);
-            queues.push(ShardQueues {
-                wake: wake_rx,
-                answers: answer_rx,
-            });
-        }
+        let (wakes, answers, queues) = ShardQueues::for_shards(shards);
         let path = Arc::new(config.path.clone());
         let worker = StoreThread {
             store: Some(store),
