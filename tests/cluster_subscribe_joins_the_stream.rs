@@ -2,14 +2,20 @@
 //! the node follows it (docs/cluster.md, "Recovery on any node"): a client that moves to
 //! a node that never had a subscriber of the channel recovers its missed messages from
 //! the stream, and subscribers that join while publishes flow get every offset after
-//! their reply's, once, in order. Real nats-server, real binaries.
+//! their reply's, once, in order. A channel's cluster epoch exists before its first
+//! publish (the join stores an epoch marker), so subscribers of a never-published channel
+//! on any node hold positions that recover everywhere. An SSE subscriber on a node that
+//! never followed the channel gets the stream's offsets as event ids. Real nats-server,
+//! real binaries.
 
 mod common;
 
 use common::nats::{wait_cluster_up, NatsServer};
 use common::*;
 use serde_json::{json, Value};
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
     common::nats::start_node(
@@ -69,8 +75,6 @@ fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
     wait_cluster_up(&a, 1.0);
     wait_cluster_up(&b, 1.0);
 
-    // The channel's first publish chooses its cluster epoch (a subscriber that came
-    // before it holds a local epoch: docs/cluster.md, "Joining a channel").
     assert_eq!(publish(&a, CHANNEL, &json!({"n": 1})), 1);
     // The client reads messages on A up to offset 10, notes its position, goes away.
     let (mut client, reply) = subscribe(&a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
@@ -217,5 +221,232 @@ fn subscribers_joining_while_publishes_flow_get_every_offset_after_their_reply()
         m.sum("ringcast_cluster_joins_total") >= CHANNELS as f64,
         "{}",
         cluster_metrics(&[&a, &b])
+    );
+}
+
+#[test]
+fn subscribers_before_the_first_publish_share_the_channels_cluster_epoch() {
+    let _deadline = Deadline::new(
+        "subscribers_before_the_first_publish_share_the_channels_cluster_epoch",
+        Duration::from_secs(120),
+    );
+    const CHANNEL: &str = "news:unpublished";
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats.url(), &dir, "a");
+    let b = node(&nats.url(), &dir, "b");
+    wait_cluster_up(&a, 1.0);
+    wait_cluster_up(&b, 1.0);
+
+    // Nothing was ever published to the channel: both joins find its subject empty.
+    let (mut on_a, reply_a) = subscribe(&a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
+    let (mut on_b, reply_b) = subscribe(&b, &json!({"cmd":"subscribe","channel":CHANNEL,"id":2}));
+    assert_eq!(reply_a["offset"], 0, "{reply_a}");
+    assert_eq!(reply_b["offset"], 0, "{reply_b}");
+    let epoch = reply_a["epoch"].as_str().expect("epoch").to_string();
+    assert_eq!(
+        reply_b["epoch"].as_str(),
+        Some(epoch.as_str()),
+        "one cluster epoch on both nodes: {reply_a} / {reply_b}\n{}",
+        cluster_metrics(&[&a, &b])
+    );
+
+    // The first publishes start at offset 1 in that epoch and reach both subscribers.
+    for i in 1..=5 {
+        assert_eq!(publish(&a, CHANNEL, &json!({"n": i})), i);
+    }
+    for (name, sub) in [("A", &mut on_a), ("B", &mut on_b)] {
+        let got = sub.collect(5, Duration::from_secs(10));
+        assert_eq!(
+            got.iter().map(|d| d.offset).collect::<Vec<_>>(),
+            (1..=5).collect::<Vec<_>>(),
+            "on {name}\n{}",
+            cluster_metrics(&[&a, &b])
+        );
+        assert_eq!(
+            got.iter()
+                .map(|d| d.data["n"].as_u64().expect("n"))
+                .collect::<Vec<_>>(),
+            (1..=5).collect::<Vec<_>>(),
+            "on {name}: payloads"
+        );
+    }
+    on_a.close();
+    on_b.close();
+
+    // The position taken before the first publish recovers on either node.
+    for (i, (name, server)) in [("A", &a), ("B", &b)].into_iter().enumerate() {
+        let (mut back, reply) = subscribe(
+            server,
+            &json!({"cmd":"subscribe","channel":CHANNEL,"id":10 + i,
+                    "since":{"offset":0,"epoch":epoch}}),
+        );
+        assert_eq!(
+            reply["recovered"],
+            true,
+            "on {name}: {reply}\n{}",
+            cluster_metrics(&[&a, &b])
+        );
+        assert_eq!(reply["epoch"].as_str(), Some(epoch.as_str()), "{reply}");
+        let got = back.collect(5, Duration::from_secs(10));
+        assert_eq!(
+            got.iter().map(|d| d.offset).collect::<Vec<_>>(),
+            (1..=5).collect::<Vec<_>>(),
+            "on {name}: replayed"
+        );
+        back.close();
+    }
+    for n in [&a, &b] {
+        let m = n.metrics();
+        assert_eq!(
+            m.sum("ringcast_cluster_join_fallbacks_total"),
+            0.0,
+            "{}",
+            cluster_metrics(&[&a, &b])
+        );
+        // The marker is no message: neither received nor skipped as a gap.
+        assert_eq!(m.sum("ringcast_cluster_gap_offsets_total"), 0.0);
+    }
+}
+
+/// An SSE stream read with a plain HTTP/1.1 client: its events' `id:` and parsed `data:`.
+struct Sse {
+    stream: TcpStream,
+    buffer: String,
+}
+
+impl Sse {
+    fn open(server: &Server, query: &str) -> Sse {
+        let addr = server.ws_addr();
+        let mut stream = TcpStream::connect(addr).expect("connect to the WebSocket port");
+        write!(
+            stream,
+            "GET /sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .expect("send the SSE request");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("read timeout");
+        Sse {
+            stream,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next `n` events that carry data, as (id, data); panics after `timeout`.
+    fn events(&mut self, n: usize, timeout: Duration) -> Vec<(Option<String>, Value)> {
+        let end = Instant::now() + timeout;
+        let mut out = Vec::new();
+        loop {
+            while let Some(at) = self.buffer.find("\n\n") {
+                let event: String = self.buffer.drain(..at + 2).collect();
+                let id = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("id: "))
+                    .map(str::to_string);
+                let data = event.lines().find_map(|l| l.strip_prefix("data: "));
+                if let Some(d) = data {
+                    let v: Value = serde_json::from_str(d)
+                        .unwrap_or_else(|e| panic!("bad SSE data {d:?}: {e}"));
+                    out.push((id, v));
+                    if out.len() == n {
+                        return out;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "{n} SSE events not received within {timeout:?}; got {out:?}, pending {:?}",
+                self.buffer
+            );
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!(
+                    "the SSE stream ended; got {out:?}, pending {:?}",
+                    self.buffer
+                ),
+                Ok(k) => {
+                    self.buffer.push_str(&String::from_utf8_lossy(&chunk[..k]));
+                    // The response head ends with a blank line too: drop it once.
+                    if let Some(rest) = self.buffer.strip_prefix("HTTP/1.1 ") {
+                        if let Some(at) = rest.find("\r\n\r\n") {
+                            let head = &rest[..at];
+                            assert!(head.starts_with("200"), "SSE answer: {head}");
+                            self.buffer = rest[at + 4..].to_string();
+                        }
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("reading the SSE stream: {e}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets() {
+    let _deadline = Deadline::new(
+        "an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets",
+        Duration::from_secs(120),
+    );
+    const CHANNEL: &str = "news:sse";
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = node(&nats.url(), &dir, "a");
+    let b = node(&nats.url(), &dir, "b");
+    wait_cluster_up(&a, 1.0);
+    wait_cluster_up(&b, 1.0);
+
+    for i in 1..=3 {
+        assert_eq!(publish(&a, CHANNEL, &json!({"n": i})), i);
+    }
+    // The channel's epoch, as a subscriber on A sees it.
+    let (mut on_a, reply) = subscribe(&a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
+    assert_eq!(reply["offset"], 3, "{reply}");
+    let epoch = reply["epoch"].as_str().expect("epoch").to_string();
+    on_a.close();
+
+    // B never had a subscriber of the channel: an SSE client resumes there from offset 1.
+    let mut sse = Sse::open(&b, &format!("channels={CHANNEL}&since={CHANNEL}~1~{epoch}"));
+    let events = sse.events(3, Duration::from_secs(10));
+    let (id, reply) = &events[0];
+    assert_eq!(reply["reply"], "subscribe", "{reply}");
+    assert_eq!(reply["code"], 200, "{reply}");
+    assert_eq!(
+        reply["recovered"],
+        true,
+        "{reply}\n{}",
+        cluster_metrics(&[&a, &b])
+    );
+    assert_eq!(reply["epoch"].as_str(), Some(epoch.as_str()), "{reply}");
+    assert_eq!(id.as_deref(), Some(format!("{CHANNEL}~1~{epoch}").as_str()));
+    for (k, (id, data)) in events[1..].iter().enumerate() {
+        let offset = k as u64 + 2;
+        assert_eq!(data["offset"], offset, "{data}");
+        assert_eq!(data["data"]["n"], offset, "{data}");
+        assert_eq!(
+            id.as_deref(),
+            Some(format!("{CHANNEL}~{offset}~{epoch}").as_str())
+        );
+    }
+    // Live from both nodes: the stream's next offsets.
+    assert_eq!(publish(&a, CHANNEL, &json!({"n": 4})), 4);
+    assert_eq!(publish(&b, CHANNEL, &json!({"n": 5})), 5);
+    let live = sse.events(2, Duration::from_secs(10));
+    for (k, (id, data)) in live.iter().enumerate() {
+        let offset = k as u64 + 4;
+        assert_eq!(data["offset"], offset, "{data}");
+        assert_eq!(
+            id.as_deref(),
+            Some(format!("{CHANNEL}~{offset}~{epoch}").as_str())
+        );
+    }
+    assert_eq!(
+        b.metrics().sum("ringcast_cluster_join_fallbacks_total"),
+        0.0
     );
 }

@@ -151,6 +151,11 @@ fn no_acknowledged_message_is_lost_when_one_nats_server_dies() {
         ],
     )
     .summary();
+    assert!(
+        stored["markers"].as_u64().is_some_and(|m| m <= 1)
+            && stored["epochs"].as_array().map(Vec::len) == Some(1),
+        "one epoch, at most one epoch marker: {stored}"
+    );
     let stored: Vec<u64> = stored["offsets"]
         .as_array()
         .expect("offsets")

@@ -18,6 +18,13 @@
 //! then it was stored before the read of the last message, so `k <= L`. While the join
 //! runs, cluster messages of the channel are buffered and applied in order after it.
 //!
+//! A join that finds the stream subject empty stores an epoch marker there first
+//! (offset 0, a new epoch, no payload, expecting no message on the subject): one node
+//! wins, the others are refused (10071) and read the winner's. The join then adopts
+//! `(0, E)`, so subscribers before the first publish get the cluster epoch `E`, and the
+//! first publish stores offset 1 in `E`. The marker is never delivered: it is not
+//! published live, and reading back (offset 0) skips it.
+//!
 //! A subscribe is never held longer than [`LOCAL_AFTER`]: with NATS down, or a join not
 //! done by then, it is answered from local state (a local epoch, as before joins).
 //!
@@ -27,7 +34,10 @@
 use super::{Chan, Cluster, Node, Request, JS_TIMEOUT, LOCAL_AFTER};
 use crate::cluster::subject::{parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
 use crate::fanout::history::Since;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::HeaderMap;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use std::cell::{Cell, RefCell};
@@ -213,9 +223,6 @@ struct Joining {
 pub(super) struct Joins {
     shared: Arc<JoinShared>,
     pending: RefCell<HashMap<Arc<str>, Joining>>,
-    /// Joined while the stream had no message of the channel: its first cluster message
-    /// starts it at offset 1 (earlier offsets are read back), not at that message.
-    fresh: RefCell<HashSet<Arc<str>>>,
     next_waiter: Cell<u64>,
 }
 
@@ -224,7 +231,6 @@ impl Joins {
         Joins {
             shared,
             pending: RefCell::new(HashMap::new()),
-            fresh: RefCell::new(HashSet::new()),
             next_waiter: Cell::new(0),
         }
     }
@@ -433,12 +439,10 @@ impl Node {
     /// The live subscription of `channel` ended: it is no longer followed.
     pub(super) fn unfollowed(&self, channel: &str) {
         self.joins.shared.followed.write().remove(channel);
-        self.joins.fresh.borrow_mut().remove(channel);
     }
 
     /// Called first by `deliver`: true when the message was buffered because the
-    /// channel is joining. After a join that found the stream empty, the first message
-    /// starts the channel at offset 1, so a lost live message before it is read back.
+    /// channel is joining.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn join_intercept(
         &self,
@@ -458,17 +462,6 @@ impl Node {
                 own,
             });
             return true;
-        }
-        if self.joins.fresh.borrow_mut().remove(channel) {
-            let mut chans = self.chans.borrow_mut();
-            let c = chans.entry(channel.clone()).or_default();
-            if c.epoch != epoch {
-                c.epoch = epoch;
-                c.applied = 0;
-                c.applied_seq = 0;
-                c.pending.clear();
-                c.local = false;
-            }
         }
         false
     }
@@ -523,9 +516,21 @@ impl Node {
                     continue;
                 }
             };
-            if seq == 0 {
-                return self.complete_join(name, None, Vec::new());
-            }
+            let seq = if seq == 0 {
+                // The stream has nothing of the channel: fix its epoch with a marker.
+                match self.write_marker(name, epoch).await {
+                    Ok(Some(s)) => s,
+                    // Another node stored first (a marker or a message): read it.
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, channel = %name, "cluster: joining: storing the epoch marker");
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                }
+            } else {
+                seq
+            };
             let mut got: Vec<Stored> = Vec::new();
             let mut from = last + 1;
             let mut failed = false;
@@ -553,7 +558,38 @@ impl Node {
                 tokio::time::sleep(pause).await;
                 continue;
             }
-            return self.complete_join(name, Some((last, epoch, seq)), got);
+            return self.complete_join(name, (last, epoch, seq), got);
+        }
+    }
+
+    /// Stores the epoch marker of a channel whose stream subject is empty: offset 0 in
+    /// `epoch`, no payload, expecting no message on the subject, so one node wins and
+    /// the channel's epoch exists before its first publish. `Some(sequence)` when stored;
+    /// `None` when the subject is not empty any more (refused with 10071).
+    async fn write_marker(&self, name: &Arc<str>, epoch: u64) -> Result<Option<u64>, String> {
+        let mut headers = HeaderMap::new();
+        headers.insert(OFFSET_HEADER, "0");
+        headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
+        let publish = Publish::build()
+            .payload(Bytes::new())
+            .headers(headers)
+            .expected_last_subject_sequence(0);
+        let ack = match self
+            .js
+            .send_publish(self.stream_subject(name), publish)
+            .await
+        {
+            Ok(future) => tokio::time::timeout(JS_TIMEOUT, future)
+                .await
+                .map_err(|_| {
+                    "cluster: the epoch marker was not acknowledged in time".to_string()
+                })?,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Err(e) => Err(format!("cluster: storing the epoch marker: {e}")),
         }
     }
 
@@ -643,49 +679,38 @@ impl Node {
     fn complete_join(
         self: &Rc<Self>,
         name: &Arc<str>,
-        last: Option<(u64, u64, u64)>,
+        (last, epoch, seq): (u64, u64, u64),
         got: Vec<Stored>,
     ) {
-        match last {
-            Some((last, epoch, seq)) => {
-                self.joins.fresh.borrow_mut().remove(name);
-                let mut at = self
-                    .publisher
-                    .position(name)
-                    .filter(|(_, e)| *e == epoch)
-                    .map(|(p, _)| p);
-                for (offset, _, payload) in got {
-                    if at.is_some_and(|a| offset <= a) {
-                        continue;
-                    }
-                    if let Some(a) = at.filter(|a| offset > a + 1) {
-                        // Gone from the stream: subscribers here see the jump.
-                        self.stats.gap_offsets.fetch_add(offset - a - 1, Relaxed);
-                    }
-                    self.publisher.publish_at(name, offset, epoch, &payload);
-                    at = Some(offset);
-                }
-                self.publisher.adopt_position(name, last, epoch);
-                let mut chans = self.chans.borrow_mut();
-                let c = chans.entry(name.clone()).or_default();
-                if c.epoch != epoch {
-                    c.pending.clear();
-                }
-                c.epoch = epoch;
-                c.applied = last.max(at.unwrap_or(0));
-                c.applied_seq = c.applied_seq.max(seq);
-                c.local = false;
-                self.drain(name, c);
-                relinger(c, self.settings.interest_linger);
+        let mut at = self
+            .publisher
+            .position(name)
+            .filter(|(_, e)| *e == epoch)
+            .map(|(p, _)| p);
+        for (offset, _, payload) in got {
+            if at.is_some_and(|a| offset <= a) {
+                continue;
             }
-            None => {
-                // The stream has nothing of the channel: its first message (from any
-                // node) starts it at offset 1.
-                self.joins.fresh.borrow_mut().insert(name.clone());
-                let mut chans = self.chans.borrow_mut();
-                let c = chans.entry(name.clone()).or_default();
-                relinger(c, self.settings.interest_linger);
+            if let Some(a) = at.filter(|a| offset > a + 1) {
+                // Gone from the stream: subscribers here see the jump.
+                self.stats.gap_offsets.fetch_add(offset - a - 1, Relaxed);
             }
+            self.publisher.publish_at(name, offset, epoch, &payload);
+            at = Some(offset);
+        }
+        self.publisher.adopt_position(name, last, epoch);
+        {
+            let mut chans = self.chans.borrow_mut();
+            let c = chans.entry(name.clone()).or_default();
+            if c.epoch != epoch {
+                c.pending.clear();
+            }
+            c.epoch = epoch;
+            c.applied = last.max(at.unwrap_or(0));
+            c.applied_seq = c.applied_seq.max(seq);
+            c.local = false;
+            self.drain(name, c);
+            relinger(c, self.settings.interest_linger);
         }
         self.joins.shared.followed.write().insert(name.clone());
         let joining = self.joins.pending.borrow_mut().remove(name);

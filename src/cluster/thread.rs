@@ -597,6 +597,10 @@ impl Node {
         payload: Bytes,
         own: bool,
     ) {
+        if offset == 0 {
+            // An epoch marker is never a message (it is not published live either).
+            return;
+        }
         if self.join_intercept(channel, offset, epoch, seq, &payload, own) {
             return;
         }
@@ -719,6 +723,10 @@ impl Node {
                     let (Some(offset), Some(epoch)) = (offset, epoch) else {
                         continue;
                     };
+                    if offset == 0 {
+                        // An epoch marker (join.rs): not a message.
+                        continue;
+                    }
                     let mut chans = self.chans.borrow_mut();
                     let Some(c) = chans.get_mut(&channel) else {
                         return;

@@ -248,7 +248,7 @@ pub(crate) fn adopt_stream(
     if conn.machine.is_open() {
         shard.flush_or_close(key, conn);
         // Everything out and keeping up: an idle stream holds no encoder.
-        shard.release_idle_stream(conn);
+        shard.release_idle_stream(key, conn);
     }
 }
 

@@ -439,7 +439,7 @@ mod tests {
                             // A writable edge writes what is queued; the sweep finds the
                             // stream idle.
                             assert_eq!(shard.flush(conn), Flush::Done);
-                            shard.release_idle_stream(conn);
+                            shard.release_idle_stream(key, conn);
                         }
                     }
                     keys.iter()

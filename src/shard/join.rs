@@ -105,6 +105,15 @@ impl Shard {
             .count()
     }
 
+    /// True while a subscribe of connection `key` (of `generation`) waits for a join.
+    pub(super) fn joining(&self, key: u32, generation: u32) -> bool {
+        let pending = self.cluster_pending.borrow();
+        !pending.is_empty()
+            && pending
+                .iter()
+                .any(|((k, _), g)| *k == key && *g == generation)
+    }
+
     /// Drops a waiting subscribe of `channel` by connection `key` (it unsubscribed).
     pub(super) fn cluster_forget(&self, key: u32, channel: &str) {
         self.cluster_pending
@@ -181,7 +190,7 @@ impl Shard {
         self.answer_poll_if_due(tag.key, conn);
         if conn.machine.is_open() {
             self.flush_or_close(tag.key, conn);
-            self.release_idle_stream(conn);
+            self.release_idle_stream(tag.key, conn);
         }
     }
 }

@@ -105,7 +105,7 @@ impl Sweep {
                 };
                 let before = conn.machine.backlog().bytes();
                 match conn.machine.on_tick(now, &shard.conn_config.get()) {
-                    Tick::Idle => shard.release_idle_stream(conn),
+                    Tick::Idle => shard.release_idle_stream(key, conn),
                     Tick::Ping => {
                         pings += 1;
                         shard.note_backlog_change(before, conn.machine.backlog().bytes());

@@ -308,9 +308,11 @@ impl Shard {
     /// Releases the encoder of an SSE stream that is idle (see
     /// [`crate::proto::conn::Connection::release_position`]), unless a fan-out is paused
     /// part-way: the index then still has that message's channel before it, and a stream
-    /// already given it would rebuild its position there (a resume would repeat it).
-    pub(super) fn release_idle_stream(&self, conn: &mut Conn) {
-        if self.partial_deliveries.get() == 0 {
+    /// already given it would rebuild its position there (a resume would repeat it); or
+    /// a subscribe of the stream waits for a cluster join: the index cannot rebuild the
+    /// position it asked for (its `since`), which the reply's `id:` must carry.
+    pub(super) fn release_idle_stream(&self, key: u32, conn: &mut Conn) {
+        if self.partial_deliveries.get() == 0 && !self.joining(key, conn.generation) {
             conn.machine.release_position();
         }
     }

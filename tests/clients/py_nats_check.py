@@ -1,7 +1,9 @@
 """Reads a ringcast channel's messages straight from the JetStream stream with nats-py,
-an independent NATS client: prints one JSON line {"offsets": [...], "epochs": [...]} with
-the Ringcast-Offset and Ringcast-Epoch headers of every stored message of the channel's
-subject, oldest first.
+an independent NATS client: prints one JSON line
+{"offsets": [...], "epochs": [...], "markers": N} with the Ringcast-Offset and
+Ringcast-Epoch headers of every stored message of the channel's subject, oldest first.
+An epoch marker (offset 0, stored by a node that joined the channel before its first
+publish: docs/cluster.md) is not a message: it is counted in "markers", its epoch listed.
 
 python3 py_nats_check.py --servers nats://a,nats://b --stream RINGCAST --subject rc.ch.X
 """
@@ -26,7 +28,7 @@ async def main():
     a = p.parse_args()
     nc = await nats.connect(servers=a.servers.split(","), connect_timeout=5)
     js = nc.jetstream()
-    offsets, epochs, seq = [], set(), 1
+    offsets, epochs, markers, seq = [], set(), 0, 1
     # A stream that just lost a server may answer "unavailable" for a few seconds while
     # its leader moves: retried for up to 30 s.
     give_up = time.monotonic() + 30
@@ -41,11 +43,15 @@ async def main():
             await asyncio.sleep(0.2)
             continue
         headers = msg.headers or {}
-        offsets.append(int(headers["Ringcast-Offset"]))
+        offset = int(headers["Ringcast-Offset"])
+        if offset == 0:
+            markers += 1
+        else:
+            offsets.append(offset)
         epochs.add(headers["Ringcast-Epoch"])
         seq = msg.seq + 1
     await nc.close()
-    print(json.dumps({"offsets": offsets, "epochs": sorted(epochs)}))
+    print(json.dumps({"offsets": offsets, "epochs": sorted(epochs), "markers": markers}))
 
 
 if __name__ == "__main__":
