@@ -31,8 +31,9 @@
 //! it has not seen before answering, so the shard's attach (src/shard/inbox.rs) finds
 //! every offset up to the answer's last one already in the ring, as with the redb store.
 
-use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
-use crate::cluster::thread::{connect_options, now_nanos, spawn_runtime_thread};
+use crate::cluster::stored;
+use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER};
+use crate::cluster::thread::{connect, next_job, now_nanos, spawn_runtime_thread};
 use crate::cluster::ClusterSettings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::thread::{
@@ -60,10 +61,6 @@ pub const ACKED_HEADER: &str = "Ringcast-Acked";
 
 /// Attempts of one write when another node wrote the subject first (error 10071).
 const MAX_TRIES: usize = 16;
-/// JetStream request timeout.
-const JS_TIMEOUT: Duration = Duration::from_secs(2);
-/// A channel's worker ends after this long without a request.
-const WORKER_IDLE: Duration = Duration::from_secs(30);
 
 /// What the shards' interest in user channels is sent to (set when this backend runs).
 static INTEREST: OnceLock<flume::Sender<(Arc<str>, bool)>> = OnceLock::new();
@@ -241,34 +238,14 @@ async fn run(
     requests: flume::Receiver<Request>,
     interest: flume::Receiver<(Arc<str>, bool)>,
 ) {
-    let (event_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let options = match connect_options(&parts.settings, "ringcast-inbox").await {
-        Ok(o) => o.name("ringcast-inbox").event_callback(move |event| {
-            let tx = event_tx.clone();
-            async move {
-                let _ = tx.send(event);
+    let (client, js, mut events) =
+        match connect(&parts.settings, "ringcast-inbox", "cluster inbox").await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}; user channels get errors");
+                return fail_forever(&parts, requests).await;
             }
-        }),
-        Err(e) => {
-            tracing::error!(error = %e, "cluster inbox: cannot read the NATS credentials; user channels get errors");
-            return fail_forever(&parts, requests).await;
-        }
-    };
-    let urls: Vec<String> = parts
-        .settings
-        .nats_url
-        .split(',')
-        .map(|u| u.trim().to_string())
-        .collect();
-    let client = match options.connect(urls).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cluster inbox: bad NATS address; user channels get errors");
-            return fail_forever(&parts, requests).await;
-        }
-    };
-    let mut js = async_nats::jetstream::new(client.clone());
-    js.set_timeout(JS_TIMEOUT);
+        };
     let node = Rc::new(Node {
         parts,
         client,
@@ -478,21 +455,7 @@ impl Node {
         channel: Arc<str>,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<Request>,
     ) {
-        loop {
-            let request = match rx.try_recv() {
-                Ok(r) => r,
-                Err(_) => match tokio::time::timeout(WORKER_IDLE, rx.recv()).await {
-                    Ok(Some(r)) => r,
-                    _ => {
-                        if rx.is_empty() {
-                            // Checked and removed with no await between: nothing lost.
-                            self.workers.borrow_mut().remove(&channel);
-                            return;
-                        }
-                        continue;
-                    }
-                },
-            };
+        while let Some(request) = next_job(&mut rx, &self.workers, &channel).await {
             let outcome = match &request {
                 Request::Publish { payload, .. } => {
                     let started = Instant::now();
@@ -524,23 +487,18 @@ impl Node {
         inbox: &JsStream,
         channel: &str,
     ) -> Result<Option<(u64, u64, u64)>, StoreError> {
-        match inbox
-            .direct_get_last_for_subject(self.subject("inbox", channel))
+        let last = stored::last(inbox, &self.subject("inbox", channel))
             .await
-        {
-            Ok(m) => {
-                let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()));
-                let epoch = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
-                match (offset, epoch) {
-                    (Some(o), Some(e)) => Ok(Some((o, e, m.sequence))),
-                    _ => Err(js_error(
-                        "reading the inbox",
-                        format!("message {} has no ringcast headers", m.sequence),
-                    )),
-                }
-            }
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(js_error("reading the inbox's last message", e)),
+            .map_err(|e| js_error("reading the inbox's last message", e))?;
+        let Some(m) = last else {
+            return Ok(None);
+        };
+        match m.position() {
+            Some((o, e)) => Ok(Some((o, e, m.seq))),
+            None => Err(js_error(
+                "reading the inbox",
+                format!("message {} has no ringcast headers", m.seq),
+            )),
         }
     }
 
@@ -615,12 +573,9 @@ impl Node {
             };
             let epoch = if epoch == 0 { self.new_epoch() } else { epoch };
             let offset = last + 1;
-            let mut headers = HeaderMap::new();
-            headers.insert(OFFSET_HEADER, offset.to_string().as_str());
-            headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
             let publish = Publish::build()
                 .payload(payload.clone())
-                .headers(headers)
+                .headers(stored::headers(offset, epoch, None))
                 .expected_last_subject_sequence(seq);
             let ack = match self
                 .js
@@ -639,10 +594,7 @@ impl Node {
                         .stream_last = Some((offset, epoch, ack.sequence));
                     self.deliver(channel, offset, epoch, ack.sequence, payload.clone())
                         .await;
-                    let mut headers = HeaderMap::new();
-                    headers.insert(OFFSET_HEADER, offset.to_string().as_str());
-                    headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
-                    headers.insert(SEQ_HEADER, ack.sequence.to_string().as_str());
+                    let headers = stored::headers(offset, epoch, Some(ack.sequence));
                     // Live delivery to the other nodes is best effort: a node that misses
                     // it reads the message back (hole fill, or the subscribe's read).
                     let _ = self
@@ -691,26 +643,19 @@ impl Node {
             let mut removed = 0;
             let mut bound = last_seq + 1;
             let mut cursor = 1;
-            loop {
-                match inbox
-                    .direct_get_next_for_subject(subject.clone(), Some(cursor))
-                    .await
-                {
-                    Ok(m) => {
-                        let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()))
-                            .unwrap_or(0);
-                        if offset > upto {
-                            bound = m.sequence;
-                            break;
-                        }
-                        if offset > from {
-                            removed += 1;
-                        }
-                        cursor = m.sequence + 1;
-                    }
-                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-                    Err(e) => return Err(js_error("reading the inbox", e)),
+            while let Some(m) = stored::next(&inbox, &subject, cursor)
+                .await
+                .map_err(|e| js_error("reading the inbox", e))?
+            {
+                let offset = m.offset.unwrap_or(0);
+                if offset > upto {
+                    bound = m.seq;
+                    break;
                 }
+                if offset > from {
+                    removed += 1;
+                }
+                cursor = m.seq + 1;
             }
             let record_seq = record.map_or(0, |r| r.1);
             let new = AckRecord {
@@ -771,24 +716,19 @@ impl Node {
         let mut messages: Vec<(u64, u64, Bytes)> = Vec::new();
         let mut cursor = 1;
         while messages.len() < MAX_DELIVERY {
-            match inbox
-                .direct_get_next_for_subject(subject.clone(), Some(cursor))
+            let Some(m) = stored::next(&inbox, &subject, cursor)
                 .await
-            {
-                Ok(m) => {
-                    cursor = m.sequence + 1;
-                    let offset =
-                        parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str())).unwrap_or(0);
-                    let e = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
-                    if offset > last {
-                        break;
-                    }
-                    if offset > acked && e == Some(epoch) {
-                        messages.push((offset, m.sequence, m.payload));
-                    }
-                }
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(js_error("reading the inbox", e)),
+                .map_err(|e| js_error("reading the inbox", e))?
+            else {
+                break;
+            };
+            cursor = m.seq + 1;
+            let offset = m.offset.unwrap_or(0);
+            if offset > last {
+                break;
+            }
+            if offset > acked && m.epoch == Some(epoch) {
+                messages.push((offset, m.seq, m.payload));
             }
         }
         let more = match messages.last() {
@@ -903,34 +843,27 @@ impl Node {
         };
         let subject = self.subject("inbox", channel);
         loop {
-            match inbox
-                .direct_get_next_for_subject(subject.clone(), Some(cursor))
-                .await
-            {
-                Ok(m) => {
-                    cursor = m.sequence + 1;
-                    let offset =
-                        parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str())).unwrap_or(0);
-                    if offset >= before {
-                        return;
-                    }
-                    let e = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
-                    let mut chans = self.chans.borrow_mut();
-                    let Some(c) = chans.get_mut(channel) else {
-                        return;
-                    };
-                    if e == Some(epoch) && c.epoch == epoch && offset > c.applied {
-                        self.publish_local(channel, offset, epoch, &m.payload);
-                        c.applied = offset;
-                        c.applied_seq = m.sequence;
-                    }
-                }
+            let m = match stored::next(&inbox, &subject, cursor).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
                 Err(e) => {
-                    if e.kind() != DirectGetErrorKind::NotFound {
-                        tracing::debug!(error = %e, channel = %channel, "cluster inbox: reading back a hole");
-                    }
+                    tracing::debug!(error = %e, channel = %channel, "cluster inbox: reading back a hole");
                     return;
                 }
+            };
+            cursor = m.seq + 1;
+            let offset = m.offset.unwrap_or(0);
+            if offset >= before {
+                return;
+            }
+            let mut chans = self.chans.borrow_mut();
+            let Some(c) = chans.get_mut(channel) else {
+                return;
+            };
+            if m.epoch == Some(epoch) && c.epoch == epoch && offset > c.applied {
+                self.publish_local(channel, offset, epoch, &m.payload);
+                c.applied = offset;
+                c.applied_seq = m.seq;
             }
         }
     }
@@ -975,13 +908,7 @@ impl Node {
             }
             use futures_lite::StreamExt;
             while let Some(m) = sub.next().await {
-                let Some(h) = m.headers.as_ref() else {
-                    continue;
-                };
-                let offset = parse_u64(h.get(OFFSET_HEADER).map(|v| v.as_str()));
-                let epoch = parse_u64(h.get(EPOCH_HEADER).map(|v| v.as_str()));
-                let seq = parse_u64(h.get(SEQ_HEADER).map(|v| v.as_str())).unwrap_or(0);
-                if let (Some(offset), Some(epoch)) = (offset, epoch) {
+                if let Some((offset, epoch, seq)) = stored::live_position(m.headers.as_ref()) {
                     node.deliver(&name, offset, epoch, seq, m.payload).await;
                 }
             }

@@ -32,12 +32,10 @@
 //! join reads) and [`SeqSearch`] (where that offset is in the stream).
 
 use super::{Chan, Cluster, Node, Request, JS_TIMEOUT, LOCAL_AFTER};
-use crate::cluster::subject::{parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
+use crate::cluster::stored;
 use crate::fanout::history::Since;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
-use async_nats::jetstream::stream::DirectGetErrorKind;
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use std::cell::{Cell, RefCell};
@@ -338,10 +336,6 @@ impl SeqSearch {
     }
 }
 
-fn header_u64(m: &async_nats::jetstream::message::StreamMessage, name: &str) -> Option<u64> {
-    parse_u64(m.headers.get(name).map(|v| v.as_str()))
-}
-
 impl Node {
     /// A shard's subscribe waits for this node to follow `request.channel`.
     pub(super) fn on_join(self: Rc<Self>, request: JoinRequest) {
@@ -480,13 +474,7 @@ impl Node {
         self.join_phase(&name).await;
         use futures_lite::StreamExt;
         while let Some(m) = sub.next().await {
-            let Some(h) = m.headers.as_ref() else {
-                continue;
-            };
-            let offset = parse_u64(h.get(OFFSET_HEADER).map(|v| v.as_str()));
-            let epoch = parse_u64(h.get(EPOCH_HEADER).map(|v| v.as_str()));
-            let seq = parse_u64(h.get(SEQ_HEADER).map(|v| v.as_str())).unwrap_or(0);
-            if let (Some(offset), Some(epoch)) = (offset, epoch) {
+            if let Some((offset, epoch, seq)) = stored::live_position(m.headers.as_ref()) {
                 self.deliver(&name, offset, epoch, seq, m.payload, false);
             }
         }
@@ -567,12 +555,9 @@ impl Node {
     /// the channel's epoch exists before its first publish. `Some(sequence)` when stored;
     /// `None` when the subject is not empty any more (refused with 10071).
     async fn write_marker(&self, name: &Arc<str>, epoch: u64) -> Result<Option<u64>, String> {
-        let mut headers = HeaderMap::new();
-        headers.insert(OFFSET_HEADER, "0");
-        headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
         let publish = Publish::build()
             .payload(Bytes::new())
-            .headers(headers)
+            .headers(stored::headers(0, epoch, None))
             .expected_last_subject_sequence(0);
         let ack = match self
             .js
@@ -629,45 +614,29 @@ impl Node {
             .ok_or("cluster: no stream yet")?;
         let subject = self.stream_subject(name);
         let mut search = SeqSearch::new(lo, known.0, known.1);
+        let read = |e| format!("cluster: reading the stream: {e}");
         while let Some(q) = search.probe() {
-            match stream
-                .direct_get_next_for_subject(subject.clone(), Some(q))
-                .await
-            {
-                Ok(m) => {
-                    let offset = header_u64(&m, OFFSET_HEADER).unwrap_or(0);
-                    search.observe(q, Some((m.sequence, offset)));
-                }
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => search.observe(q, None),
-                Err(e) => return Err(format!("cluster: reading the stream: {e}")),
-            }
+            let m = stored::next(&stream, &subject, q).await.map_err(read)?;
+            search.observe(q, m.map(|m| (m.seq, m.offset.unwrap_or(0))));
         }
         let mut out = Vec::new();
         let mut cursor = search.start();
-        loop {
-            match stream
-                .direct_get_next_for_subject(subject.clone(), Some(cursor))
-                .await
-            {
-                Ok(m) => {
-                    cursor = m.sequence + 1;
-                    let offset = header_u64(&m, OFFSET_HEADER);
-                    let e = header_u64(&m, EPOCH_HEADER);
-                    let (Some(offset), Some(e)) = (offset, e) else {
-                        continue;
-                    };
-                    if offset > until {
-                        break;
-                    }
-                    if e == epoch && offset >= lo {
-                        out.push((offset, m.sequence, m.payload));
-                    }
-                    if offset == until || m.sequence >= known.0 {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(format!("cluster: reading the stream: {e}")),
+        while let Some(m) = stored::next(&stream, &subject, cursor)
+            .await
+            .map_err(read)?
+        {
+            cursor = m.seq + 1;
+            let Some((offset, e)) = m.position() else {
+                continue;
+            };
+            if offset > until {
+                break;
+            }
+            if e == epoch && offset >= lo {
+                out.push((offset, m.seq, m.payload));
+            }
+            if offset == until || m.seq >= known.0 {
+                break;
             }
         }
         self.stats.join.fetched.fetch_add(out.len() as u64, Relaxed);

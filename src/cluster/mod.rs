@@ -18,6 +18,7 @@
 pub mod inbox;
 pub mod presence;
 pub mod presence_wire;
+mod stored;
 pub mod subject;
 pub mod thread;
 

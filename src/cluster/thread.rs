@@ -14,12 +14,11 @@
 
 mod failover;
 
-use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER};
+use crate::cluster::stored;
+use crate::cluster::subject::encode_channel;
 use crate::cluster::{ClusterSettings, ClusterStats};
 use crate::fanout::publisher::Publisher;
-use async_nats::jetstream::stream::{
-    Config as StreamConfig, DirectGetErrorKind, DiscardPolicy, Stream as JsStream,
-};
+use async_nats::jetstream::stream::{Config as StreamConfig, DiscardPolicy, Stream as JsStream};
 use async_nats::{Client, Event};
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
@@ -256,6 +255,29 @@ where
         .map(|_| ())
 }
 
+/// The next job of channel `channel`'s worker task (one per channel keeps its jobs in
+/// order); `None` once it was idle for [`WORKER_IDLE`] and took itself out of `workers`
+/// (checked and removed with no await between: no job queued meanwhile is lost).
+pub(crate) async fn next_job<T>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    workers: &RefCell<HashMap<Arc<str>, tokio::sync::mpsc::UnboundedSender<T>>>,
+    channel: &Arc<str>,
+) -> Option<T> {
+    loop {
+        if let Ok(job) = rx.try_recv() {
+            return Some(job);
+        }
+        match tokio::time::timeout(WORKER_IDLE, rx.recv()).await {
+            Ok(Some(job)) => return Some(job),
+            _ if rx.is_empty() => {
+                workers.borrow_mut().remove(channel);
+                return None;
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Nanoseconds since the Unix epoch: the base of the epochs a node chooses.
 pub(crate) fn now_nanos() -> u64 {
     SystemTime::now()
@@ -263,9 +285,52 @@ pub(crate) fn now_nanos() -> u64 {
         .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
 }
 
+/// A NATS client called `name` with `[cluster]`'s options, the JetStream context over
+/// it (requests time out after [`JS_TIMEOUT`]) and its connection events. The client
+/// reconnects for ever, also on the first connect.
+///
+/// # Errors
+/// The credentials file cannot be read, or `nats_url` is not an address (said with
+/// `what` first).
+pub(crate) async fn connect(
+    s: &ClusterSettings,
+    name: &str,
+    what: &str,
+) -> Result<
+    (
+        Client,
+        async_nats::jetstream::Context,
+        tokio::sync::mpsc::UnboundedReceiver<Event>,
+    ),
+    String,
+> {
+    let (event_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let options = connect_options(s, name)
+        .await
+        .map_err(|e| format!("{what}: cannot read the NATS credentials: {e}"))?
+        .event_callback(move |event| {
+            let tx = event_tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        });
+    let urls: Vec<String> = s
+        .nats_url
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .collect();
+    let client = options
+        .connect(urls)
+        .await
+        .map_err(|e| format!("{what}: bad NATS address: {e}"))?;
+    let mut js = async_nats::jetstream::new(client.clone());
+    js.set_timeout(JS_TIMEOUT);
+    Ok((client, js, events))
+}
+
 /// Connect options from `[cluster]` (URLs, credentials, TLS, reconnect policy) for a
 /// client called `name`.
-pub(crate) async fn connect_options(
+async fn connect_options(
     s: &ClusterSettings,
     name: &str,
 ) -> std::io::Result<async_nats::ConnectOptions> {
@@ -300,33 +365,13 @@ async fn run(
     interest: flume::Receiver<Request>,
     join: Arc<JoinShared>,
 ) {
-    let (event_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let options = match connect_options(&settings, "ringcast").await {
-        Ok(o) => o.event_callback(move |event| {
-            let tx = event_tx.clone();
-            async move {
-                let _ = tx.send(event);
-            }
-        }),
-        Err(e) => {
-            tracing::error!(error = %e, "cluster: cannot read the NATS credentials; running alone");
-            return;
-        }
-    };
-    let urls: Vec<String> = settings
-        .nats_url
-        .split(',')
-        .map(|u| u.trim().to_string())
-        .collect();
-    let client = match options.connect(urls).await {
+    let (client, js, mut events) = match connect(&settings, "ringcast", "cluster").await {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "cluster: bad NATS address; running alone");
+            tracing::error!("{e}; running alone");
             return;
         }
     };
-    let mut js = async_nats::jetstream::new(client.clone());
-    js.set_timeout(JS_TIMEOUT);
     let node = Rc::new(Node {
         settings,
         publisher,
@@ -507,22 +552,7 @@ impl Node {
         channel: Arc<str>,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<(Bytes, ClusterReply)>,
     ) {
-        loop {
-            let job = match rx.try_recv() {
-                Ok(job) => job,
-                Err(_) => match tokio::time::timeout(WORKER_IDLE, rx.recv()).await {
-                    Ok(Some(job)) => job,
-                    _ => {
-                        if rx.is_empty() {
-                            // Checked and removed with no await between: no publish lost.
-                            self.workers.borrow_mut().remove(&channel);
-                            return;
-                        }
-                        continue;
-                    }
-                },
-            };
-            let (payload, reply) = job;
+        while let Some((payload, reply)) = next_job(&mut rx, &self.workers, &channel).await {
             let result = self.publish_one(&channel, payload).await;
             if let ClusterReply::Wait(tx) = reply {
                 let _ = tx.send(result);
@@ -538,23 +568,18 @@ impl Node {
             .borrow()
             .clone()
             .ok_or("cluster: no stream yet")?;
-        match stream
-            .direct_get_last_for_subject(self.stream_subject(channel))
+        let last = stored::last(&stream, &self.stream_subject(channel))
             .await
-        {
-            Ok(m) => {
-                let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()));
-                let epoch = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
-                match (offset, epoch) {
-                    (Some(o), Some(e)) => Ok((o, e, m.sequence)),
-                    _ => Err(format!(
-                        "cluster: message {} of the stream has no ringcast offset/epoch headers",
-                        m.sequence
-                    )),
-                }
-            }
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok((0, self.new_epoch(), 0)),
-            Err(e) => Err(format!("cluster: reading the channel's last message: {e}")),
+            .map_err(|e| format!("cluster: reading the channel's last message: {e}"))?;
+        let Some(m) = last else {
+            return Ok((0, self.new_epoch(), 0));
+        };
+        match m.position() {
+            Some((o, e)) => Ok((o, e, m.seq)),
+            None => Err(format!(
+                "cluster: message {} of the stream has no ringcast offset/epoch headers",
+                m.seq
+            )),
         }
     }
 
@@ -711,16 +736,11 @@ impl Node {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            match stream
-                .direct_get_next_for_subject(subject.clone(), Some(cursor))
-                .await
-            {
-                Ok(m) => {
-                    cursor = m.sequence + 1;
+            match stored::next(&stream, &subject, cursor).await {
+                Ok(Some(m)) => {
+                    cursor = m.seq + 1;
                     self.stats.fetched.fetch_add(1, Relaxed);
-                    let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()));
-                    let epoch = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
-                    let (Some(offset), Some(epoch)) = (offset, epoch) else {
+                    let Some((offset, epoch)) = m.position() else {
                         continue;
                     };
                     if offset == 0 {
@@ -734,25 +754,25 @@ impl Node {
                     if c.epoch != epoch || offset > c.applied + 1 {
                         if c.epoch == epoch && !c.local {
                             // The messages between were discarded from the stream.
-                            c.pending.insert(offset, (m.sequence, m.payload));
+                            c.pending.insert(offset, (m.seq, m.payload));
                             self.skip_hole(&channel, c);
                             drop(chans);
                             self.wake();
                             continue;
                         }
                         drop(chans);
-                        self.deliver(&channel, offset, epoch, m.sequence, m.payload, false);
+                        self.deliver(&channel, offset, epoch, m.seq, m.payload, false);
                         continue;
                     }
                     if offset <= c.applied {
                         continue;
                     }
-                    self.apply(&channel, c, offset, m.sequence, &m.payload, false);
+                    self.apply(&channel, c, offset, m.seq, &m.payload, false);
                     self.drain(&channel, c);
                     drop(chans);
                     self.wake();
                 }
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                Ok(None) => {
                     let mut chans = self.chans.borrow_mut();
                     let Some(c) = chans.get_mut(&channel) else {
                         return;

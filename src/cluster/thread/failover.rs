@@ -19,10 +19,9 @@
 //! applied one are dropped).
 
 use super::{Node, LOCAL_AFTER, MAX_TRIES};
-use crate::cluster::subject::{parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
+use crate::cluster::stored;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -138,12 +137,9 @@ impl Node {
                 },
             };
             let offset = last + 1;
-            let mut headers = HeaderMap::new();
-            headers.insert(OFFSET_HEADER, offset.to_string().as_str());
-            headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
             let publish = Publish::build()
                 .payload(payload.clone())
-                .headers(headers)
+                .headers(stored::headers(offset, epoch, None))
                 .expected_last_subject_sequence(seq)
                 .message_id(msg_id.as_str());
             sent = true;
@@ -201,10 +197,7 @@ impl Node {
                     .stream_last = Some((offset, epoch, ack.sequence));
                 (offset, epoch)
             };
-            let mut headers = HeaderMap::new();
-            headers.insert(OFFSET_HEADER, offset.to_string().as_str());
-            headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
-            headers.insert(SEQ_HEADER, ack.sequence.to_string().as_str());
+            let headers = stored::headers(offset, epoch, Some(ack.sequence));
             let _ = self
                 .client
                 .publish_with_headers(self.live_subject(channel), headers, payload.clone())
@@ -237,12 +230,8 @@ impl Node {
         for _ in 0..20 {
             let stream = self.stream.borrow().clone();
             if let Some(stream) = stream {
-                if let Ok(m) = stream.direct_get(seq).await {
-                    let offset = parse_u64(m.headers.get(OFFSET_HEADER).map(|v| v.as_str()));
-                    let epoch = parse_u64(m.headers.get(EPOCH_HEADER).map(|v| v.as_str()));
-                    if let (Some(o), Some(e)) = (offset, epoch) {
-                        return Ok((o, e));
-                    }
+                if let Ok(Some(position)) = stored::at(&stream, seq).await.map(|m| m?.position()) {
+                    return Ok(position);
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,0 +1,114 @@
+//! Cluster messages as the NATS thread, its joins and the cluster inbox read and write
+//! them: a channel subject read back from a JetStream stream with direct gets, the
+//! position a live message carries, and the headers a message is stored and sent with.
+//!
+//! A message carries `Ringcast-Offset` and `Ringcast-Epoch`; its live copy also
+//! `Ringcast-Seq`, the stream sequence it was stored at (`subject.rs`).
+
+use super::subject::{parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{DirectGetError, DirectGetErrorKind, Stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+/// One message of a subject as stored in the stream.
+pub(crate) struct Entry {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// `Ringcast-Offset`, when present and a number.
+    pub offset: Option<u64>,
+    /// `Ringcast-Epoch`, when present and a number.
+    pub epoch: Option<u64>,
+    pub payload: Bytes,
+}
+
+impl Entry {
+    fn of(m: StreamMessage) -> Self {
+        let header = |name: &str| parse_u64(m.headers.get(name).map(|v| v.as_str()));
+        Entry {
+            seq: m.sequence,
+            offset: header(OFFSET_HEADER),
+            epoch: header(EPOCH_HEADER),
+            payload: m.payload,
+        }
+    }
+
+    /// (offset, epoch) when the message carries both.
+    pub fn position(&self) -> Option<(u64, u64)> {
+        self.offset.zip(self.epoch)
+    }
+}
+
+fn found(got: Result<StreamMessage, DirectGetError>) -> Result<Option<Entry>, DirectGetError> {
+    match got {
+        Ok(m) => Ok(Some(Entry::of(m))),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The first message of `subject` at stream sequence `from` or later; `None` when there
+/// is none.
+pub(crate) async fn next(
+    stream: &Stream,
+    subject: &str,
+    from: u64,
+) -> Result<Option<Entry>, DirectGetError> {
+    found(
+        stream
+            .direct_get_next_for_subject(subject, Some(from))
+            .await,
+    )
+}
+
+/// The last message of `subject`; `None` when the subject is empty.
+pub(crate) async fn last(stream: &Stream, subject: &str) -> Result<Option<Entry>, DirectGetError> {
+    found(stream.direct_get_last_for_subject(subject).await)
+}
+
+/// The message at stream sequence `seq`; `None` when there is none.
+pub(crate) async fn at(stream: &Stream, seq: u64) -> Result<Option<Entry>, DirectGetError> {
+    found(stream.direct_get(seq).await)
+}
+
+/// The (offset, epoch, stream sequence) of a live message; `None` when it carries no
+/// offset or epoch. A missing sequence is 0 (not known).
+pub(crate) fn live_position(headers: Option<&HeaderMap>) -> Option<(u64, u64, u64)> {
+    let h = headers?;
+    let header = |name: &str| parse_u64(h.get(name).map(|v| v.as_str()));
+    let (offset, epoch) = header(OFFSET_HEADER).zip(header(EPOCH_HEADER))?;
+    Some((offset, epoch, header(SEQ_HEADER).unwrap_or(0)))
+}
+
+/// The headers of a message at `offset` in `epoch`; with `seq` (the stream sequence it
+/// was stored at) for its live copy.
+pub(crate) fn headers(offset: u64, epoch: u64, seq: Option<u64>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(OFFSET_HEADER, offset.to_string().as_str());
+    headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
+    if let Some(seq) = seq {
+        headers.insert(SEQ_HEADER, seq.to_string().as_str());
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_copy_round_trips_its_position() {
+        let h = headers(7, 99, Some(12));
+        assert_eq!(live_position(Some(&h)), Some((7, 99, 12)));
+        assert_eq!(live_position(Some(&headers(7, 99, None))), Some((7, 99, 0)));
+    }
+
+    #[test]
+    fn a_message_without_ringcast_headers_has_no_position() {
+        assert_eq!(live_position(None), None);
+        let mut h = HeaderMap::new();
+        h.insert(OFFSET_HEADER, "x");
+        h.insert(EPOCH_HEADER, "1");
+        assert_eq!(live_position(Some(&h)), None);
+    }
+}
