@@ -1,5 +1,5 @@
 //! Cluster messages as the NATS thread, its joins and the cluster inbox read and write
-//! them: a channel subject read back from a JetStream stream with direct gets, the
+//! them: a channel subject read back from a JetStream stream (see [`from_leader`]), the
 //! position a live message carries, and the headers a message is stored and sent with.
 //!
 //! A message carries `Ringcast-Offset` and `Ringcast-Epoch`; its live copy also
@@ -7,7 +7,9 @@
 
 use super::subject::{parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
 use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::{DirectGetError, DirectGetErrorKind, Stream};
+use async_nats::jetstream::stream::{
+    DirectGetError, DirectGetErrorKind, RawMessageError, RawMessageErrorKind, Stream,
+};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
@@ -39,11 +41,29 @@ impl Entry {
     }
 }
 
-fn found(got: Result<StreamMessage, DirectGetError>) -> Result<Option<Entry>, DirectGetError> {
+/// Direct gets are answered by any replica of the stream, and a replica may not have
+/// stored the newest messages yet (nats-server does not promise read-after-write for
+/// them): a join would then adopt an old last offset, and reading back a hole would find
+/// nothing and skip it. On a replicated stream reads therefore go to the stream leader
+/// (the message API, `$JS.API.STREAM.MSG.GET`); with one replica the direct get reads
+/// the same store, without the API's JSON and base64.
+fn from_leader(stream: &Stream) -> bool {
+    stream.cached_info().config.num_replicas > 1
+}
+
+fn direct(got: Result<StreamMessage, DirectGetError>) -> Result<Option<Entry>, String> {
     match got {
         Ok(m) => Ok(Some(Entry::of(m))),
         Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn leader(got: Result<StreamMessage, RawMessageError>) -> Result<Option<Entry>, String> {
+    match got {
+        Ok(m) => Ok(Some(Entry::of(m))),
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -53,22 +73,34 @@ pub(crate) async fn next(
     stream: &Stream,
     subject: &str,
     from: u64,
-) -> Result<Option<Entry>, DirectGetError> {
-    found(
-        stream
-            .direct_get_next_for_subject(subject, Some(from))
-            .await,
-    )
+) -> Result<Option<Entry>, String> {
+    if from_leader(stream) {
+        leader(stream.get_first_raw_message_by_subject(subject, from).await)
+    } else {
+        direct(
+            stream
+                .direct_get_next_for_subject(subject, Some(from))
+                .await,
+        )
+    }
 }
 
 /// The last message of `subject`; `None` when the subject is empty.
-pub(crate) async fn last(stream: &Stream, subject: &str) -> Result<Option<Entry>, DirectGetError> {
-    found(stream.direct_get_last_for_subject(subject).await)
+pub(crate) async fn last(stream: &Stream, subject: &str) -> Result<Option<Entry>, String> {
+    if from_leader(stream) {
+        leader(stream.get_last_raw_message_by_subject(subject).await)
+    } else {
+        direct(stream.direct_get_last_for_subject(subject).await)
+    }
 }
 
 /// The message at stream sequence `seq`; `None` when there is none.
-pub(crate) async fn at(stream: &Stream, seq: u64) -> Result<Option<Entry>, DirectGetError> {
-    found(stream.direct_get(seq).await)
+pub(crate) async fn at(stream: &Stream, seq: u64) -> Result<Option<Entry>, String> {
+    if from_leader(stream) {
+        leader(stream.get_raw_message(seq).await)
+    } else {
+        direct(stream.direct_get(seq).await)
+    }
 }
 
 /// The (offset, epoch, stream sequence) of a live message; `None` when it carries no
