@@ -10,22 +10,28 @@
 
 mod common;
 
-use common::nats::{wait_cluster_up, NatsServer};
+use common::nats::{start_recovering_node, ws_subscribe, Cluster, NatsServer};
 use common::*;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
-    common::nats::start_node(
-        dir.path(),
-        name,
-        nats_url,
-        "history_size = 1000\nmax_recovery_messages = 1000",
-        "interest_linger = 5",
-        &[],
+fn node(dir: &Path, name: &str, nats_url: &str) -> Server {
+    start_recovering_node(dir, name, nats_url, 1000, 5, &[])
+}
+
+/// Nodes A and B on one nats-server, both joined; the test bounded by `limit_secs`.
+fn two_nodes(test: &'static str, limit_secs: u64) -> Cluster {
+    Cluster::start(
+        test,
+        Duration::from_secs(limit_secs),
+        NatsServer::start,
+        &["a", "b"],
+        node,
     )
+    .wait_up()
 }
 
 fn publish(server: &Server, channel: &str, payload: &Value) -> u64 {
@@ -36,51 +42,21 @@ fn publish(server: &Server, channel: &str, payload: &Value) -> u64 {
         .expect("offset in the publish answer")
 }
 
-fn subscribe(server: &Server, command: &Value) -> (Subscriber, Value) {
-    let mut sub = Subscriber::connect(&format!("ws://{}/ws", server.ws_addr()));
-    let reply = sub.request(command, Duration::from_secs(10));
-    assert_eq!(reply["code"], 200, "subscribe: {reply}");
-    (sub, reply)
-}
-
-fn cluster_metrics(nodes: &[&Server]) -> String {
-    nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let m = n.metrics();
-            let text: Vec<String> = m
-                .samples
-                .iter()
-                .filter(|s| s.name.starts_with("ringcast_cluster_"))
-                .map(|s| format!("{} {}", s.name, s.value))
-                .collect();
-            format!("node {i}:\n{}", text.join("\n"))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
-    let _deadline = Deadline::new(
-        "a_moved_client_recovers_on_a_node_that_never_followed_the_channel",
-        Duration::from_secs(120),
-    );
     const CHANNEL: &str = "news:moved";
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats.url(), &dir, "a");
-    let b = node(&nats.url(), &dir, "b");
-    wait_cluster_up(&a, 1.0);
-    wait_cluster_up(&b, 1.0);
+    let c = two_nodes(
+        "a_moved_client_recovers_on_a_node_that_never_followed_the_channel",
+        120,
+    );
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
 
-    assert_eq!(publish(&a, CHANNEL, &json!({"n": 1})), 1);
+    assert_eq!(publish(a, CHANNEL, &json!({"n": 1})), 1);
     // The client reads messages on A up to offset 10, notes its position, goes away.
-    let (mut client, reply) = subscribe(&a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
+    let (mut client, reply) = ws_subscribe(a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
     assert_eq!(reply["offset"], 1, "{reply}");
     for i in 2..=10 {
-        assert_eq!(publish(&a, CHANNEL, &json!({"n": i})), i);
+        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
     }
     let got = client.collect(9, Duration::from_secs(10));
     let at = got.last().expect("ten messages").offset;
@@ -89,18 +65,13 @@ fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
     client.close();
     // 15 more while it is away; B never had a subscriber of the channel.
     for i in 11..=25 {
-        assert_eq!(publish(&a, CHANNEL, &json!({"n": i})), i);
+        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
     }
-    let (mut moved, reply) = subscribe(
-        &b,
+    let (mut moved, reply) = ws_subscribe(
+        b,
         &json!({"cmd":"subscribe","channel":CHANNEL,"id":2,"since":{"offset":at,"epoch":epoch}}),
     );
-    assert_eq!(
-        reply["recovered"],
-        true,
-        "{reply}\n{}",
-        cluster_metrics(&[&a, &b])
-    );
+    assert_eq!(reply["recovered"], true, "{reply}\n{}", c.metrics());
     assert_eq!(reply["epoch"].as_str(), Some(epoch.as_str()), "{reply}");
     // Replayed up to the reply's offset; the rest (if the shard had not read them from
     // the ring yet) follow live: either way 11..=25, once each, in order.
@@ -120,7 +91,7 @@ fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
     );
     // Then live, from both nodes: the next offsets, nothing repeated.
     for i in 26..=30 {
-        let node = if i % 2 == 0 { &a } else { &b };
+        let node = if i % 2 == 0 { a } else { b };
         assert_eq!(publish(node, CHANNEL, &json!({"n": i})), i);
     }
     let live = moved.collect(5, Duration::from_secs(10));
@@ -132,30 +103,25 @@ fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
     assert!(
         m.sum("ringcast_cluster_joins_total") >= 1.0,
         "{}",
-        cluster_metrics(&[&a, &b])
+        c.metrics()
     );
     assert!(
         m.sum("ringcast_cluster_join_fetched_total") >= 15.0,
         "{}",
-        cluster_metrics(&[&a, &b])
+        c.metrics()
     );
     assert_eq!(m.sum("ringcast_cluster_join_fallbacks_total"), 0.0);
 }
 
 #[test]
 fn subscribers_joining_while_publishes_flow_get_every_offset_after_their_reply() {
-    let _deadline = Deadline::new(
-        "subscribers_joining_while_publishes_flow_get_every_offset_after_their_reply",
-        Duration::from_secs(180),
-    );
     const CHANNELS: usize = 6;
     const PER_CHANNEL: u64 = 200;
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats.url(), &dir, "a");
-    let b = node(&nats.url(), &dir, "b");
-    wait_cluster_up(&a, 1.0);
-    wait_cluster_up(&b, 1.0);
+    let c = two_nodes(
+        "subscribers_joining_while_publishes_flow_get_every_offset_after_their_reply",
+        180,
+    );
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
     let channels: Vec<String> = (0..CHANNELS).map(|i| format!("news:flow{i}")).collect();
     // A publishes to every channel in turn, through its TCP ingest (acked: each line is
     // stored in the stream before the next).
@@ -185,7 +151,7 @@ fn subscribers_joining_while_publishes_flow_get_every_offset_after_their_reply()
     );
     let mut subs = Vec::new();
     for (i, ch) in channels.iter().enumerate() {
-        let (sub, reply) = subscribe(&b, &json!({"cmd":"subscribe","channel":ch,"id":i}));
+        let (sub, reply) = ws_subscribe(b, &json!({"cmd":"subscribe","channel":ch,"id":i}));
         let from = reply["offset"].as_u64().expect("offset");
         subs.push((ch.clone(), sub, from));
         std::thread::sleep(Duration::from_millis(50));
@@ -199,7 +165,7 @@ fn subscribers_joining_while_publishes_flow_get_every_offset_after_their_reply()
             offsets,
             expect,
             "{ch}: subscribed at {from}\n{}",
-            cluster_metrics(&[&a, &b])
+            c.metrics()
         );
         let ns: Vec<u64> = got
             .iter()
@@ -208,7 +174,7 @@ fn subscribers_joining_while_publishes_flow_get_every_offset_after_their_reply()
         assert_eq!(ns, expect, "{ch}: payloads");
         // Nothing after the last one: the next publish is the next offset.
         assert_eq!(
-            publish(&a, &ch, &json!({"n": PER_CHANNEL + 1})),
+            publish(a, &ch, &json!({"n": PER_CHANNEL + 1})),
             PER_CHANNEL + 1
         );
         let next = sub
@@ -220,27 +186,22 @@ fn subscribers_joining_while_publishes_flow_get_every_offset_after_their_reply()
     assert!(
         m.sum("ringcast_cluster_joins_total") >= CHANNELS as f64,
         "{}",
-        cluster_metrics(&[&a, &b])
+        c.metrics()
     );
 }
 
 #[test]
 fn subscribers_before_the_first_publish_share_the_channels_cluster_epoch() {
-    let _deadline = Deadline::new(
-        "subscribers_before_the_first_publish_share_the_channels_cluster_epoch",
-        Duration::from_secs(120),
-    );
     const CHANNEL: &str = "news:unpublished";
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats.url(), &dir, "a");
-    let b = node(&nats.url(), &dir, "b");
-    wait_cluster_up(&a, 1.0);
-    wait_cluster_up(&b, 1.0);
+    let c = two_nodes(
+        "subscribers_before_the_first_publish_share_the_channels_cluster_epoch",
+        120,
+    );
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
 
     // Nothing was ever published to the channel: both joins find its subject empty.
-    let (mut on_a, reply_a) = subscribe(&a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
-    let (mut on_b, reply_b) = subscribe(&b, &json!({"cmd":"subscribe","channel":CHANNEL,"id":2}));
+    let (mut on_a, reply_a) = ws_subscribe(a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
+    let (mut on_b, reply_b) = ws_subscribe(b, &json!({"cmd":"subscribe","channel":CHANNEL,"id":2}));
     assert_eq!(reply_a["offset"], 0, "{reply_a}");
     assert_eq!(reply_b["offset"], 0, "{reply_b}");
     let epoch = reply_a["epoch"].as_str().expect("epoch").to_string();
@@ -248,12 +209,12 @@ fn subscribers_before_the_first_publish_share_the_channels_cluster_epoch() {
         reply_b["epoch"].as_str(),
         Some(epoch.as_str()),
         "one cluster epoch on both nodes: {reply_a} / {reply_b}\n{}",
-        cluster_metrics(&[&a, &b])
+        c.metrics()
     );
 
     // The first publishes start at offset 1 in that epoch and reach both subscribers.
     for i in 1..=5 {
-        assert_eq!(publish(&a, CHANNEL, &json!({"n": i})), i);
+        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
     }
     for (name, sub) in [("A", &mut on_a), ("B", &mut on_b)] {
         let got = sub.collect(5, Duration::from_secs(10));
@@ -261,7 +222,7 @@ fn subscribers_before_the_first_publish_share_the_channels_cluster_epoch() {
             got.iter().map(|d| d.offset).collect::<Vec<_>>(),
             (1..=5).collect::<Vec<_>>(),
             "on {name}\n{}",
-            cluster_metrics(&[&a, &b])
+            c.metrics()
         );
         assert_eq!(
             got.iter()
@@ -275,8 +236,8 @@ fn subscribers_before_the_first_publish_share_the_channels_cluster_epoch() {
     on_b.close();
 
     // The position taken before the first publish recovers on either node.
-    for (i, (name, server)) in [("A", &a), ("B", &b)].into_iter().enumerate() {
-        let (mut back, reply) = subscribe(
+    for (i, (name, server)) in [("A", a), ("B", b)].into_iter().enumerate() {
+        let (mut back, reply) = ws_subscribe(
             server,
             &json!({"cmd":"subscribe","channel":CHANNEL,"id":10 + i,
                     "since":{"offset":0,"epoch":epoch}}),
@@ -285,7 +246,7 @@ fn subscribers_before_the_first_publish_share_the_channels_cluster_epoch() {
             reply["recovered"],
             true,
             "on {name}: {reply}\n{}",
-            cluster_metrics(&[&a, &b])
+            c.metrics()
         );
         assert_eq!(reply["epoch"].as_str(), Some(epoch.as_str()), "{reply}");
         let got = back.collect(5, Duration::from_secs(10));
@@ -296,13 +257,13 @@ fn subscribers_before_the_first_publish_share_the_channels_cluster_epoch() {
         );
         back.close();
     }
-    for n in [&a, &b] {
+    for n in [a, b] {
         let m = n.metrics();
         assert_eq!(
             m.sum("ringcast_cluster_join_fallbacks_total"),
             0.0,
             "{}",
-            cluster_metrics(&[&a, &b])
+            c.metrics()
         );
         // The marker is no message: neither received nor skipped as a gap.
         assert_eq!(m.sum("ringcast_cluster_gap_offsets_total"), 0.0);
@@ -389,39 +350,29 @@ impl Sse {
 
 #[test]
 fn an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets() {
-    let _deadline = Deadline::new(
-        "an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets",
-        Duration::from_secs(120),
-    );
     const CHANNEL: &str = "news:sse";
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats.url(), &dir, "a");
-    let b = node(&nats.url(), &dir, "b");
-    wait_cluster_up(&a, 1.0);
-    wait_cluster_up(&b, 1.0);
+    let c = two_nodes(
+        "an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets",
+        120,
+    );
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
 
     for i in 1..=3 {
-        assert_eq!(publish(&a, CHANNEL, &json!({"n": i})), i);
+        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
     }
     // The channel's epoch, as a subscriber on A sees it.
-    let (mut on_a, reply) = subscribe(&a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
+    let (mut on_a, reply) = ws_subscribe(a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
     assert_eq!(reply["offset"], 3, "{reply}");
     let epoch = reply["epoch"].as_str().expect("epoch").to_string();
     on_a.close();
 
     // B never had a subscriber of the channel: an SSE client resumes there from offset 1.
-    let mut sse = Sse::open(&b, &format!("channels={CHANNEL}&since={CHANNEL}~1~{epoch}"));
+    let mut sse = Sse::open(b, &format!("channels={CHANNEL}&since={CHANNEL}~1~{epoch}"));
     let events = sse.events(3, Duration::from_secs(10));
     let (id, reply) = &events[0];
     assert_eq!(reply["reply"], "subscribe", "{reply}");
     assert_eq!(reply["code"], 200, "{reply}");
-    assert_eq!(
-        reply["recovered"],
-        true,
-        "{reply}\n{}",
-        cluster_metrics(&[&a, &b])
-    );
+    assert_eq!(reply["recovered"], true, "{reply}\n{}", c.metrics());
     assert_eq!(reply["epoch"].as_str(), Some(epoch.as_str()), "{reply}");
     assert_eq!(id.as_deref(), Some(format!("{CHANNEL}~1~{epoch}").as_str()));
     for (k, (id, data)) in events[1..].iter().enumerate() {
@@ -434,8 +385,8 @@ fn an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_
         );
     }
     // Live from both nodes: the stream's next offsets.
-    assert_eq!(publish(&a, CHANNEL, &json!({"n": 4})), 4);
-    assert_eq!(publish(&b, CHANNEL, &json!({"n": 5})), 5);
+    assert_eq!(publish(a, CHANNEL, &json!({"n": 4})), 4);
+    assert_eq!(publish(b, CHANNEL, &json!({"n": 5})), 5);
     let live = sse.events(2, Duration::from_secs(10));
     for (k, (id, data)) in live.iter().enumerate() {
         let offset = k as u64 + 4;
