@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::nats::{start_recovering_node, wait_cluster_up, ws_subscribe, Cluster, NatsServer};
+use common::nats::{
+    start_recovering_node, wait_cluster_up, wait_following, ws_subscribe, Cluster, NatsServer,
+};
 use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -43,14 +45,7 @@ fn every_node_delivers_every_message_once_in_order_and_a_moved_client_recovers()
     .wait_up();
     let nodes = &cluster.nodes;
     let mut subs: Vec<Subscriber> = nodes.iter().map(|n| subscribe(n, CHANNEL).0).collect();
-    for n in nodes.iter() {
-        n.wait_for_metric(
-            "ringcast_cluster_subscriptions",
-            "the node follows the channel",
-            Duration::from_secs(10),
-            |v| v >= 1.0,
-        );
-    }
+    wait_following(nodes.iter());
     // 300 messages, from TCP (acked), HTTP and UDP on the three nodes in turn, so
     // publishers on different nodes interleave on one channel.
     let mut tcp: Vec<TcpIngest> = nodes.iter().map(|n| n.tcp_ingest()).collect();
@@ -150,14 +145,7 @@ fn nodes_serve_locally_while_nats_is_down_and_deliver_across_again_after() {
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let (mut sub_a, _) = subscribe(a, CHANNEL);
     let (mut sub_b, _) = subscribe(b, CHANNEL);
-    for n in [a, b] {
-        n.wait_for_metric(
-            "ringcast_cluster_subscriptions",
-            "following",
-            Duration::from_secs(10),
-            |v| v >= 1.0,
-        );
-    }
+    wait_following([a, b]);
     let r = a.http_publish(Some(CHANNEL), b"{\"phase\":1}");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(sub_a.collect(1, Duration::from_secs(10))[0].offset, 1);

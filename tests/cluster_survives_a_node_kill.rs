@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::nats::{start_recovering_node, ws_subscribe, Cluster, NatsServer};
+use common::nats::{start_recovering_node, wait_following, ws_subscribe, Cluster, NatsServer};
 use common::*;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -71,14 +71,7 @@ fn a_killed_nodes_clients_recover_on_another_node_and_no_acked_offset_is_lost() 
     // Every node follows the channel and has taken the stream's epoch (offset 1 arrived)
     // before the subscribers under test subscribe: their replies carry that epoch.
     let mut primers: Vec<Subscriber> = nodes.iter().map(|n| subscribe(n, None).0).collect();
-    for n in nodes.iter() {
-        n.wait_for_metric(
-            "ringcast_cluster_subscriptions",
-            "the node follows the channel",
-            Duration::from_secs(10),
-            |v| v >= 1.0,
-        );
-    }
+    wait_following(nodes.iter());
     // Their NATS subscriptions are in place (the metric counts them when asked for).
     wait_until(
         Duration::from_secs(20),

@@ -27,10 +27,9 @@ the environment is wrong.
 import argparse
 import asyncio
 import json
-import sys
 import time
 
-from rc_common import Fail, Frames, expect, require, sign_token
+from rc_common import Frames, expect, print_summary, require, sign_token
 
 require("py_inbox.py", {"jwt": "PyJWT", "websockets": "websockets"})
 from websockets.asyncio.client import connect  # noqa: E402
@@ -202,12 +201,7 @@ def main():
     p.add_argument("--tcp")
     p.add_argument("--auto", action="store_true", help="the server subscribes tokens to user:<sub>")
     args = p.parse_args()
-    try:
-        summary = asyncio.run(churn(args) if args.churn else run(args))
-    except (Fail, asyncio.TimeoutError, OSError) as e:
-        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
-        sys.exit(1)
-    print(json.dumps(summary))
+    print_summary(churn(args) if args.churn else run(args))
 
 
 if __name__ == "__main__":

@@ -22,11 +22,9 @@ Prints one JSON summary line; exit status 0 when every check held, 1 otherwise.
 """
 
 import argparse
-import asyncio
 import json
-import sys
 
-from rc_common import Fail, Frames, expect, require, sign_token
+from rc_common import Frames, expect, print_summary, require, sign_token
 
 require("py_inbox_cluster.py", {"jwt": "PyJWT", "websockets": "websockets"})
 from websockets.asyncio.client import connect  # noqa: E402
@@ -138,12 +136,7 @@ def main():
     args = p.parse_args()
     nodes = [tuple(n.split(",")) for n in args.nodes]
     scenario = moves if args.scenario == "moves" else check
-    try:
-        summary = asyncio.run(scenario(args, nodes))
-    except (Fail, asyncio.TimeoutError, OSError) as e:
-        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
-        sys.exit(1)
-    print(json.dumps(summary))
+    print_summary(scenario(args, nodes))
 
 
 if __name__ == "__main__":

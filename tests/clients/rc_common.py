@@ -38,6 +38,17 @@ def expect(cond, what):
         raise Fail(what)
 
 
+def print_summary(scenario):
+    """Runs the coroutine `scenario` and prints the summary it returns as one JSON line;
+    a failed check, a timeout or a socket error prints {"error": ...} and exits 1."""
+    try:
+        summary = asyncio.run(scenario)
+    except (Fail, asyncio.TimeoutError, OSError) as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        sys.exit(1)
+    print(json.dumps(summary))
+
+
 # ---- shared by the websockets + PyJWT clients ---------------------------------------------
 # (`websockets` and `jwt` are imported where they are used: a script calls `require` for
 # them first, so a missing module is reported by it, not by this import.)

@@ -265,6 +265,19 @@ pub fn start_recovering_node(
     )
 }
 
+/// Waits until each of `nodes` follows a channel (`ringcast_cluster_subscriptions`
+/// at least 1: its NATS subscription to a live subject is in place).
+pub fn wait_following<'a>(nodes: impl IntoIterator<Item = &'a Server>) {
+    for (i, n) in nodes.into_iter().enumerate() {
+        n.wait_for_metric(
+            "ringcast_cluster_subscriptions",
+            &format!("node {i} follows the channel"),
+            Duration::from_secs(10),
+            |v| v >= 1.0,
+        );
+    }
+}
+
 /// Every node's `ringcast_cluster_*` samples, for failure messages.
 pub fn cluster_metrics<'a>(nodes: impl IntoIterator<Item = &'a Server>) -> String {
     nodes
