@@ -5,8 +5,9 @@
 //! their reply's, once, in order. A channel's cluster epoch exists before its first
 //! publish (the join stores an epoch marker), so subscribers of a never-published channel
 //! on any node hold positions that recover everywhere. An SSE subscriber on a node that
-//! never followed the channel gets the stream's offsets as event ids. Real nats-server,
-//! real binaries.
+//! never followed the channel gets the stream's offsets as event ids; so does a long poll
+//! (its position token) and a WebSocket that names the channel and a `since` on its
+//! upgrade URL. Real nats-server, real binaries.
 
 mod common;
 
@@ -32,6 +33,38 @@ fn two_nodes(test: &'static str, limit_secs: u64) -> Cluster {
         node,
     )
     .wait_up()
+}
+
+/// The channel's epoch as a fresh subscriber on `server` sees it, checking the
+/// subscriber's position is `offset`.
+fn epoch_at(server: &Server, channel: &str, offset: u64) -> String {
+    let (mut sub, reply) =
+        ws_subscribe(server, &json!({"cmd":"subscribe","channel":channel,"id":1}));
+    assert_eq!(reply["offset"], offset, "{reply}");
+    sub.close();
+    reply["epoch"].as_str().expect("epoch").to_string()
+}
+
+/// `node` joined a channel (read it from the stream, at least `fetched` messages) and
+/// never fell back to its local state.
+fn assert_joined(c: &Cluster, node: &Server, fetched: f64) {
+    let m = node.metrics();
+    assert!(
+        m.sum("ringcast_cluster_joins_total") >= 1.0,
+        "{}",
+        c.metrics()
+    );
+    assert!(
+        m.sum("ringcast_cluster_join_fetched_total") >= fetched,
+        "{}",
+        c.metrics()
+    );
+    assert_eq!(
+        m.sum("ringcast_cluster_join_fallbacks_total"),
+        0.0,
+        "{}",
+        c.metrics()
+    );
 }
 
 fn publish(server: &Server, channel: &str, payload: &Value) -> u64 {
@@ -360,11 +393,7 @@ fn an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_
     for i in 1..=3 {
         assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
     }
-    // The channel's epoch, as a subscriber on A sees it.
-    let (mut on_a, reply) = ws_subscribe(a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
-    assert_eq!(reply["offset"], 3, "{reply}");
-    let epoch = reply["epoch"].as_str().expect("epoch").to_string();
-    on_a.close();
+    let epoch = epoch_at(a, CHANNEL, 3);
 
     // B never had a subscriber of the channel: an SSE client resumes there from offset 1.
     let mut sse = Sse::open(b, &format!("channels={CHANNEL}&since={CHANNEL}~1~{epoch}"));
@@ -396,8 +425,176 @@ fn an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_
             Some(format!("{CHANNEL}~{offset}~{epoch}").as_str())
         );
     }
-    assert_eq!(
-        b.metrics().sum("ringcast_cluster_join_fallbacks_total"),
-        0.0
+    assert_joined(&c, b, 2.0);
+}
+
+/// `GET /poll?query` on `server`'s WebSocket port, read whole (the server closes after
+/// the answer); its JSON. Bounded by 40 s (the polls here ask for `timeout=30`).
+fn poll(server: &Server, query: &str) -> Value {
+    let addr = server.ws_addr();
+    let mut stream = TcpStream::connect(addr).expect("connect to the WebSocket port");
+    write!(
+        stream,
+        "GET /poll?{query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the poll request");
+    let r = http::read_response(&mut stream, Instant::now() + Duration::from_secs(40))
+        .unwrap_or_else(|e| panic!("GET /poll?{query}: no whole answer within 40 s: {e}"));
+    assert_eq!(r.status, 200, "GET /poll?{query}: {}", r.text());
+    r.json()
+}
+
+/// A poll answer's events, each a message of `channel` (no reply, no notice): their
+/// offsets, checking each payload's `n` is its offset.
+fn polled_offsets(answer: &Value, channel: &str) -> Vec<u64> {
+    answer["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no events in {answer}"))
+        .iter()
+        .map(|e| {
+            assert_eq!(e["channel"], channel, "a message of the channel: {answer}");
+            let offset = e["offset"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("a message, with an offset: {answer}"));
+            assert_eq!(e["data"]["n"], offset, "{answer}");
+            offset
+        })
+        .collect()
+}
+
+#[test]
+fn a_long_poll_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets() {
+    const CHANNEL: &str = "news:poll";
+    let c = two_nodes(
+        "a_long_poll_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets",
+        120,
     );
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    for i in 1..=3 {
+        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
+    }
+    let epoch = epoch_at(a, CHANNEL, 3);
+
+    // B never had a subscriber of the channel: a poll from offset 1 gets 2 and 3 at
+    // once (a recovered entry gives no reply event) and the position after them.
+    let answer = poll(
+        b,
+        &format!("channels={CHANNEL}&since={CHANNEL}~1~{epoch}&timeout=30"),
+    );
+    assert_eq!(
+        polled_offsets(&answer, CHANNEL),
+        [2, 3],
+        "{answer}\n{}",
+        c.metrics()
+    );
+    assert_eq!(
+        answer["position"].as_str(),
+        Some(format!("{CHANNEL}~3~{epoch}").as_str()),
+        "{answer}"
+    );
+
+    // Published on B, then polled from that position: offset 4.
+    assert_eq!(publish(b, CHANNEL, &json!({"n": 4})), 4);
+    let position = format!("{CHANNEL}~3~{epoch}");
+    let answer = poll(
+        b,
+        &format!("channels={CHANNEL}&since={position}&timeout=30"),
+    );
+    assert_eq!(polled_offsets(&answer, CHANNEL), [4], "{answer}");
+    assert_eq!(
+        answer["position"].as_str(),
+        Some(format!("{CHANNEL}~4~{epoch}").as_str()),
+        "{answer}"
+    );
+
+    // A poll from there is held until the next message, published on A: offset 5
+    // (whether the poll was already held when it arrived, or recovers it).
+    let answer = std::thread::scope(|scope| {
+        let held = scope.spawn(|| {
+            poll(
+                b,
+                &format!("channels={CHANNEL}&since={CHANNEL}~4~{epoch}&timeout=30"),
+            )
+        });
+        assert_eq!(publish(a, CHANNEL, &json!({"n": 5})), 5);
+        held.join().expect("the poll thread")
+    });
+    assert_eq!(polled_offsets(&answer, CHANNEL), [5], "{answer}");
+    assert_eq!(
+        answer["position"].as_str(),
+        Some(format!("{CHANNEL}~5~{epoch}").as_str()),
+        "{answer}"
+    );
+    assert_joined(&c, b, 2.0);
+}
+
+/// The next frame that is not a ping: a reply or a message, in arrival order.
+fn next_frame(sub: &mut Subscriber, what: &str) -> subscriber::Event {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match sub.next_event(deadline.saturating_duration_since(Instant::now())) {
+            subscriber::Event::Ping => {}
+            subscriber::Event::TimedOut => panic!("{what}: nothing within 10 s"),
+            subscriber::Event::Closed(frame) => panic!("{what}: the server closed: {frame:?}"),
+            event => return event,
+        }
+    }
+}
+
+#[test]
+fn an_upgrade_url_subscribe_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets() {
+    const CHANNEL: &str = "news:upgrade";
+    let c = two_nodes(
+        "an_upgrade_url_subscribe_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets",
+        120,
+    );
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    for i in 1..=3 {
+        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
+    }
+    let epoch = epoch_at(a, CHANNEL, 3);
+
+    // B never had a subscriber of the channel: the upgrade names it with a position at
+    // offset 1. The reply comes first, then 2 and 3, then live messages.
+    let mut sub = Subscriber::connect(&format!(
+        "ws://{}/ws?channels={CHANNEL}&since={CHANNEL}~1~{epoch}",
+        b.ws_addr()
+    ));
+    let reply = match next_frame(&mut sub, "the subscribe reply") {
+        subscriber::Event::Reply(reply) => reply,
+        other => panic!("the subscribe reply comes first, got {other:?}"),
+    };
+    assert_eq!(reply["reply"], "subscribe", "{reply}");
+    assert_eq!(reply["code"], 200, "{reply}");
+    assert_eq!(reply["channel"], CHANNEL, "{reply}");
+    assert_eq!(reply["recovered"], true, "{reply}\n{}", c.metrics());
+    assert_eq!(reply["epoch"].as_str(), Some(epoch.as_str()), "{reply}");
+    // Replayed up to the reply's offset; the rest (if the shard had not read them from
+    // the ring yet) follow live: either way 2 and 3 come next, once each, in order.
+    let position = reply["offset"].as_u64().expect("offset in the reply");
+    assert!((1..=3).contains(&position), "{reply}");
+    // Live from both nodes after the replay: the stream's next offsets.
+    for i in 4..=6 {
+        let node = if i == 5 { b } else { a };
+        assert_eq!(publish(node, CHANNEL, &json!({"n": i})), i);
+    }
+    let mut got = Vec::new();
+    for k in 2..=6u64 {
+        match next_frame(&mut sub, &format!("offset {k}")) {
+            subscriber::Event::Delivery(d) => {
+                assert_eq!(d.channel, CHANNEL, "{}", d.raw);
+                assert_eq!(d.data["n"], d.offset, "{}", d.raw);
+                got.push(d.offset);
+            }
+            other => panic!("a message after {got:?}, got {other:?}"),
+        }
+    }
+    assert_eq!(got, (2..=6).collect::<Vec<_>>(), "{}", c.metrics());
+    // Nothing repeated after them: the next publish is the next message.
+    assert_eq!(publish(b, CHANNEL, &json!({"n": 7})), 7);
+    let next = sub
+        .next_delivery(Duration::from_secs(10))
+        .expect("offset 7 arrives");
+    assert_eq!(next.offset, 7, "{}", next.raw);
+    assert_joined(&c, b, 2.0);
 }
