@@ -35,14 +35,19 @@ fn two_nodes(test: &'static str, limit_secs: u64) -> Cluster {
     .wait_up()
 }
 
-/// The channel's epoch as a fresh subscriber on `server` sees it, checking the
-/// subscriber's position is `offset`.
-fn epoch_at(server: &Server, channel: &str, offset: u64) -> String {
-    let (mut sub, reply) =
-        ws_subscribe(server, &json!({"cmd":"subscribe","channel":channel,"id":1}));
-    assert_eq!(reply["offset"], offset, "{reply}");
+/// Nodes A and B (see [`two_nodes`]) with offsets 1 to 3 (`{"n": i}`) published on A,
+/// and the channel's epoch as a subscriber on A sees it after them.
+fn three_published_on_a(test: &'static str, channel: &str) -> (Cluster, String) {
+    let c = two_nodes(test, 120);
+    let a = &c.nodes[0];
+    for i in 1..=3 {
+        assert_eq!(publish(a, channel, &json!({"n": i})), i);
+    }
+    let (mut sub, reply) = ws_subscribe(a, &json!({"cmd":"subscribe","channel":channel,"id":1}));
+    assert_eq!(reply["offset"], 3, "{reply}");
     sub.close();
-    reply["epoch"].as_str().expect("epoch").to_string()
+    let epoch = reply["epoch"].as_str().expect("epoch").to_string();
+    (c, epoch)
 }
 
 /// `node` joined a channel (read it from the stream, at least `fetched` messages) and
@@ -384,16 +389,11 @@ impl Sse {
 #[test]
 fn an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets() {
     const CHANNEL: &str = "news:sse";
-    let c = two_nodes(
+    let (c, epoch) = three_published_on_a(
         "an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets",
-        120,
+        CHANNEL,
     );
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-
-    for i in 1..=3 {
-        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
-    }
-    let epoch = epoch_at(a, CHANNEL, 3);
 
     // B never had a subscriber of the channel: an SSE client resumes there from offset 1.
     let mut sse = Sse::open(b, &format!("channels={CHANNEL}&since={CHANNEL}~1~{epoch}"));
@@ -465,15 +465,11 @@ fn polled_offsets(answer: &Value, channel: &str) -> Vec<u64> {
 #[test]
 fn a_long_poll_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets() {
     const CHANNEL: &str = "news:poll";
-    let c = two_nodes(
+    let (c, epoch) = three_published_on_a(
         "a_long_poll_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets",
-        120,
+        CHANNEL,
     );
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    for i in 1..=3 {
-        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
-    }
-    let epoch = epoch_at(a, CHANNEL, 3);
 
     // B never had a subscriber of the channel: a poll from offset 1 gets 2 and 3 at
     // once (a recovered entry gives no reply event) and the position after them.
@@ -544,15 +540,8 @@ fn next_frame(sub: &mut Subscriber, what: &str) -> subscriber::Event {
 #[test]
 fn an_upgrade_url_subscribe_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets() {
     const CHANNEL: &str = "news:upgrade";
-    let c = two_nodes(
-        "an_upgrade_url_subscribe_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets",
-        120,
-    );
+    let (c, epoch) = three_published_on_a("an_upgrade_url_subscribe_on_a_node_that_never_followed_the_channel_gets_the_streams_offsets", CHANNEL);
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    for i in 1..=3 {
-        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
-    }
-    let epoch = epoch_at(a, CHANNEL, 3);
 
     // B never had a subscriber of the channel: the upgrade names it with a position at
     // offset 1. The reply comes first, then 2 and 3, then live messages.
