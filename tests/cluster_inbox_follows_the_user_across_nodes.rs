@@ -9,20 +9,21 @@
 
 mod common;
 
-use common::nats::NatsServer;
+use common::nats::{start_recovering_node, Cluster, NatsServer};
 use common::*;
+use std::path::Path;
 use std::time::Duration;
 
 const SECRET: &str = "ringcast-test-secret-0123456789abcdef";
 
-fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
-    let data = dir.path().join(name);
-    common::nats::start_node(
-        dir.path(),
+fn node(dir: &Path, name: &str, nats_url: &str) -> Server {
+    let data = dir.join(name);
+    start_recovering_node(
+        dir,
         name,
         nats_url,
-        "history_size = 1000\nmax_recovery_messages = 1000",
-        "interest_linger = 5",
+        1000,
+        5,
         &[
             "--jwt-secret",
             SECRET,
@@ -57,16 +58,15 @@ fn http_publish_acked(server: &Server, channel: &str, body: &str) -> http::HttpR
 
 #[test]
 fn a_users_inbox_follows_them_across_nodes_and_survives_a_killed_node() {
-    let _deadline = Deadline::new(
+    let mut cluster = Cluster::start(
         "a_users_inbox_follows_them_across_nodes_and_survives_a_killed_node",
         Duration::from_secs(150),
+        NatsServer::start,
+        &["node0", "node1", "node2"],
+        node,
     );
-    let mut nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut nodes: Vec<Server> = (0..3)
-        .map(|i| node(&nats.url(), &dir, &format!("node{i}")))
-        .collect();
-    for n in &nodes {
+    let nodes = &mut cluster.nodes;
+    for n in nodes.iter() {
         wait_inbox_up(n, 1.0);
     }
     let all: Vec<String> = nodes.iter().map(addrs).collect();
@@ -127,7 +127,7 @@ fn a_users_inbox_follows_them_across_nodes_and_survives_a_killed_node() {
     );
 
     // NATS down: user channels are refused (503 inbox: ...), not served locally.
-    nats.stop();
+    cluster.nats.stop();
     wait_inbox_up(&nodes[0], 0.0);
     let r = http_publish_acked(&nodes[0], "user:42", "{\"n\":99}");
     assert_eq!(r.status, 503, "{}", r.text());

@@ -6,35 +6,23 @@
 
 mod common;
 
-use common::nats::{wait_cluster_up, NatsServer};
+use common::nats::{
+    start_recovering_node, wait_cluster_up, wait_following, ws_subscribe, Cluster, NatsServer,
+};
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
+use std::path::Path;
 use std::time::Duration;
 
 const CHANNEL: &str = "news:cluster";
 
-fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
-    common::nats::start_node(
-        dir.path(),
-        name,
-        nats_url,
-        "history_size = 1000\nmax_recovery_messages = 1000",
-        "interest_linger = 5",
-        &[],
-    )
+fn node(dir: &Path, name: &str, nats_url: &str) -> Server {
+    start_recovering_node(dir, name, nats_url, 1000, 5, &[])
 }
 
 fn subscribe(server: &Server, channel: &str) -> (Subscriber, Value) {
-    let mut sub = Subscriber::connect(&format!("ws://{}/ws", server.ws_addr()));
-    let reply = sub.request(
-        &json!({"cmd":"subscribe","channel":channel,"id":1}),
-        Duration::from_secs(5),
-    );
-    assert_eq!(reply["code"], 200, "subscribe: {reply}");
-    (sub, reply)
+    ws_subscribe(server, &json!({"cmd":"subscribe","channel":channel,"id":1}))
 }
-
-use serde_json::Value;
 
 fn offsets(ds: &[Delivery]) -> Vec<u64> {
     ds.iter().map(|d| d.offset).collect()
@@ -45,48 +33,19 @@ fn missing(ds: &[Delivery], total: u64) -> Vec<u64> {
     (1..=total).filter(|o| !got.contains(o)).collect()
 }
 
-/// Every node's `ringcast_cluster_*` samples, for failure messages.
-fn cluster_metrics(nodes: &[Server]) -> String {
-    nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let m = n.metrics();
-            let rows: Vec<String> = m
-                .samples
-                .iter()
-                .filter(|s| s.name.starts_with("ringcast_cluster_"))
-                .map(|s| format!("  {} {}", s.name, s.value))
-                .collect();
-            format!("node {i}:\n{}", rows.join("\n"))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn every_node_delivers_every_message_once_in_order_and_a_moved_client_recovers() {
-    let _deadline = Deadline::new(
+    let cluster = Cluster::start(
         "every_node_delivers_every_message_once_in_order_and_a_moved_client_recovers",
         Duration::from_secs(120),
-    );
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let nodes: Vec<Server> = (0..3)
-        .map(|i| node(&nats.url(), &dir, &format!("node{i}")))
-        .collect();
-    for n in &nodes {
-        wait_cluster_up(n, 1.0);
-    }
+        NatsServer::start,
+        &["node0", "node1", "node2"],
+        node,
+    )
+    .wait_up();
+    let nodes = &cluster.nodes;
     let mut subs: Vec<Subscriber> = nodes.iter().map(|n| subscribe(n, CHANNEL).0).collect();
-    for n in &nodes {
-        n.wait_for_metric(
-            "ringcast_cluster_subscriptions",
-            "the node follows the channel",
-            Duration::from_secs(10),
-            |v| v >= 1.0,
-        );
-    }
+    wait_following(nodes.iter());
     // 300 messages, from TCP (acked), HTTP and UDP on the three nodes in turn, so
     // publishers on different nodes interleave on one channel.
     let mut tcp: Vec<TcpIngest> = nodes.iter().map(|n| n.tcp_ingest()).collect();
@@ -116,7 +75,7 @@ fn every_node_delivers_every_message_once_in_order_and_a_moved_client_recovers()
                     "node {i}: {} of {TOTAL} messages within 30 s: missing {:?}\n{}",
                     got.len(),
                     missing(&got, TOTAL),
-                    cluster_metrics(&nodes)
+                    cluster.metrics()
                 ),
             }
         }
@@ -124,7 +83,7 @@ fn every_node_delivers_every_message_once_in_order_and_a_moved_client_recovers()
             offsets(&got),
             (1..=TOTAL).collect::<Vec<_>>(),
             "node {i}: offsets\n{}",
-            cluster_metrics(&nodes)
+            cluster.metrics()
         );
         let mut ns: Vec<u64> = got
             .iter()
@@ -150,10 +109,9 @@ fn every_node_delivers_every_message_once_in_order_and_a_moved_client_recovers()
     // Node 2 has them (its subscriber sees them) before the client asks.
     let seen = subs[2].collect(20, Duration::from_secs(10));
     assert_eq!(offsets(&seen), (TOTAL + 1..=TOTAL + 20).collect::<Vec<_>>());
-    let mut moved = Subscriber::connect(&format!("ws://{}/ws", nodes[2].ws_addr()));
-    let reply = moved.request(
+    let (mut moved, reply) = ws_subscribe(
+        &nodes[2],
         &json!({"cmd":"subscribe","channel":CHANNEL,"id":2,"since":{"offset":at,"epoch":epoch}}),
-        Duration::from_secs(5),
     );
     assert_eq!(reply["recovered"], true, "{reply}");
     let replayed = moved.collect(20, Duration::from_secs(10));
@@ -176,34 +134,26 @@ fn every_node_delivers_every_message_once_in_order_and_a_moved_client_recovers()
 
 #[test]
 fn nodes_serve_locally_while_nats_is_down_and_deliver_across_again_after() {
-    let _deadline = Deadline::new(
+    let mut cluster = Cluster::start(
         "nodes_serve_locally_while_nats_is_down_and_deliver_across_again_after",
         Duration::from_secs(120),
-    );
-    let mut nats = NatsServer::start();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let a = node(&nats.url(), &dir, "a");
-    let b = node(&nats.url(), &dir, "b");
-    wait_cluster_up(&a, 1.0);
-    wait_cluster_up(&b, 1.0);
-    let (mut sub_a, _) = subscribe(&a, CHANNEL);
-    let (mut sub_b, _) = subscribe(&b, CHANNEL);
-    for n in [&a, &b] {
-        n.wait_for_metric(
-            "ringcast_cluster_subscriptions",
-            "following",
-            Duration::from_secs(10),
-            |v| v >= 1.0,
-        );
-    }
+        NatsServer::start,
+        &["a", "b"],
+        node,
+    )
+    .wait_up();
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (mut sub_a, _) = subscribe(a, CHANNEL);
+    let (mut sub_b, _) = subscribe(b, CHANNEL);
+    wait_following([a, b]);
     let r = a.http_publish(Some(CHANNEL), b"{\"phase\":1}");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(sub_a.collect(1, Duration::from_secs(10))[0].offset, 1);
     assert_eq!(sub_b.collect(1, Duration::from_secs(10))[0].offset, 1);
 
-    nats.stop();
-    wait_cluster_up(&a, 0.0);
-    wait_cluster_up(&b, 0.0);
+    cluster.nats.stop();
+    wait_cluster_up(a, 0.0);
+    wait_cluster_up(b, 0.0);
     let ready = a.admin_get("/readyz").expect("readyz");
     assert!(ready.text().contains("cluster down"), "{}", ready.text());
     // Local publishes keep being served, in a local epoch.
@@ -213,9 +163,9 @@ fn nodes_serve_locally_while_nats_is_down_and_deliver_across_again_after() {
     assert_eq!(local[0].data["phase"], 2);
     assert!(a.metrics().sum("ringcast_cluster_local_publishes_total") >= 1.0);
 
-    nats.restart();
-    wait_cluster_up(&a, 1.0);
-    wait_cluster_up(&b, 1.0);
+    cluster.nats.restart();
+    wait_cluster_up(a, 1.0);
+    wait_cluster_up(b, 1.0);
     // Cross-node delivery again: B's publish continues the stream's offsets.
     let r = wait_until(
         Duration::from_secs(20),

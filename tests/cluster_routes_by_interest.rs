@@ -7,9 +7,10 @@
 
 mod common;
 
-use common::nats::NatsServer;
+use common::nats::{Cluster, NatsServer};
 use common::*;
 use serde_json::{json, Value};
+use std::path::Path;
 use std::time::Duration;
 
 const CHANNEL: &str = "news:interest";
@@ -18,9 +19,9 @@ const LIVE_SUBJECT: &str = "rc.live.news=3Ainterest";
 /// even on a loaded machine; the end of the test waits for it to pass.
 const LINGER_SECS: u64 = 20;
 
-fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
+fn node(dir: &Path, name: &str, nats_url: &str) -> Server {
     common::nats::start_node(
-        dir.path(),
+        dir,
         name,
         nats_url,
         "history_size = 1000\n[namespaces.news]\nallow_publish = true",
@@ -67,24 +68,16 @@ fn unsubscribe(sub: &mut Subscriber, id: u64) {
 
 #[test]
 fn only_interested_nodes_subscribe_and_a_flapping_channel_keeps_one_subscription() {
-    let _deadline = Deadline::new(
+    // 0 publishes, 1 has the subscriber, 2 has nobody.
+    let cluster = Cluster::start(
         "only_interested_nodes_subscribe_and_a_flapping_channel_keeps_one_subscription",
         Duration::from_secs(180),
-    );
-    let nats = NatsServer::start_monitored();
-    let dir = tempfile::tempdir().expect("temp dir");
-    // 0 publishes, 1 has the subscriber, 2 has nobody.
-    let nodes: Vec<Server> = (0..3)
-        .map(|i| node(&nats.url(), &dir, &format!("node{i}")))
-        .collect();
-    for n in &nodes {
-        n.wait_for_metric(
-            "ringcast_cluster_up",
-            "cluster up",
-            Duration::from_secs(30),
-            |v| v == 1.0,
-        );
-    }
+        NatsServer::start_monitored,
+        &["node0", "node1", "node2"],
+        node,
+    )
+    .wait_up();
+    let (nats, nodes) = (&cluster.nats, &cluster.nodes);
     let mut sub = Subscriber::connect(&format!("ws://{}/ws", nodes[1].ws_addr()));
     subscribe(&mut sub, 1);
     nodes[1].wait_for_metric(
@@ -97,7 +90,7 @@ fn only_interested_nodes_subscribe_and_a_flapping_channel_keeps_one_subscription
         Duration::from_secs(10),
         "nats-server shows node 1's subscription to the live subject",
         || {
-            let subs = live_subscriptions(&nats);
+            let subs = live_subscriptions(nats);
             (subs.len() == 1).then(|| subs[0].clone())
         },
     );
@@ -136,7 +129,7 @@ fn only_interested_nodes_subscribe_and_a_flapping_channel_keeps_one_subscription
         );
     }
     assert_eq!(
-        live_subscriptions(&nats),
+        live_subscriptions(nats),
         vec![first.clone()],
         "one NATS subscription to the channel in the whole cluster"
     );
@@ -146,13 +139,13 @@ fn only_interested_nodes_subscribe_and_a_flapping_channel_keeps_one_subscription
     for round in 0..5u64 {
         unsubscribe(&mut sub, 10 + round);
         assert_eq!(
-            live_subscriptions(&nats),
+            live_subscriptions(nats),
             vec![first.clone()],
             "after unsubscribe {round}: the subscription lingers"
         );
         subscribe(&mut sub, 20 + round);
         assert_eq!(
-            live_subscriptions(&nats),
+            live_subscriptions(nats),
             vec![first.clone()],
             "after subscribe {round}: the same subscription, not a new one"
         );
@@ -202,7 +195,7 @@ fn only_interested_nodes_subscribe_and_a_flapping_channel_keeps_one_subscription
     wait_until(
         Duration::from_secs(10),
         "nats-server shows no subscription to the live subject",
-        || live_subscriptions(&nats).is_empty().then_some(()),
+        || live_subscriptions(nats).is_empty().then_some(()),
     );
     // Nothing routed to node 1 any more.
     admin::http_publish_acked(&nodes[0], CHANNEL, "{\"n\":\"unheard\"}");

@@ -7,9 +7,10 @@
 
 mod common;
 
-use common::nats::NatsServer;
+use common::nats::{start_recovering_node, wait_following, ws_subscribe, Cluster, NatsServer};
 use common::*;
 use serde_json::{json, Value};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,26 +19,16 @@ const CHANNEL: &str = "news:kill";
 const TOTAL: u64 = 300;
 const LIVE_SUBJECT: &str = "rc.live.news=3Akill";
 
-fn node(nats_url: &str, dir: &tempfile::TempDir, name: &str) -> Server {
-    common::nats::start_node(
-        dir.path(),
-        name,
-        nats_url,
-        "history_size = 2000\nmax_recovery_messages = 2000",
-        "interest_linger = 30",
-        &[],
-    )
+fn node(dir: &Path, name: &str, nats_url: &str) -> Server {
+    start_recovering_node(dir, name, nats_url, 2000, 30, &[])
 }
 
 fn subscribe(server: &Server, since: Option<(u64, &str)>) -> (Subscriber, Value) {
-    let mut sub = Subscriber::connect(&format!("ws://{}/ws", server.ws_addr()));
     let mut command = json!({"cmd":"subscribe","channel":CHANNEL,"id":1});
     if let Some((offset, epoch)) = since {
         command["since"] = json!({"offset": offset, "epoch": epoch});
     }
-    let reply = sub.request(&command, Duration::from_secs(10));
-    assert_eq!(reply["code"], 200, "subscribe: {reply}");
-    (sub, reply)
+    ws_subscribe(server, &command)
 }
 
 /// Publishes `from..to` (payload `{"n":i}`) through TCP ingest in ack mode, one at a
@@ -68,35 +59,19 @@ fn publish(ingest: &mut TcpIngest, from: u64, to: u64, acked: &AtomicU64) -> Vec
 
 #[test]
 fn a_killed_nodes_clients_recover_on_another_node_and_no_acked_offset_is_lost() {
-    let _deadline = Deadline::new(
+    let mut cluster = Cluster::start(
         "a_killed_nodes_clients_recover_on_another_node_and_no_acked_offset_is_lost",
         Duration::from_secs(240),
-    );
-    let nats = NatsServer::start_monitored();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut nodes: Vec<Server> = ["a", "b", "c"]
-        .iter()
-        .map(|name| node(&nats.url(), &dir, name))
-        .collect();
-    for n in &nodes {
-        n.wait_for_metric(
-            "ringcast_cluster_up",
-            "cluster up",
-            Duration::from_secs(30),
-            |v| v == 1.0,
-        );
-    }
+        NatsServer::start_monitored,
+        &["a", "b", "c"],
+        node,
+    )
+    .wait_up();
+    let (nats, nodes) = (&cluster.nats, &mut cluster.nodes);
     // Every node follows the channel and has taken the stream's epoch (offset 1 arrived)
     // before the subscribers under test subscribe: their replies carry that epoch.
     let mut primers: Vec<Subscriber> = nodes.iter().map(|n| subscribe(n, None).0).collect();
-    for n in &nodes {
-        n.wait_for_metric(
-            "ringcast_cluster_subscriptions",
-            "the node follows the channel",
-            Duration::from_secs(10),
-            |v| v >= 1.0,
-        );
-    }
+    wait_following(nodes.iter());
     // Their NATS subscriptions are in place (the metric counts them when asked for).
     wait_until(
         Duration::from_secs(20),

@@ -6,119 +6,39 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{num, ringcast_bin, workspace};
-
-/// Names of this run's namespaces: `<prefix>-<i>`.
-fn namespaces(prefix: &str) -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("running `ip netns list`: is iproute2 installed? (apt-get install iproute2)");
-    assert!(
-        out.status.success(),
-        "`ip netns list` failed ({}): network namespaces are required: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("{prefix}-")))
-        .map(str::to_owned)
-        .collect()
-}
+use common::num;
+use common::scale::{
+    assert_everyone_held_and_reached, assert_namespaces_and_bridge_gone, assert_root, fresh_out,
+    fresh_prefix, read_json, scale_command, wait_for_script,
+};
 
 #[test]
 fn three_namespaces_hold_3000_and_everyone_gets_the_broadcast() {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    assert_eq!(
-        uid, 0,
-        "scale.sh needs root (network namespaces, sysctls); run the tests as root"
-    );
-    let prefix = format!("rct{}", std::process::id() % 10_000);
-    assert!(
-        namespaces(&prefix).is_empty(),
-        "namespaces {prefix}-* exist before the test"
-    );
-    let out: PathBuf = common::tmp_path("scale-3000");
-    let _ = std::fs::remove_dir_all(&out);
-    let script = workspace().join("loadtest/scale.sh");
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .args(["3000", "--nodes", "3", "--hold", "1", "--rate", "3000"])
-        .args(["--prefix", &prefix, "--subnet", "127.201"])
-        .args([
-            "--server-cpus",
-            "all",
-            "--harness-cpus",
-            "all",
-            "--timeout",
-            "60",
-        ])
-        .arg("--out")
-        .arg(&out)
-        .arg("--ringcast-bin")
-        .arg(ringcast_bin())
-        .arg("--load-bin")
-        .arg(env!("CARGO_BIN_EXE_ringcast-load"))
-        .spawn()
-        .expect("starting loadtest/scale.sh");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for scale.sh") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            // SIGTERM first: the script's trap tears the namespaces down.
-            // SAFETY: kill(2) on our own child's pid; no memory is involved.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            std::thread::sleep(Duration::from_secs(10));
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "scale.sh did not finish within 120 s (output in {})",
-                out.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let left = namespaces(&prefix);
-    let bridge = Command::new("ip")
-        .args(["link", "show", &format!("{prefix}-br")])
-        .output()
-        .expect("running `ip link show`");
-    assert!(
-        left.is_empty(),
-        "namespaces left behind after scale.sh: {left:?}"
-    );
-    assert!(
-        !bridge.status.success(),
-        "bridge {prefix}-br left behind after scale.sh"
-    );
+    assert_root();
+    let prefix = fresh_prefix("rct");
+    let out = fresh_out("scale-3000");
+    let mut child = scale_command(
+        "3000",
+        &["--nodes", "3", "--hold", "1", "--rate", "3000"],
+        &prefix,
+        "127.201",
+        &out,
+    )
+    .spawn()
+    .expect("starting loadtest/scale.sh");
+    let status = wait_for_script(&mut child, Duration::from_secs(120), "scale.sh", &out);
+    assert_namespaces_and_bridge_gone(&prefix);
     assert!(
         status.success(),
         "scale.sh failed ({status}); output in {}",
         out.display()
     );
 
-    let text = std::fs::read_to_string(out.join("result.json")).expect("reading result.json");
-    let r: serde_json::Value = serde_json::from_str(&text).expect("result.json is JSON");
-    assert_eq!(num(&r, &["connections", "connected"]), 3000, "{text}");
-    assert_eq!(num(&r, &["connections", "open_at_end"]), 3000, "{text}");
+    let (text, r) = read_json(&out, "result.json");
     assert_eq!(num(&r, &["connections", "failed"]), 0, "{text}");
-    assert_eq!(num(&r, &["delivery", "expected"]), 3000, "{text}");
-    assert_eq!(num(&r, &["delivery", "received"]), 3000, "{text}");
-    assert_eq!(num(&r, &["delivery", "lost"]), 0, "{text}");
-    let targets = r["targets"].as_array().expect("per-target results");
-    assert_eq!(targets.len(), 3, "{text}");
-    for t in targets {
-        assert_eq!(t["open_at_end"], 1000, "{t}");
-        assert_eq!(t["received"], 1000, "{t}");
+    for t in assert_everyone_held_and_reached(&r, &text, 3000, 3) {
         assert!(
             t["url"].as_str().is_some_and(|u| u.contains("127.201.1.")),
             "{t}"

@@ -11,31 +11,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{num, ringcast_bin, workspace};
-
-/// Names of this run's namespaces: `<prefix>-<i>`.
-fn namespaces(prefix: &str) -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("running `ip netns list`: is iproute2 installed? (apt-get install iproute2)");
-    assert!(
-        out.status.success(),
-        "`ip netns list` failed ({}): network namespaces are required: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("{prefix}-")))
-        .map(str::to_owned)
-        .collect()
-}
+use common::num;
+use common::scale::{
+    assert_everyone_held_and_reached, assert_namespaces_and_bridge_gone, assert_root, fresh_out,
+    fresh_prefix, read_json, scale_command, wait_for_script,
+};
 
 /// The nats-server the script will use: NATS_SERVER_BIN, else `nats-server` on PATH.
 fn check_nats_server() {
@@ -70,83 +54,34 @@ fn counts(v: &serde_json::Value, key: &str) -> Vec<i64> {
 
 #[test]
 fn three_namespaces_get_one_broadcast_through_nats_and_everything_is_torn_down() {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    assert_eq!(
-        uid, 0,
-        "scale.sh needs root (network namespaces, sysctls); run the tests as root"
-    );
+    assert_root();
     check_nats_server();
-    let prefix = format!("rcn{}", std::process::id() % 10_000);
-    assert!(
-        namespaces(&prefix).is_empty(),
-        "namespaces {prefix}-* exist before the test"
-    );
-    let out: PathBuf = common::tmp_path("scale-nats-3000");
-    let _ = std::fs::remove_dir_all(&out);
+    let prefix = fresh_prefix("rcn");
+    let out = fresh_out("scale-nats-3000");
     std::fs::create_dir_all(&out).expect("creating the output directory");
     let console = out.join("console.txt");
     let log_file = std::fs::File::create(&console).expect("creating console.txt");
-    let script = workspace().join("loadtest/scale.sh");
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .args([
-            "3000", "--nodes", "3", "--nats", "--hold", "2", "--rate", "3000",
-        ])
-        .args(["--prefix", &prefix, "--subnet", "127.202"])
-        .args([
-            "--server-cpus",
-            "all",
-            "--harness-cpus",
-            "all",
-            "--timeout",
-            "60",
-        ])
-        .arg("--out")
-        .arg(&out)
-        .arg("--ringcast-bin")
-        .arg(ringcast_bin())
-        .arg("--load-bin")
-        .arg(env!("CARGO_BIN_EXE_ringcast-load"))
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("starting loadtest/scale.sh");
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for scale.sh") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            // SIGTERM first: the script's trap tears the namespaces and nats-server down.
-            // SAFETY: kill(2) on our own child's pid; no memory is involved.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            std::thread::sleep(Duration::from_secs(10));
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "scale.sh --nats did not finish within 150 s (output in {})",
-                out.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut child = scale_command(
+        "3000",
+        &["--nodes", "3", "--nats", "--hold", "2", "--rate", "3000"],
+        &prefix,
+        "127.202",
+        &out,
+    )
+    .stdout(Stdio::null())
+    .stderr(log_file)
+    .spawn()
+    .expect("starting loadtest/scale.sh");
+    let status = wait_for_script(
+        &mut child,
+        Duration::from_secs(150),
+        "scale.sh --nats",
+        &out,
+    );
     let log = std::fs::read_to_string(&console).expect("reading console.txt");
 
     // Teardown: namespaces, bridge, nats-server and its store are gone.
-    let left = namespaces(&prefix);
-    assert!(
-        left.is_empty(),
-        "namespaces left behind after scale.sh: {left:?}"
-    );
-    let bridge = Command::new("ip")
-        .args(["link", "show", &format!("{prefix}-br")])
-        .output()
-        .expect("running `ip link show`");
-    assert!(
-        !bridge.status.success(),
-        "bridge {prefix}-br left behind after scale.sh"
-    );
+    assert_namespaces_and_bridge_gone(&prefix);
     let nats_pid = logged(&log, "(pid ");
     assert!(
         nats_pid.parse::<u32>().is_ok(),
@@ -177,30 +112,18 @@ fn three_namespaces_get_one_broadcast_through_nats_and_everything_is_torn_down()
     );
 
     // Everyone got the one broadcast, published once on node 1.
-    let text = std::fs::read_to_string(out.join("result.json")).expect("reading result.json");
-    let r: serde_json::Value = serde_json::from_str(&text).expect("result.json is JSON");
+    let (text, r) = read_json(&out, "result.json");
     assert_eq!(
         r["publishing"]["endpoint"], "http://127.202.1.1:9090/publish",
         "the broadcast goes to node 1 only: {text}"
     );
     assert_eq!(num(&r, &["publishing", "messages"]), 1, "{text}");
     assert_eq!(num(&r, &["publishing", "errors"]), 0, "{text}");
-    assert_eq!(num(&r, &["connections", "connected"]), 3000, "{text}");
-    assert_eq!(num(&r, &["connections", "open_at_end"]), 3000, "{text}");
-    assert_eq!(num(&r, &["delivery", "expected"]), 3000, "{text}");
-    assert_eq!(num(&r, &["delivery", "received"]), 3000, "{text}");
-    assert_eq!(num(&r, &["delivery", "lost"]), 0, "{text}");
     assert_eq!(num(&r, &["delivery", "duplicates"]), 0, "{text}");
-    let targets = r["targets"].as_array().expect("per-target results");
-    assert_eq!(targets.len(), 3, "{text}");
-    for t in targets {
-        assert_eq!(t["open_at_end"], 1000, "{t}");
-        assert_eq!(t["received"], 1000, "{t}");
-    }
+    assert_everyone_held_and_reached(&r, &text, 3000, 3);
 
     // ...and it went through NATS: node 1 stored it, nodes 2 and 3 received it from NATS.
-    let text = std::fs::read_to_string(out.join("cluster.json")).expect("reading cluster.json");
-    let c: serde_json::Value = serde_json::from_str(&text).expect("cluster.json is JSON");
+    let (text, c) = read_json(&out, "cluster.json");
     assert_eq!(counts(&c, "published"), [1, 0, 0], "{text}");
     assert_eq!(counts(&c, "received"), [0, 1, 1], "{text}");
     assert_eq!(counts(&c, "gap_offsets"), [0, 0, 0], "{text}");

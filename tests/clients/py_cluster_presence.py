@@ -23,12 +23,10 @@ import time
 import traceback
 import urllib.request
 
-from rc_common import Fail, expect, require
+from rc_common import Client, Fail, close_all, expect, member_key, poll_until, require, sign_token
 
 require("py_cluster_presence.py", {"jwt": "PyJWT", "websockets": "websockets"})
-import jwt  # noqa: E402  (PyJWT)
 from websockets.asyncio.client import connect  # noqa: E402
-from websockets.exceptions import ConnectionClosed  # noqa: E402
 
 TIMEOUT = 10.0
 
@@ -47,8 +45,7 @@ class Env:
         return url
 
     def token(self, sub):
-        now = int(time.time())
-        return jwt.encode({"sub": sub, "exp": now + 300, "iat": now}, self.secret, algorithm="HS256")
+        return sign_token(self.secret, sub)
 
     def metric(self, node, name):
         with urllib.request.urlopen(f"http://{self.admin[node]}/metrics", timeout=TIMEOUT) as r:
@@ -60,54 +57,13 @@ class Env:
         return total
 
 
-class Client:
-    """A connection read continuously: replies to a queue, everything else to `log`."""
-
-    def __init__(self, ws, name):
-        self.ws = ws
-        self.name = name
-        self.log = []
-        self.replies = asyncio.Queue()
-        self.conn_id = None
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self):
-        try:
-            async for raw in self.ws:
-                msg = json.loads(raw)
-                if "reply" in msg:
-                    await self.replies.put(msg)
-                else:
-                    self.log.append(msg)
-        except ConnectionClosed:
-            pass
-
-    async def cmd(self, body):
-        await self.ws.send(json.dumps(body))
-        return await asyncio.wait_for(self.replies.get(), TIMEOUT)
-
-    def events(self, channel):
-        return [m for m in self.log if "type" in m and m.get("channel") == channel]
-
-    async def close(self):
-        await self.ws.close()
-        await asyncio.wait_for(self.task, TIMEOUT)
-
-
 async def wait_for(probe, what, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise Fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+    return await poll_until(probe, what, timeout)
 
 
 async def open_client(env, node, channel, sub=None):
     token = env.token(sub) if sub else None
-    c = Client(await connect(env.url(node, channel, token), open_timeout=TIMEOUT), sub or f"anon@{node}")
+    c = Client(await connect(env.url(node, channel, token), open_timeout=TIMEOUT), sub or f"anon@{node}", TIMEOUT)
     pong = await c.cmd({"cmd": "ping"})
     expect(pong.get("reply") == "pong", f"ping answered {pong}")
     if sub is None:
@@ -123,10 +79,6 @@ async def open_client(env, node, channel, sub=None):
 
 
 SEEN_IDS = set()
-
-
-def member_key(m):
-    return ("user", m["user"]) if "user" in m else ("conn", m["conn"])
 
 
 async def presence(client, channel):
@@ -153,14 +105,6 @@ async def settle(askers, channel, want, what):
             await asyncio.sleep(0.05)
 
 
-async def close_all(clients):
-    for c in clients:
-        try:
-            await c.close()
-        except Exception:
-            pass
-
-
 # ---- cases -------------------------------------------------------------------------------
 
 
@@ -184,7 +128,7 @@ async def query_merges_every_node(env):
         # Askers on every node, not members (not subscribed).
         askers = []
         for node in range(3):
-            a = Client(await connect(env.url(node, ""), open_timeout=TIMEOUT), f"asker@{node}")
+            a = Client(await connect(env.url(node, ""), open_timeout=TIMEOUT), f"asker@{node}", TIMEOUT)
             askers.append(a)
         clients += askers
         want = {
@@ -264,7 +208,7 @@ async def killed_node_drops_out(env):
         dave = await open_client(env, 2, ch, "dave")
         anon = await open_client(env, 2, ch)
         clients += [erin]
-        askers = [Client(await connect(env.url(n, ""), open_timeout=TIMEOUT), f"asker@{n}") for n in (0, 1)]
+        askers = [Client(await connect(env.url(n, ""), open_timeout=TIMEOUT), f"asker@{n}", TIMEOUT) for n in (0, 1)]
         clients += askers
         want = {("user", "erin"): 1, ("user", "dave"): 1, ("conn", anon.conn_id): 1}
         await settle(askers, ch, want, "before the kill")

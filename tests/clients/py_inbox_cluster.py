@@ -22,59 +22,23 @@ Prints one JSON summary line; exit status 0 when every check held, 1 otherwise.
 """
 
 import argparse
-import asyncio
 import json
-import sys
-import time
-import urllib.request
 
-from rc_common import Fail, expect, require
+from rc_common import Frames, expect, print_summary, require, sign_token
 
 require("py_inbox_cluster.py", {"jwt": "PyJWT", "websockets": "websockets"})
-import jwt  # noqa: E402  (PyJWT)
 from websockets.asyncio.client import connect  # noqa: E402
 
 TIMEOUT = 10.0
 
 
 def token(secret, sub):
-    now = int(time.time())
-    return jwt.encode({"sub": sub, "exp": now + 300, "iat": now}, secret, algorithm="HS256")
+    return sign_token(secret, sub)
 
 
-async def recv_json(ws):
-    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
-
-
-async def reply_to(ws, kind):
-    msg = await recv_json(ws)
-    expect(msg.get("reply") == kind, f"expected a {kind} reply, got {msg}")
-    return msg
-
-
-async def messages(ws, n):
-    out = []
-    for _ in range(n):
-        msg = await recv_json(ws)
-        expect("offset" in msg and "reply" not in msg, f"expected a message, got {msg}")
-        out.append(msg)
-    return out
-
-
-async def nothing_more(ws, wait=0.5):
-    try:
-        msg = await asyncio.wait_for(ws.recv(), wait)
-    except asyncio.TimeoutError:
-        return
-    raise Fail(f"unexpected frame {msg}")
-
-
-def http_publish(admin, channel, payload):
-    req = urllib.request.Request(
-        f"http://{admin}/publish?channel={channel}&ack=1", data=payload.encode(), method="POST"
-    )
-    with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
-        return r.status, json.loads(r.read())
+FRAMES = Frames(TIMEOUT, quiet=0.5)
+recv_json, reply_to, messages = FRAMES.recv_json, FRAMES.reply_to, FRAMES.messages
+nothing_more, http_publish = FRAMES.nothing_more, FRAMES.http_publish
 
 
 async def subscribe(ws_addr, secret, user, rid):
@@ -172,12 +136,7 @@ def main():
     args = p.parse_args()
     nodes = [tuple(n.split(",")) for n in args.nodes]
     scenario = moves if args.scenario == "moves" else check
-    try:
-        summary = asyncio.run(scenario(args, nodes))
-    except (Fail, asyncio.TimeoutError, OSError) as e:
-        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
-        sys.exit(1)
-    print(json.dumps(summary))
+    print_summary(scenario(args, nodes))
 
 
 if __name__ == "__main__":

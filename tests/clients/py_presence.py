@@ -26,12 +26,10 @@ import time
 import traceback
 import urllib.request
 
-from rc_common import Fail, expect, require
+from rc_common import Client, Fail, close_all, expect, member_key, poll_until, require, sign_token
 
 require("py_presence.py", {"jwt": "PyJWT", "websockets": "websockets"})
-import jwt  # noqa: E402  (PyJWT)
 from websockets.asyncio.client import connect  # noqa: E402
-from websockets.exceptions import ConnectionClosed  # noqa: E402
 
 TIMEOUT = 5.0
 MAX_MEMBERS = 12
@@ -53,10 +51,7 @@ class Env:
         return url
 
     def token(self, sub, **claims):
-        now = int(time.time())
-        body = {"sub": sub, "exp": now + 300, "iat": now}
-        body.update(claims)
-        return jwt.encode(body, self.secret, algorithm="HS256")
+        return sign_token(self.secret, sub, **claims)
 
     def publish(self, channel, payload):
         req = urllib.request.Request(
@@ -75,77 +70,23 @@ class Env:
         return out
 
 
-class Client:
-    """A websockets connection read continuously (so pings are answered): replies go to
-    a queue, everything else (messages, events) to `log` in arrival order."""
-
-    def __init__(self, ws, name):
-        self.ws = ws
-        self.name = name
-        self.log = []
-        self.replies = asyncio.Queue()
-        self.conn_id = None
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self):
-        try:
-            async for raw in self.ws:
-                msg = json.loads(raw)
-                if "reply" in msg:
-                    await self.replies.put(msg)
-                else:
-                    self.log.append(msg)
-        except ConnectionClosed:
-            pass
-
-    async def cmd(self, body):
-        await self.ws.send(json.dumps(body))
-        return await asyncio.wait_for(self.replies.get(), TIMEOUT)
-
-    def events(self, channel):
-        return [m for m in self.log if "type" in m and m.get("channel") == channel]
-
-    async def close(self):
-        await self.ws.close()
-        await asyncio.wait_for(self.task, TIMEOUT)
-
-
 async def open_client(env, subscribe, sub=None, name=None, **claims):
     """Connects subscribed to `subscribe` (upgrade URL), as `sub` (a token with `claims`)
     or anonymous."""
     token = env.token(sub, **claims) if sub else None
-    c = Client(await connect(env.url(subscribe, token), open_timeout=TIMEOUT), name or sub or "anon")
+    c = Client(await connect(env.url(subscribe, token), open_timeout=TIMEOUT), name or sub or "anon", TIMEOUT)
     pong = await c.cmd({"cmd": "ping"})  # adopted: the upgrade's subscriptions are in
     expect(pong.get("reply") == "pong", f"ping answered {pong}")
     return c
 
 
 async def wait_for(probe, what, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise Fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def member_key(m):
-    return ("user", m["user"]) if "user" in m else ("conn", m["conn"])
+    return await poll_until(probe, what, timeout)
 
 
 def members_of(reply):
     expect(reply.get("code") == 200, f"presence answered {reply}")
     return {member_key(m): m["connections"] for m in reply["members"]}
-
-
-async def close_all(clients):
-    for c in clients:
-        try:
-            await c.close()
-        except Exception:
-            pass
 
 
 # ---- cases -------------------------------------------------------------------------------

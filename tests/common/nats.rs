@@ -2,9 +2,12 @@
 //! JetStream, on free loopback ports in a temporary directory: one server, or a
 //! 3-server cluster. Killed on drop; a test can stop one and start it again in place.
 
-use super::{free_tcp_port, server::die_with_parent, wait_until, write_file, Server};
+use super::{
+    free_tcp_port, server::die_with_parent, wait_until, write_file, Deadline, Server, Subscriber,
+};
+use serde_json::Value;
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -214,7 +217,7 @@ impl NatsCluster {
 /// and tables), then `[cluster]` with `nats_url` and `cluster_keys`; `args` go on the
 /// command line after `--config`.
 pub fn start_node(
-    dir: &std::path::Path,
+    dir: &Path,
     name: &str,
     nats_url: &str,
     toml: &str,
@@ -236,7 +239,122 @@ pub fn wait_cluster_up(server: &Server, up: f64) {
     server.wait_for_metric(
         "ringcast_cluster_up",
         &format!("ringcast_cluster_up == {up}"),
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         |v| v == up,
     );
+}
+
+/// A node that keeps `history` messages per channel and recovers up to as many
+/// (`history_size`, `max_recovery_messages`), with `interest_linger = linger_secs`;
+/// see [`start_node`].
+pub fn start_recovering_node(
+    dir: &Path,
+    name: &str,
+    nats_url: &str,
+    history: u32,
+    linger_secs: u32,
+    args: &[&str],
+) -> Server {
+    start_node(
+        dir,
+        name,
+        nats_url,
+        &format!("history_size = {history}\nmax_recovery_messages = {history}"),
+        &format!("interest_linger = {linger_secs}"),
+        args,
+    )
+}
+
+/// Waits until each of `nodes` follows a channel (`ringcast_cluster_subscriptions`
+/// at least 1: its NATS subscription to a live subject is in place).
+pub fn wait_following<'a>(nodes: impl IntoIterator<Item = &'a Server>) {
+    for (i, n) in nodes.into_iter().enumerate() {
+        n.wait_for_metric(
+            "ringcast_cluster_subscriptions",
+            &format!("node {i} follows the channel"),
+            Duration::from_secs(10),
+            |v| v >= 1.0,
+        );
+    }
+}
+
+/// Every node's `ringcast_cluster_*` samples, for failure messages.
+pub fn cluster_metrics<'a>(nodes: impl IntoIterator<Item = &'a Server>) -> String {
+    nodes
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let m = n.metrics();
+            let rows: Vec<String> = m
+                .samples
+                .iter()
+                .filter(|s| s.name.starts_with("ringcast_cluster_"))
+                .map(|s| format!("  {} {}", s.name, s.value))
+                .collect();
+            format!("node {i}:\n{}", rows.join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Connects a WebSocket subscriber to `server` and sends `command` (a subscribe);
+/// asserts a 200 reply and returns the subscriber with it.
+pub fn ws_subscribe(server: &Server, command: &Value) -> (Subscriber, Value) {
+    let mut sub = Subscriber::connect(&format!("ws://{}/ws", server.ws_addr()));
+    let reply = sub.request(command, Duration::from_secs(10));
+    assert_eq!(reply["code"], 200, "subscribe: {reply}");
+    (sub, reply)
+}
+
+/// A cluster test's fixture: its [`Deadline`], a nats-server, the directory of the
+/// nodes' config files, and the ringcast nodes. Fields drop in order: the nodes first,
+/// then nats-server, then the directory.
+pub struct Cluster {
+    /// The nodes, in the order of their names.
+    pub nodes: Vec<Server>,
+    /// The nats-server they join through.
+    pub nats: NatsServer,
+    /// Where their config files (and data, if a test puts it there) live.
+    pub dir: tempfile::TempDir,
+    _deadline: Deadline,
+}
+
+impl Cluster {
+    /// Bounds the test `test` by `limit`, starts nats-server with `nats` (such as
+    /// [`NatsServer::start`]) and one node per name with `node(dir, name, nats_url)`.
+    /// Does not wait for the nodes to join: see [`Cluster::wait_up`].
+    pub fn start(
+        test: &'static str,
+        limit: Duration,
+        nats: fn() -> NatsServer,
+        names: &[&str],
+        node: impl Fn(&Path, &str, &str) -> Server,
+    ) -> Cluster {
+        let deadline = Deadline::new(test, limit);
+        let nats = nats();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nodes = names
+            .iter()
+            .map(|name| node(dir.path(), name, &nats.url()))
+            .collect();
+        Cluster {
+            nodes,
+            nats,
+            dir,
+            _deadline: deadline,
+        }
+    }
+
+    /// Waits until every node has joined the cluster (`ringcast_cluster_up == 1`).
+    pub fn wait_up(self) -> Cluster {
+        for n in &self.nodes {
+            wait_cluster_up(n, 1.0);
+        }
+        self
+    }
+
+    /// Every node's `ringcast_cluster_*` samples, for failure messages.
+    pub fn metrics(&self) -> String {
+        cluster_metrics(&self.nodes)
+    }
 }

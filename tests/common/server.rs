@@ -106,10 +106,39 @@ impl Server {
     /// Starts ringcast on exactly `ports` (those of a server that has exited, to restart
     /// it in place), like [`Server::start`] otherwise.
     ///
+    /// A port of the old server can stay taken for a while after it exited (a free
+    /// loopback port is drawn from the ephemeral range, so another process's outgoing
+    /// connection may hold it as its local port): the start waits until no port is held
+    /// and tries again after a clash, for [`RESTART_PATIENCE`] in all.
+    ///
     /// # Panics
-    /// When it does not become healthy; a port still taken is not retried.
+    /// When it does not become healthy, or a port is still taken after
+    /// [`RESTART_PATIENCE`] (the message names the ports held).
     pub fn start_on(ports: Ports, extra: &[&str]) -> Server {
-        Server::try_start(ports, extra).unwrap_or_else(|log| panic!("{log}"))
+        let started = Instant::now();
+        let mut attempts = 0;
+        loop {
+            while !ports_held(ports).is_empty() && started.elapsed() < RESTART_PATIENCE {
+                thread::sleep(Duration::from_millis(100));
+            }
+            attempts += 1;
+            match Server::try_start(ports, extra) {
+                Ok(server) => return server,
+                Err(log) if mentions_port_clash(&log) && started.elapsed() < RESTART_PATIENCE => {
+                    eprintln!(
+                        "ringcast could not bind one of {ports:?} (attempt {attempts}); \
+                         waiting for it to be released"
+                    );
+                }
+                Err(log) if mentions_port_clash(&log) => panic!(
+                    "ringcast could not restart in place: its ports were still taken after \
+                     {RESTART_PATIENCE:?} and {attempts} attempts (held now: {:?} of {ports:?})\n\
+                     last attempt: {log}",
+                    ports_held(ports)
+                ),
+                Err(log) => panic!("{log}"),
+            }
+        }
     }
 
     /// The ports this server was told to use.
@@ -453,6 +482,33 @@ pub fn ws_target(channels: &[&str]) -> String {
     } else {
         format!("/ws?channels={}", channels.join(","))
     }
+}
+
+/// How long [`Server::start_on`] waits for the ports of a server that exited.
+pub const RESTART_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Those of `ports` that some socket holds now: a probe bind (with SO_REUSEADDR, as
+/// ringcast's own check) fails on them. Named as `"ws 8080"`.
+fn ports_held(ports: Ports) -> Vec<String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let held = |port: u16, ty: Type, protocol: Protocol| {
+        let probe = || -> io::Result<()> {
+            let socket = Socket::new(Domain::IPV4, ty, Some(protocol))?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        };
+        probe().is_err()
+    };
+    [
+        ("ws", ports.ws, Type::STREAM, Protocol::TCP),
+        ("tcp", ports.tcp, Type::STREAM, Protocol::TCP),
+        ("admin", ports.admin, Type::STREAM, Protocol::TCP),
+        ("udp", ports.udp, Type::DGRAM, Protocol::UDP),
+    ]
+    .into_iter()
+    .filter(|&(_, port, ty, protocol)| held(port, ty, protocol))
+    .map(|(name, port, _, _)| format!("{name} {port}"))
+    .collect()
 }
 
 fn mentions_port_clash(log: &str) -> bool {

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod scale;
+
 /// A child process killed on drop, with its output in a log file.
 pub struct Proc {
     pub name: String,
