@@ -4,6 +4,9 @@
 //! Shut, new connections are accepted and closed at once (the client sees its handshake
 //! fail, as with a server that is down) and counted; relayed connections already up are
 //! not touched. It lets a test decide *when* a client may reconnect, without timing.
+//! Held, the relayed connections stop passing the target's bytes to their clients (the
+//! clients' bytes still reach the target) until released: answers the target sent are
+//! delivered late, all at once, in order.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -20,6 +23,7 @@ pub struct TcpGate {
     refused: Arc<AtomicUsize>,
     relayed: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    hold: Arc<AtomicBool>,
 }
 
 impl TcpGate {
@@ -36,12 +40,14 @@ impl TcpGate {
             refused: Arc::new(AtomicUsize::new(0)),
             relayed: Arc::new(AtomicUsize::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
+            hold: Arc::new(AtomicBool::new(false)),
         };
-        let (open, refused, relayed, stop) = (
+        let (open, refused, relayed, stop, hold) = (
             Arc::clone(&gate.open),
             Arc::clone(&gate.refused),
             Arc::clone(&gate.relayed),
             Arc::clone(&gate.stop),
+            Arc::clone(&gate.hold),
         );
         thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
@@ -53,7 +59,7 @@ impl TcpGate {
                             continue;
                         }
                         relayed.fetch_add(1, Ordering::SeqCst);
-                        relay(client, target);
+                        relay(client, target, Arc::clone(&hold));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         thread::sleep(Duration::from_millis(5));
@@ -75,6 +81,16 @@ impl TcpGate {
         self.open.store(true, Ordering::SeqCst);
     }
 
+    /// The target's bytes wait in the gate from now on (see the module docs).
+    pub fn hold(&self) {
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// The target's bytes flow to the clients again, the held ones first.
+    pub fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+    }
+
     /// Connections refused while shut.
     pub fn refused(&self) -> usize {
         self.refused.load(Ordering::SeqCst)
@@ -94,7 +110,7 @@ impl Drop for TcpGate {
 
 /// Copies both ways between `client` and a new connection to `target`; a failed connect
 /// closes the client (as a server that is down would).
-fn relay(client: TcpStream, target: SocketAddr) {
+fn relay(client: TcpStream, target: SocketAddr, hold: Arc<AtomicBool>) {
     let _ = client.set_nonblocking(false);
     let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
         return;
@@ -104,16 +120,21 @@ fn relay(client: TcpStream, target: SocketAddr) {
     let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
-    thread::spawn(move || pump(client, server));
-    thread::spawn(move || pump(server2, client2));
+    let never = Arc::new(AtomicBool::new(false));
+    thread::spawn(move || pump(client, server, never));
+    thread::spawn(move || pump(server2, client2, hold));
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to`; while `hold` is set, what was read waits before it is written.
+fn pump(mut from: TcpStream, mut to: TcpStream, hold: Arc<AtomicBool>) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                while hold.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(5));
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }

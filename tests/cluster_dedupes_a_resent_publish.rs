@@ -1,0 +1,132 @@
+//! Publish dedupe (docs/cluster.md, "Publish dedupe: a re-sent message is stored once"):
+//! node A reaches a real nats-server through a TCP gate that can hold the server's bytes.
+//! Held while A publishes, the stream's acknowledgement comes too late: A's outcome is
+//! unknown and it sends the message again with the same `Nats-Msg-Id`. The stream has it
+//! already, so the copy is refused (10071: not the expected last sequence) and then, after
+//! A reads the last message again, answered `duplicate`. A answers the publisher with the
+//! stored copy's offset, and the message is stored and delivered once.
+
+mod common;
+
+use common::nats::{start_node, wait_cluster_up, wait_following, NatsServer};
+use common::*;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const CHANNEL: &str = "feed:dedupe";
+/// Longer than the node's JetStream request timeout (2 s), well inside its 10 s resend
+/// window.
+const HELD: Duration = Duration::from_millis(3500);
+
+fn publish(server: &Server, n: u32) -> u64 {
+    let r = http::request(
+        server.admin_addr(),
+        "POST",
+        &format!("/publish?channel={CHANNEL}"),
+        &[],
+        format!("{{\"n\":{n}}}").as_bytes(),
+    )
+    .expect("HTTP publish");
+    assert_eq!(r.status, 200, "publish {n}: {}", r.text());
+    r.json()["offset"].as_u64().expect("offset in the answer")
+}
+
+#[test]
+fn a_publish_whose_acknowledgement_is_late_is_stored_and_delivered_once() {
+    let _deadline = Deadline::new(
+        "a_publish_whose_acknowledgement_is_late_is_stored_and_delivered_once",
+        Duration::from_secs(120),
+    );
+    let nats = NatsServer::start();
+    let gate = TcpGate::start(SocketAddr::from(([127, 0, 0, 1], nats.port)));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let history = "history_size = 1000";
+    let a = start_node(
+        dir.path(),
+        "a",
+        &format!("nats://127.0.0.1:{}", gate.port),
+        history,
+        "",
+        &[],
+    );
+    let b = start_node(dir.path(), "b", &nats.url(), history, "", &[]);
+    wait_cluster_up(&a, 1.0);
+    wait_cluster_up(&b, 1.0);
+    let (mut sub, _) = nats_ws_subscribe(&b);
+    wait_following([&b]);
+
+    assert_eq!(publish(&a, 1), 1);
+    gate.hold();
+    let late = std::thread::spawn({
+        let addr = a.admin_addr();
+        move || {
+            http::request(
+                addr,
+                "POST",
+                &format!("/publish?channel={CHANNEL}"),
+                &[],
+                b"{\"n\":2}",
+            )
+        }
+    });
+    std::thread::sleep(HELD);
+    gate.release();
+    let r = late
+        .join()
+        .expect("publish thread")
+        .expect("HTTP publish 2");
+    assert_eq!(r.status, 200, "publish 2: {}\n{}", r.text(), a.log());
+    assert_eq!(r.json()["offset"], 2, "{}", r.text());
+    assert_eq!(publish(&a, 3), 3);
+
+    let got = sub.collect(3, Duration::from_secs(10));
+    let seen: Vec<(u64, Value)> = got
+        .iter()
+        .map(|d| (d.offset, d.data["n"].clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![(1, json!(1)), (2, json!(2)), (3, json!(3))],
+        "node B gets each message once, in order"
+    );
+    assert!(
+        sub.next_delivery(Duration::from_millis(500)).is_none(),
+        "nothing more"
+    );
+
+    let m = a.metrics();
+    assert!(
+        m.sum("ringcast_cluster_publish_resent_total") >= 1.0,
+        "A sent the message again: {}",
+        m.describe("ringcast_cluster_publish_resent_total")
+    );
+    assert_eq!(
+        m.sum("ringcast_cluster_publish_deduped_total"),
+        1.0,
+        "the stream answered the copy duplicate: {}",
+        m.describe("ringcast_cluster_publish_deduped_total")
+    );
+
+    let stored = python::run_script(
+        "py_nats_check.py",
+        &[
+            "--servers",
+            &nats.url(),
+            "--stream",
+            "RINGCAST",
+            "--subject",
+            "rc.ch.feed=3Adedupe",
+        ],
+    )
+    .summary();
+    assert_eq!(
+        stored["offsets"],
+        json!([1, 2, 3]),
+        "stored once each: {stored}"
+    );
+}
+
+fn nats_ws_subscribe(server: &Server) -> (Subscriber, Value) {
+    common::nats::ws_subscribe(server, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}))
+}
