@@ -57,7 +57,7 @@ pub async fn serve(shard: Rc<Shard>) {
                 Ok(Err(e)) => refuse(&e),
                 Err(_) => refuse("cluster: the NATS thread stopped"),
             };
-            shard.answer_later(&tag, reply, Vec::new());
+            shard.answer_later(tag.key, tag.generation, reply, Vec::new());
             shard.settle();
         })
         .detach();

@@ -261,17 +261,18 @@ impl Shard {
             self.metrics.ingest_rejected[source][e.index()].fetch_add(1, Relaxed);
             return refuse(413, &e.to_string());
         }
+        // Who a publish answered later (inbox, cluster) is answered to.
+        let tag = || ShardTag {
+            key,
+            generation,
+            id: id.map(str::to_string),
+            since: None,
+            attempt: 0,
+        };
         if let Some(inbox) = self.inbox_for(channel) {
-            let tag = ShardTag {
-                key,
-                generation,
-                id: id.map(str::to_string),
-                since: None,
-                attempt: 0,
-            };
             let reply = InboxReply::Shard {
                 shard: self.id,
-                tag,
+                tag: tag(),
             };
             if let Err(e) = inbox.publish(channel, data.as_bytes(), reply) {
                 return refuse(503, &format!("inbox: {}", e.to_store_error()));
@@ -282,15 +283,8 @@ impl Shard {
         }
         if let Some(cluster) = crate::cluster::get() {
             // Answered with the stream's offset once stored (crate::shard::cluster_publish).
-            let tag = ShardTag {
-                key,
-                generation,
-                id: id.map(str::to_string),
-                since: None,
-                attempt: 0,
-            };
             if let Err(e) =
-                crate::shard::cluster_publish::publish(cluster, tag, channel, data.as_bytes())
+                crate::shard::cluster_publish::publish(cluster, tag(), channel, data.as_bytes())
             {
                 return refuse(503, e);
             }

@@ -160,7 +160,7 @@ impl Shard {
                     .to_json(),
                     Err(e) => store_refusal("publish", id, &channel, &e),
                 };
-                self.answer_later(&tag, reply, Vec::new());
+                self.answer_later(tag.key, tag.generation, reply, Vec::new());
             }
             AnswerKind::Acked { upto, result } => {
                 let reply = match result {
@@ -180,7 +180,7 @@ impl Shard {
                     ),
                     Err(e) => store_refusal("ack", id, &channel, &e),
                 };
-                self.answer_later(&tag, reply, Vec::new());
+                self.answer_later(tag.key, tag.generation, reply, Vec::new());
             }
             AnswerKind::Unacked(result) => self.finish_subscribe(tag, channel, result),
         }
@@ -211,7 +211,7 @@ impl Shard {
             Ok(b) => b,
             Err(e) => {
                 let reply = store_refusal("subscribe", id, &channel, &e);
-                return self.answer_later(&tag, reply, Vec::new());
+                return self.answer_later(tag.key, tag.generation, reply, Vec::new());
             }
         };
         let (last, epoch) = (backlog.last, backlog.epoch);
@@ -320,26 +320,34 @@ impl Shard {
                 503,
                 "inbox: could not line the inbox up with live delivery (history too short?): subscribe again",
             );
-            self.answer_later(&tag, reply, Vec::new());
+            self.answer_later(tag.key, tag.generation, reply, Vec::new());
         }
     }
 
-    /// Sends a reply (and frames) to the connection of `tag`, if it is still there.
-    pub(super) fn answer_later(&self, tag: &ShardTag, reply: String, frames: Vec<Bytes>) {
+    /// Sends a reply (and frames) to connection `key` if it is still the one of
+    /// `generation` and open: the answer to a request answered later (inbox, cluster
+    /// publish, cluster presence query).
+    pub(super) fn answer_later(
+        &self,
+        key: u32,
+        generation: u32,
+        reply: String,
+        frames: Vec<Bytes>,
+    ) {
         let mut conns = self.conns.borrow_mut();
-        let Some(conn) = conns.get_current(tag.key, tag.generation) else {
+        let Some(conn) = conns.get_current(key, generation) else {
             return;
         };
         if !conn.machine.is_open() {
             return;
         }
-        self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+        self.queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
         if !frames.is_empty() {
             let before = conn.machine.backlog().bytes();
             conn.machine.queue_replay(frames);
             self.note_backlog_change(before, conn.machine.backlog().bytes());
         }
-        self.answer_poll_if_due(tag.key, conn);
-        self.flush_or_close(tag.key, conn);
+        self.answer_poll_if_due(key, conn);
+        self.flush_or_close(key, conn);
     }
 }

@@ -105,15 +105,6 @@ impl Shard {
             .count()
     }
 
-    /// True while a subscribe of connection `key` (of `generation`) waits for a join.
-    pub(super) fn joining(&self, key: u32, generation: u32) -> bool {
-        let pending = self.cluster_pending.borrow();
-        !pending.is_empty()
-            && pending
-                .iter()
-                .any(|((k, _), g)| *k == key && *g == generation)
-    }
-
     /// Drops a waiting subscribe of `channel` by connection `key` (it unsubscribed).
     pub(super) fn cluster_forget(&self, key: u32, channel: &str) {
         self.cluster_pending

@@ -13,7 +13,6 @@ use crate::cluster::presence::{QueryTag, ShardAnswer};
 use crate::cluster::presence_wire::Merged;
 use crate::presence::{Change, ConnId, Member};
 use crate::proto::command::Reply;
-use crate::proto::frame::{encode_frame, opcode};
 use crate::shard::state::Shard;
 use crate::shard::table::Conn;
 
@@ -140,18 +139,7 @@ impl Shard {
             partial,
         } = answer;
         let reply = presence_reply(tag.id.as_deref(), &channel, &merged, partial);
-        {
-            let mut conns = self.conns.borrow_mut();
-            let Some(conn) = conns.get_current(tag.key, tag.generation) else {
-                return;
-            };
-            if !conn.machine.is_open() {
-                return;
-            }
-            self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
-            self.answer_poll_if_due(tag.key, conn);
-            self.flush_or_close(tag.key, conn);
-        }
+        self.answer_later(tag.key, tag.generation, reply, Vec::new());
         self.settle();
     }
 

@@ -312,7 +312,7 @@ impl Shard {
     /// a subscribe of the stream waits for a cluster join: the index cannot rebuild the
     /// position it asked for (its `since`), which the reply's `id:` must carry.
     pub(super) fn release_idle_stream(&self, key: u32, conn: &mut Conn) {
-        if self.partial_deliveries.get() == 0 && !self.joining(key, conn.generation) {
+        if self.partial_deliveries.get() == 0 && self.cluster_waiting(key) == 0 {
             conn.machine.release_position();
         }
     }

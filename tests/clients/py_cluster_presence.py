@@ -155,6 +155,14 @@ async def query_merges_every_node(env):
         await close_all(clients)
 
 
+async def saw(watcher, ch, kind, member, what):
+    """Waits until `watcher` has a `kind` event ("join" or "leave") of `member` on `ch`."""
+    await wait_for(
+        lambda: [e for e in watcher.events(ch) if e["type"] == kind and e["member"] == member],
+        what,
+    )
+
+
 async def join_leave_cross_nodes(env):
     """A watcher on node B sees carol (on node A) join and leave, and an anonymous
     connection on node C join and leave."""
@@ -167,26 +175,14 @@ async def join_leave_cross_nodes(env):
                        "node B following room:ev's events")
         carol = await open_client(env, 0, ch, "carol")
         clients.append(carol)
-        await wait_for(
-            lambda: [e for e in watcher.events(ch) if e["type"] == "join" and e["member"] == {"user": "carol"}],
-            "carol's join at the watcher on node B",
-        )
+        await saw(watcher, ch, "join", {"user": "carol"}, "carol's join at the watcher on node B")
         anon = await open_client(env, 2, ch)
         clients.append(anon)
-        await wait_for(
-            lambda: [e for e in watcher.events(ch) if e["type"] == "join" and e["member"] == {"conn": anon.conn_id}],
-            "the anonymous join from node C at node B",
-        )
+        await saw(watcher, ch, "join", {"conn": anon.conn_id}, "the anonymous join from node C at node B")
         await carol.close()
         await anon.close()
-        await wait_for(
-            lambda: [e for e in watcher.events(ch) if e["type"] == "leave" and e["member"] == {"user": "carol"}],
-            "carol's leave at node B",
-        )
-        await wait_for(
-            lambda: [e for e in watcher.events(ch) if e["type"] == "leave" and e["member"] == {"conn": anon.conn_id}],
-            "the anonymous leave from node C at node B",
-        )
+        await saw(watcher, ch, "leave", {"user": "carol"}, "carol's leave at node B")
+        await saw(watcher, ch, "leave", {"conn": anon.conn_id}, "the anonymous leave from node C at node B")
         # Each arrived once, join before leave.
         seq = [(e["type"], member_key(e["member"])) for e in watcher.events(ch)
                if e["member"] in ({"user": "carol"}, {"conn": anon.conn_id})]
