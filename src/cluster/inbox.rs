@@ -41,8 +41,6 @@ use crate::inbox::thread::{
 };
 use crate::inbox::{is_user_channel, ErrorKind, Inbox, InboxAnswer, InboxStats, StoreError};
 use crate::proto::message::{encode_message, EncodedData};
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::stream::{
     Config as StreamConfig, DirectGetErrorKind, DiscardPolicy, Stream as JsStream,
 };
@@ -536,23 +534,11 @@ impl Node {
         for (k, v) in record.to_headers() {
             headers.insert(k, v.as_str());
         }
-        let publish = Publish::build()
-            .payload(Bytes::new())
-            .headers(headers)
-            .expected_last_subject_sequence(seq);
-        let ack = match self
-            .js
-            .send_publish(self.subject("inack", channel), publish)
+        let subject = self.subject("inack", channel);
+        stored::store_expecting(&self.js, subject, headers, Bytes::new(), seq)
             .await
-        {
-            Ok(future) => future.await,
-            Err(e) => Err(e),
-        };
-        match ack {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
-            Err(e) => Err(js_error("writing the ack record", e)),
-        }
+            .map(|stored| stored.is_some())
+            .map_err(|e| js_error("writing the ack record", e))
     }
 
     async fn publish(
@@ -573,45 +559,37 @@ impl Node {
             };
             let epoch = if epoch == 0 { self.new_epoch() } else { epoch };
             let offset = last + 1;
-            let publish = Publish::build()
-                .payload(payload.clone())
-                .headers(stored::headers(offset, epoch, None))
-                .expected_last_subject_sequence(seq);
-            let ack = match self
-                .js
-                .send_publish(self.subject("inbox", channel), publish)
-                .await
-            {
-                Ok(future) => future.await,
-                Err(e) => Err(e),
-            };
-            match ack {
-                Ok(ack) => {
-                    self.chans
-                        .borrow_mut()
-                        .entry(channel.clone())
-                        .or_default()
-                        .stream_last = Some((offset, epoch, ack.sequence));
-                    self.deliver(channel, offset, epoch, ack.sequence, payload.clone())
-                        .await;
-                    let headers = stored::headers(offset, epoch, Some(ack.sequence));
-                    // Live delivery to the other nodes is best effort: a node that misses
-                    // it reads the message back (hole fill, or the subscribe's read).
-                    let _ = self
-                        .client
-                        .publish_with_headers(self.subject("inlive", channel), headers, payload)
-                        .await;
-                    return Ok(offset);
-                }
-                Err(e) => {
-                    if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
-                        c.stream_last = None;
+            let subject = self.subject("inbox", channel);
+            let headers = stored::headers(offset, epoch, None);
+            let sequence =
+                match stored::store_expecting(&self.js, subject, headers, payload.clone(), seq)
+                    .await
+                {
+                    Ok(Some(sequence)) => sequence,
+                    other => {
+                        if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
+                            c.stream_last = None;
+                        }
+                        // Refused: another node took the offset; read the last one again.
+                        other.map_err(|e| js_error("storing the message", e))?;
+                        continue;
                     }
-                    if e.kind() != PublishErrorKind::WrongLastSequence {
-                        return Err(js_error("storing the message", e));
-                    }
-                }
-            }
+                };
+            self.chans
+                .borrow_mut()
+                .entry(channel.clone())
+                .or_default()
+                .stream_last = Some((offset, epoch, sequence));
+            self.deliver(channel, offset, epoch, sequence, payload.clone())
+                .await;
+            let headers = stored::headers(offset, epoch, Some(sequence));
+            // Live delivery to the other nodes is best effort: a node that misses it
+            // reads the message back (hole fill, or the subscribe's read).
+            let _ = self
+                .client
+                .publish_with_headers(self.subject("inlive", channel), headers, payload)
+                .await;
+            return Ok(offset);
         }
         Err(StoreError::new(
             ErrorKind::Overloaded,

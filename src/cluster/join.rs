@@ -34,8 +34,6 @@
 use super::{Chan, Cluster, Node, Request, JS_TIMEOUT, LOCAL_AFTER};
 use crate::cluster::stored;
 use crate::fanout::history::Since;
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage as Publish;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use std::cell::{Cell, RefCell};
@@ -555,27 +553,16 @@ impl Node {
     /// the channel's epoch exists before its first publish. `Some(sequence)` when stored;
     /// `None` when the subject is not empty any more (refused with 10071).
     async fn write_marker(&self, name: &Arc<str>, epoch: u64) -> Result<Option<u64>, String> {
-        let publish = Publish::build()
-            .payload(Bytes::new())
-            .headers(stored::headers(0, epoch, None))
-            .expected_last_subject_sequence(0);
-        let ack = match self
-            .js
-            .send_publish(self.stream_subject(name), publish)
-            .await
-        {
-            Ok(future) => tokio::time::timeout(JS_TIMEOUT, future)
-                .await
-                .map_err(|_| {
-                    "cluster: the epoch marker was not acknowledged in time".to_string()
-                })?,
-            Err(e) => Err(e),
-        };
-        match ack {
-            Ok(ack) => Ok(Some(ack.sequence)),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
-            Err(e) => Err(format!("cluster: storing the epoch marker: {e}")),
-        }
+        let headers = stored::headers(0, epoch, None);
+        stored::store_expecting(
+            &self.js,
+            self.stream_subject(name),
+            headers,
+            Bytes::new(),
+            0,
+        )
+        .await
+        .map_err(|e| format!("cluster: storing the epoch marker: {e}"))
     }
 
     fn join_plan(&self, name: &Arc<str>, last: u64, epoch: u64) -> u64 {

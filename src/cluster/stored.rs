@@ -6,7 +6,8 @@
 //! `Ringcast-Seq`, the stream sequence it was stored at (`subject.rs`).
 
 use super::subject::{parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
-use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::context::{Context, PublishError, PublishErrorKind};
+use async_nats::jetstream::message::{PublishMessage as Publish, StreamMessage};
 use async_nats::jetstream::stream::{
     DirectGetError, DirectGetErrorKind, RawMessageError, RawMessageErrorKind, Stream,
 };
@@ -100,6 +101,28 @@ pub(crate) async fn at(stream: &Stream, seq: u64) -> Result<Option<Entry>, Strin
         leader(stream.get_raw_message(seq).await)
     } else {
         direct(stream.direct_get(seq).await)
+    }
+}
+
+/// Stores `payload` with `headers` on `subject` if the subject's last message is at
+/// stream sequence `expected` (0: the subject is empty). `Some(sequence)` when stored;
+/// `None` when refused because another writer came first (10071). The ack waits at most
+/// the context's timeout.
+pub(crate) async fn store_expecting(
+    js: &Context,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    expected: u64,
+) -> Result<Option<u64>, PublishError> {
+    let publish = Publish::build()
+        .payload(payload)
+        .headers(headers)
+        .expected_last_subject_sequence(expected);
+    match js.send_publish(subject, publish).await?.await {
+        Ok(ack) => Ok(Some(ack.sequence)),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
