@@ -33,7 +33,7 @@
 
 use crate::cluster::stored;
 use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER};
-use crate::cluster::thread::{connect, next_job, now_nanos, spawn_runtime_thread};
+use crate::cluster::thread::{connect, next_job, spawn_runtime_thread};
 use crate::cluster::ClusterSettings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::thread::{
@@ -46,7 +46,7 @@ use async_nats::jetstream::stream::{
 };
 use async_nats::{Client, Event, HeaderMap};
 use bytes::Bytes;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -219,8 +219,6 @@ struct Node {
     streams: RefCell<Option<(JsStream, JsStream)>>,
     chans: RefCell<HashMap<Arc<str>, Chan>>,
     workers: RefCell<HashMap<Arc<str>, tokio::sync::mpsc::UnboundedSender<Request>>>,
-    epoch_base: u64,
-    epoch_next: Cell<u64>,
 }
 
 fn unavailable(what: impl std::fmt::Display) -> StoreError {
@@ -251,8 +249,6 @@ async fn run(
         streams: RefCell::new(None),
         chans: RefCell::new(HashMap::new()),
         workers: RefCell::new(HashMap::new()),
-        epoch_base: now_nanos(),
-        epoch_next: Cell::new(0),
     });
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -349,9 +345,7 @@ impl Node {
     }
 
     fn new_epoch(&self) -> u64 {
-        let n = self.epoch_next.get();
-        self.epoch_next.set(n + 1);
-        self.epoch_base + n
+        self.parts.publisher.new_epoch()
     }
 
     fn subject(&self, kind: &str, channel: &str) -> String {

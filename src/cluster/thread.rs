@@ -206,8 +206,8 @@ struct Node {
     stream: RefCell<Option<JsStream>>,
     chans: RefCell<HashMap<Arc<str>, Chan>>,
     workers: RefCell<HashMap<Arc<str>, JobSender>>,
-    epoch_base: u64,
-    epoch_next: Cell<u64>,
+    /// The first part of this node's publish message ids: its start, in nanoseconds.
+    msg_id_base: u64,
     /// When the connection was last lost (or the thread started, before the first one).
     down_since: Cell<Instant>,
     /// Subscribes waiting for channels to be followed (join.rs).
@@ -278,8 +278,8 @@ pub(crate) async fn next_job<T>(
     }
 }
 
-/// Nanoseconds since the Unix epoch: the base of the epochs a node chooses.
-pub(crate) fn now_nanos() -> u64 {
+/// Nanoseconds since the Unix epoch: the base of this node's publish message ids.
+fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
@@ -382,8 +382,7 @@ async fn run(
         stream: RefCell::new(None),
         chans: RefCell::new(HashMap::new()),
         workers: RefCell::new(HashMap::new()),
-        epoch_base: now_nanos(),
-        epoch_next: Cell::new(0),
+        msg_id_base: now_nanos(),
         down_since: Cell::new(Instant::now()),
         joins: Joins::new(join),
         connected_since: Cell::new(Instant::now()),
@@ -414,9 +413,7 @@ async fn run(
 
 impl Node {
     fn new_epoch(&self) -> u64 {
-        let n = self.epoch_next.get();
-        self.epoch_next.set(n + 1);
-        self.epoch_base + n
+        self.publisher.new_epoch()
     }
 
     fn up(&self) -> bool {

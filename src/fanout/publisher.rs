@@ -149,6 +149,12 @@ pub struct Sweep {
 }
 
 impl Publisher {
+    /// An epoch no other channel of this process has (the cluster's threads take theirs
+    /// here too, so a local epoch never equals one they chose).
+    pub fn new_epoch(&self) -> u64 {
+        self.epoch_base + self.epoch_next.fetch_add(1, Relaxed)
+    }
+
     /// A publisher over `ring` that wakes the shards in `idle`; channels never expire.
     pub fn new(ring: Arc<Ring>, idle: Arc<IdleFlags>) -> Self {
         let stripes = (0..STRIPES)
@@ -355,7 +361,7 @@ impl Publisher {
             let state = ChannelState {
                 name: name.clone(),
                 last: 0,
-                epoch: self.epoch_base + self.epoch_next.fetch_add(1, Relaxed),
+                epoch: self.new_epoch(),
                 last_publish: now,
                 history: (limits.size > 0).then(|| Arc::new(ChannelHistory::new(limits))),
             };

@@ -63,7 +63,7 @@ impl Node {
     fn next_msg_id(&self) -> String {
         let n = self.msg_next.get();
         self.msg_next.set(n + 1);
-        format!("{:x}.{}.{n}", self.epoch_base, std::process::id())
+        format!("{:x}.{}.{n}", self.msg_id_base, std::process::id())
     }
 
     /// True while the NATS connection is up (whether or not the stream is usable).
