@@ -228,6 +228,13 @@ cargo test --release --workspace --no-fail-fast
 # atomics (src/fanout/sync.rs), so the dependencies built above are reused.
 # A lib unit test, so target/release/ringcast stays the real server.
 log "cargo test --release --features loom --lib fanout::loom_wake (model check)"
-cargo test --release -p ringcast --features loom --lib fanout::loom_wake
+loom_out="$(cargo test --release -p ringcast --features loom --lib fanout::loom_wake 2>&1)" || {
+	printf '%s\n' "$loom_out" >&2
+	die "the loom model check failed"
+}
+printf '%s\n' "$loom_out" | tail -n 3 >&2
+# A filter that matches no test passes with "0 passed": the model check must have run.
+loom_ran="$(printf '%s\n' "$loom_out" | sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' | head -n1)"
+[ "${loom_ran:-0}" -ge 1 ] || die "the loom filter fanout::loom_wake matched no test: the model check did not run"
 
 log "all checks passed"

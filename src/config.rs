@@ -159,6 +159,10 @@ pub struct ConfigLayer {
         value_name = "N"
     )]
     pub max_subscriptions_per_connection: Option<usize>,
+    /// Channels with state over the whole process before a subscribe that would create
+    /// one more is refused with 503. Default: 2000000.
+    #[arg(long, env = "RINGCAST_MAX_CHANNELS", value_name = "N")]
+    pub max_channels: Option<u64>,
     /// Client frames per second above which a connection is closed with 1008. Default: 200.
     #[arg(long, env = "RINGCAST_MAX_INBOUND_PER_SEC", value_name = "N")]
     pub max_inbound_per_sec: Option<u32>,
@@ -440,6 +444,8 @@ pub struct Settings {
     pub slow_consumer_timeout: Duration,
     /// Subscriptions per connection.
     pub max_subscriptions_per_connection: usize,
+    /// Channels with state, process-wide, beyond which subscribes to new ones are refused.
+    pub max_channels: u64,
     /// Inbound frames per second per connection.
     pub max_inbound_per_sec: u32,
     /// Silence before a ping.
@@ -765,6 +771,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             1,
             65_536,
         )?,
+        max_channels: in_range("max_channels", pick!(max_channels, 2_000_000), 1, 1 << 40)?,
         max_inbound_per_sec: in_range(
             "max_inbound_per_sec",
             pick!(max_inbound_per_sec, 200),
@@ -890,6 +897,15 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         return Err(invalid(
             "trusted_proxies",
             "proxy_protocol is on but no peer is trusted to send the header: list the balancers' CIDRs",
+        ));
+    }
+    if s.auth.cookie.is_some() && s.origins.allows_any() {
+        // With "*", any web site could open a WebSocket, SSE stream or poll that the
+        // browser sends the visitor's cookie with, and read their channels.
+        return Err(invalid(
+            "allowed_origins",
+            "is [\"*\"] (the default) while jwt_cookie is set: list the origins of your \
+             pages, or unset jwt_cookie, so that no other web site can use a visitor's cookie",
         ));
     }
     exposed("udp_ingest", s.udp_ingest)?;
@@ -1368,8 +1384,21 @@ mod tests {
                 "jwt_leeway",
             ),
             (
-                &["--jwt-secret", SECRET, "--jwt-cookie", "a b"][..],
+                &[
+                    "--jwt-secret",
+                    SECRET,
+                    "--jwt-cookie",
+                    "a b",
+                    "--allowed-origins",
+                    "https://a.b",
+                ][..],
                 "jwt_cookie",
+            ),
+            // Regression: a cookie with every origin allowed let any site read a
+            // logged-in visitor's channels.
+            (
+                &["--jwt-secret", SECRET, "--jwt-cookie", "rc"][..],
+                "allowed_origins",
             ),
             (
                 &["--jwt-secret", SECRET, "--jwt-channels-claim", ""][..],

@@ -116,11 +116,13 @@ pub struct ShardMetrics {
     /// Messages published via each [`Source`].
     pub messages_in: [AtomicU64; 4],
     /// Ingest messages rejected, by source and [`IngestError`] label.
-    pub ingest_rejected: [[AtomicU64; 4]; 4],
+    pub ingest_rejected: [[AtomicU64; IngestError::LABELS.len()]; 4],
     /// Tokens refused (upgrade 401s and failed refreshes), by [`AuthError`] label.
     pub auth_failures: [AtomicU64; AuthError::LABELS.len()],
     /// Subscribes and publishes refused with 403.
     pub forbidden: AtomicU64,
+    /// Subscribes refused because the process holds `max_channels` channels.
+    pub channels_refused: AtomicU64,
     /// Client commands handled.
     pub commands: AtomicU64,
     /// Pings sent by the server.
@@ -466,6 +468,11 @@ impl Metrics {
             "# HELP ringcast_forbidden_total Subscribes and publishes refused with 403.\n# TYPE ringcast_forbidden_total counter\nringcast_forbidden_total {}",
             self.sum(|s| &s.forbidden)
         );
+        let _ = writeln!(
+            out,
+            "# HELP ringcast_channels_refused_total Subscribes refused because the process holds max_channels channels.\n# TYPE ringcast_channels_refused_total counter\nringcast_channels_refused_total {}",
+            self.sum(|s| &s.channels_refused)
+        );
         let _ = writeln!(out, "# HELP ringcast_users_connected Users with at least one authenticated connection.\n# TYPE ringcast_users_connected gauge\nringcast_users_connected {}", self.users.load(Relaxed));
         let _ = writeln!(out, "# HELP ringcast_ring_lag Messages published but not yet consumed, per shard.\n# TYPE ringcast_ring_lag gauge");
         for (i, s) in self.shards.iter().enumerate() {
@@ -483,7 +490,7 @@ impl Metrics {
                 s.connections.load(Relaxed)
             );
         }
-        let _ = writeln!(out, "# HELP ringcast_channels Channels with offset state (published within channel_idle_timeout).\n# TYPE ringcast_channels gauge\nringcast_channels {}", self.channels.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringcast_channels Channels with offset state (published within channel_idle_timeout, or subscribed).\n# TYPE ringcast_channels gauge\nringcast_channels {}", self.channels.load(Relaxed));
         let h = &self.history;
         let _ = writeln!(out, "# HELP ringcast_history_messages Messages retained in channel history.\n# TYPE ringcast_history_messages gauge\nringcast_history_messages {}", h.messages.load(Relaxed));
         let _ = writeln!(out, "# HELP ringcast_history_bytes Frame bytes retained in channel history (bounded by history_max_bytes).\n# TYPE ringcast_history_bytes gauge\nringcast_history_bytes {}", h.bytes.load(Relaxed));
@@ -641,6 +648,18 @@ impl Metrics {
             "counter",
             "Unacked inbox messages sent to subscribers on subscribe.",
             &i.delivered,
+        );
+        counter(
+            "ringcast_inbox_subscribe_waits_total",
+            "counter",
+            "Inbox subscribes that waited for their shard's ring follower to catch up.",
+            &i.subscribe_waits,
+        );
+        counter(
+            "ringcast_inbox_acks_past_gap_total",
+            "counter",
+            "Inbox acks refused because they reached past a gap notice the connection got.",
+            &i.acks_past_gap,
         );
         counter(
             "ringcast_inbox_queued",

@@ -60,6 +60,8 @@ fn bad_input_gets_clear_error() {
         overlong_tcp_line_gets_err_and_close,
         malformed_udp_datagrams_are_counted,
         bad_http_publishes_get_400_or_413,
+        payloads_that_are_not_utf8_are_refused_on_every_ingest_path,
+        frames_pipelined_before_a_close_are_answered_before_it,
     ];
     let mut failures = Vec::new();
     for (name, case) in cases {
@@ -272,6 +274,46 @@ fn invalid_utf8_text_is_closed_with_1007(server: &Server) {
     );
 }
 
+/// Regression: ten text+ping pairs and a close in one write got the close but none of
+/// the pongs or replies.
+fn frames_pipelined_before_a_close_are_answered_before_it(server: &Server) {
+    let mut ws = server.raw_ws(&[]);
+    let mut burst = Vec::new();
+    for i in 0..10u8 {
+        burst.extend(OutFrame::text(format!(r#"{{"cmd":"ping","id":{i}}}"#)).encode());
+        burst.extend(OutFrame::new(opcode::PING, vec![i]).encode());
+    }
+    burst.extend(OutFrame::new(opcode::CLOSE, 1000u16.to_be_bytes().to_vec()).encode());
+    ws.send_bytes(&burst).expect("write the burst");
+    let (mut pongs, mut replies) = (Vec::new(), Vec::new());
+    let end = loop {
+        match ws.read_frame(WAIT) {
+            Ok(Some(f)) if f.opcode == opcode::PONG => pongs.extend(f.payload),
+            Ok(Some(f)) if f.opcode == opcode::TEXT => {
+                let reply: Value = serde_json::from_slice(&f.payload).expect("JSON reply");
+                replies.push(reply["id"].as_u64().expect("the reply echoes the id"));
+            }
+            Ok(Some(f)) if f.opcode == opcode::CLOSE => break f.payload,
+            other => panic!("expected pongs, replies, then a close; got {other:?}"),
+        }
+    };
+    assert_eq!(
+        pongs,
+        (0..10u8).collect::<Vec<_>>(),
+        "one pong per ping, in order"
+    );
+    assert_eq!(
+        replies,
+        (0..10u64).collect::<Vec<_>>(),
+        "one reply per command"
+    );
+    assert_eq!(
+        end.get(..2),
+        Some(&1000u16.to_be_bytes()[..]),
+        "then the close"
+    );
+}
+
 fn oversized_frame_is_closed_with_1009(server: &Server) {
     let frame = OutFrame::text(vec![b'a'; 2 * MAX_MESSAGE_SIZE]);
     assert_frame_closes_with(server, frame, 1009);
@@ -394,6 +436,56 @@ fn malformed_udp_datagrams_are_counted(server: &Server) {
         "3 malformed UDP datagrams are counted as rejected",
         || (rejected(server) >= before + 3.0).then_some(()),
     );
+}
+
+/// Regression: JSON with invalid UTF-8 inside a string (`{"t":"\xc3("}`) passed as
+/// JSON and went out byte for byte in text frames, closing every strict client with
+/// 1007 (the bystander's client checks UTF-8 and would fail); raw invalid bytes were
+/// turned into U+FFFD without a word. Every path now refuses them, naming the byte.
+fn payloads_that_are_not_utf8_are_refused_on_every_ingest_path(server: &Server) {
+    let poison: [&[u8]; 3] = [
+        b"{\"t\":\"\xc3(\"}",
+        b"{\"t\":\"\xed\xa0\x80\"}",
+        b"{\"t\":\"\xc0\xaf\"}",
+    ];
+    let invalid_utf8 = |s: &Server, source: &str| {
+        s.metrics().sum_where(
+            "ringcast_ingest_rejected_total",
+            &[("source", source), ("reason", "invalid_utf8")],
+        )
+    };
+    for payload in poison {
+        let r = server.http_publish(Some("bad.tcp"), payload);
+        assert_eq!(r.status, 400, "HTTP publish of {payload:?}: {}", r.text());
+        assert_eq!(
+            r.json()["error"],
+            "payload is not valid UTF-8 at byte 6",
+            "{payload:?}"
+        );
+    }
+    let mut tcp = server.tcp_ingest();
+    for payload in poison {
+        let mut line = b"bad.tcp ".to_vec();
+        line.extend_from_slice(payload);
+        line.push(b'\n');
+        tcp.send_raw(&line);
+        assert_eq!(
+            tcp.read_line(WAIT).as_deref(),
+            Some("ERR payload is not valid UTF-8 at byte 6"),
+            "TCP line {line:?}"
+        );
+    }
+    let before = invalid_utf8(server, "udp");
+    for payload in poison {
+        let mut datagram = b"bad.tcp ".to_vec();
+        datagram.extend_from_slice(payload);
+        server.udp_send_raw(&datagram);
+    }
+    wait_until(WAIT, "3 UDP datagrams counted as invalid_utf8", || {
+        (invalid_utf8(server, "udp") >= before + 3.0).then_some(())
+    });
+    assert_eq!(invalid_utf8(server, "http"), 3.0);
+    assert_eq!(invalid_utf8(server, "tcp"), 3.0);
 }
 
 fn bad_http_publishes_get_400_or_413(server: &Server) {

@@ -7,7 +7,10 @@
 
 mod common;
 
+use std::io::Write;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -172,6 +175,80 @@ fn inbox_then_live_has_no_gap_and_no_duplicate_while_publishing() {
     let summary = run.summary();
     assert!(summary["sessions"].as_u64().unwrap_or(0) >= 5, "{summary}");
     println!("{summary}");
+}
+
+/// Regression: after a restart, an inbox subscribe while a burst on another channel kept
+/// its shard's ring follower far behind attached at history's estimate (0 after a
+/// restart): the client got a gap notice over every unacked message, and acking the next
+/// live one removed them all unread. Now such a subscribe waits for the follower (the
+/// waits are counted, which shows the burst did what it must) or is refused with 503.
+#[test]
+fn an_inbox_subscribe_behind_a_burst_gets_every_unacked_message() {
+    let _deadline = Deadline::new(
+        "an_inbox_subscribe_behind_a_burst_gets_every_unacked_message",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut server = start(dir.path());
+    assert_eq!(
+        publish_acked(&server, "user:erin", 50),
+        (1..=50).collect::<Vec<_>>()
+    );
+    server.sigterm();
+    assert!(server.wait_exit(Duration::from_secs(40)).is_some());
+    let server = start(dir.path());
+    // Subscribers of the burst channel give each shard's follower work per message.
+    let _burst_subscribers: Vec<_> = (0..64).map(|_| server.raw_ws(&["burst"])).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, addr) = (stop.clone(), server.tcp_addr());
+            std::thread::spawn(move || {
+                let mut tcp = std::net::TcpStream::connect(addr).expect("TCP ingest");
+                let batch: Vec<u8> = (0..4000)
+                    .flat_map(|i| format!("burst {{\"n\":{i}}}\n").into_bytes())
+                    .collect();
+                while !stop.load(Ordering::Relaxed) {
+                    if tcp.write_all(&batch).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    let run = python::run_script(
+        "py_inbox.py",
+        &[
+            "--ws",
+            &server.ws_addr().to_string(),
+            "--admin",
+            &server.admin_addr().to_string(),
+            "--secret",
+            SECRET,
+            "--user",
+            "erin",
+            "--expect",
+            "50",
+            "--resubscribes",
+            "40",
+        ],
+    );
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        let _ = f.join();
+    }
+    assert!(
+        run.status.success(),
+        "{}\n--- server log\n{}",
+        run.explain(),
+        server.log()
+    );
+    let waits = server.metrics().sum("ringcast_inbox_subscribe_waits_total");
+    println!("{} subscribe waits: {waits}", run.stdout.trim());
+    assert!(
+        waits > 0.0,
+        "no subscribe ever found its follower behind: the burst did not reproduce the case"
+    );
 }
 
 #[test]

@@ -92,6 +92,19 @@ fn past_the_history_a_lagging_subscriber_gets_gap_notices() {
         paused["gap_offsets"].as_u64().unwrap_or(0) > 0,
         "the paused subscriber got no gap notice: {summary}"
     );
+    // Both, the healthy one too: every offset once, as a message or inside a notice
+    // (py_burst.py fails on anything out of order).
+    for (i, sub) in summary["subscribers"]
+        .as_array()
+        .expect("subscribers")
+        .iter()
+        .enumerate()
+    {
+        let accounted =
+            sub["messages"].as_u64().unwrap_or(0) + sub["gap_offsets"].as_u64().unwrap_or(0);
+        assert_eq!(accounted, 20_000, "subscriber {i}: {summary}");
+    }
+    assert!(summary["ok"].as_bool().unwrap_or(false), "{summary}");
     let dropped = server
         .metrics()
         .sum_where("ringcast_dropped_total", &[("reason", "slow_consumer")]);

@@ -84,9 +84,10 @@ fn sigterm_drains_with_1001() {
     );
     eprintln!("exited {exited_after:?} after SIGTERM; /readyz answered {statuses:?}");
 
-    let saw_503 = statuses.contains(&503);
+    // The closes are spread over the drain window, so the admin port answers for most
+    // of it: a poller every 20 ms must see the 503.
     assert!(
-        saw_503 || exited_after <= DRAIN_WINDOW,
+        statuses.contains(&503),
         "/readyz never answered 503 during a drain that took {exited_after:?}: {statuses:?}"
     );
     let first_503 = statuses.iter().position(|&s| s == 503);

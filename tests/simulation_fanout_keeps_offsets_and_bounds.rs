@@ -80,6 +80,9 @@ struct SimShard {
     index: SubscriptionIndex,
     conns: Vec<SimConn>,
     overrun: u64,
+    /// The shard's send-backlog gauge, fed the way the driver feeds it (only through
+    /// `backlog_gauge_delta`, at arbitrary points).
+    backlog_gauge: i64,
 }
 
 /// A masked client frame.
@@ -92,6 +95,23 @@ fn client_frame(op: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 impl SimShard {
+    /// Brings the gauge in step, as the driver's flush does, and checks it equals the
+    /// bytes it claims to count and never went negative.
+    fn check_backlog_gauge(&mut self, seed: u64) {
+        for conn in &mut self.conns {
+            self.backlog_gauge += conn.machine.backlog_gauge_delta();
+            assert!(
+                self.backlog_gauge >= 0,
+                "backlog gauge below zero (seed {seed})"
+            );
+        }
+        let queued: usize = self.conns.iter().map(|c| c.machine.backlog().bytes()).sum();
+        assert_eq!(
+            self.backlog_gauge, queued as i64,
+            "backlog gauge (seed {seed})"
+        );
+    }
+
     /// Carries out a close the machine decided, as the shard driver does.
     fn close(&mut self, key: usize, decision: CloseDecision, now: u32) {
         self.index.remove_conn(key as u32);
@@ -192,6 +212,7 @@ fn run(seed: u64, steps: usize, ring_capacity: usize) {
             index: SubscriptionIndex::new(),
             conns: Vec::new(),
             overrun: 0,
+            backlog_gauge: 0,
         })
         .collect();
     for shard in shards.iter_mut() {
@@ -313,6 +334,10 @@ fn run(seed: u64, steps: usize, ring_capacity: usize) {
                 }
             }
         }
+        // Counted at random points, as the driver counts only when it flushes.
+        if next(3) == 0 {
+            shards[s].check_backlog_gauge(seed);
+        }
     }
     // Drain: every connection still open is closed with 1001, then every socket drains.
     for shard in shards.iter_mut() {
@@ -326,6 +351,8 @@ fn run(seed: u64, steps: usize, ring_capacity: usize) {
             }
             shard.transmit(key, usize::MAX, seed);
         }
+        shard.check_backlog_gauge(seed);
+        assert_eq!(shard.backlog_gauge, 0, "every backlog drained");
     }
     for shard in &shards {
         for (key, conn) in shard.conns.iter().enumerate() {

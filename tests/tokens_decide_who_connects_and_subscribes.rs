@@ -50,6 +50,9 @@ fn hs256_tokens_gate_the_upgrade_channels_refresh_and_expiry() {
             "0",
             "--jwt-cookie",
             "rc_token",
+            // A cookie needs named origins (the server refuses to start with "*").
+            "--allowed-origins",
+            "https://app.test",
         ],
         &dir,
     );

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_exact, num, run_ok, start_ringcast, Ringcast};
+use common::{assert_exact, metric_sum, num, run_ok, start_ringcast, Ringcast};
 
 fn url(rc: &Ringcast) -> String {
     format!("ws://127.0.0.1:{}/ws?channels=bench", rc.ws)
@@ -258,11 +258,20 @@ fn slow_subscribers_do_not_hurt_healthy_ones() {
     assert_eq!(num(slow, &["subscribers"]), 10);
     assert_eq!(num(slow, &["duplicates"]), 0);
     assert_eq!(num(slow, &["offset_regressions"]), 0);
-    // ringcast either skipped messages for the slow ones or closed them with 1013.
+    // ringcast made the slow ones lag (caught up from history), skipped messages for
+    // them, or closed them with 1013; it never closed them any other way.
     let closes = slow["close_codes"].as_object().cloned().unwrap_or_default();
     assert!(
         closes.keys().all(|code| code == "1013"),
         "unexpected close codes for slow subscribers: {closes:?}"
+    );
+    let caught_up = metric_sum(rc.admin, "ringcast_caught_up_total");
+    assert!(
+        caught_up > 0.0
+            || num(slow, &["lost"]) + num(slow, &["offset_skipped"]) > 0
+            || !closes.is_empty(),
+        "the slow subscribers never fell behind (no catch-up, no loss, no close): the \
+         scenario did not exercise backpressure: {slow:#}"
     );
     println!(
         "slow subscribers: lost {} skipped {} closes {closes:?}",

@@ -282,13 +282,7 @@ fn parse_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Parsed, Response>
             "chunked bodies are not supported: send Content-Length",
         ));
     }
-    let length = match header("content-length") {
-        None => 0,
-        Some(v) => std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .ok_or_else(|| json_error(400, "malformed Content-Length"))?,
-    };
+    let length = content_length(req.headers)?;
     if length > max_body {
         return Err(json_error(
             413,
@@ -307,6 +301,29 @@ fn parse_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Parsed, Response>
         keep_alive,
         body,
     }))
+}
+
+/// The body length a request declares: none is 0. Strict, as RFC 9112 6.3 asks of a
+/// server: only digits (no sign, no list), and one value, since two that differ mean a
+/// proxy and this server could split the stream differently (request smuggling).
+fn content_length(headers: &[httparse::Header<'_>]) -> Result<usize, Response> {
+    let mut values = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| h.value.trim_ascii());
+    let Some(first) = values.next() else {
+        return Ok(0);
+    };
+    if values.next().is_some() {
+        return Err(json_error(400, "more than one Content-Length header"));
+    }
+    if first.is_empty() || !first.iter().all(u8::is_ascii_digit) {
+        return Err(json_error(400, "malformed Content-Length: digits only"));
+    }
+    std::str::from_utf8(first)
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .ok_or_else(|| json_error(400, "malformed Content-Length: too large"))
 }
 
 fn route(method: &str, target: &str, settings: &Settings) -> Response {
@@ -527,6 +544,32 @@ mod tests {
             parse(b"POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n"),
             Err(Response { status: 413, .. })
         ));
+    }
+
+    /// Regression: two different `Content-Length` headers were accepted (the first won)
+    /// and `+2` parsed as 2; RFC 9112 asks for 400 on both.
+    #[test]
+    fn content_length_is_strict() {
+        for head in [
+            "POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",
+            "POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+            "POST / HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}",
+            "POST / HTTP/1.1\r\nContent-Length: -0\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\n{}",
+            "POST / HTTP/1.1\r\nContent-Length: 0x2\r\n\r\n{}",
+            "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(head.as_bytes()), Err(Response { status: 400, .. })),
+                "{head:?}"
+            );
+        }
+        let Ok(Parsed::Complete(req)) = parse(b"POST / HTTP/1.1\r\nContent-Length:  2 \r\n\r\n{}")
+        else {
+            panic!("whitespace around the value is allowed")
+        };
+        assert_eq!(req.body, b"{}");
     }
 
     #[test]

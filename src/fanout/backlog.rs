@@ -50,6 +50,10 @@ pub struct SendBacklog {
     /// Unwritten bytes over all frames.
     bytes: usize,
     skipped_in_row: u32,
+    /// Bytes of this backlog a gauge was last told of ([`SendBacklog::gauge_delta`]); a
+    /// u32 to stay in the padding after `skipped_in_row` (a backlog is far below 4 GiB;
+    /// larger values saturate, and the gauge is then only low).
+    counted: u32,
 }
 
 impl SendBacklog {
@@ -96,6 +100,22 @@ impl SendBacklog {
         }
         self.skipped_in_row = 0;
         Offer::Queued
+    }
+
+    /// What a gauge summing backlogs must add (or, negative, subtract) to count this one
+    /// as it is now; from then on it counts it so. A gauge changed only through this and
+    /// [`SendBacklog::uncount`] equals the sum of its live backlogs and never goes
+    /// below zero, whatever changed the backlog in between.
+    pub fn gauge_delta(&mut self) -> i64 {
+        let now = u32::try_from(self.bytes).unwrap_or(u32::MAX);
+        let delta = i64::from(now) - i64::from(self.counted);
+        self.counted = now;
+        delta
+    }
+
+    /// What a gauge counts of this backlog, to subtract when the backlog goes away.
+    pub fn uncount(&mut self) -> u64 {
+        u64::from(std::mem::take(&mut self.counted))
     }
 
     /// Queues one piece of an admitted message; an empty piece is nothing.
@@ -217,6 +237,31 @@ impl SendBacklog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gauge fed only by `gauge_delta` and `uncount` equals what is queued, however the
+    /// backlog changed in between (regression: replies queued without a gauge update
+    /// made the removal subtract more than was added, and the gauge wrapped to 1.8e19).
+    #[test]
+    fn a_gauge_fed_by_deltas_counts_exactly_what_is_queued() {
+        let mut gauge: i64 = 0;
+        let mut b = SendBacklog::default();
+        b.push_control(Bytes::from(vec![1; 10]), &LIMITS);
+        b.push_replay(vec![Bytes::from(vec![2; 30])]);
+        gauge += b.gauge_delta();
+        assert_eq!(gauge, 40);
+        b.advance(15);
+        b.push_close(Bytes::from(vec![3; 4]));
+        gauge += b.gauge_delta();
+        assert_eq!(gauge, 29);
+        b.discard_unstarted();
+        b.push_piece(Bytes::from(vec![4; 7]));
+        gauge -= b.uncount() as i64;
+        assert_eq!(
+            gauge, 0,
+            "removal subtracts what was counted, not what is queued"
+        );
+        assert_eq!(b.gauge_delta(), b.bytes() as i64);
+    }
     use proptest::prelude::*;
 
     const LIMITS: BacklogLimits = BacklogLimits {

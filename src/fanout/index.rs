@@ -5,6 +5,7 @@
 //! removal is a `swap_remove` that fixes up the one member that moved. (A 1M-subscriber
 //! channel must not cost a scan when one of them disconnects.)
 
+use crate::fanout::publisher::Publisher;
 use slab::Slab;
 use smallvec::SmallVec;
 use std::cell::Cell;
@@ -35,12 +36,24 @@ pub struct SubscriptionIndex {
     ids: HashMap<Arc<str>, u32>,
     channels: Slab<ChannelMembers>,
     by_conn: Vec<SmallVec<[SubRef; 2]>>,
+    /// Told when a channel gets its first subscriber here and loses its last, so that
+    /// channel state nobody publishes leaves with its subscribers.
+    publisher: Option<Arc<Publisher>>,
 }
 
 impl SubscriptionIndex {
     /// An empty index.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty index that tells `publisher` which channels have subscribers here
+    /// ([`Publisher::occupy`], [`Publisher::vacate`]).
+    pub fn holding_for(publisher: Arc<Publisher>) -> Self {
+        SubscriptionIndex {
+            publisher: Some(publisher),
+            ..Self::default()
+        }
     }
 
     /// Subscribes `conn` to `channel`; returns false when it already was.
@@ -58,6 +71,9 @@ impl SubscriptionIndex {
                 self.ids.insert(name, id);
                 // This shard's first subscriber: the cluster follows the channel here.
                 crate::cluster::interest(channel, true);
+                if let Some(publisher) = &self.publisher {
+                    publisher.occupy(channel);
+                }
                 id
             }
         };
@@ -122,6 +138,9 @@ impl SubscriptionIndex {
             let gone = self.channels.remove(id as usize);
             self.ids.remove(&gone.name);
             crate::cluster::interest(&gone.name, false);
+            if let Some(publisher) = &self.publisher {
+                publisher.vacate(&gone.name);
+            }
         }
     }
 

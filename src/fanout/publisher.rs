@@ -28,6 +28,14 @@
 //! again starts at offset 1 with a new epoch, so a client holding `(offset, epoch)` from
 //! the old incarnation can tell its position no longer means anything.
 //!
+//! State that subscribers made and nobody published goes with them: each shard tells
+//! the publisher when a channel gets its first subscriber there and when its last one
+//! leaves ([`Publisher::occupy`], [`Publisher::vacate`]), and a channel that was never
+//! published and has no subscribers on any shard is forgotten by the sweep once
+//! [`VACANT_GRACE`] has passed (the grace covers a subscribe between its attach and its
+//! shard's occupy). Without it, clients subscribing to ever new names would grow the
+//! map for `channel_idle_timeout`, without bound.
+//!
 //! Epochs are the process start time in nanoseconds since the Unix epoch plus a counter:
 //! distinct for every incarnation in this process, and distinct from a previous process's
 //! unless it created channels faster than one per nanosecond over its whole life (or the
@@ -50,6 +58,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const STRIPES: usize = 64;
+
+/// Seconds a never-published channel without subscribers is kept before the sweep
+/// forgets it.
+pub const VACANT_GRACE: u64 = 2;
 
 /// Entries [`Publisher::expire_idle`] examines per call, over all stripes.
 pub const SWEEP_BUDGET: usize = 4096;
@@ -75,6 +87,8 @@ struct ChannelState {
     last_publish: u64,
     /// Its retained messages; `None` when its history size is 0.
     history: Option<Arc<ChannelHistory>>,
+    /// Shards with subscribers of it ([`Publisher::occupy`], [`Publisher::vacate`]).
+    holders: u32,
 }
 
 /// The channels hashing to one stripe. An `IndexMap` so the sweeper can resume at an
@@ -238,6 +252,30 @@ impl Publisher {
         map.get(channel).map(|s| (s.last, s.epoch))
     }
 
+    /// A shard has its first subscriber of `channel`: the channel is kept while any
+    /// shard has one (its state is created if absent).
+    pub fn occupy(&self, channel: &str) {
+        let now = self.started.elapsed().as_secs();
+        let mut map = spin_lock(self.stripe(channel));
+        let state = self.state_mut(&mut map, channel, now);
+        state.holders += 1;
+    }
+
+    /// A shard's last subscriber of `channel` left. A channel never published is
+    /// forgotten by the sweep [`VACANT_GRACE`] seconds after no shard holds it.
+    pub fn vacate(&self, channel: &str) {
+        let now = self.started.elapsed().as_secs();
+        let mut map = spin_lock(self.stripe(channel));
+        if let Some(state) = map.get_mut(channel) {
+            state.holders = state.holders.saturating_sub(1);
+            if state.last == 0 {
+                // Only for the grace: `last_publish` of an unpublished channel is when
+                // it last changed hands.
+                state.last_publish = now;
+            }
+        }
+    }
+
     /// Publishes `payload` to `channel` (already validated) and wakes idle shards.
     pub fn publish(&self, channel: &str, payload: &[u8]) -> Published {
         let published = self.publish_quiet(channel, payload);
@@ -294,6 +332,15 @@ impl Publisher {
         owned: Option<(u64, u64)>,
     ) -> Published {
         let data = EncodedData::new(payload);
+        if data.replaced_invalid_utf8() {
+            // Ingest refuses such payloads; only a foreign writer gets here (see
+            // EncodedData), so one line each is not a flood a client can cause.
+            tracing::warn!(
+                channel,
+                bytes = payload.len(),
+                "payload is not UTF-8: invalid sequences sent as U+FFFD"
+            );
+        }
         let published_at = Instant::now();
         let now = published_at
             .saturating_duration_since(self.started)
@@ -364,6 +411,7 @@ impl Publisher {
                 epoch: self.new_epoch(),
                 last_publish: now,
                 history: (limits.size > 0).then(|| Arc::new(ChannelHistory::new(limits))),
+                holders: 0,
             };
             map.insert(name, state);
             self.count_channels(1, 0);
@@ -538,7 +586,9 @@ impl Publisher {
             while seen < limit && cursor.index < map.len() {
                 seen += 1;
                 let idle = map.get_index(cursor.index).is_some_and(|(_, s)| {
-                    timeout.is_some_and(|t| now.saturating_sub(s.last_publish) >= t)
+                    let quiet = now.saturating_sub(s.last_publish);
+                    timeout.is_some_and(|t| quiet >= t)
+                        || (s.last == 0 && s.holders == 0 && quiet >= VACANT_GRACE)
                 });
                 if idle {
                     // The last entry moves into this index: look at it next.
@@ -627,6 +677,39 @@ mod tests {
         assert_eq!((second.offset, second.epoch), (2, first.epoch));
         assert_eq!(p.position("user:1"), Some((2, first.epoch)));
         assert_eq!(p.channel_count(), 1);
+    }
+
+    /// Regression: every subscribe of a new name left channel state (and a history) for
+    /// `channel_idle_timeout` after its subscribers left, so clients subscribing to ever
+    /// new names grew the map without bound.
+    #[test]
+    fn state_made_by_subscribers_goes_with_them() {
+        let p = publisher(3600);
+        for name in ["a", "b", "kept"] {
+            p.attach(name, None, 0, 0);
+            p.occupy(name);
+        }
+        p.occupy("b"); // a second shard
+        p.publish_quiet("kept", b"{}");
+        for name in ["a", "b", "kept"] {
+            p.vacate(name);
+        }
+        let later = Instant::now() + Duration::from_secs(VACANT_GRACE + 1);
+        let sweep = p.expire_idle(later);
+        assert_eq!(
+            sweep.expired, 1,
+            "only a: b still has a shard, kept was published"
+        );
+        assert_eq!(p.position("a"), None);
+        assert!(p.position("b").is_some());
+        assert_eq!(p.position("kept").map(|(last, _)| last), Some(1));
+        p.vacate("b");
+        let sweep = p.expire_idle(later + Duration::from_secs(VACANT_GRACE + 1));
+        assert_eq!(sweep.expired, 1);
+        assert_eq!(p.channel_count(), 1);
+        // Within the grace (an attach not yet followed by its shard's occupy): kept.
+        p.attach("fresh", None, 0, 0);
+        assert_eq!(p.expire_idle(Instant::now()).expired, 0);
     }
 
     #[test]

@@ -136,6 +136,11 @@ pub struct InboxStats {
     pub expired: AtomicU64,
     /// Unacked messages sent to subscribers on subscribe.
     pub delivered: AtomicU64,
+    /// Times an inbox subscribe waited because its shard's ring follower was too far
+    /// behind to place it exactly (see crate::shard::inbox).
+    pub subscribe_waits: AtomicU64,
+    /// Acks refused because they reached past a gap notice the connection was sent.
+    pub acks_past_gap: AtomicU64,
     /// Failures by [`ErrorKind`].
     pub errors: [AtomicU64; ErrorKind::LABELS.len()],
     /// Requests waiting for the store thread (gauge).

@@ -24,6 +24,14 @@ pub enum IngestError {
         /// The configured limit.
         limit: usize,
     },
+    /// The payload is not UTF-8: every transport carries it in a text frame or an SSE
+    /// event, where invalid UTF-8 makes strict clients drop the connection (1007), and
+    /// changing the bytes would alter the message without a word.
+    #[error("payload is not valid UTF-8 at byte {offset}")]
+    InvalidUtf8 {
+        /// Offset in the payload of the first byte that is not UTF-8.
+        offset: usize,
+    },
 }
 
 impl IngestError {
@@ -34,15 +42,17 @@ impl IngestError {
             IngestError::InvalidChannel => "invalid_channel",
             IngestError::EmptyPayload => "empty_payload",
             IngestError::TooLarge { .. } => "too_large",
+            IngestError::InvalidUtf8 { .. } => "invalid_utf8",
         }
     }
 
     /// Every label, for metrics rendering.
-    pub const LABELS: [&'static str; 4] = [
+    pub const LABELS: [&'static str; 5] = [
         "no_separator",
         "invalid_channel",
         "empty_payload",
         "too_large",
+        "invalid_utf8",
     ];
 
     /// Index of this error's label in [`IngestError::LABELS`].
@@ -52,6 +62,7 @@ impl IngestError {
             IngestError::InvalidChannel => 1,
             IngestError::EmptyPayload => 2,
             IngestError::TooLarge { .. } => 3,
+            IngestError::InvalidUtf8 { .. } => 4,
         }
     }
 }
@@ -75,10 +86,11 @@ pub fn parse_message(msg: &[u8], max_payload: usize) -> Result<(&str, &[u8]), In
     Ok((channel, payload))
 }
 
-/// Checks a payload's size bounds.
+/// Checks a payload's size bounds and that it is UTF-8.
 ///
 /// # Errors
-/// [`IngestError::EmptyPayload`] or [`IngestError::TooLarge`].
+/// [`IngestError::EmptyPayload`], [`IngestError::TooLarge`] or
+/// [`IngestError::InvalidUtf8`].
 pub fn validate_payload(payload: &[u8], max_payload: usize) -> Result<(), IngestError> {
     if payload.is_empty() {
         return Err(IngestError::EmptyPayload);
@@ -89,6 +101,9 @@ pub fn validate_payload(payload: &[u8], max_payload: usize) -> Result<(), Ingest
             limit: max_payload,
         });
     }
+    std::str::from_utf8(payload).map_err(|e| IngestError::InvalidUtf8 {
+        offset: e.valid_up_to(),
+    })?;
     Ok(())
 }
 
@@ -140,9 +155,34 @@ mod tests {
             IngestError::NoSeparator,
             IngestError::InvalidChannel,
             IngestError::EmptyPayload,
+            IngestError::TooLarge { size: 5, limit: 4 },
+            IngestError::InvalidUtf8 { offset: 0 },
         ] {
             assert_eq!(IngestError::LABELS[e.index()], e.label());
         }
+    }
+
+    /// Regression: JSON whose strings hold invalid UTF-8 passed as valid JSON and went out
+    /// byte for byte in text frames, closing every strict client with 1007 (and again on
+    /// every replay). Lone surrogates and overlong forms are not UTF-8 either.
+    #[test]
+    fn payloads_that_are_not_utf8_are_refused_with_the_offset() {
+        for (payload, offset) in [
+            (&b"{\"t\":\"\xc3(\"}"[..], 6),
+            (&b"{\"t\":\"\xed\xa0\x80\"}"[..], 6),
+            (&b"{\"t\":\"\xc0\xaf\"}"[..], 6),
+            (&b"plain \xff text"[..], 6),
+            (&b"\xf0\x9f\x98"[..], 0),
+        ] {
+            let mut line = b"news ".to_vec();
+            line.extend_from_slice(payload);
+            assert_eq!(
+                parse_message(&line, 100),
+                Err(IngestError::InvalidUtf8 { offset }),
+                "{payload:?}"
+            );
+        }
+        assert!(parse_message("news {\"t\":\"h\u{e9}\u{1f600}\"}".as_bytes(), 100).is_ok());
     }
 
     proptest! {
@@ -151,6 +191,7 @@ mod tests {
             if let Ok((ch, payload)) = parse_message(&data, 100) {
                 prop_assert!(is_valid_channel(ch.as_bytes()));
                 prop_assert!(!payload.is_empty() && payload.len() <= 100);
+                prop_assert!(std::str::from_utf8(payload).is_ok());
             }
         }
     }

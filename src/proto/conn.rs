@@ -61,7 +61,12 @@ pub enum Phase {
     /// Serving.
     Open,
     /// A close was decided; nothing more is queued until the driver starts it.
-    Doomed,
+    Doomed {
+        /// The peer closed: what was queued before its close frame (pongs, replies)
+        /// answers frames that came before it and goes out before our close (RFC 6455
+        /// 5.5.1). Any other close drops what nobody started reading.
+        answer_first: bool,
+    },
     /// Close frame queued at this shard second; input is discarded until EOF.
     Closing {
         /// When the close started.
@@ -698,7 +703,9 @@ impl Connection {
     }
 
     fn decide(&mut self, reason: Option<CloseReason>, cause: CloseCause) -> CloseDecision {
-        self.phase = Phase::Doomed;
+        self.phase = Phase::Doomed {
+            answer_first: cause == CloseCause::ClientClose,
+        };
         CloseDecision { reason, cause }
     }
 
@@ -708,6 +715,7 @@ impl Connection {
     /// freed at once.
     pub fn start_close(&mut self, now: u32, reason: Option<&CloseReason>) -> bool {
         self.partial = None;
+        let answer_first = matches!(self.phase, Phase::Doomed { answer_first: true });
         self.phase = Phase::Closing { since: now };
         let Some(reason) = reason else {
             return false;
@@ -715,7 +723,9 @@ impl Connection {
         let close = encode_close(reason.code.code(), &reason.reason);
         match self.mode() {
             None => {
-                self.backlog.discard_unstarted();
+                if !answer_first {
+                    self.backlog.discard_unstarted();
+                }
                 self.backlog.push_close(close);
             }
             Some(Mode::Sse) => {
@@ -737,6 +747,18 @@ impl Connection {
             }
         }
         true
+    }
+
+    /// What the shard's backlog gauge must add (negative: subtract) to count this
+    /// connection's backlog as it is now ([`SendBacklog::gauge_delta`]).
+    pub fn backlog_gauge_delta(&mut self) -> i64 {
+        self.backlog.gauge_delta()
+    }
+
+    /// What the shard's backlog gauge counts of this connection, to subtract when it
+    /// goes away ([`SendBacklog::uncount`]).
+    pub fn backlog_uncount(&mut self) -> u64 {
+        self.backlog.uncount()
     }
 
     /// Takes the whole backlog out, leaving it empty: for a driver that lost track of what
@@ -763,7 +785,7 @@ impl Connection {
         match self.phase {
             Phase::Closing { .. } => Eof::Finished,
             Phase::Open => Eof::Close(self.decide(None, CloseCause::PeerGone)),
-            Phase::Doomed => Eof::Ignored,
+            Phase::Doomed { .. } => Eof::Ignored,
         }
     }
 
@@ -856,7 +878,7 @@ impl Connection {
             }
             Phase::Open => Some(self.last_rx.saturating_add(config.ping_after).min(expiry)),
             Phase::Closing { since } => Some(since.saturating_add(config.linger)),
-            Phase::Doomed => None,
+            Phase::Doomed { .. } => None,
         }
     }
 

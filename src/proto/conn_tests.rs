@@ -120,7 +120,12 @@ fn every_frame_counts_toward_the_rate_limit() {
     let close = feed(&mut conn, 3, &input).expect("flood closes");
     assert_eq!(close.cause, CloseCause::Policy);
     assert_eq!(close.reason.map(|r| r.code), Some(CloseCode::Policy));
-    assert_eq!(conn.phase(), Phase::Doomed);
+    assert_eq!(
+        conn.phase(),
+        Phase::Doomed {
+            answer_first: false
+        }
+    );
 }
 
 #[test]
@@ -174,6 +179,34 @@ fn a_client_close_is_answered_then_the_write_side_shut() {
     assert_eq!(conn.on_written(1), Written::More);
     assert_eq!(conn.on_written(3), Written::ShutWrite);
     assert_eq!(conn.on_eof(), Eof::Finished);
+}
+
+/// Regression: ten text+ping pairs and a close in one read got the close but none of the
+/// pongs (start_close dropped every reply queued before the client's close).
+#[test]
+fn frames_before_a_client_close_are_answered_before_it() {
+    let mut conn = Connection::new(0);
+    let mut input = Vec::new();
+    for i in 0..10u8 {
+        input.extend(client_frame(opcode::TEXT, true, br#"{"cmd":"ping"}"#));
+        input.extend(client_frame(opcode::PING, true, &[i]));
+    }
+    input.extend(client_frame(opcode::CLOSE, true, &1000u16.to_be_bytes()));
+    let close = feed(&mut conn, 1, &input).expect("close");
+    assert_eq!(close.cause, CloseCause::ClientClose);
+    assert!(conn.start_close(1, close.reason.as_ref()));
+    let frames = queued(&conn);
+    let pongs: Vec<_> = frames
+        .iter()
+        .filter(|(op, _)| *op == opcode::PONG)
+        .map(|(_, payload)| payload.clone())
+        .collect();
+    assert_eq!(pongs, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
+    assert_eq!(
+        frames.last(),
+        Some(&(opcode::CLOSE, 1000u16.to_be_bytes().to_vec())),
+        "the close goes last"
+    );
 }
 
 #[test]

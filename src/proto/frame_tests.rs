@@ -211,6 +211,81 @@ proptest! {
         prop_assert_eq!(events, vec![format!("{:?}", Inbound::Text(&text))]);
     }
 
+    /// Any bytes as a fragmented text message, fed in arbitrary pieces: decoded to the
+    /// same text exactly when they are UTF-8, else refused as InvalidUtf8 (never a
+    /// panic, never text that is not UTF-8). The round trip above only ever generated
+    /// valid UTF-8 in one buffer.
+    #[test]
+    fn fragmented_text_of_any_bytes_is_text_or_invalid_utf8(
+        bytes in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            "\\PC{0,60}".prop_map(|t| t.into_bytes()),
+        ],
+        mask in any::<[u8; 4]>(),
+        split in 1usize..8,
+        feed in 1usize..40,
+    ) {
+        let chunk = bytes.len().div_ceil(split).max(1);
+        let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(chunk).collect() };
+        let mut wire = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            let op = if i == 0 { opcode::TEXT } else { opcode::CONTINUATION };
+            wire.extend(client_frame(i + 1 == pieces.len(), op, p, mask));
+        }
+        let mut dec = FrameDecoder::new(100_000);
+        // Fed `feed` bytes at a time, as reads would bring them.
+        let (mut have, mut sent, mut events) = (Vec::new(), 0, Vec::new());
+        let outcome = loop {
+            if sent < wire.len() {
+                let end = (sent + feed).min(wire.len());
+                have.extend_from_slice(&wire[sent..end]);
+                sent = end;
+            }
+            match dec.decode(&mut have) {
+                Ok(Some((used, ev))) => {
+                    if let Some(ev) = ev {
+                        events.push(format!("{ev:?}"));
+                    }
+                    have.drain(..used);
+                }
+                Ok(None) if sent < wire.len() => {}
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        match std::str::from_utf8(&bytes) {
+            Ok(text) => {
+                prop_assert_eq!(outcome, Ok(()));
+                prop_assert_eq!(events, vec![format!("{:?}", Inbound::Text(text))]);
+            }
+            Err(_) => {
+                prop_assert_eq!(outcome, Err(FrameError::InvalidUtf8));
+                prop_assert!(events.is_empty());
+            }
+        }
+    }
+
+    /// Close frames with any code and any reason bytes: accepted only with a code a
+    /// client may send and a UTF-8 reason.
+    #[test]
+    fn close_frames_with_any_reason_are_accepted_only_when_valid(
+        code in any::<u16>(),
+        reason in proptest::collection::vec(any::<u8>(), 0..120),
+        mask in any::<[u8; 4]>(),
+    ) {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(&reason);
+        let mut buf = client_frame(true, opcode::CLOSE, &payload, mask);
+        let mut dec = FrameDecoder::new(1024);
+        let result = dec.decode(&mut buf);
+        let allowed = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+        match (allowed, std::str::from_utf8(&reason).is_ok()) {
+            (true, true) => prop_assert!(matches!(result, Ok(Some((_, Some(Inbound::Close(_))))))),
+            (true, false) => prop_assert_eq!(result, Err(FrameError::InvalidUtf8)),
+            (false, _) => prop_assert!(result.is_err(), "code {} accepted", code),
+        }
+    }
+
     #[test]
     fn server_frames_parse_back(payload in proptest::collection::vec(any::<u8>(), 0..70_000)) {
         let frame = encode_frame(opcode::BINARY, &payload);

@@ -11,30 +11,61 @@ use serde::de::IgnoredAny;
 
 /// How a payload goes into the `data` field, decided once per message before the
 /// channel's offset is taken (validation can be slow for large payloads).
+///
+/// The result is always valid UTF-8: every transport carries it in a text frame or an
+/// SSE event, and one invalid byte makes a strict client drop the connection (1007),
+/// again on every replay. Ingest refuses payloads that are not UTF-8
+/// ([`crate::ingest::line::validate_payload`]); bytes that reach this point anyway (a
+/// store written by an older version, a foreign publisher on the cluster's subjects) are
+/// carried as a string with U+FFFD in place of each bad sequence, and
+/// [`EncodedData::replaced_invalid_utf8`] says so, so the change is never silent.
 #[derive(Debug, Clone)]
-pub struct EncodedData(Vec<u8>);
+pub struct EncodedData {
+    json: Vec<u8>,
+    replaced: bool,
+}
 
 impl EncodedData {
     /// Classifies `payload`: valid JSON is kept verbatim, anything else becomes a string.
     pub fn new(payload: &[u8]) -> Self {
-        if serde_json::from_slice::<IgnoredAny>(payload).is_ok() {
+        let Ok(text) = std::str::from_utf8(payload) else {
+            let text = String::from_utf8_lossy(payload);
+            return EncodedData {
+                // Serializing a str cannot fail.
+                json: serde_json::to_vec(&*text).unwrap_or_default(),
+                replaced: true,
+            };
+        };
+        // Checked as a str: serde_json's `IgnoredAny` skips string bytes unchecked when
+        // reading a byte slice, so invalid UTF-8 inside a JSON string would pass.
+        if serde_json::from_str::<IgnoredAny>(text).is_ok() {
             // Valid JSON has raw line breaks only between tokens (inside a string they
             // are invalid), where a space means the same: without them, a message is
             // also one SSE `data:` line (crate::proto::sse).
-            let flat = payload
+            let json = payload
                 .iter()
                 .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
                 .collect();
-            return EncodedData(flat);
+            return EncodedData {
+                json,
+                replaced: false,
+            };
         }
-        let text = String::from_utf8_lossy(payload);
-        // Serializing a str cannot fail.
-        EncodedData(serde_json::to_vec(&*text).unwrap_or_default())
+        EncodedData {
+            // Serializing a str cannot fail.
+            json: serde_json::to_vec(text).unwrap_or_default(),
+            replaced: false,
+        }
     }
 
     /// The JSON text for the `data` field.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.json
+    }
+
+    /// True when the payload was not UTF-8 and its bad sequences were replaced.
+    pub fn replaced_invalid_utf8(&self) -> bool {
+        self.replaced
     }
 }
 
@@ -53,7 +84,7 @@ pub fn encode_message(channel: &str, offset: u64, data: &EncodedData) -> Bytes {
     let body_len = r#"{"channel":"","offset":,"data":}"#.len()
         + channel.len()
         + offset_text.len()
-        + data.0.len();
+        + data.json.len();
     let hl = header_len(body_len);
     let mut frame = vec![0u8; hl];
     write_header(&mut frame, opcode::TEXT, body_len);
@@ -63,7 +94,7 @@ pub fn encode_message(channel: &str, offset: u64, data: &EncodedData) -> Bytes {
     frame.extend_from_slice(br#"","offset":"#);
     frame.extend_from_slice(offset_text.as_bytes());
     frame.extend_from_slice(br#","data":"#);
-    frame.extend_from_slice(&data.0);
+    frame.extend_from_slice(&data.json);
     frame.push(b'}');
     debug_assert_eq!(frame.len(), hl + body_len);
     Bytes::from(frame)
@@ -126,6 +157,22 @@ mod tests {
         assert_eq!(v["data"], "hello \"world\"\n\u{fffd}");
     }
 
+    /// Regression: `{"t":"\xc3("}` passed as JSON and went out byte for byte.
+    #[test]
+    fn json_with_invalid_utf8_inside_a_string_is_never_sent_as_is() {
+        for payload in [
+            &b"{\"t\":\"\xc3(\"}"[..],
+            b"{\"t\":\"\xed\xa0\x80\"}",
+            b"{\"t\":\"\xc0\xaf\"}",
+        ] {
+            let data = EncodedData::new(payload);
+            assert!(data.replaced_invalid_utf8());
+            let frame = encode_message("c", 1, &data);
+            assert!(std::str::from_utf8(&frame[2..]).is_ok(), "{payload:?}");
+        }
+        assert!(!EncodedData::new(b"{\"t\":\"ok\"}").replaced_invalid_utf8());
+    }
+
     #[test]
     fn presence_events_render_as_documented() {
         let f = encode_presence_event("join", "room:1", r#"{"user":"a"}"#);
@@ -135,11 +182,31 @@ mod tests {
         );
     }
 
+    /// JSON-shaped payloads whose strings hold arbitrary bytes: random bytes alone almost
+    /// never form JSON, so they never reached the branch that embeds a payload verbatim.
+    fn json_with_any_string_bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|inner| {
+            let mut p = b"{\"t\":\"".to_vec();
+            p.extend(
+                inner
+                    .into_iter()
+                    .filter(|b| *b != b'"' && *b != b'\\' && *b >= 0x20),
+            );
+            p.extend_from_slice(b"\"}");
+            p
+        })
+    }
+
     proptest! {
         #[test]
-        fn every_payload_renders_valid_json(payload in proptest::collection::vec(any::<u8>(), 0..70_000),
-                                            offset in any::<u64>()) {
-            let v = body(&encode_message("room:1", offset, &EncodedData::new(&payload)));
+        fn every_payload_renders_valid_utf8_json(
+            payload in prop_oneof![proptest::collection::vec(any::<u8>(), 0..70_000), json_with_any_string_bytes()],
+            offset in any::<u64>(),
+        ) {
+            let frame = encode_message("room:1", offset, &EncodedData::new(&payload));
+            let h = FrameHeader::parse(&frame).unwrap();
+            prop_assert!(std::str::from_utf8(&frame[h.header_len..]).is_ok());
+            let v = body(&frame);
             prop_assert_eq!(v["channel"].as_str(), Some("room:1"));
             prop_assert_eq!(v["offset"].as_u64(), Some(offset));
         }

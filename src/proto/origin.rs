@@ -58,11 +58,66 @@ impl OriginPolicy {
     /// True when a request with this `Origin` header value (`None`: no header) may
     /// connect.
     pub fn allows(&self, origin: Option<&str>) -> bool {
-        let Some(origin) = origin else {
-            return self.allow_missing;
+        match origin {
+            None => self.allow_missing,
+            Some(origin) => self.rules.iter().any(|rule| rule.matches(origin.trim())),
+        }
+    }
+
+    /// True when `allowed_origins` has `"*"`: then no answer may let a page read it with
+    /// the visitor's cookies.
+    pub fn allows_any(&self) -> bool {
+        self.rules.contains(&Rule::Any)
+    }
+
+    /// The CORS headers of an answer on `/sse` or `/poll` to an allowed `origin`, each
+    /// line ending in CRLF; empty without an origin. `Access-Control-Allow-Credentials`
+    /// only for an origin an entry names (exactly or by pattern): echoed for `"*"`, it
+    /// would let any site read a logged-in visitor's channels with their cookie.
+    pub fn cors_headers(&self, origin: Option<&str>) -> String {
+        let Some(origin) = origin.map(str::trim) else {
+            return String::new();
         };
-        let origin = origin.trim();
-        self.rules.iter().any(|rule| match rule {
+        let named = self
+            .rules
+            .iter()
+            .any(|rule| *rule != Rule::Any && rule.matches(origin));
+        format!(
+            "Access-Control-Allow-Origin: {origin}\r\n{}\
+             Access-Control-Expose-Headers: Retry-After\r\nVary: Origin\r\n",
+            if named {
+                "Access-Control-Allow-Credentials: true\r\n"
+            } else {
+                ""
+            }
+        )
+    }
+
+    /// The complete `204` answer to a CORS preflight (`OPTIONS /sse`, `OPTIONS /poll`)
+    /// from an allowed `origin`.
+    pub fn preflight_response(&self, origin: Option<&str>) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 204 No Content\r\n{}Access-Control-Allow-Methods: GET\r\n\
+             Access-Control-Allow-Headers: Authorization, Last-Event-ID\r\n\
+             Access-Control-Max-Age: 600\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.cors_headers(origin)
+        )
+        .into_bytes()
+    }
+
+    /// The body of the 403 for a refused request.
+    pub fn refusal(origin: Option<&str>) -> String {
+        match origin {
+            Some(origin) => format!("forbidden: origin {} is not allowed", origin.trim()),
+            None => "forbidden: requests without an Origin header are not allowed".to_string(),
+        }
+    }
+}
+
+impl Rule {
+    /// True when `origin` (trimmed) is one this entry allows.
+    fn matches(&self, origin: &str) -> bool {
+        match self {
             Rule::Any => true,
             Rule::Exact(exact) => origin.eq_ignore_ascii_case(exact),
             Rule::Wildcard { scheme, suffix } => {
@@ -79,41 +134,8 @@ impl OriginPolicy {
                             && !label.ends_with('.')
                     })
             }
-        })
-    }
-
-    /// The body of the 403 for a refused request.
-    pub fn refusal(origin: Option<&str>) -> String {
-        match origin {
-            Some(origin) => format!("forbidden: origin {} is not allowed", origin.trim()),
-            None => "forbidden: requests without an Origin header are not allowed".to_string(),
         }
     }
-}
-
-/// The CORS headers of an answer on `/sse` or `/poll` to an allowed `origin`, each line
-/// ending in CRLF; empty without an origin.
-pub fn cors_headers(origin: Option<&str>) -> String {
-    match origin {
-        Some(origin) => format!(
-            "Access-Control-Allow-Origin: {}\r\nAccess-Control-Allow-Credentials: true\r\n\
-             Access-Control-Expose-Headers: Retry-After\r\nVary: Origin\r\n",
-            origin.trim()
-        ),
-        None => String::new(),
-    }
-}
-
-/// The complete `204` answer to a CORS preflight (`OPTIONS /sse`, `OPTIONS /poll`) from
-/// an allowed `origin`.
-pub fn preflight_response(origin: Option<&str>) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 204 No Content\r\n{}Access-Control-Allow-Methods: GET\r\n\
-         Access-Control-Allow-Headers: Authorization, Last-Event-ID\r\n\
-         Access-Control-Max-Age: 600\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        cors_headers(origin)
-    )
-    .into_bytes()
 }
 
 fn parse_rule(entry: &str) -> Result<Rule, String> {
@@ -218,7 +240,9 @@ mod tests {
 
     #[test]
     fn answers_carry_the_cors_headers() {
-        let pre = String::from_utf8(preflight_response(Some("https://a.example.com"))).unwrap();
+        let named = policy(&["https://*.example.com"], true);
+        let pre =
+            String::from_utf8(named.preflight_response(Some("https://a.example.com"))).unwrap();
         assert!(pre.starts_with("HTTP/1.1 204 No Content\r\n"));
         for h in [
             "Access-Control-Allow-Origin: https://a.example.com\r\n",
@@ -230,11 +254,31 @@ mod tests {
         ] {
             assert!(pre.contains(h), "{h}");
         }
-        assert_eq!(cors_headers(None), "");
+        assert_eq!(named.cors_headers(None), "");
         assert_eq!(
             OriginPolicy::refusal(Some("https://x.io")),
             "forbidden: origin https://x.io is not allowed"
         );
+    }
+
+    /// Regression: with `allowed_origins = ["*"]`, `/sse` and `/poll` echoed any origin
+    /// with `Access-Control-Allow-Credentials: true`, so any site could read a logged-in
+    /// visitor's `user:` channel through their cookie.
+    #[test]
+    fn a_wildcard_never_grants_credentials() {
+        let any = OriginPolicy::default();
+        let headers = any.cors_headers(Some("https://evil.example"));
+        assert!(headers.contains("Access-Control-Allow-Origin: https://evil.example\r\n"));
+        assert!(!headers.contains("Credentials"), "{headers}");
+        let pre = String::from_utf8(any.preflight_response(Some("https://evil.example"))).unwrap();
+        assert!(!pre.contains("Credentials"), "{pre}");
+        let mixed = policy(&["*", "https://app.example.com"], true);
+        assert!(mixed
+            .cors_headers(Some("https://app.example.com"))
+            .contains("Access-Control-Allow-Credentials: true\r\n"));
+        assert!(!mixed
+            .cors_headers(Some("https://evil.example"))
+            .contains("Credentials"));
     }
 
     proptest! {

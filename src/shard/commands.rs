@@ -44,6 +44,28 @@ impl Shard {
         verdict
     }
 
+    /// [`Shard::permit`] for a subscribe, and room for the channel: a subscribe that
+    /// would create channel state past `max_channels` is refused. The error is the reply
+    /// code (403, 503) and its reason.
+    pub(super) fn may_subscribe(
+        &self,
+        session: Option<&Session>,
+        channel: &str,
+    ) -> Result<(), (u16, String)> {
+        self.permit(session, channel, Access::Subscribe)
+            .map_err(|reason| (403, reason))?;
+        let max = self.settings.max_channels;
+        // The lookup only at the limit: below it, a new channel has room.
+        if self.publisher.channel_count() >= max && self.publisher.position(channel).is_none() {
+            self.metrics.channels_refused.fetch_add(1, Relaxed);
+            return Err((
+                503,
+                format!("too many channels on this server (max_channels = {max}): try again later"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Executes one command of connection `conn` and renders its reply; a recovery's
     /// missed messages go to `replay`.
     pub(super) fn run_command(
@@ -76,8 +98,8 @@ impl Shard {
                     }
                     .to_json()
                 };
-                if let Err(reason) = self.permit(session.as_deref(), &channel, Access::Subscribe) {
-                    return refuse(403, &reason);
+                if let Err((code, reason)) = self.may_subscribe(session.as_deref(), &channel) {
+                    return refuse(code, &reason);
                 }
                 let index = self.index.borrow();
                 let limit = self.settings.max_subscriptions_per_connection;

@@ -16,7 +16,6 @@
 //! close into a reset.
 
 use crate::admission::per_ip::PerIpHold;
-use crate::auth::permission::Access;
 use crate::auth::registry::ConnRecord;
 use crate::auth::session::{expiry_second, Session};
 use crate::auth::token::Claims;
@@ -98,7 +97,7 @@ pub(crate) fn adopt(
     for ch in channels {
         let at = since.and_then(|p| p.get(ch));
         // parse_upgrade refused lists over max_subscriptions_per_connection.
-        match shard.permit(conn.machine.session(), ch, Access::Subscribe) {
+        match shard.may_subscribe(conn.machine.session(), ch) {
             Ok(()) if shard.inbox_for(ch).is_some() => {
                 // Live messages only once the unacked ones are in (see shard::inbox).
                 if let Some(inbox) = &shard.inbox {
@@ -150,13 +149,13 @@ pub(crate) fn adopt(
                     shard.presence_in(id, conn.machine.session(), ch);
                 }
             }
-            Err(reason) => {
+            Err((code, reason)) => {
                 answered = true;
                 let reply = Reply::Refused {
                     kind: "subscribe",
                     id: None,
                     channel: Some(ch),
-                    code: 403,
+                    code,
                     error: &reason,
                 };
                 let frame = encode_frame(opcode::TEXT, reply.to_json().as_bytes());
@@ -210,7 +209,7 @@ pub(crate) fn adopt_stream(
         let at = since.and_then(|p| p.get(ch));
         let session = conn.machine.session();
         let mut replay = Vec::new();
-        let reply = match shard.permit(session, ch, Access::Subscribe) {
+        let reply = match shard.may_subscribe(session, ch) {
             Ok(()) => match shard.inbox_for(ch).zip(shard.inbox.as_ref()) {
                 // Answered when the store has the unacked messages (see shard::inbox).
                 Some((_, inbox)) => {
@@ -229,11 +228,11 @@ pub(crate) fn adopt_stream(
                     Joining::Local => shard.subscribe_at(id, session, ch, None, at, &mut replay),
                 },
             },
-            Err(reason) => Reply::Refused {
+            Err((code, reason)) => Reply::Refused {
                 kind: "subscribe",
                 id: None,
                 channel: Some(ch),
-                code: 403,
+                code,
                 error: &reason,
             }
             .to_json(),
@@ -361,7 +360,7 @@ pub fn on_ready(shard: &Shard, ready: Ready) {
                     shard.schedule_finalize(key);
                 }
             }
-            Phase::Doomed => {}
+            Phase::Doomed { .. } => {}
         }
     }
     if ready.readable {
@@ -420,7 +419,6 @@ pub(super) fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]
     if !conn.machine.is_open() {
         return;
     }
-    let before = conn.machine.backlog().bytes();
     let now = shard.now_secs();
     let id = shard.conn_id(key, conn.generation);
     let close = conn.machine.on_input(
@@ -442,7 +440,7 @@ pub(super) fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]
             }
         },
     );
-    shard.note_backlog_change(before, conn.machine.backlog().bytes());
+    shard.count_backlog(conn);
     shard.lag_inexact_attaches(key, conn);
     if let Some(close) = close {
         shard.enqueue_close(key, conn.generation, close);
@@ -536,11 +534,10 @@ impl Shard {
             if let Some(session) = conn.machine.take_session() {
                 self.registry.unregister(&session);
             }
-            let before = conn.machine.backlog().bytes();
             let lingering = conn
                 .machine
                 .start_close(self.now_secs(), decision.reason.as_ref());
-            self.note_backlog_change(before, conn.machine.backlog().bytes());
+            self.count_backlog(conn);
             if lingering {
                 // Writes what is left before the close frame (a slow consumer may still
                 // have a partly sent frame), then shuts the write side once all is out.
@@ -572,7 +569,8 @@ impl Shard {
         if let Some(session) = conn.machine.take_session() {
             self.registry.unregister(&session);
         }
-        self.note_backlog_change(conn.machine.backlog().bytes(), 0);
+        self.forget_inbox_gap(key, None);
+        self.uncount_backlog(&mut conn);
         drop(conn);
     }
 }

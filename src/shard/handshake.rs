@@ -13,7 +13,7 @@
 
 use crate::auth::token::Claims;
 use crate::metrics::RefuseCause;
-use crate::proto::origin::{cors_headers, preflight_response, OriginPolicy};
+use crate::proto::origin::OriginPolicy;
 use crate::proto::position::Position;
 use crate::proto::sse::{sse_head, HttpStream, Mode};
 use crate::proto::upgrade::{accept_response, parse_upgrade_with_cookie, Endpoint, HttpReject};
@@ -224,7 +224,7 @@ where
                 shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
                 let cors = match &reject.cors {
                     Some(origin) if live.origins.allows(origin.as_deref()) => {
-                        cors_headers(origin.as_deref())
+                        live.origins.cors_headers(origin.as_deref())
                     }
                     _ => String::new(),
                 };
@@ -244,12 +244,12 @@ where
     // (so a page's script can read why).
     let http = !matches!(upgrade.endpoint, Endpoint::WebSocket);
     let cors = if http {
-        cors_headers(origin)
+        live.origins.cors_headers(origin)
     } else {
         String::new()
     };
     if upgrade.endpoint == Endpoint::Preflight {
-        let _ = answer(stream, &preflight_response(origin)).await;
+        let _ = answer(stream, &live.origins.preflight_response(origin)).await;
         return None;
     }
     let claims = match live.auth.admit(upgrade.token.as_deref(), shard.unix_now()) {

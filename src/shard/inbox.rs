@@ -21,6 +21,21 @@
 //! If history cannot give (L, P] (evicted in the microseconds between, or history off),
 //! the read is retried (up to three times) instead of answering with a gap.
 //!
+//! P must be exact: when the shard's follower is too far behind for the ring to tell
+//! (a burst on other channels), the publisher only estimates P from history, which
+//! after a restart knows nothing, and the unacked messages would turn into a gap. The
+//! answer is then kept and the attach tried again after [`INEXACT_WAIT`] (the follower
+//! moves on meanwhile), up to [`MAX_INEXACT_WAITS`] times; after that the subscribe is
+//! refused with 503 and the client subscribes again. Nothing is lost either way.
+//!
+//! # Acks never remove what the connection did not get
+//!
+//! A cumulative ack of N removes every unacked message up to N. A connection that was
+//! sent a gap notice on its inbox channel (it fell behind history while lagging) never
+//! got the offsets in the gap, so its acks at or past the first of them are refused
+//! (409) until it subscribes again (unsubscribe, subscribe), which sends the unacked
+//! messages from the store.
+//!
 //! [`Publisher::adopt_position`]: crate::fanout::publisher::Publisher::adopt_position
 
 use crate::auth::permission::Access;
@@ -32,10 +47,17 @@ use crate::proto::command::Reply;
 use crate::proto::frame::{encode_frame, opcode};
 use crate::shard::state::Shard;
 use bytes::Bytes;
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// Reads of one subscribe before the shard gives up lining the inbox up with history.
 const MAX_ATTEMPTS: u8 = 3;
+
+/// How long an inbox subscribe whose attach was not exact waits before trying again.
+const INEXACT_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Tries of an inexact attach before the subscribe is refused (about 2 s in all).
+const MAX_INEXACT_WAITS: u32 = 400;
 
 fn refused(kind: &'static str, id: Option<&str>, channel: &str, code: u16, error: &str) -> String {
     Reply::Refused {
@@ -128,6 +150,21 @@ impl Shard {
         if let Err(reason) = self.permit(session, channel, Access::Subscribe) {
             return refused("ack", id.as_deref(), channel, 403, &reason);
         }
+        if let Some(missed) = self.inbox_missed(key, generation, channel) {
+            if offset >= missed {
+                self.all_metrics
+                    .inbox
+                    .acks_past_gap
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let why = format!(
+                    "offsets from {missed} on were not delivered on this connection (gap \
+                     notice): unsubscribe and subscribe to {channel} again to get them from \
+                     the inbox before acking past {}",
+                    missed - 1
+                );
+                return refused("ack", id.as_deref(), channel, 409, &why);
+            }
+        }
         let tag = ShardTag {
             key,
             generation,
@@ -145,8 +182,45 @@ impl Shard {
         }
     }
 
+    /// The first offset of inbox `channel` connection `key` was told it missed, if any.
+    fn inbox_missed(&self, key: u32, generation: u32, channel: &str) -> Option<u64> {
+        let gaps = self.inbox_gaps.borrow();
+        let (g, from) = gaps.get(&(key, Arc::from(channel)))?;
+        (*g == generation).then_some(*from)
+    }
+
+    /// Records that connection `key` was sent a gap notice from offset `from` on inbox
+    /// channel `channel` (see the module docs).
+    pub(super) fn note_inbox_gap(&self, key: u32, generation: u32, channel: &Arc<str>, from: u64) {
+        if self.inbox_for(channel).is_none() {
+            return;
+        }
+        let mut gaps = self.inbox_gaps.borrow_mut();
+        let entry = gaps
+            .entry((key, channel.clone()))
+            .or_insert((generation, from));
+        if entry.0 != generation {
+            *entry = (generation, from);
+        }
+        entry.1 = entry.1.min(from);
+    }
+
+    /// Forgets connection `key`'s gap on `channel` (`None`: on every channel).
+    pub(super) fn forget_inbox_gap(&self, key: u32, channel: Option<&str>) {
+        let mut gaps = self.inbox_gaps.borrow_mut();
+        if gaps.is_empty() {
+            return;
+        }
+        match channel {
+            Some(channel) => {
+                gaps.remove(&(key, Arc::from(channel)));
+            }
+            None => gaps.retain(|(k, _), _| *k != key),
+        }
+    }
+
     /// Handles the store thread's answer for one of this shard's connections.
-    pub fn on_inbox_answer(&self, answer: InboxAnswer) {
+    pub fn on_inbox_answer(self: &Rc<Self>, answer: InboxAnswer) {
         let InboxAnswer { tag, channel, kind } = answer;
         let id = tag.id.as_deref();
         match kind {
@@ -182,34 +256,29 @@ impl Shard {
                 };
                 self.answer_later(tag.key, tag.generation, reply, Vec::new());
             }
-            AnswerKind::Unacked(result) => self.finish_subscribe(tag, channel, result),
+            AnswerKind::Unacked(result) => self.finish_subscribe(tag, channel, result, 0),
         }
         self.settle();
     }
 
-    /// Subscribes the connection with its unacked messages (see the module docs).
+    /// Subscribes the connection with its unacked messages (see the module docs);
+    /// `waits`: how often this answer waited for an exact attach already.
     fn finish_subscribe(
-        &self,
+        self: &Rc<Self>,
         tag: ShardTag,
         channel: Arc<str>,
         result: Result<Backlog, StoreError>,
+        waits: u32,
     ) {
         let id = tag.id.as_deref();
-        let still_wanted = {
-            let mut pending = self.inbox_pending.borrow_mut();
-            let k = (tag.key, channel.clone());
-            let wanted = pending.get(&k) == Some(&tag.generation);
-            if wanted {
-                pending.remove(&k);
-            }
-            wanted
-        };
-        if !still_wanted {
+        let k = (tag.key, channel.clone());
+        if self.inbox_pending.borrow().get(&k) != Some(&tag.generation) {
             return; // Unsubscribed meanwhile, or the connection is gone.
         }
         let backlog = match result {
             Ok(b) => b,
             Err(e) => {
+                self.inbox_pending.borrow_mut().remove(&k);
                 let reply = store_refusal("subscribe", id, &channel, &e);
                 return self.answer_later(tag.key, tag.generation, reply, Vec::new());
             }
@@ -225,7 +294,35 @@ impl Shard {
             self.ring_cursor.get(),
             self.settings.max_recovery_messages,
         );
-        let (position, attach_exact) = (attach.offset, attach.exact);
+        if !attach.exact {
+            if waits < MAX_INEXACT_WAITS {
+                self.all_metrics
+                    .inbox
+                    .subscribe_waits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Still pending: an unsubscribe meanwhile drops it, a second subscribe
+                // of the channel is refused as for any pending one.
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(INEXACT_WAIT).await;
+                    shard.finish_subscribe(tag, channel, Ok(backlog), waits + 1);
+                    shard.settle();
+                })
+                .detach();
+                return;
+            }
+            self.inbox_pending.borrow_mut().remove(&k);
+            let reply = refused(
+                "subscribe",
+                id,
+                &channel,
+                503,
+                "inbox: this server is busy catching up on other channels: subscribe again",
+            );
+            return self.answer_later(tag.key, tag.generation, reply, Vec::new());
+        }
+        self.inbox_pending.borrow_mut().remove(&k);
+        let position = attach.offset;
         let tail = if position > last {
             match attach.recovery {
                 Some(Ok(frames)) => frames,
@@ -281,21 +378,18 @@ impl Shard {
             .delivered
             .fetch_add(unacked, std::sync::atomic::Ordering::Relaxed);
         self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
-        let before = conn.machine.backlog().bytes();
         conn.machine.queue_replay(frames);
-        if !attach_exact {
-            // The position is the history's low estimate: catch up from it (see
-            // crate::fanout::publisher::Attach::exact).
-            conn.machine
-                .lag_from(&Arc::from(channel.as_ref()), position);
-            self.mark_lagging(tag.key, conn);
-        }
-        self.note_backlog_change(before, conn.machine.backlog().bytes());
+        // The store's frames start over: what an earlier gap missed is among them.
+        self.forget_inbox_gap(tag.key, Some(&channel));
+        self.count_backlog(conn);
         self.answer_poll_if_due(tag.key, conn);
         self.flush_or_close(tag.key, conn);
     }
 
     fn retry_subscribe(&self, tag: ShardTag, channel: &str) {
+        self.inbox_pending
+            .borrow_mut()
+            .remove(&(tag.key, Arc::from(channel)));
         let id = tag.id.clone();
         let attempt = tag.attempt + 1;
         let retried = match &self.inbox {
@@ -343,9 +437,8 @@ impl Shard {
         }
         self.queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
         if !frames.is_empty() {
-            let before = conn.machine.backlog().bytes();
             conn.machine.queue_replay(frames);
-            self.note_backlog_change(before, conn.machine.backlog().bytes());
+            self.count_backlog(conn);
         }
         self.answer_poll_if_due(key, conn);
         self.flush_or_close(key, conn);

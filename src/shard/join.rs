@@ -136,7 +136,6 @@ impl Shard {
             return;
         }
         let id = self.conn_id(tag.key, tag.generation);
-        let before = conn.machine.backlog().bytes();
         // A long poll is not a presence member (see shard::conn::adopt_stream).
         let quiet = conn.machine.is_poll();
         if quiet {
@@ -176,7 +175,7 @@ impl Shard {
         if quiet {
             self.quiet_presence.set(false);
         }
-        self.note_backlog_change(before, conn.machine.backlog().bytes());
+        self.count_backlog(conn);
         self.lag_inexact_attaches(tag.key, conn);
         self.answer_poll_if_due(tag.key, conn);
         if conn.machine.is_open() {

@@ -103,12 +103,11 @@ impl Sweep {
                 let Some(conn) = conns.get_mut(key) else {
                     continue;
                 };
-                let before = conn.machine.backlog().bytes();
                 match conn.machine.on_tick(now, &shard.conn_config.get()) {
                     Tick::Idle => shard.release_idle_stream(key, conn),
                     Tick::Ping => {
                         pings += 1;
-                        shard.note_backlog_change(before, conn.machine.backlog().bytes());
+                        shard.count_backlog(conn);
                         shard.mark_dirty(key, conn);
                     }
                     Tick::Close(close) => shard.enqueue_close(key, conn.generation, close),

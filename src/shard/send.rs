@@ -101,8 +101,15 @@ pub enum Flush {
 }
 
 impl Shard {
-    /// Writes as much of `conn`'s backlog as the socket takes right now.
+    /// Writes as much of `conn`'s backlog as the socket takes right now, and counts
+    /// what is left in the backlog gauge (whatever queued it).
     pub fn flush(&self, conn: &mut Conn) -> Flush {
+        let result = self.write_out(conn);
+        self.count_backlog(conn);
+        result
+    }
+
+    fn write_out(&self, conn: &mut Conn) -> Flush {
         if conn.machine.holds_output() {
             // A long poll's answer goes out whole once it ends.
             return Flush::Done;
@@ -110,8 +117,7 @@ impl Shard {
         if conn.tls.is_some() {
             return self.flush_tls(conn);
         }
-        let before = conn.machine.backlog().bytes();
-        let result = loop {
+        loop {
             if conn.machine.backlog().is_empty() {
                 break Flush::Done;
             }
@@ -131,9 +137,7 @@ impl Shard {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => break Flush::Failed,
             }
-        };
-        self.note_backlog_change(before, conn.machine.backlog().bytes());
-        result
+        }
     }
 
     /// Tells `conn`'s machine that the socket took `n` bytes, and shuts the write side
@@ -145,18 +149,25 @@ impl Shard {
         }
     }
 
-    /// Keeps the backlog gauge in step with a connection's backlog going from `before`
-    /// to `after` bytes.
-    pub fn note_backlog_change(&self, before: usize, after: usize) {
-        if after >= before {
-            self.metrics
-                .backlog_bytes
-                .fetch_add((after - before) as u64, Relaxed);
+    /// Brings the backlog gauge in step with `conn`'s backlog. The one place besides
+    /// [`Shard::uncount_backlog`] that changes the gauge: it adds only the difference
+    /// from what it counted of this connection before, so a change it was not told of
+    /// is caught up at the next call and the gauge cannot go below zero.
+    pub fn count_backlog(&self, conn: &mut Conn) {
+        let delta = conn.machine.backlog_gauge_delta();
+        if delta >= 0 {
+            self.metrics.backlog_bytes.fetch_add(delta as u64, Relaxed);
         } else {
             self.metrics
                 .backlog_bytes
-                .fetch_sub((before - after) as u64, Relaxed);
+                .fetch_sub(delta.unsigned_abs(), Relaxed);
         }
+    }
+
+    /// Takes a connection that goes away out of the backlog gauge.
+    pub fn uncount_backlog(&self, conn: &mut Conn) {
+        let counted = conn.machine.backlog_uncount();
+        self.metrics.backlog_bytes.fetch_sub(counted, Relaxed);
     }
 
     /// Flushes now; a failed socket is scheduled for closing.
@@ -168,9 +179,8 @@ impl Shard {
 
     /// Queues a control frame or reply (not flushed); a control flood closes with 1008.
     pub fn queue_control(&self, key: u32, conn: &mut Conn, frame: Bytes) {
-        let before = conn.machine.backlog().bytes();
         let flood = conn.machine.queue_control(frame, &self.conn_config.get());
-        self.note_backlog_change(before, conn.machine.backlog().bytes());
+        self.count_backlog(conn);
         if let Err(close) = flood {
             self.enqueue_close(key, conn.generation, close);
         }
@@ -336,7 +346,6 @@ impl Shard {
             let Some((channel, since)) = conn.machine.catch_up_next() else {
                 break;
             };
-            let before = conn.machine.backlog().bytes();
             let step = if self.index.borrow().is_subscribed(key, &channel) {
                 self.publisher.catch_up(
                     &channel,
@@ -358,6 +367,7 @@ impl Shard {
             }
             if let Some((from, to)) = step.gap {
                 self.metrics.dropped_slow.fetch_add(to + 1 - from, Relaxed);
+                self.note_inbox_gap(key, conn.generation, &channel, from);
             }
             self.metrics
                 .caught_up
@@ -368,7 +378,7 @@ impl Shard {
             let close = conn
                 .machine
                 .apply_catch_up(&channel, step, &self.conn_config.get());
-            self.note_backlog_change(before, conn.machine.backlog().bytes());
+            self.count_backlog(conn);
             self.answer_poll_if_due(key, conn);
             if let Some(close) = close {
                 self.enqueue_close(key, conn.generation, close);
@@ -583,12 +593,11 @@ impl Shard {
             let Some(conn) = conns.get_mut(key) else {
                 continue;
             };
-            let before = conn.machine.backlog().bytes();
             match results.get(i).copied().unwrap_or(SendOutcome::NotSubmitted) {
                 SendOutcome::Written(written) => {
                     self.metrics.send_calls.fetch_add(1, Relaxed);
                     self.wrote(conn, written);
-                    self.note_backlog_change(before, conn.machine.backlog().bytes());
+                    self.count_backlog(conn);
                     if written == asked[i] && !conn.machine.backlog().is_empty() {
                         // More than one call's worth was queued and the socket took it
                         // all: no writable edge will come, so continue directly.
@@ -613,8 +622,11 @@ impl Shard {
                     // them could hand the kernel reused memory. Keep them (leaked, at most
                     // one backlog; this needs a failing io_uring) and close without a
                     // close frame.
-                    std::mem::forget(conn.machine.take_backlog());
-                    self.note_backlog_change(before, 0);
+                    let mut lost = conn.machine.take_backlog();
+                    self.metrics
+                        .backlog_bytes
+                        .fetch_sub(lost.uncount(), Relaxed);
+                    std::mem::forget(lost);
                     self.schedule_close(key, conn, None, CloseCause::IoError);
                 }
             }

@@ -100,6 +100,10 @@ pub struct Shard {
     /// connection generation. An unsubscribe meanwhile removes the entry, and the answer
     /// is then dropped.
     pub(super) inbox_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
+    /// Inbox channels on which a connection was sent a gap notice since it subscribed:
+    /// (connection, channel) -> (generation, first offset it missed). Its cumulative
+    /// acks must stay below that offset: they would remove messages it never got.
+    pub(super) inbox_gaps: RefCell<HashMap<(u32, Arc<str>), (u32, u64)>>,
     /// Subscribes waiting for the NATS thread to follow their channel (see
     /// [`crate::shard::join`]), keyed like `inbox_pending`.
     pub(super) cluster_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
@@ -166,7 +170,7 @@ impl Shard {
             ip_holds: RefCell::default(),
             settings,
             conns: RefCell::new(ConnTable::with_capacity(capacity)),
-            index: RefCell::new(SubscriptionIndex::new()),
+            index: RefCell::new(SubscriptionIndex::holding_for(publisher.clone())),
             dirty: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
             tls_plain: RefCell::default(),
@@ -192,6 +196,7 @@ impl Shard {
             ring_cursor: Cell::new(cursor),
             inbox,
             inbox_pending: RefCell::new(HashMap::new()),
+            inbox_gaps: RefCell::new(HashMap::new()),
             cluster_pending: RefCell::new(HashMap::new()),
             lagging: RefCell::new(Vec::new()),
             inexact_attaches: RefCell::new(Vec::new()),

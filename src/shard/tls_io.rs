@@ -80,7 +80,6 @@ impl Shard {
     /// the backlog, encrypted a feed at a time; close_notify after the close frame, and
     /// the write side shut once that is out.
     pub(super) fn flush_tls(&self, conn: &mut Conn) -> Flush {
-        let before = conn.machine.backlog().bytes();
         let fd = conn.fd.as_raw_fd();
         let result = SEAL.with(|seal| {
             let (stage, out) = &mut *seal.borrow_mut();
@@ -135,7 +134,7 @@ impl Shard {
                 }
             }
         });
-        self.note_backlog_change(before, conn.machine.backlog().bytes());
+        self.count_backlog(conn);
         result
     }
 }

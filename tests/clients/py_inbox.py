@@ -15,6 +15,12 @@
 4. A message published now (HTTP POST /publish?ack=1) arrives live once, right after.
 5. Acks everything, reconnects: nothing unacked.
 
+With --resubscribes N: N times in a row, connects, subscribes to user:<user> (never
+acking) and must get `inbox.unacked == EXPECT` and offsets 1..EXPECT (no gap notice), or
+a 503 refusal that says to subscribe again. Run while a burst on other channels keeps the
+server's ring follower behind: the regression where such a subscribe got a gap notice for
+every unacked message (and a later ack would have removed them unread).
+
 With --churn N: a TCP publisher writes N messages to user:<user> at a steady pace while
 the client keeps subscribing, reading a few, acking what it read and reconnecting; each
 subscription must continue at exactly the acked offset + 1 (unacked from the store, then
@@ -188,6 +194,27 @@ async def churn(args):
     }
 
 
+async def resubscribes(args):
+    channel = f"user:{args.user}"
+    url = f"ws://{args.ws}/ws?channels={channel}&token={token(args.secret, args.user)}"
+    served = refused = 0
+    for i in range(args.resubscribes):
+        async with connect(url, max_queue=None) as ws:
+            sub = await reply_to(ws, "subscribe")
+            if sub["code"] == 503:
+                expect("subscribe again" in sub.get("error", ""), f"session {i}: {sub}")
+                refused += 1
+                continue
+            expect(sub["code"] == 200, f"session {i}: {sub}")
+            expect(sub["inbox"]["unacked"] == args.expect, f"session {i}: unacked count: {sub}")
+            got = await messages(ws, args.expect)
+            offsets = [m["offset"] for m in got]
+            expect(offsets == list(range(1, args.expect + 1)), f"session {i}: offsets {offsets}")
+            served += 1
+    expect(served > 0, f"every one of {args.resubscribes} subscribes was refused")
+    return {"served": served, "refused": refused}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ws", required=True)
@@ -197,11 +224,17 @@ def main():
     p.add_argument("--expect", type=int, default=0)
     p.add_argument("--ack", type=int, default=0)
     p.add_argument("--churn", type=int, default=0)
+    p.add_argument("--resubscribes", type=int, default=0)
     p.add_argument("--rate", type=float, default=1500.0)
     p.add_argument("--tcp")
     p.add_argument("--auto", action="store_true", help="the server subscribes tokens to user:<sub>")
     args = p.parse_args()
-    print_summary(churn(args) if args.churn else run(args))
+    if args.churn:
+        print_summary(churn(args))
+    elif args.resubscribes:
+        print_summary(resubscribes(args))
+    else:
+        print_summary(run(args))
 
 
 if __name__ == "__main__":

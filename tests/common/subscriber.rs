@@ -160,6 +160,28 @@ impl Subscriber {
         got
     }
 
+    /// Like [`Subscriber::collect`], but a command reply among the messages fails: for
+    /// checks that a channel is delivered *without* a reply.
+    ///
+    /// # Panics
+    /// On timeout, close, or a reply.
+    pub fn collect_without_replies(&mut self, n: usize, timeout: Duration) -> Vec<Delivery> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            match self.next_event(deadline.saturating_duration_since(Instant::now())) {
+                Event::Delivery(d) => got.push(d),
+                Event::Ping => {}
+                Event::Reply(v) => panic!("a reply among the messages: {v}"),
+                Event::Closed(frame) => panic!("server closed the connection: {frame:?}"),
+                Event::TimedOut => {
+                    panic!("received {} of {n} messages within {timeout:?}", got.len())
+                }
+            }
+        }
+        got
+    }
+
     /// Sends a command (any JSON) as a text frame.
     pub fn send_command(&mut self, command: &Value) {
         self.send_text(&command.to_string());

@@ -245,6 +245,29 @@ pub fn start_ringcast(extra: &[&str]) -> Ringcast {
     }
 }
 
+/// The sum of every sample of metric `name` (any labels) in ringcast's `/metrics` on
+/// 127.0.0.1:`port`; 0 when absent.
+pub fn metric_sum(port: u16, name: &str) -> f64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connecting to the admin port");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("GET /metrics");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("reading /metrics");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let bare = key.split('{').next()?;
+            (bare == name).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
 /// Status of a one-shot HTTP request to 127.0.0.1:`port`, if anything answered.
 pub fn http_status(port: u16, method: &str, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
