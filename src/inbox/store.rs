@@ -20,6 +20,8 @@ use crate::inbox::StoreError;
 use redb::{Database, ReadableTable, TableDefinition};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const MESSAGES: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("messages");
@@ -74,6 +76,7 @@ pub struct InboxStore {
     db: Database,
     epoch: u64,
     path: PathBuf,
+    repaired: bool,
 }
 
 impl std::fmt::Debug for InboxStore {
@@ -98,10 +101,21 @@ impl InboxStore {
                 StoreError::from_io(&e).context(format!("creating directory {}", dir.display()))
             })?;
         }
-        let db = Database::create(path).map_err(|e| {
-            StoreError::from_redb(&redb::Error::from(e))
-                .context(format!("opening {}", path.display()))
-        })?;
+        let created = !path.exists();
+        let repairing = Arc::new(AtomicBool::new(false));
+        let flag = repairing.clone();
+        let db = Database::builder()
+            // Called only when the file was not closed cleanly (a crash, kill -9).
+            .set_repair_callback(move |_| flag.store(true, Relaxed))
+            .create(path)
+            .map_err(|e| {
+                StoreError::from_redb(&redb::Error::from(e))
+                    .context(format!("opening {}", path.display()))
+            })?;
+        if created {
+            // The new file's directory entry must survive a crash too.
+            sync_parent_dir(path)?;
+        }
         let tx = db.begin_write().map_err(redb_err)?;
         let epoch = {
             let mut meta = tx.open_table(META).map_err(redb_err)?;
@@ -124,7 +138,14 @@ impl InboxStore {
             db,
             epoch,
             path: path.to_path_buf(),
+            repaired: repairing.load(Relaxed),
         })
+    }
+
+    /// True when opening had to repair the file: the last process that had it open did
+    /// not close it (it crashed or was killed).
+    pub fn was_repaired(&self) -> bool {
+        self.repaired
     }
 
     /// The store's epoch: fixed for the life of the file, so `(offset, epoch)` positions
@@ -238,6 +259,30 @@ impl InboxStore {
         Ok(out)
     }
 
+    /// `channel`'s stored messages after offset `after`, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// The file could not be read.
+    pub fn messages_after(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(redb_err)?;
+        let table = tx.open_table(MESSAGES).map_err(redb_err)?;
+        let mut out = Vec::new();
+        for item in table
+            .range((channel, after.saturating_add(1))..=(channel, u64::MAX))
+            .map_err(redb_err)?
+            .take(limit)
+        {
+            let (k, v) = item.map_err(redb_err)?;
+            out.push((k.value().1, v.value().1.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Deletes at most `budget` messages stored before unix second `cutoff` (retention);
     /// returns how many.
     ///
@@ -287,6 +332,20 @@ fn new_epoch() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
+}
+
+/// fsyncs the directory holding `path`, so that a file just created there is found after
+/// a crash.
+fn sync_parent_dir(path: &Path) -> Result<(), StoreError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| {
+            StoreError::from_io(&e).context(format!("syncing directory {}", dir.display()))
+        })
 }
 
 #[cfg(test)]

@@ -24,8 +24,9 @@ use crate::inbox::store::{Done, InboxStore, Op};
 use crate::inbox::{ErrorKind, InboxStats, StoreError};
 use crate::proto::message::{encode_message, EncodedData};
 use bytes::Bytes;
+use parking_lot::Mutex;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,6 +43,9 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Least time between two attempts to reopen the database after an error.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+/// Longest the store thread waits for a request before it looks whether it must stop.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// How the store thread runs (from [`crate::config::Settings`]).
 #[derive(Debug, Clone)]
@@ -178,6 +182,17 @@ pub struct Inbox {
     tx: flume::Sender<Request>,
     stats: Arc<InboxStats>,
     path: Arc<PathBuf>,
+    /// Closes the store thread's database at shutdown (`None` for other backends).
+    closer: Option<Arc<StoreCloser>>,
+}
+
+/// Stops the store thread and waits for it to close the database: a redb file that is
+/// not closed (its allocator state written) is repaired at the next open, which takes
+/// time proportional to the file and says the last run ended badly when it did not.
+#[derive(Debug)]
+struct StoreCloser {
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -235,6 +250,7 @@ impl Inbox {
         stats: Arc<InboxStats>,
     ) -> Result<(Inbox, Vec<ShardQueues>), StoreError> {
         let store = InboxStore::open(&config.path)?;
+        warn_if_repaired(&store);
         stats.up.store(1, Relaxed);
         let (tx, rx) = flume::bounded(config.queue);
         let (wakes, answers, queues) = ShardQueues::for_shards(shards);
@@ -249,12 +265,48 @@ impl Inbox {
             log: ErrorLog::default(),
             last_reopen: None,
             last_error: None,
+            suspect: Vec::new(),
         };
-        std::thread::Builder::new()
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
             .name("ringcast-inbox".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || worker.run(rx, &stopping))
             .map_err(|e| StoreError::from_io(&e).context("spawning the inbox store thread"))?;
-        Ok((Inbox { tx, stats, path }, queues))
+        let closer = StoreCloser {
+            stop,
+            thread: Mutex::new(Some(thread)),
+        };
+        Ok((
+            Inbox {
+                tx,
+                stats,
+                path,
+                closer: Some(Arc::new(closer)),
+            },
+            queues,
+        ))
+    }
+
+    /// At shutdown, after the shards stopped: the store thread finishes the batch in
+    /// hand and closes the database cleanly. Waits at most `timeout`; false when the
+    /// thread did not finish in time (the next start then repairs the file).
+    pub fn close(&self, timeout: Duration) -> bool {
+        let Some(closer) = &self.closer else {
+            return true;
+        };
+        closer.stop.store(true, Relaxed);
+        let Some(thread) = closer.thread.lock().take() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        while !thread.is_finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        thread.join().is_ok()
     }
 
     /// A handle on another backend that takes the same requests and answers on the same
@@ -268,6 +320,7 @@ impl Inbox {
             tx,
             stats,
             path: Arc::new(path),
+            closer: None,
         }
     }
 
@@ -375,8 +428,21 @@ struct StoreThread {
     answers: Vec<flume::Sender<InboxAnswer>>,
     log: ErrorLog,
     last_reopen: Option<Instant>,
+    /// Channels with publishes in a commit that failed: the file may hold them anyway
+    /// (a failed fsync says nothing of what reached the disk or the page cache), so they
+    /// are reconciled with live delivery when the store reopens.
+    suspect: Vec<Arc<str>>,
     /// The failure that closed the store, answered while it waits to reopen.
     last_error: Option<StoreError>,
+}
+
+fn warn_if_repaired(store: &InboxStore) {
+    if store.was_repaired() {
+        tracing::warn!(
+            path = %store.path().display(),
+            "inbox store repaired at open: it was not closed cleanly (a crash, kill -9, or a failed write)"
+        );
+    }
 }
 
 fn unix_now() -> u64 {
@@ -386,11 +452,26 @@ fn unix_now() -> u64 {
 }
 
 impl StoreThread {
-    fn run(mut self, rx: flume::Receiver<Request>) {
+    fn run(mut self, rx: flume::Receiver<Request>, stop: &AtomicBool) {
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         let mut batch: Vec<Request> = Vec::with_capacity(self.config.max_batch);
         loop {
-            let wait = next_sweep.saturating_duration_since(Instant::now());
+            if stop.load(Relaxed) {
+                // What was queued before the stop is still committed and answered.
+                batch.extend(rx.try_iter());
+                if !batch.is_empty() {
+                    self.stats.queued.fetch_sub(batch.len() as u64, Relaxed);
+                    self.process(&mut batch);
+                }
+                // Dropping the database writes its allocator state: a clean close.
+                self.store = None;
+                tracing::info!(path = %self.config.path.display(), "inbox store closed");
+                return;
+            }
+            // Woken at least every STOP_CHECK to see a stop.
+            let wait = next_sweep
+                .saturating_duration_since(Instant::now())
+                .min(STOP_CHECK);
             match rx.recv_timeout(wait) {
                 Ok(first) => batch.push(first),
                 Err(flume::RecvTimeoutError::Timeout) => {}
@@ -432,8 +513,10 @@ impl StoreThread {
             match InboxStore::open(&self.config.path) {
                 Ok(store) => {
                     tracing::info!(path = %self.config.path.display(), "inbox store reopened");
+                    warn_if_repaired(&store);
                     self.last_error = None;
                     self.stats.up.store(1, Relaxed);
+                    self.reconcile(&store);
                     self.store = Some(store);
                 }
                 Err(e) => {
@@ -463,6 +546,52 @@ impl StoreThread {
                 });
             }
         }
+    }
+
+    /// After a failed commit, the reopened file may hold messages whose publishers were
+    /// answered 503: they are stored, so they are published now at their offsets (their
+    /// publishers may send them again: at least once), instead of staying undelivered
+    /// until a later cumulative ack removed them unseen.
+    fn reconcile(&mut self, store: &InboxStore) {
+        let epoch = store.epoch();
+        let mut found = 0;
+        for channel in std::mem::take(&mut self.suspect) {
+            // Only what live delivery has not reached: the publisher's position is the
+            // last offset published live in the store's epoch.
+            let after = match self.publisher.position(&channel) {
+                Some((last, e)) if e == epoch => last,
+                _ => continue,
+            };
+            let stored = match store.messages_after(&channel, after, MAX_DELIVERY) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.log.log(&e, "reading back a failed commit");
+                    continue;
+                }
+            };
+            for (offset, payload) in stored {
+                self.publisher.publish_at(&channel, offset, epoch, &payload);
+                found += 1;
+            }
+        }
+        if found > 0 {
+            self.wake_shards();
+            tracing::warn!(
+                messages = found,
+                "inbox: messages of a commit reported failed were in the file after reopening: \
+                 delivered now (their publishers got 503 and may send them again)"
+            );
+        }
+    }
+
+    fn wake_shards(&self) {
+        let wakes = &self.wakes;
+        self.publisher.idle_flags().claim_idle(|shard| {
+            if let Some(tx) = wakes.get(shard) {
+                // Full: a token is already pending.
+                let _ = tx.try_send(());
+            }
+        });
     }
 
     fn process(&mut self, batch: &mut Vec<Request>) {
@@ -500,6 +629,13 @@ impl StoreThread {
                 }
                 Err(e) => {
                     let e = e.clone();
+                    for request in batch.iter() {
+                        if let Request::Publish { channel, .. } = request {
+                            if !self.suspect.contains(channel) {
+                                self.suspect.push(channel.clone());
+                            }
+                        }
+                    }
                     self.fail(&e, "committing a batch");
                 }
             }
@@ -537,13 +673,7 @@ impl StoreThread {
             answered.push((request, result));
         }
         if published {
-            let wakes = &self.wakes;
-            self.publisher.idle_flags().claim_idle(|shard| {
-                if let Some(tx) = wakes.get(shard) {
-                    // Full: a token is already pending.
-                    let _ = tx.try_send(());
-                }
-            });
+            self.wake_shards();
         }
         for (request, result) in answered {
             self.answer(request, result, epoch);

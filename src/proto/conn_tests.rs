@@ -369,6 +369,48 @@ proptest! {
         prop_assert_eq!(queued(&whole).len(), texts.len());
         prop_assert_eq!(split.buffered_input(), 0);
     }
+
+    /// Messages of any bytes, fragmented at any byte (a UTF-8 sequence may be cut in
+    /// two) and read in any pieces: the same answers and the same close as when read
+    /// whole; a close (1007) exactly when some message is not UTF-8, after the answers
+    /// to the messages before it.
+    #[test]
+    fn any_bytes_fragmented_anywhere_close_exactly_on_invalid_utf8(
+        texts in proptest::collection::vec(
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..12),
+                "\\PC{0,6}".prop_map(|t| t.into_bytes()),
+            ],
+            1..6,
+        ),
+        at in any::<proptest::sample::Index>(),
+        cuts in proptest::collection::vec(1usize..23, 1..20),
+    ) {
+        let mut wire = Vec::new();
+        for t in &texts {
+            let (a, b) = t.split_at(at.index(t.len() + 1));
+            wire.extend(client_frame(opcode::TEXT, false, a));
+            wire.extend(client_frame(opcode::CONTINUATION, true, b));
+        }
+        let mut whole = Connection::new(0);
+        let whole_close = feed(&mut whole, 0, &wire).map(|c| (c.cause, c.reason.map(|r| r.code)));
+        let mut split = Connection::new(0);
+        let (mut split_close, mut from) = (None, 0);
+        for cut in cuts.iter().cycle() {
+            if from >= wire.len() || split_close.is_some() {
+                break;
+            }
+            let end = (from + cut).min(wire.len());
+            split_close = feed(&mut split, 0, &wire[from..end]).map(|c| (c.cause, c.reason.map(|r| r.code)));
+            from = end;
+        }
+        prop_assert_eq!(&whole_close, &split_close);
+        prop_assert_eq!(queued(&whole), queued(&split));
+        let valid = texts.iter().take_while(|t| std::str::from_utf8(t).is_ok()).count();
+        let expected = (valid < texts.len()).then_some((CloseCause::ProtocolError, Some(CloseCode::InvalidPayload)));
+        prop_assert_eq!(whole_close, expected);
+        prop_assert_eq!(queued(&whole).len(), valid);
+    }
 }
 
 /// A recovery's replay follows its reply, in order, even past the backlog bound that

@@ -444,3 +444,131 @@ impl Shard {
         self.flush_or_close(key, conn);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::publisher::Publisher;
+    use crate::fanout::ring::Ring;
+    use crate::fanout::wake::IdleFlags;
+    use crate::inbox::thread::InboxConfig;
+    use crate::inbox::InboxStats;
+    use crate::proto::frame::FrameHeader;
+    use crate::proto::message::{encode_message, EncodedData};
+    use crate::shard::conn::{adopt, Carried};
+    use std::io::Read;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    /// The JSON of every frame the peer has received so far.
+    fn received(peer: &mut UnixStream) -> Vec<serde_json::Value> {
+        peer.set_nonblocking(true).expect("nonblocking");
+        let mut wire = Vec::new();
+        let _ = peer.read_to_end(&mut wire);
+        let mut out = Vec::new();
+        while let Some(h) = FrameHeader::parse(&wire) {
+            let end = h.header_len + h.len as usize;
+            out.push(serde_json::from_slice(&wire[h.header_len..end]).expect("JSON frame"));
+            wire.drain(..end);
+        }
+        out
+    }
+
+    /// Regression: after a restart, an inbox subscribe answered while its shard's
+    /// follower was more than a ring scan behind (a burst on another channel) attached at
+    /// history's estimate (0), so the store's 50 unacked messages were filtered out, the
+    /// client got a gap notice for them, and acking the next live one removed them
+    /// unread. Now the subscribe waits until the attach is exact, then gets all 50.
+    #[test]
+    fn an_inexact_attach_waits_instead_of_skipping_unacked_messages() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let settings =
+            crate::config::resolve(Default::default(), Default::default()).expect("settings");
+        let publisher = Arc::new(Publisher::new(
+            Arc::new(Ring::new(1 << 14)),
+            Arc::new(IdleFlags::new(1)),
+        ));
+        let config = InboxConfig {
+            path: dir.path().join("inbox.redb"),
+            retention: Duration::from_secs(3600),
+            max_batch: 64,
+            queue: 64,
+        };
+        let stats = Arc::new(InboxStats::default());
+        let (inbox, _queues) =
+            Inbox::start(config, publisher.clone(), 1, stats.clone()).expect("inbox");
+        let shard = Rc::new(Shard::for_tests_with(
+            settings,
+            publisher.clone(),
+            Some(inbox),
+        ));
+        let ex = glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor");
+        ex.run(async {
+            let (ours, mut peer) = UnixStream::pair().expect("socketpair");
+            let key = shard.conns.borrow().next_key();
+            adopt(
+                &shard,
+                OwnedFd::from(ours),
+                &[],
+                None,
+                None,
+                Vec::new(),
+                Carried::default(),
+            );
+            let generation = shard.conns.borrow().get(key).expect("conn").generation;
+            let channel: Arc<str> = Arc::from("user:erin");
+            shard
+                .inbox_pending
+                .borrow_mut()
+                .insert((key, channel.clone()), generation);
+            // What the store answers after a restart: 50 unacked, nothing in history.
+            let epoch = 77;
+            let backlog = Backlog {
+                last: 50,
+                epoch,
+                frames: (1..=50)
+                    .map(|o| (o, encode_message(&channel, o, &EncodedData::new(b"1"))))
+                    .collect(),
+                more: 0,
+            };
+            // A burst the follower has not read: more than attach scans.
+            for _ in 0..5000 {
+                publisher.publish_quiet("burst", b"1");
+            }
+            let tag = ShardTag {
+                key,
+                generation,
+                id: None,
+                since: None,
+                attempt: 0,
+            };
+            let count = || {
+                shard
+                    .all_metrics
+                    .inbox
+                    .subscribe_waits
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            };
+            let waits = count();
+            shard.finish_subscribe(tag, channel.clone(), Ok(backlog), 0);
+            assert!(received(&mut peer).is_empty(), "answered at an estimate");
+            assert!(count() > waits, "the wait is counted");
+            // The follower passes the burst; the waiting subscribe is placed exactly.
+            shard.ring_cursor.set(publisher.ring().head());
+            glommio::timer::sleep(INEXACT_WAIT * 4).await;
+            let frames = received(&mut peer);
+            let reply = frames.first().expect("the subscribe reply");
+            assert_eq!(reply["reply"], "subscribe", "{reply}");
+            assert_eq!(reply["inbox"]["unacked"], 50, "{reply}");
+            let offsets: Vec<u64> = frames[1..]
+                .iter()
+                .map(|f| f["offset"].as_u64().expect("a message"))
+                .collect();
+            assert_eq!(offsets, (1..=50).collect::<Vec<_>>());
+            assert!(shard.index.borrow().is_subscribed(key, &channel));
+        });
+    }
+}

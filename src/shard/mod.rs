@@ -407,8 +407,18 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
     notifier.send(&Event::Ready {
         status: &serving_status(&settings),
     });
-    wait_for_drain(&settings, done_rx, reloader, &notifier)
+    let drained = wait_for_drain(&settings, done_rx, reloader, &notifier);
+    if let Some(inbox) = &inbox {
+        // After the drain: nothing is published any more.
+        if !inbox.close(INBOX_CLOSE_WAIT) {
+            tracing::warn!("the inbox store did not close in time: the next start repairs it");
+        }
+    }
+    drained
 }
+
+/// How long the exit waits for the inbox store to close its file.
+const INBOX_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// The `STATUS=` line while serving: shards and listening addresses.
 fn serving_status(settings: &Settings) -> String {

@@ -34,6 +34,9 @@ use std::time::Instant;
 /// Largest single read from a socket; one per shard, shared by all its connections.
 pub const SCRATCH_SIZE: usize = 64 * 1024;
 
+/// (connection generation, first offset it was told it missed) of an inbox channel.
+pub(super) type InboxGap = (u32, u64);
+
 /// A shard's state.
 pub struct Shard {
     /// Shard number (0-based), also its CPU when pinned.
@@ -103,7 +106,7 @@ pub struct Shard {
     /// Inbox channels on which a connection was sent a gap notice since it subscribed:
     /// (connection, channel) -> (generation, first offset it missed). Its cumulative
     /// acks must stay below that offset: they would remove messages it never got.
-    pub(super) inbox_gaps: RefCell<HashMap<(u32, Arc<str>), (u32, u64)>>,
+    pub(super) inbox_gaps: RefCell<HashMap<(u32, Arc<str>), InboxGap>>,
     /// Subscribes waiting for the NATS thread to follow their channel (see
     /// [`crate::shard::join`]), keyed like `inbox_pending`.
     pub(super) cluster_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
@@ -253,6 +256,16 @@ impl Shard {
             Arc::new(Ring::new(ring_capacity)),
             Arc::new(IdleFlags::new(1)),
         ));
+        Shard::for_tests_with(settings, publisher, None)
+    }
+
+    /// [`Shard::for_tests`] over `publisher`, with `inbox`.
+    #[cfg(test)]
+    pub(crate) fn for_tests_with(
+        settings: Settings,
+        publisher: Arc<Publisher>,
+        inbox: Option<Inbox>,
+    ) -> Shard {
         let presence = Arc::new(Presence::new(
             publisher.ring().clone(),
             publisher.idle_flags().clone(),
@@ -266,7 +279,7 @@ impl Shard {
             Arc::default(),
             presence,
             slots,
-            None,
+            inbox,
         )
         .expect("shard");
         *shard.live.borrow_mut() = live;

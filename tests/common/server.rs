@@ -77,6 +77,12 @@ impl Server {
     /// When the process exits or stays unhealthy for [`STARTUP_TIMEOUT`]; the panic
     /// message carries its log.
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, &[])
+    }
+
+    /// [`Server::start`] with `env` set for the process (e.g. an `LD_PRELOAD` fault
+    /// shim).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
             // Three TCP ports found one after another may repeat: drawn until distinct.
@@ -92,7 +98,7 @@ impl Server {
                 tcp,
                 admin,
             };
-            match Server::try_start(ports, extra) {
+            match Server::try_start(ports, extra, env) {
                 Ok(server) => return server,
                 Err(log) if attempt < ATTEMPTS && mentions_port_clash(&log) => {
                     eprintln!("ringcast could not bind a port another process took; retrying with new ports");
@@ -122,7 +128,7 @@ impl Server {
                 thread::sleep(Duration::from_millis(100));
             }
             attempts += 1;
-            match Server::try_start(ports, extra) {
+            match Server::try_start(ports, extra, &[]) {
                 Ok(server) => return server,
                 Err(log) if mentions_port_clash(&log) && started.elapsed() < RESTART_PATIENCE => {
                     eprintln!(
@@ -151,7 +157,7 @@ impl Server {
         }
     }
 
-    fn try_start(ports: Ports, extra: &[&str]) -> Result<Server, String> {
+    fn try_start(ports: Ports, extra: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
         let binary = Server::binary();
         if !binary.exists() {
             return Err(format!(
@@ -200,6 +206,7 @@ impl Server {
             }
         }
         command.env("NO_COLOR", "1");
+        command.envs(env.iter().copied());
         command
             .args(&args)
             .stdin(Stdio::null())
