@@ -17,7 +17,12 @@ pub struct EncodedData(Vec<u8>);
 impl EncodedData {
     /// Classifies `payload`: valid JSON is kept verbatim, anything else becomes a string.
     pub fn new(payload: &[u8]) -> Self {
-        if serde_json::from_slice::<IgnoredAny>(payload).is_ok() {
+        // UTF-8 first: serde_json checks the bytes of a string only when it decodes one,
+        // and into IgnoredAny it decodes none, so `"\xff"` would pass as JSON and go out
+        // in a text frame that is not UTF-8.
+        let json = std::str::from_utf8(payload)
+            .is_ok_and(|text| serde_json::from_str::<IgnoredAny>(text).is_ok());
+        if json {
             // Valid JSON has raw line breaks only between tokens (inside a string they
             // are invalid), where a space means the same: without them, a message is
             // also one SSE `data:` line (crate::proto::sse).
@@ -124,6 +129,26 @@ mod tests {
             &EncodedData::new(b"hello \"world\"\n\xff"),
         ));
         assert_eq!(v["data"], "hello \"world\"\n\u{fffd}");
+    }
+
+    /// Regression: a payload that was JSON but for invalid UTF-8 inside a string (`"\xff"`)
+    /// was embedded verbatim (serde_json validating into `IgnoredAny` skips strings without
+    /// checking their bytes), so the text frame was not UTF-8 and a browser failed the
+    /// connection of every subscriber of the channel. Found by fuzz/targets/ingest.rs.
+    #[test]
+    fn json_with_invalid_utf8_in_a_string_becomes_a_string() {
+        for payload in [
+            &b"\"\xff\""[..],
+            b"{\"a\":\"caf\xc3\"}",
+            b"[\"ok\",\"\xed\xa0\x80\"]",
+            b"{\"\xff\":1}",
+        ] {
+            let f = encode_message("c", 1, &EncodedData::new(payload));
+            let h = FrameHeader::parse(&f).unwrap();
+            let text = std::str::from_utf8(&f[h.header_len..]).expect("a text frame is UTF-8");
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(v["data"], *String::from_utf8_lossy(payload), "{payload:?}");
+        }
     }
 
     #[test]
