@@ -6,6 +6,7 @@
 #   fuzz/run.sh                          # every target, FUZZ_SECONDS (default 15) each
 #   fuzz/run.sh frame ingest             # only these targets
 #   FUZZ_SECONDS=3600 fuzz/run.sh upgrade  # one target for an hour
+#   fuzz/run.sh --install                # only install cargo-afl and AFL++ (scripts/test.sh)
 #
 # Environment:
 #   FUZZ_SECONDS    seconds of fuzzing per target (default 15)
@@ -30,6 +31,8 @@ ALL_TARGETS=(frame upgrade command position proxy ingest admin config)
 FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
 FUZZ_OUT="${FUZZ_OUT:-$FUZZ_DIR/out}"
 export AFL_OPT_LEVEL="${AFL_OPT_LEVEL:-0}"
+# Always its own: the instrumented build shares nothing with the workspace's.
+export CARGO_TARGET_DIR="$FUZZ_DIR/target"
 export DEBIAN_FRONTEND=noninteractive
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
@@ -42,6 +45,11 @@ die() {
 case "$FUZZ_SECONDS" in
 '' | *[!0-9]*) die "FUZZ_SECONDS must be a whole number of seconds, got '$FUZZ_SECONDS'" ;;
 esac
+install_only=0
+if [ "${1:-}" = --install ]; then
+	install_only=1
+	shift
+fi
 targets=("$@")
 [ "${#targets[@]}" -gt 0 ] || targets=("${ALL_TARGETS[@]}")
 for t in "${targets[@]}"; do
@@ -100,13 +108,17 @@ if ! afl_ready; then
 	cargo afl config --build --force </dev/null || die "cargo afl config --build failed"
 fi
 afl_ready || die "cargo afl fuzz cannot run afl-fuzz after building AFL++"
+if [ "$install_only" -eq 1 ]; then
+	log "cargo-afl $CARGO_AFL_VERSION and AFL++ are installed"
+	exit 0
+fi
 
 # ---- build ---------------------------------------------------------------------------
 bins=()
 for t in "${targets[@]}"; do bins+=(--bin "$t"); done
 log "cargo afl build --release (AFL_OPT_LEVEL=$AFL_OPT_LEVEL): ${targets[*]}"
 cargo afl build --release "${bins[@]}" </dev/null || die "cargo afl build failed"
-BIN_DIR="${CARGO_TARGET_DIR:-$FUZZ_DIR/target}/release"
+BIN_DIR="$CARGO_TARGET_DIR/release"
 
 # ---- runs ----------------------------------------------------------------------------
 export AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1
