@@ -22,6 +22,7 @@
 set -euo pipefail
 
 FUZZ_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CALLER_DIR="$PWD"
 cd "$FUZZ_DIR"
 
 # Must match the `afl` dependency in fuzz/Cargo.toml.
@@ -30,6 +31,7 @@ ALL_TARGETS=(frame upgrade command position proxy ingest admin config)
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
 FUZZ_OUT="${FUZZ_OUT:-$FUZZ_DIR/out}"
+case "$FUZZ_OUT" in /*) ;; *) FUZZ_OUT="$CALLER_DIR/$FUZZ_OUT" ;; esac
 export AFL_OPT_LEVEL="${AFL_OPT_LEVEL:-0}"
 # Always its own: the instrumented build shares nothing with the workspace's.
 export CARGO_TARGET_DIR="$FUZZ_DIR/target"
