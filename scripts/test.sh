@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ringcast's full check: installs what the end-to-end tests need, then runs
-# rustfmt, clippy, a release build and every test of the workspace.
+# rustfmt, clippy, a release build, every test of the workspace and a short fuzzing run.
 #
 # Runs as root on a fresh Debian/Ubuntu machine that has only the Rust toolchain
 # (CI=true, no stdin); on a machine that already has everything it installs nothing.
@@ -16,6 +16,8 @@
 #     node_eventsource.js)
 #   - Debian's chromium (/usr/bin/chromium) and `playwright-core` in tests/clients, which
 #     drives it (tests/clients/browser_driver.js; no browser is downloaded)
+#   - cargo-afl, which builds the AFL++ it bundles (fuzz/run.sh, the last step: a short
+#     run of every fuzz target; FUZZ_SECONDS per target, default 15)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -193,6 +195,12 @@ if ! command -v haproxy >/dev/null 2>&1; then
 fi
 command -v haproxy >/dev/null 2>&1 || die "haproxy is not on PATH after installing it (needed by tests/proxy_protocol_names_the_client.rs)"
 
+# ---- cargo-afl + AFL++ (fuzz/run.sh) --------------------------------------------------
+# fuzz/run.sh installs them itself (the version it pins); asked here so that a missing
+# tool stops the run before the tests rather than after them.
+log "fuzz/run.sh --install (cargo-afl, AFL++)"
+bash fuzz/run.sh --install || die "installing cargo-afl and AFL++ for fuzz/run.sh failed"
+
 # The fan-out tests hold a few hundred sockets in one process.
 hard_nofile="$(ulimit -Hn)"
 if [ "$hard_nofile" = unlimited ] || [ "$hard_nofile" -gt 65536 ]; then hard_nofile=65536; fi
@@ -236,5 +244,10 @@ printf '%s\n' "$loom_out" | tail -n 3 >&2
 # A filter that matches no test passes with "0 passed": the model check must have run.
 loom_ran="$(printf '%s\n' "$loom_out" | sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' | head -n1)"
 [ "${loom_ran:-0}" -ge 1 ] || die "the loom filter fanout::loom_wake matched no test: the model check did not run"
+
+# Every parser of peer and publisher bytes, fuzzed briefly from its corpus in fuzz/corpus/
+# (docs/fuzzing.md). A separate cargo-afl build: instrumented, so nothing above is reused.
+log "fuzz/run.sh (every fuzz target, FUZZ_SECONDS=${FUZZ_SECONDS:-15} each)"
+bash fuzz/run.sh || die "fuzz/run.sh: a fuzz target crashed or hung (inputs named above), or it could not run"
 
 log "all checks passed"

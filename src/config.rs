@@ -599,7 +599,9 @@ pub fn load(cli: ConfigLayer) -> Result<Settings, ConfigError> {
 
 /// Parses a config file's text. A wrongly typed or out-of-range value is named by its
 /// full key (`namespaces.news.history_size`), not only by the line toml quotes.
-pub(crate) fn parse_layer(text: &str) -> Result<ConfigLayer, String> {
+/// Public for the fuzz targets (`fuzz/`) only.
+#[doc(hidden)]
+pub fn parse_layer(text: &str) -> Result<ConfigLayer, String> {
     serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
         let key = e.path().to_string();
         if key.is_empty() || key == "." {

@@ -326,6 +326,18 @@ fn content_length(headers: &[httparse::Header<'_>]) -> Result<usize, Response> {
         .ok_or_else(|| json_error(400, "malformed Content-Length: too large"))
 }
 
+/// [`parse_request`] for the fuzz targets (`fuzz/`), not an API: `Ok(Some(body length))`
+/// for a whole request (removed from `buf`), `Ok(None)` when more bytes are needed,
+/// `Err(status)` for the error answer.
+#[doc(hidden)]
+pub fn fuzz_parse_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Option<usize>, u16> {
+    match parse_request(buf, max_body) {
+        Ok(Parsed::Complete(request)) => Ok(Some(request.body.len())),
+        Ok(Parsed::NeedMore) => Ok(None),
+        Err(response) => Err(response.status),
+    }
+}
+
 fn route(method: &str, target: &str, settings: &Settings) -> Response {
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     let draining = shutting_down();

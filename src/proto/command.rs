@@ -443,6 +443,31 @@ mod tests {
         );
     }
 
+    /// Regression: a numeric id with more digits than an f64 holds (`12345678902134567890123`)
+    /// was read one unit in the last place off (serde_json's default float parsing is not
+    /// correctly rounded) and echoed as another number, so the client could not match the
+    /// reply to its request. Found by fuzz/targets/command.rs.
+    #[test]
+    fn long_numeric_ids_are_echoed_as_the_same_number() {
+        for id in [
+            "12345678902134567890123",
+            "12345678901234067890123",
+            "3.14159265358979323846264",
+        ] {
+            let Ok(Command::Ping { id: Some(echoed) }) =
+                parse_command(&format!(r#"{{"cmd":"ping","id":{id}}}"#))
+            else {
+                panic!("{id}: not a ping with an id");
+            };
+            // Rust's float parsing rounds correctly, as a browser's JSON.parse does.
+            assert_eq!(
+                echoed.parse::<f64>(),
+                id.parse::<f64>(),
+                "{id} echoed as {echoed}"
+            );
+        }
+    }
+
     #[test]
     fn errors_carry_codes_and_ids() {
         assert_eq!(parse_command("not json").unwrap_err().code, 400);

@@ -173,6 +173,26 @@ mod tests {
         assert!(!EncodedData::new(b"{\"t\":\"ok\"}").replaced_invalid_utf8());
     }
 
+    /// Regression: a payload that was JSON but for invalid UTF-8 inside a string (`"\xff"`)
+    /// was embedded verbatim (serde_json validating into `IgnoredAny` skips strings without
+    /// checking their bytes), so the text frame was not UTF-8 and a browser failed the
+    /// connection of every subscriber of the channel. Found by fuzz/targets/ingest.rs.
+    #[test]
+    fn json_with_invalid_utf8_in_a_string_becomes_a_string() {
+        for payload in [
+            &b"\"\xff\""[..],
+            b"{\"a\":\"caf\xc3\"}",
+            b"[\"ok\",\"\xed\xa0\x80\"]",
+            b"{\"\xff\":1}",
+        ] {
+            let f = encode_message("c", 1, &EncodedData::new(payload));
+            let h = FrameHeader::parse(&f).unwrap();
+            let text = std::str::from_utf8(&f[h.header_len..]).expect("a text frame is UTF-8");
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(v["data"], *String::from_utf8_lossy(payload), "{payload:?}");
+        }
+    }
+
     #[test]
     fn presence_events_render_as_documented() {
         let f = encode_presence_event("join", "room:1", r#"{"user":"a"}"#);
