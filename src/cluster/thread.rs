@@ -49,12 +49,24 @@ pub const LOCAL_AFTER: Duration = Duration::from_secs(2);
 /// JetStream request timeout (publish acks, direct gets).
 const JS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Who learns a publish's offset.
+/// Who learns a publish's offset, and what the offset promises.
 pub enum ClusterReply {
     /// Nobody (UDP, TCP without acks).
     None,
-    /// A waiting task: the offset, or why not.
+    /// A waiting task that takes a local-epoch offset while NATS is unreachable (HTTP
+    /// without `ack=1`): the offset, or why not.
     Wait(flume::Sender<Result<u64, String>>),
+    /// A waiting task told an offset only once the stream stored the message (HTTP
+    /// `ack=1`, TCP `ACK ON`, a client `publish`): refused while the cluster cannot
+    /// store, never served locally.
+    Stored(flume::Sender<Result<u64, String>>),
+}
+
+impl ClusterReply {
+    /// Nobody was promised "stored": the message may be served in a local epoch.
+    fn may_serve_locally(&self) -> bool {
+        !matches!(self, ClusterReply::Stored(_))
+    }
 }
 
 enum Request {
@@ -550,8 +562,10 @@ impl Node {
         mut rx: tokio::sync::mpsc::UnboundedReceiver<(Bytes, ClusterReply)>,
     ) {
         while let Some((payload, reply)) = next_job(&mut rx, &self.workers, &channel).await {
-            let result = self.publish_one(&channel, payload).await;
-            if let ClusterReply::Wait(tx) = reply {
+            let result = self
+                .publish_one(&channel, payload, reply.may_serve_locally())
+                .await;
+            if let ClusterReply::Wait(tx) | ClusterReply::Stored(tx) = reply {
                 let _ = tx.send(result);
             }
         }
