@@ -71,15 +71,6 @@ struct GateView {
     may_serve_locally: bool,
 }
 
-/// Failures after which the message may or may not be stored, or JetStream is briefly
-/// unable to answer: sent again with the same id. The others are final.
-fn transient(kind: PublishErrorKind) -> bool {
-    !matches!(
-        kind,
-        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::WrongLastMessageId
-    )
-}
-
 /// Refusal of an acknowledged publish while the connection is down.
 const UNREACHABLE: &str = "cluster: NATS is unreachable: the message was not stored \
      (acknowledged publishes are never served locally); retry later";
@@ -115,13 +106,6 @@ fn decide(v: GateView, ensure_error: &str) -> Option<Gate> {
 }
 
 impl Node {
-    /// A message id unique to this process and message.
-    fn next_msg_id(&self) -> String {
-        let n = self.msg_next.get();
-        self.msg_next.set(n + 1);
-        format!("{:x}.{}.{n}", self.msg_id_base, std::process::id())
-    }
-
     /// True while the NATS connection is up (whether or not the stream is usable).
     pub(super) fn connected(&self) -> bool {
         self.stats.connected.load(Relaxed) == 1
@@ -160,7 +144,7 @@ impl Node {
         payload: Bytes,
         may_serve_locally: bool,
     ) -> Result<u64, String> {
-        let msg_id = self.next_msg_id();
+        let msg_id = self.msg_ids.next();
         let deadline = Instant::now() + RESEND_FOR;
         let mut sent = false;
         let mut races = 0;
@@ -217,7 +201,7 @@ impl Node {
                     }
                     continue;
                 }
-                Err(e) if transient(e.kind()) && Instant::now() < deadline => {
+                Err(e) if stored::transient(e.kind()) && Instant::now() < deadline => {
                     // Unknown outcome: the same message id again (the stream dedupes).
                     self.stats.resent.fetch_add(1, Relaxed);
                     tracing::debug!(error = %e, channel = %channel, "cluster: publish unacknowledged; sending it again");
