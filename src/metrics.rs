@@ -662,6 +662,18 @@ impl Metrics {
             &i.acks_past_gap,
         );
         counter(
+            "ringcast_inbox_publish_resent_total",
+            "counter",
+            "Cluster inbox publishes sent again with the same Nats-Msg-Id after an unknown outcome (0 with the redb store).",
+            &i.resent,
+        );
+        counter(
+            "ringcast_inbox_publish_deduped_total",
+            "counter",
+            "Re-sent cluster inbox publishes JetStream had already stored: stored and delivered once (0 with the redb store).",
+            &i.deduped,
+        );
+        counter(
             "ringcast_inbox_queued",
             "gauge",
             "Inbox requests waiting for the store thread.",

@@ -71,11 +71,24 @@ fn inbox_client(nodes: &[&Server], args: &[&str]) -> serde_json::Value {
 }
 
 fn http_publish_acked(server: &Server, channel: &str, body: &str) -> http::HttpResponse {
+    try_http_publish_acked(server, channel, body, http::REQUEST_TIMEOUT).expect("HTTP publish")
+}
+
+/// As [`http_publish_acked`], waiting up to `wait` for the answer.
+fn try_http_publish_acked(
+    server: &Server,
+    channel: &str,
+    body: &str,
+    wait: Duration,
+) -> std::io::Result<http::HttpResponse> {
     let request = format!(
         "POST /publish?channel={channel}&ack=1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    http::send_raw(server.admin_addr(), request.as_bytes()).expect("HTTP publish")
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&server.admin_addr(), http::REQUEST_TIMEOUT)?;
+    std::io::Write::write_all(&mut stream, request.as_bytes())?;
+    http::read_response(&mut stream, std::time::Instant::now() + wait)
 }
 
 #[test]
@@ -153,9 +166,10 @@ fn a_users_inbox_on_replicated_streams_survives_a_nats_server_loss() {
         .expect("epoch in the summary")
         .to_string();
 
-    // One NATS server dies; every node reconnects to another. A publish refused while
-    // the streams elect a new leader (503) is sent again, as a real publisher would; one
-    // refused on a timeout may have been stored, so offsets may pass 17, never go back.
+    // One NATS server dies; every node reconnects to another. While the streams elect
+    // a new leader the node re-sends a publish with its message id for up to 10 s (the
+    // answer waits for that); one refused then (503) is sent again, as a real publisher
+    // would, and may have been stored, so offsets may pass 17, never go back.
     nats.servers[0].stop();
     let mut acked = Vec::new();
     for i in 8..=17 {
@@ -163,12 +177,14 @@ fn a_users_inbox_on_replicated_streams_survives_a_nats_server_loss() {
             Duration::from_secs(60),
             "an inbox publish is acknowledged",
             || {
-                let r = http_publish_acked(&nodes[0], "user:42", &format!("{{\"n\":{i}}}"));
-                if r.status == 200 {
-                    r.json()["offset"].as_u64()
-                } else {
-                    std::thread::sleep(Duration::from_millis(200));
-                    None
+                let body = format!("{{\"n\":{i}}}");
+                let wait = Duration::from_secs(15);
+                match try_http_publish_acked(&nodes[0], "user:42", &body, wait) {
+                    Ok(r) if r.status == 200 => r.json()["offset"].as_u64(),
+                    _ => {
+                        std::thread::sleep(Duration::from_millis(200));
+                        None
+                    }
                 }
             },
         );

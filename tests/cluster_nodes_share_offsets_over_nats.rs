@@ -1,13 +1,15 @@
 //! Three ringcast nodes joined by a real nats-server (docs/cluster.md): a message from
 //! ingest on any node reaches subscribers on every node exactly once, in offset order,
 //! with the same offsets everywhere; a client that moves to another node recovers by
-//! offset; with NATS stopped each node keeps serving its own publishes and says the
-//! cluster is down, and after NATS returns they deliver across nodes again.
+//! offset; with NATS stopped each node keeps serving its own un-acknowledged publishes
+//! and says the cluster is down, refuses acknowledged ones (they mean stored), and after
+//! NATS returns they deliver across nodes again.
 
 mod common;
 
 use common::nats::{
-    start_recovering_node, wait_cluster_up, wait_following, ws_subscribe, Cluster, NatsServer,
+    start_node, start_recovering_node, wait_cluster_up, wait_following, ws_subscribe, Cluster,
+    NatsServer,
 };
 use common::*;
 use serde_json::{json, Value};
@@ -185,5 +187,145 @@ fn nodes_serve_locally_while_nats_is_down_and_deliver_across_again_after() {
     assert_eq!(
         (on_a[0].offset, on_a[0].data["phase"].clone()),
         (2, json!(3))
+    );
+}
+
+/// A node whose clients may publish to `news:` channels.
+fn publishing_node(dir: &Path, name: &str, nats_url: &str) -> Server {
+    start_node(
+        dir,
+        name,
+        nats_url,
+        "history_size = 1000\n[namespaces.news]\nallow_publish = true",
+        "interest_linger = 5",
+        &[],
+    )
+}
+
+/// `POST /publish?channel=CHANNEL&ack=1` with `body`: the answer, whatever its status.
+fn publish_acked(server: &Server, body: &str) -> http::HttpResponse {
+    http::request(
+        server.admin_addr(),
+        "POST",
+        &format!("/publish?channel={CHANNEL}&ack=1"),
+        &[],
+        body.as_bytes(),
+    )
+    .expect("HTTP publish")
+}
+
+/// Regression (open issue, item 11, "a cluster acknowledgement that lies"): with NATS
+/// down for more than 2 s, `ack=1` was answered `200 {"offset":N}` with a local-epoch
+/// offset although nothing was stored, and so were the first acknowledged publishes
+/// after NATS returned, until the node had reconnected; they never reached the other
+/// node. An acknowledgement means stored: refused (503 / `ERR cluster: ...`) until it is.
+#[test]
+fn an_acknowledged_publish_is_refused_while_nats_is_down_and_stored_once_it_is_back() {
+    let mut cluster = Cluster::start(
+        "an_acknowledged_publish_is_refused_while_nats_is_down_and_stored_once_it_is_back",
+        Duration::from_secs(60),
+        NatsServer::start,
+        &["a", "b"],
+        publishing_node,
+    )
+    .wait_up();
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (mut sub_b, _) = subscribe(b, CHANNEL);
+    wait_following([b]);
+    let r = publish_acked(a, "{\"phase\":1}");
+    assert_eq!(
+        (r.status, r.json()["offset"].clone()),
+        (200, json!(1)),
+        "{}",
+        r.text()
+    );
+    assert_eq!(sub_b.collect(1, Duration::from_secs(10))[0].offset, 1);
+    let mut tcp = a.tcp_ingest();
+    tcp.send_raw(b"ACK ON\n");
+    let mut client = Subscriber::connect(&format!("ws://{}/ws", a.ws_addr()));
+
+    cluster.nats.stop();
+    wait_cluster_up(a, 0.0);
+    // Un-acknowledged: served on node A only (in a local epoch) once NATS has been
+    // unreachable for 2 s; answered only then, so the node is past that point below.
+    let r = a.http_publish(Some(CHANNEL), b"{\"phase\":\"local\"}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let unreachable = "cluster: NATS is unreachable";
+    let r = publish_acked(a, "{\"phase\":\"refused-http\"}");
+    assert_eq!(r.status, 503, "ack=1 while NATS is down: {}", r.text());
+    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.starts_with(unreachable), "{}", r.text());
+    tcp.publish(CHANNEL, b"{\"phase\":\"refused-tcp\"}");
+    let line = tcp
+        .read_line(Duration::from_secs(10))
+        .expect("a TCP ack line");
+    assert!(
+        line.starts_with(&format!("ERR {unreachable}")),
+        "ACK ON while NATS is down: {line}"
+    );
+    let reply = client.request(
+        &json!({"cmd":"publish","channel":CHANNEL,"data":{"phase":"refused-client"},"id":3}),
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        reply["code"], 503,
+        "client publish while NATS is down: {reply}"
+    );
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with(unreachable)),
+        "{reply}"
+    );
+
+    // NATS returns. Until node A has reconnected an acknowledged publish is refused;
+    // the first one answered 200 is in the stream and reaches node B.
+    cluster.nats.restart();
+    let mut tries = 0;
+    let (offset, stored_try) = wait_until(
+        Duration::from_secs(20),
+        "an acknowledged publish is stored after NATS returned",
+        || {
+            tries += 1;
+            let r = publish_acked(a, &format!("{{\"phase\":\"back\",\"try\":{tries}}}"));
+            match r.status {
+                200 => Some((r.json()["offset"].clone(), tries)),
+                503 => {
+                    assert!(r.text().contains("\"error\":\"cluster: "), "{}", r.text());
+                    std::thread::sleep(Duration::from_millis(20));
+                    None
+                }
+                other => panic!("ack=1 after NATS returned: {other} {}", r.text()),
+            }
+        },
+    );
+    assert_eq!(offset, json!(2), "the stream's next offset");
+    let on_b = sub_b.collect(1, Duration::from_secs(10));
+    assert_eq!(
+        (on_b[0].offset, on_b[0].data.clone()),
+        (2, json!({"phase":"back","try":stored_try})),
+        "node B gets the stored message"
+    );
+    assert!(
+        sub_b.next_delivery(Duration::from_millis(500)).is_none(),
+        "node B gets nothing refused or local"
+    );
+    let stored = python::run_script(
+        "py_nats_check.py",
+        &[
+            "--servers",
+            &cluster.nats.url(),
+            "--stream",
+            "RINGCAST",
+            "--subject",
+            "rc.ch.news=3Acluster",
+        ],
+    )
+    .summary();
+    assert_eq!(stored["offsets"], json!([1, 2]), "stored: {stored}");
+    assert_eq!(
+        a.metrics().sum("ringcast_cluster_local_publishes_total"),
+        1.0,
+        "only the un-acknowledged publish was served locally"
     );
 }

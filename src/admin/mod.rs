@@ -14,6 +14,9 @@
 //! `POST /publish?channel=user:<id>` with the inbox on goes through the store thread:
 //! with `&ack=1` the answer (200 with the offset) comes only after the message is
 //! committed to disk, or 503 with the reason; without it, 202 as soon as it is queued.
+//! On a cluster node other channels go through the NATS thread: `&ack=1` is answered 200
+//! only once JetStream stored the message (503 `cluster: ...` while it cannot); without
+//! it, NATS unreachable for 2 s gives 200 with a local-epoch offset (docs/cluster.md).
 
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
@@ -486,9 +489,15 @@ async fn publish(
         };
     }
     if let Some(cluster) = crate::cluster::get() {
-        // Through the NATS thread: the offset is the cluster's, answered once stored.
+        // Through the NATS thread: the offset is the cluster's, answered once stored;
+        // without `ack=1`, a local-epoch offset while NATS is unreachable.
         let (tx, rx) = flume::bounded(1);
-        if let Err(e) = cluster.publish(&channel, body, crate::cluster::ClusterReply::Wait(tx)) {
+        let reply = if ack {
+            crate::cluster::ClusterReply::Stored(tx)
+        } else {
+            crate::cluster::ClusterReply::Wait(tx)
+        };
+        if let Err(e) = cluster.publish(&channel, body, reply) {
             return json_error(503, e);
         }
         metrics.messages_in[source].fetch_add(1, Ordering::Relaxed);

@@ -33,7 +33,9 @@
 
 use crate::cluster::stored;
 use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER};
-use crate::cluster::thread::{connect, next_job, spawn_runtime_thread};
+use crate::cluster::thread::{
+    connect, next_job, spawn_runtime_thread, DUPLICATE_WINDOW, RESEND_FOR,
+};
 use crate::cluster::ClusterSettings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::thread::{
@@ -219,6 +221,8 @@ struct Node {
     streams: RefCell<Option<(JsStream, JsStream)>>,
     chans: RefCell<HashMap<Arc<str>, Chan>>,
     workers: RefCell<HashMap<Arc<str>, tokio::sync::mpsc::UnboundedSender<Request>>>,
+    /// Publish message ids (`Nats-Msg-Id`).
+    msg_ids: stored::MsgIds,
 }
 
 fn unavailable(what: impl std::fmt::Display) -> StoreError {
@@ -249,6 +253,7 @@ async fn run(
         streams: RefCell::new(None),
         chans: RefCell::new(HashMap::new()),
         workers: RefCell::new(HashMap::new()),
+        msg_ids: stored::MsgIds::new(),
     });
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -397,6 +402,8 @@ impl Node {
             discard: DiscardPolicy::Old,
             num_replicas: s.stream_replicas,
             allow_direct: true,
+            // JetStream refuses a duplicate window longer than the age limit.
+            duplicate_window: DUPLICATE_WINDOW.min(self.parts.retention),
             ..StreamConfig::default()
         };
         let acks = StreamConfig {
@@ -535,48 +542,133 @@ impl Node {
             .map_err(|e| js_error("writing the ack record", e))
     }
 
+    /// Where the next message of `channel` goes: (last offset, epoch or 0, expected
+    /// subject sequence), cached from the last write or read from both streams.
+    async fn publish_position(
+        &self,
+        inbox: &JsStream,
+        acks: &JsStream,
+        channel: &Arc<str>,
+    ) -> Result<(u64, u64, u64), StoreError> {
+        if let Some(k) = self.chans.borrow().get(channel).and_then(|c| c.stream_last) {
+            return Ok(k);
+        }
+        let last = self.read_last(inbox, channel).await?;
+        let record = self.read_record(acks, channel).await?.map(|r| r.0);
+        Ok(next_position(last, record))
+    }
+
+    fn forget_last(&self, channel: &Arc<str>) {
+        if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
+            c.stream_last = None;
+        }
+    }
+
+    /// Stores one message with the user channel's next offset and `Nats-Msg-Id`, then
+    /// delivers it locally and publishes it live. Lost races (10071) read the last
+    /// message again; an unknown outcome (ack timeout, no responders, the connection
+    /// lost after the send) is sent again with the same id for up to [`RESEND_FOR`], and
+    /// the stream answers a copy of a stored message `duplicate` with the stored copy's
+    /// sequence: stored, answered and delivered once (docs/cluster.md, *Inbox*).
     async fn publish(
         self: &Rc<Self>,
         channel: &Arc<str>,
         payload: Bytes,
     ) -> Result<u64, StoreError> {
-        for _ in 0..MAX_TRIES {
-            let (inbox, acks) = self.streams()?;
-            let known = self.chans.borrow().get(channel).and_then(|c| c.stream_last);
-            let (last, epoch, seq) = match known {
-                Some(k) => k,
-                None => {
-                    let last = self.read_last(&inbox, channel).await?;
-                    let record = self.read_record(&acks, channel).await?.map(|r| r.0);
-                    next_position(last, record)
+        let msg_id = self.msg_ids.next();
+        let deadline = Instant::now() + RESEND_FOR;
+        let mut sent = false;
+        let mut races = 0;
+        loop {
+            let retry = sent && Instant::now() < deadline;
+            let streams = match self.streams() {
+                // A copy may be stored: wait for the connection, then send it again.
+                Err(_) if retry => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
+                Err(_) if sent => {
+                    return Err(unavailable(
+                        "NATS is unreachable: the connection was lost before JetStream \
+                         acknowledged; the message may be stored: retry",
+                    ))
+                }
+                other => other?,
+            };
+            let (inbox, acks) = streams;
+            let (last, epoch, seq) = match self.publish_position(&inbox, &acks, channel).await {
+                Ok(p) => p,
+                Err(e) if retry => {
+                    tracing::debug!(error = %e, channel = %channel, "cluster inbox: reading the last message; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             let epoch = if epoch == 0 { self.new_epoch() } else { epoch };
             let offset = last + 1;
             let subject = self.subject("inbox", channel);
             let headers = stored::headers(offset, epoch, None);
-            let sequence =
-                match stored::store_expecting(&self.js, subject, headers, payload.clone(), seq)
-                    .await
-                {
-                    Ok(Some(sequence)) => sequence,
-                    other => {
-                        if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
-                            c.stream_last = None;
-                        }
-                        // Refused: another node took the offset; read the last one again.
-                        other.map_err(|e| js_error("storing the message", e))?;
-                        continue;
+            sent = true;
+            let ack = match stored::store_once(
+                &self.js,
+                subject,
+                headers,
+                payload.clone(),
+                seq,
+                &msg_id,
+            )
+            .await
+            {
+                Ok(Some(ack)) => ack,
+                Ok(None) => {
+                    // Another node took the offset, or an earlier copy of this message
+                    // did: read the last one again (the copy then comes back duplicate).
+                    self.forget_last(channel);
+                    races += 1;
+                    if races >= MAX_TRIES {
+                        return Err(StoreError::new(
+                            ErrorKind::Overloaded,
+                            format!("other nodes took the next offset {MAX_TRIES} times in a row; retry"),
+                        ));
                     }
-                };
-            self.chans
-                .borrow_mut()
-                .entry(channel.clone())
-                .or_default()
-                .stream_last = Some((offset, epoch, sequence));
-            self.deliver(channel, offset, epoch, sequence, payload.clone())
+                    continue;
+                }
+                Err(e) if stored::transient(e.kind()) && Instant::now() < deadline => {
+                    // Unknown outcome: the same message id again (the stream dedupes).
+                    self.parts.stats.resent.fetch_add(1, Relaxed);
+                    tracing::debug!(error = %e, channel = %channel, "cluster inbox: publish unacknowledged; sending it again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => {
+                    self.forget_last(channel);
+                    return Err(js_error("storing the message", e));
+                }
+            };
+            let (offset, epoch) = if ack.duplicate {
+                self.parts.stats.deduped.fetch_add(1, Relaxed);
+                self.forget_last(channel);
+                self.stored_position(
+                    &inbox,
+                    ack.sequence,
+                    (last, epoch, seq),
+                    (offset, epoch),
+                    races,
+                )
+                .await?
+            } else {
+                self.chans
+                    .borrow_mut()
+                    .entry(channel.clone())
+                    .or_default()
+                    .stream_last = Some((offset, epoch, ack.sequence));
+                (offset, epoch)
+            };
+            // At or below the applied offset (a copy already read back): dropped there.
+            self.deliver(channel, offset, epoch, ack.sequence, payload.clone())
                 .await;
-            let headers = stored::headers(offset, epoch, Some(sequence));
+            let headers = stored::headers(offset, epoch, Some(ack.sequence));
             // Live delivery to the other nodes is best effort: a node that misses it
             // reads the message back (hole fill, or the subscribe's read).
             let _ = self
@@ -585,9 +677,34 @@ impl Node {
                 .await;
             return Ok(offset);
         }
-        Err(StoreError::new(
-            ErrorKind::Overloaded,
-            format!("other nodes took the next offset {MAX_TRIES} times in a row; retry"),
+    }
+
+    /// The offset and epoch of the stored copy at `seq` (a duplicate ack): the message
+    /// this attempt expected to follow when the sequences agree, else read back.
+    async fn stored_position(
+        &self,
+        inbox: &JsStream,
+        seq: u64,
+        read: (u64, u64, u64),
+        attempted: (u64, u64),
+        races: usize,
+    ) -> Result<(u64, u64), StoreError> {
+        if seq == read.2 {
+            return Ok((read.0, read.1));
+        }
+        for _ in 0..20 {
+            if let Ok(Some(position)) = stored::at(inbox, seq).await.map(|m| m?.position()) {
+                return Ok(position);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if races == 0 {
+            // Every copy carried the same offset.
+            return Ok(attempted);
+        }
+        Err(js_error(
+            "reading back a stored message",
+            format!("stored at stream sequence {seq}, but its offset could not be read"),
         ))
     }
 

@@ -8,11 +8,14 @@
 use super::subject::{parse_u64, EPOCH_HEADER, OFFSET_HEADER, SEQ_HEADER};
 use async_nats::jetstream::context::{Context, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::{PublishMessage as Publish, StreamMessage};
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::stream::{
     DirectGetError, DirectGetErrorKind, RawMessageError, RawMessageErrorKind, Stream,
 };
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use std::cell::Cell;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// One message of a subject as stored in the stream.
 pub(crate) struct Entry {
@@ -119,10 +122,76 @@ pub(crate) async fn store_expecting(
         .payload(payload)
         .headers(headers)
         .expected_last_subject_sequence(expected);
+    send_expecting(js, subject, publish)
+        .await
+        .map(|ack| ack.map(|a| a.sequence))
+}
+
+/// [`store_expecting`] with a `Nats-Msg-Id`: a copy of a message the stream stored within
+/// its duplicate window is not stored again but answered with the stored copy's sequence
+/// and `duplicate: true`. Refused with 10071 (`None`) first when `expected` is no longer
+/// the subject's last sequence: JetStream checks that before the id.
+pub(crate) async fn store_once(
+    js: &Context,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    expected: u64,
+    msg_id: &str,
+) -> Result<Option<PublishAck>, PublishError> {
+    let publish = Publish::build()
+        .payload(payload)
+        .headers(headers)
+        .expected_last_subject_sequence(expected)
+        .message_id(msg_id);
+    send_expecting(js, subject, publish).await
+}
+
+async fn send_expecting(
+    js: &Context,
+    subject: String,
+    publish: Publish,
+) -> Result<Option<PublishAck>, PublishError> {
     match js.send_publish(subject, publish).await?.await {
-        Ok(ack) => Ok(Some(ack.sequence)),
+        Ok(ack) => Ok(Some(ack)),
         Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// Failures after which the message may or may not be stored, or JetStream is briefly
+/// unable to answer (ack timeout, no responders while a leader moves, a broken
+/// connection): sent again with the same `Nats-Msg-Id`. The others are final.
+pub(crate) fn transient(kind: PublishErrorKind) -> bool {
+    !matches!(
+        kind,
+        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::WrongLastMessageId
+    )
+}
+
+/// `Nats-Msg-Id`s unique to this process and message: `<start in ns, hex>.<pid>.<n>`.
+pub(crate) struct MsgIds {
+    base: u64,
+    next: Cell<u64>,
+}
+
+impl MsgIds {
+    /// Ids based on the current time.
+    pub fn new() -> Self {
+        let base = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2));
+        MsgIds {
+            base,
+            next: Cell::new(0),
+        }
+    }
+
+    /// The next id.
+    pub fn next(&self) -> String {
+        let n = self.next.get();
+        self.next.set(n + 1);
+        format!("{:x}.{}.{n}", self.base, std::process::id())
     }
 }
 
@@ -156,6 +225,23 @@ mod tests {
         let h = headers(7, 99, Some(12));
         assert_eq!(live_position(Some(&h)), Some((7, 99, 12)));
         assert_eq!(live_position(Some(&headers(7, 99, None))), Some((7, 99, 0)));
+    }
+
+    #[test]
+    fn message_ids_never_repeat_in_a_process() {
+        let ids = MsgIds::new();
+        let (a, b) = (ids.next(), ids.next());
+        assert_ne!(a, b);
+        assert!(a.ends_with(".0") && b.ends_with(".1"), "{a} {b}");
+        assert!(a.contains(&format!(".{}.", std::process::id())), "{a}");
+    }
+
+    #[test]
+    fn only_an_unknown_outcome_is_sent_again() {
+        assert!(transient(PublishErrorKind::TimedOut));
+        assert!(transient(PublishErrorKind::StreamNotFound));
+        assert!(!transient(PublishErrorKind::MaxPayloadExceeded));
+        assert!(!transient(PublishErrorKind::WrongLastMessageId));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! is filled from the stream, or skipped after [`FILL_BOUND`].
 
 mod failover;
+pub(crate) use failover::{DUPLICATE_WINDOW, RESEND_FOR};
 
 use crate::cluster::stored;
 use crate::cluster::subject::encode_channel;
@@ -26,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 #[path = "join.rs"]
 mod join;
@@ -49,12 +50,24 @@ pub const LOCAL_AFTER: Duration = Duration::from_secs(2);
 /// JetStream request timeout (publish acks, direct gets).
 const JS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Who learns a publish's offset.
+/// Who learns a publish's offset, and what the offset promises.
 pub enum ClusterReply {
     /// Nobody (UDP, TCP without acks).
     None,
-    /// A waiting task: the offset, or why not.
+    /// A waiting task that takes a local-epoch offset while NATS is unreachable (HTTP
+    /// without `ack=1`): the offset, or why not.
     Wait(flume::Sender<Result<u64, String>>),
+    /// A waiting task told an offset only once the stream stored the message (HTTP
+    /// `ack=1`, TCP `ACK ON`, a client `publish`): refused while the cluster cannot
+    /// store, never served locally.
+    Stored(flume::Sender<Result<u64, String>>),
+}
+
+impl ClusterReply {
+    /// Nobody was promised "stored": the message may be served in a local epoch.
+    fn may_serve_locally(&self) -> bool {
+        !matches!(self, ClusterReply::Stored(_))
+    }
 }
 
 enum Request {
@@ -206,8 +219,6 @@ struct Node {
     stream: RefCell<Option<JsStream>>,
     chans: RefCell<HashMap<Arc<str>, Chan>>,
     workers: RefCell<HashMap<Arc<str>, JobSender>>,
-    /// The first part of this node's publish message ids: its start, in nanoseconds.
-    msg_id_base: u64,
     /// When the connection was last lost (or the thread started, before the first one).
     down_since: Cell<Instant>,
     /// Subscribes waiting for channels to be followed (join.rs).
@@ -218,8 +229,8 @@ struct Node {
     conn_generation: Cell<u64>,
     /// Why the stream is not usable yet (empty when it is).
     ensure_error: RefCell<String>,
-    /// The next message's number in its `Nats-Msg-Id`.
-    msg_next: Cell<u64>,
+    /// Publish message ids (`Nats-Msg-Id`).
+    msg_ids: stored::MsgIds,
 }
 
 /// Spawns OS thread `name` running the future `make` builds on a current-thread tokio
@@ -276,13 +287,6 @@ pub(crate) async fn next_job<T>(
             _ => {}
         }
     }
-}
-
-/// Nanoseconds since the Unix epoch: the base of this node's publish message ids.
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
 }
 
 /// A NATS client called `name` with `[cluster]`'s options, the JetStream context over
@@ -382,13 +386,12 @@ async fn run(
         stream: RefCell::new(None),
         chans: RefCell::new(HashMap::new()),
         workers: RefCell::new(HashMap::new()),
-        msg_id_base: now_nanos(),
         down_since: Cell::new(Instant::now()),
         joins: Joins::new(join),
         connected_since: Cell::new(Instant::now()),
         conn_generation: Cell::new(0),
         ensure_error: RefCell::new("not connected yet".into()),
-        msg_next: Cell::new(0),
+        msg_ids: stored::MsgIds::new(),
     });
     // Presence across nodes (src/cluster/presence.rs): its own task and queue.
     tokio::task::spawn_local(crate::cluster::presence::serve(
@@ -550,8 +553,10 @@ impl Node {
         mut rx: tokio::sync::mpsc::UnboundedReceiver<(Bytes, ClusterReply)>,
     ) {
         while let Some((payload, reply)) = next_job(&mut rx, &self.workers, &channel).await {
-            let result = self.publish_one(&channel, payload).await;
-            if let ClusterReply::Wait(tx) = reply {
+            let result = self
+                .publish_one(&channel, payload, reply.may_serve_locally())
+                .await;
+            if let ClusterReply::Wait(tx) | ClusterReply::Stored(tx) = reply {
                 let _ = tx.send(result);
             }
         }

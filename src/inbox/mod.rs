@@ -149,6 +149,11 @@ pub struct InboxStats {
     pub commit_latency: LatencyHistogram,
     /// 1 while the store is open and writable (gauge).
     pub up: AtomicU64,
+    /// Cluster inbox: publishes sent again with the same `Nats-Msg-Id` after an unknown
+    /// outcome.
+    pub resent: AtomicU64,
+    /// Cluster inbox: re-sent publishes the stream had already stored (duplicate ack).
+    pub deduped: AtomicU64,
 }
 
 #[cfg(test)]

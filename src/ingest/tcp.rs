@@ -9,7 +9,8 @@
 //! A connection whose first line is `ACK ON` is in ack mode (the line itself is not
 //! answered and not published): from then on every non-empty line gets exactly one reply
 //! line, in order: `OK <offset>` once the message is published (for a `user:` channel
-//! with the inbox on: once it is committed to disk, so it survives a crash), or
+//! with the inbox on: once it is committed to disk, so it survives a crash; on a cluster
+//! node: once JetStream stored it, never in a local epoch while NATS is unreachable), or
 //! `ERR <reason>`. Without ack mode only malformed lines are answered, as before, and a
 //! message to a user channel that the inbox refuses is answered `ERR inbox: <reason>`.
 //!
@@ -167,7 +168,7 @@ async fn connection(
                         _ if crate::cluster::get().is_some() => {
                             let (reply, wait) = if acks {
                                 let (tx, rx) = flume::bounded(1);
-                                (crate::cluster::ClusterReply::Wait(tx), Some(rx))
+                                (crate::cluster::ClusterReply::Stored(tx), Some(rx))
                             } else {
                                 (crate::cluster::ClusterReply::None, None)
                             };

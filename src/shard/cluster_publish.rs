@@ -1,5 +1,6 @@
 //! A client's `{"cmd":"publish"}` with the cluster on: answered with the stream's offset
-//! once JetStream acknowledged, as HTTP ingest is, without the shard waiting.
+//! once JetStream acknowledged, as HTTP `ack=1` is, without the shard waiting; refused
+//! (503 `cluster: ...`) while the cluster cannot store, never served in a local epoch.
 //!
 //! The NATS thread answers on a flume channel per publish; its async receive is woken
 //! from that thread through glommio's cross-thread waker. Each pending answer is awaited
@@ -79,7 +80,7 @@ pub fn publish(
         return Err("cluster: this shard is not ready for cluster publishes yet");
     };
     let (tx, rx) = flume::bounded(1);
-    cluster.publish(channel, data, ClusterReply::Wait(tx))?;
+    cluster.publish(channel, data, ClusterReply::Stored(tx))?;
     let _ = queue.send(Pending {
         tag,
         channel: channel.to_string(),

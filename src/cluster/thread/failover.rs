@@ -3,8 +3,10 @@
 //! Two states are told apart:
 //!
 //! - **connection down** (no NATS server reachable since `Event::Disconnected`): after
-//!   [`LOCAL_AFTER`] a publish is served on this node only, in a local epoch, so local
-//!   service goes on;
+//!   [`LOCAL_AFTER`] an un-acknowledged publish (UDP, TCP without `ACK ON`, HTTP without
+//!   `ack=1`) is served on this node only, in a local epoch, so local service goes on; an
+//!   acknowledged one (`ack=1`, `ACK ON`, a client `publish`) is refused: its answer
+//!   means stored, and nothing is stored until the node has reconnected;
 //! - **connected, JetStream not usable** (the stream cannot be created or read yet, e.g.
 //!   a JetStream cluster still electing its leaders): a publish waits up to
 //!   [`READY_WAIT`] from the connect for the stream, then is refused. Never served
@@ -40,6 +42,7 @@ pub const RESEND_FOR: Duration = Duration::from_secs(10);
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// What a publish does next.
+#[derive(Debug, PartialEq)]
 enum Gate {
     /// The stream is usable.
     Stream,
@@ -49,67 +52,99 @@ enum Gate {
     Refuse(String),
 }
 
-/// Failures after which the message may or may not be stored, or JetStream is briefly
-/// unable to answer: sent again with the same id. The others are final.
-fn transient(kind: PublishErrorKind) -> bool {
-    !matches!(
-        kind,
-        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::WrongLastMessageId
-    )
+/// What [`decide`] looks at, taken at one moment.
+#[derive(Clone, Copy)]
+struct GateView {
+    /// Connected and the stream usable.
+    up: bool,
+    /// The NATS connection is up.
+    connected: bool,
+    /// How long the connection has been down (meaningful when not `connected`).
+    down_for: Duration,
+    /// How long the connection has been up (meaningful when `connected`).
+    connected_for: Duration,
+    /// A copy of the message may already be stored.
+    sent: bool,
+    /// The publish's resend deadline has passed.
+    past_deadline: bool,
+    /// Nobody was promised "stored": it may be served in a local epoch.
+    may_serve_locally: bool,
+}
+
+/// Refusal of an acknowledged publish while the connection is down.
+const UNREACHABLE: &str = "cluster: NATS is unreachable: the message was not stored \
+     (acknowledged publishes are never served locally); retry later";
+
+/// The publish's fate at this moment; `None`: wait and look again.
+fn decide(v: GateView, ensure_error: &str) -> Option<Gate> {
+    if v.up {
+        return Some(Gate::Stream);
+    }
+    if !v.connected {
+        if v.sent && v.past_deadline {
+            return Some(Gate::Refuse(
+                "cluster: the NATS connection was lost before the stream acknowledged; \
+                 the message may be stored: retry"
+                    .into(),
+            ));
+        }
+        if !v.sent && v.down_for >= LOCAL_AFTER {
+            return Some(if v.may_serve_locally {
+                Gate::Local
+            } else {
+                Gate::Refuse(UNREACHABLE.into())
+            });
+        }
+        return None;
+    }
+    if v.connected_for >= READY_WAIT || (v.sent && v.past_deadline) {
+        return Some(Gate::Refuse(format!(
+            "cluster: connected to NATS but the JetStream stream is not usable ({ensure_error}); retry"
+        )));
+    }
+    None
 }
 
 impl Node {
-    /// A message id unique to this process and message.
-    fn next_msg_id(&self) -> String {
-        let n = self.msg_next.get();
-        self.msg_next.set(n + 1);
-        format!("{:x}.{}.{n}", self.msg_id_base, std::process::id())
-    }
-
     /// True while the NATS connection is up (whether or not the stream is usable).
     pub(super) fn connected(&self) -> bool {
         self.stats.connected.load(Relaxed) == 1
     }
 
-    /// Waits until the stream is usable, or decides the publish's fate. `sent`: a copy
-    /// may already be stored (then it is never served locally). `deadline`: when a
-    /// publish that is waiting on a transient failure gives up.
-    async fn gate(&self, sent: bool, deadline: Instant) -> Gate {
+    /// Waits until the stream is usable, or decides the publish's fate (see [`decide`]).
+    /// `sent`: a copy may already be stored (then it is never served locally).
+    /// `deadline`: when a publish that is waiting on a transient failure gives up.
+    /// `may_serve_locally`: nobody was promised "stored".
+    async fn gate(&self, sent: bool, deadline: Instant, may_serve_locally: bool) -> Gate {
         loop {
-            if self.up() {
-                return Gate::Stream;
-            }
             let now = Instant::now();
-            if !self.connected() {
-                if sent && now >= deadline {
-                    return Gate::Refuse(
-                        "cluster: the NATS connection was lost before the stream acknowledged; \
-                         the message may be stored: retry"
-                            .into(),
-                    );
-                }
-                if !sent && self.down_since.get().elapsed() >= LOCAL_AFTER {
-                    return Gate::Local;
-                }
-            } else if now >= self.connected_since.get() + READY_WAIT || (sent && now >= deadline) {
-                let why = self.ensure_error.borrow().clone();
-                return Gate::Refuse(format!(
-                    "cluster: connected to NATS but the JetStream stream is not usable ({why}); retry"
-                ));
+            let view = GateView {
+                up: self.up(),
+                connected: self.connected(),
+                down_for: now.saturating_duration_since(self.down_since.get()),
+                connected_for: now.saturating_duration_since(self.connected_since.get()),
+                sent,
+                past_deadline: now >= deadline,
+                may_serve_locally,
+            };
+            if let Some(gate) = decide(view, &self.ensure_error.borrow()) {
+                return gate;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Stores one message in the stream with the channel's next offset (retrying lost
-    /// races and unknown outcomes), delivers it locally, publishes it live; or serves it
-    /// locally while the connection is down; or refuses it.
+    /// races and unknown outcomes), delivers it locally, publishes it live; or, when
+    /// `may_serve_locally` (nobody was promised "stored"), serves it locally while the
+    /// connection is down; or refuses it.
     pub(super) async fn publish_one(
         self: &Rc<Self>,
         channel: &Arc<str>,
         payload: Bytes,
+        may_serve_locally: bool,
     ) -> Result<u64, String> {
-        let msg_id = self.next_msg_id();
+        let msg_id = self.msg_ids.next();
         let deadline = Instant::now() + RESEND_FOR;
         let mut sent = false;
         let mut races = 0;
@@ -118,7 +153,7 @@ impl Node {
             Err(e)
         };
         loop {
-            match self.gate(sent, deadline).await {
+            match self.gate(sent, deadline, may_serve_locally).await {
                 Gate::Stream => {}
                 Gate::Local => return Ok(self.publish_local(channel, &payload)),
                 Gate::Refuse(e) => return fail(e),
@@ -166,7 +201,7 @@ impl Node {
                     }
                     continue;
                 }
-                Err(e) if transient(e.kind()) && Instant::now() < deadline => {
+                Err(e) if stored::transient(e.kind()) && Instant::now() < deadline => {
                     // Unknown outcome: the same message id again (the stream dedupes).
                     self.stats.resent.fetch_add(1, Relaxed);
                     tracing::debug!(error = %e, channel = %channel, "cluster: publish unacknowledged; sending it again");
@@ -272,6 +307,81 @@ impl Node {
             self.stats.up.store(1, Relaxed);
             tracing::info!("cluster: connected to NATS, stream ready; cross-node delivery up");
             self.resync();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connection down for `down_for`, nothing sent yet.
+    fn down(down_for: Duration, may_serve_locally: bool) -> GateView {
+        GateView {
+            up: false,
+            connected: false,
+            down_for,
+            connected_for: Duration::ZERO,
+            sent: false,
+            past_deadline: false,
+            may_serve_locally,
+        }
+    }
+
+    #[test]
+    fn a_usable_stream_takes_every_publish() {
+        let mut v = down(Duration::ZERO, false);
+        v.up = true;
+        v.connected = true;
+        assert_eq!(decide(v, ""), Some(Gate::Stream));
+    }
+
+    #[test]
+    fn publishes_wait_for_a_connection_lost_less_than_local_after() {
+        for local in [true, false] {
+            assert_eq!(decide(down(LOCAL_AFTER / 2, local), ""), None);
+        }
+    }
+
+    #[test]
+    fn an_unacknowledged_publish_is_served_locally_once_the_connection_stays_down() {
+        assert_eq!(decide(down(LOCAL_AFTER, true), ""), Some(Gate::Local));
+    }
+
+    /// Regression (open issue, item 11): an `ack=1` / `ACK ON` / client publish was
+    /// answered 200 with a local-epoch offset while nothing was stored.
+    #[test]
+    fn an_acknowledged_publish_is_refused_never_served_locally_while_the_connection_is_down() {
+        for down_for in [LOCAL_AFTER, LOCAL_AFTER * 30] {
+            match decide(down(down_for, false), "") {
+                Some(Gate::Refuse(why)) => {
+                    assert!(why.starts_with("cluster: NATS is unreachable"), "{why}");
+                }
+                other => panic!("down {down_for:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_sent_publish_is_never_served_locally_and_refused_at_its_deadline() {
+        let mut v = down(LOCAL_AFTER * 3, true);
+        v.sent = true;
+        assert_eq!(decide(v, ""), None, "waits for the connection");
+        v.past_deadline = true;
+        assert!(matches!(decide(v, ""), Some(Gate::Refuse(why)) if why.contains("may be stored")));
+    }
+
+    #[test]
+    fn connected_without_a_usable_stream_waits_then_refuses_every_publish() {
+        for local in [true, false] {
+            let mut v = down(Duration::ZERO, local);
+            v.connected = true;
+            v.connected_for = READY_WAIT / 2;
+            assert_eq!(decide(v, "no leader"), None);
+            v.connected_for = READY_WAIT;
+            assert!(
+                matches!(decide(v, "no leader"), Some(Gate::Refuse(why)) if why.contains("(no leader)"))
+            );
         }
     }
 }
