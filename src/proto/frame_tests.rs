@@ -16,6 +16,26 @@ fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8>
     out
 }
 
+/// `bytes` as one text message in `split` fragments (at least one), masked with `mask`.
+fn fragmented_text(bytes: &[u8], split: usize, mask: [u8; 4]) -> Vec<u8> {
+    let chunk = bytes.len().div_ceil(split).max(1);
+    let pieces: Vec<&[u8]> = if bytes.is_empty() {
+        vec![&[][..]]
+    } else {
+        bytes.chunks(chunk).collect()
+    };
+    let mut wire = Vec::new();
+    for (i, p) in pieces.iter().enumerate() {
+        let op = if i == 0 {
+            opcode::TEXT
+        } else {
+            opcode::CONTINUATION
+        };
+        wire.extend(client_frame(i + 1 == pieces.len(), op, p, mask));
+    }
+    wire
+}
+
 fn decode_all(dec: &mut FrameDecoder, mut buf: Vec<u8>) -> Result<Vec<String>, FrameError> {
     let mut out = Vec::new();
     let mut at = 0;
@@ -198,14 +218,7 @@ proptest! {
     fn encode_then_decode_round_trips(text in "\\PC{0,300}", mask in any::<[u8; 4]>(),
                                       split in 1usize..8) {
         // Encode as a client would (fragmented into `split` pieces), decode, compare.
-        let bytes = text.as_bytes();
-        let chunk = bytes.len().div_ceil(split).max(1);
-        let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(chunk).collect() };
-        let mut wire = Vec::new();
-        for (i, p) in pieces.iter().enumerate() {
-            let op = if i == 0 { opcode::TEXT } else { opcode::CONTINUATION };
-            wire.extend(client_frame(i + 1 == pieces.len(), op, p, mask));
-        }
+        let wire = fragmented_text(text.as_bytes(), split, mask);
         let mut dec = FrameDecoder::new(100_000);
         let events = decode_all(&mut dec, wire).unwrap();
         prop_assert_eq!(events, vec![format!("{:?}", Inbound::Text(&text))]);
@@ -225,13 +238,7 @@ proptest! {
         split in 1usize..8,
         feed in 1usize..40,
     ) {
-        let chunk = bytes.len().div_ceil(split).max(1);
-        let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(chunk).collect() };
-        let mut wire = Vec::new();
-        for (i, p) in pieces.iter().enumerate() {
-            let op = if i == 0 { opcode::TEXT } else { opcode::CONTINUATION };
-            wire.extend(client_frame(i + 1 == pieces.len(), op, p, mask));
-        }
+        let wire = fragmented_text(&bytes, split, mask);
         let mut dec = FrameDecoder::new(100_000);
         // Fed `feed` bytes at a time, as reads would bring them.
         let (mut have, mut sent, mut events) = (Vec::new(), 0, Vec::new());
