@@ -180,6 +180,14 @@ pub struct ConfigLayer {
     /// 1024 tasks of ~3 KiB per shard for `handshake_timeout`. Default: 1024.
     #[arg(long, env = "RINGCAST_MAX_HANDSHAKES_PER_SHARD", value_name = "N")]
     pub max_handshakes_per_shard: Option<usize>,
+    /// Share a shard's `max_handshakes_per_shard` places fairly between source addresses:
+    /// once all are taken, a socket from an address holding fewer places than the address
+    /// holding the most takes that address's oldest place (that upgrade is answered 503
+    /// with Retry-After). One address can then use every free place (a NAT, a balancer)
+    /// but never lock other addresses out. `false`: past the cap every new socket gets
+    /// 503. Default: true.
+    #[arg(long, env = "RINGCAST_HANDSHAKE_FAIR_SHARE", value_name = "BOOL")]
+    pub handshake_fair_share: Option<bool>,
     /// Browser origins allowed on the WebSocket port (upgrade, /sse, /poll): `*`, exact
     /// origins (`https://app.example.com`) or `https://*.example.com`. Default: ["*"].
     #[arg(
@@ -450,6 +458,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// Upgrades in flight per shard before new sockets get 503.
     pub max_handshakes_per_shard: usize,
+    /// Whether a full shard's upgrade places are shared fairly between addresses.
+    pub handshake_fair_share: bool,
     /// Browser origins allowed on the WebSocket port.
     pub origins: OriginPolicy,
     /// Per source address limits ([`crate::admission::per_ip`]).
@@ -795,6 +805,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             1,
             1 << 20,
         )?,
+        handshake_fair_share: pick!(handshake_fair_share, true),
         origins: OriginPolicy::new(
             &pick!(allowed_origins, vec!["*".to_string()]),
             pick!(allow_missing_origin, true),
@@ -1167,6 +1178,7 @@ mod tests {
         assert_eq!(s.admin.to_string(), "127.0.0.1:9090");
         assert_eq!(s.ping_interval, Duration::from_secs(25));
         assert_eq!(s.max_handshakes_per_shard, 1024);
+        assert!(s.handshake_fair_share);
         assert_eq!(s.channel_idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(s.presence_max_members, 1000);
         assert_eq!(s.drain_grace, Duration::from_secs(5));

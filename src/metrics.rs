@@ -34,17 +34,21 @@ pub enum RefuseCause {
     PerIpRate,
     /// The source address has `max_handshakes_per_ip` upgrades in progress.
     PerIpHandshakes,
+    /// The shard's upgrade places were all taken and this upgrade's address held the
+    /// most: its place went to an address holding fewer (`handshake_fair_share`).
+    HandshakeShare,
 }
 
 impl RefuseCause {
     /// Every label, indexed by discriminant.
-    pub const LABELS: [&'static str; 6] = [
+    pub const LABELS: [&'static str; 7] = [
         "max_connections",
         "draining",
         "handshakes_in_flight",
         "per_ip",
         "per_ip_rate",
         "per_ip_handshakes",
+        "handshake_share",
     ];
 }
 

@@ -713,7 +713,11 @@ async fn shard_main(setup: ShardSetup) {
     let stop_accepting = Rc::new(LocalEvent::default());
     if let Some(ws) = sockets.ws {
         let ws = unsafe { TcpListener::from_raw_fd(ws.into_raw_fd()) };
-        let gate = HandshakeGate::new(settings.max_handshakes_per_shard, metrics);
+        let gate = HandshakeGate::new(
+            settings.max_handshakes_per_shard,
+            settings.handshake_fair_share,
+            metrics,
+        );
         glommio::spawn_local(accept_loop(
             shard.clone(),
             ws,
@@ -728,7 +732,11 @@ async fn shard_main(setup: ShardSetup) {
         let tls = unsafe { TcpListener::from_raw_fd(tls.into_raw_fd()) };
         // Its own gate: a TLS handshake costs more CPU, and a storm of them must not
         // take the plain listener's upgrade places.
-        let gate = HandshakeGate::new(settings.max_handshakes_per_shard, metrics);
+        let gate = HandshakeGate::new(
+            settings.max_handshakes_per_shard,
+            settings.handshake_fair_share,
+            metrics,
+        );
         glommio::spawn_local(accept_loop(
             shard.clone(),
             tls,
@@ -786,6 +794,7 @@ async fn accept_loop(
                     let accepted = Instant::now();
                     if live.refresh() {
                         gate.set_limit(live.get().max_handshakes_per_shard);
+                        gate.set_fair_share(live.get().handshake_fair_share);
                     }
                     // The table's own descriptor, taken now: out of descriptors, this
                     // client waits here (and the rest in the kernel's accept queue)
@@ -828,7 +837,13 @@ async fn accept_loop(
                         }
                         _ => None,
                     };
-                    match (gate.try_enter(), table_fd) {
+                    // The address the fair share counts: a trusted proxy's sockets stand
+                    // for many clients and are never counted against one.
+                    let source = match (&proxied, peer) {
+                        (None, Some(peer)) => Some(shard.settings.per_ip.key(peer.ip())),
+                        _ => None,
+                    };
+                    match (gate.try_enter(source), table_fd) {
                         (Some(ticket), Some(fd)) => {
                             let mut ticket = ticket.with_table_fd(fd);
                             if let Some(hold) = ip_hold {
