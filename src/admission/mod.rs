@@ -9,6 +9,8 @@
 //! - [`fair_share`]: a shard's upgrade places shared between source addresses: once all
 //!   are taken, a newcomer from an address holding fewer takes the oldest place of the
 //!   address holding the most (`handshake_fair_share`).
+//! - [`log_budget`]: one log line per interval for refusals that can come by the
+//!   thousand.
 //! - [`per_ip`]: per source address caps on connections, new connections per second and
 //!   upgrades in progress, in one bounded process-wide table.
 //! - [`token_bucket`]: the rate limiter of `per_ip` and of `accept_rate_per_shard` (the
@@ -16,5 +18,6 @@
 
 pub mod accept_backoff;
 pub mod fair_share;
+pub mod log_budget;
 pub mod per_ip;
 pub mod token_bucket;
