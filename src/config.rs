@@ -105,6 +105,20 @@ pub struct ConfigLayer {
         hide_env_values = true
     )]
     pub ingest_key: Option<String>,
+    /// Seconds a TCP ingest connection has, from accept, to send its `AUTH <key>` line
+    /// when `ingest_key` is set; then it is answered `ERR auth timeout` and closed. Before
+    /// that line at most 512 bytes are read (an `AUTH` line is at most 263). Default: 10.
+    #[arg(long, env = "RINGCAST_INGEST_AUTH_TIMEOUT", value_name = "SECS")]
+    pub ingest_auth_timeout: Option<u64>,
+    /// Open TCP ingest connections over the whole process (authorized or not); beyond
+    /// it a new one is answered `ERR too many ingest connections` and closed.
+    /// Default: 1024.
+    #[arg(long, env = "RINGCAST_MAX_TCP_INGEST_CONNECTIONS", value_name = "N")]
+    pub max_tcp_ingest_connections: Option<usize>,
+    /// Open admin-port connections; beyond it a new one is answered 503 with Retry-After
+    /// and closed. Default: 1024.
+    #[arg(long, env = "RINGCAST_MAX_ADMIN_CONNECTIONS", value_name = "N")]
+    pub max_admin_connections: Option<usize>,
     /// Log line format on stderr: `text` (coloured only when stderr is a terminal) or
     /// `json` (one object per line). Default: text.
     #[arg(long, env = "RINGCAST_LOG_FORMAT", value_name = "text|json")]
@@ -426,6 +440,12 @@ pub struct Settings {
     pub ingest_allow: Vec<Cidr>,
     /// Key TCP/HTTP publishers must present; `None`: none asked.
     pub ingest_key: Option<IngestKey>,
+    /// Deadline for a TCP ingest connection's `AUTH` line (with `ingest_key`).
+    pub ingest_auth_timeout: Duration,
+    /// Open TCP ingest connections over the process.
+    pub max_tcp_ingest_connections: usize,
+    /// Open admin-port connections.
+    pub max_admin_connections: usize,
     /// Log line format.
     pub log_format: LogFormat,
     /// Shard count (resolved, >= 1).
@@ -730,6 +750,24 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             k if k.is_empty() => None,
             k => Some(IngestKey::new(&k).map_err(|m| invalid("ingest_key", m))?),
         },
+        ingest_auth_timeout: Duration::from_secs(in_range(
+            "ingest_auth_timeout",
+            pick!(ingest_auth_timeout, 10),
+            1,
+            600,
+        )?),
+        max_tcp_ingest_connections: in_range(
+            "max_tcp_ingest_connections",
+            pick!(max_tcp_ingest_connections, 1024),
+            1,
+            1 << 20,
+        )?,
+        max_admin_connections: in_range(
+            "max_admin_connections",
+            pick!(max_admin_connections, 1024),
+            1,
+            1 << 20,
+        )?,
         shards,
         max_connections: in_range(
             "max_connections",
@@ -1179,6 +1217,19 @@ mod tests {
         assert_eq!(s.ping_interval, Duration::from_secs(25));
         assert_eq!(s.max_handshakes_per_shard, 1024);
         assert!(s.handshake_fair_share);
+        assert_eq!(s.ingest_auth_timeout, Duration::from_secs(10));
+        assert_eq!(
+            (s.max_tcp_ingest_connections, s.max_admin_connections),
+            (1024, 1024)
+        );
+        let err = parse(&["--ingest-auth-timeout", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`ingest_auth_timeout`"), "{err}");
+        let err = parse(&["--max-admin-connections", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`max_admin_connections`"), "{err}");
         assert_eq!(s.channel_idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(s.presence_max_members, 1000);
         assert_eq!(s.drain_grace, Duration::from_secs(5));

@@ -27,6 +27,8 @@ pub const RELOADABLE: &[&str] = &[
     "max_connections",
     "max_handshakes_per_shard",
     "handshake_fair_share",
+    "max_tcp_ingest_connections",
+    "max_admin_connections",
     "max_backlog_bytes",
     "max_backlog_frames",
     "slow_consumer_drop_limit",
@@ -71,6 +73,10 @@ pub struct Live {
     pub max_handshakes_per_shard: usize,
     /// Whether a full shard's upgrade places are shared fairly between addresses.
     pub handshake_fair_share: bool,
+    /// Open TCP ingest connections over the process.
+    pub max_tcp_ingest_connections: usize,
+    /// Open admin-port connections.
+    pub max_admin_connections: usize,
     /// Backlog bytes before a connection lags.
     pub max_backlog_bytes: usize,
     /// Backlog frames before a connection lags.
@@ -102,6 +108,8 @@ impl Live {
             max_connections: settings.max_connections,
             max_handshakes_per_shard: settings.max_handshakes_per_shard,
             handshake_fair_share: settings.handshake_fair_share,
+            max_tcp_ingest_connections: settings.max_tcp_ingest_connections,
+            max_admin_connections: settings.max_admin_connections,
             max_backlog_bytes: settings.max_backlog_bytes,
             max_backlog_frames: settings.max_backlog_frames,
             slow_consumer_drop_limit: settings.slow_consumer_drop_limit,

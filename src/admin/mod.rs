@@ -9,7 +9,8 @@
 //! need not connect per request; requests are answered in order. The read-only endpoints
 //! (`/metrics`, `/healthz`, `/readyz`) answer `HEAD` too. With `ingest_key` set, the
 //! endpoints that change something (`POST /publish`, `POST /admin/disconnect`) need it as
-//! a Bearer token, the read-only ones never do.
+//! a Bearer token, the read-only ones never do. At most `max_admin_connections` are
+//! open; past it a new one is answered `503` at once.
 //!
 //! `POST /publish?channel=user:<id>` with the inbox on goes through the store thread:
 //! with `&ack=1` the answer (200 with the offset) comes only after the message is
@@ -20,12 +21,13 @@ use crate::fanout::publisher::Publisher;
 use crate::inbox::{is_user_channel, Inbox, InboxReply};
 use crate::ingest::key::bearer;
 use crate::ingest::line::validate_payload;
-use crate::metrics::{self, ShardMetrics, Source};
+use crate::metrics::{self, AdminRefusal, ShardMetrics, Source};
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use crate::proto::upgrade::{percent_decode, status_text, MAX_REQUEST_HEAD};
+use crate::shard::admission::{ConnectionSlots, RETRY_AFTER_SECS};
 use crate::shard::control::ShardControl;
 use crate::shard::lifecycle::{shutting_down, SHARDS_READY};
-use crate::shard::listener::accept_allowed;
+use crate::shard::listener::{accept_allowed, PortCap, PortSlot};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use std::rc::Rc;
@@ -45,9 +47,24 @@ pub async fn serve(
     metrics: &'static ShardMetrics,
     control: Rc<ShardControl>,
 ) {
-    accept_allowed(listener, "admin", &settings.clone(), |stream| {
+    let mut full = json_error(
+        503,
+        "too many admin connections (max_admin_connections are open); retry later",
+    );
+    full.headers = format!("Retry-After: {RETRY_AFTER_SECS}\r\n");
+    let cap = PortCap {
+        // Only shard 0 serves the admin port: a count of its own.
+        slots: ConnectionSlots::new(settings.max_admin_connections),
+        limit: |live| live.max_admin_connections,
+        refusal: encode(&full, false, false),
+        refused: &metrics.admin_refused[AdminRefusal::MaxConnections as usize],
+        open: &metrics.admin_connections,
+        setting: "max_admin_connections",
+    };
+    accept_allowed(listener, "admin", &settings.clone(), cap, |stream, slot| {
         handle(
             stream,
+            slot,
             publisher.clone(),
             inbox.clone(),
             settings.clone(),
@@ -62,7 +79,7 @@ struct Response {
     status: u16,
     content_type: &'static str,
     /// Extra header lines, each ending in `\r\n`.
-    headers: &'static str,
+    headers: String,
     body: String,
 }
 
@@ -70,7 +87,7 @@ fn text(status: u16, body: impl Into<String>) -> Response {
     Response {
         status,
         content_type: "text/plain; charset=utf-8",
-        headers: "",
+        headers: String::new(),
         body: body.into(),
     }
 }
@@ -79,7 +96,7 @@ fn json(status: u16, body: String) -> Response {
     Response {
         status,
         content_type: "application/json",
-        headers: "",
+        headers: String::new(),
         body,
     }
 }
@@ -107,8 +124,26 @@ fn unauthorized(request: &Request) -> Option<Response> {
         401,
         "unauthorized: send the ingest key as Authorization: Bearer <ingest_key>",
     );
-    response.headers = "WWW-Authenticate: Bearer realm=\"ringcast ingest\"\r\n";
+    response.headers = "WWW-Authenticate: Bearer realm=\"ringcast ingest\"\r\n".into();
     Some(response)
+}
+
+/// The bytes of `response`: status line, headers, and the body unless `head_only`.
+fn encode(response: &Response, keep_alive: bool, head_only: bool) -> Vec<u8> {
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: {}\r\n\r\n",
+        response.status,
+        status_text(response.status),
+        response.content_type,
+        response.body.len(),
+        response.headers,
+        if keep_alive { "keep-alive" } else { "close" }
+    );
+    let mut out = head.into_bytes();
+    if !head_only {
+        out.extend_from_slice(response.body.as_bytes());
+    }
+    out
 }
 
 fn json_error(status: u16, error: &str) -> Response {
@@ -126,6 +161,7 @@ const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
 
 async fn handle(
     mut stream: TcpStream,
+    _slot: PortSlot,
     publisher: Arc<Publisher>,
     inbox: Option<Inbox>,
     settings: Arc<Settings>,
@@ -157,19 +193,7 @@ async fn handle(
                 // A request that could not be read leaves the stream unframed: close.
                 Err(response) => (response, false, false),
             };
-        let head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: {}\r\n\r\n",
-            response.status,
-            status_text(response.status),
-            response.content_type,
-            response.body.len(),
-            response.headers,
-            if keep_alive { "keep-alive" } else { "close" }
-        );
-        let mut out = head.into_bytes();
-        if !head_only {
-            out.extend_from_slice(response.body.as_bytes());
-        }
+        let out = encode(&response, keep_alive, head_only);
         if stream.write_all(&out).await.is_err() || !keep_alive {
             break;
         }
@@ -318,7 +342,7 @@ fn route(method: &str, target: &str, settings: &Settings) -> Response {
         ("GET", "/metrics") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
-            headers: "",
+            headers: String::new(),
             body: metrics::get().render(draining),
         },
         ("GET", "/healthz") => text(200, "ok\n"),

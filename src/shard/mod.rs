@@ -111,6 +111,8 @@ struct ShardSetup {
     registry: Arc<Registry>,
     presence: Arc<Presence>,
     slots: Arc<ConnectionSlots>,
+    /// Open TCP ingest connections over the process (`max_tcp_ingest_connections`).
+    ingest_slots: Arc<ConnectionSlots>,
     /// The per-address table (`None`: every per-IP limit is off).
     per_ip: Option<Arc<PerIpTable>>,
     sockets: ShardSockets,
@@ -232,6 +234,8 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
+    // Every shard serves the TCP ingest port: one count for all of them.
+    let ingest_slots = ConnectionSlots::new(settings.max_tcp_ingest_connections);
     // One table for the process: SO_REUSEPORT spreads one address over every shard.
     let per_ip = settings
         .per_ip
@@ -332,6 +336,7 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
             registry: registry.clone(),
             presence: presence.clone(),
             slots: slots.clone(),
+            ingest_slots: ingest_slots.clone(),
             per_ip: per_ip.clone(),
             sockets,
             wake_senders,
@@ -564,6 +569,7 @@ async fn shard_main(setup: ShardSetup) {
         registry,
         presence,
         slots,
+        ingest_slots,
         per_ip,
         sockets,
         wake_senders,
@@ -694,6 +700,7 @@ async fn shard_main(setup: ShardSetup) {
             inbox.clone(),
             settings.clone(),
             metrics,
+            ingest_slots,
         ))
         .detach();
     }
