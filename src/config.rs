@@ -115,6 +115,11 @@ pub struct ConfigLayer {
     /// Default: 1024.
     #[arg(long, env = "RINGCAST_MAX_TCP_INGEST_CONNECTIONS", value_name = "N")]
     pub max_tcp_ingest_connections: Option<usize>,
+    /// Seconds the admin port gives a client to send one whole request (head and body),
+    /// counted from the accept or the previous answer, and to take an answer: an idle
+    /// kept-alive connection is then closed, a half-sent request answered 408. Default: 10.
+    #[arg(long, env = "RINGCAST_ADMIN_REQUEST_TIMEOUT", value_name = "SECS")]
+    pub admin_request_timeout: Option<u64>,
     /// Open admin-port connections; beyond it a new one is answered 503 with Retry-After
     /// and closed. Default: 1024.
     #[arg(long, env = "RINGCAST_MAX_ADMIN_CONNECTIONS", value_name = "N")]
@@ -444,6 +449,8 @@ pub struct Settings {
     pub ingest_auth_timeout: Duration,
     /// Open TCP ingest connections over the process.
     pub max_tcp_ingest_connections: usize,
+    /// Deadline for one whole admin request (and for writing its answer).
+    pub admin_request_timeout: Duration,
     /// Open admin-port connections.
     pub max_admin_connections: usize,
     /// Log line format.
@@ -762,6 +769,12 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             1,
             1 << 20,
         )?,
+        admin_request_timeout: Duration::from_secs(in_range(
+            "admin_request_timeout",
+            pick!(admin_request_timeout, 10),
+            1,
+            600,
+        )?),
         max_admin_connections: in_range(
             "max_admin_connections",
             pick!(max_admin_connections, 1024),
@@ -1218,14 +1231,15 @@ mod tests {
         assert_eq!(s.max_handshakes_per_shard, 1024);
         assert!(s.handshake_fair_share);
         assert_eq!(s.ingest_auth_timeout, Duration::from_secs(10));
+        assert_eq!(s.admin_request_timeout, Duration::from_secs(10));
         assert_eq!(
             (s.max_tcp_ingest_connections, s.max_admin_connections),
             (1024, 1024)
         );
-        let err = parse(&["--ingest-auth-timeout", "0"])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`ingest_auth_timeout`"), "{err}");
+        for key in ["--ingest-auth-timeout", "--admin-request-timeout"] {
+            let err = parse(&[key, "0"]).unwrap_err().to_string();
+            assert!(err.contains(&key[2..].replace('-', "_")), "{err}");
+        }
         let err = parse(&["--max-admin-connections", "0"])
             .unwrap_err()
             .to_string();

@@ -68,17 +68,19 @@ impl TcpIngestRefusal {
     pub const LABELS: [&'static str; 2] = ["max_connections", "auth_timeout"];
 }
 
-/// Why the admin port refused a connection (metric label `reason`).
+/// Why the admin port refused a connection or a request (metric label `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
 pub enum AdminRefusal {
     /// `max_admin_connections` were open.
     MaxConnections = 0,
+    /// A request was not whole within `admin_request_timeout`.
+    RequestTimeout,
 }
 
 impl AdminRefusal {
     /// Every label, indexed by discriminant.
-    pub const LABELS: [&'static str; 1] = ["max_connections"];
+    pub const LABELS: [&'static str; 2] = ["max_connections", "request_timeout"];
 }
 
 /// Where a published message came from (metric label `source`).
@@ -166,7 +168,7 @@ pub struct ShardMetrics {
     pub tcp_ingest_refused: [AtomicU64; TcpIngestRefusal::LABELS.len()],
     /// Open admin-port connections (gauge).
     pub admin_connections: AtomicU64,
-    /// Admin connections refused, by [`AdminRefusal`].
+    /// Admin connections and requests refused, by [`AdminRefusal`].
     pub admin_refused: [AtomicU64; AdminRefusal::LABELS.len()],
 }
 
@@ -604,7 +606,7 @@ impl Metrics {
                 "ringcast_tcp_ingest_refused_total{{reason=\"{label}\"}} {n}"
             );
         }
-        let _ = writeln!(out, "# HELP ringcast_admin_refused_total Admin connections answered 503 at max_admin_connections.\n# TYPE ringcast_admin_refused_total counter");
+        let _ = writeln!(out, "# HELP ringcast_admin_refused_total Admin connections answered 503 at max_admin_connections, and requests answered 408 when not whole within admin_request_timeout.\n# TYPE ringcast_admin_refused_total counter");
         for (i, label) in AdminRefusal::LABELS.iter().enumerate() {
             let n = self.sum(|s| &s.admin_refused[i]);
             let _ = writeln!(
