@@ -105,6 +105,25 @@ pub struct ConfigLayer {
         hide_env_values = true
     )]
     pub ingest_key: Option<String>,
+    /// Seconds a TCP ingest connection has, from accept, to send its `AUTH <key>` line
+    /// when `ingest_key` is set; then it is answered `ERR auth timeout` and closed. Before
+    /// that line at most 512 bytes are read (an `AUTH` line is at most 263). Default: 10.
+    #[arg(long, env = "RINGCAST_INGEST_AUTH_TIMEOUT", value_name = "SECS")]
+    pub ingest_auth_timeout: Option<u64>,
+    /// Open TCP ingest connections over the whole process (authorized or not); beyond
+    /// it a new one is answered `ERR too many ingest connections` and closed.
+    /// Default: 1024.
+    #[arg(long, env = "RINGCAST_MAX_TCP_INGEST_CONNECTIONS", value_name = "N")]
+    pub max_tcp_ingest_connections: Option<usize>,
+    /// Seconds the admin port gives a client to send one whole request (head and body),
+    /// counted from the accept or the previous answer, and to take an answer: an idle
+    /// kept-alive connection is then closed, a half-sent request answered 408. Default: 10.
+    #[arg(long, env = "RINGCAST_ADMIN_REQUEST_TIMEOUT", value_name = "SECS")]
+    pub admin_request_timeout: Option<u64>,
+    /// Open admin-port connections; beyond it a new one is answered 503 with Retry-After
+    /// and closed. Default: 1024.
+    #[arg(long, env = "RINGCAST_MAX_ADMIN_CONNECTIONS", value_name = "N")]
+    pub max_admin_connections: Option<usize>,
     /// Log line format on stderr: `text` (coloured only when stderr is a terminal) or
     /// `json` (one object per line). Default: text.
     #[arg(long, env = "RINGCAST_LOG_FORMAT", value_name = "text|json")]
@@ -184,6 +203,14 @@ pub struct ConfigLayer {
     /// 1024 tasks of ~3 KiB per shard for `handshake_timeout`. Default: 1024.
     #[arg(long, env = "RINGCAST_MAX_HANDSHAKES_PER_SHARD", value_name = "N")]
     pub max_handshakes_per_shard: Option<usize>,
+    /// Share a shard's `max_handshakes_per_shard` places fairly between source addresses:
+    /// once all are taken, a socket from an address holding fewer places than the address
+    /// holding the most takes that address's oldest place (that upgrade is answered 503
+    /// with Retry-After). One address can then use every free place (a NAT, a balancer)
+    /// but never lock other addresses out. `false`: past the cap every new socket gets
+    /// 503. Default: true.
+    #[arg(long, env = "RINGCAST_HANDSHAKE_FAIR_SHARE", value_name = "BOOL")]
+    pub handshake_fair_share: Option<bool>,
     /// Browser origins allowed on the WebSocket port (upgrade, /sse, /poll): `*`, exact
     /// origins (`https://app.example.com`) or `https://*.example.com`. Default: ["*"].
     #[arg(
@@ -422,6 +449,14 @@ pub struct Settings {
     pub ingest_allow: Vec<Cidr>,
     /// Key TCP/HTTP publishers must present; `None`: none asked.
     pub ingest_key: Option<IngestKey>,
+    /// Deadline for a TCP ingest connection's `AUTH` line (with `ingest_key`).
+    pub ingest_auth_timeout: Duration,
+    /// Open TCP ingest connections over the process.
+    pub max_tcp_ingest_connections: usize,
+    /// Deadline for one whole admin request (and for writing its answer).
+    pub admin_request_timeout: Duration,
+    /// Open admin-port connections.
+    pub max_admin_connections: usize,
     /// Log line format.
     pub log_format: LogFormat,
     /// Shard count (resolved, >= 1).
@@ -456,6 +491,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// Upgrades in flight per shard before new sockets get 503.
     pub max_handshakes_per_shard: usize,
+    /// Whether a full shard's upgrade places are shared fairly between addresses.
+    pub handshake_fair_share: bool,
     /// Browser origins allowed on the WebSocket port.
     pub origins: OriginPolicy,
     /// Per source address limits ([`crate::admission::per_ip`]).
@@ -728,6 +765,30 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             k if k.is_empty() => None,
             k => Some(IngestKey::new(&k).map_err(|m| invalid("ingest_key", m))?),
         },
+        ingest_auth_timeout: Duration::from_secs(in_range(
+            "ingest_auth_timeout",
+            pick!(ingest_auth_timeout, 10),
+            1,
+            600,
+        )?),
+        max_tcp_ingest_connections: in_range(
+            "max_tcp_ingest_connections",
+            pick!(max_tcp_ingest_connections, 1024),
+            1,
+            1 << 20,
+        )?,
+        admin_request_timeout: Duration::from_secs(in_range(
+            "admin_request_timeout",
+            pick!(admin_request_timeout, 10),
+            1,
+            600,
+        )?),
+        max_admin_connections: in_range(
+            "max_admin_connections",
+            pick!(max_admin_connections, 1024),
+            1,
+            1 << 20,
+        )?,
         shards,
         max_connections: in_range(
             "max_connections",
@@ -804,6 +865,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             1,
             1 << 20,
         )?,
+        handshake_fair_share: pick!(handshake_fair_share, true),
         origins: OriginPolicy::new(
             &pick!(allowed_origins, vec!["*".to_string()]),
             pick!(allow_missing_origin, true),
@@ -1185,6 +1247,21 @@ mod tests {
         assert_eq!(s.admin.to_string(), "127.0.0.1:9090");
         assert_eq!(s.ping_interval, Duration::from_secs(25));
         assert_eq!(s.max_handshakes_per_shard, 1024);
+        assert!(s.handshake_fair_share);
+        assert_eq!(s.ingest_auth_timeout, Duration::from_secs(10));
+        assert_eq!(s.admin_request_timeout, Duration::from_secs(10));
+        assert_eq!(
+            (s.max_tcp_ingest_connections, s.max_admin_connections),
+            (1024, 1024)
+        );
+        for key in ["--ingest-auth-timeout", "--admin-request-timeout"] {
+            let err = parse(&[key, "0"]).unwrap_err().to_string();
+            assert!(err.contains(&key[2..].replace('-', "_")), "{err}");
+        }
+        let err = parse(&["--max-admin-connections", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`max_admin_connections`"), "{err}");
         assert_eq!(s.channel_idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(s.presence_max_members, 1000);
         assert_eq!(s.drain_grace, Duration::from_secs(5));

@@ -26,6 +26,9 @@ use std::time::Duration;
 pub const RELOADABLE: &[&str] = &[
     "max_connections",
     "max_handshakes_per_shard",
+    "handshake_fair_share",
+    "max_tcp_ingest_connections",
+    "max_admin_connections",
     "max_backlog_bytes",
     "max_backlog_frames",
     "slow_consumer_drop_limit",
@@ -68,6 +71,12 @@ pub struct Live {
     pub max_connections: usize,
     /// Upgrades in flight per shard.
     pub max_handshakes_per_shard: usize,
+    /// Whether a full shard's upgrade places are shared fairly between addresses.
+    pub handshake_fair_share: bool,
+    /// Open TCP ingest connections over the process.
+    pub max_tcp_ingest_connections: usize,
+    /// Open admin-port connections.
+    pub max_admin_connections: usize,
     /// Backlog bytes before a connection lags.
     pub max_backlog_bytes: usize,
     /// Backlog frames before a connection lags.
@@ -98,6 +107,9 @@ impl Live {
         Live {
             max_connections: settings.max_connections,
             max_handshakes_per_shard: settings.max_handshakes_per_shard,
+            handshake_fair_share: settings.handshake_fair_share,
+            max_tcp_ingest_connections: settings.max_tcp_ingest_connections,
+            max_admin_connections: settings.max_admin_connections,
             max_backlog_bytes: settings.max_backlog_bytes,
             max_backlog_frames: settings.max_backlog_frames,
             slow_consumer_drop_limit: settings.slow_consumer_drop_limit,

@@ -34,18 +34,53 @@ pub enum RefuseCause {
     PerIpRate,
     /// The source address has `max_handshakes_per_ip` upgrades in progress.
     PerIpHandshakes,
+    /// The shard's upgrade places were all taken and this upgrade's address held the
+    /// most: its place went to an address holding fewer (`handshake_fair_share`).
+    HandshakeShare,
 }
 
 impl RefuseCause {
     /// Every label, indexed by discriminant.
-    pub const LABELS: [&'static str; 6] = [
+    pub const LABELS: [&'static str; 7] = [
         "max_connections",
         "draining",
         "handshakes_in_flight",
         "per_ip",
         "per_ip_rate",
         "per_ip_handshakes",
+        "handshake_share",
     ];
+}
+
+/// Why a TCP ingest connection was closed before it could publish (metric label
+/// `reason`; a wrong or missing key counts in `ringcast_ingest_unauthorized_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum TcpIngestRefusal {
+    /// `max_tcp_ingest_connections` were open.
+    MaxConnections = 0,
+    /// No `AUTH` line within `ingest_auth_timeout`.
+    AuthTimeout,
+}
+
+impl TcpIngestRefusal {
+    /// Every label, indexed by discriminant.
+    pub const LABELS: [&'static str; 2] = ["max_connections", "auth_timeout"];
+}
+
+/// Why the admin port refused a connection or a request (metric label `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum AdminRefusal {
+    /// `max_admin_connections` were open.
+    MaxConnections = 0,
+    /// A request was not whole within `admin_request_timeout`.
+    RequestTimeout,
+}
+
+impl AdminRefusal {
+    /// Every label, indexed by discriminant.
+    pub const LABELS: [&'static str; 2] = ["max_connections", "request_timeout"];
 }
 
 /// Where a published message came from (metric label `source`).
@@ -129,6 +164,14 @@ pub struct ShardMetrics {
     pub pings_sent: AtomicU64,
     /// TLS handshakes on the `tls_listen` port: `[succeeded, failed]`.
     pub tls_handshakes: [AtomicU64; 2],
+    /// Open TCP ingest connections (gauge).
+    pub tcp_ingest_connections: AtomicU64,
+    /// TCP ingest connections refused, by [`TcpIngestRefusal`].
+    pub tcp_ingest_refused: [AtomicU64; TcpIngestRefusal::LABELS.len()],
+    /// Open admin-port connections (gauge).
+    pub admin_connections: AtomicU64,
+    /// Admin connections and requests refused, by [`AdminRefusal`].
+    pub admin_refused: [AtomicU64; AdminRefusal::LABELS.len()],
 }
 
 /// Upper bounds (seconds) of the delivery latency histogram's buckets: from 100 µs (a
@@ -538,8 +581,46 @@ impl Metrics {
             self.ingest_unauthorized[0].load(Relaxed),
             self.ingest_unauthorized[1].load(Relaxed)
         );
+        self.render_ports(&mut out);
         let _ = writeln!(out, "# HELP ringcast_draining 1 from the first SIGTERM or SIGINT on (drain_grace and drain).\n# TYPE ringcast_draining gauge\nringcast_draining {}", u8::from(draining));
         out
+    }
+
+    /// The TCP ingest and admin ports' connections and refusals.
+    fn render_ports(&self, out: &mut String) {
+        let mut gauge = |name: &str, help: &str, f: &dyn Fn(&ShardMetrics) -> &AtomicU64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                self.sum(f)
+            );
+        };
+        gauge(
+            "ringcast_tcp_ingest_connections",
+            "Open TCP ingest connections (bounded by max_tcp_ingest_connections).",
+            &|s| &s.tcp_ingest_connections,
+        );
+        gauge(
+            "ringcast_admin_connections",
+            "Open admin-port connections (bounded by max_admin_connections).",
+            &|s| &s.admin_connections,
+        );
+        let _ = writeln!(out, "# HELP ringcast_tcp_ingest_refused_total TCP ingest connections closed before publishing: at max_tcp_ingest_connections, or no AUTH line within ingest_auth_timeout.\n# TYPE ringcast_tcp_ingest_refused_total counter");
+        for (i, label) in TcpIngestRefusal::LABELS.iter().enumerate() {
+            let n = self.sum(|s| &s.tcp_ingest_refused[i]);
+            let _ = writeln!(
+                out,
+                "ringcast_tcp_ingest_refused_total{{reason=\"{label}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# HELP ringcast_admin_refused_total Admin connections answered 503 at max_admin_connections, and requests answered 408 when not whole within admin_request_timeout.\n# TYPE ringcast_admin_refused_total counter");
+        for (i, label) in AdminRefusal::LABELS.iter().enumerate() {
+            let n = self.sum(|s| &s.admin_refused[i]);
+            let _ = writeln!(
+                out,
+                "ringcast_admin_refused_total{{reason=\"{label}\"}} {n}"
+            );
+        }
     }
 
     fn render_tls(&self, out: &mut String) {

@@ -2,10 +2,16 @@
 //! unauthorized` and the connection ends, nothing published) and HTTP `POST /publish` and
 //! `POST /admin/disconnect` need `Authorization: Bearer <key>` (401 otherwise); reads
 //! such as `/metrics` need nothing. Subscribers see only what the right key published.
+//!
+//! Before its `AUTH` line a TCP connection is bounded: 512 bytes without a whole line are
+//! refused at once, `ingest_auth_timeout` cuts one that sends nothing, and past
+//! `max_tcp_ingest_connections` a new one is refused. Regression: 300 sockets that sent
+//! 65,000 bytes and never `AUTH` each held their buffers (40 MB) for as long as they
+//! liked.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -125,4 +131,100 @@ fn without_a_key_nothing_is_asked() {
     assert!(ok.starts_with("OK "), "{ok:?}");
     let r = server.http_publish(Some("open"), b"{\"n\":2}");
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Reads one line and then expects the server to close: the line, and how long after
+/// `since` it came.
+fn refusal(tcp: &mut TcpIngest, since: Instant, what: &str) -> (String, Duration) {
+    let line = tcp
+        .read_line(TIMEOUT)
+        .unwrap_or_else(|| panic!("{what}: no answer within {TIMEOUT:?}"));
+    let after = since.elapsed();
+    assert_eq!(
+        tcp.read_line(TIMEOUT),
+        None,
+        "{what}: closed after {line:?}"
+    );
+    (line, after)
+}
+
+#[test]
+fn tcp_ingest_bounds_connections_before_auth() {
+    let _deadline = Deadline::new(
+        "tcp_ingest_bounds_connections_before_auth",
+        Duration::from_secs(60),
+    );
+    let server = Server::start(&[
+        "--ingest-key",
+        KEY,
+        "--ingest-auth-timeout",
+        "2",
+        "--max-tcp-ingest-connections",
+        "2",
+    ]);
+
+    // 65,000 bytes and no newline: refused after the first 512, not held until a newline.
+    let mut flood = server.tcp_ingest();
+    let start = Instant::now();
+    flood.send_raw(&vec![b'x'; 65_000]);
+    let (line, after) = refusal(&mut flood, start, "65,000 bytes without AUTH");
+    assert_eq!(line, "ERR unauthorized");
+    assert!(
+        after < Duration::from_secs(2),
+        "refused after {after:?}, not at once"
+    );
+
+    // Nothing at all: cut at --ingest-auth-timeout 2.
+    let mut silent = server.tcp_ingest();
+    let (line, after) = refusal(&mut silent, Instant::now(), "a silent connection");
+    assert_eq!(line, "ERR auth timeout");
+    assert!(
+        after >= Duration::from_millis(1500) && after < Duration::from_secs(5),
+        "cut after {after:?}"
+    );
+    drop((flood, silent));
+    server.wait_for_metric(
+        "ringcast_tcp_ingest_connections",
+        "the refused connections are gone",
+        TIMEOUT,
+        |v| v == 0.0,
+    );
+
+    // Two authorized publishers fill --max-tcp-ingest-connections 2; a third is refused
+    // at once, and gets in once one of them left.
+    let publisher = || {
+        let mut tcp = server.tcp_ingest();
+        tcp.send_raw(format!("AUTH {KEY}\nACK ON\nbounded {{}}\n").as_bytes());
+        let ok = tcp.read_line(TIMEOUT).expect("a reply to a publish");
+        assert!(ok.starts_with("OK "), "{ok:?}");
+        tcp
+    };
+    let first = publisher();
+    let _second = publisher();
+    let mut third = server.tcp_ingest();
+    let (line, _) = refusal(&mut third, Instant::now(), "a third connection");
+    assert_eq!(line, "ERR too many ingest connections");
+    drop(first);
+    server.wait_for_metric(
+        "ringcast_tcp_ingest_connections",
+        "the first publisher left",
+        TIMEOUT,
+        |v| v == 1.0,
+    );
+    drop(publisher());
+
+    let m = server.metrics();
+    for (reason, n) in [("auth_timeout", 1.0), ("max_connections", 1.0)] {
+        assert_eq!(
+            m.sum_where("ringcast_tcp_ingest_refused_total", &[("reason", reason)]),
+            n,
+            "{}",
+            m.describe("ringcast_tcp_ingest_refused_total")
+        );
+    }
+    assert_eq!(
+        m.sum_where("ringcast_ingest_unauthorized_total", &[("source", "tcp")]),
+        1.0,
+        "the flood counts as a missing key"
+    );
 }

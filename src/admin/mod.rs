@@ -5,11 +5,18 @@
 //! A deliberately small HTTP/1.1 server on shard 0: scrapes and publishes are rare next
 //! to WebSocket traffic, and keeping it on one shard keeps it out of every other shard's
 //! way. Connections are kept alive (HTTP/1.1 unless `Connection: close`; HTTP/1.0 with
-//! `Connection: keep-alive`), up to 1000 requests or 10 s idle, so a publisher or scraper
-//! need not connect per request; requests are answered in order. The read-only endpoints
+//! `Connection: keep-alive`), up to 1000 requests, so a publisher or scraper need not
+//! connect per request; requests are answered in order. The read-only endpoints
 //! (`/metrics`, `/healthz`, `/readyz`) answer `HEAD` too. With `ingest_key` set, the
 //! endpoints that change something (`POST /publish`, `POST /admin/disconnect`) need it as
-//! a Bearer token, the read-only ones never do.
+//! a Bearer token, the read-only ones never do; it is checked as soon as the request head
+//! is read, so an unauthorized body is never waited for.
+//!
+//! Bounds: each request must be whole within `admin_request_timeout` of when the server
+//! starts waiting for it (accept, or the previous answer written), and its answer written
+//! within as long again: a connection that sent nothing of a next request is closed
+//! quietly, a half-sent request is answered `408`. At most `max_admin_connections` are
+//! open; past it a new one is answered `503` at once. Errors are JSON `{"error":...}`.
 //!
 //! `POST /publish?channel=user:<id>` with the inbox on goes through the store thread:
 //! with `&ack=1` the answer (200 with the offset) comes only after the message is
@@ -21,14 +28,15 @@
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::{is_user_channel, Inbox, InboxReply};
-use crate::ingest::key::bearer;
+use crate::ingest::key::{bearer, IngestKey};
 use crate::ingest::line::validate_payload;
-use crate::metrics::{self, ShardMetrics, Source};
+use crate::metrics::{self, AdminRefusal, ShardMetrics, Source};
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use crate::proto::upgrade::{percent_decode, status_text, MAX_REQUEST_HEAD};
+use crate::shard::admission::{ConnectionSlots, RETRY_AFTER_SECS};
 use crate::shard::control::ShardControl;
 use crate::shard::lifecycle::{shutting_down, SHARDS_READY};
-use crate::shard::listener::accept_allowed;
+use crate::shard::listener::{accept_allowed, linger_close, PortCap, PortSlot};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use std::rc::Rc;
@@ -39,6 +47,9 @@ use std::time::Duration;
 /// How long `POST /admin/disconnect` waits for every shard to report.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the input of a request that could not be read is discarded before the close.
+const ERROR_LINGER: Duration = Duration::from_secs(1);
+
 /// Accepts admin connections forever.
 pub async fn serve(
     listener: TcpListener,
@@ -48,9 +59,24 @@ pub async fn serve(
     metrics: &'static ShardMetrics,
     control: Rc<ShardControl>,
 ) {
-    accept_allowed(listener, "admin", &settings.clone(), |stream| {
+    let mut full = json_error(
+        503,
+        "too many admin connections (max_admin_connections are open); retry later",
+    );
+    full.headers = format!("Retry-After: {RETRY_AFTER_SECS}\r\n");
+    let cap = PortCap {
+        // Only shard 0 serves the admin port: a count of its own.
+        slots: ConnectionSlots::new(settings.max_admin_connections),
+        limit: |live| live.max_admin_connections,
+        refusal: encode(&full, false, false),
+        refused: &metrics.admin_refused[AdminRefusal::MaxConnections as usize],
+        open: &metrics.admin_connections,
+        setting: "max_admin_connections",
+    };
+    accept_allowed(listener, "admin", &settings.clone(), cap, |stream, slot| {
         handle(
             stream,
+            slot,
             publisher.clone(),
             inbox.clone(),
             settings.clone(),
@@ -65,7 +91,7 @@ struct Response {
     status: u16,
     content_type: &'static str,
     /// Extra header lines, each ending in `\r\n`.
-    headers: &'static str,
+    headers: String,
     body: String,
 }
 
@@ -73,7 +99,7 @@ fn text(status: u16, body: impl Into<String>) -> Response {
     Response {
         status,
         content_type: "text/plain; charset=utf-8",
-        headers: "",
+        headers: String::new(),
         body: body.into(),
     }
 }
@@ -82,7 +108,7 @@ fn json(status: u16, body: String) -> Response {
     Response {
         status,
         content_type: "application/json",
-        headers: "",
+        headers: String::new(),
         body,
     }
 }
@@ -97,21 +123,71 @@ struct Request {
     body: Vec<u8>,
 }
 
-/// `None` when `ingest_key` is unset or the request's `Authorization: Bearer` carries
-/// it; otherwise the 401 to answer (the key in force now, after any reload).
-fn unauthorized(request: &Request) -> Option<Response> {
-    let key = crate::live::current().and_then(|l| l.ingest_key.clone())?;
-    let given = request.authorization.as_deref().and_then(bearer);
-    if given.is_some_and(|g| key.matches(g)) {
-        return None;
-    }
+/// Whether `method path` changes something, so needs `ingest_key` when it is set.
+fn needs_key(method: &str, target: &str) -> bool {
+    let path = target.split('?').next().unwrap_or("");
+    method == "POST" && (path == "/publish" || path == "/admin/disconnect")
+}
+
+/// True when `key` is set and `authorization` does not carry it as a Bearer token.
+fn key_refuses(key: Option<&IngestKey>, authorization: Option<&[u8]>) -> bool {
+    key.is_some_and(|key| {
+        !authorization
+            .and_then(bearer)
+            .is_some_and(|given| key.matches(given))
+    })
+}
+
+/// The 401 for a missing or wrong key, counted.
+fn unauthorized_response() -> Response {
     metrics::get().ingest_unauthorized[1].fetch_add(1, Ordering::Relaxed);
     let mut response = json_error(
         401,
         "unauthorized: send the ingest key as Authorization: Bearer <ingest_key>",
     );
-    response.headers = "WWW-Authenticate: Bearer realm=\"ringcast ingest\"\r\n";
-    Some(response)
+    response.headers = "WWW-Authenticate: Bearer realm=\"ringcast ingest\"\r\n".into();
+    response
+}
+
+/// `None` when `ingest_key` is unset or the request's `Authorization: Bearer` carries
+/// it; otherwise the 401 to answer (the key in force now, after any reload).
+fn unauthorized(request: &Request) -> Option<Response> {
+    let key = crate::live::current().and_then(|l| l.ingest_key.clone());
+    key_refuses(key.as_ref(), request.authorization.as_deref()).then(unauthorized_response)
+}
+
+/// What a connection gets when `admin_request_timeout` passes before its request is
+/// whole (sans-io): nothing when none of a request came (an idle kept-alive connection
+/// is closed quietly), else a 408.
+fn on_request_timeout(buffered: &[u8], timeout: Duration) -> Option<Response> {
+    if buffered.is_empty() {
+        return None;
+    }
+    Some(json_error(
+        408,
+        &format!(
+            "request not received whole within admin_request_timeout ({} s)",
+            timeout.as_secs()
+        ),
+    ))
+}
+
+/// The bytes of `response`: status line, headers, and the body unless `head_only`.
+fn encode(response: &Response, keep_alive: bool, head_only: bool) -> Vec<u8> {
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: {}\r\n\r\n",
+        response.status,
+        status_text(response.status),
+        response.content_type,
+        response.body.len(),
+        response.headers,
+        if keep_alive { "keep-alive" } else { "close" }
+    );
+    let mut out = head.into_bytes();
+    if !head_only {
+        out.extend_from_slice(response.body.as_bytes());
+    }
+    out
 }
 
 fn json_error(status: u16, error: &str) -> Response {
@@ -129,21 +205,41 @@ const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
 
 async fn handle(
     mut stream: TcpStream,
+    _slot: PortSlot,
     publisher: Arc<Publisher>,
     inbox: Option<Inbox>,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
     control: Rc<ShardControl>,
 ) {
-    // Also the idle limit between kept-alive requests.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let timeout = settings.admin_request_timeout;
     let mut buf = Vec::with_capacity(1024);
+    let mut chunk = vec![0u8; 16 * 1024];
     for served in 1..=MAX_REQUESTS_PER_CONNECTION {
-        let (response, keep_alive, head_only) =
-            match read_request(&mut stream, &mut buf, settings.max_message_size).await {
-                // The peer closed (or went quiet) between requests.
-                Ok(None) => break,
-                Ok(Some(req)) => {
+        // The key in force now, after any reload.
+        let key = crate::live::current().and_then(|l| l.ingest_key.clone());
+        let read = async {
+            let max_body = settings.max_message_size;
+            Some(read_request(&mut stream, &mut buf, &mut chunk, max_body, key.as_ref()).await)
+        };
+        let deadline = async {
+            glommio::timer::sleep(timeout).await;
+            None
+        };
+        // `unframed`: the request could not be read whole, its rest may still come.
+        let (response, keep_alive, head_only, unframed) =
+            match futures_lite::future::or(read, deadline).await {
+                None => match on_request_timeout(&buf, timeout) {
+                    None => break,
+                    Some(response) => {
+                        metrics.admin_refused[AdminRefusal::RequestTimeout as usize]
+                            .fetch_add(1, Ordering::Relaxed);
+                        (response, false, false, true)
+                    }
+                },
+                // The peer closed between requests.
+                Some(Ok(None)) => break,
+                Some(Ok(Some(req))) => {
                     let keep_alive = req.keep_alive && served < MAX_REQUESTS_PER_CONNECTION;
                     let head_only = req.method == "HEAD";
                     let response = answer(
@@ -155,25 +251,22 @@ async fn handle(
                         &control,
                     )
                     .await;
-                    (response, keep_alive, head_only)
+                    (response, keep_alive, head_only, false)
                 }
                 // A request that could not be read leaves the stream unframed: close.
-                Err(response) => (response, false, false),
+                Some(Err(response)) => (response, false, false, true),
             };
-        let head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: {}\r\n\r\n",
-            response.status,
-            status_text(response.status),
-            response.content_type,
-            response.body.len(),
-            response.headers,
-            if keep_alive { "keep-alive" } else { "close" }
-        );
-        let mut out = head.into_bytes();
-        if !head_only {
-            out.extend_from_slice(response.body.as_bytes());
+        let out = encode(&response, keep_alive, head_only);
+        let written =
+            futures_lite::future::or(async { stream.write_all(&out).await.is_ok() }, async {
+                glommio::timer::sleep(timeout).await;
+                false
+            })
+            .await;
+        if written && unframed {
+            linger_close(&mut stream, ERROR_LINGER).await;
         }
-        if stream.write_all(&out).await.is_err() || !keep_alive {
+        if !written || !keep_alive {
             break;
         }
     }
@@ -210,22 +303,25 @@ async fn answer(
 
 /// Reads one request (method, target, `Authorization`, a Content-Length body) from
 /// `stream`, starting with what `buf` kept from the previous read; leaves in `buf` what
-/// follows it (a pipelined next request). `Ok(None)`: the peer closed or stayed silent
-/// before sending a byte of a new request.
+/// follows it (a pipelined next request). `Ok(None)`: the peer closed before sending a
+/// byte of a new request. A request that needs `key` and does not carry it is answered
+/// 401 once its head is read, without waiting for its body.
 async fn read_request(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
+    chunk: &mut [u8],
     max_body: usize,
+    key: Option<&IngestKey>,
 ) -> Result<Option<Request>, Response> {
-    let mut chunk = vec![0u8; 16 * 1024];
     loop {
         if !buf.is_empty() {
-            match parse_request(buf, max_body)? {
+            match parse_request(buf, max_body, key)? {
                 Parsed::Complete(req) => return Ok(Some(req)),
+                Parsed::Unauthorized => return Err(unauthorized_response()),
                 Parsed::NeedMore => {}
             }
         }
-        let n = match stream.read(&mut chunk).await {
+        let n = match stream.read(chunk).await {
             Ok(n) => n,
             Err(_) if buf.is_empty() => return Ok(None),
             Err(_) => return Err(text(400, "incomplete request\n")),
@@ -243,11 +339,18 @@ async fn read_request(
 enum Parsed {
     Complete(Request),
     NeedMore,
+    /// The head is whole, the request needs the ingest key and does not carry it, and its
+    /// body has not all arrived: answer 401 without buffering it.
+    Unauthorized,
 }
 
 /// Parses one request from the start of `buf` (sans-io); on success removes it from
-/// `buf`, leaving what follows.
-fn parse_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Parsed, Response> {
+/// `buf`, leaving what follows. `key`: the ingest key, when set.
+fn parse_request(
+    buf: &mut Vec<u8>,
+    max_body: usize,
+    key: Option<&IngestKey>,
+) -> Result<Parsed, Response> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -293,6 +396,11 @@ fn parse_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Parsed, Response>
         ));
     }
     if buf.len() < head_len + length {
+        // A whole body is answered 401 in order (the connection stays framed); one still
+        // coming is not waited for.
+        if needs_key(&method, &target) && key_refuses(key, authorization.as_deref()) {
+            return Ok(Parsed::Unauthorized);
+        }
         return Ok(Parsed::NeedMore);
     }
     let body = buf[head_len..head_len + length].to_vec();
@@ -350,7 +458,7 @@ fn route(method: &str, target: &str, settings: &Settings) -> Response {
         ("GET", "/metrics") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
-            headers: "",
+            headers: String::new(),
             body: metrics::get().render(draining),
         },
         ("GET", "/healthz") => text(200, "ok\n"),
@@ -527,13 +635,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn parse(bytes: &[u8]) -> Result<Parsed, Response> {
-        parse_request(&mut bytes.to_vec(), 1024)
+        parse_request(&mut bytes.to_vec(), 1024, None)
     }
 
     #[test]
     fn pipelined_requests_are_split_and_keep_alive_follows_the_version() {
         let mut buf = b"POST /publish?channel=a HTTP/1.1\r\nContent-Length: 2\r\nAuthorization: Bearer k\r\n\r\n{}GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\nHEAD /".to_vec();
-        let Ok(Parsed::Complete(first)) = parse_request(&mut buf, 1024) else {
+        let Ok(Parsed::Complete(first)) = parse_request(&mut buf, 1024, None) else {
             panic!("first request")
         };
         assert_eq!(
@@ -542,13 +650,13 @@ mod tests {
         );
         assert!(first.keep_alive);
         assert_eq!(first.authorization.as_deref(), Some(&b"Bearer k"[..]));
-        let Ok(Parsed::Complete(second)) = parse_request(&mut buf, 1024) else {
+        let Ok(Parsed::Complete(second)) = parse_request(&mut buf, 1024, None) else {
             panic!("second request")
         };
         assert_eq!(second.target, "/healthz");
         assert!(!second.keep_alive);
         assert!(matches!(
-            parse_request(&mut buf, 1024),
+            parse_request(&mut buf, 1024, None),
             Ok(Parsed::NeedMore)
         ));
         assert_eq!(buf, b"HEAD /");
@@ -594,6 +702,48 @@ mod tests {
     }
 
     #[test]
+    fn an_unauthorized_body_is_not_waited_for() {
+        let key = IngestKey::new("admin-key-0123456789abcdef").unwrap();
+        let head = "POST /publish?channel=a HTTP/1.1\r\nContent-Length: 60000\r\n\r\n";
+        let mut buf = format!("{head}xx").into_bytes();
+        assert!(matches!(
+            parse_request(&mut buf, 65536, Some(&key)),
+            Ok(Parsed::Unauthorized)
+        ));
+        let with_key = "POST /publish?channel=a HTTP/1.1\r\nAuthorization: Bearer admin-key-0123456789abcdef\r\nContent-Length: 60000\r\n\r\nxx";
+        assert!(matches!(
+            parse_request(&mut with_key.as_bytes().to_vec(), 65536, Some(&key)),
+            Ok(Parsed::NeedMore)
+        ));
+        // Reads and a whole (small) body are left to the router, on a framed connection.
+        let scrape = "GET /metrics HTTP/1.1\r\n\r\n";
+        assert!(matches!(
+            parse_request(&mut scrape.as_bytes().to_vec(), 65536, Some(&key)),
+            Ok(Parsed::Complete(_))
+        ));
+        let whole = "POST /publish?channel=a HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+        assert!(matches!(
+            parse_request(&mut whole.as_bytes().to_vec(), 65536, Some(&key)),
+            Ok(Parsed::Complete(_))
+        ));
+    }
+
+    #[test]
+    fn a_timeout_is_quiet_when_idle_and_408_mid_request() {
+        let timeout = Duration::from_secs(10);
+        assert!(on_request_timeout(b"", timeout).is_none());
+        let answer = on_request_timeout(b"GET /metr", timeout).expect("a 408");
+        assert_eq!(answer.status, 408);
+        let json: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        assert!(
+            json["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("admin_request_timeout (10 s)")),
+            "{json}"
+        );
+    }
+
+    #[test]
     fn head_answers_like_get() {
         let settings = crate::config::resolve(Default::default(), Default::default()).unwrap();
         assert_eq!(route("HEAD", "/healthz", &settings).status, 200);
@@ -604,7 +754,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
             let mut buf = data.clone();
-            if let Ok(Parsed::Complete(req)) = parse_request(&mut buf, 64) {
+            if let Ok(Parsed::Complete(req)) = parse_request(&mut buf, 64, None) {
                 prop_assert!(req.body.len() <= 64);
                 prop_assert!(buf.len() < data.len());
             }

@@ -20,36 +20,64 @@
 //! right; `ACK ON` may follow it). A missing or wrong key is answered `ERR unauthorized`
 //! and the connection is closed without publishing anything. The key in force when the
 //! connection was accepted applies to it (a reload affects the next connections).
+//!
+//! Until that line, a connection holds a 512-byte buffer and nothing else
+//! ([`PRE_AUTH_LIMIT`]; its 64 KiB read buffer comes with the key), and it has
+//! `ingest_auth_timeout` from accept to send it: then `ERR auth timeout` and close.
+//!
+//! # Connections
+//!
+//! At most `max_tcp_ingest_connections` are open over the process; past it a new one is
+//! answered `ERR too many ingest connections` and closed.
 
 use crate::config::Settings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::{is_user_channel, Inbox, InboxReply, StoreError};
-use crate::ingest::key::auth_line;
+use crate::ingest::key::{check_auth, AuthCheck, IngestKey, PRE_AUTH_LIMIT};
 use crate::ingest::line::{parse_message, strip_newline, IngestError};
-use crate::metrics::{ShardMetrics, Source};
-use crate::shard::listener::accept_allowed;
+use crate::metrics::{ShardMetrics, Source, TcpIngestRefusal};
+use crate::shard::admission::ConnectionSlots;
+use crate::shard::listener::{accept_allowed, linger_close, PortCap, PortSlot};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
-/// Accepts ingest connections on `listener` forever.
+/// Accepts ingest connections on `listener` forever; `slots` counts them over every
+/// shard.
 pub async fn serve(
     listener: TcpListener,
     publisher: Arc<Publisher>,
     inbox: Option<Inbox>,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
+    slots: Arc<ConnectionSlots>,
 ) {
-    accept_allowed(listener, "TCP ingest", &settings.clone(), |stream| {
-        connection(
-            stream,
-            publisher.clone(),
-            inbox.clone(),
-            settings.clone(),
-            metrics,
-        )
-    })
+    let cap = PortCap {
+        slots,
+        limit: |live| live.max_tcp_ingest_connections,
+        refusal: b"ERR too many ingest connections\n".to_vec(),
+        refused: &metrics.tcp_ingest_refused[TcpIngestRefusal::MaxConnections as usize],
+        open: &metrics.tcp_ingest_connections,
+        setting: "max_tcp_ingest_connections",
+    };
+    accept_allowed(
+        listener,
+        "TCP ingest",
+        &settings.clone(),
+        cap,
+        |stream, slot| {
+            connection(
+                stream,
+                slot,
+                publisher.clone(),
+                inbox.clone(),
+                settings.clone(),
+                metrics,
+            )
+        },
+    )
     .await
 }
 
@@ -70,26 +98,65 @@ fn commit_line(outcome: Option<Result<u64, StoreError>>) -> Vec<u8> {
     }
 }
 
-/// Answers `ERR unauthorized` and ends the connection. What the publisher already sent is
-/// read and discarded first (for at most a second): closing with unread input makes the
-/// kernel reset the connection, which can destroy the answer before it is read.
-async fn refuse(stream: &mut TcpStream, chunk: &mut [u8]) {
-    if stream.write_all(b"ERR unauthorized\n").await.is_err() {
-        return;
+/// How long a refused publisher's input is read and discarded before the close.
+const REFUSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Answers `line` (an `ERR ...`, within [`REFUSE_LINGER`]) and ends the connection,
+/// reading what the publisher still sends for at most that long ([`linger_close`]).
+async fn refuse(stream: &mut TcpStream, line: &[u8]) {
+    let answered =
+        futures_lite::future::or(async { stream.write_all(line).await.is_ok() }, async {
+            glommio::timer::sleep(REFUSE_LINGER).await;
+            false
+        })
+        .await;
+    if answered {
+        linger_close(stream, REFUSE_LINGER).await;
     }
-    let _ = stream.shutdown(std::net::Shutdown::Write).await;
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
-    let mut left: usize = 1 << 20;
-    while left > 0 {
-        match stream.read(chunk).await {
-            Ok(n) if n > 0 => left = left.saturating_sub(n),
-            _ => break,
+}
+
+/// How a connection's wait for its `AUTH` line ended.
+enum PreAuth {
+    /// The key was right; the bytes that followed its line.
+    Authorized(Vec<u8>),
+    /// A wrong or missing key.
+    Refused,
+    /// No `AUTH` line within `ingest_auth_timeout`.
+    TimedOut,
+    /// The publisher closed (or the read failed) first.
+    Gone,
+}
+
+/// Reads until the first non-empty line, at most [`PRE_AUTH_LIMIT`] bytes and for at most
+/// `timeout`, and checks it against `key`.
+async fn authorize(stream: &mut TcpStream, key: &IngestKey, timeout: Duration) -> PreAuth {
+    let read = async {
+        let mut buf = [0u8; PRE_AUTH_LIMIT];
+        let mut len = 0;
+        loop {
+            match check_auth(&buf[..len], key) {
+                AuthCheck::Authorized { consumed } => {
+                    return PreAuth::Authorized(buf[consumed..len].to_vec())
+                }
+                AuthCheck::Refused => return PreAuth::Refused,
+                // Never full here: a full buffer is refused.
+                AuthCheck::NeedMore => match stream.read(&mut buf[len..]).await {
+                    Ok(n) if n > 0 => len += n,
+                    _ => return PreAuth::Gone,
+                },
+            }
         }
-    }
+    };
+    let deadline = async {
+        glommio::timer::sleep(timeout).await;
+        PreAuth::TimedOut
+    };
+    futures_lite::future::or(read, deadline).await
 }
 
 async fn connection(
     mut stream: TcpStream,
+    _slot: PortSlot,
     publisher: Arc<Publisher>,
     inbox: Option<Inbox>,
     settings: Arc<Settings>,
@@ -98,16 +165,41 @@ async fn connection(
     // None until the first line decides it.
     let mut ack_mode: Option<bool> = None;
     let key = crate::live::Cached::new(&settings).get().ingest_key.clone();
-    let mut authorized = key.is_none();
+    let mut buf: Vec<u8> = match key {
+        None => Vec::with_capacity(8192),
+        Some(key) => match authorize(&mut stream, &key, settings.ingest_auth_timeout).await {
+            PreAuth::Authorized(rest) => {
+                let mut buf = Vec::with_capacity(8192.max(rest.len()));
+                buf.extend_from_slice(&rest);
+                buf
+            }
+            PreAuth::Refused => {
+                crate::metrics::get().ingest_unauthorized[0].fetch_add(1, Relaxed);
+                refuse(&mut stream, b"ERR unauthorized\n").await;
+                return;
+            }
+            PreAuth::TimedOut => {
+                metrics.tcp_ingest_refused[TcpIngestRefusal::AuthTimeout as usize]
+                    .fetch_add(1, Relaxed);
+                refuse(&mut stream, b"ERR auth timeout\n").await;
+                return;
+            }
+            PreAuth::Gone => return,
+        },
+    };
     let max_line = settings.max_message_size + 256;
-    let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut chunk = vec![0u8; 64 * 1024];
+    // Bytes that came with the `AUTH` line are lines like any other.
+    let mut fresh = !buf.is_empty();
     loop {
-        let n = match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&chunk[..n]);
+        if !fresh {
+            let n = match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        fresh = false;
         let mut replies: Vec<Pending> = Vec::new();
         let mut start = 0;
         let mut too_long = false;
@@ -122,19 +214,6 @@ async fn connection(
             start += nl + 1;
             if line.is_empty() {
                 continue;
-            }
-            if !authorized {
-                match (&key, auth_line(line)) {
-                    (Some(key), Some(given)) if key.matches(given) => {
-                        authorized = true;
-                        continue;
-                    }
-                    _ => {
-                        crate::metrics::get().ingest_unauthorized[0].fetch_add(1, Relaxed);
-                        refuse(&mut stream, &mut chunk).await;
-                        return;
-                    }
-                }
             }
             let acks = match ack_mode {
                 Some(on) => on,

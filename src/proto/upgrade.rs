@@ -135,6 +135,8 @@ pub fn status_text(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",

@@ -6,20 +6,25 @@
 //!   its upgrade task only while fewer than the cap are in flight on the shard; beyond it
 //!   the socket is answered `503` at once ([`refuse_now`]), without a task. This bounds
 //!   what a slowloris or a reconnect storm can hold (a task and ~3 KiB of buffers each)
-//!   between accept and `101`.
+//!   between accept and `101`. With `handshake_fair_share` (the default) a socket from
+//!   an address holding fewer places than the address holding the most takes that
+//!   address's oldest place instead ([`crate::admission::fair_share`]): the evicted
+//!   upgrade's task hears it through its ticket and answers `503`.
 //! - [`ConnectionSlots`] (process-wide, `max_connections`): a slot is reserved after the
 //!   request parsed and *before* `101` is written, so a storm spread over every shard
 //!   cannot overshoot the limit. It is released exactly once: by the
 //!   [`SlotReservation`] if the upgrade fails after reserving, otherwise by the shard when
 //!   the adopted connection leaves its table (`Shard::finalize_close`).
 
+use crate::admission::fair_share::{Admission, HandshakeBudget};
 use crate::admission::per_ip::{PerIpHold, PerIpRefusal, PerIpTable};
 use crate::metrics::{RefuseCause, ShardMetrics};
 use crate::proto::proxy::Versions;
 use crate::proto::upgrade::http_response;
+use crate::shard::follower::LocalEvent;
 use crossbeam_utils::CachePadded;
-use std::cell::Cell;
-use std::net::SocketAddr;
+use std::cell::RefCell;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -116,35 +121,48 @@ impl Drop for SlotReservation {
     }
 }
 
-/// A shard's cap on upgrades in flight (accepted, `101` or error not yet written).
+/// A shard's cap on upgrades in flight (accepted, `101` or error not yet written), shared
+/// fairly between source addresses when `handshake_fair_share` is on.
 pub struct HandshakeGate {
-    in_flight: Cell<usize>,
-    limit: Cell<usize>,
+    /// The places; each carries the event that tells its upgrade it was evicted.
+    budget: RefCell<HandshakeBudget<IpAddr, Rc<LocalEvent>>>,
     metrics: &'static ShardMetrics,
 }
 
 impl HandshakeGate {
     /// A gate admitting at most `limit` handshakes at once, counted in `metrics`.
-    pub fn new(limit: usize, metrics: &'static ShardMetrics) -> Rc<Self> {
+    pub fn new(limit: usize, fair_share: bool, metrics: &'static ShardMetrics) -> Rc<Self> {
         Rc::new(HandshakeGate {
-            in_flight: Cell::new(0),
-            limit: Cell::new(limit),
+            budget: RefCell::new(HandshakeBudget::new(limit, fair_share)),
             metrics,
         })
     }
 
-    /// Admits one handshake, or `None` at the cap.
-    pub fn try_enter(self: &Rc<Self>) -> Option<HandshakeTicket> {
-        let n = self.in_flight.get();
-        if n >= self.limit.get() {
-            return None;
-        }
-        self.in_flight.set(n + 1);
-        self.metrics
-            .handshakes_in_progress
-            .fetch_add(1, Ordering::Relaxed);
+    /// Admits one handshake from `source` (the per-IP key of the peer; `None` for a
+    /// trusted proxy, whose client is not known yet), or `None` at the cap. When the
+    /// place was taken from another address's oldest upgrade, that upgrade's
+    /// [`HandshakeTicket::eviction`] fires.
+    pub fn try_enter(self: &Rc<Self>, source: Option<IpAddr>) -> Option<HandshakeTicket> {
+        let evicted = Rc::new(LocalEvent::default());
+        let admission = self.budget.borrow_mut().admit(source, evicted.clone());
+        let id = match admission {
+            Admission::Admitted(id) => {
+                self.metrics
+                    .handshakes_in_progress
+                    .fetch_add(1, Ordering::Relaxed);
+                id
+            }
+            // One place changed hands: the gauge stays.
+            Admission::Evicting { id, victim } => {
+                victim.notify();
+                id
+            }
+            Admission::Full => return None,
+        };
         Some(HandshakeTicket {
             gate: self.clone(),
+            id,
+            evicted,
             table_fd: None,
             ip_hold: None,
             proxied: None,
@@ -153,18 +171,27 @@ impl HandshakeGate {
 
     /// Changes the cap (a reload); handshakes already in flight finish.
     pub fn set_limit(&self, limit: usize) {
-        self.limit.set(limit);
+        self.budget.borrow_mut().set_limit(limit);
+    }
+
+    /// Turns the fair share on or off (a reload).
+    pub fn set_fair_share(&self, on: bool) {
+        self.budget.borrow_mut().set_fair_share(on);
     }
 
     /// Handshakes in flight on this shard.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.get()
+        self.budget.borrow().in_flight()
     }
 }
 
 /// One admitted handshake; leaves the gate on drop, however the upgrade ended.
 pub struct HandshakeTicket {
     gate: Rc<HandshakeGate>,
+    /// Its place in the gate.
+    id: u64,
+    /// Set when the gate gave its place to another address.
+    evicted: Rc<LocalEvent>,
     /// The descriptor the connection table will own, duplicated at accept: taken before
     /// `101` is written, so a process out of descriptors never answers `101` and then
     /// drops the connection for want of one (the accept loop waits for it instead).
@@ -189,6 +216,12 @@ pub struct ProxiedPeer {
 }
 
 impl HandshakeTicket {
+    /// The event set when the shard gave this upgrade's place to another address
+    /// (`handshake_fair_share`): the upgrade should stop and answer 503.
+    pub fn eviction(&self) -> Rc<LocalEvent> {
+        self.evicted.clone()
+    }
+
     /// Attaches the connection table's descriptor, duplicated at accept.
     pub fn with_table_fd(mut self, fd: OwnedFd) -> HandshakeTicket {
         self.table_fd = Some(fd);
@@ -225,11 +258,13 @@ impl HandshakeTicket {
 
 impl Drop for HandshakeTicket {
     fn drop(&mut self) {
-        let gate = &self.gate;
-        gate.in_flight.set(gate.in_flight.get().saturating_sub(1));
-        gate.metrics
-            .handshakes_in_progress
-            .fetch_sub(1, Ordering::Relaxed);
+        // An evicted ticket's place already went to its evictor.
+        if self.gate.budget.borrow_mut().leave(self.id).is_some() {
+            self.gate
+                .metrics
+                .handshakes_in_progress
+                .fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -255,7 +290,9 @@ pub fn refusal_response_with(cause: RefuseCause, headers: &str) -> Vec<u8> {
         RefuseCause::HandshakesInFlight => "too many upgrades in progress on this core\n",
         RefuseCause::PerIp => "too many connections from your address\n",
         RefuseCause::PerIpRate => "too many new connections from your address\n",
-        RefuseCause::PerIpHandshakes => "too many upgrades in progress from your address\n",
+        RefuseCause::PerIpHandshakes | RefuseCause::HandshakeShare => {
+            "too many upgrades in progress from your address\n"
+        }
     };
     http_response(
         503,
@@ -267,13 +304,19 @@ pub fn refusal_response_with(cause: RefuseCause, headers: &str) -> Vec<u8> {
 /// Answers a just-accepted socket `503` without awaiting anything, and counts it.
 ///
 /// Used at the handshake cap, where spawning a task per refused socket would defeat the
-/// cap. A fresh socket's send buffer is empty, so the short answer fits in one
-/// non-blocking send; what the client already sent is read and discarded first, because
-/// closing a socket with unread input makes the kernel reset the connection, which can
-/// destroy the answer before the client reads it.
+/// cap.
 pub fn refuse_now(fd: RawFd, cause: RefuseCause, metrics: &ShardMetrics) {
-    use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown};
     metrics.refused[cause as usize].fetch_add(1, Ordering::Relaxed);
+    answer_now(fd, &refusal_response(cause));
+}
+
+/// Writes `answer` to a socket without awaiting anything, then shuts its write side (the
+/// caller closes it). A fresh socket's send buffer is empty, so a short answer fits in
+/// one non-blocking send; what the client already sent is read and discarded first,
+/// because closing a socket with unread input makes the kernel reset the connection,
+/// which can destroy the answer before the client reads it.
+pub fn answer_now(fd: RawFd, answer: &[u8]) {
+    use nix::sys::socket::{recv, send, shutdown, MsgFlags, Shutdown};
     let mut sink = [0u8; 2048];
     for _ in 0..4 {
         match recv(fd, &mut sink, MsgFlags::MSG_DONTWAIT) {
@@ -281,11 +324,7 @@ pub fn refuse_now(fd: RawFd, cause: RefuseCause, metrics: &ShardMetrics) {
             _ => break,
         }
     }
-    let _ = send(
-        fd,
-        &refusal_response(cause),
-        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-    );
+    let _ = send(fd, answer, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL);
     let _ = shutdown(fd, Shutdown::Write);
 }
 
@@ -347,15 +386,55 @@ mod tests {
     #[test]
     fn the_gate_counts_tickets_in_flight() {
         let metrics: &'static ShardMetrics = Box::leak(Box::default());
-        let gate = HandshakeGate::new(2, metrics);
-        let a = gate.try_enter().unwrap();
-        let _b = gate.try_enter().unwrap();
-        assert!(gate.try_enter().is_none());
+        let gate = HandshakeGate::new(2, true, metrics);
+        let a = gate.try_enter(None).unwrap();
+        let _b = gate.try_enter(None).unwrap();
+        assert!(gate.try_enter(None).is_none());
         assert_eq!(metrics.handshakes_in_progress.load(Ordering::Relaxed), 2);
         drop(a);
         assert_eq!(gate.in_flight(), 1);
         assert_eq!(metrics.handshakes_in_progress.load(Ordering::Relaxed), 1);
-        assert!(gate.try_enter().is_some());
+        assert!(gate.try_enter(None).is_some());
+    }
+
+    fn fired(event: &LocalEvent) -> bool {
+        futures_lite::future::block_on(futures_lite::future::poll_once(event.wait())).is_some()
+    }
+
+    #[test]
+    fn a_full_gate_gives_the_oldest_place_of_the_busiest_address_away() {
+        let metrics: &'static ShardMetrics = Box::leak(Box::default());
+        let gate = HandshakeGate::new(3, true, metrics);
+        let slow: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let held: Vec<_> = (0..3)
+            .map(|_| gate.try_enter(Some(slow)).unwrap())
+            .collect();
+        assert!(
+            gate.try_enter(Some(slow)).is_none(),
+            "its own next is refused"
+        );
+        let newcomer = gate
+            .try_enter(Some(other))
+            .expect("another address gets in");
+        assert!(fired(&held[0].eviction()), "the oldest is told");
+        assert!(!fired(&held[1].eviction()));
+        assert_eq!(metrics.handshakes_in_progress.load(Ordering::Relaxed), 3);
+        drop(held);
+        assert_eq!(
+            gate.in_flight(),
+            1,
+            "the evicted ticket gave nothing back twice"
+        );
+        assert_eq!(metrics.handshakes_in_progress.load(Ordering::Relaxed), 1);
+        drop(newcomer);
+        assert_eq!(metrics.handshakes_in_progress.load(Ordering::Relaxed), 0);
+
+        gate.set_fair_share(false);
+        let _full: Vec<_> = (0..3)
+            .map(|_| gate.try_enter(Some(slow)).unwrap())
+            .collect();
+        assert!(gate.try_enter(Some(other)).is_none(), "fair share off");
     }
 
     #[test]

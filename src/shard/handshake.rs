@@ -5,7 +5,9 @@
 //! `handshake_timeout` is one deadline for the whole upgrade, from accept to the answer
 //! written: a per-read timeout would let a client sending one byte every few seconds
 //! (slowloris) hold the task for hours. Admission ([`crate::shard::admission`]) bounds
-//! how many upgrades a shard runs at once and reserves the connection slot before `101`.
+//! how many upgrades a shard runs at once and reserves the connection slot before `101`;
+//! an upgrade whose place the shard gives to another address (`handshake_fair_share`) is
+//! cancelled and answered `503`.
 //!
 //! The token is checked here, before the slot and the `101`: a bad, expired or forged
 //! token, or none where anonymous connections are not allowed, is answered `401` with the
@@ -17,7 +19,9 @@ use crate::proto::origin::OriginPolicy;
 use crate::proto::position::Position;
 use crate::proto::sse::{sse_head, HttpStream, Mode};
 use crate::proto::upgrade::{accept_response, parse_upgrade_with_cookie, Endpoint, HttpReject};
-use crate::shard::admission::{refusal_response_with, HandshakeTicket, SlotReservation};
+use crate::shard::admission::{
+    refusal_response_with, refuse_now, HandshakeTicket, SlotReservation,
+};
 use crate::shard::conn::{adopt, adopt_stream, Carried};
 use crate::shard::proxy::admit_proxied;
 use crate::shard::state::Shard;
@@ -44,6 +48,16 @@ struct Upgraded {
     stream: Option<(HttpStream, Option<Position>, Option<Instant>)>,
     /// `/ws`: the position the URL's `since` resumes its channels from.
     since: Option<Position>,
+}
+
+/// How an upgrade task's wait ended.
+enum Ended<T> {
+    /// The upgrade finished: upgraded, or answered with an error (`None`).
+    Done(Option<T>),
+    /// `handshake_timeout` passed first.
+    TimedOut,
+    /// The shard gave its place to another address (`handshake_fair_share`).
+    Evicted,
 }
 
 /// Upgrades an accepted TCP connection and adopts it into the shard.
@@ -82,38 +96,42 @@ async fn upgrade_over(
     let table_fd = ticket.take_table_fd();
     let mut ip_hold = ticket.take_ip_hold();
     let proxied = ticket.take_proxied();
+    let eviction = ticket.eviction();
+    let plain = tls.is_none();
     let deadline = shard.settings.handshake_timeout;
-    let outcome = futures_lite::future::or(
-        async {
-            // Behind a trusted proxy: its PROXY header first, within the same deadline.
-            let mut head = Vec::new();
-            if let Some(proxied) = proxied {
-                // Closed or refused (counted where it happened).
-                let Some((hold, rest)) = admit_proxied(&shard, &mut stream, proxied).await else {
-                    return Some(None);
-                };
-                ip_hold = hold;
-                head = rest;
+    let work = async {
+        // Behind a trusted proxy: its PROXY header first, within the same deadline.
+        let mut head = Vec::new();
+        if let Some(proxied) = proxied {
+            // Closed or refused (counted where it happened).
+            let Some((hold, rest)) = admit_proxied(&shard, &mut stream, proxied).await else {
+                return Ended::Done(None);
+            };
+            ip_hold = hold;
+            head = rest;
+        }
+        Ended::Done(match tls {
+            None => {
+                let upgraded = handshake(&shard, &mut stream, head).await;
+                // Frames are written whole, each as soon as it is due.
+                let _ = stream.set_nodelay(true);
+                upgraded.map(|u| (u, stream, None))
             }
-            Some(match tls {
-                None => {
-                    let upgraded = handshake(&shard, &mut stream, head).await;
-                    // Frames are written whole, each as soon as it is due.
-                    let _ = stream.set_nodelay(true);
-                    upgraded.map(|u| (u, stream, None))
-                }
-                Some(config) => tls_handshake(&shard, stream, head, config).await,
-            })
-        },
-        async {
-            glommio::timer::sleep(deadline).await;
-            None
-        },
-    )
-    .await;
+            Some(config) => tls_handshake(&shard, stream, head, config).await,
+        })
+    };
+    let timeout = async {
+        glommio::timer::sleep(deadline).await;
+        Ended::TimedOut
+    };
+    let evicted = async {
+        eviction.wait().await;
+        Ended::Evicted
+    };
+    let outcome = futures_lite::future::or(futures_lite::future::or(work, timeout), evicted).await;
     drop(ticket);
     let (mut upgraded, stream, tls) = match outcome {
-        Some(Some(upgraded)) => {
+        Ended::Done(Some(upgraded)) => {
             let micros = accepted.elapsed().as_micros();
             shard
                 .all_metrics
@@ -121,10 +139,23 @@ async fn upgrade_over(
             upgraded
         }
         // Answered with an HTTP error (or the peer went away): counted where it happened.
-        Some(None) => return,
-        None => {
+        Ended::Done(None) => return,
+        Ended::TimedOut => {
             // Closed without an answer: a client this slow would not read one either.
             shard.metrics.handshakes_timed_out.fetch_add(1, Relaxed);
+            return;
+        }
+        Ended::Evicted => {
+            // The stream went with the cancelled upgrade; the table's duplicate of its
+            // descriptor still holds the socket. A TLS client would read a plain-text
+            // 503 as a TLS error: it is only closed.
+            match table_fd.as_ref().filter(|_| plain) {
+                Some(fd) => refuse_now(fd.as_raw_fd(), RefuseCause::HandshakeShare, shard.metrics),
+                None => {
+                    shard.metrics.refused[RefuseCause::HandshakeShare as usize]
+                        .fetch_add(1, Relaxed);
+                }
+            }
             return;
         }
     };

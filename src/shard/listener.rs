@@ -1,14 +1,22 @@
 //! Listening sockets, built by hand so every shard gets its own SO_REUSEPORT socket with
-//! the accept queue we ask for (glommio's own `TcpListener::bind` hard-codes 1024).
+//! the accept queue we ask for (glommio's own `TcpListener::bind` hard-codes 1024), and
+//! the accept loop of the ingest and admin ports with its connection cap.
 
-use crate::admission::accept_backoff::{AcceptBackoff, AcceptError};
+use crate::admission::accept_backoff::{AcceptBackoff, AcceptError, LOG_INTERVAL};
+use crate::admission::log_budget::LogBudget;
 use crate::config::Settings;
+use crate::live::Live;
+use crate::shard::admission::{answer_now, ConnectionSlots, SlotReservation};
+use futures_lite::AsyncReadExt;
 use glommio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// A bind failure with the context an operator needs.
 #[derive(Debug, thiserror::Error)]
@@ -132,30 +140,104 @@ fn udp_socket(what: &'static str, addr: SocketAddr) -> Result<Socket, BindError>
     .map_err(|e| bind_error(what, addr, e))
 }
 
+/// The cap on one ingest or admin port's open connections (`max_tcp_ingest_connections`,
+/// `max_admin_connections`), and what a connection past it is told.
+pub struct PortCap {
+    /// The port's open connections (process-wide for TCP ingest, which every shard
+    /// serves).
+    pub slots: Arc<ConnectionSlots>,
+    /// The limit in force, read from the live settings (a reload changes it).
+    pub limit: fn(&Live) -> usize,
+    /// The answer a connection past the cap gets before it is closed.
+    pub refusal: Vec<u8>,
+    /// Counts refusals.
+    pub refused: &'static AtomicU64,
+    /// Open connections (gauge).
+    pub open: &'static AtomicU64,
+    /// The configuration key that sets the limit, for the log line.
+    pub setting: &'static str,
+}
+
+/// One connection's place under a [`PortCap`]; given back when the connection ends.
+pub struct PortSlot {
+    _slot: SlotReservation,
+    open: &'static AtomicU64,
+}
+
+impl Drop for PortSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Ends a connection whose peer may still be sending (a refused publisher, an unframed
+/// request): shuts the write side (the answer is already written), then reads and
+/// discards input for at most `linger` and 1 MiB in all, however it trickles in. Closing
+/// with unread input makes the kernel reset the connection, which can destroy the answer
+/// before the peer reads it.
+pub async fn linger_close(stream: &mut TcpStream, linger: Duration) {
+    let drain = async {
+        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        // On the heap: a buffer in the future would size every connection's task by it.
+        let mut sink = vec![0u8; 4096];
+        let mut left: usize = 1 << 20;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    };
+    futures_lite::future::or(drain, glommio::timer::sleep(linger)).await;
+}
+
 /// Accepts on `listener` forever and spawns `handle` for every connection whose source
 /// may use ingest/admin ports (loopback or `ingest_allow`, as of the last reload); others
-/// are closed at once.
+/// are closed at once. Past `cap`, a connection is answered `cap.refusal` and closed
+/// without a task; a warning says so at most every 10 s.
 pub async fn accept_allowed<F, Fut>(
     listener: TcpListener,
     what: &'static str,
     settings: &Settings,
+    cap: PortCap,
     handle: F,
 ) where
-    F: Fn(TcpStream) -> Fut,
+    F: Fn(TcpStream, PortSlot) -> Fut,
     Fut: Future<Output = ()> + 'static,
 {
     let mut live = crate::live::Cached::new(settings);
     let mut backoff = AcceptBackoff::new();
+    let mut refusals = LogBudget::new(LOG_INTERVAL);
     loop {
         match listener.accept().await {
             Ok(stream) => {
                 backoff.on_success();
-                let live = live.get();
-                if stream
+                if live.refresh() {
+                    cap.slots.set_limit((cap.limit)(live.get()));
+                }
+                if !stream
                     .peer_addr()
-                    .is_ok_and(|a| live.ingest_allowed(a.ip()))
+                    .is_ok_and(|a| live.get().ingest_allowed(a.ip()))
                 {
-                    glommio::spawn_local(handle(stream)).detach();
+                    continue;
+                }
+                match cap.slots.try_reserve() {
+                    Some(slot) => {
+                        cap.open.fetch_add(1, Ordering::Relaxed);
+                        let slot = PortSlot {
+                            _slot: slot,
+                            open: cap.open,
+                        };
+                        glommio::spawn_local(handle(stream, slot)).detach();
+                    }
+                    None => {
+                        cap.refused.fetch_add(1, Ordering::Relaxed);
+                        answer_now(stream.as_raw_fd(), &cap.refusal);
+                        if let Some(refused) = refusals.event(Instant::now()) {
+                            let (setting, limit) = (cap.setting, cap.slots.limit());
+                            tracing::warn!(refused, limit, "{what}: {limit} connections open ({setting}); refusing new ones until some close (logged at most every 10 s)");
+                        }
+                    }
                 }
             }
             Err(e) => {

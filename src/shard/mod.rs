@@ -111,6 +111,8 @@ struct ShardSetup {
     registry: Arc<Registry>,
     presence: Arc<Presence>,
     slots: Arc<ConnectionSlots>,
+    /// Open TCP ingest connections over the process (`max_tcp_ingest_connections`).
+    ingest_slots: Arc<ConnectionSlots>,
     /// The per-address table (`None`: every per-IP limit is off).
     per_ip: Option<Arc<PerIpTable>>,
     sockets: ShardSockets,
@@ -232,6 +234,8 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
     // One limit for the process, whatever share of the connections each shard's
     // SO_REUSEPORT listener happens to receive.
     let slots = ConnectionSlots::new(settings.max_connections);
+    // Every shard serves the TCP ingest port: one count for all of them.
+    let ingest_slots = ConnectionSlots::new(settings.max_tcp_ingest_connections);
     // One table for the process: SO_REUSEPORT spreads one address over every shard.
     let per_ip = settings
         .per_ip
@@ -332,6 +336,7 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
             registry: registry.clone(),
             presence: presence.clone(),
             slots: slots.clone(),
+            ingest_slots: ingest_slots.clone(),
             per_ip: per_ip.clone(),
             sockets,
             wake_senders,
@@ -574,6 +579,7 @@ async fn shard_main(setup: ShardSetup) {
         registry,
         presence,
         slots,
+        ingest_slots,
         per_ip,
         sockets,
         wake_senders,
@@ -704,6 +710,7 @@ async fn shard_main(setup: ShardSetup) {
             inbox.clone(),
             settings.clone(),
             metrics,
+            ingest_slots,
         ))
         .detach();
     }
@@ -723,7 +730,11 @@ async fn shard_main(setup: ShardSetup) {
     let stop_accepting = Rc::new(LocalEvent::default());
     if let Some(ws) = sockets.ws {
         let ws = unsafe { TcpListener::from_raw_fd(ws.into_raw_fd()) };
-        let gate = HandshakeGate::new(settings.max_handshakes_per_shard, metrics);
+        let gate = HandshakeGate::new(
+            settings.max_handshakes_per_shard,
+            settings.handshake_fair_share,
+            metrics,
+        );
         glommio::spawn_local(accept_loop(
             shard.clone(),
             ws,
@@ -738,7 +749,11 @@ async fn shard_main(setup: ShardSetup) {
         let tls = unsafe { TcpListener::from_raw_fd(tls.into_raw_fd()) };
         // Its own gate: a TLS handshake costs more CPU, and a storm of them must not
         // take the plain listener's upgrade places.
-        let gate = HandshakeGate::new(settings.max_handshakes_per_shard, metrics);
+        let gate = HandshakeGate::new(
+            settings.max_handshakes_per_shard,
+            settings.handshake_fair_share,
+            metrics,
+        );
         glommio::spawn_local(accept_loop(
             shard.clone(),
             tls,
@@ -796,6 +811,7 @@ async fn accept_loop(
                     let accepted = Instant::now();
                     if live.refresh() {
                         gate.set_limit(live.get().max_handshakes_per_shard);
+                        gate.set_fair_share(live.get().handshake_fair_share);
                     }
                     // The table's own descriptor, taken now: out of descriptors, this
                     // client waits here (and the rest in the kernel's accept queue)
@@ -838,7 +854,13 @@ async fn accept_loop(
                         }
                         _ => None,
                     };
-                    match (gate.try_enter(), table_fd) {
+                    // The address the fair share counts: a trusted proxy's sockets stand
+                    // for many clients and are never counted against one.
+                    let source = match (&proxied, peer) {
+                        (None, Some(peer)) => Some(shard.settings.per_ip.key(peer.ip())),
+                        _ => None,
+                    };
+                    match (gate.try_enter(source), table_fd) {
                         (Some(ticket), Some(fd)) => {
                             let mut ticket = ticket.with_table_fd(fd);
                             if let Some(hold) = ip_hold {
