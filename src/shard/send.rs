@@ -155,9 +155,11 @@ impl Shard {
     /// is caught up at the next call and the gauge cannot go below zero.
     pub fn count_backlog(&self, conn: &mut Conn) {
         let delta = conn.machine.backlog_gauge_delta();
-        if delta >= 0 {
+        // Every flush comes here: most leave the backlog as counted (empty before and
+        // after), and need no atomic read-modify-write.
+        if delta > 0 {
             self.metrics.backlog_bytes.fetch_add(delta as u64, Relaxed);
-        } else {
+        } else if delta < 0 {
             self.metrics
                 .backlog_bytes
                 .fetch_sub(delta.unsigned_abs(), Relaxed);
