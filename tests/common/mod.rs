@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //!
-//! - [`server`]: spawn the binary, wait for `/healthz`, publish (UDP, TCP, HTTP),
+//! - [`server`]: spawn the binary, wait for `/readyz`, publish (UDP, TCP, HTTP),
 //!   read metrics, send SIGTERM; killed on drop, its log printed when a test fails.
 //! - [`http`]: a tiny HTTP/1.1 client over `std::net::TcpStream` (admin API, bad upgrades).
 //! - [`metrics`]: Prometheus text parsing with sums over label sets.

@@ -1,7 +1,7 @@
 //! One real `ringcast` process per test, on free loopback ports.
 //!
 //! [`Server::start`] spawns the binary (`RINGCAST_BIN`, else the one cargo built for this
-//! test), sends its stdout and stderr to a log file, and waits for `GET /healthz` to
+//! test), sends its stdout and stderr to a log file, and waits for `GET /readyz` to
 //! answer 200. Dropping the [`Server`] kills the process; when the test is failing, or
 //! the process died on its own, the log is printed so the failure explains itself.
 
@@ -21,7 +21,7 @@ use super::raw_ws::RawWs;
 use super::subscriber::Subscriber;
 use super::{free_tcp_port, free_udp_port};
 
-/// How long ringcast gets to answer `/healthz` after spawning.
+/// How long ringcast gets to answer 200 on `/readyz` after spawning.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Shards every test server runs unless a test passes `--shards` itself: two, so that
@@ -71,10 +71,11 @@ impl Server {
     }
 
     /// Starts ringcast with `extra` flags appended to the port flags (and `--shards 2`
-    /// unless `extra` sets `--shards`), and waits until `/healthz` answers 200.
+    /// unless `extra` sets `--shards`), and waits until `/readyz` answers 200: every
+    /// shard serves (`/healthz` answers as soon as the admin port is up, before that).
     ///
     /// # Panics
-    /// When the process exits or stays unhealthy for [`STARTUP_TIMEOUT`]; the panic
+    /// When the process exits or is not ready within [`STARTUP_TIMEOUT`]; the panic
     /// message carries its log.
     pub fn start(extra: &[&str]) -> Server {
         Server::start_with_env(extra, &[])
@@ -241,12 +242,12 @@ impl Server {
                     server.describe()
                 ));
             }
-            if matches!(http::get(server.admin_addr(), "/healthz"), Ok(r) if r.status == 200) {
+            if matches!(http::get(server.admin_addr(), "/readyz"), Ok(r) if r.status == 200) {
                 return Ok(server);
             }
             if started.elapsed() > STARTUP_TIMEOUT {
                 return Err(format!(
-                    "ringcast did not answer 200 on GET /healthz within {STARTUP_TIMEOUT:?}\n{}",
+                    "ringcast did not answer 200 on GET /readyz within {STARTUP_TIMEOUT:?}\n{}",
                     server.describe()
                 ));
             }
