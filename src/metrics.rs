@@ -538,6 +538,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP ringcast_history_messages Messages retained in channel history.\n# TYPE ringcast_history_messages gauge\nringcast_history_messages {}", h.messages.load(Relaxed));
         let _ = writeln!(out, "# HELP ringcast_history_bytes Frame bytes retained in channel history (bounded by history_max_bytes).\n# TYPE ringcast_history_bytes gauge\nringcast_history_bytes {}", h.bytes.load(Relaxed));
         let _ = writeln!(out, "# HELP ringcast_history_evicted_total Messages evicted from history early to stay within history_max_bytes.\n# TYPE ringcast_history_evicted_total counter\nringcast_history_evicted_total {}", h.evicted.load(Relaxed));
+        let _ = writeln!(out, "# HELP ringcast_owner_offsets_refused_total Messages of a store-written channel (inbox, cluster) refused because their offset did not follow the channel's last one.\n# TYPE ringcast_owner_offsets_refused_total counter\nringcast_owner_offsets_refused_total {}", h.refused_offsets.load(Relaxed));
         let _ = writeln!(out, "# HELP ringcast_recoveries_total Subscribes with since, by result.\n# TYPE ringcast_recoveries_total counter");
         let _ = writeln!(
             out,
@@ -753,6 +754,12 @@ impl Metrics {
             "counter",
             "Re-sent cluster inbox publishes JetStream had already stored: stored and delivered once (0 with the redb store).",
             &i.deduped,
+        );
+        counter(
+            "ringcast_inbox_offset_skips_total",
+            "counter",
+            "Cluster inbox publishes whose offset skipped past unacked messages retention removed (0 with the redb store).",
+            &i.offset_skips,
         );
         counter(
             "ringcast_inbox_queued",

@@ -48,7 +48,7 @@ use async_nats::jetstream::stream::{
 };
 use async_nats::{Client, Event, HeaderMap};
 use bytes::Bytes;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -58,6 +58,10 @@ use std::time::{Duration, Instant};
 
 /// Header of an ack record: the user acked every offset up to this one.
 pub const ACKED_HEADER: &str = "Ringcast-Acked";
+
+/// Header of an ack record: a stream sequence below every message stored past the
+/// record's last offset (see [`AckRecord::floor`]).
+pub const FLOOR_HEADER: &str = "Ringcast-Floor";
 
 /// Attempts of one write when another node wrote the subject first (error 10071).
 const MAX_TRIES: usize = 16;
@@ -79,6 +83,17 @@ pub fn interest(channel: &str, on: bool) -> bool {
 
 /// An ack record as stored: acked up to `acked`; the channel's last offset and epoch
 /// when it was written.
+///
+/// The record is what a user channel's offsets continue from once its inbox subject is
+/// empty (everything acked, or expired by `inbox_retention`). Two cases differ:
+/// - `acked == last`: everything up to `last` was acked and nothing was stored past it
+///   (a publish into an empty subject raises `last` first, see [`reopen`]), so the next
+///   offset is `last + 1`;
+/// - `acked < last`: messages past `acked` were stored and are gone unacked (expired);
+///   how far they reached is not known, but each took a stream sequence above `floor`,
+///   so the next offset skips past `last + (stream's last sequence - floor)`. Offsets
+///   never repeat, and a client resuming from one of the expired offsets is told it
+///   missed messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AckRecord {
     /// Every offset up to this one is acked.
@@ -87,27 +102,48 @@ pub struct AckRecord {
     pub last: u64,
     /// The channel's epoch.
     pub epoch: u64,
+    /// A stream sequence of the inbox stream below every message of this channel with an
+    /// offset past `last` (0 in records written before it existed: then a skip is as
+    /// long as the stream).
+    pub floor: u64,
 }
 
 impl AckRecord {
     /// The record's headers.
-    pub fn to_headers(self) -> [(&'static str, String); 3] {
+    pub fn to_headers(self) -> [(&'static str, String); 4] {
         [
             (ACKED_HEADER, self.acked.to_string()),
             (OFFSET_HEADER, self.last.to_string()),
             (EPOCH_HEADER, self.epoch.to_string()),
+            (FLOOR_HEADER, self.floor.to_string()),
         ]
     }
 
     /// Parses a record from header values; `None` when one is missing or malformed, or
-    /// the record is inconsistent (acked past the last offset, epoch 0).
-    pub fn parse(acked: Option<&str>, last: Option<&str>, epoch: Option<&str>) -> Option<Self> {
+    /// the record is inconsistent (acked past the last offset, epoch 0). A missing floor
+    /// is 0.
+    pub fn parse(
+        acked: Option<&str>,
+        last: Option<&str>,
+        epoch: Option<&str>,
+        floor: Option<&str>,
+    ) -> Option<Self> {
         let r = AckRecord {
             acked: parse_u64(acked)?,
             last: parse_u64(last)?,
             epoch: parse_u64(epoch)?,
+            floor: match floor {
+                None => 0,
+                some => parse_u64(some)?,
+            },
         };
         (r.acked <= r.last && r.epoch != 0).then_some(r)
+    }
+
+    /// True when nothing was stored past `last`: an empty subject then continues at
+    /// `last + 1`.
+    pub fn complete(self) -> bool {
+        self.acked == self.last
     }
 }
 
@@ -138,6 +174,18 @@ pub fn plan_ack(acked: u64, last: u64, upto: u64) -> AckPlan {
     }
 }
 
+/// Decides an ack when the inbox subject is empty (sans-io): nothing is left to
+/// remove, so nothing is written. With a complete record an offset past its last is
+/// refused as usual; with an incomplete one (messages expired unacked) the client may
+/// have seen offsets past it, so the ack removes nothing instead.
+pub fn plan_ack_on_empty(record: Option<AckRecord>, upto: u64) -> AckPlan {
+    match record {
+        Some(r) if r.complete() && upto > r.last => AckPlan::Ahead(r.last),
+        None if upto > 0 => AckPlan::Ahead(0),
+        _ => AckPlan::Nothing,
+    }
+}
+
 /// Where the next message of a channel goes: the last message in the stream if any, else
 /// the ack record's position (the subject was emptied by acks or retention), else a new
 /// channel (offset 0, epoch to choose). Returns (last offset, epoch or 0, expected
@@ -148,6 +196,49 @@ pub fn next_position(last: Option<(u64, u64, u64)>, record: Option<AckRecord>) -
         (Some(l), _) => l,
         (None, Some(r)) => (r.last, r.epoch, 0),
         (None, None) => (0, 0, 0),
+    }
+}
+
+/// The record a publish into an empty inbox subject writes before its message, whose
+/// offset is the new record's `last` (sans-io).
+///
+/// - No record: a channel never written; offset 1 in `new_epoch`.
+/// - A complete record: offset `last + 1`.
+/// - An incomplete one (messages past `acked` expired unacked): every offset they may
+///   have had is skipped, at most one per stream sequence since the record's floor
+///   (`stream_last` is the inbox stream's last sequence now); the skipped offsets count
+///   as acked.
+///
+/// `observed` is a stream sequence already seen: the message to come, and every later
+/// one of the channel, will be stored above it, so it is the new record's floor.
+pub fn reopen(
+    record: Option<AckRecord>,
+    stream_last: u64,
+    observed: u64,
+    new_epoch: u64,
+) -> AckRecord {
+    match record {
+        None => AckRecord {
+            acked: 0,
+            last: 1,
+            epoch: new_epoch,
+            floor: observed,
+        },
+        Some(r) if r.complete() => AckRecord {
+            acked: r.acked,
+            last: r.last + 1,
+            epoch: r.epoch,
+            floor: observed.max(r.floor),
+        },
+        Some(r) => {
+            let next = r.last + stream_last.saturating_sub(r.floor) + 1;
+            AckRecord {
+                acked: next - 1,
+                last: next,
+                epoch: r.epoch,
+                floor: observed.max(stream_last),
+            }
+        }
     }
 }
 
@@ -223,6 +314,17 @@ struct Node {
     workers: RefCell<HashMap<Arc<str>, tokio::sync::mpsc::UnboundedSender<Request>>>,
     /// Publish message ids (`Nats-Msg-Id`).
     msg_ids: stored::MsgIds,
+    /// The highest inbox stream sequence this node has seen (a floor for records, see
+    /// [`reopen`]).
+    observed: Cell<u64>,
+}
+
+/// Where a publish goes, as read from the streams.
+enum Position {
+    /// After the subject's last message (or the cached one): (offset, epoch, seq).
+    After(u64, u64, u64),
+    /// The subject is empty: the ack record and its subject sequence, if any.
+    Empty(Option<(AckRecord, u64)>),
 }
 
 fn unavailable(what: impl std::fmt::Display) -> StoreError {
@@ -231,6 +333,20 @@ fn unavailable(what: impl std::fmt::Display) -> StoreError {
 
 fn js_error(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::new(ErrorKind::Io, format!("JetStream: {what}: {e}"))
+}
+
+fn record_races() -> StoreError {
+    StoreError::new(
+        ErrorKind::Overloaded,
+        format!("other nodes wrote the ack record {MAX_TRIES} times in a row; retry"),
+    )
+}
+
+fn offset_races() -> StoreError {
+    StoreError::new(
+        ErrorKind::Overloaded,
+        format!("other nodes took the next offset {MAX_TRIES} times in a row; retry"),
+    )
 }
 
 async fn run(
@@ -254,6 +370,7 @@ async fn run(
         chans: RefCell::new(HashMap::new()),
         workers: RefCell::new(HashMap::new()),
         msg_ids: stored::MsgIds::new(),
+        observed: Cell::new(0),
     });
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -353,6 +470,11 @@ impl Node {
         self.parts.publisher.new_epoch()
     }
 
+    /// Notes an inbox stream sequence seen.
+    fn observe(&self, seq: u64) {
+        self.observed.set(self.observed.get().max(seq));
+    }
+
     fn subject(&self, kind: &str, channel: &str) -> String {
         format!(
             "{}.{kind}.{}",
@@ -430,6 +552,7 @@ impl Node {
                 }
             }
             if let (Some(a), Some(b)) = (got.first(), got.get(1)) {
+                self.observe(a.cached_info().state.last_sequence);
                 *self.streams.borrow_mut() = Some((a.clone(), b.clone()));
                 return true;
             }
@@ -492,6 +615,7 @@ impl Node {
         let Some(m) = last else {
             return Ok(None);
         };
+        self.observe(m.seq);
         match m.position() {
             Some((o, e)) => Ok(Some((o, e, m.seq))),
             None => Err(js_error(
@@ -513,8 +637,13 @@ impl Node {
         {
             Ok(m) => {
                 let h = |k: &str| m.headers.get(k).map(|v| v.as_str().to_string());
-                let (a, l, e) = (h(ACKED_HEADER), h(OFFSET_HEADER), h(EPOCH_HEADER));
-                AckRecord::parse(a.as_deref(), l.as_deref(), e.as_deref())
+                let (a, l, e, f) = (
+                    h(ACKED_HEADER),
+                    h(OFFSET_HEADER),
+                    h(EPOCH_HEADER),
+                    h(FLOOR_HEADER),
+                );
+                AckRecord::parse(a.as_deref(), l.as_deref(), e.as_deref(), f.as_deref())
                     .map(|r| Some((r, m.sequence)))
                     .ok_or_else(|| js_error("reading an ack record", "malformed headers"))
             }
@@ -523,14 +652,14 @@ impl Node {
         }
     }
 
-    /// Writes an ack record expecting the record subject at `seq`; `Ok(false)` when
-    /// another node wrote it first (10071).
+    /// Writes an ack record expecting the record subject at `seq`: the record's new
+    /// subject sequence, or `None` when another node wrote it first (10071).
     async fn write_record(
         &self,
         channel: &str,
         record: AckRecord,
         seq: u64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let mut headers = HeaderMap::new();
         for (k, v) in record.to_headers() {
             headers.insert(k, v.as_str());
@@ -538,24 +667,73 @@ impl Node {
         let subject = self.subject("inack", channel);
         stored::store_expecting(&self.js, subject, headers, Bytes::new(), seq)
             .await
-            .map(|stored| stored.is_some())
             .map_err(|e| js_error("writing the ack record", e))
     }
 
-    /// Where the next message of `channel` goes: (last offset, epoch or 0, expected
-    /// subject sequence), cached from the last write or read from both streams.
+    /// Where the next message of `channel` goes: after the subject's last message
+    /// (cached from the last write, or read), or into an empty subject.
     async fn publish_position(
         &self,
         inbox: &JsStream,
         acks: &JsStream,
         channel: &Arc<str>,
-    ) -> Result<(u64, u64, u64), StoreError> {
-        if let Some(k) = self.chans.borrow().get(channel).and_then(|c| c.stream_last) {
-            return Ok(k);
+    ) -> Result<Position, StoreError> {
+        if let Some((o, e, s)) = self.chans.borrow().get(channel).and_then(|c| c.stream_last) {
+            return Ok(Position::After(o, e, s));
         }
         let last = self.read_last(inbox, channel).await?;
-        let record = self.read_record(acks, channel).await?.map(|r| r.0);
-        Ok(next_position(last, record))
+        let record = self.read_record(acks, channel).await?;
+        Ok(match last {
+            Some(_) => {
+                let (o, e, s) = next_position(last, record.map(|r| r.0));
+                Position::After(o, e, s)
+            }
+            None => Position::Empty(record),
+        })
+    }
+
+    /// Before the first message into an empty subject: writes the record [`reopen`]
+    /// decides and returns where the message goes (last offset, epoch, expected subject
+    /// sequence 0); `None` when another node wrote the record first.
+    async fn reopen(
+        &self,
+        inbox: &JsStream,
+        channel: &Arc<str>,
+        record: Option<(AckRecord, u64)>,
+    ) -> Result<Option<(u64, u64, u64)>, StoreError> {
+        let stream_last = match record {
+            Some((r, _)) if !r.complete() => {
+                let info = inbox
+                    .get_info()
+                    .await
+                    .map_err(|e| js_error("reading the inbox stream's last sequence", e))?;
+                info.state.last_sequence
+            }
+            _ => 0,
+        };
+        self.observe(stream_last);
+        let next = reopen(
+            record.map(|r| r.0),
+            stream_last,
+            self.observed.get(),
+            self.new_epoch(),
+        );
+        let Some(_) = self
+            .write_record(channel, next, record.map_or(0, |r| r.1))
+            .await?
+        else {
+            return Ok(None);
+        };
+        if let Some((r, _)) = record.filter(|(r, _)| !r.complete()) {
+            self.parts.stats.offset_skips.fetch_add(1, Relaxed);
+            tracing::info!(
+                channel = %channel,
+                expired_after = r.acked,
+                next = next.last,
+                "cluster inbox: unacked messages expired from an emptied user channel; its offsets continue past every offset they may have had"
+            );
+        }
+        Ok(Some((next.last - 1, next.epoch, 0)))
     }
 
     fn forget_last(&self, channel: &Arc<str>) {
@@ -596,8 +774,21 @@ impl Node {
                 other => other?,
             };
             let (inbox, acks) = streams;
-            let (last, epoch, seq) = match self.publish_position(&inbox, &acks, channel).await {
-                Ok(p) => p,
+            let position = match self.publish_position(&inbox, &acks, channel).await {
+                Ok(Position::After(o, e, s)) => Ok(Some((o, e, s))),
+                Ok(Position::Empty(record)) => self.reopen(&inbox, channel, record).await,
+                Err(e) => Err(e),
+            };
+            let (last, epoch, seq) = match position {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    // Another node wrote the record first: read both again.
+                    races += 1;
+                    if races >= MAX_TRIES {
+                        return Err(offset_races());
+                    }
+                    continue;
+                }
                 Err(e) if retry => {
                     tracing::debug!(error = %e, channel = %channel, "cluster inbox: reading the last message; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -627,10 +818,7 @@ impl Node {
                     self.forget_last(channel);
                     races += 1;
                     if races >= MAX_TRIES {
-                        return Err(StoreError::new(
-                            ErrorKind::Overloaded,
-                            format!("other nodes took the next offset {MAX_TRIES} times in a row; retry"),
-                        ));
+                        return Err(offset_races());
                     }
                     continue;
                 }
@@ -658,6 +846,7 @@ impl Node {
                 )
                 .await?
             } else {
+                self.observe(ack.sequence);
                 self.chans
                     .borrow_mut()
                     .entry(channel.clone())
@@ -718,6 +907,16 @@ impl Node {
             let (inbox, acks) = self.streams()?;
             let last = self.read_last(&inbox, channel).await?;
             let record = self.read_record(&acks, channel).await?;
+            let Some((_, _, stored_seq)) = last else {
+                // Nothing left to remove, and nothing to write (see plan_ack_on_empty).
+                return match plan_ack_on_empty(record.map(|r| r.0), upto) {
+                    AckPlan::Ahead(last) => Ok(Err(last)),
+                    _ => {
+                        self.parts.stats.acks.fetch_add(1, Relaxed);
+                        Ok(Ok(0))
+                    }
+                };
+            };
             let (last_offset, epoch, last_seq) = next_position(last, record.map(|r| r.0));
             let acked = record.map_or(0, |r| r.0.acked);
             let (from, upto) = match plan_ack(acked, last_offset, upto) {
@@ -751,15 +950,21 @@ impl Node {
                 acked: upto,
                 last: last_offset,
                 epoch: if epoch == 0 { self.new_epoch() } else { epoch },
+                // Messages past the last one read are stored above it.
+                floor: record.map_or(0, |r| r.0.floor).max(stored_seq),
             };
-            if !self.write_record(channel, new, record_seq).await? {
+            let Some(written) = self.write_record(channel, new, record_seq).await? else {
                 continue; // Another node acked (or created the record) meanwhile.
-            }
+            };
             if bound > 1 {
                 if let Err(e) = inbox.purge().filter(subject.clone()).sequence(bound).await {
                     // The ack is durable; the next ack purges these too.
                     tracing::warn!(error = %e, channel = %channel, "cluster inbox: purging acked messages");
                 }
+            }
+            if new.complete() {
+                self.recheck_complete(&inbox, &acks, channel, new, written)
+                    .await?;
             }
             if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
                 c.stream_last = None;
@@ -768,10 +973,47 @@ impl Node {
             self.parts.stats.acked.fetch_add(removed, Relaxed);
             return Ok(Ok(removed));
         }
-        Err(StoreError::new(
-            ErrorKind::Overloaded,
-            format!("other nodes wrote the ack record {MAX_TRIES} times in a row; retry"),
-        ))
+        Err(record_races())
+    }
+
+    /// A complete record (everything acked up to the last offset read) claims that
+    /// nothing was stored past its last offset; a publish from another node may have
+    /// landed after the read, above the purge bound. Reads the subject again and, when
+    /// it holds such a message, rewrites the record as incomplete (its last offset that
+    /// message's), so an expiry of it later cannot make its offset come back.
+    async fn recheck_complete(
+        &self,
+        inbox: &JsStream,
+        acks: &JsStream,
+        channel: &Arc<str>,
+        mut record: AckRecord,
+        mut seq: u64,
+    ) -> Result<(), StoreError> {
+        for _ in 0..MAX_TRIES {
+            let Some((o, e, s)) = self.read_last(inbox, channel).await? else {
+                return Ok(()); // Empty: the next publish writes the record first.
+            };
+            if o <= record.last || e != record.epoch {
+                return Ok(());
+            }
+            record.last = o;
+            record.floor = record.floor.max(s);
+            match self.write_record(channel, record, seq).await? {
+                Some(_) => return Ok(()),
+                // Written meanwhile by an ack or a reopen that read the subject after
+                // this message: it accounts for it.
+                None => match self.read_record(acks, channel).await? {
+                    Some((r, _)) if r.last >= o || r.epoch != record.epoch => return Ok(()),
+                    Some((r, s2)) => {
+                        record = AckRecord { last: o, ..r };
+                        record.floor = record.floor.max(s);
+                        seq = s2;
+                    }
+                    None => return Ok(()),
+                },
+            }
+        }
+        Err(record_races())
     }
 
     async fn read(self: &Rc<Self>, channel: &Arc<str>) -> Result<Backlog, StoreError> {
@@ -791,6 +1033,7 @@ impl Node {
                 acked: 0,
                 last: 0,
                 epoch: self.new_epoch(),
+                floor: self.observed.get(),
             };
             self.write_record(channel, fresh, 0).await?;
             tries += 1;
@@ -812,6 +1055,7 @@ impl Node {
                 break;
             };
             cursor = m.seq + 1;
+            self.observe(m.seq);
             let offset = m.offset.unwrap_or(0);
             if offset > last {
                 break;
@@ -1054,29 +1298,145 @@ mod tests {
             acked: 7,
             last: 7,
             epoch: 99,
+            floor: 30,
         };
         assert_eq!(next_position(None, Some(record)), (7, 99, 0));
         assert_eq!(next_position(Some((9, 99, 40)), Some(record)), (9, 99, 40));
         assert_eq!(next_position(Some((3, 5, 2)), None), (3, 5, 2));
         assert_eq!(next_position(None, None), (0, 0, 0));
+        // Complete: the next offset follows; the record says so before the message.
+        assert_eq!(
+            reopen(Some(record), 0, 50, 1),
+            AckRecord {
+                acked: 7,
+                last: 8,
+                epoch: 99,
+                floor: 50
+            }
+        );
+        assert_eq!(
+            reopen(None, 0, 12, 5),
+            AckRecord {
+                acked: 0,
+                last: 1,
+                epoch: 5,
+                floor: 12
+            }
+        );
+    }
+
+    /// Regression: with `inbox_retention = 2`, offsets 1-3 expired unacked and the next
+    /// messages got 1 and 2 again; after an ack of 1 and the expiry of 4-6, the next
+    /// message got 4 again. Expired offsets are skipped: at most one per stream sequence
+    /// stored since the record's floor.
+    #[test]
+    fn expired_offsets_are_skipped_never_reused() {
+        // Acked 1, offsets up to 6 were stored (5 and 6 without touching the record),
+        // all expired; 4 stream sequences were used after the floor.
+        let record = AckRecord {
+            acked: 1,
+            last: 4,
+            epoch: 3,
+            floor: 100,
+        };
+        assert!(!record.complete());
+        let next = reopen(Some(record), 104, 90, 7);
+        assert!(next.last > 6, "{next:?}");
+        assert_eq!((next.acked, next.last, next.epoch), (8, 9, 3));
+        assert_eq!(next.floor, 104);
+        // An ack into the emptied subject removes nothing and is not refused for
+        // offsets the client saw before they expired.
+        assert_eq!(plan_ack_on_empty(Some(record), 6), AckPlan::Nothing);
+        let done = AckRecord { acked: 4, ..record };
+        assert_eq!(plan_ack_on_empty(Some(done), 6), AckPlan::Ahead(4));
+        assert_eq!(plan_ack_on_empty(None, 1), AckPlan::Ahead(0));
+        assert_eq!(plan_ack_on_empty(None, 0), AckPlan::Nothing);
+    }
+
+    /// One user channel, driven the way the node drives it (one request at a time):
+    /// publishes, other users' publishes (stream sequences used elsewhere), acks and
+    /// retention expiring the oldest messages. Every offset given out is above every
+    /// earlier one, whatever expired.
+    fn check_offsets_never_repeat(ops: &[(u8, u64)]) -> Result<(), TestCaseError> {
+        let mut subject: std::collections::VecDeque<(u64, u64)> = Default::default();
+        let mut record: Option<AckRecord> = None;
+        let mut stream_last = 0u64;
+        let mut highest = 0u64;
+        for &(op, n) in ops {
+            match op % 4 {
+                0 => {
+                    let offset = match subject.back() {
+                        Some(&(o, _)) => next_position(Some((o, 3, 0)), record).0 + 1,
+                        None => {
+                            // Any sequence seen before is a valid floor.
+                            let observed = n % (stream_last + 1);
+                            let r = reopen(record, stream_last, observed, 3);
+                            record = Some(r);
+                            r.last
+                        }
+                    };
+                    prop_assert!(offset > highest, "offset {offset} after {highest}");
+                    highest = offset;
+                    stream_last += 1;
+                    subject.push_back((offset, stream_last));
+                }
+                1 => stream_last += n % 5,
+                2 => {
+                    let upto = n % (highest + 2);
+                    let Some(&(o, s)) = subject.back() else {
+                        let removes =
+                            matches!(plan_ack_on_empty(record, upto), AckPlan::Remove { .. });
+                        prop_assert!(!removes, "an ack of an empty subject removed something");
+                        continue;
+                    };
+                    let (last, epoch, _) = next_position(Some((o, 3, s)), record);
+                    let acked = record.map_or(0, |r| r.acked);
+                    if let AckPlan::Remove { upto, .. } = plan_ack(acked, last, upto) {
+                        record = Some(AckRecord {
+                            acked: upto,
+                            last,
+                            epoch,
+                            floor: record.map_or(0, |r| r.floor).max(s),
+                        });
+                        subject.retain(|&(offset, _)| offset > upto);
+                    }
+                }
+                _ => {
+                    for _ in 0..n % 4 {
+                        subject.pop_front();
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     proptest! {
         #[test]
-        fn records_round_trip(acked in 0u64..1000, extra in 0u64..1000, epoch in 1u64..) {
-            let r = AckRecord { acked, last: acked + extra, epoch };
+        fn records_round_trip(acked in 0u64..1000, extra in 0u64..1000, epoch in 1u64.., floor in any::<u64>()) {
+            let r = AckRecord { acked, last: acked + extra, epoch, floor };
             let h = r.to_headers();
             prop_assert_eq!(
-                AckRecord::parse(Some(&h[0].1), Some(&h[1].1), Some(&h[2].1)),
+                AckRecord::parse(Some(&h[0].1), Some(&h[1].1), Some(&h[2].1), Some(&h[3].1)),
                 Some(r)
+            );
+            // Written before the floor existed: read as floor 0.
+            prop_assert_eq!(
+                AckRecord::parse(Some(&h[0].1), Some(&h[1].1), Some(&h[2].1), None),
+                Some(AckRecord { floor: 0, ..r })
             );
         }
 
         #[test]
-        fn arbitrary_header_values_never_panic(a in any::<String>(), l in any::<String>(), e in any::<String>()) {
-            if let Some(r) = AckRecord::parse(Some(&a), Some(&l), Some(&e)) {
+        fn arbitrary_header_values_never_panic(a in any::<String>(), l in any::<String>(), e in any::<String>(), f in any::<String>()) {
+            if let Some(r) = AckRecord::parse(Some(&a), Some(&l), Some(&e), Some(&f)) {
                 prop_assert!(r.acked <= r.last && r.epoch != 0);
             }
+        }
+
+        #[test]
+        fn offsets_never_repeat_across_acks_and_expiry(ops in proptest::collection::vec((any::<u8>(), any::<u64>()), 0..300)) {
+            check_offsets_never_repeat(&ops)?;
         }
 
         #[test]

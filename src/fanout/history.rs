@@ -302,6 +302,9 @@ pub struct HistoryStats {
     pub messages: AtomicU64,
     /// Messages evicted before their size or TTL said so, to stay in the byte budget.
     pub evicted: AtomicU64,
+    /// Owner-written messages refused because their offset did not move forward
+    /// ([`crate::fanout::publisher::Publisher::publish_at`]).
+    pub refused_offsets: AtomicU64,
 }
 
 /// The byte budget of all histories: the oldest retained messages of the process go

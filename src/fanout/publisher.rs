@@ -285,7 +285,7 @@ impl Publisher {
 
     /// Publishes without waking anyone (for callers that batch, and for tests).
     pub fn publish_quiet(&self, channel: &str, payload: &[u8]) -> Published {
-        self.publish_inner(channel, payload, None, None)
+        self.publish_inner(channel, payload, None)
     }
 
     /// Publishes `payload` to `channel` at an `offset` and `epoch` chosen by the
@@ -296,8 +296,19 @@ impl Publisher {
     /// replaces that state (and empties its history, whose offsets meant another
     /// incarnation). History is kept exactly as for [`Publisher::publish`]: the frame
     /// is retained before it is installed in the ring.
-    pub fn publish_at(&self, channel: &str, offset: u64, epoch: u64, payload: &[u8]) -> Published {
-        self.publish_inner(channel, payload, None, Some((offset, epoch)))
+    ///
+    /// An offset at or behind the channel's last one in the same epoch would hand
+    /// subscribers a second message under an offset they already hold: it is refused
+    /// (`None`), counted in `ringcast_owner_offsets_refused_total` and logged, in every
+    /// build.
+    pub fn publish_at(
+        &self,
+        channel: &str,
+        offset: u64,
+        epoch: u64,
+        payload: &[u8],
+    ) -> Option<Published> {
+        self.publish_checked(channel, payload, None, Some((offset, epoch)))
     }
 
     /// Makes `channel`'s state say (`last`, `epoch`) when its owner knows better: when
@@ -316,7 +327,7 @@ impl Publisher {
     #[doc(hidden)]
     pub fn publish_timed(&self, channel: &str, payload: &[u8]) -> (Published, Duration) {
         let mut wait = Duration::ZERO;
-        let published = self.publish_inner(channel, payload, Some(&mut wait), None);
+        let published = self.publish_inner(channel, payload, Some(&mut wait));
         (published, wait)
     }
 
@@ -329,8 +340,18 @@ impl Publisher {
         channel: &str,
         payload: &[u8],
         lock_wait: Option<&mut Duration>,
-        owned: Option<(u64, u64)>,
     ) -> Published {
+        self.publish_checked(channel, payload, lock_wait, None)
+            .expect("only an owner's offset is refused, and there is none here")
+    }
+
+    fn publish_checked(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        lock_wait: Option<&mut Duration>,
+        owned: Option<(u64, u64)>,
+    ) -> Option<Published> {
         let data = EncodedData::new(payload);
         if data.replaced_invalid_utf8() {
             // Ingest refuses such payloads; only a foreign writer gets here (see
@@ -360,7 +381,24 @@ impl Publisher {
             Some((offset, epoch)) => {
                 let state =
                     self.owned_state_mut(&mut map, channel, now, offset.saturating_sub(1), epoch);
-                debug_assert!(offset > state.last, "owner offsets only move forward");
+                if offset <= state.last {
+                    let last = state.last;
+                    drop(map);
+                    self.history
+                        .budget
+                        .stats()
+                        .refused_offsets
+                        .fetch_add(1, Relaxed);
+                    tracing::error!(
+                        channel,
+                        offset,
+                        last,
+                        epoch,
+                        "message refused: its offset does not follow the channel's last one \
+                         (the channel's writer reused an offset)"
+                    );
+                    return None;
+                }
                 state.last = offset;
                 state
             }
@@ -392,7 +430,7 @@ impl Publisher {
                 kind: RingKind::Message,
             },
         );
-        Published { offset, epoch, seq }
+        Some(Published { offset, epoch, seq })
     }
 
     /// `channel`'s state, created (offset 0, a new epoch) if it has none.
@@ -936,7 +974,9 @@ mod tests {
         let epoch = 42;
         assert_ne!(early.epoch, epoch);
         for offset in 1..=3 {
-            let at = p.publish_at("user:7", offset, epoch, b"1");
+            let at = p
+                .publish_at("user:7", offset, epoch, b"1")
+                .expect("moves forward");
             assert_eq!((at.offset, at.epoch), (offset, epoch));
         }
         assert_eq!(p.position("user:7"), Some((3, epoch)));
@@ -959,7 +999,31 @@ mod tests {
         assert_eq!(later.position("user:8"), None);
         later.adopt_position("user:8", 5, epoch);
         assert_eq!(later.position("user:8"), Some((5, epoch)));
-        assert_eq!(later.publish_at("user:8", 6, epoch, b"1").offset, 6);
+        assert_eq!(
+            later.publish_at("user:8", 6, epoch, b"1").map(|p| p.offset),
+            Some(6)
+        );
+    }
+
+    /// An owner that gives an offset twice (or one behind) in the same epoch is refused
+    /// in every build: subscribers would get two messages under one offset.
+    #[test]
+    fn owner_offsets_that_do_not_move_forward_are_refused() {
+        let p = with_history(100);
+        let epoch = 9;
+        assert!(p.publish_at("user:1", 4, epoch, b"1").is_some());
+        let head = p.ring().head();
+        assert_eq!(p.publish_at("user:1", 4, epoch, b"2"), None, "same offset");
+        assert_eq!(p.publish_at("user:1", 2, epoch, b"3"), None, "behind");
+        assert_eq!(p.ring().head(), head, "nothing reached the ring");
+        assert_eq!(p.position("user:1"), Some((4, epoch)));
+        assert_eq!(p.history.budget.stats().refused_offsets.load(Relaxed), 2);
+        // Another epoch starts the channel over: its offsets may be lower.
+        assert_eq!(
+            p.publish_at("user:1", 1, epoch + 1, b"4")
+                .map(|p| (p.offset, p.epoch)),
+            Some((1, epoch + 1))
+        );
     }
 
     #[test]

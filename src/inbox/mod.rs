@@ -154,6 +154,9 @@ pub struct InboxStats {
     pub resent: AtomicU64,
     /// Cluster inbox: re-sent publishes the stream had already stored (duplicate ack).
     pub deduped: AtomicU64,
+    /// Cluster inbox: publishes into a user subject that retention had emptied of
+    /// unacked messages, whose offset skipped past every offset those may have had.
+    pub offset_skips: AtomicU64,
 }
 
 #[cfg(test)]
