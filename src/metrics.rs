@@ -764,8 +764,14 @@ impl Metrics {
         counter(
             "ringcast_inbox_queued",
             "gauge",
-            "Inbox requests waiting for the store thread.",
+            "Inbox requests queued for the store, or taken by it and not yet answered.",
             &i.queued,
+        );
+        counter(
+            "ringcast_inbox_queue_waits_total",
+            "counter",
+            "TCP ingest publishes to user channels that waited for room in the full inbox queue (the connection was not read meanwhile).",
+            &i.waits,
         );
         let _ = writeln!(out, "# HELP ringcast_inbox_errors_total Inbox store failures, by kind.\n# TYPE ringcast_inbox_errors_total counter");
         for (k, label) in InboxErrorKind::LABELS.iter().enumerate() {

@@ -268,6 +268,7 @@ pub fn start(
             let parts = Parts {
                 settings,
                 retention: config.retention,
+                queue: config.queue,
                 publisher,
                 stats: thread_stats,
                 wakes,
@@ -283,6 +284,9 @@ pub fn start(
 struct Parts {
     settings: ClusterSettings,
     retention: Duration,
+    /// `inbox_queue`: requests taken from the queue and not yet answered, at most (so
+    /// the queue, not the per-channel workers, holds the rest, and fills).
+    queue: usize,
     publisher: Arc<Publisher>,
     stats: Arc<InboxStats>,
     wakes: Vec<flume::Sender<()>>,
@@ -317,6 +321,10 @@ struct Node {
     /// The highest inbox stream sequence this node has seen (a floor for records, see
     /// [`reopen`]).
     observed: Cell<u64>,
+    /// Requests taken from the queue and not yet answered (at most `Parts::queue`).
+    taken: Cell<usize>,
+    /// Signalled when a taken request is answered.
+    answered: tokio::sync::Notify,
 }
 
 /// Where a publish goes, as read from the streams.
@@ -371,17 +379,23 @@ async fn run(
         workers: RefCell::new(HashMap::new()),
         msg_ids: stored::MsgIds::new(),
         observed: Cell::new(0),
+        taken: Cell::new(0),
+        answered: tokio::sync::Notify::new(),
     });
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
+        // Requests stay in the bounded queue while `queue` are being worked on: the
+        // queue fills and new ones are refused (or wait, on TCP ingest).
+        let room = node.taken.get() < node.parts.queue;
         tokio::select! {
-            r = requests.recv_async() => match r {
+            r = requests.recv_async(), if room => match r {
                 Ok(r) => {
-                    node.parts.stats.queued.fetch_sub(1, Relaxed);
+                    node.taken.set(node.taken.get() + 1);
                     node.clone().dispatch(r);
                 }
                 Err(_) => return,
             },
+            _ = node.answered.notified(), if !room => {}
             r = interest.recv_async() => if let Ok((channel, on)) = r { node.clone().on_interest(channel, on) },
             Some(event) = events.recv() => node.on_event(event).await,
             _ = tick.tick() => node.sweep(),
@@ -600,6 +614,9 @@ impl Node {
                 tracing::debug!(error = %e, channel = %channel, "cluster inbox: request failed");
             }
             answer(&self.parts, request, outcome);
+            self.parts.stats.queued.fetch_sub(1, Relaxed);
+            self.taken.set(self.taken.get() - 1);
+            self.answered.notify_one();
         }
     }
 

@@ -160,7 +160,8 @@ impl Cluster {
     /// within [`LOCAL_AFTER`]. `bound`: messages the subscriber may recover.
     ///
     /// # Errors
-    /// The NATS thread is gone: nothing was queued.
+    /// [`super::JOIN_QUEUE`] joins are queued already, or the NATS thread is gone:
+    /// nothing was queued (the subscribe is answered from local state).
     pub fn join(
         &self,
         shard: usize,
@@ -168,18 +169,24 @@ impl Cluster {
         tag: JoinTag,
         bound: usize,
     ) -> Result<(), JoinTag> {
+        let queued = &self.stats.join_queued;
+        if queued.fetch_add(1, Relaxed) >= super::JOIN_QUEUE {
+            queued.fetch_sub(1, Relaxed);
+            return Err(tag);
+        }
         let request = JoinRequest {
             channel,
             shard,
             tag,
             bound,
         };
-        self.interest_tx
-            .send(Request::Join(request))
-            .map_err(|e| match e.into_inner() {
+        self.interest_tx.send(Request::Join(request)).map_err(|e| {
+            queued.fetch_sub(1, Relaxed);
+            match e.into_inner() {
                 Request::Join(r) => r.tag,
                 _ => unreachable!("a join request was sent"),
-            })
+            }
+        })
     }
 
     /// `shard`'s join answers.

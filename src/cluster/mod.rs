@@ -56,6 +56,8 @@ pub struct ClusterTable {
     pub interest_linger: Option<u64>,
     /// Milliseconds a presence query waits for the other nodes' answers.
     pub presence_window_ms: Option<u64>,
+    /// Publishes accepted for the stream and not yet answered, at most.
+    pub publish_queue: Option<usize>,
 }
 
 /// How a node joins the cluster (validated).
@@ -83,6 +85,9 @@ pub struct ClusterSettings {
     pub history_size: usize,
     /// How long a presence query gathers the other nodes' answers.
     pub presence_window: Duration,
+    /// Publishes accepted for the stream and not yet answered, at most (every queue
+    /// between ingest and JetStream together).
+    pub publish_queue: usize,
 }
 
 impl std::fmt::Debug for ClusterSettings {
@@ -99,9 +104,14 @@ impl std::fmt::Debug for ClusterSettings {
             .field("interest_linger", &self.interest_linger)
             .field("history_size", &self.history_size)
             .field("presence_window", &self.presence_window)
+            .field("publish_queue", &self.publish_queue)
             .finish()
     }
 }
+
+/// Default `[cluster] publish_queue`: about two seconds of a single JetStream stream's
+/// publish rate on one node; at 64 KiB messages it bounds the memory they hold to 1 GiB.
+pub const DEFAULT_PUBLISH_QUEUE: usize = 16_384;
 
 fn token_ok(s: &str) -> bool {
     !s.is_empty()
@@ -204,6 +214,13 @@ impl ClusterTable {
                 format!("must be between 1 and 5000, got {window}"),
             ));
         }
+        let publish_queue = self.publish_queue.unwrap_or(DEFAULT_PUBLISH_QUEUE);
+        if !(1..=1 << 20).contains(&publish_queue) {
+            return Err((
+                "cluster.publish_queue",
+                format!("must be between 1 and 1048576, got {publish_queue}"),
+            ));
+        }
         Ok(Some(ClusterSettings {
             nats_url: url,
             creds_file: self.nats_creds_file.clone(),
@@ -216,6 +233,7 @@ impl ClusterTable {
             interest_linger: Duration::from_secs(linger),
             history_size: history_size.max(1),
             presence_window: Duration::from_millis(window),
+            publish_queue,
         }))
     }
 }
@@ -253,6 +271,12 @@ pub struct ClusterStats {
     pub resent: AtomicU64,
     /// Re-sent publishes the stream had already stored (duplicate ack).
     pub deduped: AtomicU64,
+    /// Publishes accepted and not yet answered (gauge, at most `publish_queue`).
+    pub publish_queued: AtomicU64,
+    /// Publishes refused because `publish_queue` publishes were waiting.
+    pub publish_refused: AtomicU64,
+    /// Joins queued for the NATS thread (gauge).
+    pub join_queued: AtomicU64,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -301,7 +325,25 @@ pub fn is_not_ready() -> bool {
 pub fn render_metrics(out: &mut String) {
     use std::fmt::Write;
     let Some(s) = STATS.get() else { return };
-    let rows: [(&str, &str, &str, &AtomicU64); 11] = [
+    let rows: [(&str, &str, &str, &AtomicU64); 14] = [
+        (
+            "ringcast_cluster_publish_queued",
+            "gauge",
+            "Publishes accepted for the JetStream stream and not yet answered (at most [cluster] publish_queue).",
+            &s.publish_queued,
+        ),
+        (
+            "ringcast_cluster_publish_refused_total",
+            "counter",
+            "Publishes refused (or, for TCP ingest, waited for) because publish_queue publishes were waiting for JetStream.",
+            &s.publish_refused,
+        ),
+        (
+            "ringcast_cluster_join_queued",
+            "gauge",
+            "Subscribes' joins queued for the NATS thread (at most 65536; beyond, subscribes are answered from local state).",
+            &s.join_queued,
+        ),
         (
             "ringcast_cluster_up",
             "gauge",
@@ -421,6 +463,12 @@ mod tests {
             ..t.clone()
         };
         assert_eq!(bad.resolve(100).unwrap_err().0, "cluster.stream_replicas");
+        assert_eq!(s.publish_queue, DEFAULT_PUBLISH_QUEUE);
+        let bad = ClusterTable {
+            publish_queue: Some(0),
+            ..t.clone()
+        };
+        assert_eq!(bad.resolve(100).unwrap_err().0, "cluster.publish_queue");
         let bad = ClusterTable {
             nats_user: Some("u".into()),
             ..t.clone()

@@ -39,8 +39,8 @@ const MAX_TRIES: usize = 16;
 /// How long a hole before buffered messages may take to fill from the stream before the
 /// missing offsets are skipped (counted in `ringcast_cluster_gap_offsets_total`).
 pub const FILL_BOUND: Duration = Duration::from_secs(2);
-/// Publish requests queued for the NATS thread before publishes are refused.
-const QUEUE: usize = 65_536;
+/// Joins queued for the NATS thread before subscribes are answered from local state.
+const JOIN_QUEUE: u64 = 65_536;
 /// A channel's publish worker ends after this long without a publish.
 const WORKER_IDLE: Duration = Duration::from_secs(30);
 /// How long publishes wait for NATS to come back before they are served locally: a NATS
@@ -75,6 +75,8 @@ enum Request {
         channel: Arc<str>,
         payload: Bytes,
         reply: ClusterReply,
+        /// One of `publish_queue`: held until the publish is answered.
+        permit: Permit,
     },
     Interest {
         channel: Arc<str>,
@@ -84,10 +86,36 @@ enum Request {
     Join(JoinRequest),
 }
 
+/// A publish's place among the `publish_queue` accepted and not yet answered; the
+/// `ringcast_cluster_publish_queued` gauge counts it from acceptance until it drops
+/// (after the answer), whichever queue or worker holds it meanwhile.
+struct Permit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    stats: Arc<ClusterStats>,
+}
+
+impl Permit {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, stats: &Arc<ClusterStats>) -> Self {
+        stats.publish_queued.fetch_add(1, Relaxed);
+        Permit {
+            _permit: permit,
+            stats: stats.clone(),
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.stats.publish_queued.fetch_sub(1, Relaxed);
+    }
+}
+
 /// The handle shards and ingest use to reach the NATS thread.
 #[derive(Clone)]
 pub struct Cluster {
     tx: flume::Sender<Request>,
+    /// `publish_queue` permits: every publish holds one from acceptance to its answer.
+    permits: Arc<tokio::sync::Semaphore>,
     interest_tx: flume::Sender<Request>,
     stats: Arc<ClusterStats>,
     wakes: Vec<flume::Receiver<()>>,
@@ -108,7 +136,9 @@ impl Cluster {
         shards: usize,
     ) -> std::io::Result<Cluster> {
         let stats = Arc::new(ClusterStats::default());
-        let (tx, rx) = flume::bounded(QUEUE);
+        let permits = Arc::new(tokio::sync::Semaphore::new(settings.publish_queue));
+        // Bounded by the permits: nothing is sent here without one.
+        let (tx, rx) = flume::unbounded();
         let (interest_tx, interest_rx) = flume::unbounded();
         let (wake_txs, wakes): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::bounded(1)).unzip();
         let thread_stats = stats.clone();
@@ -131,6 +161,7 @@ impl Cluster {
         )?;
         Ok(Cluster {
             tx,
+            permits,
             interest_tx,
             stats,
             wakes,
@@ -152,23 +183,61 @@ impl Cluster {
     /// Queues a message for `channel` (validated); `reply` learns its offset.
     ///
     /// # Errors
-    /// The queue is full (NATS thread behind) or gone: nothing was queued.
+    /// `publish_queue` publishes are waiting for JetStream, or the NATS thread is gone:
+    /// nothing was queued.
     pub fn publish(
         &self,
         channel: &str,
         payload: &[u8],
         reply: ClusterReply,
     ) -> Result<(), &'static str> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.stats.publish_refused.fetch_add(1, Relaxed);
+            return Err(QUEUE_FULL);
+        };
+        self.send(channel, payload, reply, permit)
+    }
+
+    /// [`Cluster::publish`] that waits while `publish_queue` publishes are waiting (TCP
+    /// ingest: the connection stops being read, and its sender is held back by TCP).
+    ///
+    /// # Errors
+    /// The NATS thread is gone: nothing was queued.
+    pub async fn publish_waiting(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        reply: ClusterReply,
+    ) -> Result<(), &'static str> {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.stats.publish_refused.fetch_add(1, Relaxed);
+                self.permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| NOT_RUNNING)?
+            }
+        };
+        self.send(channel, payload, reply, permit)
+    }
+
+    fn send(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        reply: ClusterReply,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), &'static str> {
         self.tx
-            .try_send(Request::Publish {
+            .send(Request::Publish {
                 channel: Arc::from(channel),
                 payload: Bytes::copy_from_slice(payload),
                 reply,
+                permit: Permit::new(permit, &self.stats),
             })
-            .map_err(|e| match e {
-                flume::TrySendError::Full(_) => "cluster: the NATS thread is behind (queue full)",
-                flume::TrySendError::Disconnected(_) => "cluster: the NATS thread is not running",
-            })
+            .map_err(|_| NOT_RUNNING)
     }
 
     /// A shard gained (`on`) or lost every subscriber of `channel`.
@@ -179,6 +248,12 @@ impl Cluster {
         });
     }
 }
+
+/// Why a publish was refused while `publish_queue` publishes wait.
+const QUEUE_FULL: &str =
+    "cluster: the NATS thread is behind (publish_queue publishes waiting for JetStream); retry";
+/// Why a publish was refused when the NATS thread is gone.
+const NOT_RUNNING: &str = "cluster: the NATS thread is not running";
 
 /// What the thread knows about one channel.
 #[derive(Default)]
@@ -206,8 +281,8 @@ struct Chan {
     sub: Option<tokio::task::AbortHandle>,
 }
 
-/// A channel's publish worker queue.
-type JobSender = tokio::sync::mpsc::UnboundedSender<(Bytes, ClusterReply)>;
+/// A channel's publish worker queue (bounded by the jobs' permits).
+type JobSender = tokio::sync::mpsc::UnboundedSender<(Bytes, ClusterReply, Permit)>;
 
 struct Node {
     settings: ClusterSettings,
@@ -445,6 +520,7 @@ impl Node {
                 channel,
                 payload,
                 reply,
+                permit,
             } => {
                 let mut workers = self.workers.borrow_mut();
                 let tx = workers.entry(channel.clone()).or_insert_with(|| {
@@ -452,10 +528,13 @@ impl Node {
                     tokio::task::spawn_local(self.clone().worker(channel.clone(), rx));
                     tx
                 });
-                let _ = tx.send((payload, reply));
+                let _ = tx.send((payload, reply, permit));
             }
             Request::Interest { channel, on } => self.on_interest(channel, on),
-            Request::Join(request) => self.on_join(request),
+            Request::Join(request) => {
+                self.stats.join_queued.fetch_sub(1, Relaxed);
+                self.on_join(request)
+            }
         }
     }
 
@@ -550,15 +629,17 @@ impl Node {
     async fn worker(
         self: Rc<Self>,
         channel: Arc<str>,
-        mut rx: tokio::sync::mpsc::UnboundedReceiver<(Bytes, ClusterReply)>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<(Bytes, ClusterReply, Permit)>,
     ) {
-        while let Some((payload, reply)) = next_job(&mut rx, &self.workers, &channel).await {
+        while let Some((payload, reply, permit)) = next_job(&mut rx, &self.workers, &channel).await
+        {
             let result = self
                 .publish_one(&channel, payload, reply.may_serve_locally())
                 .await;
             if let ClusterReply::Wait(tx) | ClusterReply::Stored(tx) = reply {
                 let _ = tx.send(result);
             }
+            drop(permit);
         }
     }
 

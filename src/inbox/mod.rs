@@ -143,8 +143,10 @@ pub struct InboxStats {
     pub acks_past_gap: AtomicU64,
     /// Failures by [`ErrorKind`].
     pub errors: [AtomicU64; ErrorKind::LABELS.len()],
-    /// Requests waiting for the store thread (gauge).
+    /// Requests waiting for the store (gauge): queued, or taken and not yet answered.
     pub queued: AtomicU64,
+    /// TCP ingest publishes that waited for room in a full queue.
+    pub waits: AtomicU64,
     /// Duration of each commit (write + fsync).
     pub commit_latency: LatencyHistogram,
     /// 1 while the store is open and writable (gauge).

@@ -335,20 +335,51 @@ impl Inbox {
     }
 
     fn send(&self, request: Request) -> Result<(), InboxRequestError> {
-        match self.tx.try_send(request) {
-            Ok(()) => {
-                self.stats.queued.fetch_add(1, Relaxed);
-                Ok(())
+        // Counted before it can be taken, so the gauge never goes below zero.
+        self.stats.queued.fetch_add(1, Relaxed);
+        self.tx.try_send(request).map_err(|e| {
+            self.refused(match e {
+                flume::TrySendError::Full(_) => InboxRequestError::Full,
+                flume::TrySendError::Disconnected(_) => InboxRequestError::Gone,
+            })
+        })
+    }
+
+    fn refused(&self, err: InboxRequestError) -> InboxRequestError {
+        self.stats.queued.fetch_sub(1, Relaxed);
+        self.stats.errors[err.to_store_error().kind as usize].fetch_add(1, Relaxed);
+        err
+    }
+
+    /// [`Inbox::publish`] that waits while the queue is full (TCP ingest: the
+    /// connection stops being read, and its sender is held back by TCP).
+    ///
+    /// # Errors
+    /// The store thread is gone: nothing was queued.
+    pub async fn publish_waiting(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        reply: InboxReply,
+    ) -> Result<(), InboxRequestError> {
+        self.stats.queued.fetch_add(1, Relaxed);
+        let request = Request::Publish {
+            channel: Arc::from(channel),
+            payload: Bytes::copy_from_slice(payload),
+            reply,
+        };
+        let request = match self.tx.try_send(request) {
+            Ok(()) => return Ok(()),
+            Err(flume::TrySendError::Full(request)) => request,
+            Err(flume::TrySendError::Disconnected(_)) => {
+                return Err(self.refused(InboxRequestError::Gone))
             }
-            Err(e) => {
-                let err = match e {
-                    flume::TrySendError::Full(_) => InboxRequestError::Full,
-                    flume::TrySendError::Disconnected(_) => InboxRequestError::Gone,
-                };
-                self.stats.errors[err.to_store_error().kind as usize].fetch_add(1, Relaxed);
-                Err(err)
-            }
-        }
+        };
+        self.stats.waits.fetch_add(1, Relaxed);
+        self.tx
+            .send_async(request)
+            .await
+            .map_err(|_| self.refused(InboxRequestError::Gone))
     }
 
     /// Queues a message for `channel` (a user channel); `reply` learns its offset once
@@ -460,8 +491,9 @@ impl StoreThread {
                 // What was queued before the stop is still committed and answered.
                 batch.extend(rx.try_iter());
                 if !batch.is_empty() {
-                    self.stats.queued.fetch_sub(batch.len() as u64, Relaxed);
+                    let taken = batch.len() as u64;
                     self.process(&mut batch);
+                    self.stats.queued.fetch_sub(taken, Relaxed);
                 }
                 // Dropping the database writes its allocator state: a clean close.
                 self.store = None;
@@ -484,8 +516,9 @@ impl StoreThread {
                 }
             }
             if !batch.is_empty() {
-                self.stats.queued.fetch_sub(batch.len() as u64, Relaxed);
+                let taken = batch.len() as u64;
                 self.process(&mut batch);
+                self.stats.queued.fetch_sub(taken, Relaxed);
             }
             if Instant::now() >= next_sweep {
                 // A full budget means more is due: come back soon, between batches.

@@ -237,7 +237,8 @@ async fn connection(
                             } else {
                                 (InboxReply::None, None)
                             };
-                            match inbox.publish(channel, payload, reply) {
+                            // A full queue holds this connection back (not read meanwhile).
+                            match inbox.publish_waiting(channel, payload, reply).await {
                                 Ok(()) => replies.extend(wait.map(Pending::Commit)),
                                 Err(e) => replies.push(Pending::Ready(commit_line(Some(Err(
                                     e.to_store_error()
@@ -252,7 +253,9 @@ async fn connection(
                                 (crate::cluster::ClusterReply::None, None)
                             };
                             if let Some(cluster) = crate::cluster::get() {
-                                match cluster.publish(channel, payload, reply) {
+                                // While publish_queue publishes wait for JetStream, this
+                                // connection is not read: TCP holds the sender back.
+                                match cluster.publish_waiting(channel, payload, reply).await {
                                     Ok(()) => replies.extend(wait.map(Pending::Cluster)),
                                     Err(e) => replies
                                         .push(Pending::Ready(format!("ERR {e}\n").into_bytes())),
