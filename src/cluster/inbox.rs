@@ -854,14 +854,18 @@ impl Node {
             let (offset, epoch) = if ack.duplicate {
                 self.parts.stats.deduped.fetch_add(1, Relaxed);
                 self.forget_last(channel);
-                self.stored_position(
-                    &inbox,
-                    ack.sequence,
-                    (last, epoch, seq),
-                    (offset, epoch),
-                    races,
-                )
-                .await?
+                let read = (last, epoch, seq);
+                stored::duplicate_position(&inbox, ack.sequence, read, (offset, epoch), races)
+                    .await
+                    .ok_or_else(|| {
+                        js_error(
+                            "reading back a stored message",
+                            format!(
+                                "stored at stream sequence {}, but its offset could not be read",
+                                ack.sequence
+                            ),
+                        )
+                    })?
             } else {
                 self.observe(ack.sequence);
                 self.chans
@@ -883,35 +887,6 @@ impl Node {
                 .await;
             return Ok(offset);
         }
-    }
-
-    /// The offset and epoch of the stored copy at `seq` (a duplicate ack): the message
-    /// this attempt expected to follow when the sequences agree, else read back.
-    async fn stored_position(
-        &self,
-        inbox: &JsStream,
-        seq: u64,
-        read: (u64, u64, u64),
-        attempted: (u64, u64),
-        races: usize,
-    ) -> Result<(u64, u64), StoreError> {
-        if seq == read.2 {
-            return Ok((read.0, read.1));
-        }
-        for _ in 0..20 {
-            if let Ok(Some(position)) = stored::at(inbox, seq).await.map(|m| m?.position()) {
-                return Ok(position);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if races == 0 {
-            // Every copy carried the same offset.
-            return Ok(attempted);
-        }
-        Err(js_error(
-            "reading back a stored message",
-            format!("stored at stream sequence {seq}, but its offset could not be read"),
-        ))
     }
 
     async fn ack(

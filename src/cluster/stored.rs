@@ -71,6 +71,30 @@ fn leader(got: Result<StreamMessage, RawMessageError>) -> Result<Option<Entry>, 
     }
 }
 
+/// The offset and epoch of the copy a duplicate ack names (stream sequence `seq`): the
+/// message this attempt read as the subject's last (`read`: offset, epoch, seq) when the
+/// sequences agree, else read back from `stream` (20 tries, 100 ms apart). When it cannot
+/// be read and no other node took an offset meanwhile (`races == 0`), every copy carried
+/// the `attempted` position. `None`: stored, but where is not known.
+pub(crate) async fn duplicate_position(
+    stream: &Stream,
+    seq: u64,
+    read: (u64, u64, u64),
+    attempted: (u64, u64),
+    races: usize,
+) -> Option<(u64, u64)> {
+    if seq == read.2 {
+        return Some((read.0, read.1));
+    }
+    for _ in 0..20 {
+        if let Ok(Some(position)) = at(stream, seq).await.map(|m| m?.position()) {
+            return Some(position);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    (races == 0).then_some(attempted)
+}
+
 /// The first message of `subject` at stream sequence `from` or later; `None` when there
 /// is none.
 pub(crate) async fn next(

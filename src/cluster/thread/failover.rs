@@ -216,12 +216,29 @@ impl Node {
             let (offset, epoch) = if ack.duplicate {
                 self.stats.deduped.fetch_add(1, Relaxed);
                 self.forget_last(channel);
-                match self
-                    .stored_position(ack.sequence, (last, epoch, seq), (offset, epoch), races)
-                    .await
-                {
-                    Ok(p) => p,
-                    Err(e) => return fail(e),
+                let stream = self.stream.borrow().clone();
+                let position = match stream {
+                    Some(stream) => {
+                        let read = (last, epoch, seq);
+                        stored::duplicate_position(
+                            &stream,
+                            ack.sequence,
+                            read,
+                            (offset, epoch),
+                            races,
+                        )
+                        .await
+                    }
+                    None => (races == 0).then_some((offset, epoch)),
+                };
+                match position {
+                    Some(p) => p,
+                    None => {
+                        return fail(format!(
+                            "cluster: the message is stored (stream sequence {}) but its offset could not be read back",
+                            ack.sequence
+                        ))
+                    }
                 }
             } else {
                 self.stats.published.fetch_add(1, Relaxed);
@@ -248,36 +265,6 @@ impl Node {
         if let Some(c) = self.chans.borrow_mut().get_mut(channel) {
             c.stream_last = None;
         }
-    }
-
-    /// The offset and epoch of the stored copy at `seq` (a duplicate ack): the message
-    /// this attempt expected to follow when the sequences agree, else read back.
-    async fn stored_position(
-        &self,
-        seq: u64,
-        read: (u64, u64, u64),
-        attempted: (u64, u64),
-        races: usize,
-    ) -> Result<(u64, u64), String> {
-        if seq == read.2 {
-            return Ok((read.0, read.1));
-        }
-        for _ in 0..20 {
-            let stream = self.stream.borrow().clone();
-            if let Some(stream) = stream {
-                if let Ok(Some(position)) = stored::at(&stream, seq).await.map(|m| m?.position()) {
-                    return Ok(position);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if races == 0 {
-            // Every copy carried the same offset.
-            return Ok(attempted);
-        }
-        Err(format!(
-            "cluster: the message is stored (stream sequence {seq}) but its offset could not be read back"
-        ))
     }
 
     /// Creates or updates the stream until it works or the connection `generation`
