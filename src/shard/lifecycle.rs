@@ -95,8 +95,10 @@ impl Sweep {
             let high = conns.high();
             if self.cursor >= high {
                 self.cursor = 0;
-                expire_idle_channels(shard);
             }
+            // Every tick: channels that subscribers made and left go within seconds,
+            // even when a loop of subscribes to fresh names makes them fast.
+            expire_idle_channels(shard);
             let end = high.min(self.cursor + high.div_ceil(TICKS_PER_PASS).max(1));
             let mut pings = 0;
             for key in self.cursor..end {
@@ -126,7 +128,8 @@ impl Sweep {
 
 /// Forgets idle channels' offset state, a bounded slice per call ([`crate::fanout::
 /// publisher::Publisher::expire_idle`]); only shard 0 sweeps, the others return at once.
-/// Called once per heartbeat pass (a second).
+/// Called every tick (10 times a second): at most 40,960 entries a second are examined,
+/// a few milliseconds of shard 0's time.
 fn expire_idle_channels(shard: &Shard) {
     if shard.id != 0 {
         return;
