@@ -513,7 +513,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP ringcast_channels_refused_total Subscribes refused because the process holds max_channels channels.\n# TYPE ringcast_channels_refused_total counter\nringcast_channels_refused_total {}",
+            "# HELP ringcast_channels_refused_total Subscribes and publishes refused because they would create a channel past max_channels.\n# TYPE ringcast_channels_refused_total counter\nringcast_channels_refused_total {}",
             self.sum(|s| &s.channels_refused)
         );
         let _ = writeln!(out, "# HELP ringcast_users_connected Users with at least one authenticated connection.\n# TYPE ringcast_users_connected gauge\nringcast_users_connected {}", self.users.load(Relaxed));

@@ -85,3 +85,50 @@ fn channels_made_by_subscribers_go_when_they_leave() {
         "RSS after each round (KiB): {rss:?}: the rounds' channels were not freed"
     );
 }
+
+/// `max_channels` holds for publishes too: a publish to a channel the server would have to
+/// create past the cap is refused on every path with the reason, and counted; channels
+/// that exist go on.
+#[test]
+fn publishes_to_new_channels_stop_at_max_channels() {
+    let _deadline = Deadline::new(
+        "publishes_to_new_channels_stop_at_max_channels",
+        Duration::from_secs(60),
+    );
+    let server = Server::start(&["--max-channels", "2"]);
+    for channel in ["a", "b"] {
+        let r = server.http_publish(Some(channel), b"{}");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let full = "too many channels on this server (max_channels = 2)";
+    let r = server.http_publish(Some("c"), b"{}");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains(full), "{}", r.text());
+    let mut tcp = server.tcp_ingest();
+    tcp.send_raw(b"ACK ON\nc {}\na {}\n");
+    let first = tcp.read_line(Duration::from_secs(5));
+    assert!(
+        first
+            .as_deref()
+            .is_some_and(|l| l.starts_with("ERR ") && l.contains(full)),
+        "{first:?}"
+    );
+    assert_eq!(
+        tcp.read_line(Duration::from_secs(5)).as_deref(),
+        Some("OK 2")
+    );
+    server.udp_publish("d", b"{}");
+    let mut sub = Subscriber::connect(&format!("ws://{}/ws", server.ws_addr()));
+    let reply = sub.request(
+        &json!({"cmd":"subscribe","channel":"e","id":1}),
+        Duration::from_secs(5),
+    );
+    assert_eq!(reply["code"], 503, "{reply}");
+    server.wait_for_metric(
+        "ringcast_channels_refused_total",
+        "HTTP, TCP, UDP and the subscribe are counted",
+        Duration::from_secs(10),
+        |v| v == 4.0,
+    );
+    assert_eq!(server.metrics().sum("ringcast_channels"), 2.0);
+}

@@ -26,7 +26,7 @@
 //! it, NATS unreachable for 2 s gives 200 with a local-epoch offset (docs/cluster.md).
 
 use crate::config::Settings;
-use crate::fanout::publisher::Publisher;
+use crate::fanout::publisher::{channels_full, Publisher};
 use crate::inbox::{is_user_channel, Inbox, InboxReply};
 use crate::ingest::key::{bearer, IngestKey};
 use crate::ingest::line::validate_payload;
@@ -571,6 +571,10 @@ async fn publish(
     if let Err(e) = validate_payload(body, settings.max_message_size) {
         metrics.ingest_rejected[source][e.index()].fetch_add(1, Ordering::Relaxed);
         return json_error(400, &e.to_string());
+    }
+    if !publisher.has_room_for(&channel, settings.max_channels) {
+        metrics.channels_refused.fetch_add(1, Ordering::Relaxed);
+        return json_error(503, &channels_full(settings.max_channels));
     }
     if let Some(inbox) = inbox.filter(|_| is_user_channel(&channel)) {
         let (tx, rx) = flume::bounded(1);

@@ -142,6 +142,11 @@ pub struct Attach {
     pub recovery: Option<Result<Vec<Bytes>, Unrecoverable>>,
 }
 
+/// Why a subscribe or publish that would create a channel past `max_channels` is refused.
+pub fn channels_full(max: u64) -> String {
+    format!("too many channels on this server (max_channels = {max}): try again later")
+}
+
 /// Where a published message landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
@@ -259,6 +264,14 @@ impl Publisher {
         let mut map = spin_lock(self.stripe(channel));
         let state = self.state_mut(&mut map, channel, now);
         state.holders += 1;
+    }
+
+    /// True when `channel` has state, or there is room for it under `max` channels: a
+    /// subscribe or local publish that would create the `max + 1`st channel is refused
+    /// with [`channels_full`].
+    pub fn has_room_for(&self, channel: &str, max: u64) -> bool {
+        // The lookup only at the limit: below it, a new channel has room.
+        self.channel_count() < max || self.position(channel).is_some()
     }
 
     /// A shard's last subscriber of `channel` left. A channel never published is

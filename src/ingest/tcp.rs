@@ -31,7 +31,7 @@
 //! answered `ERR too many ingest connections` and closed.
 
 use crate::config::Settings;
-use crate::fanout::publisher::Publisher;
+use crate::fanout::publisher::{channels_full, Publisher};
 use crate::inbox::{is_user_channel, Inbox, InboxReply, StoreError};
 use crate::ingest::key::{check_auth, AuthCheck, IngestKey, PRE_AUTH_LIMIT};
 use crate::ingest::line::{parse_message, strip_newline, IngestError};
@@ -227,6 +227,11 @@ async fn connection(
                 }
             };
             match parse_message(line, settings.max_message_size) {
+                Ok((channel, _)) if !publisher.has_room_for(channel, settings.max_channels) => {
+                    metrics.channels_refused.fetch_add(1, Relaxed);
+                    let refusal = channels_full(settings.max_channels);
+                    replies.push(Pending::Ready(format!("ERR {refusal}\n").into_bytes()));
+                }
                 Ok((channel, payload)) => {
                     metrics.messages_in[Source::Tcp as usize].fetch_add(1, Relaxed);
                     match &inbox {

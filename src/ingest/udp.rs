@@ -7,7 +7,7 @@
 //! that need to know use TCP ack mode or HTTP `?ack=1`.
 
 use crate::config::Settings;
-use crate::fanout::publisher::Publisher;
+use crate::fanout::publisher::{channels_full, Publisher};
 use crate::inbox::{is_user_channel, Inbox, InboxReply};
 use crate::ingest::line::{parse_message, strip_newline};
 use crate::metrics::{ShardMetrics, Source};
@@ -42,6 +42,13 @@ pub async fn serve(
             continue;
         }
         match parse_message(strip_newline(&buf[..n]), settings.max_message_size) {
+            Ok((channel, _)) if !publisher.has_room_for(channel, settings.max_channels) => {
+                metrics.channels_refused.fetch_add(1, Relaxed);
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    last_log = Some(Instant::now());
+                    tracing::warn!(%from, channel, "UDP ingest datagram dropped: {} (logged at most once per second)", channels_full(settings.max_channels));
+                }
+            }
             Ok((channel, payload)) => {
                 match &inbox {
                     Some(inbox) if is_user_channel(channel) => {

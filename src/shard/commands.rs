@@ -10,6 +10,7 @@
 
 use crate::auth::permission::{check, Access};
 use crate::auth::session::{expiry_second, Session};
+use crate::fanout::publisher::channels_full;
 use crate::inbox::thread::ShardTag;
 use crate::inbox::InboxReply;
 use crate::ingest::line::validate_payload;
@@ -55,13 +56,9 @@ impl Shard {
         self.permit(session, channel, Access::Subscribe)
             .map_err(|reason| (403, reason))?;
         let max = self.settings.max_channels;
-        // The lookup only at the limit: below it, a new channel has room.
-        if self.publisher.channel_count() >= max && self.publisher.position(channel).is_none() {
+        if !self.publisher.has_room_for(channel, max) {
             self.metrics.channels_refused.fetch_add(1, Relaxed);
-            return Err((
-                503,
-                format!("too many channels on this server (max_channels = {max}): try again later"),
-            ));
+            return Err((503, channels_full(max)));
         }
         Ok(())
     }
@@ -282,6 +279,11 @@ impl Shard {
         if let Err(e) = validate_payload(data.as_bytes(), self.settings.max_message_size) {
             self.metrics.ingest_rejected[source][e.index()].fetch_add(1, Relaxed);
             return refuse(413, &e.to_string());
+        }
+        let max = self.settings.max_channels;
+        if !self.publisher.has_room_for(channel, max) {
+            self.metrics.channels_refused.fetch_add(1, Relaxed);
+            return refuse(503, &channels_full(max));
         }
         // Who a publish answered later (inbox, cluster) is answered to.
         let tag = || ShardTag {
