@@ -19,6 +19,9 @@ const CHANNEL: &str = "feed:dedupe";
 /// Longer than the node's JetStream request timeout (2 s), well inside its 10 s resend
 /// window.
 const HELD: Duration = Duration::from_millis(3500);
+/// How long the held publish's client waits: the hold, then the node's re-send (within
+/// its 10 s window), with room for a loaded machine.
+const LATE_ANSWER_WAIT: Duration = Duration::from_secs(15);
 
 fn publish(server: &Server, n: u32) -> u64 {
     let r = http::request(
@@ -62,12 +65,14 @@ fn a_publish_whose_acknowledgement_is_late_is_stored_and_delivered_once() {
     let late = std::thread::spawn({
         let addr = a.admin_addr();
         move || {
-            http::request(
+            // Answered after the hold and the re-send: later than an ordinary request.
+            http::request_waiting(
                 addr,
                 "POST",
                 &format!("/publish?channel={CHANNEL}"),
                 &[],
                 b"{\"n\":2}",
+                LATE_ANSWER_WAIT,
             )
         }
     });
@@ -201,12 +206,14 @@ fn an_inbox_publish_whose_acknowledgement_is_late_is_stored_and_delivered_once()
     let late = std::thread::spawn({
         let addr = a.admin_addr();
         move || {
-            http::request(
+            // Answered after the hold and the re-send: later than an ordinary request.
+            http::request_waiting(
                 addr,
                 "POST",
                 &format!("/publish?channel={USER}&ack=1"),
                 &[],
                 b"{\"n\":2}",
+                LATE_ANSWER_WAIT,
             )
         }
     });

@@ -70,8 +70,13 @@ fn inbox_client(nodes: &[&Server], args: &[&str]) -> serde_json::Value {
     run.summary()
 }
 
+/// The node answers an acknowledged publish within its JetStream timeout (2 s) plus its
+/// 10 s of re-sending; a client that gave up sooner would time out on a slow machine
+/// while the server keeps its promise.
+const ACKED_PUBLISH_WAIT: Duration = Duration::from_secs(15);
+
 fn http_publish_acked(server: &Server, channel: &str, body: &str) -> http::HttpResponse {
-    try_http_publish_acked(server, channel, body, http::REQUEST_TIMEOUT).expect("HTTP publish")
+    try_http_publish_acked(server, channel, body, ACKED_PUBLISH_WAIT).expect("HTTP publish")
 }
 
 /// As [`http_publish_acked`], waiting up to `wait` for the answer.
@@ -81,14 +86,15 @@ fn try_http_publish_acked(
     body: &str,
     wait: Duration,
 ) -> std::io::Result<http::HttpResponse> {
-    let request = format!(
-        "POST /publish?channel={channel}&ack=1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&server.admin_addr(), http::REQUEST_TIMEOUT)?;
-    std::io::Write::write_all(&mut stream, request.as_bytes())?;
-    http::read_response(&mut stream, std::time::Instant::now() + wait)
+    let target = format!("/publish?channel={channel}&ack=1");
+    http::request_waiting(
+        server.admin_addr(),
+        "POST",
+        &target,
+        &[],
+        body.as_bytes(),
+        wait,
+    )
 }
 
 #[test]
@@ -178,8 +184,7 @@ fn a_users_inbox_on_replicated_streams_survives_a_nats_server_loss() {
             "an inbox publish is acknowledged",
             || {
                 let body = format!("{{\"n\":{i}}}");
-                let wait = Duration::from_secs(15);
-                match try_http_publish_acked(&nodes[0], "user:42", &body, wait) {
+                match try_http_publish_acked(&nodes[0], "user:42", &body, ACKED_PUBLISH_WAIT) {
                     Ok(r) if r.status == 200 => r.json()["offset"].as_u64(),
                     _ => {
                         std::thread::sleep(Duration::from_millis(200));

@@ -64,6 +64,19 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> io::Result<HttpResponse> {
+    request_waiting(addr, method, target, headers, body, REQUEST_TIMEOUT)
+}
+
+/// [`request`], waiting up to `wait` for the answer: for requests the server may
+/// legitimately answer late (a cluster publish it re-sends while JetStream is held).
+pub fn request_waiting(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    wait: Duration,
+) -> io::Result<HttpResponse> {
     let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -74,7 +87,7 @@ pub fn request(
     head.push_str("\r\n");
     let mut bytes = head.into_bytes();
     bytes.extend_from_slice(body);
-    send_raw(addr, &bytes)
+    send_waiting(addr, &bytes, wait)
 }
 
 /// `GET target` on `addr`.
@@ -84,11 +97,15 @@ pub fn get(addr: SocketAddr, target: &str) -> io::Result<HttpResponse> {
 
 /// Writes `bytes` as they are (no framing added) and reads one response.
 pub fn send_raw(addr: SocketAddr, bytes: &[u8]) -> io::Result<HttpResponse> {
+    send_waiting(addr, bytes, REQUEST_TIMEOUT)
+}
+
+fn send_waiting(addr: SocketAddr, bytes: &[u8], wait: Duration) -> io::Result<HttpResponse> {
     let mut stream = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)?;
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     stream.write_all(bytes)?;
-    read_response(&mut stream, Instant::now() + REQUEST_TIMEOUT)
+    read_response(&mut stream, Instant::now() + wait)
 }
 
 /// Reads one response from `stream`, giving up at `deadline`.

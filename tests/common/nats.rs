@@ -94,6 +94,8 @@ impl NatsServer {
     /// Starts the process again with the same ports and store (after [`NatsServer::stop`]).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "nats-server still running");
+        // A restart appends to the same log: only lines after this count.
+        let from = self.log().len();
         let mut command = Command::new(binary());
         command
             .args(&self.args)
@@ -108,12 +110,29 @@ impl NatsServer {
             )
         });
         self.child = Some(child);
+        // Its own "ready" line, not just an open port: on a loaded machine the port may
+        // have been taken meanwhile (another process's listener would accept), and this
+        // server then exits at once.
         let port = self.port;
-        wait_until(
-            Duration::from_secs(20),
-            "nats-server accepts connections",
-            || TcpStream::connect(("127.0.0.1", port)).ok(),
-        );
+        wait_until(Duration::from_secs(20), "nats-server is ready", || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "nats-server {:?} exited with {status} while starting (a port taken?)\n{}",
+                    self.args,
+                    self.log()
+                );
+            }
+            (self
+                .log()
+                .get(from..)
+                .is_some_and(|l| l.contains("Server is ready"))
+                && TcpStream::connect(("127.0.0.1", port)).is_ok())
+            .then_some(())
+        });
     }
 
     /// Kills the process (SIGKILL) and waits for it.
@@ -200,7 +219,28 @@ impl NatsCluster {
                 )
             })
             .collect();
-        NatsCluster { servers }
+        let cluster = NatsCluster { servers };
+        // JetStream is usable once the servers agree on a meta leader: the nodes started
+        // next then create their replicated streams at once, not after an election they
+        // would have to wait out (which, on a loaded machine, ran past their tests' waits).
+        wait_until(
+            Duration::from_secs(60),
+            "the NATS servers elected a JetStream meta leader",
+            || {
+                cluster
+                    .servers
+                    .iter()
+                    .all(|s| {
+                        let jsz = s.monitor("/jsz");
+                        jsz["meta_cluster"]["leader"]
+                            .as_str()
+                            .is_some_and(|l| !l.is_empty())
+                            && jsz["meta_cluster"]["cluster_size"].as_u64() == Some(3)
+                    })
+                    .then_some(())
+            },
+        );
+        cluster
     }
 
     /// Every member's URL, comma-separated (for `nats_url`).
