@@ -29,7 +29,13 @@
 //!   (accept error backoff), pure, with the clock passed in.
 //! - [`tls`]: TLS termination (rustls): the certificate and key, and the sans-io session
 //!   the shard drives for a `wss://`/`https://` connection.
-//! - [`config`]: TOML file + flags + environment, validated into settings.
+//! - [`cluster`]: several nodes joined over NATS: channel offsets, presence and the
+//!   inbox in JetStream, on threads of their own that shards reach through queues.
+//! - [`config`]: TOML file + flags + environment, validated into settings;
+//!   [`config_tools`]: `ringcast config check|defaults`; [`live`]: the settings a SIGHUP
+//!   may change, swapped while serving.
+//! - [`metrics`]: per-shard counters summed into the Prometheus text on a scrape;
+//!   [`procstat`]: the standard `process_*` metrics from `/proc`.
 //! - [`check_host`]: `ringcast check-host`, the host's limits against a connection target.
 //! - [`sd_notify`]: READY/STOPPING/RELOADING/STATUS to systemd (`Type=notify`).
 
