@@ -160,7 +160,7 @@ impl Cluster {
     /// within [`LOCAL_AFTER`]. `bound`: messages the subscriber may recover.
     ///
     /// # Errors
-    /// [`super::JOIN_QUEUE`] joins are queued already, or the NATS thread is gone:
+    /// 65,536 joins (`JOIN_QUEUE`) are queued already, or the NATS thread is gone:
     /// nothing was queued (the subscribe is answered from local state).
     pub fn join(
         &self,
