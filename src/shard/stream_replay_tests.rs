@@ -149,8 +149,8 @@ fn an_sse_replay_past_the_backlog_lags_then_catches_up_exactly() {
         // The last id resumes where the stream is on both channels.
         let last = text
             .lines()
-            .filter_map(|l| l.strip_prefix("id: "))
-            .last()
+            .rev()
+            .find_map(|l| l.strip_prefix("id: "))
             .expect("ids");
         assert_eq!(
             Position::parse_for(last, &channels).map(|p| p.encode()),
