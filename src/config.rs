@@ -167,8 +167,9 @@ pub struct ConfigLayer {
     /// behind the channel's history) before it is closed with 1013. Default: 1000.
     #[arg(long, env = "RINGCAST_SLOW_CONSUMER_DROP_LIMIT", value_name = "N")]
     pub slow_consumer_drop_limit: Option<u32>,
-    /// Seconds a lagging connection (its backlog full) may take no bytes at all before it
-    /// is closed with 1013: it is not reading. Default: 10.
+    /// Seconds a lagging connection (its backlog full), or an SSE stream with anything
+    /// queued, may take no bytes at all before it is closed with 1013: it is not reading.
+    /// Default: 10.
     #[arg(long, env = "RINGCAST_SLOW_CONSUMER_TIMEOUT", value_name = "SECS")]
     pub slow_consumer_timeout: Option<u64>,
     /// Channels one connection may subscribe to. Default: 64.

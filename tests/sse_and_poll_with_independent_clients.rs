@@ -26,6 +26,7 @@ use common::admin::{admin_disconnect, http_publish_acked};
 use common::curl::{curl_spawn, curl_text};
 use common::inbox::{drain_behind_shut_gate, wait_for_refused_attempt, InboxServer};
 use common::*;
+use ringcast::proto::position::Position;
 use serde_json::Value;
 
 const SECRET: &str = "ringcast-sse-test-secret-0123456789abcdef";
@@ -320,17 +321,21 @@ fn eventsource_reconnects_with_last_event_id_after_the_server_ends_its_stream() 
             serde_json::json!({"type":"close","code":4403,"reason":"disconnected by an administrator"})
         );
     }
-    // Every message event's id names both channels, its own at its offset.
+    // Every message event's id (compact: two channels) names both channels, its own at
+    // its offset.
+    let channels = ["feed".to_string(), "side".to_string()];
     for line in es.seen.iter().filter(|l| l["event"] == "message") {
         let (data, id) = (&line["data"], line["id"].as_str().unwrap_or(""));
         if let (Some(channel), Some(offset)) = (data["channel"].as_str(), data["offset"].as_u64()) {
             if data.get("reply").is_none() {
-                assert!(
-                    id.split(',')
-                        .any(|e| e.starts_with(&format!("{channel}~{offset}~"))),
+                let position = Position::parse_for(id, &channels)
+                    .unwrap_or_else(|e| panic!("id {id} for {data}: {e}"));
+                assert_eq!(
+                    position.get(channel).map(|at| at.offset),
+                    Some(offset),
                     "id {id} for {data}"
                 );
-                assert_eq!(id.split(',').count(), 2, "id {id}");
+                assert_eq!(position.entries().len(), 2, "id {id}");
             }
         }
     }
@@ -480,7 +485,13 @@ fn curl_streams_resumes_and_chains_polls() {
     assert!(out.starts_with("retry: "), "{out}");
     let events = sse_events(&out);
     assert_eq!(events.len(), 2, "{out}");
-    let position = events[1].0.clone().expect("id");
+    // Two channels: the id is the compact token; a poll answer's position is full.
+    let id = events[1].0.clone().expect("id");
+    assert!(id.starts_with('~'), "{id}");
+    let channels = ["ca".to_string(), "cb".to_string()];
+    let position = Position::parse_for(&id, &channels)
+        .unwrap_or_else(|e| panic!("id {id}: {e}"))
+        .encode();
     assert!(
         position.starts_with("ca~4~") && position.contains(",cb~4~"),
         "{position}"
@@ -521,7 +532,7 @@ fn curl_streams_resumes_and_chains_polls() {
     assert_eq!(got.len(), 4, "{out}");
     assert_eq!(
         sse_events(&out).last().and_then(|e| e.0.clone()),
-        Some(position.clone()),
+        Some(id.clone()),
         "{out}"
     );
     // The same with ?since= (percent-encoded), for clients that cannot set the header.

@@ -472,6 +472,43 @@ impl Connection {
         self.push_replay(frames);
     }
 
+    /// Queues a recovery's replay of `channel` (its messages after offset `since`, in
+    /// order). An HTTP transport takes it under its backlog bound, as it takes live
+    /// messages: what does not fit it gets from history as the backlog drains (it lags on
+    /// the channel from the last offset queued), so one request for many channels with
+    /// long histories holds one backlog, not every history. A WebSocket connection
+    /// queues it whole, as a command's answer (`max_recovery_messages` bounds it).
+    pub fn queue_recovery(
+        &mut self,
+        channel: &Arc<str>,
+        since: u64,
+        frames: Vec<Bytes>,
+        config: &ConnConfig,
+    ) {
+        if self.mode().is_none() {
+            self.push_replay(frames);
+            return;
+        }
+        if !self.is_open() || frames.is_empty() {
+            return;
+        }
+        let limits = &config.backlog;
+        let total = frames.len();
+        let mut queued = 0;
+        for frame in frames {
+            if self.backlog.bytes() >= limits.max_bytes
+                || self.backlog.frame_count() >= limits.max_frames
+            {
+                break;
+            }
+            self.push_replay(vec![frame]);
+            queued += 1;
+        }
+        if queued < total {
+            self.lag_from(channel, since + queued as u64);
+        }
+    }
+
     /// Queues replayed frames, re-encoded for an HTTP transport.
     fn push_replay(&mut self, frames: Vec<Bytes>) {
         self.ensure_encoder();
@@ -773,6 +810,10 @@ impl Connection {
         if let Some(lag) = self.lag.as_mut() {
             lag.progressed |= n > 0;
         }
+        if n > 0 && self.sse != Sse::No {
+            // The client reads: not stuck (see `stalled`).
+            self.window = (0, 0);
+        }
         match (self.backlog.is_empty(), self.phase) {
             (false, _) => Written::More,
             (true, Phase::Closing { .. }) => Written::ShutWrite,
@@ -849,10 +890,13 @@ impl Connection {
     }
 
     /// True when it lags and has written nothing for `stall_after` seconds: it is not
-    /// reading at all. Called once per tick: a tick notes progress since the last one.
+    /// reading at all; for an SSE stream, also when it has anything queued and took none
+    /// of it for that long (its client never writes, so no dead-peer check finds one
+    /// that stopped reading). Called once per tick: a tick notes progress since the last
+    /// one.
     fn stalled(&mut self, now: u32, config: &ConnConfig) -> bool {
         let Some(lag) = self.lag.as_mut() else {
-            return false;
+            return self.sse_stuck(now, config);
         };
         if std::mem::take(&mut lag.progressed) || self.backlog.is_empty() {
             lag.stalled_since = None;
@@ -860,6 +904,25 @@ impl Connection {
         }
         let since = *lag.stalled_since.get_or_insert(now);
         now.saturating_sub(since) >= config.stall_after
+    }
+
+    /// [`Connection::stalled`] for an SSE stream that does not lag. Its `window` (the
+    /// inbound rate window, unused: an HTTP transport takes no input) holds the second
+    /// since which nothing queued was written, and 1 while that is counted;
+    /// [`Connection::on_written`] clears it.
+    fn sse_stuck(&mut self, now: u32, config: &ConnConfig) -> bool {
+        if self.sse == Sse::No {
+            return false;
+        }
+        if self.backlog.is_empty() {
+            self.window = (0, 0);
+            return false;
+        }
+        if self.window.1 == 0 {
+            self.window = (now, 1);
+            return false;
+        }
+        now.saturating_sub(self.window.0) >= config.stall_after
     }
 
     /// The shard second at which [`Connection::on_tick`] next has something to do.

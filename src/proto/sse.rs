@@ -6,7 +6,8 @@
 //! WebSocket header, then the JSON). [`HttpStream::encode`] turns one such frame into at
 //! most three pieces for the connection's send backlog, without copying the JSON:
 //!
-//! - SSE, a text frame: `id: <token>\ndata: ` (per connection), the JSON
+//! - SSE, a text frame: `id: <token>\ndata: ` (per connection; with two channels or more
+//!   the compact token, which does not repeat channel names), the JSON
 //!   (`Bytes::slice` past the frame header, shared with every subscriber), `\n\n`;
 //! - SSE, a ping: the comment `:\n\n` (the heartbeat); a close frame: the close event
 //!   `data: {"type":"close","code":C,"reason":"R"}\n\n`;
@@ -146,9 +147,14 @@ impl HttpStream {
         matches!(self.mode, Mode::Poll { .. })
     }
 
-    /// The position after everything encoded so far, as a token.
+    /// The position after everything encoded so far, as a full token.
     pub fn token(&self) -> String {
         self.position.encode()
+    }
+
+    /// The position after everything encoded so far.
+    pub fn position(&self) -> &Position {
+        &self.position
     }
 
     /// Events encoded so far.
@@ -196,7 +202,7 @@ impl HttpStream {
         match self.mode {
             Mode::Sse => {
                 self.events += 1;
-                let id = format!("id: {}\ndata: ", self.position.encode());
+                let id = format!("id: {}\ndata: ", self.position.encode_id());
                 [Bytes::from(id), json, Bytes::from_static(b"\n\n")]
             }
             // A recovered channel's reply says nothing a poll client needs.
@@ -345,11 +351,20 @@ mod tests {
         encode_frame(opcode::TEXT, json.as_bytes())
     }
 
+    /// The pieces as text, a compact `id:` shown as the full token it stands for (read
+    /// against every channel these tests use).
     fn wire(parts: Parts) -> String {
-        parts
+        let text: String = parts
             .iter()
             .map(|p| String::from_utf8_lossy(p).into_owned())
-            .collect()
+            .collect();
+        let Some(rest) = text.strip_prefix("id: ") else {
+            return text;
+        };
+        let (id, rest) = rest.split_once('\n').unwrap_or((rest, ""));
+        let known = channels(&["news", "b", "user:ivy", "a", "other"]);
+        let full = Position::parse_for(id, &known).unwrap().encode();
+        format!("id: {full}\n{rest}")
     }
 
     fn channels(names: &[&str]) -> Vec<String> {
@@ -488,6 +503,88 @@ mod tests {
         assert_eq!(
             close.as_deref(),
             Some("data: {\"type\":\"close\",\"code\":4401,\"reason\":\"token expired\"}\n\n")
+        );
+    }
+
+    /// Long channel names, a 19-digit epoch each, as many channels as a request may name.
+    fn many_long_channels(n: usize, name_len: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("room:{i:03}-{}", "x".repeat(name_len)))
+            .collect()
+    }
+
+    /// The `id:` line of one encoded event.
+    fn id_line(parts: &Parts) -> String {
+        let text = String::from_utf8_lossy(&parts[0]).into_owned();
+        text.lines().next().unwrap_or_default().to_string()
+    }
+
+    /// Regression: every `id:` repeated the whole position (every channel's name,
+    /// offset and epoch), so a stream of 62 long-named channels sent 8.7 KB id lines.
+    #[test]
+    fn sse_ids_do_not_grow_with_channel_names() {
+        let mut longest = Vec::new();
+        for name_len in [8, 120] {
+            let names = many_long_channels(62, name_len);
+            let mut s = HttpStream::new(Mode::Sse, &names, None);
+            let mut max = 0;
+            for (i, name) in names.iter().enumerate() {
+                let epoch = 1_796_390_886_100_725_105u64 + i as u64;
+                let reply = format!(
+                    r#"{{"reply":"subscribe","code":200,"channel":"{name}","offset":{},"epoch":"{epoch}"}}"#,
+                    1000 + i
+                );
+                max = max.max(id_line(&s.encode(&text(&reply))).len());
+            }
+            for (i, name) in names.iter().enumerate() {
+                let msg = encode_message(name, 1001 + i as u64, &EncodedData::new(b"1"));
+                max = max.max(id_line(&s.encode(&msg)).len());
+            }
+            longest.push(max);
+        }
+        // Per channel: its tag, offset and epoch difference, whatever its name's length.
+        for max in longest {
+            assert!(max <= 14 * 62 + 20, "id line of {max} bytes");
+        }
+    }
+
+    /// Resuming from any event's `id:` is resuming from the position after that event,
+    /// on every channel of the stream.
+    #[test]
+    fn every_compact_id_reads_back_as_the_position_after_its_event() {
+        let names = many_long_channels(5, 40);
+        let since = Position::parse(&format!("{}~3~900", names[1])).unwrap();
+        let mut s = HttpStream::new(Mode::Sse, &names, Some(&since));
+        let mut frames = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let recovered = if i == 1 { r#","recovered":true"# } else { "" };
+            frames.push(text(&format!(
+                r#"{{"reply":"subscribe","code":200,"channel":"{name}","offset":{},"epoch":"{}"{recovered}}}"#,
+                5 + i,
+                [900u64, 900, 901, 3_000_000_021, 902][i],
+            )));
+        }
+        frames.push(encode_message(&names[1], 4, &EncodedData::new(b"1")));
+        frames.push(encode_gap(&names[3], 9, 12));
+        frames.push(encode_message(&names[0], 6, &EncodedData::new(b"2")));
+        for frame in &frames {
+            let parts = s.encode(frame);
+            let line = id_line(&parts);
+            let id = line.strip_prefix("id: ").unwrap();
+            // The request the browser repeats names the same channels (in any order).
+            let mut request = names.clone();
+            request.reverse();
+            assert_eq!(
+                Position::parse_for(id, &request).unwrap().encode(),
+                s.token()
+            );
+        }
+        assert_eq!(
+            s.token(),
+            format!(
+                "{}~4~900,{}~6~900,{}~7~901,{}~12~3000000021,{}~9~902",
+                names[1], names[0], names[2], names[3], names[4]
+            )
         );
     }
 

@@ -245,7 +245,7 @@ pub fn parse_upgrade_with_cookie(
     }
     let channels = parse_channels(query, max_channels)?;
     let token = request_token(&req, query, token_cookie)?;
-    let since = query_since(query)?;
+    let since = query_since(query, &channels)?;
     Ok(Some(Upgrade {
         endpoint: Endpoint::WebSocket,
         key: key.to_string(),
@@ -292,8 +292,8 @@ fn parse_http_transport(
     let since = match (path, last_event_id) {
         // An EventSource resends Last-Event-ID on its own reconnects with the original
         // URL, whose `since` is older.
-        ("/sse", Some(id)) => Some(parse_position(&id)?),
-        _ => query_since(query)?,
+        ("/sse", Some(id)) => Some(parse_position(&id, &channels)?),
+        _ => query_since(query, &channels)?,
     };
     let endpoint = if path == "/sse" {
         Endpoint::Sse
@@ -318,19 +318,23 @@ fn parse_http_transport(
     Ok((endpoint, channels, token, since))
 }
 
-/// The `since` query parameter (percent-decoded), as a position token.
-fn query_since(query: &str) -> Result<Option<Position>, HttpReject> {
+/// The `since` query parameter (percent-decoded), as a position token of a request for
+/// `channels`.
+fn query_since(query: &str, channels: &[String]) -> Result<Option<Position>, HttpReject> {
     query_param(query, "since")
         .map(|raw| {
             percent_decode(raw)
                 .ok_or_else(|| HttpReject::new(400, "malformed percent-encoding in since"))
-                .and_then(|text| parse_position(&text))
+                .and_then(|text| parse_position(&text, channels))
         })
         .transpose()
 }
 
-fn parse_position(text: &str) -> Result<Position, HttpReject> {
-    Position::parse(text).map_err(|e| HttpReject::new(400, format!("bad position: {e}")))
+/// A position token of either form (full, or the compact form of SSE ids) for a request
+/// naming `channels`.
+fn parse_position(text: &str, channels: &[String]) -> Result<Position, HttpReject> {
+    Position::parse_for(text, channels)
+        .map_err(|e| HttpReject::new(400, format!("bad position: {e}")))
 }
 
 /// The token from the query, the `Authorization: Bearer` header or the cookie, in that
@@ -636,6 +640,16 @@ mod tests {
         assert_eq!(up.origin.as_deref(), Some("https://a.test"));
         assert_eq!(up.token.as_deref(), Some("t.t.t"));
         assert_eq!(up.since.unwrap().encode(), "news~7~2,b~3~4");
+        // An SSE id (compact) is read against the request's channels.
+        let compact = Position::parse("b~3~4,news~7~2").unwrap().encode_compact();
+        let up = http(
+            "GET",
+            "/sse?channels=news,b",
+            &format!("Last-Event-ID: {compact}\r\n"),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(up.since.unwrap().encode(), "b~3~4,news~7~2");
         let up = http("GET", "/sse?channels=news&since=news~1~2", "")
             .unwrap()
             .unwrap();

@@ -240,12 +240,16 @@ pub(crate) fn adopt_stream(
         if !reply.is_empty() {
             shard.queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
         }
-        conn.machine.queue_replay(replay);
+        // Under the backlog bound: what does not fit comes from history, after the
+        // other channels' replies.
+        shard.queue_recovery(key, conn, ch, at, replay);
     }
     shard.lag_inexact_attaches(key, conn);
     shard.answer_poll_if_due(key, conn);
     if conn.machine.is_open() {
         shard.flush_or_close(key, conn);
+        // The socket took it all: the next part from history now, not at the next round.
+        shard.catch_up(key, conn);
         // Everything out and keeping up: an idle stream holds no encoder.
         shard.release_idle_stream(key, conn);
     }
@@ -655,3 +659,7 @@ mod tests {
         });
     }
 }
+
+#[cfg(test)]
+#[path = "stream_replay_tests.rs"]
+mod stream_replay_tests;

@@ -475,7 +475,7 @@ mod tests {
                     .filter_map(|l| l.strip_prefix("id: "))
                     .collect();
                 let last = ids.last().expect("an event with an id");
-                let at = Position::parse(last)
+                let at = Position::parse_for(last, &chan)
                     .expect("token")
                     .get("big")
                     .expect("big");

@@ -153,7 +153,7 @@ impl Shard {
                 &mut replay,
             );
             self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
-            conn.machine.queue_replay(replay);
+            self.queue_recovery(tag.key, conn, &channel, tag.since, replay);
         } else {
             // An upgrade URL's channel without a position: subscribed quietly, as in
             // shard::conn::adopt.

@@ -400,6 +400,29 @@ impl Shard {
         }
     }
 
+    /// Queues a recovery's `replay` of `channel` (the messages after `since`) to `conn`:
+    /// an HTTP transport takes what its backlog bound allows and catches up on the rest
+    /// from history ([`crate::proto::conn::Connection::queue_recovery`]).
+    pub(super) fn queue_recovery(
+        &self,
+        key: u32,
+        conn: &mut Conn,
+        channel: &str,
+        since: Option<Since>,
+        replay: Vec<Bytes>,
+    ) {
+        match since {
+            Some(since) if !replay.is_empty() => {
+                let channel: Arc<str> = Arc::from(channel);
+                let config = self.conn_config.get();
+                conn.machine
+                    .queue_recovery(&channel, since.offset, replay, &config);
+                self.mark_lagging(key, conn);
+            }
+            _ => conn.machine.queue_replay(replay),
+        }
+    }
+
     /// Makes `conn` catch up through history on the channels its last command attached
     /// at an estimated position, so what lies between the estimate and its live position
     /// reaches it (or a gap notice does) instead of being skipped silently.

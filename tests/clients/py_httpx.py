@@ -53,9 +53,29 @@ def q(value):
     return urllib.parse.quote(value, safe="")
 
 
-def parse_token(token):
-    """{channel: (offset, epoch)} of a position token."""
+def channel_tag(name):
+    """The 32-bit FNV-1a hash that names a channel in a compact token."""
+    h = 0x811C9DC5
+    for b in name.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def parse_token(token, channels=()):
+    """{channel: (offset, epoch)} of a position token, full or compact (docs/protocol.md;
+    a compact token's entries are found among the request's `channels`)."""
     out = {}
+    if token.startswith("~"):
+        reference, entries = token[1:].split("~")
+        reference = int(reference, 36)
+        by_tag = {channel_tag(c): c for c in channels}
+        for entry in entries.split(","):
+            parts = entry.split(".")
+            channel = by_tag[int(parts[0], 36)]
+            expect(channel not in out, f"channel {channel} twice in {token}")
+            xor = int(parts[2], 36) if len(parts) == 3 else 0
+            out[channel] = (int(parts[1], 36), str(reference ^ xor))
+        return out
     for entry in filter(None, token.split(",")):
         channel, offset, epoch = entry.split("~")
         expect(channel not in out, f"channel {channel} twice in {token}")
@@ -171,7 +191,7 @@ def sse_resume(args, client, mode):
                     else:
                         expect(msg.get("recovered") is True, f"reopen #{opens} not recovered: {msg}")
                         # For a recovered reply the id is still the requested position.
-                        expect(parse_token(ev["id"])[c] == parse_token(requested)[c], f"reply id {ev['id']} vs {requested}")
+                        expect(parse_token(ev["id"], channels)[c] == parse_token(requested, channels)[c], f"reply id {ev['id']} vs {requested}")
                     replied.append(c)
                     last_id = ev["id"]
                     if len(replied) == len(channels):
@@ -190,7 +210,7 @@ def sse_resume(args, client, mode):
                 expect(msg["offset"] == expected, f"{c}: offset {msg['offset']} where {expected} was due (open #{opens})")
                 expect(msg["data"] == {"i": expected}, f"{c}: data {msg['data']}")
                 seen[c].append(msg["offset"])
-                pos = parse_token(ev["id"])
+                pos = parse_token(ev["id"], channels)
                 expect(set(pos) == set(channels), f"id {ev['id']} does not name every channel")
                 expect(pos[c][0] == msg["offset"], f"id {ev['id']} does not match offset {msg['offset']}")
                 for other in replied:
