@@ -330,6 +330,9 @@ fn acked_messages_survive_a_full_disk_and_publishing_resumes_when_space_is_freed
         publishes.http();
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Publishes that arrive together are refused together (one commit), and each is
+    // counted.
+    publishes.tcp_burst(10);
     let spent = cpu_seconds(server.pid()) - cpu_before;
     let elapsed = window.elapsed().as_secs_f64();
     println!(

@@ -678,7 +678,9 @@ impl StoreThread {
                             }
                         }
                     }
-                    self.fail(&e, "committing a batch");
+                    // Every request of the batch is refused: each is counted.
+                    self.stats.errors[e.kind as usize].fetch_add(batch.len() as u64, Relaxed);
+                    self.close(&e, "committing a batch");
                 }
             }
             result
