@@ -3,6 +3,8 @@
 //!
 //! - [`store`] is the database logic (sans threads): group commits of appends and acks,
 //!   the unacked messages of a channel, the retention sweep.
+//! - [`outage`] is what the store thread remembers about failures: rate-limited error
+//!   logs, and whether it is down (no write since a failure) and when to check again.
 //! - [`thread`] is the store thread that owns the database: shards and ingest hand it
 //!   requests over a bounded queue and never touch disk. It is the single writer of every
 //!   user channel: it assigns offsets, commits a whole batch with one fsync, publishes the
@@ -11,6 +13,7 @@
 //!
 //! docs/architecture.md ("The durable inbox") says why redb and why this shape.
 
+pub mod outage;
 pub mod store;
 pub mod thread;
 

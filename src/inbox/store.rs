@@ -11,6 +11,8 @@
 //! - `last`: `channel` -> last offset given out; kept after every message is acked or
 //!   expired, so a channel's offsets never restart within an epoch.
 //! - `meta`: `"epoch"` -> the store's epoch, created once with the file.
+//! - `probe`: empty between two commits of [`InboxStore::probe`], which checks that
+//!   the store can write again after a failure.
 //!
 //! [`InboxStore::commit`] applies a batch of appends and acks in one write transaction:
 //! one fsync (redb's default `Durability::Immediate`) for all of them. When it returns
@@ -28,6 +30,7 @@ const MESSAGES: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::ne
 const BY_TIME: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("by_time");
 const LAST: TableDefinition<&str, u64> = TableDefinition::new("last");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("probe");
 
 /// One write in a group commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +229,28 @@ impl InboxStore {
         }
         tx.commit().map_err(redb_err)?;
         Ok(results)
+    }
+
+    /// Checks that a write of `bytes` can be committed: writes them in one transaction
+    /// and deletes them in a second, each committed durably. Leaves the store as it was.
+    ///
+    /// # Errors
+    /// Either transaction could not be written or committed (no space, an I/O error).
+    pub fn probe(&self, bytes: usize) -> Result<(), StoreError> {
+        let filler = vec![0u8; bytes];
+        let tx = self.db.begin_write().map_err(redb_err)?;
+        tx.open_table(PROBE)
+            .map_err(redb_err)?
+            .insert("space", filler.as_slice())
+            .map_err(redb_err)?;
+        tx.commit().map_err(redb_err)?;
+        let tx = self.db.begin_write().map_err(redb_err)?;
+        tx.open_table(PROBE)
+            .map_err(redb_err)?
+            .remove("space")
+            .map_err(redb_err)?;
+        tx.commit().map_err(redb_err)?;
+        Ok(())
     }
 
     /// `channel`'s last offset and its unacked messages, oldest first, at most `limit`.
@@ -453,6 +478,22 @@ mod tests {
             .unwrap();
         assert_eq!(done, [Done::Appended(1), Done::Acked(1)]);
         assert!(store.unacked("user:9", 10).unwrap().messages.is_empty());
+    }
+
+    #[test]
+    fn a_probe_writes_and_leaves_nothing_behind() {
+        let (_dir, path) = temp();
+        let store = InboxStore::open(&path).unwrap();
+        store.commit(&[append("user:1", b"a")], 1).unwrap();
+        store.probe(64 * 1024).unwrap();
+        store.probe(64 * 1024).unwrap();
+        let tx = store.db.begin_read().unwrap();
+        assert!(redb::ReadableTableMetadata::is_empty(&tx.open_table(PROBE).unwrap()).unwrap());
+        assert_eq!(store.unacked("user:1", 10).unwrap().messages.len(), 1);
+        assert_eq!(
+            store.commit(&[append("user:1", b"b")], 2).unwrap(),
+            [Done::Appended(2)]
+        );
     }
 
     #[test]

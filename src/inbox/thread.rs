@@ -20,6 +20,7 @@
 
 use crate::fanout::history::Since;
 use crate::fanout::publisher::Publisher;
+use crate::inbox::outage::{ErrorLog, Outage};
 use crate::inbox::store::{Done, InboxStore, Op};
 use crate::inbox::{ErrorKind, InboxStats, StoreError};
 use crate::proto::message::{encode_message, EncodedData};
@@ -38,11 +39,12 @@ pub const MAX_DELIVERY: usize = 10_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 const SWEEP_BUDGET: usize = 10_000;
 
-/// Least time between two log lines about the same kind of store error.
-const LOG_EVERY: Duration = Duration::from_secs(10);
-
 /// Least time between two attempts to reopen the database after an error.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+/// Bytes a check for space writes (and then deletes): room for a message of the default
+/// `max_message_size`.
+const PROBE_BYTES: usize = 64 * 1024;
 
 /// Longest the store thread waits for a request before it looks whether it must stop.
 const STOP_CHECK: Duration = Duration::from_millis(100);
@@ -266,6 +268,7 @@ impl Inbox {
             last_reopen: None,
             last_error: None,
             suspect: Vec::new(),
+            down: None,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
@@ -429,27 +432,6 @@ impl Inbox {
     }
 }
 
-/// Rate-limits error logs: one line per kind per [`LOG_EVERY`], with how many were not
-/// logged.
-#[derive(Default)]
-struct ErrorLog {
-    last: [Option<Instant>; ErrorKind::LABELS.len()],
-    suppressed: [u64; ErrorKind::LABELS.len()],
-}
-
-impl ErrorLog {
-    fn log(&mut self, error: &StoreError, what: &str) {
-        let k = error.kind as usize;
-        if self.last[k].is_some_and(|t| t.elapsed() < LOG_EVERY) {
-            self.suppressed[k] += 1;
-            return;
-        }
-        self.last[k] = Some(Instant::now());
-        let suppressed = std::mem::take(&mut self.suppressed[k]);
-        tracing::error!(kind = error.kind.label(), error = %error, suppressed, "inbox store: {what} failed; publishes to user channels get errors until it recovers (logged at most every 10 s per kind)");
-    }
-}
-
 struct StoreThread {
     store: Option<InboxStore>,
     config: InboxConfig,
@@ -465,6 +447,9 @@ struct StoreThread {
     suspect: Vec<Arc<str>>,
     /// The failure that closed the store, answered while it waits to reopen.
     last_error: Option<StoreError>,
+    /// Set by a failure, cleared by the next write that succeeds: while it is set,
+    /// `ringcast_inbox_up` is 0 and the store checks by itself whether it can write.
+    down: Option<Outage>,
 }
 
 fn warn_if_repaired(store: &InboxStore) {
@@ -520,6 +505,7 @@ impl StoreThread {
                 self.process(&mut batch);
                 self.stats.queued.fetch_sub(taken, Relaxed);
             }
+            self.probe_if_due();
             if Instant::now() >= next_sweep {
                 // A full budget means more is due: come back soon, between batches.
                 let more = self.sweep();
@@ -545,15 +531,15 @@ impl StoreThread {
             self.last_reopen = Some(Instant::now());
             match InboxStore::open(&self.config.path) {
                 Ok(store) => {
-                    tracing::info!(path = %self.config.path.display(), "inbox store reopened");
-                    warn_if_repaired(&store);
-                    self.last_error = None;
-                    self.stats.up.store(1, Relaxed);
+                    // After a failed write the repair is expected: the error was logged,
+                    // and the line that matters is the one saying writes work again.
+                    tracing::debug!(path = %self.config.path.display(), repaired = store.was_repaired(), "inbox store reopened");
                     self.reconcile(&store);
                     self.store = Some(store);
                 }
                 Err(e) => {
-                    self.fail(&e, "reopening the database");
+                    // Counted by the caller, once per request it refuses.
+                    self.close(&e, "reopening the database");
                     return Err(e);
                 }
             }
@@ -563,14 +549,23 @@ impl StoreThread {
             .ok_or_else(|| StoreError::new(ErrorKind::Unavailable, "inbox store is not open"))
     }
 
-    /// Counts and logs `e`; a failed write leaves redb refusing further ones until the
-    /// file is reopened (which also repairs it), so the store is dropped for a reopen.
+    /// Counts `e` (it refused a request) and closes the store ([`StoreThread::close`]).
     fn fail(&mut self, e: &StoreError, what: &str) {
         self.stats.errors[e.kind as usize].fetch_add(1, Relaxed);
+        self.close(e, what);
+    }
+
+    /// Logs `e`; a failed write leaves redb refusing further ones until the file is
+    /// reopened (which also repairs it), so the store is dropped for a reopen, and is
+    /// down until a write succeeds.
+    fn close(&mut self, e: &StoreError, what: &str) {
         self.log.log(e, what);
         if e.kind != ErrorKind::Overloaded {
             self.store = None;
             self.stats.up.store(0, Relaxed);
+            if self.down.is_none() {
+                self.down = Some(Outage::new(Instant::now()));
+            }
             const RETRYING: &str = " (the file is reopened every second until it works)";
             if !e.message.ends_with(RETRYING) {
                 self.last_error = Some(StoreError {
@@ -578,6 +573,52 @@ impl StoreThread {
                     message: format!("{}{RETRYING}", e.message),
                 });
             }
+        }
+    }
+
+    /// A write succeeded: the store is up again, and says so after an outage (at most
+    /// every 10 s, [`ErrorLog::recovery_due`]).
+    fn writable(&mut self) {
+        let Some(outage) = self.down.take() else {
+            return;
+        };
+        self.last_error = None;
+        self.stats.up.store(1, Relaxed);
+        let down_secs = outage.since.elapsed().as_secs();
+        if !self.log.recovery_due(Instant::now()) {
+            tracing::debug!(down_secs, "inbox store: writes succeed again");
+            return;
+        }
+        tracing::info!(
+            path = %self.config.path.display(),
+            down_secs,
+            "inbox store: writes succeed again; publishes to user channels are stored"
+        );
+    }
+
+    /// While the store is down, checks now and then that it can write again (reopening
+    /// it, then writing and deleting [`PROBE_BYTES`]), so that `ringcast_inbox_up` comes
+    /// back once the cause is fixed (space freed) even when no request tries the store.
+    fn probe_if_due(&mut self) {
+        if !self
+            .down
+            .as_mut()
+            .is_some_and(|outage| outage.probe_due(Instant::now()))
+        {
+            return;
+        }
+        // Not a request: failures here are logged, not counted.
+        let result = match self.store.as_ref() {
+            Some(store) => store.probe(PROBE_BYTES),
+            None => match self.store() {
+                Ok(store) => store.probe(PROBE_BYTES),
+                // Reopening failed (logged), or is not due yet.
+                Err(_) => return,
+            },
+        };
+        match result {
+            Ok(()) => self.writable(),
+            Err(e) => self.close(&e, "checking that the store can write again"),
         }
     }
 
@@ -650,6 +691,7 @@ impl StoreThread {
                 .and_then(|store| Ok((store.commit(&ops, unix_now())?, store.epoch())));
             match &result {
                 Ok((done, _)) => {
+                    self.writable();
                     self.stats
                         .commit_latency
                         .record(started.elapsed().as_micros() as u64);
@@ -669,7 +711,9 @@ impl StoreThread {
                             }
                         }
                     }
-                    self.fail(&e, "committing a batch");
+                    // Every request of the batch is refused: each is counted.
+                    self.stats.errors[e.kind as usize].fetch_add(batch.len() as u64, Relaxed);
+                    self.close(&e, "committing a batch");
                 }
             }
             result
@@ -839,8 +883,9 @@ impl StoreThread {
                 n as usize >= SWEEP_BUDGET
             }
             Err(e) => {
+                // Not a request: logged, not counted.
                 if e.kind != ErrorKind::Unavailable {
-                    self.fail(&e, "the retention sweep");
+                    self.close(&e, "the retention sweep");
                 }
                 false
             }

@@ -87,8 +87,19 @@ impl Subscriber {
     /// Reads the next event, waiting at most `timeout`.
     ///
     /// # Panics
-    /// On a frame that is neither a message, a reply, a ping nor a close.
+    /// On a frame that is neither a message, a reply, a ping nor a close, and on a read
+    /// error.
     pub fn next_event(&mut self, timeout: Duration) -> Event {
+        self.read_event(timeout, false)
+    }
+
+    /// Like [`Subscriber::next_event`], but a read error (the server was killed: the
+    /// connection reset) is [`Event::Closed`] too.
+    pub fn next_event_or_gone(&mut self, timeout: Duration) -> Event {
+        self.read_event(timeout, true)
+    }
+
+    fn read_event(&mut self, timeout: Duration, error_is_close: bool) -> Event {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -119,6 +130,7 @@ impl Subscriber {
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                     return Event::Closed(None)
                 }
+                Err(_) if error_is_close => return Event::Closed(None),
                 Err(e) => panic!("reading from the server: {e}"),
             }
         }
