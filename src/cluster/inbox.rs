@@ -31,6 +31,7 @@
 //! it has not seen before answering, so the shard's attach (src/shard/inbox.rs) finds
 //! every offset up to the answer's last one already in the ring, as with the redb store.
 
+use crate::cluster::interest::{apply as apply_interest, InterestBoard};
 use crate::cluster::stored;
 use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER};
 use crate::cluster::thread::{
@@ -67,14 +68,14 @@ pub const FLOOR_HEADER: &str = "Ringcast-Floor";
 const MAX_TRIES: usize = 16;
 
 /// What the shards' interest in user channels is sent to (set when this backend runs).
-static INTEREST: OnceLock<flume::Sender<(Arc<str>, bool)>> = OnceLock::new();
+static INTEREST: OnceLock<Arc<InterestBoard>> = OnceLock::new();
 
 /// Routes a shard's interest in a `user:` channel to this backend; false when the
 /// channel is not one it keeps (or the backend is not running).
 pub fn interest(channel: &str, on: bool) -> bool {
     match INTEREST.get() {
-        Some(tx) if is_user_channel(channel) => {
-            let _ = tx.send((Arc::from(channel), on));
+        Some(board) if is_user_channel(channel) => {
+            board.note(channel, on);
             true
         }
         _ => false,
@@ -257,8 +258,8 @@ pub fn start(
 ) -> Result<(Inbox, Vec<ShardQueues>), StoreError> {
     let (tx, rx) = flume::bounded(config.queue);
     let (wakes, answers, queues) = ShardQueues::for_shards(shards);
-    let (interest_tx, interest_rx) = flume::unbounded();
-    let _ = INTEREST.set(interest_tx);
+    let board = Arc::new(InterestBoard::new());
+    let _ = INTEREST.set(board.clone());
     let name = PathBuf::from(format!("jetstream:{}_INBOX", settings.stream_name));
     let thread_stats = stats.clone();
     spawn_runtime_thread(
@@ -274,7 +275,7 @@ pub fn start(
                 wakes,
                 answers,
             };
-            run(parts, rx, interest_rx)
+            run(parts, rx, board)
         },
     )
     .map_err(|e| StoreError::from_io(&e).context("spawning the cluster inbox thread"))?;
@@ -357,11 +358,7 @@ fn offset_races() -> StoreError {
     )
 }
 
-async fn run(
-    parts: Parts,
-    requests: flume::Receiver<Request>,
-    interest: flume::Receiver<(Arc<str>, bool)>,
-) {
+async fn run(parts: Parts, requests: flume::Receiver<Request>, board: Arc<InterestBoard>) {
     let (client, js, mut events) =
         match connect(&parts.settings, "ringcast-inbox", "cluster inbox").await {
             Ok(c) => c,
@@ -396,7 +393,11 @@ async fn run(
                 Err(_) => return,
             },
             _ = node.answered.notified(), if !room => {}
-            r = interest.recv_async() => if let Ok((channel, on)) = r { node.clone().on_interest(channel, on) },
+            changes = board.changes() => {
+                for (channel, net) in changes {
+                    node.clone().on_interest(channel, net);
+                }
+            }
             Some(event) = events.recv() => node.on_event(event).await,
             _ = tick.tick() => node.sweep(),
         }
@@ -1193,17 +1194,17 @@ impl Node {
         }
     }
 
-    fn on_interest(self: Rc<Self>, channel: Arc<str>, on: bool) {
+    /// `net`: how many more (or fewer) shards have subscribers of `channel`.
+    fn on_interest(self: Rc<Self>, channel: Arc<str>, net: i64) {
         let mut chans = self.chans.borrow_mut();
         let c = chans.entry(channel.clone()).or_default();
-        if !on {
-            c.interest = c.interest.saturating_sub(1);
-            if c.interest == 0 {
+        c.interest = apply_interest(c.interest, net);
+        if c.interest == 0 {
+            if net < 0 {
                 c.linger_until = Some(Instant::now() + self.parts.settings.interest_linger);
             }
             return;
         }
-        c.interest += 1;
         c.linger_until = None;
         if c.sub.is_some() {
             return;

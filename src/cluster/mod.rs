@@ -16,6 +16,7 @@
 //! - [`inbox`]: `user:` inboxes in JetStream when the inbox is on (its own thread).
 
 pub mod inbox;
+pub mod interest;
 pub mod presence;
 pub mod presence_wire;
 mod stored;

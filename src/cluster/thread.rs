@@ -15,6 +15,7 @@
 mod failover;
 pub(crate) use failover::{DUPLICATE_WINDOW, RESEND_FOR};
 
+use crate::cluster::interest::{apply as apply_interest, InterestBoard};
 use crate::cluster::stored;
 use crate::cluster::subject::encode_channel;
 use crate::cluster::{ClusterSettings, ClusterStats};
@@ -78,10 +79,6 @@ enum Request {
         /// One of `publish_queue`: held until the publish is answered.
         permit: Permit,
     },
-    Interest {
-        channel: Arc<str>,
-        on: bool,
-    },
     /// A subscribe waits until this node follows the channel (join.rs).
     Join(JoinRequest),
 }
@@ -116,7 +113,10 @@ pub struct Cluster {
     tx: flume::Sender<Request>,
     /// `publish_queue` permits: every publish holds one from acceptance to its answer.
     permits: Arc<tokio::sync::Semaphore>,
+    /// Joins (bounded by `JOIN_QUEUE`).
     interest_tx: flume::Sender<Request>,
+    /// Shards' interest, coalesced per channel.
+    board: Arc<InterestBoard>,
     stats: Arc<ClusterStats>,
     wakes: Vec<flume::Receiver<()>>,
     join: Arc<JoinShared>,
@@ -140,6 +140,8 @@ impl Cluster {
         // Bounded by the permits: nothing is sent here without one.
         let (tx, rx) = flume::unbounded();
         let (interest_tx, interest_rx) = flume::unbounded();
+        let board = Arc::new(InterestBoard::new());
+        let thread_board = board.clone();
         let (wake_txs, wakes): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::bounded(1)).unzip();
         let thread_stats = stats.clone();
         let (join, join_answers) = JoinShared::new(shards);
@@ -153,8 +155,11 @@ impl Cluster {
                     publisher,
                     thread_stats,
                     wake_txs,
-                    rx,
-                    interest_rx,
+                    Inputs {
+                        requests: rx,
+                        joins: interest_rx,
+                        board: thread_board,
+                    },
                     thread_join,
                 )
             },
@@ -163,6 +168,7 @@ impl Cluster {
             tx,
             permits,
             interest_tx,
+            board,
             stats,
             wakes,
             join,
@@ -242,10 +248,7 @@ impl Cluster {
 
     /// A shard gained (`on`) or lost every subscriber of `channel`.
     pub fn interest(&self, channel: &str, on: bool) {
-        let _ = self.interest_tx.send(Request::Interest {
-            channel: Arc::from(channel),
-            on,
-        });
+        self.board.note(channel, on);
     }
 }
 
@@ -435,15 +438,29 @@ async fn connect_options(
         }))
 }
 
+/// What reaches the NATS thread from the shards and ingest.
+struct Inputs {
+    /// Publishes (each holding a `publish_queue` permit).
+    requests: flume::Receiver<Request>,
+    /// Joins (at most `JOIN_QUEUE`).
+    joins: flume::Receiver<Request>,
+    /// Interest, coalesced per channel.
+    board: Arc<InterestBoard>,
+}
+
 async fn run(
     settings: ClusterSettings,
     publisher: Arc<Publisher>,
     stats: Arc<ClusterStats>,
     wakes: Vec<flume::Sender<()>>,
-    requests: flume::Receiver<Request>,
-    interest: flume::Receiver<Request>,
+    inputs: Inputs,
     join: Arc<JoinShared>,
 ) {
+    let Inputs {
+        requests,
+        joins,
+        board,
+    } = inputs;
     let (client, js, mut events) = match connect(&settings, "ringcast", "cluster").await {
         Ok(c) => c,
         Err(e) => {
@@ -482,7 +499,12 @@ async fn run(
                 Ok(r) => node.clone().handle(r),
                 Err(_) => return,
             },
-            r = interest.recv_async() => if let Ok(r) = r { node.clone().handle(r) },
+            r = joins.recv_async() => if let Ok(r) = r { node.clone().handle(r) },
+            changes = board.changes() => {
+                for (channel, net) in changes {
+                    node.clone().on_interest(channel, net);
+                }
+            }
             Some(event) = events.recv() => node.clone().on_event(event, &mut was_up).await,
             _ = tick.tick() => node.sweep_interest(),
         }
@@ -530,7 +552,6 @@ impl Node {
                 });
                 let _ = tx.send((payload, reply, permit));
             }
-            Request::Interest { channel, on } => self.on_interest(channel, on),
             Request::Join(request) => {
                 self.stats.join_queued.fetch_sub(1, Relaxed);
                 self.on_join(request)
@@ -874,17 +895,17 @@ impl Node {
         }
     }
 
-    fn on_interest(self: Rc<Self>, channel: Arc<str>, on: bool) {
+    /// `net`: how many more (or fewer) shards have subscribers of `channel`.
+    fn on_interest(self: Rc<Self>, channel: Arc<str>, net: i64) {
         let mut chans = self.chans.borrow_mut();
         let c = chans.entry(channel.clone()).or_default();
-        if !on {
-            c.interest = c.interest.saturating_sub(1);
-            if c.interest == 0 {
+        c.interest = apply_interest(c.interest, net);
+        if c.interest == 0 {
+            if net < 0 {
                 c.linger_until = Some(Instant::now() + self.settings.interest_linger);
             }
             return;
         }
-        c.interest += 1;
         c.linger_until = None;
         if c.sub.is_some() {
             return;
