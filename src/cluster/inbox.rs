@@ -730,18 +730,24 @@ impl Node {
             _ => 0,
         };
         self.observe(stream_last);
+        // An epoch is drawn only for a channel never written.
+        let new_epoch = if record.is_none() {
+            self.new_epoch()
+        } else {
+            0
+        };
         let next = reopen(
             record.map(|r| r.0),
             stream_last,
             self.observed.get(),
-            self.new_epoch(),
+            new_epoch,
         );
-        let Some(_) = self
+        let written = self
             .write_record(channel, next, record.map_or(0, |r| r.1))
-            .await?
-        else {
+            .await?;
+        if written.is_none() {
             return Ok(None);
-        };
+        }
         if let Some((r, _)) = record.filter(|(r, _)| !r.complete()) {
             self.parts.stats.offset_skips.fetch_add(1, Relaxed);
             tracing::info!(

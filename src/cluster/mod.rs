@@ -272,8 +272,6 @@ pub struct ClusterStats {
     pub resent: AtomicU64,
     /// Re-sent publishes the stream had already stored (duplicate ack).
     pub deduped: AtomicU64,
-    /// Publishes accepted and not yet answered (gauge, at most `publish_queue`).
-    pub publish_queued: AtomicU64,
     /// Publishes refused because `publish_queue` publishes were waiting.
     pub publish_refused: AtomicU64,
     /// Joins queued for the NATS thread (gauge).
@@ -326,13 +324,7 @@ pub fn is_not_ready() -> bool {
 pub fn render_metrics(out: &mut String) {
     use std::fmt::Write;
     let Some(s) = STATS.get() else { return };
-    let rows: [(&str, &str, &str, &AtomicU64); 14] = [
-        (
-            "ringcast_cluster_publish_queued",
-            "gauge",
-            "Publishes accepted for the JetStream stream and not yet answered (at most [cluster] publish_queue).",
-            &s.publish_queued,
-        ),
+    let rows: [(&str, &str, &str, &AtomicU64); 13] = [
         (
             "ringcast_cluster_publish_refused_total",
             "counter",
@@ -437,6 +429,13 @@ pub fn render_metrics(out: &mut String) {
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
             v.load(Relaxed)
+        );
+    }
+    if let Some(cluster) = get() {
+        let _ = writeln!(
+            out,
+            "# HELP ringcast_cluster_publish_queued Publishes accepted for the JetStream stream and not yet answered (at most [cluster] publish_queue).\n# TYPE ringcast_cluster_publish_queued gauge\nringcast_cluster_publish_queued {}",
+            cluster.publish_queued()
         );
     }
     s.join.render(out);

@@ -76,36 +76,16 @@ enum Request {
         channel: Arc<str>,
         payload: Bytes,
         reply: ClusterReply,
-        /// One of `publish_queue`: held until the publish is answered.
+        /// One of `publish_queue`: held until the publish is answered, whichever queue or
+        /// worker holds it meanwhile (`ringcast_cluster_publish_queued` counts them).
         permit: Permit,
     },
     /// A subscribe waits until this node follows the channel (join.rs).
     Join(JoinRequest),
 }
 
-/// A publish's place among the `publish_queue` accepted and not yet answered; the
-/// `ringcast_cluster_publish_queued` gauge counts it from acceptance until it drops
-/// (after the answer), whichever queue or worker holds it meanwhile.
-struct Permit {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    stats: Arc<ClusterStats>,
-}
-
-impl Permit {
-    fn new(permit: tokio::sync::OwnedSemaphorePermit, stats: &Arc<ClusterStats>) -> Self {
-        stats.publish_queued.fetch_add(1, Relaxed);
-        Permit {
-            _permit: permit,
-            stats: stats.clone(),
-        }
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.stats.publish_queued.fetch_sub(1, Relaxed);
-    }
-}
+/// A publish's place among the `publish_queue` accepted and not yet answered.
+type Permit = tokio::sync::OwnedSemaphorePermit;
 
 /// The handle shards and ingest use to reach the NATS thread.
 #[derive(Clone)]
@@ -113,6 +93,8 @@ pub struct Cluster {
     tx: flume::Sender<Request>,
     /// `publish_queue` permits: every publish holds one from acceptance to its answer.
     permits: Arc<tokio::sync::Semaphore>,
+    /// `publish_queue`.
+    capacity: usize,
     /// Joins (bounded by `JOIN_QUEUE`).
     interest_tx: flume::Sender<Request>,
     /// Shards' interest, coalesced per channel.
@@ -136,7 +118,8 @@ impl Cluster {
         shards: usize,
     ) -> std::io::Result<Cluster> {
         let stats = Arc::new(ClusterStats::default());
-        let permits = Arc::new(tokio::sync::Semaphore::new(settings.publish_queue));
+        let settings_queue = settings.publish_queue;
+        let permits = Arc::new(tokio::sync::Semaphore::new(settings_queue));
         // Bounded by the permits: nothing is sent here without one.
         let (tx, rx) = flume::unbounded();
         let (interest_tx, interest_rx) = flume::unbounded();
@@ -167,6 +150,7 @@ impl Cluster {
         Ok(Cluster {
             tx,
             permits,
+            capacity: settings_queue,
             interest_tx,
             board,
             stats,
@@ -234,16 +218,21 @@ impl Cluster {
         channel: &str,
         payload: &[u8],
         reply: ClusterReply,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: Permit,
     ) -> Result<(), &'static str> {
         self.tx
             .send(Request::Publish {
                 channel: Arc::from(channel),
                 payload: Bytes::copy_from_slice(payload),
                 reply,
-                permit: Permit::new(permit, &self.stats),
+                permit,
             })
             .map_err(|_| NOT_RUNNING)
+    }
+
+    /// Publishes accepted and not yet answered: the permits taken.
+    pub fn publish_queued(&self) -> usize {
+        self.capacity - self.permits.available_permits()
     }
 
     /// A shard gained (`on`) or lost every subscriber of `channel`.
