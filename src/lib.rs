@@ -11,7 +11,11 @@
 //!   the shared lock-free [`fanout::ring::Ring`]; every shard follows the ring with its own
 //!   cursor and is woken by coalesced cross-core wake-ups. Per connection, the
 //!   [`fanout::backlog::SendBacklog`] bounds what a slow reader can cost.
-//! - [`shard`]: one pinned glommio executor per core: SO_REUSEPORT accept, upgrade,
+//! - [`engine`]: a shard's sans-io core: its connection table, subscription index and
+//!   the policy of a fan-out round (offers, pauses, overrun healing, catch-up from
+//!   history, ticks, close orders), driven by events; it asks its driver only to write a
+//!   backlog ([`engine::Wire`]). The seeded simulations drive it for real.
+//! - [`shard`]: the engine's driver, one pinned glommio executor per core: SO_REUSEPORT accept, upgrade,
 //!   connection table, channel index, the send path (one `sendmsg` carries every queued
 //!   frame), heartbeats and drain.
 //! - [`proto`]: sans-io WebSocket: upgrade parsing, frame codec, masking, commands, close
@@ -46,6 +50,7 @@ pub mod check_host;
 pub mod cluster;
 pub mod config;
 pub mod config_tools;
+pub mod engine;
 pub mod fanout;
 pub mod inbox;
 pub mod ingest;

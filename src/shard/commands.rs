@@ -56,7 +56,7 @@ impl Shard {
         self.permit(session, channel, Access::Subscribe)
             .map_err(|reason| (403, reason))?;
         let max = self.settings.max_channels;
-        if !self.publisher.has_room_for(channel, max) {
+        if !self.engine.publisher.has_room_for(channel, max) {
             self.metrics.channels_refused.fetch_add(1, Relaxed);
             return Err((503, channels_full(max)));
         }
@@ -98,7 +98,7 @@ impl Shard {
                 if let Err((code, reason)) = self.may_subscribe(session.as_deref(), &channel) {
                     return refuse(code, &reason);
                 }
-                let index = self.index.borrow();
+                let index = self.engine.index.borrow();
                 let limit = self.settings.max_subscriptions_per_connection;
                 // Inbox subscribes waiting for the store count too (there are few: each
                 // waits milliseconds).
@@ -108,7 +108,7 @@ impl Shard {
                     .keys()
                     .filter(|(k, _)| *k == key)
                     .count()
-                    + self.cluster_waiting(key);
+                    + self.engine.cluster_waiting(key);
                 if index.count_of(key) + waiting >= limit && !index.is_subscribed(key, &channel) {
                     return refuse(
                         413,
@@ -153,11 +153,11 @@ impl Shard {
                 )
             }
             Command::Unsubscribe { id, channel } => {
-                if self.index.borrow_mut().unsubscribe(key, &channel) {
+                if self.engine.index.borrow_mut().unsubscribe(key, &channel) {
                     self.presence_out(conn, session.as_deref(), &channel);
                 }
                 // A subscribe still waiting for a join: its answer is dropped.
-                self.cluster_forget(key, &channel);
+                self.engine.cluster_forget(key, &channel);
                 if self.inbox_for(&channel).is_some() {
                     // An inbox subscribe still waiting for the store: its answer is dropped.
                     self.inbox_pending
@@ -204,14 +204,14 @@ impl Shard {
         since: Option<Since>,
         replay: &mut Vec<Bytes>,
     ) -> String {
-        let mut index = self.index.borrow_mut();
+        let mut index = self.engine.index.borrow_mut();
         // Attached at the follower's cursor and subscribed in the same step: what the
         // follower has not read yet reaches this connection live, the rest comes from
         // history (see crate::fanout::history).
-        let attach = self.publisher.attach(
+        let attach = self.engine.publisher.attach(
             channel,
             since,
-            self.ring_cursor.get(),
+            self.engine.ring_cursor.get(),
             self.settings.max_recovery_messages,
         );
         if index.subscribe(conn.key, channel) {
@@ -221,10 +221,9 @@ impl Shard {
         index.note_epoch(channel, attach.epoch);
         if !attach.exact {
             // Applied to the connection once its command (or upgrade) is done: see
-            // Shard::lag_inexact_attaches.
-            self.inexact_attaches
-                .borrow_mut()
-                .push((Arc::from(channel), attach.offset));
+            // Engine::lag_inexact_attaches.
+            self.engine
+                .note_inexact_attach(Arc::from(channel), attach.offset);
         }
         let recovered = attach.recovery.map(|result| match result {
             Ok(frames) => {
@@ -281,7 +280,7 @@ impl Shard {
             return refuse(413, &e.to_string());
         }
         let max = self.settings.max_channels;
-        if !self.publisher.has_room_for(channel, max) {
+        if !self.engine.publisher.has_room_for(channel, max) {
             self.metrics.channels_refused.fetch_add(1, Relaxed);
             return refuse(503, &channels_full(max));
         }
@@ -315,7 +314,7 @@ impl Shard {
             self.metrics.messages_in[source].fetch_add(1, Relaxed);
             return String::new();
         }
-        let published = self.publisher.publish(channel, data.as_bytes());
+        let published = self.engine.publisher.publish(channel, data.as_bytes());
         self.metrics.messages_in[source].fetch_add(1, Relaxed);
         Reply::Published {
             id,

@@ -19,10 +19,9 @@ use crate::admission::per_ip::PerIpHold;
 use crate::auth::registry::ConnRecord;
 use crate::auth::session::{expiry_second, Session};
 use crate::auth::token::Claims;
-use crate::metrics::CloseCause;
-use crate::proto::close::CloseReason;
+use crate::engine::CloseOrder;
 use crate::proto::command::Reply;
-use crate::proto::conn::{Answer, CloseDecision, Connection, Eof, Phase};
+use crate::proto::conn::{Answer, Connection, Eof, Phase};
 use crate::proto::frame::{encode_frame, opcode};
 use crate::proto::position::Position;
 use crate::proto::sse::HttpStream;
@@ -33,7 +32,6 @@ use crate::shard::state::Shard;
 use crate::shard::table::{token, untoken, Conn};
 use crate::tls::TlsSession;
 use nix::sys::socket::{recv, MsgFlags};
-use std::cmp::Reverse;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -87,7 +85,7 @@ pub(crate) fn adopt(
     let Some(key) = insert(shard, fd, claims, None, carried) else {
         return;
     };
-    let mut conns = shard.conns.borrow_mut();
+    let mut conns = shard.engine.conns.borrow_mut();
     let Some(conn) = conns.get_mut(key) else {
         return;
     };
@@ -106,7 +104,7 @@ pub(crate) fn adopt(
                     {
                         answered = true;
                         let frame = encode_frame(opcode::TEXT, reply.as_bytes());
-                        shard.queue_control(key, conn, frame);
+                        shard.engine.queue_control(key, conn, frame);
                     }
                 }
             }
@@ -124,19 +122,22 @@ pub(crate) fn adopt(
                 let mut replay = Vec::new();
                 let session = conn.machine.session();
                 let reply = shard.subscribe_at(id, session, ch, None, at, &mut replay);
-                shard.queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+                shard
+                    .engine
+                    .queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
                 conn.machine.queue_replay(replay);
                 answered = true;
             }
             Ok(()) => {
-                let mut index = shard.index.borrow_mut();
+                let mut index = shard.engine.index.borrow_mut();
                 // The first subscriber here: where the channel is, for an overrun heal
                 // (later ones are at the position the follower keeps).
                 let first = index.members(ch).is_empty();
                 let at = first.then(|| {
                     shard
+                        .engine
                         .publisher
-                        .attach(ch, None, shard.ring_cursor.get(), 0)
+                        .attach(ch, None, shard.engine.ring_cursor.get(), 0)
                         .offset
                 });
                 let added = index.subscribe(key, ch);
@@ -159,11 +160,11 @@ pub(crate) fn adopt(
                     error: &reason,
                 };
                 let frame = encode_frame(opcode::TEXT, reply.to_json().as_bytes());
-                shard.queue_control(key, conn, frame);
+                shard.engine.queue_control(key, conn, frame);
             }
         }
     }
-    shard.lag_inexact_attaches(key, conn);
+    shard.engine.lag_inexact_attaches(key, conn);
     if !leftover.is_empty() {
         receive(shard, key, conn, &mut leftover);
     } else if answered && conn.machine.is_open() {
@@ -189,17 +190,14 @@ pub(crate) fn adopt_stream(
     let Some(key) = insert(shard, fd, claims, Some(stream), carried) else {
         return;
     };
-    let mut conns = shard.conns.borrow_mut();
+    let mut conns = shard.engine.conns.borrow_mut();
     let Some(conn) = conns.get_mut(key) else {
         return;
     };
     let generation = conn.generation;
     let id = shard.conn_id(key, generation);
     if let Some(at) = poll_deadline {
-        shard
-            .poll_deadlines
-            .borrow_mut()
-            .push(Reverse((at, key, generation)));
+        shard.engine.poll_deadline(at, key, generation);
     }
     // A long poll is a connection per request: as a presence member it would join and
     // leave at every poll (and its own join would answer it at once). Polls read
@@ -238,20 +236,22 @@ pub(crate) fn adopt_stream(
             .to_json(),
         };
         if !reply.is_empty() {
-            shard.queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+            shard
+                .engine
+                .queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
         }
         // Under the backlog bound: what does not fit comes from history, after the
         // other channels' replies.
-        shard.queue_recovery(key, conn, ch, at, replay);
+        shard.engine.queue_recovery(key, conn, ch, at, replay);
     }
-    shard.lag_inexact_attaches(key, conn);
-    shard.answer_poll_if_due(key, conn);
+    shard.engine.lag_inexact_attaches(key, conn);
+    shard.engine.answer_poll_if_due(key, conn);
     if conn.machine.is_open() {
         shard.flush_or_close(key, conn);
         // The socket took it all: the next part from history now, not at the next round.
-        shard.catch_up(key, conn);
+        shard.engine.catch_up(shard, key, conn);
         // Everything out and keeping up: an idle stream holds no encoder.
-        shard.release_idle_stream(key, conn);
+        shard.engine.release_idle_stream(key, conn);
     }
 }
 
@@ -273,7 +273,7 @@ fn insert(
     let now = shard.now_secs();
     let generation = shard.next_generation();
     let key = {
-        let mut conns = shard.conns.borrow_mut();
+        let mut conns = shard.engine.conns.borrow_mut();
         let key = conns.next_key();
         let session = match claims {
             None => None,
@@ -344,7 +344,7 @@ fn open_session(
 /// Handles one readiness event from the shard's epoll set.
 pub fn on_ready(shard: &Shard, ready: Ready) {
     let (key, generation) = untoken(ready.token);
-    let mut conns = shard.conns.borrow_mut();
+    let mut conns = shard.engine.conns.borrow_mut();
     let Some(conn) = conns.get_current(key, generation) else {
         return;
     };
@@ -356,7 +356,7 @@ pub fn on_ready(shard: &Shard, ready: Ready) {
             Phase::Open => {
                 shard.flush_or_close(key, conn);
                 // Drained: a lagging connection takes its next part from history.
-                shard.catch_up(key, conn);
+                shard.engine.catch_up(shard, key, conn);
             }
             Phase::Closing { .. } => {
                 if shard.flush(conn) == Flush::Failed {
@@ -428,7 +428,7 @@ pub(super) fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]
     let close = conn.machine.on_input(
         now,
         input,
-        &shard.conn_config.get(),
+        &shard.engine.conn_config.get(),
         &mut |text, session| {
             shard.metrics.commands.fetch_add(1, Relaxed);
             let mut replay = Vec::new();
@@ -444,10 +444,10 @@ pub(super) fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]
             }
         },
     );
-    shard.count_backlog(conn);
-    shard.lag_inexact_attaches(key, conn);
+    shard.engine.count_backlog(conn);
+    shard.engine.lag_inexact_attaches(key, conn);
     if let Some(close) = close {
-        shard.enqueue_close(key, conn.generation, close);
+        shard.engine.enqueue_close(key, conn.generation, close);
     }
     if conn.machine.is_open() {
         shard.flush_or_close(key, conn);
@@ -457,58 +457,19 @@ pub(super) fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]
 pub(super) fn peer_gone(shard: &Shard, key: u32, conn: &mut Conn) {
     match conn.machine.on_eof() {
         Eof::Finished => shard.schedule_finalize(key),
-        Eof::Close(close) => shard.enqueue_close(key, conn.generation, close),
+        Eof::Close(close) => shard.engine.enqueue_close(key, conn.generation, close),
         Eof::Ignored => {}
     }
 }
 
-/// A close decided but not yet carried out.
-#[derive(Debug)]
-pub struct CloseOrder {
-    key: u32,
-    generation: u32,
-    decision: CloseDecision,
-}
-
 impl Shard {
-    /// Decides that `conn` closes (unless a close was already decided); carried out by
-    /// [`Shard::settle`]. Returns false when a close was already decided.
-    pub fn schedule_close(
-        &self,
-        key: u32,
-        conn: &mut Conn,
-        reason: Option<CloseReason>,
-        cause: CloseCause,
-    ) -> bool {
-        match conn.machine.close(reason, cause) {
-            Some(decision) => {
-                self.enqueue_close(key, conn.generation, decision);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Queues a close the connection's machine decided.
-    pub(super) fn enqueue_close(&self, key: u32, generation: u32, decision: CloseDecision) {
-        self.closes.borrow_mut().push(CloseOrder {
-            key,
-            generation,
-            decision,
-        });
-    }
-
     pub(super) fn schedule_finalize(&self, key: u32) {
         self.finalize.borrow_mut().push(key);
     }
 
     /// Flushes what the fan-out round queued, then carries out pending closes.
     pub fn settle(&self) {
-        self.answer_noted_polls();
-        self.flush_dirty();
-        self.catch_up_lagging();
-        let orders = std::mem::take(&mut *self.closes.borrow_mut());
-        for order in orders {
+        for order in self.engine.end_round(self) {
             self.begin_close(order);
         }
         let keys = std::mem::take(&mut *self.finalize.borrow_mut());
@@ -525,11 +486,11 @@ impl Shard {
         } = order;
         // Out of the index and presence (a leave event, if any, goes out now: a dead peer
         // found by the heartbeat leaves within the heartbeat window, not after lingering).
-        self.drop_subscriptions(key, self.conns.borrow().get(key));
+        self.drop_subscriptions(key, self.engine.conns.borrow().get(key));
         self.metrics.connections.fetch_sub(1, Relaxed);
         self.metrics.closed[decision.cause as usize].fetch_add(1, Relaxed);
         let lingering = {
-            let mut conns = self.conns.borrow_mut();
+            let mut conns = self.engine.conns.borrow_mut();
             let Some(conn) = conns.get_current(key, generation) else {
                 return;
             };
@@ -541,7 +502,7 @@ impl Shard {
             let lingering = conn
                 .machine
                 .start_close(self.now_secs(), decision.reason.as_ref());
-            self.count_backlog(conn);
+            self.engine.count_backlog(conn);
             if lingering {
                 // Writes what is left before the close frame (a slow consumer may still
                 // have a partly sent frame), then shuts the write side once all is out.
@@ -556,7 +517,7 @@ impl Shard {
 
     /// Removes a connection from the table and closes its socket.
     pub fn finalize_close(&self, key: u32) {
-        let Some(conn) = self.conns.borrow_mut().remove(key) else {
+        let Some(conn) = self.engine.conns.borrow_mut().remove(key) else {
             return;
         };
         self.slots.release(); // admission: one slot per table entry, released on removal
@@ -573,8 +534,8 @@ impl Shard {
         if let Some(session) = conn.machine.take_session() {
             self.registry.unregister(&session);
         }
-        self.forget_inbox_gap(key, None);
-        self.uncount_backlog(&mut conn);
+        self.engine.forget_inbox_gap(key, None);
+        self.engine.uncount_backlog(&mut conn);
         drop(conn);
     }
 }
@@ -613,7 +574,7 @@ mod tests {
             };
 
             let (ours, _theirs) = UnixStream::pair().expect("socketpair");
-            let key = shard.conns.borrow().next_key();
+            let key = shard.engine.conns.borrow().next_key();
             adopt(
                 &shard,
                 OwnedFd::from(ours),
@@ -651,7 +612,7 @@ mod tests {
                     ..Carried::default()
                 },
             );
-            assert_eq!(shard.conns.borrow().len(), 0, "not adopted");
+            assert_eq!(shard.engine.conns.borrow().len(), 0, "not adopted");
             assert!(shard.ip_holds.borrow().is_empty());
             assert!(table.is_empty(), "released with the failed adoption");
             // `hold()` reserved one more slot; the failed adoption gave it back.

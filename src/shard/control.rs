@@ -119,13 +119,16 @@ impl Shard {
     pub fn disconnect_user(&self, user: &str) -> usize {
         let mut closed = 0;
         {
-            let mut conns = self.conns.borrow_mut();
+            let mut conns = self.engine.conns.borrow_mut();
             for (key, generation) in self.registry.connections_on(user, self.id as u32) {
                 let Some(conn) = conns.get_current(key, generation) else {
                     continue;
                 };
                 let reason = CloseReason::new(CloseCode::Forbidden, DISCONNECT_REASON);
-                if self.schedule_close(key, conn, Some(reason), CloseCause::AdminDisconnect) {
+                if self
+                    .engine
+                    .schedule_close(key, conn, Some(reason), CloseCause::AdminDisconnect)
+                {
                     closed += 1;
                 }
             }

@@ -1,37 +1,22 @@
 //! The shard's ring follower: takes every new message from the shared ring and hands its
 //! frame to this shard's subscribers of the channel.
 //!
-//! A round takes up to [`ROUND`] messages, queues each to its subscribers' backlogs, then
-//! flushes every touched connection once: in a burst a subscriber receives many frames in
-//! one `sendmsg`; when paced, a round is one message and one write per subscriber.
-//!
-//! Fairness: after every [`FAIR_CHUNK`] offers or flushed connections, also inside one
-//! message to a huge channel, the follower yields to the executor if it has held the core
-//! for [`crate::shard::send::FAIR_SLICE`], so accepts, heartbeats and ingest keep running
-//! while a message reaches 500k local subscribers. What is left of a channel's members at
-//! a yield is delivered from a snapshot of (key, generation) pairs, because the member
-//! list can change while the follower is yielded (see [`deliver`]).
+//! The round's policy is the engine's ([`crate::engine::round`]); this task is its
+//! driver: it takes up to [`ROUND`] messages a round, yields to the executor after every
+//! [`FAIR_CHUNK`] offers or flushed connections (also inside one message to a huge
+//! channel) once it has held the core for [`crate::shard::send::FAIR_SLICE`], so
+//! accepts, heartbeats and ingest keep running while a message reaches 500k local
+//! subscribers, then writes every dirty connection once and settles the round.
 
-use crate::fanout::ring::{Poll as RingPoll, RingKind, RingMessage};
+use crate::engine::round::{Delivery, Next, ROUND};
+use crate::fanout::ring::{RingKind, RingMessage};
 use crate::shard::send::FAIR_CHUNK;
 use crate::shard::state::Shard;
-use bytes::Bytes;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Poll, Waker};
 use std::time::Instant;
-
-/// Most messages per fan-out round: bounds the frames queued per connection before a
-/// flush and keeps the executor responsive (other tasks run between rounds).
-pub const ROUND: usize = 256;
-
-/// Subscribers from which a message's frame is copied into a shard-local `Bytes` before
-/// it is queued to them. Every queued clone and every write's release touch the frame's
-/// refcount; on the ring's shared `Bytes` that is one cache line bounced between every
-/// core for every delivery, on a local copy it stays in this core's cache. (A copy is one
-/// small allocation per message per shard; docs/benchmarks.md has the measurement.)
-const LOCAL_COPY_MIN: usize = 4;
 
 /// A one-slot wake-up for a task on the same executor.
 #[derive(Default)]
@@ -63,13 +48,12 @@ impl LocalEvent {
     }
 }
 
-/// Follows the ring forever, starting at its current head.
+/// Follows the ring forever, starting where the engine's cursor was placed (a subscriber
+/// attached before this task first ran was told its position from it).
 pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
-    let ring = shard.publisher.ring().clone();
-    let idle = shard.publisher.idle_flags().clone();
-    // Where Shard::new placed it: a subscriber attached before this task first ran was
-    // told its position from this cursor.
-    let mut cursor = shard.ring_cursor.get();
+    let engine = &shard.engine;
+    let ring = engine.publisher.ring().clone();
+    let idle = engine.publisher.idle_flags().clone();
     let mut latencies: Vec<Instant> = Vec::with_capacity(ROUND);
     // (key, generation) of a large channel's members, reused from message to message.
     let mut snapshot: Vec<(u32, u32)> = Vec::new();
@@ -78,10 +62,8 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
         // Offers since the last yield to the executor.
         let mut offers = 0;
         while taken < ROUND {
-            let polled = ring.poll(&mut cursor);
-            shard.ring_cursor.set(cursor);
-            match polled {
-                RingPoll::Message(msg) => {
+            match engine.next_from_ring() {
+                Next::Message(msg) => {
                     taken += 1;
                     let offered = deliver(&shard, &msg, &mut snapshot, FAIR_CHUNK).await;
                     if offered > 0 && msg.kind == RingKind::Message {
@@ -95,14 +77,8 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
                         shard.fair.yield_if_used().await;
                     }
                 }
-                RingPoll::Overrun { lost } => {
-                    // The messages are gone from the ring, not from history: every
-                    // subscriber here catches up from where its channel was. Counted so
-                    // an operator can size the ring.
-                    shard.metrics.ring_overrun_lost.fetch_add(lost, Relaxed);
-                    shard.heal_overrun();
-                }
-                RingPoll::Empty => break,
+                Next::Healed => {}
+                Next::Empty => break,
             }
         }
         if taken > 0 {
@@ -115,6 +91,7 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
                     .record_latency(shard.id, now.duration_since(t).as_micros() as u64);
             }
         }
+        let cursor = engine.ring_cursor.get();
         shard
             .metrics
             .ring_lag
@@ -132,121 +109,42 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
     }
 }
 
-/// This shard's frame for a message going to `subscribers` connections.
-fn local_frame(frame: &Bytes, subscribers: usize) -> Bytes {
-    if subscribers >= LOCAL_COPY_MIN {
-        Bytes::copy_from_slice(frame)
-    } else {
-        frame.clone()
-    }
-}
-
-/// Ends a paused fan-out's hold on SSE position releases, however `deliver` ends (it is
-/// a future: it may be dropped at a yield).
-struct Resumed<'a>(&'a Shard);
+/// Ends a paused fan-out's hold on SSE position releases if `deliver` is dropped at a
+/// yield (it is a future) before it ends the fan-out itself.
+struct Resumed<'a>(Option<&'a Shard>);
 
 impl Drop for Resumed<'_> {
     fn drop(&mut self) {
-        let held = &self.0.partial_deliveries;
-        held.set(held.get().saturating_sub(1));
+        if let Some(shard) = self.0 {
+            shard.engine.release_pause();
+        }
     }
 }
 
-/// Offers `frame` to every subscriber of `channel` on this shard; returns how many
-/// subscribers the channel had.
-///
-/// Members are served straight from the index, `chunk` ([`FAIR_CHUNK`]) at a time, while
-/// the shard's fair slice lasts. Once it is used up, the members not yet served are copied
-/// into `snapshot` (slot key and generation) and served after a yield, chunk by chunk, a
-/// member only if its slot still holds the same connection (a closed connection's slot may
-/// have been reused by one that never subscribed) and that connection is still subscribed.
-/// So each member that stayed subscribed gets the frame exactly once, whatever
-/// `swap_remove`s reordered the live member list meanwhile, and one who joined meanwhile
-/// does not (it subscribed after this message was published).
+/// Offers the message to every subscriber of its channel on this shard; returns how many
+/// subscribers the channel had. Served `chunk` ([`FAIR_CHUNK`]) at a time while the
+/// shard's fair slice lasts; the rest after a yield, from the engine's snapshot (see
+/// [`crate::engine::Engine::deliver_start`]).
 async fn deliver(
     shard: &Shard,
     msg: &RingMessage,
     snapshot: &mut Vec<(u32, u32)>,
     chunk: usize,
 ) -> usize {
-    let channel = &msg.channel;
-    // Presence events have no offset: they neither move the channel's position nor make
-    // a subscriber lag.
-    let offset = (msg.kind == RingKind::Message).then_some(msg.offset);
-    // Straight from the index, chunk by chunk, while the slice lasts: no copy and no
-    // re-check, because nothing can change while the core is held.
-    let (count, frame) = {
-        let index = shard.index.borrow();
-        let members = index.members(channel);
-        if members.is_empty() {
-            return 0;
-        }
-        let frame = local_frame(&msg.frame, members.len());
-        let mut conns = shard.conns.borrow_mut();
-        let mut at = 0;
-        loop {
-            let end = (at + chunk).min(members.len());
-            let mut queued = 0;
-            for &key in &members[at..end] {
-                if let Some(conn) = conns.get_mut(key) {
-                    queued += u64::from(shard.offer_message(key, conn, channel, offset, &frame));
-                }
-            }
-            shard.count_deliveries(queued, frame.len());
-            at = end;
-            if at == members.len() {
-                if let Some(offset) = offset {
-                    index.delivered(channel, offset);
-                }
-                return members.len();
-            }
-            if shard.fair.used() {
-                break;
-            }
-        }
-        // The rest is served after a yield, from a copy: the live list may be reordered
-        // by then. A member catching up on the channel is left out: it gets the message
-        // from history, which the follower's cursor is already past (a catch-up that ends
-        // while the fan-out is paused has given it the message).
-        snapshot.clear();
-        snapshot.extend(members[at..].iter().filter_map(|&key| {
-            let conn = conns.get(key)?;
-            let from_history = offset.is_some() && conn.machine.lags_on(channel);
-            (!from_history).then_some((key, conn.generation))
-        }));
-        (members.len(), frame)
+    let engine = &shard.engine;
+    let (count, frame) = match engine.deliver_start(msg, snapshot, chunk, || shard.fair.used()) {
+        Delivery::Done(count) => return count,
+        Delivery::Paused { count, frame } => (count, frame),
     };
-    // Until the last member is offered the message, the index keeps the channel's
-    // position before it (where a released stream still waiting for it rebuilds its
-    // position), and no stream releases its own (one already given it would rebuild it
-    // before the message: see `Shard::release_idle_stream`).
-    shard
-        .partial_deliveries
-        .set(shard.partial_deliveries.get() + 1);
-    let _resumed = Resumed(shard);
+    let mut resumed = Resumed(Some(shard));
     for part in snapshot.chunks(chunk) {
         shard.fair.yield_if_used().await;
-        let index = shard.index.borrow();
-        // Resolved again after every yield: the channel may have emptied and its id gone
-        // to another channel.
-        let Some(id) = index.channel_id(channel) else {
+        if !engine.deliver_part(msg, &frame, part) {
             break;
-        };
-        let mut conns = shard.conns.borrow_mut();
-        let mut queued = 0;
-        for &(key, generation) in part {
-            let Some(conn) = conns.get_current(key, generation) else {
-                continue;
-            };
-            if index.is_member(key, id) {
-                queued += u64::from(shard.offer_message(key, conn, channel, offset, &frame));
-            }
         }
-        shard.count_deliveries(queued, frame.len());
     }
-    if let Some(offset) = offset {
-        shard.index.borrow().delivered(channel, offset);
-    }
+    resumed.0 = None;
+    engine.deliver_end(msg);
     count
 }
 
@@ -257,6 +155,7 @@ mod tests {
     use crate::proto::sse::{HttpStream, Mode};
     use crate::shard::conn::{adopt, adopt_stream, Carried};
     use crate::shard::send::Flush;
+    use bytes::Bytes;
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixStream;
 
@@ -277,7 +176,7 @@ mod tests {
     fn connect(shard: &Shard, channels: &[String], peers: &mut Vec<UnixStream>) -> u32 {
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
         peers.push(theirs);
-        let key = shard.conns.borrow().next_key();
+        let key = shard.engine.conns.borrow().next_key();
         adopt(
             shard,
             OwnedFd::from(ours),
@@ -292,6 +191,7 @@ mod tests {
 
     fn queued(shard: &Shard, key: u32) -> usize {
         shard
+            .engine
             .conns
             .borrow()
             .get(key)
@@ -321,7 +221,7 @@ mod tests {
                     futures_lite::future::yield_now().await;
                     let mut peers = Vec::new();
                     // Leaves before being served; its removal moves key 11 to its place.
-                    shard.index.borrow_mut().unsubscribe(9, "big");
+                    shard.engine.index.borrow_mut().unsubscribe(9, "big");
                     // Closed, and its slot reused by a connection that never subscribed.
                     shard.finalize_close(6);
                     let reused = connect(&shard, &[], &mut peers);
@@ -358,7 +258,7 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
         theirs.set_nonblocking(true).expect("nonblocking peer");
         peers.push(theirs);
-        let key = shard.conns.borrow().next_key();
+        let key = shard.engine.conns.borrow().next_key();
         let stream = HttpStream::new(Mode::Sse, channels, None);
         adopt_stream(
             shard,
@@ -376,10 +276,10 @@ mod tests {
     /// carry: its encoder's position, rebuilt from the index first if it released it
     /// (as the driver does before queuing any event).
     fn next_id_offset(shard: &Shard, key: u32, channel: &str) -> u64 {
-        let mut conns = shard.conns.borrow_mut();
+        let mut conns = shard.engine.conns.borrow_mut();
         let conn = conns.get_mut(key).expect("open stream");
         if conn.machine.needs_position() {
-            shard.restore_position(key, conn);
+            shard.engine.restore_position(key, conn);
         }
         let token = conn.machine.http_stream().expect("an encoder").token();
         Position::parse(&token)
@@ -422,7 +322,7 @@ mod tests {
                 .map(|_| connect_sse(&shard, &chan, &mut peers))
                 .collect();
             for &key in &keys {
-                let conns = shard.conns.borrow();
+                let conns = shard.engine.conns.borrow();
                 let conn = conns.get(key).expect("adopted");
                 assert!(conn.machine.needs_position(), "stream {key} is idle");
             }
@@ -433,13 +333,13 @@ mod tests {
                 glommio::spawn_local(async move {
                     futures_lite::future::yield_now().await;
                     {
-                        let mut conns = shard.conns.borrow_mut();
+                        let mut conns = shard.engine.conns.borrow_mut();
                         for &key in &keys {
                             let conn = conns.get_mut(key).expect("open");
                             // A writable edge writes what is queued; the sweep finds the
                             // stream idle.
                             assert_eq!(shard.flush(conn), Flush::Done);
-                            shard.release_idle_stream(key, conn);
+                            shard.engine.release_idle_stream(key, conn);
                         }
                     }
                     keys.iter()
@@ -487,45 +387,5 @@ mod tests {
                 assert_eq!(next_id_offset(&shard, key, "big"), 1, "after the fan-out");
             }
         });
-    }
-
-    /// Measures what [`local_frame`] saves: `threads` cores each queue one clone of a
-    /// frame per "subscriber" and release them, on one shared `Bytes` or on a per-thread
-    /// copy. Run: `cargo test --release -p ringcast frame_refcount -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "a measurement, not a check"]
-    fn frame_refcount_cost() {
-        const PER_THREAD: usize = 2_000_000;
-        let shared = Bytes::copy_from_slice(&[b'x'; 80]);
-        for local in [false, true] {
-            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-            let start = std::time::Instant::now();
-            std::thread::scope(|s| {
-                for _ in 0..threads {
-                    let shared = &shared;
-                    s.spawn(move || {
-                        let frame = if local {
-                            local_frame(shared, LOCAL_COPY_MIN)
-                        } else {
-                            shared.clone()
-                        };
-                        let mut queued = Vec::with_capacity(4096);
-                        for _ in 0..PER_THREAD / 4096 {
-                            queued.extend((0..4096).map(|_| frame.clone()));
-                            queued.clear();
-                        }
-                    });
-                }
-            });
-            let per = start.elapsed().as_nanos() as f64 / (PER_THREAD as f64);
-            println!(
-                "{threads} threads, {}: {per:.1} ns per clone+release per thread",
-                if local {
-                    "shard-local copy"
-                } else {
-                    "one shared Bytes"
-                }
-            );
-        }
     }
 }

@@ -184,39 +184,9 @@ impl Shard {
 
     /// The first offset of inbox `channel` connection `key` was told it missed, if any.
     fn inbox_missed(&self, key: u32, generation: u32, channel: &str) -> Option<u64> {
-        let gaps = self.inbox_gaps.borrow();
+        let gaps = self.engine.inbox_gaps.borrow();
         let (g, from) = gaps.get(&(key, Arc::from(channel)))?;
         (*g == generation).then_some(*from)
-    }
-
-    /// Records that connection `key` was sent a gap notice from offset `from` on inbox
-    /// channel `channel` (see the module docs).
-    pub(super) fn note_inbox_gap(&self, key: u32, generation: u32, channel: &Arc<str>, from: u64) {
-        if self.inbox_for(channel).is_none() {
-            return;
-        }
-        let mut gaps = self.inbox_gaps.borrow_mut();
-        let entry = gaps
-            .entry((key, channel.clone()))
-            .or_insert((generation, from));
-        if entry.0 != generation {
-            *entry = (generation, from);
-        }
-        entry.1 = entry.1.min(from);
-    }
-
-    /// Forgets connection `key`'s gap on `channel` (`None`: on every channel).
-    pub(super) fn forget_inbox_gap(&self, key: u32, channel: Option<&str>) {
-        let mut gaps = self.inbox_gaps.borrow_mut();
-        if gaps.is_empty() {
-            return;
-        }
-        match channel {
-            Some(channel) => {
-                gaps.remove(&(key, Arc::from(channel)));
-            }
-            None => gaps.retain(|(k, _), _| *k != key),
-        }
     }
 
     /// Handles the store thread's answer for one of this shard's connections.
@@ -284,14 +254,14 @@ impl Shard {
             }
         };
         let (last, epoch) = (backlog.last, backlog.epoch);
-        self.publisher.adopt_position(&channel, last, epoch);
-        let attach = self.publisher.attach(
+        self.engine.publisher.adopt_position(&channel, last, epoch);
+        let attach = self.engine.publisher.attach(
             &channel,
             Some(Since {
                 offset: last,
                 epoch,
             }),
-            self.ring_cursor.get(),
+            self.engine.ring_cursor.get(),
             self.settings.max_recovery_messages,
         );
         if !attach.exact {
@@ -354,7 +324,7 @@ impl Shard {
         }
         .to_json();
         // Subscribed in the same step as the attach: nothing in between can run.
-        let mut conns = self.conns.borrow_mut();
+        let mut conns = self.engine.conns.borrow_mut();
         let Some(conn) = conns.get_current(tag.key, tag.generation) else {
             return;
         };
@@ -362,7 +332,7 @@ impl Shard {
             return;
         }
         let added = {
-            let mut index = self.index.borrow_mut();
+            let mut index = self.engine.index.borrow_mut();
             let added = index.subscribe(tag.key, &channel);
             // Where its subscribers are, for the follower's catch-up and overrun heal.
             index.note_position(&channel, position);
@@ -377,12 +347,13 @@ impl Shard {
             .inbox
             .delivered
             .fetch_add(unacked, std::sync::atomic::Ordering::Relaxed);
-        self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+        self.engine
+            .queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
         conn.machine.queue_replay(frames);
         // The store's frames start over: what an earlier gap missed is among them.
-        self.forget_inbox_gap(tag.key, Some(&channel));
-        self.count_backlog(conn);
-        self.answer_poll_if_due(tag.key, conn);
+        self.engine.forget_inbox_gap(tag.key, Some(&channel));
+        self.engine.count_backlog(conn);
+        self.engine.answer_poll_if_due(tag.key, conn);
         self.flush_or_close(tag.key, conn);
     }
 
@@ -428,19 +399,20 @@ impl Shard {
         reply: String,
         frames: Vec<Bytes>,
     ) {
-        let mut conns = self.conns.borrow_mut();
+        let mut conns = self.engine.conns.borrow_mut();
         let Some(conn) = conns.get_current(key, generation) else {
             return;
         };
         if !conn.machine.is_open() {
             return;
         }
-        self.queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+        self.engine
+            .queue_control(key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
         if !frames.is_empty() {
             conn.machine.queue_replay(frames);
-            self.count_backlog(conn);
+            self.engine.count_backlog(conn);
         }
-        self.answer_poll_if_due(key, conn);
+        self.engine.answer_poll_if_due(key, conn);
         self.flush_or_close(key, conn);
     }
 }
@@ -508,7 +480,7 @@ mod tests {
             .expect("executor");
         ex.run(async {
             let (ours, mut peer) = UnixStream::pair().expect("socketpair");
-            let key = shard.conns.borrow().next_key();
+            let key = shard.engine.conns.borrow().next_key();
             adopt(
                 &shard,
                 OwnedFd::from(ours),
@@ -518,7 +490,13 @@ mod tests {
                 Vec::new(),
                 Carried::default(),
             );
-            let generation = shard.conns.borrow().get(key).expect("conn").generation;
+            let generation = shard
+                .engine
+                .conns
+                .borrow()
+                .get(key)
+                .expect("conn")
+                .generation;
             let channel: Arc<str> = Arc::from("user:erin");
             shard
                 .inbox_pending
@@ -557,7 +535,7 @@ mod tests {
             assert!(received(&mut peer).is_empty(), "answered at an estimate");
             assert!(count() > waits, "the wait is counted");
             // The follower passes the burst; the waiting subscribe is placed exactly.
-            shard.ring_cursor.set(publisher.ring().head());
+            shard.engine.ring_cursor.set(publisher.ring().head());
             glommio::timer::sleep(INEXACT_WAIT * 4).await;
             let frames = received(&mut peer);
             let reply = frames.first().expect("the subscribe reply");
@@ -568,7 +546,7 @@ mod tests {
                 .map(|f| f["offset"].as_u64().expect("a message"))
                 .collect();
             assert_eq!(offsets, (1..=50).collect::<Vec<_>>());
-            assert!(shard.index.borrow().is_subscribed(key, &channel));
+            assert!(shard.engine.index.borrow().is_subscribed(key, &channel));
         });
     }
 }

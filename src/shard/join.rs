@@ -59,7 +59,7 @@ impl Shard {
         let name: Arc<str> = Arc::from(channel);
         let k = (conn.key, name.clone());
         {
-            let mut pending = self.cluster_pending.borrow_mut();
+            let mut pending = self.engine.cluster_pending.borrow_mut();
             if pending.get(&k) == Some(&conn.generation) {
                 return Joining::Refused(
                     Reply::Refused {
@@ -89,27 +89,11 @@ impl Shard {
                 Joining::Waiting
             }
             Err(_) => {
-                self.cluster_pending.borrow_mut().remove(&k);
+                self.engine.cluster_pending.borrow_mut().remove(&k);
                 stats.fallbacks.fetch_add(1, Relaxed);
                 Joining::Local
             }
         }
-    }
-
-    /// Subscribes waiting for a join on connection `key`.
-    pub(super) fn cluster_waiting(&self, key: u32) -> usize {
-        self.cluster_pending
-            .borrow()
-            .keys()
-            .filter(|(k, _)| *k == key)
-            .count()
-    }
-
-    /// Drops a waiting subscribe of `channel` by connection `key` (it unsubscribed).
-    pub(super) fn cluster_forget(&self, key: u32, channel: &str) {
-        self.cluster_pending
-            .borrow_mut()
-            .remove(&(key, Arc::from(channel)));
     }
 
     /// The NATS thread answered a join: subscribes the connection if it still wants it.
@@ -121,14 +105,14 @@ impl Shard {
     fn finish_join(&self, answer: JoinAnswer) {
         let JoinAnswer { channel, tag, .. } = answer;
         {
-            let mut pending = self.cluster_pending.borrow_mut();
+            let mut pending = self.engine.cluster_pending.borrow_mut();
             let k = (tag.key, channel.clone());
             if pending.get(&k) != Some(&tag.generation) {
                 return; // Unsubscribed meanwhile, or the connection is gone.
             }
             pending.remove(&k);
         }
-        let mut conns = self.conns.borrow_mut();
+        let mut conns = self.engine.conns.borrow_mut();
         let Some(conn) = conns.get_current(tag.key, tag.generation) else {
             return;
         };
@@ -152,15 +136,18 @@ impl Shard {
                 tag.since,
                 &mut replay,
             );
-            self.queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
-            self.queue_recovery(tag.key, conn, &channel, tag.since, replay);
+            self.engine
+                .queue_control(tag.key, conn, encode_frame(opcode::TEXT, reply.as_bytes()));
+            self.engine
+                .queue_recovery(tag.key, conn, &channel, tag.since, replay);
         } else {
             // An upgrade URL's channel without a position: subscribed quietly, as in
             // shard::conn::adopt.
-            let mut index = self.index.borrow_mut();
+            let mut index = self.engine.index.borrow_mut();
             let at = index.members(&channel).is_empty().then(|| {
-                self.publisher
-                    .attach(&channel, None, self.ring_cursor.get(), 0)
+                self.engine
+                    .publisher
+                    .attach(&channel, None, self.engine.ring_cursor.get(), 0)
                     .offset
             });
             let added = index.subscribe(tag.key, &channel);
@@ -175,12 +162,12 @@ impl Shard {
         if quiet {
             self.quiet_presence.set(false);
         }
-        self.count_backlog(conn);
-        self.lag_inexact_attaches(tag.key, conn);
-        self.answer_poll_if_due(tag.key, conn);
+        self.engine.count_backlog(conn);
+        self.engine.lag_inexact_attaches(tag.key, conn);
+        self.engine.answer_poll_if_due(tag.key, conn);
         if conn.machine.is_open() {
             self.flush_or_close(tag.key, conn);
-            self.release_idle_stream(tag.key, conn);
+            self.engine.release_idle_stream(tag.key, conn);
         }
     }
 }

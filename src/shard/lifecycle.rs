@@ -11,7 +11,6 @@
 
 use crate::metrics::CloseCause;
 use crate::proto::close::{CloseCode, CloseReason};
-use crate::proto::conn::Tick;
 use crate::shard::follower::LocalEvent;
 use crate::shard::state::Shard;
 use std::rc::Rc;
@@ -87,38 +86,19 @@ impl Sweep {
     /// Ticks the next slice of the table: pings go out through the batched send path,
     /// dead peers and expired lingers are closed.
     fn step(&mut self, shard: &Shard) {
-        shard.answer_due_polls(Instant::now());
+        shard.engine.answer_due_polls(Instant::now());
         let now = shard.now_secs();
-        let mut lingered = Vec::new();
-        {
-            let mut conns = shard.conns.borrow_mut();
-            let high = conns.high();
-            if self.cursor >= high {
-                self.cursor = 0;
-            }
-            // Every tick: channels that subscribers made and left go within seconds,
-            // even when a loop of subscribes to fresh names makes them fast.
-            expire_idle_channels(shard);
-            let end = high.min(self.cursor + high.div_ceil(TICKS_PER_PASS).max(1));
-            let mut pings = 0;
-            for key in self.cursor..end {
-                let Some(conn) = conns.get_mut(key) else {
-                    continue;
-                };
-                match conn.machine.on_tick(now, &shard.conn_config.get()) {
-                    Tick::Idle => shard.release_idle_stream(key, conn),
-                    Tick::Ping => {
-                        pings += 1;
-                        shard.count_backlog(conn);
-                        shard.mark_dirty(key, conn);
-                    }
-                    Tick::Close(close) => shard.enqueue_close(key, conn.generation, close),
-                    Tick::LingerOver => lingered.push(key),
-                }
-            }
-            self.cursor = end;
-            shard.metrics.pings_sent.fetch_add(pings, Ordering::Relaxed);
+        let high = shard.engine.conns.borrow().high();
+        if self.cursor >= high {
+            self.cursor = 0;
         }
+        // Every tick: channels that subscribers made and left go within seconds, even when
+        // a loop of subscribes to fresh names makes them fast.
+        expire_idle_channels(shard);
+        let end = high.min(self.cursor + high.div_ceil(TICKS_PER_PASS).max(1));
+        let (pings, lingered) = shard.engine.tick(now, self.cursor..end);
+        self.cursor = end;
+        shard.metrics.pings_sent.fetch_add(pings, Ordering::Relaxed);
         for key in lingered {
             shard.finalize_close(key);
         }
@@ -134,7 +114,7 @@ fn expire_idle_channels(shard: &Shard) {
     if shard.id != 0 {
         return;
     }
-    let sweep = shard.publisher.expire_idle(Instant::now());
+    let sweep = shard.engine.publisher.expire_idle(Instant::now());
     if sweep.expired > 0 {
         tracing::debug!(
             expired = sweep.expired,
@@ -148,7 +128,7 @@ fn expire_idle_channels(shard: &Shard) {
 /// table with a cursor (never rescanning connections already closing).
 async fn drain(shard: &Shard, jitter: &mut Jitter, sweep: &mut Sweep) {
     let window = shard.settings.drain_window;
-    let total = shard.conns.borrow().len();
+    let total = shard.engine.conns.borrow().len();
     let ticks = (window.as_millis() / TICK.as_millis()).max(1) as usize;
     let per_tick = total.div_ceil(ticks).max(1);
     let window_ms = window.as_millis() as u64 + 1000;
@@ -161,7 +141,7 @@ async fn drain(shard: &Shard, jitter: &mut Jitter, sweep: &mut Sweep) {
     let mut cursor = 0u32;
     loop {
         {
-            let mut conns = shard.conns.borrow_mut();
+            let mut conns = shard.engine.conns.borrow_mut();
             let mut picked = 0;
             let high = conns.high();
             // Wraps once: a handshake that finished after the drain began lands anywhere.
@@ -180,14 +160,16 @@ async fn drain(shard: &Shard, jitter: &mut Jitter, sweep: &mut Sweep) {
                     picked += 1;
                     let hint = format!("reconnect after {}ms", jitter.below(window_ms));
                     let reason = CloseReason::new(CloseCode::GoingAway, hint);
-                    shard.schedule_close(key, conn, Some(reason), CloseCause::Drain);
+                    shard
+                        .engine
+                        .schedule_close(key, conn, Some(reason), CloseCause::Drain);
                 }
             }
         }
         shard.settle();
         // Finalizes lingering closes (and keeps detecting dead peers).
         sweep.step(shard);
-        if shard.conns.borrow().is_empty() {
+        if shard.engine.conns.borrow().is_empty() {
             break;
         }
         glommio::timer::sleep(TICK).await;

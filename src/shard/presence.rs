@@ -83,7 +83,7 @@ impl Shard {
     /// channels, from presence; `conn` is the table entry at `key` (`None` if already
     /// gone, when presence has nothing of it either).
     pub(super) fn drop_subscriptions(&self, key: u32, conn: Option<&Conn>) {
-        let mut index = self.index.borrow_mut();
+        let mut index = self.engine.index.borrow_mut();
         let Some(conn) = conn else {
             index.remove_conn(key);
             return;
@@ -255,7 +255,7 @@ mod tests {
                 .map(|_| {
                     let (ours, theirs) = UnixStream::pair().expect("socketpair");
                     peers.push(theirs);
-                    let key = shard.conns.borrow().next_key();
+                    let key = shard.engine.conns.borrow().next_key();
                     adopt(
                         &shard,
                         OwnedFd::from(ours),
@@ -272,7 +272,12 @@ mod tests {
             assert_eq!(count(), 3);
             assert_eq!(shard.presence.snapshot("plain", 10).count, 0, "no presence");
 
-            let generation = shard.conns.borrow().get(keys[0]).map(|c| c.generation);
+            let generation = shard
+                .engine
+                .conns
+                .borrow()
+                .get(keys[0])
+                .map(|c| c.generation);
             let id = shard.conn_id(keys[0], generation.expect("conn 0"));
             let reply = shard.run_command(
                 id,
@@ -286,9 +291,11 @@ mod tests {
             assert!(reply.contains(r#""count":2"#), "{reply}");
 
             {
-                let mut conns = shard.conns.borrow_mut();
+                let mut conns = shard.engine.conns.borrow_mut();
                 let conn = conns.get_mut(keys[1]).expect("conn 1");
-                assert!(shard.schedule_close(keys[1], conn, None, CloseCause::Drain));
+                assert!(shard
+                    .engine
+                    .schedule_close(keys[1], conn, None, CloseCause::Drain));
             }
             shard.settle();
             assert_eq!(count(), 1);
@@ -303,7 +310,7 @@ mod tests {
                 (0, 0)
             );
             // Three joins, three leaves went into the ring.
-            assert_eq!(shard.publisher.ring().head(), 6);
+            assert_eq!(shard.engine.publisher.ring().head(), 6);
             drop(peers);
         });
     }

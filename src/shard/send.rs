@@ -8,24 +8,18 @@
 //! shard's epoll set reports the socket writable again (edge-triggered) and the flush
 //! resumes from there.
 
-use crate::fanout::backlog::Offer;
-use crate::fanout::history::{CatchUp, Since};
+use crate::engine::round::ROUND;
+use crate::engine::Wire;
 use crate::metrics::CloseCause;
-use crate::proto::close::{CloseCode, CloseReason};
 use crate::proto::conn::Written;
-use crate::proto::position::Position;
 use crate::shard::batch::{BatchEntry, SendOutcome, SendRing};
-use crate::shard::follower::ROUND;
 use crate::shard::state::Shard;
-use crate::shard::table::{Conn, ConnTable};
-use bytes::Bytes;
+use crate::shard::table::{Conn, ConnTable, Socket};
 use nix::sys::socket::{sendmsg, shutdown, MsgFlags, Shutdown, SockaddrStorage};
 use std::cell::Cell;
-use std::cmp::Reverse;
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Most iovecs per `sendmsg` (IOV_MAX is 1024). One fan-out round queues at most
@@ -89,15 +83,18 @@ impl FairSlice {
     }
 }
 
-/// How a flush ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flush {
-    /// The backlog is empty.
-    Done,
-    /// The socket buffer is full; the epoll set reports when it drains.
-    Blocked,
-    /// The socket failed (peer reset, ...): close the connection.
-    Failed,
+pub use crate::engine::Flush;
+
+impl Wire<Socket> for Shard {
+    fn flush(&self, _key: u32, conn: &mut Conn) -> Flush {
+        Shard::flush(self, conn)
+    }
+
+    fn flush_listed(&self, keys: &[u32]) {
+        for chunk in keys.chunks(FAIR_CHUNK) {
+            self.flush_keys(chunk);
+        }
+    }
 }
 
 impl Shard {
@@ -105,7 +102,7 @@ impl Shard {
     /// what is left in the backlog gauge (whatever queued it).
     pub fn flush(&self, conn: &mut Conn) -> Flush {
         let result = self.write_out(conn);
-        self.count_backlog(conn);
+        self.engine.count_backlog(conn);
         result
     }
 
@@ -149,355 +146,19 @@ impl Shard {
         }
     }
 
-    /// Brings the backlog gauge in step with `conn`'s backlog. The one place besides
-    /// [`Shard::uncount_backlog`] that changes the gauge: it adds only the difference
-    /// from what it counted of this connection before, so a change it was not told of
-    /// is caught up at the next call and the gauge cannot go below zero.
-    pub fn count_backlog(&self, conn: &mut Conn) {
-        let delta = conn.machine.backlog_gauge_delta();
-        // Every flush comes here: most leave the backlog as counted (empty before and
-        // after), and need no atomic read-modify-write.
-        if delta > 0 {
-            self.metrics.backlog_bytes.fetch_add(delta as u64, Relaxed);
-        } else if delta < 0 {
-            self.metrics
-                .backlog_bytes
-                .fetch_sub(delta.unsigned_abs(), Relaxed);
-        }
-    }
-
-    /// Takes a connection that goes away out of the backlog gauge.
-    pub fn uncount_backlog(&self, conn: &mut Conn) {
-        let counted = conn.machine.backlog_uncount();
-        self.metrics.backlog_bytes.fetch_sub(counted, Relaxed);
-    }
-
     /// Flushes now; a failed socket is scheduled for closing.
     pub fn flush_or_close(&self, key: u32, conn: &mut Conn) {
-        if self.flush(conn) == Flush::Failed {
-            self.schedule_close(key, conn, None, CloseCause::IoError);
-        }
-    }
-
-    /// Queues a control frame or reply (not flushed); a control flood closes with 1008.
-    pub fn queue_control(&self, key: u32, conn: &mut Conn, frame: Bytes) {
-        let flood = conn.machine.queue_control(frame, &self.conn_config.get());
-        self.count_backlog(conn);
-        if let Err(close) = flood {
-            self.enqueue_close(key, conn.generation, close);
-        }
-    }
-
-    /// Marks `conn` to be flushed with the rest of this round.
-    pub(super) fn mark_dirty(&self, key: u32, conn: &mut Conn) {
-        if !conn.machine.driver.dirty {
-            conn.machine.driver.dirty = true;
-            self.dirty.borrow_mut().push(key);
-        }
-    }
-
-    /// Offers message `offset` of `channel` to `key` under the slow-consumer policy; the
-    /// write happens in [`Shard::flush_dirty`] at the end of the fan-out round. A message
-    /// the backlog has no room for makes the connection lag: it gets it later from history
-    /// ([`Shard::catch_up`]). `offset` is `None` for a presence event, which is only
-    /// queued when there is room. Returns true when queued: the caller counts it with
-    /// [`Shard::count_deliveries`].
-    pub fn offer_message(
-        &self,
-        key: u32,
-        conn: &mut Conn,
-        channel: &Arc<str>,
-        offset: Option<u64>,
-        frame: &Bytes,
-    ) -> bool {
-        if !conn.machine.is_open() {
-            return false;
-        }
-        if conn.machine.needs_position() {
-            self.restore_position(key, conn);
-        }
-        let offer = match offset {
-            Some(offset) => conn
-                .machine
-                .offer_on(channel, offset, frame, &self.conn_config.get()),
-            None => conn
-                .machine
-                .offer_event(channel, frame, &self.conn_config.get()),
-        };
-        match offer {
-            Offer::Queued => {
-                self.mark_dirty(key, conn);
-                self.answer_poll_if_due(key, conn);
-                return true;
-            }
-            Offer::Skipped if offset.is_some() => {
-                self.metrics.lagged.fetch_add(1, Relaxed);
-                self.mark_lagging(key, conn);
-            }
-            Offer::Skipped => {}
-            Offer::Disconnect => {
-                if let Some(close) = conn.machine.close_slow_consumer() {
-                    self.enqueue_close(key, conn.generation, close);
-                }
-            }
-        }
-        false
-    }
-
-    /// Notes a long poll that has its answer queued: [`Shard::settle`] closes it (the
-    /// close completes the answer) at the end of this round, so what the rest of the round
-    /// brings it is in the same answer. Nothing for any other connection.
-    #[inline]
-    pub(super) fn answer_poll_if_due(&self, key: u32, conn: &mut Conn) {
-        if conn.machine.poll_answer_due() {
-            // Listed once per message queued in the round at most (a poll not answered
-            // yet is listed again, harmlessly).
-            self.due_polls.borrow_mut().push((key, conn.generation));
-        }
-    }
-
-    /// Answers (closes) the polls [`Shard::answer_poll_if_due`] noted.
-    pub(super) fn answer_noted_polls(&self) {
-        let due = std::mem::take(&mut *self.due_polls.borrow_mut());
-        if due.is_empty() {
-            return;
-        }
-        let mut conns = self.conns.borrow_mut();
-        for (key, generation) in due {
-            if let Some(conn) = conns.get_current(key, generation) {
-                let reason = CloseReason::new(CloseCode::Normal, "");
-                self.schedule_close(key, conn, Some(reason), CloseCause::PollAnswered);
-            }
-        }
-    }
-
-    /// Answers every long poll whose deadline passed by `now` (empty, or with what it
-    /// has), from the deadline heap; called on every heartbeat tick (100 ms).
-    pub(super) fn answer_due_polls(&self, now: Instant) {
-        let mut due = Vec::new();
-        {
-            let mut deadlines = self.poll_deadlines.borrow_mut();
-            while let Some(Reverse((at, key, generation))) = deadlines.peek().copied() {
-                if at > now {
-                    break;
-                }
-                deadlines.pop();
-                due.push((key, generation));
-            }
-        }
-        if due.is_empty() {
-            return;
-        }
-        let mut conns = self.conns.borrow_mut();
-        for (key, generation) in due {
-            if let Some(conn) = conns.get_current(key, generation) {
-                if conn.machine.is_poll() {
-                    let reason = CloseReason::new(CloseCode::Normal, "");
-                    self.schedule_close(key, conn, Some(reason), CloseCause::PollAnswered);
-                }
-            }
-        }
-    }
-
-    /// Gives a released SSE stream its position back: each of its channels where the
-    /// subscription index says its subscribers are (its own lag aside, see
-    /// [`crate::proto::conn::Connection::restore_position`]).
-    pub(super) fn restore_position(&self, key: u32, conn: &mut Conn) {
-        let mut position = Position::default();
-        match self.index.try_borrow() {
-            Ok(index) => {
-                for (channel, offset, epoch) in index.subscriptions_of(key) {
-                    position.set(channel, Since { offset, epoch });
-                }
-            }
-            // Not reached (no event is queued while the index is being changed); the
-            // stream's events then name only the channels they are about.
-            Err(_) => tracing::debug!(shard = self.id, "index busy: SSE position not restored"),
-        }
-        conn.machine.restore_position(position);
-    }
-
-    /// Releases the encoder of an SSE stream that is idle (see
-    /// [`crate::proto::conn::Connection::release_position`]), unless a fan-out is paused
-    /// part-way: the index then still has that message's channel before it, and a stream
-    /// already given it would rebuild its position there (a resume would repeat it); or
-    /// a subscribe of the stream waits for a cluster join: the index cannot rebuild the
-    /// position it asked for (its `since`), which the reply's `id:` must carry.
-    pub(super) fn release_idle_stream(&self, key: u32, conn: &mut Conn) {
-        if self.partial_deliveries.get() == 0 && self.cluster_waiting(key) == 0 {
-            conn.machine.release_position();
-        }
-    }
-
-    /// Counts `queued` deliveries of a `frame_len`-byte frame: once per chunk of offers,
-    /// not per offer (two atomic increments per delivery were a quarter of a burst's CPU).
-    pub fn count_deliveries(&self, queued: u64, frame_len: usize) {
-        if queued > 0 {
-            self.metrics.deliveries.fetch_add(queued, Relaxed);
-            self.metrics
-                .backlog_bytes
-                .fetch_add(queued * frame_len as u64, Relaxed);
-        }
-    }
-
-    /// Feeds a lagging connection from history while its backlog has room, writing as it
-    /// goes; stops when it is live again, its socket is full (the writable edge brings it
-    /// back) or history cannot tell its position yet (the next round retries).
-    pub fn catch_up(&self, key: u32, conn: &mut Conn) {
-        while conn.machine.wants_catch_up(&self.conn_config.get()) {
-            let Some((channel, since)) = conn.machine.catch_up_next() else {
-                break;
-            };
-            let step = if self.index.borrow().is_subscribed(key, &channel) {
-                self.publisher.catch_up(
-                    &channel,
-                    since,
-                    self.ring_cursor.get(),
-                    self.conn_config.get().backlog.max_bytes / 2,
-                )
-            } else {
-                // Unsubscribed meanwhile: nothing more to catch up on.
-                CatchUp {
-                    done: true,
-                    ..CatchUp::default()
-                }
-            };
-            let progressed = step.done || step.gap.is_some() || !step.frames.is_empty();
-            if step.done {
-                // Live again from here: an overrun heal must not take it back before it.
-                self.index.borrow().note_position(&channel, step.reached);
-            }
-            if let Some((from, to)) = step.gap {
-                self.metrics.dropped_slow.fetch_add(to + 1 - from, Relaxed);
-                self.note_inbox_gap(key, conn.generation, &channel, from);
-            }
-            self.metrics
-                .caught_up
-                .fetch_add(step.frames.len() as u64, Relaxed);
-            if conn.machine.needs_position() {
-                self.restore_position(key, conn);
-            }
-            let close = conn
-                .machine
-                .apply_catch_up(&channel, step, &self.conn_config.get());
-            self.count_backlog(conn);
-            self.answer_poll_if_due(key, conn);
-            if let Some(close) = close {
-                self.enqueue_close(key, conn.generation, close);
-                break;
-            }
-            if !progressed {
-                break;
-            }
-            match self.flush(conn) {
-                Flush::Done => {}
-                Flush::Blocked => break,
-                Flush::Failed => {
-                    self.schedule_close(key, conn, None, CloseCause::IoError);
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Queues a recovery's `replay` of `channel` (the messages after `since`) to `conn`:
-    /// an HTTP transport takes what its backlog bound allows and catches up on the rest
-    /// from history ([`crate::proto::conn::Connection::queue_recovery`]).
-    pub(super) fn queue_recovery(
-        &self,
-        key: u32,
-        conn: &mut Conn,
-        channel: &str,
-        since: Option<Since>,
-        replay: Vec<Bytes>,
-    ) {
-        match since {
-            Some(since) if !replay.is_empty() => {
-                let channel: Arc<str> = Arc::from(channel);
-                let config = self.conn_config.get();
-                conn.machine
-                    .queue_recovery(&channel, since.offset, replay, &config);
-                self.mark_lagging(key, conn);
-            }
-            _ => conn.machine.queue_replay(replay),
-        }
-    }
-
-    /// Makes `conn` catch up through history on the channels its last command attached
-    /// at an estimated position, so what lies between the estimate and its live position
-    /// reaches it (or a gap notice does) instead of being skipped silently.
-    pub(super) fn lag_inexact_attaches(&self, key: u32, conn: &mut Conn) {
-        let pending = std::mem::take(&mut *self.inexact_attaches.borrow_mut());
-        if pending.is_empty() {
-            return;
-        }
-        for (channel, offset) in &pending {
-            conn.machine.lag_from(channel, *offset);
-        }
-        self.mark_lagging(key, conn);
-    }
-
-    /// Puts a connection that started lagging on the list [`Shard::catch_up_lagging`] serves.
-    pub(super) fn mark_lagging(&self, key: u32, conn: &mut Conn) {
-        if !conn.machine.driver.lagging && conn.machine.is_lagging() {
-            conn.machine.driver.lagging = true;
-            self.lagging.borrow_mut().push(key);
-        }
-    }
-
-    /// After a ring overrun: every subscriber of every channel here catches up from the
-    /// position its channel was given up to, through history (what the overrun took
-    /// is still there, or becomes a gap notice). O(subscriptions), on a rare event.
-    pub(super) fn heal_overrun(&self) {
-        let index = self.index.borrow();
-        let mut conns = self.conns.borrow_mut();
-        let mut lagging = self.lagging.borrow_mut();
-        for (channel, position, members) in index.positions() {
-            for &key in members {
-                let Some(conn) = conns.get_mut(key) else {
-                    continue;
-                };
-                conn.machine.lag_from(channel, position);
-                if !conn.machine.driver.lagging && conn.machine.is_lagging() {
-                    conn.machine.driver.lagging = true;
-                    lagging.push(key);
-                }
-            }
-        }
-    }
-
-    /// Runs [`Shard::catch_up`] for every lagging connection (after each fan-out round).
-    pub(super) fn catch_up_lagging(&self) {
-        let keys = std::mem::take(&mut *self.lagging.borrow_mut());
-        let mut still = Vec::new();
-        {
-            let mut conns = self.conns.borrow_mut();
-            for key in keys {
-                let Some(conn) = conns.get_mut(key) else {
-                    continue;
-                };
-                if !conn.machine.driver.lagging {
-                    continue;
-                }
-                self.catch_up(key, conn);
-                if conn.machine.is_lagging() {
-                    still.push(key);
-                } else {
-                    conn.machine.driver.lagging = false;
-                }
-            }
-        }
-        self.lagging.borrow_mut().extend(still);
+        self.engine.flush_or_close(self, key, conn);
     }
 
     /// Flushes every connection that got frames this round, one `sendmsg` each, all
     /// submitted to the kernel at once through the shard's send ring when it has one.
     pub fn flush_dirty(&self) {
-        while let Some(keys) = self.take_dirty() {
+        while let Some(keys) = self.engine.take_dirty() {
             for chunk in keys.chunks(FAIR_CHUNK) {
                 self.flush_keys(chunk);
             }
-            self.recycle_dirty(keys);
+            self.engine.recycle_dirty(keys);
         }
     }
 
@@ -507,7 +168,7 @@ impl Shard {
     /// its last write. Connections made dirty while it is yielded are flushed before it
     /// returns.
     pub async fn flush_dirty_yielding(&self) {
-        while let Some(keys) = self.take_dirty() {
+        while let Some(keys) = self.engine.take_dirty() {
             for chunk in keys.chunks(FAIR_CHUNK) {
                 // Keys not yet flushed keep their `dirty` flag across the yield, so an
                 // offer in between does not list them twice; a key whose slot was freed
@@ -517,31 +178,12 @@ impl Shard {
                     self.fair.yield_if_used().await;
                 }
             }
-            self.recycle_dirty(keys);
-        }
-    }
-
-    /// The connections to flush next; `None` once none is dirty.
-    fn take_dirty(&self) -> Option<Vec<u32>> {
-        let keys = std::mem::take(&mut *self.dirty.borrow_mut());
-        if keys.is_empty() {
-            self.recycle_dirty(keys);
-            return None;
-        }
-        Some(keys)
-    }
-
-    /// Hands the (emptied) list back to keep its capacity for the next round.
-    fn recycle_dirty(&self, mut keys: Vec<u32>) {
-        let mut dirty = self.dirty.borrow_mut();
-        if dirty.is_empty() {
-            keys.clear();
-            *dirty = keys;
+            self.engine.recycle_dirty(keys);
         }
     }
 
     fn flush_keys(&self, keys: &[u32]) {
-        let mut conns = self.conns.borrow_mut();
+        let mut conns = self.engine.conns.borrow_mut();
         let mut ring = self.send_ring.borrow_mut();
         match ring.as_mut() {
             Some(send_ring) if keys.len() > 1 => {
@@ -551,14 +193,8 @@ impl Shard {
                 }
             }
             _ => {
-                for &key in keys {
-                    if let Some(conn) = conns.get_mut(key) {
-                        conn.machine.driver.dirty = false;
-                        if conn.machine.is_open() {
-                            self.flush_or_close(key, conn);
-                        }
-                    }
-                }
+                drop(conns);
+                self.engine.flush_each(self, keys);
             }
         }
     }
@@ -622,7 +258,7 @@ impl Shard {
                 SendOutcome::Written(written) => {
                     self.metrics.send_calls.fetch_add(1, Relaxed);
                     self.wrote(conn, written);
-                    self.count_backlog(conn);
+                    self.engine.count_backlog(conn);
                     if written == asked[i] && !conn.machine.backlog().is_empty() {
                         // More than one call's worth was queued and the socket took it
                         // all: no writable edge will come, so continue directly.
@@ -639,7 +275,8 @@ impl Shard {
                 }
                 SendOutcome::Err(_) => {
                     self.metrics.send_calls.fetch_add(1, Relaxed);
-                    self.schedule_close(key, conn, None, CloseCause::IoError);
+                    self.engine
+                        .schedule_close(key, conn, None, CloseCause::IoError);
                 }
                 SendOutcome::Unknown => {
                     // Some of these bytes may be on the wire and the kernel may still read
@@ -652,7 +289,8 @@ impl Shard {
                         .backlog_bytes
                         .fetch_sub(lost.uncount(), Relaxed);
                     std::mem::forget(lost);
-                    self.schedule_close(key, conn, None, CloseCause::IoError);
+                    self.engine
+                        .schedule_close(key, conn, None, CloseCause::IoError);
                 }
             }
         }

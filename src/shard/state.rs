@@ -9,8 +9,8 @@
 use crate::admission::per_ip::PerIpHold;
 use crate::auth::registry::Registry;
 use crate::config::Settings;
+use crate::engine::Engine;
 use crate::fanout::backlog::BacklogLimits;
-use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::Inbox;
 use crate::live::{Cached, Live};
@@ -19,14 +19,12 @@ use crate::presence::Presence;
 use crate::proto::conn::ConnConfig;
 use crate::shard::admission::ConnectionSlots;
 use crate::shard::batch::SendRing;
-use crate::shard::conn::CloseOrder;
 use crate::shard::lifecycle::Jitter;
 use crate::shard::readiness::ReadySet;
 use crate::shard::send::FairSlice;
-use crate::shard::table::ConnTable;
+use crate::shard::table::Socket;
 use std::cell::{Cell, RefCell};
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,36 +32,24 @@ use std::time::Instant;
 /// Largest single read from a socket; one per shard, shared by all its connections.
 pub const SCRATCH_SIZE: usize = 64 * 1024;
 
-/// (connection generation, first offset it was told it missed) of an inbox channel.
-pub(super) type InboxGap = (u32, u64);
-
 /// A shard's state.
 pub struct Shard {
     /// Shard number (0-based), also its CPU when pinned.
     pub(super) id: usize,
     /// Validated settings.
     pub(super) settings: Arc<Settings>,
-    /// Connection table.
-    pub(super) conns: RefCell<ConnTable>,
-    /// Channel -> subscribers on this shard.
-    pub(super) index: RefCell<SubscriptionIndex>,
-    /// Connections with frames queued in this fan-out round.
-    pub(super) dirty: RefCell<Vec<u32>>,
+    /// The sans-io core: connections, subscriptions, the round's policy.
+    pub(crate) engine: Engine<Socket>,
     /// Read buffer shared by every connection of the shard.
     pub(super) scratch: RefCell<Box<[u8]>>,
     /// Plaintext decrypted from one read's TLS records (grows to the largest read's
     /// plaintext, at most the scratch buffer's size; empty until the shard's first TLS
     /// read).
     pub(super) tls_plain: RefCell<Vec<u8>>,
-    /// Offsets + ring.
-    pub(super) publisher: Arc<Publisher>,
     /// Who is connected where, over all shards.
     pub(super) registry: Arc<Registry>,
     /// Who is subscribed to each presence channel, over all shards.
     pub(super) presence: Arc<Presence>,
-    /// Per-connection bounds and timers (heartbeat jittered per shard); the backlog and
-    /// inbound limits follow reloads ([`Shard::refresh_live`]).
-    pub(super) conn_config: Cell<ConnConfig>,
     /// The settings a reload may change (token keys, limits).
     pub(super) live: RefCell<Cached>,
     /// This shard's counters.
@@ -77,52 +63,22 @@ pub struct Shard {
     pub(super) ip_holds: RefCell<HashMap<RawFd, PerIpHold>>,
     /// Set once this shard stopped accepting for a drain.
     pub(super) draining: Cell<bool>,
-    /// Messages whose fan-out paused part-way (see `follower::deliver`): while any is,
-    /// no idle SSE stream releases its position, which the index (at the message's
-    /// channel's position before it until its fan-out ends) would rebuild before the
-    /// message for a stream already given it.
-    pub(super) partial_deliveries: Cell<u32>,
     /// Set while a long poll's channels are subscribed: no presence membership.
     pub(super) quiet_presence: Cell<bool>,
     /// Idle sockets waiting for input or writability.
     pub(super) ready_set: ReadySet,
-    /// Closes decided but not yet carried out (see [`Shard::settle`]).
-    pub(super) closes: RefCell<Vec<CloseOrder>>,
     /// Lingering closes whose peer finished.
     pub(super) finalize: RefCell<Vec<u32>>,
     /// The io_uring that submits a fan-out round's writes at once (`None`: plain sends).
     pub(super) send_ring: RefCell<Option<SendRing>>,
     /// How long the fan-out has held the core since it last yielded.
     pub(super) fair: FairSlice,
-    /// The ring sequence the follower reads next: messages before it reached (or were
-    /// lost to) this shard's subscribers; from it on, a new subscriber gets them live.
-    pub(super) ring_cursor: Cell<u64>,
     /// The durable inbox, when on: the owner of `user:` channels.
     pub(super) inbox: Option<Inbox>,
     /// Inbox subscribes waiting for the store's answer: (connection, channel) ->
     /// connection generation. An unsubscribe meanwhile removes the entry, and the answer
     /// is then dropped.
     pub(super) inbox_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
-    /// Inbox channels on which a connection was sent a gap notice since it subscribed:
-    /// (connection, channel) -> (generation, first offset it missed). Its cumulative
-    /// acks must stay below that offset: they would remove messages it never got.
-    pub(super) inbox_gaps: RefCell<HashMap<(u32, Arc<str>), InboxGap>>,
-    /// Subscribes waiting for the NATS thread to follow their channel (see
-    /// [`crate::shard::join`]), keyed like `inbox_pending`.
-    pub(super) cluster_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
-    /// Connections catching up from history (see [`Shard::catch_up`]).
-    pub(super) lagging: RefCell<Vec<u32>>,
-    /// Channels the command being run attached at an estimated position (see
-    /// [`crate::fanout::publisher::Attach::exact`]): its connection lags on them from
-    /// there once the command is done.
-    pub(super) inexact_attaches: RefCell<Vec<(Arc<str>, u64)>>,
-    /// Open long polls by deadline: (deadline, key, generation), the earliest first. The
-    /// heartbeat sweep's 100 ms tick answers the due ones (see [`Shard::answer_due_polls`]);
-    /// an entry of a poll answered earlier is dropped when its deadline comes.
-    pub(super) poll_deadlines: RefCell<BinaryHeap<Reverse<(Instant, u32, u32)>>>,
-    /// Long polls with an answer queued: (key, generation), closed (answered) at the end
-    /// of the round that queued it, so the answer holds all that round had for them.
-    pub(super) due_polls: RefCell<Vec<(u32, u32)>>,
     generation: Cell<u32>,
     started: Instant,
 }
@@ -162,31 +118,31 @@ impl Shard {
         };
         // Room for every connection the process may hold: SO_REUSEPORT does not promise
         // an even spread, so one shard may end up with most of them.
-        let capacity = settings.max_connections;
-        let cursor = publisher.ring().head();
+        let engine = Engine::new(
+            id,
+            publisher,
+            all_metrics.shard(id),
+            conn_config,
+            settings.max_connections,
+            inbox.is_some(),
+        );
         let live = Cached::new(&settings);
         Ok(Shard {
             id,
-            conn_config: Cell::new(conn_config),
+            engine,
             live: RefCell::new(live),
             slots,
             ip_holds: RefCell::default(),
             settings,
-            conns: RefCell::new(ConnTable::with_capacity(capacity)),
-            index: RefCell::new(SubscriptionIndex::holding_for(publisher.clone())),
-            dirty: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0u8; SCRATCH_SIZE].into_boxed_slice()),
             tls_plain: RefCell::default(),
-            publisher,
             registry,
             presence,
             metrics: all_metrics.shard(id),
             all_metrics,
             draining: Cell::new(false),
-            partial_deliveries: Cell::new(0),
             quiet_presence: Cell::new(false),
             ready_set: ReadySet::new()?,
-            closes: RefCell::new(Vec::new()),
             finalize: RefCell::new(Vec::new()),
             send_ring: RefCell::new(match SendRing::new() {
                 Ok(ring) => Some(ring),
@@ -196,15 +152,8 @@ impl Shard {
                 }
             }),
             fair: FairSlice::default(),
-            ring_cursor: Cell::new(cursor),
             inbox,
             inbox_pending: RefCell::new(HashMap::new()),
-            inbox_gaps: RefCell::new(HashMap::new()),
-            cluster_pending: RefCell::new(HashMap::new()),
-            lagging: RefCell::new(Vec::new()),
-            inexact_attaches: RefCell::new(Vec::new()),
-            poll_deadlines: RefCell::new(BinaryHeap::new()),
-            due_polls: RefCell::new(Vec::new()),
             generation: Cell::new(0),
             started: Instant::now(),
         })
@@ -230,7 +179,7 @@ impl Shard {
             return;
         }
         let live = cached.get();
-        let mut config = self.conn_config.get();
+        let mut config = self.engine.conn_config.get();
         config.max_inbound_per_sec = live.max_inbound_per_sec;
         config.backlog = BacklogLimits {
             max_bytes: live.max_backlog_bytes,
@@ -238,7 +187,7 @@ impl Shard {
             drop_limit: live.slow_consumer_drop_limit,
         };
         config.stall_after = live.slow_consumer_timeout.as_secs() as u32;
-        self.conn_config.set(config);
+        self.engine.conn_config.set(config);
     }
 
     /// Seconds since the shard started: the coarse clock of liveness checks.

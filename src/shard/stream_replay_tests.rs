@@ -6,6 +6,7 @@ use crate::fanout::history::{HistoryStats, Limits};
 use crate::fanout::publisher::Publisher;
 use crate::fanout::ring::Ring;
 use crate::fanout::wake::IdleFlags;
+use crate::metrics::CloseCause;
 use crate::proto::conn::Tick;
 use crate::proto::sse::Mode;
 use std::os::unix::net::UnixStream;
@@ -48,7 +49,7 @@ fn publish(shard: &Shard, publisher: &Publisher, channel: &str, n: u64, size: us
             )
             .epoch;
     }
-    shard.ring_cursor.set(publisher.ring().head());
+    shard.engine.ring_cursor.set(publisher.ring().head());
     epoch
 }
 
@@ -61,7 +62,7 @@ fn sse_from(shard: &Shard, channels: &[String], since: &str) -> (u32, UnixStream
     setsockopt(&theirs, sockopt::RcvBuf, &4096).expect("SO_RCVBUF");
     theirs.set_nonblocking(true).expect("nonblocking peer");
     let since = Position::parse(since).expect("position");
-    let key = shard.conns.borrow().next_key();
+    let key = shard.engine.conns.borrow().next_key();
     let stream = HttpStream::new(Mode::Sse, channels, Some(&since));
     adopt_stream(
         shard,
@@ -117,7 +118,7 @@ fn an_sse_replay_past_the_backlog_lags_then_catches_up_exactly() {
         let since = format!("h~1~{epoch_h},k~0~{epoch_k}");
         let (key, mut peer) = sse_from(&shard, &channels, &since);
         {
-            let mut conns = shard.conns.borrow_mut();
+            let mut conns = shard.engine.conns.borrow_mut();
             let conn = conns.get_mut(key).expect("open stream");
             let queued = conn.machine.backlog().bytes();
             // One event over the bound at most: the last admitted one is queued whole.
@@ -134,13 +135,13 @@ fn an_sse_replay_past_the_backlog_lags_then_catches_up_exactly() {
         let mut wire = Vec::new();
         for _ in 0..10_000 {
             read_peer(&mut peer, &mut wire);
-            let mut conns = shard.conns.borrow_mut();
+            let mut conns = shard.engine.conns.borrow_mut();
             let conn = conns.get_mut(key).expect("open stream");
             if !conn.machine.is_lagging() && conn.machine.backlog().is_empty() {
                 break;
             }
             shard.flush_or_close(key, conn);
-            shard.catch_up(key, conn);
+            shard.engine.catch_up(&shard, key, conn);
         }
         read_peer(&mut peer, &mut wire);
         let text = String::from_utf8(wire).expect("UTF-8");
@@ -156,7 +157,7 @@ fn an_sse_replay_past_the_backlog_lags_then_catches_up_exactly() {
             Position::parse_for(last, &channels).map(|p| p.encode()),
             Ok(format!("h~400~{epoch_h},k~50~{epoch_k}"))
         );
-        let mut conns = shard.conns.borrow_mut();
+        let mut conns = shard.engine.conns.borrow_mut();
         let conn = conns.get_mut(key).expect("open stream");
         assert_eq!(conn.machine.backlog_gauge_delta(), 0);
     });
@@ -164,10 +165,10 @@ fn an_sse_replay_past_the_backlog_lags_then_catches_up_exactly() {
 
 /// Ticks `key` at shard seconds `from..to`; the close decided, if any.
 fn tick(shard: &Shard, key: u32, from: u32, to: u32) -> Option<CloseCause> {
-    let mut conns = shard.conns.borrow_mut();
+    let mut conns = shard.engine.conns.borrow_mut();
     let conn = conns.get_mut(key).expect("open stream");
     (from..to).find_map(
-        |now| match conn.machine.on_tick(now, &shard.conn_config.get()) {
+        |now| match conn.machine.on_tick(now, &shard.engine.conn_config.get()) {
             Tick::Close(close) => Some(close.cause),
             _ => None,
         },
@@ -196,7 +197,7 @@ fn an_sse_client_that_does_not_read_is_closed_as_a_slow_consumer() {
         // of it after the kernel's buffers.
         let (stuck, _peer) = sse_from(&shard, &channels, &format!("h~360~{epoch}"));
         {
-            let conns = shard.conns.borrow();
+            let conns = shard.engine.conns.borrow();
             let conn = conns.get(stuck).expect("open stream");
             assert!(!conn.machine.is_lagging());
             assert!(!conn.machine.backlog().is_empty(), "the kernel took it all");

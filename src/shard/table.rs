@@ -1,100 +1,27 @@
-//! A shard's connection table: the socket of each upgraded connection next to its sans-io
-//! state machine ([`Connection`]).
-//!
-//! There is no task, future or buffer per connection. An idle connection is its entry here
-//! (the descriptor, a generation, and the machine with an empty backlog and no input
-//! buffer) plus its slot in the subscription index; its socket waits in the shard's epoll
-//! set ([`crate::shard::readiness`]).
-//!
-//! The table reserves its capacity up front: growing a slab by doubling at a million
-//! entries copies ~200 MB while an accept waits. Untouched capacity costs address space,
-//! not resident memory.
+//! What the driver keeps per connection beside the engine's machine: the socket, and the
+//! TLS session of a `tls_listen` connection. The table itself is the engine's
+//! ([`crate::engine::table`]); an idle socket waits in the shard's epoll set
+//! ([`crate::shard::readiness`]).
 
-use crate::proto::conn::Connection;
 use crate::tls::TlsSession;
-use slab::Slab;
 use std::os::fd::OwnedFd;
 
-/// One WebSocket connection.
+/// The driver's part of one connection: the socket (closed when the entry is dropped),
+/// and the TLS session of a `tls_listen` connection: its bytes in and out of the socket
+/// go through it ([`crate::shard::tls_io`]); `None` for a plain one.
 #[derive(Debug)]
-pub struct Conn {
-    /// The socket (closed when the entry is dropped).
-    pub fd: OwnedFd,
-    /// Generation of this table slot, so events for a previous occupant are ignored.
-    pub generation: u32,
-    /// Protocol state: input, limits, backlog, heartbeat, close.
-    pub machine: Connection,
-    /// The TLS session of a `tls_listen` connection: its bytes in and out of the socket
-    /// go through it ([`crate::shard::tls_io`]). `None` for a plain one.
-    pub tls: Option<Box<TlsSession>>,
+pub struct Socket;
+
+impl crate::engine::table::Driver for Socket {
+    type Fd = OwnedFd;
+    type Tls = Option<Box<TlsSession>>;
 }
 
-/// The connections of one shard, keyed by slot.
-#[derive(Debug)]
-pub struct ConnTable {
-    slots: Slab<Conn>,
-    /// One past the highest key ever used: the range a cursor walk covers.
-    high: u32,
-}
+/// One served connection: its socket and its machine.
+pub type Conn = crate::engine::table::Conn<Socket>;
 
-impl ConnTable {
-    /// A table with room for `capacity` connections before it grows.
-    pub fn with_capacity(capacity: usize) -> Self {
-        ConnTable {
-            slots: Slab::with_capacity(capacity),
-            high: 0,
-        }
-    }
-
-    /// Stores a connection; returns its key.
-    pub fn insert(&mut self, conn: Conn) -> u32 {
-        let key = self.slots.insert(conn) as u32;
-        self.high = self.high.max(key + 1);
-        key
-    }
-
-    /// The key the next [`ConnTable::insert`] will use.
-    pub fn next_key(&self) -> u32 {
-        self.slots.vacant_key() as u32
-    }
-
-    /// The connection in slot `key`, whatever its generation.
-    pub fn get(&self, key: u32) -> Option<&Conn> {
-        self.slots.get(key as usize)
-    }
-
-    /// The connection in slot `key`, whatever its generation, to change.
-    pub fn get_mut(&mut self, key: u32) -> Option<&mut Conn> {
-        self.slots.get_mut(key as usize)
-    }
-
-    /// The connection in slot `key` if it is still generation `generation`.
-    pub fn get_current(&mut self, key: u32, generation: u32) -> Option<&mut Conn> {
-        self.slots
-            .get_mut(key as usize)
-            .filter(|c| c.generation == generation)
-    }
-
-    /// Removes and returns the connection in slot `key`.
-    pub fn remove(&mut self, key: u32) -> Option<Conn> {
-        self.slots.try_remove(key as usize)
-    }
-
-    /// Open entries (any phase).
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// True when no connection is left.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
-    /// One past the highest key in use so far: cursor walks cover `0..high()`.
-    pub fn high(&self) -> u32 {
-        self.high
-    }
-}
+/// The connections of one shard.
+pub type ConnTable = crate::engine::table::ConnTable<Socket>;
 
 /// The epoll token of a connection: slot key and generation.
 pub fn token(key: u32, generation: u32) -> u64 {

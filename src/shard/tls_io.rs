@@ -64,7 +64,9 @@ pub(super) fn decrypt_input(shard: &Shard, key: u32, conn: &mut Conn, cipher: &m
             tracing::debug!(shard = shard.id, error = %e, "TLS error on an open connection; closing it");
             // The alert the session queued, if the socket takes it.
             let _ = shard.flush_tls(conn);
-            shard.schedule_close(key, conn, None, CloseCause::IoError);
+            shard
+                .engine
+                .schedule_close(key, conn, None, CloseCause::IoError);
             false
         }
     }
@@ -134,7 +136,7 @@ impl Shard {
                 }
             }
         });
-        self.count_backlog(conn);
+        self.engine.count_backlog(conn);
         result
     }
 }
