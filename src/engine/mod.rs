@@ -26,7 +26,7 @@ use crate::fanout::index::SubscriptionIndex;
 use crate::fanout::publisher::Publisher;
 use crate::metrics::{CloseCause, ShardMetrics};
 use crate::proto::close::CloseReason;
-use crate::proto::conn::{CloseDecision, ConnConfig, Tick};
+use crate::proto::conn::{CloseDecision, CommandHandler, ConnConfig, Tick};
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
@@ -233,6 +233,55 @@ impl<S: Driver> Engine<S> {
             self.schedule_close(key, conn, None, CloseCause::IoError);
         }
         flush
+    }
+
+    /// Feeds bytes a client sent to its machine (`command` runs each command it sends),
+    /// then writes the answers: replies, pongs, a close it decided.
+    pub fn receive(
+        &self,
+        wire: &impl Wire<S>,
+        key: u32,
+        conn: &mut Conn<S>,
+        now: u32,
+        input: &mut [u8],
+        command: &mut CommandHandler<'_>,
+    ) {
+        if !conn.machine.is_open() {
+            return;
+        }
+        let close = conn
+            .machine
+            .on_input(now, input, &self.conn_config.get(), command);
+        self.count_backlog(conn);
+        self.lag_inexact_attaches(key, conn);
+        if let Some(close) = close {
+            self.enqueue_close(key, conn.generation, close);
+        }
+        if conn.machine.is_open() {
+            self.flush_or_close(wire, key, conn);
+        }
+    }
+
+    /// Starts carrying out a close the driver took from [`Engine::take_closes`] (it has
+    /// taken the connection out of the index and presence): the close frame is queued
+    /// behind a partly written one and what is left is written. Returns true when the
+    /// connection lingers for its peer's end; false when it can go now.
+    pub fn begin_close(
+        &self,
+        wire: &impl Wire<S>,
+        key: u32,
+        conn: &mut Conn<S>,
+        reason: Option<&CloseReason>,
+        now: u32,
+    ) -> bool {
+        let lingering = conn.machine.start_close(now, reason);
+        self.count_backlog(conn);
+        if lingering {
+            // Writes what is left before the close frame (a slow consumer may still have
+            // a partly sent frame); the write side is shut once all is out.
+            let _ = wire.flush(key, conn);
+        }
+        lingering
     }
 
     /// Queues a control frame or reply (not flushed); a control flood closes with 1008.

@@ -420,16 +420,11 @@ pub(super) fn read_socket(
 
 /// Feeds client bytes to the machine, then writes its answers.
 pub(super) fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]) {
-    if !conn.machine.is_open() {
-        return;
-    }
     let now = shard.now_secs();
     let id = shard.conn_id(key, conn.generation);
-    let close = conn.machine.on_input(
-        now,
-        input,
-        &shard.engine.conn_config.get(),
-        &mut |text, session| {
+    shard
+        .engine
+        .receive(shard, key, conn, now, input, &mut |text, session| {
             shard.metrics.commands.fetch_add(1, Relaxed);
             let mut replay = Vec::new();
             let reply = shard.run_command(id, text, session, &mut replay);
@@ -442,16 +437,7 @@ pub(super) fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]
                 },
                 replay,
             }
-        },
-    );
-    shard.engine.count_backlog(conn);
-    shard.engine.lag_inexact_attaches(key, conn);
-    if let Some(close) = close {
-        shard.engine.enqueue_close(key, conn.generation, close);
-    }
-    if conn.machine.is_open() {
-        shard.flush_or_close(key, conn);
-    }
+        });
 }
 
 pub(super) fn peer_gone(shard: &Shard, key: u32, conn: &mut Conn) {
@@ -499,16 +485,8 @@ impl Shard {
             if let Some(session) = conn.machine.take_session() {
                 self.registry.unregister(&session);
             }
-            let lingering = conn
-                .machine
-                .start_close(self.now_secs(), decision.reason.as_ref());
-            self.engine.count_backlog(conn);
-            if lingering {
-                // Writes what is left before the close frame (a slow consumer may still
-                // have a partly sent frame), then shuts the write side once all is out.
-                let _ = self.flush(conn);
-            }
-            lingering
+            self.engine
+                .begin_close(self, key, conn, decision.reason.as_ref(), self.now_secs())
         };
         if !lingering {
             self.finalize_close(key);

@@ -3,14 +3,21 @@
 //!
 //! Each run is one seed: a failing case prints it, and `trace_one` replays it.
 
+mod fanout;
 mod recovery;
 
 use crate::engine::table::{Conn, Driver};
 use crate::engine::{Engine, Flush, Wire};
 use crate::metrics::CloseCause;
+use crate::proto::conn::Written;
 use crate::proto::frame::{opcode, FrameHeader};
 use std::collections::HashMap;
 use std::io::IoSlice;
+
+/// Seeds per property: each a whole schedule of thousands of steps. Every CI run tries
+/// this many new ones; a failure prints its seed (and proptest keeps it in
+/// `proptest-regressions/engine/sim/`), and `trace_one` replays one.
+pub(crate) const SEEDS: u32 = 1024;
 
 /// What a simulated socket's kernel buffer holds at most: small, so writes block often
 /// and writability comes back as an edge.
@@ -28,6 +35,13 @@ pub(crate) struct Client {
     pub not_recovered: u64,
     pub recovered: u64,
     pub close_seen: Option<u16>,
+    /// Command replies received.
+    pub replies: u64,
+    /// Pings sent and pongs received (payloads are sequence numbers).
+    pub pings_sent: u32,
+    pub pongs: u32,
+    /// Pings from the server.
+    pub server_pings: u32,
 }
 
 /// The simulated socket of one connection: the driver's part of its table entry.
@@ -40,6 +54,8 @@ pub(crate) struct Peer {
     pub client: Client,
     /// Closed by the server (decided); the client reconnects once it notices.
     pub closed: Option<CloseCause>,
+    /// The write side was shut (the close frame is out).
+    pub shut: bool,
 }
 
 impl Driver for Peer {
@@ -72,8 +88,9 @@ impl Wire<Peer> for SimWire<'_> {
                 conn.fd.kernel.extend_from_slice(&slice[..part]);
                 took += part;
             }
-            if took > 0 {
-                conn.machine.on_written(took);
+            if took > 0 && conn.machine.on_written(took) == Written::ShutWrite {
+                assert!(conn.fd.closed.is_some(), "write side shut without a close");
+                conn.fd.shut = true;
             }
             if took < asked {
                 conn.fd.blocked = true;
@@ -106,7 +123,10 @@ pub(crate) fn parse_wire(client: &mut Client, seed: u64) {
         match h.opcode {
             opcode::TEXT => {
                 let v: serde_json::Value = serde_json::from_slice(&payload).expect("JSON frames");
-                let ch = v["channel"].as_str().expect("channel").to_string();
+                let Some(ch) = v["channel"].as_str().map(str::to_string) else {
+                    client.replies += 1;
+                    continue;
+                };
                 let last = client.last.get(&ch).copied().unwrap_or(0);
                 if v["type"] == "gap" {
                     let from = v["from"].as_u64().expect("from");
@@ -130,7 +150,12 @@ pub(crate) fn parse_wire(client: &mut Client, seed: u64) {
                     client.last.insert(ch, offset);
                 }
             }
-            opcode::PING | opcode::PONG => {}
+            opcode::PONG => {
+                let n = u32::from_be_bytes(payload[..4].try_into().expect("4-byte pong"));
+                assert_eq!(n, client.pongs, "pongs in order (seed {seed})");
+                client.pongs += 1;
+            }
+            opcode::PING => client.server_pings += 1,
             opcode::CLOSE => {
                 client.close_seen = Some(u16::from_be_bytes([payload[0], payload[1]]));
             }

@@ -183,14 +183,8 @@ impl Sim {
                 self.seed
             );
             conn.fd.closed = Some(order.decision.cause);
-            if conn
-                .machine
-                .start_close(now, order.decision.reason.as_ref())
-            {
-                engine.count_backlog(conn);
-                engine.flush_or_close(&SimWire { engine }, order.key, conn);
-            }
-            engine.count_backlog(conn);
+            let reason = order.decision.reason.as_ref();
+            engine.begin_close(&SimWire { engine }, order.key, conn, reason, now);
         }
     }
 
@@ -522,7 +516,7 @@ fn run(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(super::SEEDS))]
 
     #[test]
     fn reconnects_and_laggers_get_everything_or_an_explicit_gap(seed in any::<u64>()) {
