@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         git = env!("RINGCAST_GIT_REVISION"),
         "effective configuration (flags and environment over the file over the defaults; secrets redacted): {settings:?}"
     );
-    match ringcast::shard::run_reloadable(settings, reload_cli) {
+    match ringcast::server::run_reloadable(settings, reload_cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringcast: {e}");
