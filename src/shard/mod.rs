@@ -243,10 +243,8 @@ pub async fn serve(setup: ShardSetup) {
     glommio::spawn_local(watch_readiness(shard.clone())).detach();
 
     let metrics = shard.metrics;
-    // SAFETY (all from_raw_fd below): each fd comes from a socket2::Socket we own and
-    // consumed with into_raw_fd, so the glommio object becomes its only owner.
     if let Some(udp) = sockets.udp {
-        let socket = unsafe { UdpSocket::from_raw_fd(udp.into_raw_fd()) };
+        let socket = adopt_udp(udp);
         glommio::spawn_local(crate::ingest::udp::serve(
             socket,
             publisher.clone(),
@@ -257,7 +255,7 @@ pub async fn serve(setup: ShardSetup) {
         .detach();
     }
     if let Some(tcp) = sockets.tcp {
-        let listener = unsafe { TcpListener::from_raw_fd(tcp.into_raw_fd()) };
+        let listener = adopt_listener(tcp);
         glommio::spawn_local(crate::ingest::tcp::serve(
             listener,
             publisher.clone(),
@@ -269,7 +267,7 @@ pub async fn serve(setup: ShardSetup) {
         .detach();
     }
     if let Some(admin) = sockets.admin {
-        let listener = unsafe { TcpListener::from_raw_fd(admin.into_raw_fd()) };
+        let listener = adopt_listener(admin);
         let (publisher, settings, inbox) = (publisher.clone(), settings.clone(), inbox.clone());
         glommio::spawn_local(async move {
             let mut senders = Vec::with_capacity(control_senders.len());
@@ -283,7 +281,7 @@ pub async fn serve(setup: ShardSetup) {
     }
     let stop_accepting = Rc::new(LocalEvent::default());
     if let Some(ws) = sockets.ws {
-        let ws = unsafe { TcpListener::from_raw_fd(ws.into_raw_fd()) };
+        let ws = adopt_listener(ws);
         let gate = HandshakeGate::new(
             settings.max_handshakes_per_shard,
             settings.handshake_fair_share,
@@ -300,7 +298,7 @@ pub async fn serve(setup: ShardSetup) {
         .detach();
     }
     if let Some(tls) = sockets.tls {
-        let tls = unsafe { TcpListener::from_raw_fd(tls.into_raw_fd()) };
+        let tls = adopt_listener(tls);
         // Its own gate: a TLS handshake costs more CPU, and a storm of them must not
         // take the plain listener's upgrade places.
         let gate = HandshakeGate::new(
@@ -325,6 +323,20 @@ pub async fn serve(setup: ShardSetup) {
     let _ = done.send(id);
     // Keep serving ingest and admin until the process exits.
     futures_lite::future::pending::<()>().await;
+}
+
+/// Hands a bound, listening socket to glommio.
+fn adopt_listener(socket: Socket) -> TcpListener {
+    // SAFETY: `into_raw_fd` gives up the socket2 `Socket`'s ownership of an open listening
+    // descriptor, so the `TcpListener` becomes its only owner and closes it once.
+    unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) }
+}
+
+/// Hands a bound UDP socket to glommio.
+fn adopt_udp(socket: Socket) -> UdpSocket {
+    // SAFETY: `into_raw_fd` gives up the socket2 `Socket`'s ownership of an open datagram
+    // descriptor, so the `UdpSocket` becomes its only owner and closes it once.
+    unsafe { UdpSocket::from_raw_fd(socket.into_raw_fd()) }
 }
 
 /// Waits for ready sockets on the blocking pool and handles them on the shard.
