@@ -7,13 +7,14 @@
 //! "ringcast started" logged, `/readyz` answers 200 and systemd hears `READY=1`; a shard
 //! that cannot start makes `run` fail), then waits for a drain to finish.
 //!
-//! - [`shared`]: the process-wide state handed to every shard (publisher, inbox, cluster,
+//! - `shared`: the process-wide state handed to every shard (publisher, inbox, cluster,
 //!   registries, connection counts).
-//! - [`sockets`]: every listener, bound up front.
-//! - [`shard_threads`]: the executors, their wake-up and control channels, the wait
+//! - `sockets`: every listener, bound up front.
+//! - `shard_threads`: the executors, their wake-up and control channels, the wait
 //!   until each serves.
-//! - [`reload`]: what a SIGHUP changes; [`drain`]: the signal wait and the drain.
-//! - [`limits`]: process limits set at start (RLIMIT_NOFILE, transparent huge pages).
+//! - `reload`: what a SIGHUP changes; `drain`: the signal wait and the drain.
+//! - `limits`: process limits set at start (RLIMIT_NOFILE, transparent huge pages).
+//! - [`startup_log`]: the effective configuration as the startup log states it.
 
 mod drain;
 mod limits;
@@ -21,6 +22,7 @@ mod reload;
 mod shard_threads;
 mod shared;
 mod sockets;
+pub mod startup_log;
 
 use crate::config::{ConfigLayer, Settings};
 use crate::live::Live;
