@@ -526,6 +526,8 @@ pub struct Settings {
     pub io_memory: usize,
     /// The durable per-user inbox; `None` when off.
     pub inbox: Option<InboxConfig>,
+    /// Directory of durable state (where the inbox file is by default).
+    pub data_dir: PathBuf,
     /// Whether transparent huge pages stay enabled for the process.
     pub transparent_huge_pages: bool,
     /// Token verification and anonymous access.
@@ -593,6 +595,13 @@ impl Cidr {
             }
             _ => false,
         }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    /// `10.0.0.0/8`, `::1/128`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
@@ -936,6 +945,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         )?,
         io_memory: in_range("io_memory", pick!(io_memory, 256 << 10), 64 << 10, 1 << 30)?,
         inbox: resolve_inbox(&cli, &file)?,
+        data_dir: pick!(data_dir, PathBuf::from("ringcast-data")),
         transparent_huge_pages: pick!(transparent_huge_pages, false),
         auth,
         cluster: cli
@@ -1132,7 +1142,8 @@ fn resolve_auth(cli: &ConfigLayer, file: &ConfigLayer) -> Result<AuthSettings, C
             )
         })?),
     };
-    let (key_name, key, algorithm) = match (pick!(jwt_secret), pick!(jwt_public_key_file)) {
+    let public_key_file = pick!(jwt_public_key_file);
+    let (key_name, key, algorithm) = match (pick!(jwt_secret), public_key_file.clone()) {
         (Some(_), Some(_)) => {
             return Err(invalid(
                 "jwt_secret",
@@ -1206,6 +1217,7 @@ fn resolve_auth(cli: &ConfigLayer, file: &ConfigLayer) -> Result<AuthSettings, C
     }
     Ok(AuthSettings {
         verifier,
+        public_key_file,
         allow_anonymous,
         cookie,
         subscribe_user_channel,

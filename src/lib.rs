@@ -18,6 +18,9 @@
 //! - [`shard`]: the engine's driver, one pinned glommio executor per core: SO_REUSEPORT accept, upgrade,
 //!   connection table, channel index, the send path (one `sendmsg` carries every queued
 //!   frame), heartbeats and drain.
+//! - [`server`]: the process above the shards: builds what they share, binds every
+//!   socket, starts one shard thread per core, then waits for SIGHUP (reload) and
+//!   SIGTERM (drain); sets the process limits.
 //! - [`proto`]: sans-io WebSocket: upgrade parsing, frame codec, masking, commands, close
 //!   codes. Nothing there touches a socket or a clock.
 //! - [`auth`]: identity and permissions: JWT verification, channel grants, namespace
@@ -60,5 +63,6 @@ pub mod presence;
 pub mod procstat;
 pub mod proto;
 pub mod sd_notify;
+pub mod server;
 pub mod shard;
 pub mod tls;

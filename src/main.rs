@@ -64,9 +64,10 @@ fn main() -> ExitCode {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         git = env!("RINGCAST_GIT_REVISION"),
-        "effective configuration (flags and environment over the file over the defaults; secrets redacted): {settings:?}"
+        "effective configuration (flags and environment over the file over the defaults; secrets redacted): {}",
+        ringcast::server::startup_log::effective_settings(&settings)
     );
-    match ringcast::shard::run_reloadable(settings, reload_cli) {
+    match ringcast::server::run_reloadable(settings, reload_cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringcast: {e}");

@@ -1,6 +1,6 @@
 //! Admission control, the pure half: what the accept loop and the upgrade decide about a
 //! new socket, with the clock passed in. The glommio side is in [`crate::shard`]
-//! (`accept_loop` in `shard/mod.rs`, [`crate::shard::admission`]).
+//! ([`crate::shard::accept`], [`crate::shard::admission`]).
 //!
 //! - [`accept_backoff`]: out of descriptors or kernel memory on `accept`, the shard stops
 //!   accepting for a growing pause instead of spinning, counts the error and logs it at

@@ -21,6 +21,7 @@ pub mod registry;
 pub mod session;
 pub mod token;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use token::{AuthError, Claims, Verifier};
 
@@ -30,6 +31,8 @@ pub struct AuthSettings {
     /// The token verifier; `None`: authentication is off, every connection is anonymous
     /// and tokens are ignored.
     pub verifier: Option<Arc<Verifier>>,
+    /// `jwt_public_key_file`, when the verifier's key came from one.
+    pub public_key_file: Option<PathBuf>,
     /// Whether a connection without a token is accepted (as anonymous).
     pub allow_anonymous: bool,
     /// Cookie the upgrade may carry the token in; `None`: cookies are not read.
@@ -43,6 +46,7 @@ impl Default for AuthSettings {
     fn default() -> Self {
         AuthSettings {
             verifier: None,
+            public_key_file: None,
             allow_anonymous: true,
             cookie: None,
             subscribe_user_channel: false,

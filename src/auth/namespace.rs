@@ -153,6 +153,13 @@ impl Namespaces {
     pub fn default_rules(&self) -> &NamespaceRules {
         &self.default
     }
+
+    /// The configured namespaces' names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.by_name.keys().map(|n| &**n).collect();
+        names.sort_unstable();
+        names
+    }
 }
 
 /// The namespace of `channel`: the part before its first `:`, if any.

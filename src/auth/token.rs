@@ -64,6 +64,18 @@ impl JwtAlgorithm {
         })
     }
 
+    /// The name as configured and as in a token's `alg` header.
+    pub fn name(self) -> &'static str {
+        match self {
+            JwtAlgorithm::Hs256 => "HS256",
+            JwtAlgorithm::Hs384 => "HS384",
+            JwtAlgorithm::Hs512 => "HS512",
+            JwtAlgorithm::Rs256 => "RS256",
+            JwtAlgorithm::Es256 => "ES256",
+            JwtAlgorithm::EdDsa => "EdDSA",
+        }
+    }
+
     /// True for the HMAC algorithms (keyed with a secret, not a public key).
     pub fn is_hmac(self) -> bool {
         matches!(
@@ -254,6 +266,16 @@ impl Verifier {
     /// The clock skew allowed on `exp` and `nbf`, in seconds.
     pub fn leeway(&self) -> u64 {
         self.leeway
+    }
+
+    /// The one algorithm tokens must be signed with.
+    pub fn algorithm(&self) -> JwtAlgorithm {
+        self.algorithm
+    }
+
+    /// The claim listing a token's channel patterns.
+    pub fn channels_claim(&self) -> &str {
+        &self.channels_claim
     }
 
     /// Verifies `token` at Unix time `now`.

@@ -64,6 +64,23 @@ impl OriginPolicy {
         }
     }
 
+    /// The `allowed_origins` entries as matched (lower-cased).
+    pub fn entries(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .map(|rule| match rule {
+                Rule::Any => "*".to_string(),
+                Rule::Exact(origin) => origin.clone(),
+                Rule::Wildcard { scheme, suffix } => format!("{scheme}*{suffix}"),
+            })
+            .collect()
+    }
+
+    /// `allow_missing_origin`: whether a request without an `Origin` header may connect.
+    pub fn allows_missing(&self) -> bool {
+        self.allow_missing
+    }
+
     /// True when `allowed_origins` has `"*"`: then no answer may let a page read it with
     /// the visitor's cookies.
     pub fn allows_any(&self) -> bool {
