@@ -32,11 +32,10 @@
 //! every offset up to the answer's last one already in the ring, as with the redb store.
 
 use crate::cluster::interest::{apply as apply_interest, InterestBoard};
+use crate::cluster::nats::{connect, next_job, spawn_runtime_thread};
 use crate::cluster::stored;
 use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER};
-use crate::cluster::thread::{
-    connect, next_job, spawn_runtime_thread, DUPLICATE_WINDOW, RESEND_FOR,
-};
+use crate::cluster::thread::{DUPLICATE_WINDOW, RESEND_FOR};
 use crate::cluster::ClusterSettings;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::thread::{

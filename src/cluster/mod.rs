@@ -17,6 +17,7 @@
 
 pub mod inbox;
 pub mod interest;
+pub(crate) mod nats;
 pub mod presence;
 pub mod presence_wire;
 mod stored;
