@@ -1,5 +1,5 @@
 //! The NATS runtime both NATS threads run on (the cluster bridge, [`crate::cluster::thread`],
-//! and the JetStream inbox, [`crate::cluster::inbox`]): the client connection with
+//! and the JetStream inbox, [`crate::inbox::jetstream`]): the client connection with
 //! `[cluster]`'s credentials and options, the OS thread with its current-thread tokio
 //! runtime, and the per-channel worker's job loop. Each thread has a client of its own,
 //! so a slow inbox never holds back channel traffic.

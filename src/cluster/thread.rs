@@ -5,7 +5,7 @@
 //! a shard waits). It answers publishers over flume channels whose async receive is
 //! woken from this thread through glommio's cross-thread waker, and wakes idle shards
 //! after giving messages to the publisher through per-shard wake queues (the inbox's
-//! pattern, [`crate::inbox::thread`]).
+//! pattern, [`crate::inbox::reply`]).
 //!
 //! Per channel it keeps two things: what it knows of the stream's last message (offset,
 //! epoch, subject sequence) to publish the next one, and what it has given the local

@@ -35,8 +35,8 @@ use crate::fanout::history::Limits as HistoryLimits;
 use crate::fanout::publisher::Publisher;
 use crate::fanout::ring::Ring;
 use crate::fanout::wake::{install_senders, IdleFlags};
-use crate::inbox::thread::ShardQueues;
 use crate::inbox::Inbox;
+use crate::inbox::ShardQueues;
 use crate::live::Live;
 use crate::metrics;
 use crate::metrics::RefuseCause;
@@ -188,14 +188,14 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
         Some(config) => {
             let (inbox, queues) = match &settings.cluster {
                 // With the cluster on, user inboxes live in JetStream (docs/cluster.md).
-                Some(cluster) => crate::cluster::inbox::start(
+                Some(cluster) => crate::inbox::jetstream::start(
                     cluster.clone(),
                     config.clone(),
                     publisher.clone(),
                     n,
                     metrics::get().inbox.clone(),
                 ),
-                None => Inbox::start(
+                None => crate::inbox::redb::start(
                     config.clone(),
                     publisher.clone(),
                     n,

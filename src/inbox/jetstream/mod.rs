@@ -2,7 +2,7 @@
 //! `inbox = true`, `user:<id>` channels are stored in JetStream instead of the node's
 //! redb file, so any node can take a user's publishes, subscribes and acks.
 //!
-//! It is a second backend behind the shard-facing [`Inbox`] handle: the same requests
+//! It is the second backend behind the shard-facing [`Inbox`] handle: the same requests
 //! (publish / ack / read), the same answers on the same per-shard queues, so the shards
 //! do not know which backend runs. It runs on its own OS thread (`ringcast-inbox-js`)
 //! with its own `async-nats` client on a current-thread tokio runtime, beside the
@@ -25,23 +25,22 @@
 //! Live delivery: after JetStream acknowledged a message, the storing node gives it to
 //! its own publisher and publishes it on core NATS `<prefix>.inlive.<enc>`. Nodes with
 //! local subscribers of the user's channel (the shards' interest, routed here by
-//! [`interest`]) subscribe to that subject and give messages to their publisher in offset
+//! [`crate::cluster::interest`]) subscribe to that subject and give messages to their publisher in offset
 //! order, once; a hole is read back from the stream (acked, purged messages are skipped:
 //! they are acked). A read (a subscribe) gives the local publisher every unacked message
 //! it has not seen before answering, so the shard's attach (src/shard/inbox.rs) finds
 //! every offset up to the answer's last one already in the ring, as with the redb store.
 
-use crate::cluster::interest::{apply as apply_interest, InterestBoard};
+use crate::cluster::interest::{self, apply as apply_interest, InterestBoard};
 use crate::cluster::nats::{connect, next_job, spawn_runtime_thread};
 use crate::cluster::stored;
 use crate::cluster::subject::{encode_channel, parse_u64, EPOCH_HEADER, OFFSET_HEADER};
 use crate::cluster::thread::{DUPLICATE_WINDOW, RESEND_FOR};
 use crate::cluster::ClusterSettings;
 use crate::fanout::publisher::Publisher;
-use crate::inbox::thread::{
-    AnswerKind, Backlog, InboxConfig, InboxReply, Request, ShardQueues, MAX_DELIVERY,
-};
-use crate::inbox::{is_user_channel, ErrorKind, Inbox, InboxAnswer, InboxStats, StoreError};
+use crate::inbox::handle::{Inbox, InboxConfig, Request};
+use crate::inbox::reply::{Backlog, Outcome, ReplyPath, ShardQueues, MAX_DELIVERY};
+use crate::inbox::{ErrorKind, InboxStats, StoreError, USER_PREFIX};
 use crate::proto::message::{encode_message, EncodedData};
 use async_nats::jetstream::stream::{
     Config as StreamConfig, DirectGetErrorKind, DiscardPolicy, Stream as JsStream,
@@ -53,7 +52,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Header of an ack record: the user acked every offset up to this one.
@@ -65,21 +64,6 @@ pub const FLOOR_HEADER: &str = "Ringcast-Floor";
 
 /// Attempts of one write when another node wrote the subject first (error 10071).
 const MAX_TRIES: usize = 16;
-
-/// What the shards' interest in user channels is sent to (set when this backend runs).
-static INTEREST: OnceLock<Arc<InterestBoard>> = OnceLock::new();
-
-/// Routes a shard's interest in a `user:` channel to this backend; false when the
-/// channel is not one it keeps (or the backend is not running).
-pub fn interest(channel: &str, on: bool) -> bool {
-    match INTEREST.get() {
-        Some(board) if is_user_channel(channel) => {
-            board.note(channel, on);
-            true
-        }
-        _ => false,
-    }
-}
 
 /// An ack record as stored: acked up to `acked`; the channel's last offset and epoch
 /// when it was written.
@@ -256,9 +240,9 @@ pub fn start(
     stats: Arc<InboxStats>,
 ) -> Result<(Inbox, Vec<ShardQueues>), StoreError> {
     let (tx, rx) = flume::bounded(config.queue);
-    let (wakes, answers, queues) = ShardQueues::for_shards(shards);
+    let (replies, queues) = ReplyPath::new(shards);
     let board = Arc::new(InterestBoard::new());
-    let _ = INTEREST.set(board.clone());
+    interest::route_prefix(USER_PREFIX, board.clone());
     let name = PathBuf::from(format!("jetstream:{}_INBOX", settings.stream_name));
     let thread_stats = stats.clone();
     spawn_runtime_thread(
@@ -271,14 +255,13 @@ pub fn start(
                 queue: config.queue,
                 publisher,
                 stats: thread_stats,
-                wakes,
-                answers,
+                replies,
             };
             run(parts, rx, board)
         },
     )
     .map_err(|e| StoreError::from_io(&e).context("spawning the cluster inbox thread"))?;
-    Ok((Inbox::from_parts(tx, stats, name), queues))
+    Ok((Inbox::new(tx, stats, name, None), queues))
 }
 
 struct Parts {
@@ -289,8 +272,8 @@ struct Parts {
     queue: usize,
     publisher: Arc<Publisher>,
     stats: Arc<InboxStats>,
-    wakes: Vec<flume::Sender<()>>,
-    answers: Vec<flume::Sender<InboxAnswer>>,
+    /// Where answers and wake-ups go.
+    replies: ReplyPath,
 }
 
 /// What this node knows of one user channel.
@@ -409,61 +392,7 @@ async fn fail_forever(parts: &Parts, requests: flume::Receiver<Request>) {
     while let Ok(r) = requests.recv_async().await {
         parts.stats.queued.fetch_sub(1, Relaxed);
         parts.stats.errors[e.kind as usize].fetch_add(1, Relaxed);
-        answer(parts, r, Err(e.clone()));
-    }
-}
-
-/// What a request came to.
-enum Outcome {
-    Published(u64),
-    Acked(Result<u64, u64>),
-    Read(Backlog),
-}
-
-fn answer(parts: &Parts, request: Request, outcome: Result<Outcome, StoreError>) {
-    let to_shard = |shard: usize, tag, channel, kind| {
-        if let Some(tx) = parts.answers.get(shard) {
-            let _ = tx.send(InboxAnswer { tag, channel, kind });
-        }
-    };
-    match request {
-        Request::Publish { channel, reply, .. } => {
-            let offset = outcome.and_then(|o| match o {
-                Outcome::Published(offset) => Ok(offset),
-                _ => Err(StoreError::new(ErrorKind::Io, "append lost (bug)")),
-            });
-            match reply {
-                InboxReply::None => {}
-                InboxReply::Wait(tx) => {
-                    let _ = tx.send(offset);
-                }
-                InboxReply::Shard { shard, tag } => {
-                    to_shard(shard, tag, channel, AnswerKind::Published(offset))
-                }
-            }
-        }
-        Request::Ack {
-            channel,
-            upto,
-            reply,
-        } => {
-            let result = outcome.and_then(|o| match o {
-                Outcome::Acked(r) => Ok(r),
-                _ => Err(StoreError::new(ErrorKind::Io, "ack lost (bug)")),
-            });
-            if let InboxReply::Shard { shard, tag } = reply {
-                to_shard(shard, tag, channel, AnswerKind::Acked { upto, result });
-            }
-        }
-        Request::Read { channel, reply } => {
-            let result = outcome.and_then(|o| match o {
-                Outcome::Read(b) => Ok(b),
-                _ => Err(StoreError::new(ErrorKind::Io, "read lost (bug)")),
-            });
-            if let InboxReply::Shard { shard, tag } = reply {
-                to_shard(shard, tag, channel, AnswerKind::Unacked(result));
-            }
-        }
+        parts.replies.answer(r, Err(e.clone()));
     }
 }
 
@@ -613,7 +542,7 @@ impl Node {
                 self.parts.stats.errors[e.kind as usize].fetch_add(1, Relaxed);
                 tracing::debug!(error = %e, channel = %channel, "cluster inbox: request failed");
             }
-            answer(&self.parts, request, outcome);
+            self.parts.replies.answer(request, outcome);
             self.parts.stats.queued.fetch_sub(1, Relaxed);
             self.taken.set(self.taken.get() - 1);
             self.answered.notify_one();
@@ -1117,12 +1046,7 @@ impl Node {
     }
 
     fn wake(&self) {
-        let wakes = &self.parts.wakes;
-        self.parts.publisher.idle_flags().claim_idle(|shard| {
-            if let Some(tx) = wakes.get(shard) {
-                let _ = tx.try_send(());
-            }
-        });
+        self.parts.replies.wake_idle(&self.parts.publisher);
     }
 
     /// Gives one stored message to the local publisher in offset order, once: earlier
