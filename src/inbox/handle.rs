@@ -27,8 +27,8 @@ pub struct InboxConfig {
     pub queue: usize,
 }
 
-/// One request to the inbox backend (the redb store thread, or the JetStream backend of
-/// [`crate::cluster::inbox`] when the cluster is on).
+/// One request to the inbox backend (the redb store thread, or the JetStream backend
+/// when the cluster is on).
 #[derive(Debug)]
 pub(crate) enum Request {
     Publish {
