@@ -8,7 +8,7 @@ use crate::admission::per_ip::PerIpLimits;
 use crate::auth::namespace::{NamespaceTable, Namespaces};
 use crate::auth::token::{JwtAlgorithm, KeyMaterial, Verifier};
 use crate::auth::AuthSettings;
-pub use crate::inbox::thread::InboxConfig;
+pub use crate::inbox::InboxConfig;
 use crate::ingest::key::IngestKey;
 use crate::proto::origin::OriginPolicy;
 use crate::proto::proxy::Versions;

@@ -26,9 +26,11 @@
 //! - [`auth`]: identity and permissions: JWT verification, channel grants, namespace
 //!   rules, and the registry of which user is connected on which shard (sans-io apart
 //!   from the registry).
-//! - [`inbox`]: the durable per-user inbox: a store thread owns a redb file, commits
+//! - [`inbox`]: the durable per-user inbox: one handle and one reply path for shards,
+//!   two backends side by side. `inbox/redb/`: a store thread owns a redb file, commits
 //!   messages to `user:<id>` channels in groups (one fsync for many), then publishes them
-//!   with offsets that survive restarts; shards reach it only through queues.
+//!   with offsets that survive restarts. `inbox/jetstream/`: the same inbox in JetStream
+//!   when the cluster is on. Shards reach either only through queues.
 //! - [`presence`]: who is subscribed to a presence channel over every shard (users, or
 //!   anonymous connections), and the join/leave events sent through the ring.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/publish` on the admin port.
@@ -36,8 +38,9 @@
 //!   (accept error backoff), pure, with the clock passed in.
 //! - [`tls`]: TLS termination (rustls): the certificate and key, and the sans-io session
 //!   the shard drives for a `wss://`/`https://` connection.
-//! - [`cluster`]: several nodes joined over NATS: channel offsets, presence and the
-//!   inbox in JetStream, on threads of their own that shards reach through queues.
+//! - [`cluster`]: several nodes joined over NATS: channel offsets and presence on the
+//!   NATS thread, and the NATS runtime (`cluster/nats.rs`) it shares with the JetStream
+//!   inbox; shards reach both through queues.
 //! - [`config`]: TOML file + flags + environment, validated into settings;
 //!   [`config_tools`]: `ringcast config check|defaults`; [`live`]: the settings a SIGHUP
 //!   may change, swapped while serving.

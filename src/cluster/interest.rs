@@ -10,7 +10,28 @@
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+/// A board that takes the interest in the channels under one prefix instead of the
+/// cluster bridge (the JetStream inbox's `user:` channels), set once when it runs.
+static PREFIX_ROUTE: OnceLock<(&'static str, Arc<InterestBoard>)> = OnceLock::new();
+
+/// Sends the interest in channels named `prefix<something>` to `board` from now on.
+pub fn route_prefix(prefix: &'static str, board: Arc<InterestBoard>) {
+    let _ = PREFIX_ROUTE.set((prefix, board));
+}
+
+/// Notes a shard's interest in `channel` on the board its prefix is routed to; false
+/// when no board takes it.
+pub fn note_routed(channel: &str, on: bool) -> bool {
+    match PREFIX_ROUTE.get() {
+        Some((prefix, board)) if channel.len() > prefix.len() && channel.starts_with(prefix) => {
+            board.note(channel, on);
+            true
+        }
+        _ => false,
+    }
+}
 
 /// Interest changes not taken yet, per channel, and a wake-up for the taker.
 #[derive(Default)]

@@ -13,13 +13,15 @@
 //! - [`thread`]: the NATS thread.
 //! - [`presence_wire`], [`presence`]: presence queries and join/leave events across
 //!   nodes (sans-io payloads; the NATS-thread side).
-//! - [`inbox`]: `user:` inboxes in JetStream when the inbox is on (its own thread).
+//! - [`nats`]: the NATS runtime both NATS threads run on (this bridge's, and the
+//!   JetStream inbox's, [`crate::inbox::jetstream`]).
+//! - [`interest`]: the shards' interest in channels, coalesced for those threads.
 
-pub mod inbox;
 pub mod interest;
+pub(crate) mod nats;
 pub mod presence;
 pub mod presence_wire;
-mod stored;
+pub(crate) mod stored;
 pub mod subject;
 pub mod thread;
 
@@ -296,8 +298,8 @@ pub fn install(cluster: Cluster) {
 /// tells the NATS thread, which keeps the channel's live subscription while any shard has
 /// one (and `interest_linger` after). Never waits; nothing when the cluster is off.
 pub fn interest(channel: &str, on: bool) {
-    if inbox::interest(channel, on) {
-        return; // A user channel kept by the cluster inbox.
+    if interest::note_routed(channel, on) {
+        return; // A user channel kept by the JetStream inbox.
     }
     if let Some(cluster) = get() {
         cluster.interest(channel, on);

@@ -5,7 +5,7 @@
 //! a shard waits). It answers publishers over flume channels whose async receive is
 //! woken from this thread through glommio's cross-thread waker, and wakes idle shards
 //! after giving messages to the publisher through per-shard wake queues (the inbox's
-//! pattern, [`crate::inbox::thread`]).
+//! pattern, [`crate::inbox::reply`]).
 //!
 //! Per channel it keeps two things: what it knows of the stream's last message (offset,
 //! epoch, subject sequence) to publish the next one, and what it has given the local
@@ -16,6 +16,7 @@ mod failover;
 pub(crate) use failover::{DUPLICATE_WINDOW, RESEND_FOR};
 
 use crate::cluster::interest::{apply as apply_interest, InterestBoard};
+use crate::cluster::nats::{connect, next_job, spawn_runtime_thread, JS_TIMEOUT};
 use crate::cluster::stored;
 use crate::cluster::subject::encode_channel;
 use crate::cluster::{ClusterSettings, ClusterStats};
@@ -42,14 +43,10 @@ const MAX_TRIES: usize = 16;
 pub const FILL_BOUND: Duration = Duration::from_secs(2);
 /// Joins queued for the NATS thread before subscribes are answered from local state.
 const JOIN_QUEUE: u64 = 65_536;
-/// A channel's publish worker ends after this long without a publish.
-const WORKER_IDLE: Duration = Duration::from_secs(30);
 /// How long publishes wait for NATS to come back before they are served locally: a NATS
 /// server failing over (the client reconnects to another in ~100 ms) must not fork the
 /// channel into a local epoch.
 pub const LOCAL_AFTER: Duration = Duration::from_secs(2);
-/// JetStream request timeout (publish acks, direct gets).
-const JS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Who learns a publish's offset, and what the offset promises.
 pub enum ClusterReply {
@@ -298,133 +295,6 @@ struct Node {
     ensure_error: RefCell<String>,
     /// Publish message ids (`Nats-Msg-Id`).
     msg_ids: stored::MsgIds,
-}
-
-/// Spawns OS thread `name` running the future `make` builds on a current-thread tokio
-/// runtime (a `LocalSet`, so the future may hold `Rc`s). If the runtime cannot be built,
-/// `on_error` is logged and the thread ends.
-///
-/// # Errors
-/// The thread cannot be spawned.
-pub(crate) fn spawn_runtime_thread<F, Fut>(
-    name: &str,
-    on_error: &'static str,
-    make: F,
-) -> std::io::Result<()>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + 'static,
-{
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "{on_error}");
-                    return;
-                }
-            };
-            tokio::task::LocalSet::new().block_on(&runtime, make());
-        })
-        .map(|_| ())
-}
-
-/// The next job of channel `channel`'s worker task (one per channel keeps its jobs in
-/// order); `None` once it was idle for [`WORKER_IDLE`] and took itself out of `workers`
-/// (checked and removed with no await between: no job queued meanwhile is lost).
-pub(crate) async fn next_job<T>(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
-    workers: &RefCell<HashMap<Arc<str>, tokio::sync::mpsc::UnboundedSender<T>>>,
-    channel: &Arc<str>,
-) -> Option<T> {
-    loop {
-        if let Ok(job) = rx.try_recv() {
-            return Some(job);
-        }
-        match tokio::time::timeout(WORKER_IDLE, rx.recv()).await {
-            Ok(Some(job)) => return Some(job),
-            _ if rx.is_empty() => {
-                workers.borrow_mut().remove(channel);
-                return None;
-            }
-            _ => {}
-        }
-    }
-}
-
-/// A NATS client called `name` with `[cluster]`'s options, the JetStream context over
-/// it (requests time out after [`JS_TIMEOUT`]) and its connection events. The client
-/// reconnects for ever, also on the first connect.
-///
-/// # Errors
-/// The credentials file cannot be read, or `nats_url` is not an address (said with
-/// `what` first).
-pub(crate) async fn connect(
-    s: &ClusterSettings,
-    name: &str,
-    what: &str,
-) -> Result<
-    (
-        Client,
-        async_nats::jetstream::Context,
-        tokio::sync::mpsc::UnboundedReceiver<Event>,
-    ),
-    String,
-> {
-    let (event_tx, events) = tokio::sync::mpsc::unbounded_channel();
-    let options = connect_options(s, name)
-        .await
-        .map_err(|e| format!("{what}: cannot read the NATS credentials: {e}"))?
-        .event_callback(move |event| {
-            let tx = event_tx.clone();
-            async move {
-                let _ = tx.send(event);
-            }
-        });
-    let urls: Vec<String> = s
-        .nats_url
-        .split(',')
-        .map(|u| u.trim().to_string())
-        .collect();
-    let client = options
-        .connect(urls)
-        .await
-        .map_err(|e| format!("{what}: bad NATS address: {e}"))?;
-    let mut js = async_nats::jetstream::new(client.clone());
-    js.set_timeout(JS_TIMEOUT);
-    Ok((client, js, events))
-}
-
-/// Connect options from `[cluster]` (URLs, credentials, TLS, reconnect policy) for a
-/// client called `name`.
-async fn connect_options(
-    s: &ClusterSettings,
-    name: &str,
-) -> std::io::Result<async_nats::ConnectOptions> {
-    let mut o = match &s.creds_file {
-        Some(path) => async_nats::ConnectOptions::with_credentials_file(path).await?,
-        None => async_nats::ConnectOptions::new(),
-    };
-    if let Some((user, password)) = &s.user_password {
-        o = o.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(token) = &s.token {
-        o = o.token(token.clone());
-    }
-    if let Some(ca) = &s.tls_ca_file {
-        o = o.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    Ok(o.name(name)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(2))
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((100 * attempts as u64).min(2000))
-        }))
 }
 
 /// What reaches the NATS thread from the shards and ingest.

@@ -303,7 +303,7 @@ impl Publisher {
 
     /// Publishes `payload` to `channel` at an `offset` and `epoch` chosen by the
     /// channel's owner, without waking anyone: the durable inbox
-    /// ([`crate::inbox::thread`]) is the single writer of `user:` channels and gives
+    /// ([`crate::inbox::redb`]) is the single writer of `user:` channels and gives
     /// them offsets that survive restarts. The owner must call it with offsets +1 at a
     /// time in one epoch, from one thread; a different epoch than the channel's state
     /// replaces that state (and empties its history, whose offsets meant another

@@ -1,27 +1,33 @@
 //! The durable per-user inbox: messages to `user:<id>` channels are written to a redb
 //! file before they are published, and kept until the user acknowledges them.
 //!
-//! - [`store`] is the database logic (sans threads): group commits of appends and acks,
-//!   the unacked messages of a channel, the retention sweep.
-//! - [`outage`] is what the store thread remembers about failures: rate-limited error
-//!   logs, and whether it is down (no write since a failure) and when to check again.
-//! - [`thread`] is the store thread that owns the database: shards and ingest hand it
-//!   requests over a bounded queue and never touch disk. It is the single writer of every
-//!   user channel: it assigns offsets, commits a whole batch with one fsync, publishes the
-//!   committed messages into the ring with those offsets and the store's epoch, then
-//!   answers each requester.
+//! One interface, two backends side by side:
 //!
-//! docs/architecture.md ("The durable inbox") says why redb and why this shape.
+//! - [`handle`] is what shards and ingest hold: the [`Inbox`] handle that queues
+//!   publish / ack / read requests (bounded, never waiting on a shard).
+//! - [`reply`] is the way back, shared by both backends: the answers ([`InboxAnswer`],
+//!   tagged for the connection that asked) on each shard's queue, and wake-ups.
+//! - [`redb`] is the node's own store: a thread that owns a redb file, the single writer
+//!   of every user channel. It assigns offsets, commits a whole batch with one fsync,
+//!   publishes the committed messages into the ring with those offsets and the store's
+//!   epoch, then answers each requester.
+//! - [`jetstream`] keeps user channels in JetStream when the cluster is on
+//!   (docs/cluster.md, "Inbox"), so any node can serve a user.
+//!
+//! The shards do not know which backend runs. docs/architecture.md ("The durable inbox")
+//! says why redb and why this shape.
 
-pub mod outage;
-pub mod store;
-pub mod thread;
+pub mod handle;
+pub mod jetstream;
+pub mod redb;
+pub mod reply;
 
 use crate::metrics::LatencyHistogram;
 use std::sync::atomic::AtomicU64;
 use thiserror::Error;
 
-pub use thread::{Inbox, InboxAnswer, InboxReply, InboxRequestError};
+pub use handle::{Inbox, InboxConfig, InboxRequestError};
+pub use reply::{AnswerKind, Backlog, InboxAnswer, InboxReply, ShardQueues, ShardTag};
 
 /// The channel prefix the inbox keeps.
 pub const USER_PREFIX: &str = "user:";
@@ -100,16 +106,16 @@ impl StoreError {
     }
 
     /// Classifies a redb error.
-    pub fn from_redb(e: &redb::Error) -> Self {
+    pub fn from_redb(e: &::redb::Error) -> Self {
         match e {
-            redb::Error::Io(io) => StoreError::from_io(io),
-            redb::Error::Corrupted(_)
-            | redb::Error::UpgradeRequired(_)
-            | redb::Error::TypeDefinitionChanged { .. }
-            | redb::Error::TableTypeMismatch { .. } => {
+            ::redb::Error::Io(io) => StoreError::from_io(io),
+            ::redb::Error::Corrupted(_)
+            | ::redb::Error::UpgradeRequired(_)
+            | ::redb::Error::TypeDefinitionChanged { .. }
+            | ::redb::Error::TableTypeMismatch { .. } => {
                 StoreError::new(ErrorKind::Corrupt, format!("{e} (the inbox file is damaged or not an inbox: restore it from a backup or move it away)"))
             }
-            redb::Error::DatabaseAlreadyOpen => StoreError::new(
+            ::redb::Error::DatabaseAlreadyOpen => StoreError::new(
                 ErrorKind::Locked,
                 format!("{e} (is another ringcast using the same inbox_path?)"),
             ),

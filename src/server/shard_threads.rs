@@ -4,7 +4,7 @@
 
 use super::shared::Shared;
 use super::StartError;
-use crate::inbox::thread::ShardQueues;
+use crate::inbox::ShardQueues;
 use crate::shard::control::{ShardRequest, CONTROL_QUEUE};
 use crate::shard::{ShardError, ShardSetup, ShardSockets};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};

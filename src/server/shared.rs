@@ -10,8 +10,8 @@ use crate::fanout::history::Limits as HistoryLimits;
 use crate::fanout::publisher::Publisher;
 use crate::fanout::ring::Ring;
 use crate::fanout::wake::IdleFlags;
-use crate::inbox::thread::ShardQueues;
 use crate::inbox::Inbox;
+use crate::inbox::ShardQueues;
 use crate::metrics;
 use crate::presence::Presence;
 use crate::shard::admission::ConnectionSlots;
@@ -132,14 +132,14 @@ fn start_inbox(
     };
     let (inbox, queues) = match &settings.cluster {
         // With the cluster on, user inboxes live in JetStream (docs/cluster.md).
-        Some(cluster) => crate::cluster::inbox::start(
+        Some(cluster) => crate::inbox::jetstream::start(
             cluster.clone(),
             config.clone(),
             publisher.clone(),
             n,
             metrics::get().inbox.clone(),
         ),
-        None => Inbox::start(
+        None => crate::inbox::redb::start(
             config.clone(),
             publisher.clone(),
             n,

@@ -9,7 +9,7 @@
 //! answer.
 
 use crate::cluster::{Cluster, ClusterReply};
-use crate::inbox::thread::ShardTag;
+use crate::inbox::ShardTag;
 use crate::proto::command::Reply;
 use crate::shard::state::Shard;
 use std::cell::RefCell;

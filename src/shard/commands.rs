@@ -11,8 +11,8 @@
 use crate::auth::permission::{check, Access};
 use crate::auth::session::{expiry_second, Session};
 use crate::fanout::publisher::channels_full;
-use crate::inbox::thread::ShardTag;
 use crate::inbox::InboxReply;
+use crate::inbox::ShardTag;
 use crate::ingest::line::validate_payload;
 use crate::metrics::Source;
 use crate::presence::ConnId;

@@ -41,8 +41,8 @@
 use crate::auth::permission::Access;
 use crate::auth::session::Session;
 use crate::fanout::history::Since;
-use crate::inbox::thread::{AnswerKind, Backlog, ShardTag};
 use crate::inbox::{is_user_channel, Inbox, InboxAnswer, InboxReply, StoreError};
+use crate::inbox::{AnswerKind, Backlog, ShardTag};
 use crate::proto::command::Reply;
 use crate::proto::frame::{encode_frame, opcode};
 use crate::shard::state::Shard;
@@ -423,7 +423,7 @@ mod tests {
     use crate::fanout::publisher::Publisher;
     use crate::fanout::ring::Ring;
     use crate::fanout::wake::IdleFlags;
-    use crate::inbox::thread::InboxConfig;
+    use crate::inbox::InboxConfig;
     use crate::inbox::InboxStats;
     use crate::proto::frame::FrameHeader;
     use crate::proto::message::{encode_message, EncodedData};
@@ -469,7 +469,7 @@ mod tests {
         };
         let stats = Arc::new(InboxStats::default());
         let (inbox, _queues) =
-            Inbox::start(config, publisher.clone(), 1, stats.clone()).expect("inbox");
+            crate::inbox::redb::start(config, publisher.clone(), 1, stats.clone()).expect("inbox");
         let shard = Rc::new(Shard::for_tests_with(
             settings,
             publisher.clone(),

@@ -1,5 +1,11 @@
-//! The store thread: a plain OS thread (not a glommio executor) that owns the inbox
-//! database, so no shard ever waits on disk.
+//! The redb backend of the inbox (the node's own file, when the cluster is off): the
+//! store thread, a plain OS thread (not a glommio executor) that owns the database, so
+//! no shard ever waits on disk.
+//!
+//! - [`store`] is the database logic (sans threads): group commits of appends and acks,
+//!   the unacked messages of a channel, the retention sweep.
+//! - [`outage`] is what the store thread remembers about failures: rate-limited error
+//!   logs, and whether it is down (no write since a failure) and when to check again.
 //!
 //! Requests arrive on one bounded queue ([`Inbox`] is its cheap, cloneable handle). The
 //! thread takes everything queued (up to `inbox_max_batch`), applies the appends and
@@ -12,28 +18,21 @@
 //! of their batch, so "the unacked messages up to last offset L" is consistent with what
 //! the ring has seen: every offset up to L is already published.
 //!
-//! Answers go back to a shard over its own unbounded queue ([`InboxAnswer`]) whose
-//! receiver is awaited by a task on the shard: glommio wakes that task from this thread
-//! through its cross-thread waker (eventfd), exactly like a shard-to-shard wake-up. The
-//! queue needs no bound of its own: every answer is for a request that passed the
-//! bounded request queue.
+//! Answers and wake-ups go back through [`ReplyPath`], as the JetStream backend's do.
 
-use crate::fanout::history::Since;
+pub mod outage;
+pub mod store;
+
 use crate::fanout::publisher::Publisher;
-use crate::inbox::outage::{ErrorLog, Outage};
-use crate::inbox::store::{Done, InboxStore, Op};
+use crate::inbox::handle::{Inbox, InboxConfig, Request, StoreCloser};
+use crate::inbox::reply::{Backlog, Outcome, ReplyPath, ShardQueues, MAX_DELIVERY};
 use crate::inbox::{ErrorKind, InboxStats, StoreError};
 use crate::proto::message::{encode_message, EncodedData};
-use bytes::Bytes;
-use parking_lot::Mutex;
-use std::path::PathBuf;
+use outage::{ErrorLog, Outage};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// Unacked messages sent to one subscriber at once; past it the reply says how many more
-/// wait (ack, then subscribe again).
-pub const MAX_DELIVERY: usize = 10_000;
+use store::{Done, InboxStore, Op};
 
 /// How often the retention sweep runs, and messages it deletes per transaction.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -49,387 +48,43 @@ const PROBE_BYTES: usize = 64 * 1024;
 /// Longest the store thread waits for a request before it looks whether it must stop.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
-/// How the store thread runs (from [`crate::config::Settings`]).
-#[derive(Debug, Clone)]
-pub struct InboxConfig {
-    /// The database file.
-    pub path: PathBuf,
-    /// How long an unacked message is kept.
-    pub retention: Duration,
-    /// Most requests per group commit.
-    pub max_batch: usize,
-    /// Requests the queue holds before publishes to inboxes are refused.
-    pub queue: usize,
-}
-
-/// Who is told the outcome of a request.
-#[derive(Debug)]
-pub enum InboxReply {
-    /// Nobody (UDP, TCP without ack mode): failures are counted and logged.
-    None,
-    /// A waiting task (HTTP `?ack=1`, TCP ack mode): the offset, or why not.
-    Wait(flume::Sender<Result<u64, StoreError>>),
-    /// A connection on a shard: answered through that shard's answer queue.
-    Shard {
-        /// The shard.
-        shard: usize,
-        /// What the shard needs to find the connection and render the reply.
-        tag: ShardTag,
-    },
-}
-
-/// Identifies the connection and command an answer is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardTag {
-    /// Connection slot.
-    pub key: u32,
-    /// Its generation (the slot may have been reused by then).
-    pub generation: u32,
-    /// The command's id, rendered JSON.
-    pub id: Option<String>,
-    /// `since` of a subscribe.
-    pub since: Option<Since>,
-    /// How many times this subscribe was tried.
-    pub attempt: u8,
-}
-
-/// The unacked messages of a channel as frames, up to its last offset.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Backlog {
-    /// The channel's last offset when read.
-    pub last: u64,
-    /// The store's epoch.
-    pub epoch: u64,
-    /// (offset, frame), oldest first.
-    pub frames: Vec<(u64, Bytes)>,
-    /// Unacked messages not included ([`MAX_DELIVERY`]).
-    pub more: u64,
-}
-
-/// What the store answers a shard.
-#[derive(Debug)]
-pub enum AnswerKind {
-    /// A client publish to a user channel was committed at this offset.
-    Published(Result<u64, StoreError>),
-    /// An ack up to `upto` was applied: messages removed, or the channel's last offset
-    /// when the ack was ahead of it.
-    Acked {
-        /// The acked offset.
-        upto: u64,
-        /// `Ok(Ok(removed))`, `Ok(Err(last))` when ahead, or the store error.
-        result: Result<Result<u64, u64>, StoreError>,
-    },
-    /// A subscriber's unacked messages.
-    Unacked(Result<Backlog, StoreError>),
-}
-
-/// An answer for a connection on a shard.
-#[derive(Debug)]
-pub struct InboxAnswer {
-    /// The connection and command.
-    pub tag: ShardTag,
-    /// The channel.
-    pub channel: Arc<str>,
-    /// The outcome.
-    pub kind: AnswerKind,
-}
-
-/// One request to the inbox backend (the redb store thread, or the JetStream backend of
-/// [`crate::cluster::inbox`] when the cluster is on).
-#[derive(Debug)]
-pub(crate) enum Request {
-    Publish {
-        channel: Arc<str>,
-        payload: Bytes,
-        reply: InboxReply,
-    },
-    Ack {
-        channel: Arc<str>,
-        upto: u64,
-        reply: InboxReply,
-    },
-    Read {
-        channel: Arc<str>,
-        reply: InboxReply,
-    },
-}
-
-/// Why a request could not be queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InboxRequestError {
-    /// The queue is full: the store is behind.
-    Full,
-    /// The store thread is gone.
-    Gone,
-}
-
-impl InboxRequestError {
-    /// As a store error (for replies and metrics).
-    pub fn to_store_error(self) -> StoreError {
-        match self {
-            InboxRequestError::Full => StoreError::new(
-                ErrorKind::Overloaded,
-                "inbox store is behind (its queue is full): retry later",
-            ),
-            InboxRequestError::Gone => {
-                StoreError::new(ErrorKind::Unavailable, "inbox store thread is not running")
-            }
-        }
-    }
-}
-
-/// The handle shards and ingest use to reach the store thread.
-#[derive(Clone)]
-pub struct Inbox {
-    tx: flume::Sender<Request>,
+/// Opens the database (on the calling thread, so a bad path fails startup with a clear
+/// error) and starts the store thread publishing through `publisher` to `shards` shards.
+///
+/// # Errors
+/// The database cannot be opened, or the thread cannot be spawned.
+pub fn start(
+    config: InboxConfig,
+    publisher: Arc<Publisher>,
+    shards: usize,
     stats: Arc<InboxStats>,
-    path: Arc<PathBuf>,
-    /// Closes the store thread's database at shutdown (`None` for other backends).
-    closer: Option<Arc<StoreCloser>>,
-}
-
-/// Stops the store thread and waits for it to close the database: a redb file that is
-/// not closed (its allocator state written) is repaired at the next open, which takes
-/// time proportional to the file and says the last run ended badly when it did not.
-#[derive(Debug)]
-struct StoreCloser {
-    stop: Arc<AtomicBool>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl std::fmt::Debug for Inbox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inbox").field("path", &self.path).finish()
-    }
-}
-
-/// What [`Inbox::start`] hands each shard: its wake-up and answer queues.
-pub struct ShardQueues {
-    /// A token whenever the store published while the shard was idle.
-    pub wake: flume::Receiver<()>,
-    /// Answers for this shard's connections.
-    pub answers: flume::Receiver<InboxAnswer>,
-}
-
-impl ShardQueues {
-    /// One wake queue (a token at most) and one answer queue per shard: the senders for
-    /// the store thread, the receivers for the shards.
-    pub(crate) fn for_shards(
-        shards: usize,
-    ) -> (
-        Vec<flume::Sender<()>>,
-        Vec<flume::Sender<InboxAnswer>>,
-        Vec<ShardQueues>,
-    ) {
-        let mut wakes = Vec::with_capacity(shards);
-        let mut answers = Vec::with_capacity(shards);
-        let mut queues = Vec::with_capacity(shards);
-        for _ in 0..shards {
-            let (wake_tx, wake_rx) = flume::bounded(1);
-            let (answer_tx, answer_rx) = flume::unbounded();
-            wakes.push(wake_tx);
-            answers.push(answer_tx);
-            queues.push(ShardQueues {
-                wake: wake_rx,
-                answers: answer_rx,
-            });
-        }
-        (wakes, answers, queues)
-    }
-}
-
-impl Inbox {
-    /// Opens the database (on the calling thread, so a bad path fails startup with a
-    /// clear error) and starts the store thread publishing through `publisher` to
-    /// `shards` shards.
-    ///
-    /// # Errors
-    /// The database cannot be opened, or the thread cannot be spawned.
-    pub fn start(
-        config: InboxConfig,
-        publisher: Arc<Publisher>,
-        shards: usize,
-        stats: Arc<InboxStats>,
-    ) -> Result<(Inbox, Vec<ShardQueues>), StoreError> {
-        let store = InboxStore::open(&config.path)?;
-        warn_if_repaired(&store);
-        stats.up.store(1, Relaxed);
-        let (tx, rx) = flume::bounded(config.queue);
-        let (wakes, answers, queues) = ShardQueues::for_shards(shards);
-        let path = Arc::new(config.path.clone());
-        let worker = StoreThread {
-            store: Some(store),
-            config,
-            publisher,
-            stats: stats.clone(),
-            wakes,
-            answers,
-            log: ErrorLog::default(),
-            last_reopen: None,
-            last_error: None,
-            suspect: Vec::new(),
-            down: None,
-        };
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("ringcast-inbox".into())
-            .spawn(move || worker.run(rx, &stopping))
-            .map_err(|e| StoreError::from_io(&e).context("spawning the inbox store thread"))?;
-        let closer = StoreCloser {
-            stop,
-            thread: Mutex::new(Some(thread)),
-        };
-        Ok((
-            Inbox {
-                tx,
-                stats,
-                path,
-                closer: Some(Arc::new(closer)),
-            },
-            queues,
-        ))
-    }
-
-    /// At shutdown, after the shards stopped: the store thread finishes the batch in
-    /// hand and closes the database cleanly. Waits at most `timeout`; false when the
-    /// thread did not finish in time (the next start then repairs the file).
-    pub fn close(&self, timeout: Duration) -> bool {
-        let Some(closer) = &self.closer else {
-            return true;
-        };
-        closer.stop.store(true, Relaxed);
-        let Some(thread) = closer.thread.lock().take() else {
-            return true;
-        };
-        let deadline = Instant::now() + timeout;
-        while !thread.is_finished() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        thread.join().is_ok()
-    }
-
-    /// A handle on another backend that takes the same requests and answers on the same
-    /// queues (the cluster's JetStream inbox); `path` names it in logs.
-    pub(crate) fn from_parts(
-        tx: flume::Sender<Request>,
-        stats: Arc<InboxStats>,
-        path: PathBuf,
-    ) -> Inbox {
-        Inbox {
-            tx,
-            stats,
-            path: Arc::new(path),
-            closer: None,
-        }
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &PathBuf {
-        &self.path
-    }
-
-    /// The counters.
-    pub fn stats(&self) -> &Arc<InboxStats> {
-        &self.stats
-    }
-
-    fn send(&self, request: Request) -> Result<(), InboxRequestError> {
-        // Counted before it can be taken, so the gauge never goes below zero.
-        self.stats.queued.fetch_add(1, Relaxed);
-        self.tx.try_send(request).map_err(|e| {
-            self.refused(match e {
-                flume::TrySendError::Full(_) => InboxRequestError::Full,
-                flume::TrySendError::Disconnected(_) => InboxRequestError::Gone,
-            })
-        })
-    }
-
-    fn refused(&self, err: InboxRequestError) -> InboxRequestError {
-        self.stats.queued.fetch_sub(1, Relaxed);
-        self.stats.errors[err.to_store_error().kind as usize].fetch_add(1, Relaxed);
-        err
-    }
-
-    /// [`Inbox::publish`] that waits while the queue is full (TCP ingest: the
-    /// connection stops being read, and its sender is held back by TCP).
-    ///
-    /// # Errors
-    /// The store thread is gone: nothing was queued.
-    pub async fn publish_waiting(
-        &self,
-        channel: &str,
-        payload: &[u8],
-        reply: InboxReply,
-    ) -> Result<(), InboxRequestError> {
-        self.stats.queued.fetch_add(1, Relaxed);
-        let request = Request::Publish {
-            channel: Arc::from(channel),
-            payload: Bytes::copy_from_slice(payload),
-            reply,
-        };
-        let request = match self.tx.try_send(request) {
-            Ok(()) => return Ok(()),
-            Err(flume::TrySendError::Full(request)) => request,
-            Err(flume::TrySendError::Disconnected(_)) => {
-                return Err(self.refused(InboxRequestError::Gone))
-            }
-        };
-        self.stats.waits.fetch_add(1, Relaxed);
-        self.tx
-            .send_async(request)
-            .await
-            .map_err(|_| self.refused(InboxRequestError::Gone))
-    }
-
-    /// Queues a message for `channel` (a user channel); `reply` learns its offset once
-    /// committed and published.
-    ///
-    /// # Errors
-    /// The queue is full or the store thread is gone: nothing was queued.
-    pub fn publish(
-        &self,
-        channel: &str,
-        payload: &[u8],
-        reply: InboxReply,
-    ) -> Result<(), InboxRequestError> {
-        self.send(Request::Publish {
-            channel: Arc::from(channel),
-            payload: Bytes::copy_from_slice(payload),
-            reply,
-        })
-    }
-
-    /// Queues a cumulative ack of `channel` up to `upto`.
-    ///
-    /// # Errors
-    /// The queue is full or the store thread is gone.
-    pub fn ack(
-        &self,
-        channel: &str,
-        upto: u64,
-        reply: InboxReply,
-    ) -> Result<(), InboxRequestError> {
-        self.send(Request::Ack {
-            channel: Arc::from(channel),
-            upto,
-            reply,
-        })
-    }
-
-    /// Queues a read of `channel`'s unacked messages.
-    ///
-    /// # Errors
-    /// The queue is full or the store thread is gone.
-    pub fn read(&self, channel: &str, reply: InboxReply) -> Result<(), InboxRequestError> {
-        self.send(Request::Read {
-            channel: Arc::from(channel),
-            reply,
-        })
-    }
+) -> Result<(Inbox, Vec<ShardQueues>), StoreError> {
+    let store = InboxStore::open(&config.path)?;
+    warn_if_repaired(&store);
+    stats.up.store(1, Relaxed);
+    let (tx, rx) = flume::bounded(config.queue);
+    let (replies, queues) = ReplyPath::new(shards);
+    let path = config.path.clone();
+    let worker = StoreThread {
+        store: Some(store),
+        config,
+        publisher,
+        stats: stats.clone(),
+        replies,
+        log: ErrorLog::default(),
+        last_reopen: None,
+        last_error: None,
+        suspect: Vec::new(),
+        down: None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("ringcast-inbox".into())
+        .spawn(move || worker.run(rx, &stopping))
+        .map_err(|e| StoreError::from_io(&e).context("spawning the inbox store thread"))?;
+    let closer = StoreCloser::new(stop, thread);
+    Ok((Inbox::new(tx, stats, path, Some(closer)), queues))
 }
 
 struct StoreThread {
@@ -437,8 +92,8 @@ struct StoreThread {
     config: InboxConfig,
     publisher: Arc<Publisher>,
     stats: Arc<InboxStats>,
-    wakes: Vec<flume::Sender<()>>,
-    answers: Vec<flume::Sender<InboxAnswer>>,
+    /// Where answers and wake-ups go.
+    replies: ReplyPath,
     log: ErrorLog,
     last_reopen: Option<Instant>,
     /// Channels with publishes in a commit that failed: the file may hold them anyway
@@ -659,13 +314,7 @@ impl StoreThread {
     }
 
     fn wake_shards(&self) {
-        let wakes = &self.wakes;
-        self.publisher.idle_flags().claim_idle(|shard| {
-            if let Some(tx) = wakes.get(shard) {
-                // Full: a token is already pending.
-                let _ = tx.try_send(());
-            }
-        });
+        self.replies.wake_idle(&self.publisher);
     }
 
     fn process(&mut self, batch: &mut Vec<Request>) {
@@ -758,47 +407,25 @@ impl StoreThread {
     }
 
     fn answer(&mut self, request: Request, result: Option<Done>, epoch: u64) {
-        match request {
-            Request::Publish { channel, reply, .. } => {
-                let offset = match result {
-                    Some(Done::Appended(offset)) => Ok(offset),
-                    _ => Err(StoreError::new(ErrorKind::Io, "inbox: append lost (bug)")),
-                };
-                match reply {
-                    InboxReply::None => {}
-                    InboxReply::Wait(tx) => {
-                        let _ = tx.send(offset);
-                    }
-                    InboxReply::Shard { shard, tag } => {
-                        self.to_shard(shard, tag, channel, AnswerKind::Published(offset))
-                    }
-                }
+        let outcome = match (&request, result) {
+            (Request::Publish { .. }, Some(Done::Appended(offset))) => {
+                Ok(Outcome::Published(offset))
             }
-            Request::Ack {
-                channel,
-                upto,
-                reply,
-            } => {
-                let result = match result {
-                    Some(Done::Acked(n)) => {
-                        self.stats.acks.fetch_add(1, Relaxed);
-                        self.stats.acked.fetch_add(n, Relaxed);
-                        Ok(Ok(n))
-                    }
-                    Some(Done::AckAhead(last)) => Ok(Err(last)),
-                    _ => Err(StoreError::new(ErrorKind::Io, "inbox: ack lost (bug)")),
-                };
-                if let InboxReply::Shard { shard, tag } = reply {
-                    self.to_shard(shard, tag, channel, AnswerKind::Acked { upto, result });
-                }
+            (Request::Ack { .. }, Some(Done::Acked(n))) => {
+                self.stats.acks.fetch_add(1, Relaxed);
+                self.stats.acked.fetch_add(n, Relaxed);
+                Ok(Outcome::Acked(Ok(n)))
             }
-            Request::Read { channel, reply } => {
-                let backlog = self.read(&channel, epoch);
-                if let InboxReply::Shard { shard, tag } = reply {
-                    self.to_shard(shard, tag, channel, AnswerKind::Unacked(backlog));
-                }
+            (Request::Ack { .. }, Some(Done::AckAhead(last))) => Ok(Outcome::Acked(Err(last))),
+            (Request::Read { channel, .. }, _) => {
+                let channel = channel.clone();
+                self.read(&channel, epoch).map(Outcome::Read)
             }
-        }
+            // The commit gave this request no result (or another's): `ReplyPath`
+            // answers it as lost.
+            _ => Err(StoreError::new(ErrorKind::Io, "inbox: result lost (bug)")),
+        };
+        self.replies.answer(request, outcome);
     }
 
     fn read(&mut self, channel: &Arc<str>, epoch: u64) -> Result<Backlog, StoreError> {
@@ -832,42 +459,7 @@ impl StoreThread {
     }
 
     fn answer_error(&mut self, request: Request, e: &StoreError) {
-        match request {
-            Request::Publish { channel, reply, .. } => match reply {
-                InboxReply::None => {}
-                InboxReply::Wait(tx) => {
-                    let _ = tx.send(Err(e.clone()));
-                }
-                InboxReply::Shard { shard, tag } => {
-                    self.to_shard(shard, tag, channel, AnswerKind::Published(Err(e.clone())))
-                }
-            },
-            Request::Ack {
-                channel,
-                upto,
-                reply,
-            } => {
-                if let InboxReply::Shard { shard, tag } = reply {
-                    let kind = AnswerKind::Acked {
-                        upto,
-                        result: Err(e.clone()),
-                    };
-                    self.to_shard(shard, tag, channel, kind);
-                }
-            }
-            Request::Read { channel, reply } => {
-                if let InboxReply::Shard { shard, tag } = reply {
-                    self.to_shard(shard, tag, channel, AnswerKind::Unacked(Err(e.clone())));
-                }
-            }
-        }
-    }
-
-    fn to_shard(&self, shard: usize, tag: ShardTag, channel: Arc<str>, kind: AnswerKind) {
-        if let Some(tx) = self.answers.get(shard) {
-            // Fails only when the shard is gone (process exit).
-            let _ = tx.send(InboxAnswer { tag, channel, kind });
-        }
+        self.replies.answer(request, Err(e.clone()));
     }
 
     /// Deletes messages past the retention, one transaction of at most
@@ -898,6 +490,7 @@ mod tests {
     use super::*;
     use crate::fanout::ring::{Poll, Ring};
     use crate::fanout::wake::IdleFlags;
+    use crate::inbox::{AnswerKind, InboxReply, ShardTag};
 
     fn start(dir: &std::path::Path, shards: usize) -> (Inbox, Vec<ShardQueues>, Arc<Publisher>) {
         let publisher = Arc::new(Publisher::new(
@@ -911,7 +504,7 @@ mod tests {
             queue: 1024,
         };
         let stats = Arc::new(InboxStats::default());
-        let (inbox, queues) = Inbox::start(config, publisher.clone(), shards, stats).unwrap();
+        let (inbox, queues) = super::start(config, publisher.clone(), shards, stats).unwrap();
         (inbox, queues, publisher)
     }
 
@@ -1015,7 +608,7 @@ mod tests {
                 max_batch: 64,
                 queue: 16,
             };
-            match Inbox::start(config, publisher.clone(), 1, Arc::default()) {
+            match super::start(config, publisher.clone(), 1, Arc::default()) {
                 Ok((inbox, queues)) => break (inbox, queues, publisher),
                 Err(e) if e.kind == ErrorKind::Locked && attempt < 100 => {
                     attempt += 1;

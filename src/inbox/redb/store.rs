@@ -1,6 +1,6 @@
 //! The inbox database: one redb file holding every user channel's unacknowledged messages,
 //! its last offset and the store's epoch. Used by one thread only (the store thread,
-//! [`crate::inbox::thread`]), so there is exactly one writer of every `user:` channel's
+//! [`crate::inbox::reply`]), so there is exactly one writer of every `user:` channel's
 //! offsets.
 //!
 //! Tables:
