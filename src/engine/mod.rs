@@ -122,6 +122,16 @@ pub struct Engine<S: Driver> {
     /// channel) -> connection generation. An unsubscribe meanwhile removes the entry, and
     /// the answer is then dropped.
     pub(crate) cluster_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
+    /// Inbox subscribes waiting for the store's answer: (connection, channel) ->
+    /// connection generation. An unsubscribe meanwhile removes the entry, and the answer
+    /// is then dropped.
+    pub(crate) inbox_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
+    /// Set while a long poll's channels are subscribed: no presence membership.
+    pub(crate) quiet_presence: Cell<bool>,
+    /// Lingering closes whose peer finished: the driver removes them at the round's end.
+    pub(crate) finalize: RefCell<Vec<u32>>,
+    /// The last generation given to a table slot.
+    generation: Cell<u32>,
     /// True when `user:` channels are the inbox's (gaps on them are remembered).
     inbox_on: bool,
 }
@@ -155,8 +165,19 @@ impl<S: Driver> Engine<S> {
             due_polls: RefCell::default(),
             inbox_gaps: RefCell::default(),
             cluster_pending: RefCell::default(),
+            inbox_pending: RefCell::default(),
+            quiet_presence: Cell::new(false),
+            finalize: RefCell::default(),
+            generation: Cell::new(0),
             inbox_on,
         }
+    }
+
+    /// A new generation number for a table slot.
+    pub fn next_generation(&self) -> u32 {
+        let g = self.generation.get().wrapping_add(1);
+        self.generation.set(g);
+        g
     }
 
     /// Brings the backlog gauge in step with `conn`'s backlog. The one place besides

@@ -31,9 +31,9 @@ pub(super) async fn accept_loop(
     // TLS error to the client.
     let refuse = |fd, cause: RefuseCause| {
         if tls {
-            shard.metrics.refused[cause as usize].fetch_add(1, Ordering::Relaxed);
+            shard.engine.metrics.refused[cause as usize].fetch_add(1, Ordering::Relaxed);
         } else {
-            refuse_now(fd, cause, shard.metrics);
+            refuse_now(fd, cause, shard.engine.metrics);
         }
     };
     let accept = async {
@@ -167,7 +167,7 @@ async fn pause_accepting(
     kind: AcceptError,
     error: &dyn std::fmt::Display,
 ) {
-    shard.metrics.accept_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    shard.engine.metrics.accept_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
     let pause = backoff.on_error(Instant::now());
     if let Some(errors) = pause.log {
         tracing::warn!(

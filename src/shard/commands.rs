@@ -40,7 +40,7 @@ impl Shard {
             access,
         );
         if verdict.is_err() {
-            self.metrics.forbidden.fetch_add(1, Relaxed);
+            self.engine.metrics.forbidden.fetch_add(1, Relaxed);
         }
         verdict
     }
@@ -57,7 +57,7 @@ impl Shard {
             .map_err(|reason| (403, reason))?;
         let max = self.settings.max_channels;
         if !self.engine.publisher.has_room_for(channel, max) {
-            self.metrics.channels_refused.fetch_add(1, Relaxed);
+            self.engine.metrics.channels_refused.fetch_add(1, Relaxed);
             return Err((503, channels_full(max)));
         }
         Ok(())
@@ -103,6 +103,7 @@ impl Shard {
                 // Inbox subscribes waiting for the store count too (there are few: each
                 // waits milliseconds).
                 let waiting = self
+                    .engine
                     .inbox_pending
                     .borrow()
                     .keys()
@@ -160,7 +161,8 @@ impl Shard {
                 self.engine.cluster_forget(key, &channel);
                 if self.inbox_for(&channel).is_some() {
                     // An inbox subscribe still waiting for the store: its answer is dropped.
-                    self.inbox_pending
+                    self.engine
+                        .inbox_pending
                         .borrow_mut()
                         .remove(&(key, Arc::from(channel.as_str())));
                 }
@@ -227,15 +229,16 @@ impl Shard {
         }
         let recovered = attach.recovery.map(|result| match result {
             Ok(frames) => {
-                self.metrics.recovered.fetch_add(1, Relaxed);
-                self.metrics
+                self.engine.metrics.recovered.fetch_add(1, Relaxed);
+                self.engine
+                    .metrics
                     .replayed
                     .fetch_add(frames.len() as u64, Relaxed);
                 *replay = frames;
                 Ok(())
             }
             Err(why) => {
-                self.metrics.not_recovered.fetch_add(1, Relaxed);
+                self.engine.metrics.not_recovered.fetch_add(1, Relaxed);
                 Err(why.label())
             }
         });
@@ -276,12 +279,12 @@ impl Shard {
         }
         let source = Source::Client as usize;
         if let Err(e) = validate_payload(data.as_bytes(), self.settings.max_message_size) {
-            self.metrics.ingest_rejected[source][e.index()].fetch_add(1, Relaxed);
+            self.engine.metrics.ingest_rejected[source][e.index()].fetch_add(1, Relaxed);
             return refuse(413, &e.to_string());
         }
         let max = self.settings.max_channels;
         if !self.engine.publisher.has_room_for(channel, max) {
-            self.metrics.channels_refused.fetch_add(1, Relaxed);
+            self.engine.metrics.channels_refused.fetch_add(1, Relaxed);
             return refuse(503, &channels_full(max));
         }
         // Who a publish answered later (inbox, cluster) is answered to.
@@ -300,7 +303,7 @@ impl Shard {
             if let Err(e) = inbox.publish(channel, data.as_bytes(), reply) {
                 return refuse(503, &format!("inbox: {}", e.to_store_error()));
             }
-            self.metrics.messages_in[source].fetch_add(1, Relaxed);
+            self.engine.metrics.messages_in[source].fetch_add(1, Relaxed);
             // Answered once committed.
             return String::new();
         }
@@ -311,11 +314,11 @@ impl Shard {
             {
                 return refuse(503, e);
             }
-            self.metrics.messages_in[source].fetch_add(1, Relaxed);
+            self.engine.metrics.messages_in[source].fetch_add(1, Relaxed);
             return String::new();
         }
         let published = self.engine.publisher.publish(channel, data.as_bytes());
-        self.metrics.messages_in[source].fetch_add(1, Relaxed);
+        self.engine.metrics.messages_in[source].fetch_add(1, Relaxed);
         Reply::Published {
             id,
             channel,
@@ -350,7 +353,7 @@ impl Shard {
         let claims = match verifier.verify(token, self.unix_now()) {
             Ok(claims) => claims,
             Err(e) => {
-                self.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
+                self.engine.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
                 return refuse(401, &e.to_string());
             }
         };

@@ -50,14 +50,14 @@ struct QuietPresence<'a>(&'a Shard);
 
 impl<'a> QuietPresence<'a> {
     fn new(shard: &'a Shard) -> Self {
-        shard.quiet_presence.set(true);
+        shard.engine.quiet_presence.set(true);
         QuietPresence(shard)
     }
 }
 
 impl Drop for QuietPresence<'_> {
     fn drop(&mut self) {
-        self.0.quiet_presence.set(false);
+        self.0.engine.quiet_presence.set(false);
     }
 }
 
@@ -271,7 +271,7 @@ fn insert(
 ) -> Option<u32> {
     let Carried { ip_hold, tls, .. } = carried;
     let now = shard.now_secs();
-    let generation = shard.next_generation();
+    let generation = shard.engine.next_generation();
     let key = {
         let mut conns = shard.engine.conns.borrow_mut();
         let key = conns.next_key();
@@ -311,8 +311,8 @@ fn insert(
             tls,
         })
     };
-    shard.metrics.connections.fetch_add(1, Relaxed);
-    shard.metrics.accepted.fetch_add(1, Relaxed);
+    shard.engine.metrics.connections.fetch_add(1, Relaxed);
+    shard.engine.metrics.accepted.fetch_add(1, Relaxed);
     Some(key)
 }
 
@@ -425,7 +425,7 @@ pub(super) fn receive(shard: &Shard, key: u32, conn: &mut Conn, input: &mut [u8]
     shard
         .engine
         .receive(shard, key, conn, now, input, &mut |text, session| {
-            shard.metrics.commands.fetch_add(1, Relaxed);
+            shard.engine.metrics.commands.fetch_add(1, Relaxed);
             let mut replay = Vec::new();
             let reply = shard.run_command(id, text, session, &mut replay);
             Answer {
@@ -450,7 +450,7 @@ pub(super) fn peer_gone(shard: &Shard, key: u32, conn: &mut Conn) {
 
 impl Shard {
     pub(super) fn schedule_finalize(&self, key: u32) {
-        self.finalize.borrow_mut().push(key);
+        self.engine.finalize.borrow_mut().push(key);
     }
 
     /// Flushes what the fan-out round queued, then carries out pending closes.
@@ -458,7 +458,7 @@ impl Shard {
         for order in self.engine.end_round(self) {
             self.begin_close(order);
         }
-        let keys = std::mem::take(&mut *self.finalize.borrow_mut());
+        let keys = std::mem::take(&mut *self.engine.finalize.borrow_mut());
         for key in keys {
             self.finalize_close(key);
         }
@@ -473,8 +473,8 @@ impl Shard {
         // Out of the index and presence (a leave event, if any, goes out now: a dead peer
         // found by the heartbeat leaves within the heartbeat window, not after lingering).
         self.drop_subscriptions(key, self.engine.conns.borrow().get(key));
-        self.metrics.connections.fetch_sub(1, Relaxed);
-        self.metrics.closed[decision.cause as usize].fetch_add(1, Relaxed);
+        self.engine.metrics.connections.fetch_sub(1, Relaxed);
+        self.engine.metrics.closed[decision.cause as usize].fetch_add(1, Relaxed);
         let lingering = {
             let mut conns = self.engine.conns.borrow_mut();
             let Some(conn) = conns.get_current(key, generation) else {
@@ -507,7 +507,7 @@ impl Shard {
             // Finalized without a close order (should not happen): keep the index,
             // presence and the gauge right.
             self.drop_subscriptions(key, Some(&conn));
-            self.metrics.connections.fetch_sub(1, Relaxed);
+            self.engine.metrics.connections.fetch_sub(1, Relaxed);
         }
         if let Some(session) = conn.machine.take_session() {
             self.registry.unregister(&session);

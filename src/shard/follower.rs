@@ -93,6 +93,7 @@ pub async fn follow_ring(shard: Rc<Shard>, wake: Rc<LocalEvent>) {
         }
         let cursor = engine.ring_cursor.get();
         shard
+            .engine
             .metrics
             .ring_lag
             .store(ring.head().saturating_sub(cursor), Relaxed);

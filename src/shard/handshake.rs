@@ -142,7 +142,11 @@ async fn upgrade_over(
         Ended::Done(None) => return,
         Ended::TimedOut => {
             // Closed without an answer: a client this slow would not read one either.
-            shard.metrics.handshakes_timed_out.fetch_add(1, Relaxed);
+            shard
+                .engine
+                .metrics
+                .handshakes_timed_out
+                .fetch_add(1, Relaxed);
             return;
         }
         Ended::Evicted => {
@@ -150,9 +154,13 @@ async fn upgrade_over(
             // descriptor still holds the socket. A TLS client would read a plain-text
             // 503 as a TLS error: it is only closed.
             match table_fd.as_ref().filter(|_| plain) {
-                Some(fd) => refuse_now(fd.as_raw_fd(), RefuseCause::HandshakeShare, shard.metrics),
+                Some(fd) => refuse_now(
+                    fd.as_raw_fd(),
+                    RefuseCause::HandshakeShare,
+                    shard.engine.metrics,
+                ),
                 None => {
-                    shard.metrics.refused[RefuseCause::HandshakeShare as usize]
+                    shard.engine.metrics.refused[RefuseCause::HandshakeShare as usize]
                         .fetch_add(1, Relaxed);
                 }
             }
@@ -252,7 +260,11 @@ where
                 head.extend_from_slice(&chunk[..n]);
             }
             Err(reject) => {
-                shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
+                shard
+                    .engine
+                    .metrics
+                    .handshake_rejected
+                    .fetch_add(1, Relaxed);
                 let cors = match &reject.cors {
                     Some(origin) if live.origins.allows(origin.as_deref()) => {
                         live.origins.cors_headers(origin.as_deref())
@@ -266,7 +278,11 @@ where
     };
     let origin = upgrade.origin.as_deref();
     if !live.origins.allows(origin) {
-        shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
+        shard
+            .engine
+            .metrics
+            .handshake_rejected
+            .fetch_add(1, Relaxed);
         let reject = HttpReject::new(403, OriginPolicy::refusal(origin));
         let _ = answer(stream, &reject.response()).await;
         return None;
@@ -286,8 +302,12 @@ where
     let claims = match live.auth.admit(upgrade.token.as_deref(), shard.unix_now()) {
         Ok(claims) => claims,
         Err(e) => {
-            shard.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
-            shard.metrics.handshake_rejected.fetch_add(1, Relaxed);
+            shard.engine.metrics.auth_failures[e.index()].fetch_add(1, Relaxed);
+            shard
+                .engine
+                .metrics
+                .handshake_rejected
+                .fetch_add(1, Relaxed);
             let reject = HttpReject::new(401, format!("unauthorized: {e}"));
             let _ = answer(stream, &reject.response_with(&cors)).await;
             return None;
@@ -302,7 +322,7 @@ where
     let slot = match slot {
         Ok(slot) => slot,
         Err(cause) => {
-            shard.metrics.refused[cause as usize].fetch_add(1, Relaxed);
+            shard.engine.metrics.refused[cause as usize].fetch_add(1, Relaxed);
             let _ = answer(stream, &refusal_response_with(cause, &cors)).await;
             return None;
         }
@@ -310,7 +330,8 @@ where
     let (response, http_stream) = match upgrade.endpoint {
         Endpoint::Sse => {
             // Reconnects spread over a second rather than all at once after a restart.
-            let retry_ms = 1000 + u64::from(std::process::id() ^ shard.next_generation()) % 1000;
+            let retry_ms =
+                1000 + u64::from(std::process::id() ^ shard.engine.next_generation()) % 1000;
             let channels = &upgrade.channels;
             let encoder = HttpStream::new(Mode::Sse, channels, upgrade.since.as_ref());
             (sse_head(&cors, retry_ms), Some((encoder, None)))
@@ -368,11 +389,11 @@ async fn tls_handshake(
     };
     let mut tls = match crate::tls::stream::accept(config, stream).await {
         Ok(tls) => {
-            shard.metrics.tls_handshakes[0].fetch_add(1, Relaxed);
+            shard.engine.metrics.tls_handshakes[0].fetch_add(1, Relaxed);
             tls
         }
         Err(e) => {
-            shard.metrics.tls_handshakes[1].fetch_add(1, Relaxed);
+            shard.engine.metrics.tls_handshakes[1].fetch_add(1, Relaxed);
             tracing::debug!(shard = shard.id, error = %e, "TLS handshake failed");
             return None;
         }

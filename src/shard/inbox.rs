@@ -98,7 +98,7 @@ impl Shard {
     ) -> Result<(), String> {
         let name: Arc<str> = Arc::from(channel);
         {
-            let mut pending = self.inbox_pending.borrow_mut();
+            let mut pending = self.engine.inbox_pending.borrow_mut();
             if attempt == 0 && pending.get(&(key, name.clone())) == Some(&generation) {
                 return Err(refused(
                     "subscribe",
@@ -123,7 +123,7 @@ impl Shard {
             tag,
         };
         inbox.read(channel, reply).map_err(|e| {
-            self.inbox_pending.borrow_mut().remove(&(key, name));
+            self.engine.inbox_pending.borrow_mut().remove(&(key, name));
             store_refusal("subscribe", id.as_deref(), channel, &e.to_store_error())
         })
     }
@@ -242,13 +242,13 @@ impl Shard {
     ) {
         let id = tag.id.as_deref();
         let k = (tag.key, channel.clone());
-        if self.inbox_pending.borrow().get(&k) != Some(&tag.generation) {
+        if self.engine.inbox_pending.borrow().get(&k) != Some(&tag.generation) {
             return; // Unsubscribed meanwhile, or the connection is gone.
         }
         let backlog = match result {
             Ok(b) => b,
             Err(e) => {
-                self.inbox_pending.borrow_mut().remove(&k);
+                self.engine.inbox_pending.borrow_mut().remove(&k);
                 let reply = store_refusal("subscribe", id, &channel, &e);
                 return self.answer_later(tag.key, tag.generation, reply, Vec::new());
             }
@@ -281,7 +281,7 @@ impl Shard {
                 .detach();
                 return;
             }
-            self.inbox_pending.borrow_mut().remove(&k);
+            self.engine.inbox_pending.borrow_mut().remove(&k);
             let reply = refused(
                 "subscribe",
                 id,
@@ -291,7 +291,7 @@ impl Shard {
             );
             return self.answer_later(tag.key, tag.generation, reply, Vec::new());
         }
-        self.inbox_pending.borrow_mut().remove(&k);
+        self.engine.inbox_pending.borrow_mut().remove(&k);
         let position = attach.offset;
         let tail = if position > last {
             match attach.recovery {
@@ -358,7 +358,8 @@ impl Shard {
     }
 
     fn retry_subscribe(&self, tag: ShardTag, channel: &str) {
-        self.inbox_pending
+        self.engine
+            .inbox_pending
             .borrow_mut()
             .remove(&(tag.key, Arc::from(channel)));
         let id = tag.id.clone();
@@ -499,6 +500,7 @@ mod tests {
                 .generation;
             let channel: Arc<str> = Arc::from("user:erin");
             shard
+                .engine
                 .inbox_pending
                 .borrow_mut()
                 .insert((key, channel.clone()), generation);

@@ -123,7 +123,7 @@ impl Shard {
         // A long poll is not a presence member (see shard::conn::adopt_stream).
         let quiet = conn.machine.is_poll();
         if quiet {
-            self.quiet_presence.set(true);
+            self.engine.quiet_presence.set(true);
         }
         if tag.reply {
             let mut replay = Vec::new();
@@ -160,7 +160,7 @@ impl Shard {
             }
         }
         if quiet {
-            self.quiet_presence.set(false);
+            self.engine.quiet_presence.set(false);
         }
         self.engine.count_backlog(conn);
         self.engine.lag_inexact_attaches(tag.key, conn);

@@ -98,7 +98,11 @@ impl Sweep {
         let end = high.min(self.cursor + high.div_ceil(TICKS_PER_PASS).max(1));
         let (pings, lingered) = shard.engine.tick(now, self.cursor..end);
         self.cursor = end;
-        shard.metrics.pings_sent.fetch_add(pings, Ordering::Relaxed);
+        shard
+            .engine
+            .metrics
+            .pings_sent
+            .fetch_add(pings, Ordering::Relaxed);
         for key in lingered {
             shard.finalize_close(key);
         }

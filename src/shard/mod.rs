@@ -242,7 +242,7 @@ pub async fn serve(setup: ShardSetup) {
     }
     glommio::spawn_local(watch_readiness(shard.clone())).detach();
 
-    let metrics = shard.metrics;
+    let metrics = shard.engine.metrics;
     if let Some(udp) = sockets.udp {
         let socket = adopt_udp(udp);
         glommio::spawn_local(crate::ingest::udp::serve(

@@ -57,7 +57,7 @@ impl Shard {
     /// Not while a long poll is being adopted: polls are not members.
     pub(super) fn presence_in(&self, id: ConnId, session: Option<&Session>, channel: &str) {
         let rules = self.settings.namespaces.rules_for(channel);
-        if rules.presence && !self.quiet_presence.get() {
+        if rules.presence && !self.engine.quiet_presence.get() {
             let member = member_of(id, session);
             let change = self.presence.join(channel, &member, rules.join_leave);
             if rules.join_leave && change == Change::Joined {

@@ -87,15 +87,20 @@ pub(crate) async fn admit_proxied(
     stream: &mut TcpStream,
     proxied: ProxiedPeer,
 ) -> Option<(Option<PerIpHold>, Vec<u8>)> {
-    let (client, rest) = read_proxy_header(stream, proxied.versions, proxied.peer, shard.metrics)
-        .await
-        .ok()?;
+    let (client, rest) =
+        read_proxy_header(stream, proxied.versions, proxied.peer, shard.engine.metrics)
+            .await
+            .ok()?;
     let hold = match &proxied.per_ip {
         None => None,
         Some(table) => match table.admit(client.ip(), Instant::now()) {
             Ok(hold) => Some(hold),
             Err(refusal) => {
-                refuse_now(stream.as_raw_fd(), per_ip_cause(refusal), shard.metrics);
+                refuse_now(
+                    stream.as_raw_fd(),
+                    per_ip_cause(refusal),
+                    shard.engine.metrics,
+                );
                 return None;
             }
         },

@@ -121,7 +121,7 @@ impl Shard {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let n = conn.machine.backlog().io_slices(&mut slices);
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-            self.metrics.send_calls.fetch_add(1, Relaxed);
+            self.engine.metrics.send_calls.fetch_add(1, Relaxed);
             match sendmsg::<SockaddrStorage>(conn.fd.as_raw_fd(), &slices[..n], &[], flags, None) {
                 Ok(written) => {
                     let asked: usize = slices[..n].iter().map(|s| s.len()).sum();
@@ -140,7 +140,7 @@ impl Shard {
     /// Tells `conn`'s machine that the socket took `n` bytes, and shuts the write side
     /// once a close frame is out.
     fn wrote(&self, conn: &mut Conn, n: usize) {
-        self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+        self.engine.metrics.bytes_out.fetch_add(n as u64, Relaxed);
         if conn.machine.on_written(n) == Written::ShutWrite {
             let _ = shutdown(conn.fd.as_raw_fd(), Shutdown::Write);
         }
@@ -256,7 +256,7 @@ impl Shard {
             };
             match results.get(i).copied().unwrap_or(SendOutcome::NotSubmitted) {
                 SendOutcome::Written(written) => {
-                    self.metrics.send_calls.fetch_add(1, Relaxed);
+                    self.engine.metrics.send_calls.fetch_add(1, Relaxed);
                     self.wrote(conn, written);
                     self.engine.count_backlog(conn);
                     if written == asked[i] && !conn.machine.backlog().is_empty() {
@@ -267,14 +267,14 @@ impl Shard {
                 }
                 // Full: the epoll set reports the socket writable again.
                 SendOutcome::Err(libc::EAGAIN) => {
-                    self.metrics.send_calls.fetch_add(1, Relaxed);
+                    self.engine.metrics.send_calls.fetch_add(1, Relaxed);
                 }
                 // Nothing was written: the plain path may send the same bytes.
                 SendOutcome::Err(libc::EINTR) | SendOutcome::NotSubmitted => {
                     self.flush_or_close(key, conn)
                 }
                 SendOutcome::Err(_) => {
-                    self.metrics.send_calls.fetch_add(1, Relaxed);
+                    self.engine.metrics.send_calls.fetch_add(1, Relaxed);
                     self.engine
                         .schedule_close(key, conn, None, CloseCause::IoError);
                 }
@@ -285,7 +285,8 @@ impl Shard {
                     // one backlog; this needs a failing io_uring) and close without a
                     // close frame.
                     let mut lost = conn.machine.take_backlog();
-                    self.metrics
+                    self.engine
+                        .metrics
                         .backlog_bytes
                         .fetch_sub(lost.uncount(), Relaxed);
                     std::mem::forget(lost);

@@ -14,7 +14,7 @@ use crate::fanout::backlog::BacklogLimits;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::Inbox;
 use crate::live::{Cached, Live};
-use crate::metrics::{self, Metrics, ShardMetrics};
+use crate::metrics::{self, Metrics};
 use crate::presence::Presence;
 use crate::proto::conn::ConnConfig;
 use crate::shard::admission::ConnectionSlots;
@@ -52,8 +52,6 @@ pub struct Shard {
     pub(super) presence: Arc<Presence>,
     /// The settings a reload may change (token keys, limits).
     pub(super) live: RefCell<Cached>,
-    /// This shard's counters.
-    pub(super) metrics: &'static ShardMetrics,
     /// All counters (for latency recording).
     pub(super) all_metrics: &'static Metrics,
     /// The process-wide connection limit ([`crate::shard::admission`]).
@@ -63,23 +61,14 @@ pub struct Shard {
     pub(super) ip_holds: RefCell<HashMap<RawFd, PerIpHold>>,
     /// Set once this shard stopped accepting for a drain.
     pub(super) draining: Cell<bool>,
-    /// Set while a long poll's channels are subscribed: no presence membership.
-    pub(super) quiet_presence: Cell<bool>,
     /// Idle sockets waiting for input or writability.
     pub(super) ready_set: ReadySet,
-    /// Lingering closes whose peer finished.
-    pub(super) finalize: RefCell<Vec<u32>>,
     /// The io_uring that submits a fan-out round's writes at once (`None`: plain sends).
     pub(super) send_ring: RefCell<Option<SendRing>>,
     /// How long the fan-out has held the core since it last yielded.
     pub(super) fair: FairSlice,
     /// The durable inbox, when on: the owner of `user:` channels.
     pub(super) inbox: Option<Inbox>,
-    /// Inbox subscribes waiting for the store's answer: (connection, channel) ->
-    /// connection generation. An unsubscribe meanwhile removes the entry, and the answer
-    /// is then dropped.
-    pub(super) inbox_pending: RefCell<HashMap<(u32, Arc<str>), u32>>,
-    generation: Cell<u32>,
     started: Instant,
 }
 
@@ -138,12 +127,9 @@ impl Shard {
             tls_plain: RefCell::default(),
             registry,
             presence,
-            metrics: all_metrics.shard(id),
             all_metrics,
             draining: Cell::new(false),
-            quiet_presence: Cell::new(false),
             ready_set: ReadySet::new()?,
-            finalize: RefCell::new(Vec::new()),
             send_ring: RefCell::new(match SendRing::new() {
                 Ok(ring) => Some(ring),
                 Err(e) => {
@@ -153,17 +139,8 @@ impl Shard {
             }),
             fair: FairSlice::default(),
             inbox,
-            inbox_pending: RefCell::new(HashMap::new()),
-            generation: Cell::new(0),
             started: Instant::now(),
         })
-    }
-
-    /// A new generation number for a table slot.
-    pub fn next_generation(&self) -> u32 {
-        let g = self.generation.get().wrapping_add(1);
-        self.generation.set(g);
-        g
     }
 
     /// The current reloadable settings.

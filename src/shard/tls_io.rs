@@ -90,10 +90,10 @@ impl Shard {
                     return Flush::Failed;
                 };
                 while tls.wants_write() {
-                    self.metrics.send_calls.fetch_add(1, Relaxed);
+                    self.engine.metrics.send_calls.fetch_add(1, Relaxed);
                     match send_some(fd, tls.unsent()) {
                         Ok(n) => {
-                            self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+                            self.engine.metrics.bytes_out.fetch_add(n as u64, Relaxed);
                             tls.sent(n);
                         }
                         Err(Errno::EAGAIN) => return Flush::Blocked,
@@ -117,10 +117,10 @@ impl Shard {
                 // Straight to the socket; the session keeps what it does not take.
                 let mut at = 0;
                 while at < out.len() {
-                    self.metrics.send_calls.fetch_add(1, Relaxed);
+                    self.engine.metrics.send_calls.fetch_add(1, Relaxed);
                     match send_some(fd, &out[at..]) {
                         Ok(n) => {
-                            self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+                            self.engine.metrics.bytes_out.fetch_add(n as u64, Relaxed);
                             at += n;
                         }
                         Err(Errno::EINTR) => {}
