@@ -35,7 +35,7 @@ use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use crate::proto::upgrade::{percent_decode, status_text, MAX_REQUEST_HEAD};
 use crate::shard::admission::{ConnectionSlots, RETRY_AFTER_SECS};
 use crate::shard::control::ShardControl;
-use crate::shard::lifecycle::{shutting_down, SHARDS_READY};
+use crate::shard::lifecycle::Lifecycle;
 use crate::shard::listener::{accept_allowed, linger_close, PortCap, PortSlot};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
@@ -50,15 +50,26 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the input of a request that could not be read is discarded before the close.
 const ERROR_LINGER: Duration = Duration::from_secs(1);
 
+/// What the admin port answers from: the handles of the shard that serves it.
+pub struct AdminPort {
+    /// Publishes of `POST /publish`.
+    pub publisher: Arc<Publisher>,
+    /// Publishes to `user:` channels, when the inbox is on.
+    pub inbox: Option<Inbox>,
+    /// The settings of the start.
+    pub settings: Arc<Settings>,
+    /// The serving shard's counters.
+    pub metrics: &'static ShardMetrics,
+    /// Requests to every shard (`/admin/disconnect`).
+    pub control: Rc<ShardControl>,
+    /// Serving, stopping or draining (`/readyz`).
+    pub lifecycle: Arc<Lifecycle>,
+}
+
 /// Accepts admin connections forever.
-pub async fn serve(
-    listener: TcpListener,
-    publisher: Arc<Publisher>,
-    inbox: Option<Inbox>,
-    settings: Arc<Settings>,
-    metrics: &'static ShardMetrics,
-    control: Rc<ShardControl>,
-) {
+pub async fn serve(listener: TcpListener, port: AdminPort) {
+    let port = Rc::new(port);
+    let (settings, metrics) = (port.settings.clone(), port.metrics);
     let mut full = json_error(
         503,
         "too many admin connections (max_admin_connections are open); retry later",
@@ -73,16 +84,8 @@ pub async fn serve(
         open: &metrics.admin_connections,
         setting: "max_admin_connections",
     };
-    accept_allowed(listener, "admin", &settings.clone(), cap, |stream, slot| {
-        handle(
-            stream,
-            slot,
-            publisher.clone(),
-            inbox.clone(),
-            settings.clone(),
-            metrics,
-            control.clone(),
-        )
+    accept_allowed(listener, "admin", &settings, cap, |stream, slot| {
+        handle(stream, slot, port.clone())
     })
     .await
 }
@@ -203,15 +206,8 @@ fn json_error(status: u16, error: &str) -> Response {
 /// Most requests served on one kept-alive connection before it is closed.
 const MAX_REQUESTS_PER_CONNECTION: usize = 1000;
 
-async fn handle(
-    mut stream: TcpStream,
-    _slot: PortSlot,
-    publisher: Arc<Publisher>,
-    inbox: Option<Inbox>,
-    settings: Arc<Settings>,
-    metrics: &'static ShardMetrics,
-    control: Rc<ShardControl>,
-) {
+async fn handle(mut stream: TcpStream, _slot: PortSlot, port: Rc<AdminPort>) {
+    let settings = &port.settings;
     let timeout = settings.admin_request_timeout;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = vec![0u8; 16 * 1024];
@@ -232,7 +228,7 @@ async fn handle(
                 None => match on_request_timeout(&buf, timeout) {
                     None => break,
                     Some(response) => {
-                        metrics.admin_refused[AdminRefusal::RequestTimeout as usize]
+                        port.metrics.admin_refused[AdminRefusal::RequestTimeout as usize]
                             .fetch_add(1, Ordering::Relaxed);
                         (response, false, false, true)
                     }
@@ -242,15 +238,7 @@ async fn handle(
                 Some(Ok(Some(req))) => {
                     let keep_alive = req.keep_alive && served < MAX_REQUESTS_PER_CONNECTION;
                     let head_only = req.method == "HEAD";
-                    let response = answer(
-                        req,
-                        &publisher,
-                        inbox.as_ref(),
-                        &settings,
-                        metrics,
-                        &control,
-                    )
-                    .await;
+                    let response = answer(req, &port).await;
                     (response, keep_alive, head_only, false)
                 }
                 // A request that could not be read leaves the stream unframed: close.
@@ -274,14 +262,15 @@ async fn handle(
 }
 
 /// Routes one request to its answer.
-async fn answer(
-    req: Request,
-    publisher: &Publisher,
-    inbox: Option<&Inbox>,
-    settings: &Settings,
-    metrics: &'static ShardMetrics,
-    control: &ShardControl,
-) -> Response {
+async fn answer(req: Request, port: &AdminPort) -> Response {
+    let AdminPort {
+        publisher,
+        inbox,
+        settings,
+        metrics,
+        control,
+        lifecycle,
+    } = port;
     let path = req.target.split('?').next().unwrap_or("");
     if path == "/admin/disconnect" {
         return match unauthorized(&req) {
@@ -294,11 +283,19 @@ async fn answer(
             Some(refused) => refused,
             None => {
                 let query = req.target.split_once('?').map_or("", |(_, q)| q);
-                publish(query, &req.body, publisher, inbox, settings, metrics).await
+                publish(
+                    query,
+                    &req.body,
+                    publisher,
+                    inbox.as_ref(),
+                    settings,
+                    metrics,
+                )
+                .await
             }
         };
     }
-    route(&req.method, &req.target, settings)
+    route(&req.method, &req.target, settings, lifecycle)
 }
 
 /// Reads one request (method, target, `Authorization`, a Content-Length body) from
@@ -451,9 +448,9 @@ pub fn fuzz_parse_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Option<u
     }
 }
 
-fn route(method: &str, target: &str, settings: &Settings) -> Response {
+fn route(method: &str, target: &str, settings: &Settings, lifecycle: &Lifecycle) -> Response {
     let path = target.split_once('?').map_or(target, |(p, _)| p);
-    let draining = shutting_down();
+    let draining = lifecycle.shutting_down();
     // HEAD answers what GET would, without the body (written by the caller).
     let method = if method == "HEAD" { "GET" } else { method };
     match (method, path) {
@@ -465,9 +462,7 @@ fn route(method: &str, target: &str, settings: &Settings) -> Response {
         },
         ("GET", "/healthz") => text(200, "ok\n"),
         ("GET", "/readyz") if draining => text(503, "draining\n"),
-        ("GET", "/readyz") if SHARDS_READY.load(Ordering::Acquire) < settings.shards => {
-            text(503, "starting\n")
-        }
+        ("GET", "/readyz") if lifecycle.shards_ready() < settings.shards => text(503, "starting\n"),
         ("GET", "/readyz") if crate::cluster::is_not_ready() => {
             // Connected, but the stream cannot be used: cluster publishes are refused
             // (never served locally); subscribers keep what they have.
@@ -752,8 +747,14 @@ mod tests {
     #[test]
     fn head_answers_like_get() {
         let settings = crate::config::resolve(Default::default(), Default::default()).unwrap();
-        assert_eq!(route("HEAD", "/healthz", &settings).status, 200);
-        assert_eq!(route("HEAD", "/publish", &settings).status, 405);
+        assert_eq!(
+            route("HEAD", "/healthz", &settings, &Lifecycle::default()).status,
+            200
+        );
+        assert_eq!(
+            route("HEAD", "/publish", &settings, &Lifecycle::default()).status,
+            405
+        );
     }
 
     proptest! {

@@ -6,8 +6,7 @@ use super::reload::Reloader;
 use super::StartError;
 use crate::config::Settings;
 use crate::sd_notify::{self, Event, Notifier};
-use crate::shard::lifecycle;
-use std::sync::atomic::Ordering;
+use crate::shard::lifecycle::Lifecycle;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use std::time::{Duration, Instant};
 /// second signal exits at once.
 pub(super) fn wait_for_drain(
     settings: &Settings,
+    lifecycle: &Lifecycle,
     done: mpsc::Receiver<usize>,
     mut reloader: Reloader,
     notifier: &Notifier,
@@ -40,7 +40,7 @@ pub(super) fn wait_for_drain(
             other => break other,
         }
     };
-    lifecycle::STOPPING.store(true, Ordering::Release);
+    lifecycle.stop();
     notifier.send(&Event::Stopping {
         status: &format!(
             "shutting down: /readyz 503, draining in {} s over {} s",
@@ -66,7 +66,7 @@ pub(super) fn wait_for_drain(
         std::thread::sleep(settings.drain_grace);
     }
     tracing::info!(signal = ?first, window_secs = settings.drain_window.as_secs(), "draining: no new connections; send the signal again to exit at once");
-    lifecycle::DRAINING.store(true, Ordering::Release);
+    lifecycle.drain();
     notifier.send(&Event::Status(&format!(
         "draining: closing connections with 1001 over {} s",
         settings.drain_window.as_secs()

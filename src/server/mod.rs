@@ -28,10 +28,8 @@ use crate::config::{ConfigLayer, Settings};
 use crate::live::Live;
 use crate::metrics;
 use crate::sd_notify::{Event, Notifier};
-use crate::shard::lifecycle;
 use crate::shard::listener::BindError;
 use crate::shard::ShardError;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -93,13 +91,13 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
         "ringcast started"
     );
     // /readyz answers 200 from here, after the line above, never before.
-    lifecycle::SHARDS_READY.store(n, Ordering::Release);
+    shared.lifecycle.serving(n);
     // systemd (Type=notify) hears READY=1 at the same moment, never before.
     let notifier = Notifier::from_env();
     notifier.send(&Event::Ready {
         status: &serving_status(&settings),
     });
-    let drained = drain::wait_for_drain(&settings, done, reloader, &notifier);
+    let drained = drain::wait_for_drain(&settings, &shared.lifecycle, done, reloader, &notifier);
     if let Some(inbox) = &shared.inbox {
         // After the drain: nothing is published any more.
         if !inbox.close(INBOX_CLOSE_WAIT) {

@@ -65,6 +65,7 @@ pub(super) fn start(
             slots: shared.slots.clone(),
             ingest_slots: shared.ingest_slots.clone(),
             per_ip: shared.per_ip.clone(),
+            lifecycle: shared.lifecycle.clone(),
             sockets,
             wake_senders,
             wake_receivers,

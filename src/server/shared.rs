@@ -15,6 +15,7 @@ use crate::inbox::ShardQueues;
 use crate::metrics;
 use crate::presence::Presence;
 use crate::shard::admission::ConnectionSlots;
+use crate::shard::lifecycle::Lifecycle;
 use crate::shard::ShardError;
 use std::sync::Arc;
 
@@ -36,6 +37,8 @@ pub(super) struct Shared {
     pub ingest_slots: Arc<ConnectionSlots>,
     /// The per-address table (`None`: every per-IP limit is off).
     pub per_ip: Option<Arc<PerIpTable>>,
+    /// Serving, stopping or draining.
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 impl Shared {
@@ -92,6 +95,7 @@ impl Shared {
             slots,
             ingest_slots,
             per_ip,
+            lifecycle: Arc::default(),
         };
         Ok((shared, inbox_queues))
     }

@@ -15,23 +15,54 @@ use crate::shard::follower::LocalEvent;
 use crate::shard::state::Shard;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Set by the signal thread when a drain starts (after `drain_grace`): shards stop
-/// accepting and close their connections.
-pub static DRAINING: AtomicBool = AtomicBool::new(false);
-
-/// Set by the signal thread on the first SIGTERM/SIGINT, `drain_grace` before
-/// [`DRAINING`]: `/readyz` answers 503 while the listeners still accept.
-pub static STOPPING: AtomicBool = AtomicBool::new(false);
-
-/// True from the first SIGTERM/SIGINT on (grace and drain): `/readyz` answers 503.
-pub fn shutting_down() -> bool {
-    STOPPING.load(Ordering::Acquire) || DRAINING.load(Ordering::Acquire)
+/// The process's phase, shared by the main thread (which moves it on: serving, stopping,
+/// draining), every shard and the admin port (`/readyz`).
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    /// Set on the first SIGTERM/SIGINT, `drain_grace` before `draining`: `/readyz`
+    /// answers 503 while the listeners still accept.
+    stopping: AtomicBool,
+    /// Set when a drain starts (after `drain_grace`): shards stop accepting and close
+    /// their connections.
+    draining: AtomicBool,
+    /// The shard count once every shard serves (for `/readyz`).
+    shards_ready: AtomicUsize,
 }
 
-/// Set to the shard count once every shard serves (for `/readyz`).
-pub static SHARDS_READY: AtomicUsize = AtomicUsize::new(0);
+impl Lifecycle {
+    /// Every one of the `shards` serves.
+    pub fn serving(&self, shards: usize) {
+        self.shards_ready.store(shards, Ordering::Release);
+    }
+
+    /// Shards serving (0 until all do).
+    pub fn shards_ready(&self) -> usize {
+        self.shards_ready.load(Ordering::Acquire)
+    }
+
+    /// The first SIGTERM/SIGINT arrived.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// The drain starts.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// True once the drain started.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// True from the first SIGTERM/SIGINT on (grace and drain): `/readyz` answers 503.
+    pub fn shutting_down(&self) -> bool {
+        self.stopping.load(Ordering::Acquire) || self.draining()
+    }
+}
 
 const TICK: Duration = Duration::from_millis(100);
 
@@ -57,11 +88,11 @@ impl Jitter {
 }
 
 /// Runs heartbeats until a drain starts, then drains this shard and returns.
-pub async fn run(shard: Rc<Shard>, stop_accepting: Rc<LocalEvent>) {
+pub async fn run(shard: Rc<Shard>, stop_accepting: Rc<LocalEvent>, lifecycle: Arc<Lifecycle>) {
     let mut sweep = Sweep::default();
     loop {
         glommio::timer::sleep(TICK).await;
-        if DRAINING.load(Ordering::Acquire) {
+        if lifecycle.draining() {
             break;
         }
         shard.refresh_live();

@@ -104,6 +104,8 @@ pub struct ShardSetup {
     pub ingest_slots: Arc<ConnectionSlots>,
     /// The per-address table (`None`: every per-IP limit is off).
     pub per_ip: Option<Arc<PerIpTable>>,
+    /// Serving, stopping or draining.
+    pub lifecycle: Arc<lifecycle::Lifecycle>,
     /// The sockets this shard serves.
     pub sockets: ShardSockets,
     /// Wake-ups to every shard (this one included) when this shard publishes.
@@ -135,6 +137,7 @@ pub async fn serve(setup: ShardSetup) {
         slots,
         ingest_slots,
         per_ip,
+        lifecycle,
         sockets,
         wake_senders,
         wake_receivers,
@@ -269,13 +272,22 @@ pub async fn serve(setup: ShardSetup) {
     if let Some(admin) = sockets.admin {
         let listener = adopt_listener(admin);
         let (publisher, settings, inbox) = (publisher.clone(), settings.clone(), inbox.clone());
+        let lifecycle = lifecycle.clone();
         glommio::spawn_local(async move {
             let mut senders = Vec::with_capacity(control_senders.len());
             for tx in control_senders {
                 senders.push(tx.connect().await);
             }
             let control = ShardControl::new(senders);
-            crate::admin::serve(listener, publisher, inbox, settings, metrics, control).await
+            let port = crate::admin::AdminPort {
+                publisher,
+                inbox,
+                settings,
+                metrics,
+                control,
+                lifecycle,
+            };
+            crate::admin::serve(listener, port).await
         })
         .detach();
     }
@@ -319,7 +331,7 @@ pub async fn serve(setup: ShardSetup) {
     tracing::info!(shard = id, "shard serving");
     let _ = started.send(Ok(()));
 
-    lifecycle::run(shard, stop_accepting).await;
+    lifecycle::run(shard, stop_accepting, lifecycle).await;
     let _ = done.send(id);
     // Keep serving ingest and admin until the process exits.
     futures_lite::future::pending::<()>().await;
