@@ -6,18 +6,10 @@
 
 use std::time::Duration;
 
+use crate::common::admin::publish_numbered;
 use crate::common::browser::query_escape;
 use crate::common::*;
 use serde_json::json;
-
-/// Publishes `n` messages to `channel` over the admin API, checking offsets 1..=n.
-fn publish(server: &Server, channel: &str, n: u64) {
-    for i in 1..=n {
-        let r = server.http_publish(Some(channel), format!("{{\"n\":{i}}}").as_bytes());
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.json()["offset"], i, "{}", r.text());
-    }
-}
 
 fn offsets(browser: &mut Browser, channel: &str) -> serde_json::Value {
     browser.eval(&format!(
@@ -58,8 +50,8 @@ fn falls_back_to(transport: &str, refused_sse: bool) {
         Duration::from_secs(20),
     );
 
-    publish(&server, "news", 20);
-    publish(&server, "room:1", 5);
+    publish_numbered(&server, "news", 1..=20);
+    publish_numbered(&server, "room:1", 1..=5);
     browser.wait("window.log.messages.length >= 25", Duration::from_secs(30));
     assert_eq!(
         offsets(&mut browser, "news"),
@@ -133,7 +125,7 @@ fn browser_returns_to_websocket_when_it_works_again() {
         "window.log.subscribed.length === 1",
         Duration::from_secs(20),
     );
-    publish(&server, "news", 10);
+    publish_numbered(&server, "news", 1..=10);
     browser.wait("window.log.messages.length >= 10", Duration::from_secs(20));
     gate.open();
     browser.wait(

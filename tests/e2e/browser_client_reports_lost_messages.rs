@@ -10,20 +10,12 @@
 
 use std::time::Duration;
 
-use crate::common::admin::admin_disconnect;
+use crate::common::admin::{admin_disconnect, publish_numbered};
 use crate::common::browser::query_escape;
 use crate::common::*;
 use serde_json::json;
 
 const SECRET: &str = "ringcast-browser-gap-secret-0123456789";
-
-fn publish(server: &Server, channel: &str, range: std::ops::RangeInclusive<u64>) {
-    for i in range {
-        let r = server.http_publish(Some(channel), format!("{{\"n\":{i}}}").as_bytes());
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.json()["offset"], i, "{}", r.text());
-    }
-}
 
 fn loses_messages_while_away(transport: &str, server_args: &[&str], reason: &str) {
     let mut args = vec!["--jwt-secret", SECRET];
@@ -44,7 +36,7 @@ fn loses_messages_while_away(transport: &str, server_args: &[&str], reason: &str
         "window.log.subscribed.length === 1",
         Duration::from_secs(30),
     );
-    publish(&server, "news", 1..=3);
+    publish_numbered(&server, "news", 1..=3);
     browser.wait("window.log.messages.length >= 3", Duration::from_secs(20));
 
     gate.shut();
@@ -68,7 +60,7 @@ fn loses_messages_while_away(transport: &str, server_args: &[&str], reason: &str
         || (gate.refused() >= 1).then_some(()),
     );
     // The channel moves on well past what the server can replay.
-    publish(&server, "news", 4..=20);
+    publish_numbered(&server, "news", 4..=20);
     gate.open();
     let resubscribed = browser.wait(
         "window.log.subscribed.length >= 2 && window.log.subscribed[1]",
@@ -80,7 +72,7 @@ fn loses_messages_while_away(transport: &str, server_args: &[&str], reason: &str
         json!({"channel": "news", "offset": 20, "epoch": epoch, "recovered": false, "reason": reason}),
         "the application is told what was lost"
     );
-    publish(&server, "news", 21..=22);
+    publish_numbered(&server, "news", 21..=22);
     browser.wait("window.log.messages.length >= 5", Duration::from_secs(20));
     assert_eq!(
         browser.eval("window.log.messages.map(m => m.offset)"),

@@ -6,23 +6,12 @@
 
 use std::time::Duration;
 
-use crate::common::admin::admin_disconnect;
+use crate::common::admin::{admin_disconnect, http_publish_acked};
 use crate::common::browser::query_escape;
 use crate::common::*;
 use serde_json::json;
 
 const SECRET: &str = "ringcast-browser-test-secret-0123456789";
-
-fn publish_acked(server: &Server, n: u64) {
-    let body = format!("{{\"n\":{n}}}");
-    let request = format!(
-        "POST /publish?channel=user:bob&ack=1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let response = http::send_raw(server.admin_addr(), request.as_bytes()).expect("HTTP publish");
-    assert_eq!(response.status, 200, "{}", response.text());
-    assert_eq!(response.json()["offset"], n, "{}", response.text());
-}
 
 #[test]
 fn browser_delivers_the_inbox_channel_the_server_subscribed_it_to() {
@@ -42,7 +31,10 @@ fn browser_delivers_the_inbox_channel_the_server_subscribed_it_to() {
         "true",
     ]);
     for n in 1..=3 {
-        publish_acked(&server, n);
+        assert_eq!(
+            http_publish_acked(&server, "user:bob", &format!("{{\"n\":{n}}}")),
+            n
+        );
     }
     let mut browser = Browser::start();
     let token = browser.token_for(SECRET, "bob");
@@ -67,7 +59,7 @@ fn browser_delivers_the_inbox_channel_the_server_subscribed_it_to() {
     );
     let again = browser.wait("window.log.subscribed[1]", Duration::from_secs(20));
     assert_eq!(again["recovered"], true, "same inbox history: {again}");
-    publish_acked(&server, 4);
+    assert_eq!(http_publish_acked(&server, "user:bob", "{\"n\":4}"), 4);
     browser.wait("window.log.messages.length >= 4", Duration::from_secs(20));
     assert_eq!(
         browser.eval("window.log.messages.map(m => m.channel + '#' + m.offset + ':' + m.data.n)"),

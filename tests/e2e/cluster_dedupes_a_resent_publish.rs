@@ -7,6 +7,7 @@
 //! stored copy's offset, and the message is stored and delivered once. The same for a
 //! `user:` channel with the cluster inbox on (its own stream, its own NATS client).
 
+use crate::common::admin::{http_publish_acked, http_publish_offset};
 use crate::common::nats::{start_node, wait_cluster_up, wait_following, NatsServer};
 use crate::common::*;
 use serde_json::{json, Value};
@@ -20,19 +21,6 @@ const HELD: Duration = Duration::from_millis(3500);
 /// How long the held publish's client waits: the hold, then the node's re-send (within
 /// its 10 s window), with room for a loaded machine.
 const LATE_ANSWER_WAIT: Duration = Duration::from_secs(15);
-
-fn publish(server: &Server, n: u32) -> u64 {
-    let r = http::request(
-        server.admin_addr(),
-        "POST",
-        &format!("/publish?channel={CHANNEL}"),
-        &[],
-        format!("{{\"n\":{n}}}").as_bytes(),
-    )
-    .expect("HTTP publish");
-    assert_eq!(r.status, 200, "publish {n}: {}", r.text());
-    r.json()["offset"].as_u64().expect("offset in the answer")
-}
 
 #[test]
 fn a_publish_whose_acknowledgement_is_late_is_stored_and_delivered_once() {
@@ -58,7 +46,7 @@ fn a_publish_whose_acknowledgement_is_late_is_stored_and_delivered_once() {
     let (mut sub, _) = nats_ws_subscribe(&b);
     wait_following([&b]);
 
-    assert_eq!(publish(&a, 1), 1);
+    assert_eq!(http_publish_offset(&a, CHANNEL, "{\"n\":1}"), 1);
     gate.hold();
     let late = std::thread::spawn({
         let addr = a.admin_addr();
@@ -82,7 +70,7 @@ fn a_publish_whose_acknowledgement_is_late_is_stored_and_delivered_once() {
         .expect("HTTP publish 2");
     assert_eq!(r.status, 200, "publish 2: {}\n{}", r.text(), a.log());
     assert_eq!(r.json()["offset"], 2, "{}", r.text());
-    assert_eq!(publish(&a, 3), 3);
+    assert_eq!(http_publish_offset(&a, CHANNEL, "{\"n\":3}"), 3);
 
     let got = sub.collect(3, Duration::from_secs(10));
     let seen: Vec<(u64, Value)> = got
@@ -137,20 +125,6 @@ fn nats_ws_subscribe(server: &Server) -> (Subscriber, Value) {
 
 const USER: &str = "user:7";
 
-/// `ack=1`: for a user channel, answered once JetStream stored the message.
-fn publish_acked(server: &Server, channel: &str, n: u32) -> u64 {
-    let r = http::request(
-        server.admin_addr(),
-        "POST",
-        &format!("/publish?channel={channel}&ack=1"),
-        &[],
-        format!("{{\"n\":{n}}}").as_bytes(),
-    )
-    .expect("HTTP publish");
-    assert_eq!(r.status, 200, "publish {n}: {}", r.text());
-    r.json()["offset"].as_u64().expect("offset in the answer")
-}
-
 /// Regression (open issue, item 13, "cluster inbox publish dedupe"): a cluster-inbox
 /// publish whose JetStream ack came late was answered 503 although it was stored, and
 /// the publisher's retry stored it a second time. Now it carries a `Nats-Msg-Id` and is
@@ -193,7 +167,7 @@ fn an_inbox_publish_whose_acknowledgement_is_late_is_stored_and_delivered_once()
     }
     let (mut sub, _) =
         crate::common::nats::ws_subscribe(&b, &json!({"cmd":"subscribe","channel":USER,"id":1}));
-    assert_eq!(publish_acked(&a, USER, 1), 1);
+    assert_eq!(http_publish_acked(&a, USER, "{\"n\":1}"), 1);
     assert_eq!(
         sub.collect(1, Duration::from_secs(10))[0].offset,
         1,
@@ -223,7 +197,7 @@ fn an_inbox_publish_whose_acknowledgement_is_late_is_stored_and_delivered_once()
         .expect("HTTP publish 2");
     assert_eq!(r.status, 200, "publish 2: {}\n{}", r.text(), a.log());
     assert_eq!(r.json()["offset"], 2, "{}", r.text());
-    assert_eq!(publish_acked(&a, USER, 3), 3);
+    assert_eq!(http_publish_acked(&a, USER, "{\"n\":3}"), 3);
 
     let got = sub.collect(2, Duration::from_secs(10));
     let seen: Vec<(u64, Value)> = got

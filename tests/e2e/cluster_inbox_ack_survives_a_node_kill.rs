@@ -7,6 +7,7 @@
 //! lost: the other node, and node 0 restarted, deliver exactly the offsets after the
 //! applied ack, in order, once.
 
+use crate::common::admin::{http_publish_acked, wait_inbox_up};
 use crate::common::nats::{start_recovering_node, Cluster, NatsServer};
 use crate::common::subscriber::Event;
 use crate::common::*;
@@ -30,29 +31,6 @@ fn node(dir: &Path, name: &str, nats_url: &str) -> Server {
             data.to_str().expect("utf-8 path"),
         ],
     )
-}
-
-fn wait_inbox_up(server: &Server) {
-    server.wait_for_metric(
-        "ringcast_inbox_up",
-        "ringcast_inbox_up == 1",
-        Duration::from_secs(30),
-        |v| v == 1.0,
-    );
-}
-
-/// Publishes to the user with `POST /publish?ack=1` on `server`; the offset.
-fn publish_acked(server: &Server, n: u64) -> u64 {
-    let body = format!("{{\"n\":{n}}}");
-    let request = format!(
-        "POST /publish?channel={USER}&ack=1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let response = http::send_raw(server.admin_addr(), request.as_bytes()).expect("HTTP publish");
-    assert_eq!(response.status, 200, "{}", response.text());
-    response.json()["offset"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("an offset: {}", response.text()))
 }
 
 /// Subscribes to the user's inbox on `server` and reads every message up to `last`:
@@ -115,7 +93,7 @@ fn an_ack_cut_by_a_node_kill_is_applied_whole_or_not_at_all() {
     let dir = cluster.dir.path().to_path_buf();
     let nodes = &mut cluster.nodes;
     for n in nodes.iter() {
-        wait_inbox_up(n);
+        wait_inbox_up(n, 1.0);
     }
     // The acks that may be the one applied: the last answered one, and any sent after it
     // whose node was killed before it answered.
@@ -126,7 +104,7 @@ fn an_ack_cut_by_a_node_kill_is_applied_whole_or_not_at_all() {
     let delays_ms = [0, 0, 1, 2, 3, 5, 8, 15, 50];
     for (round, delay) in delays_ms.into_iter().enumerate() {
         for _ in 0..10 {
-            let offset = publish_acked(&nodes[1], last + 1);
+            let offset = http_publish_acked(&nodes[1], USER, &format!("{{\"n\":{}}}", last + 1));
             assert_eq!(offset, last + 1, "offsets continue across kills");
             last = offset;
         }
@@ -176,7 +154,7 @@ fn an_ack_cut_by_a_node_kill_is_applied_whole_or_not_at_all() {
         });
         candidates = vec![applied];
         nodes[0] = node(&dir, "node0", &nats_url);
-        wait_inbox_up(&nodes[0]);
+        wait_inbox_up(&nodes[0], 1.0);
     }
     println!("acks cut by kill -9 (delays {delays_ms:?} ms): {outcomes:?}");
     let m = nodes[1].metrics();

@@ -9,6 +9,7 @@
 //! 3-replica inbox streams (reads then go to the stream leader), and one NATS server
 //! killed: messages acknowledged to their publisher after that reach the user.
 
+use crate::common::admin::wait_inbox_up;
 use crate::common::nats::{start_node, start_recovering_node, Cluster, NatsCluster, NatsServer};
 use crate::common::*;
 use std::path::Path;
@@ -31,15 +32,6 @@ fn inbox_args(data: &Path) -> [&str; 6] {
         "--data-dir",
         data.to_str().expect("utf-8 path"),
     ]
-}
-
-fn wait_inbox_up(server: &Server, up: f64) {
-    server.wait_for_metric(
-        "ringcast_inbox_up",
-        &format!("ringcast_inbox_up == {up}"),
-        Duration::from_secs(30),
-        |v| v == up,
-    );
 }
 
 fn addrs(server: &Server) -> String {

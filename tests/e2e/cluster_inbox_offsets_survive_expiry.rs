@@ -8,6 +8,7 @@
 //! ack and the expiry of the next messages, the next message reused their offsets, and a
 //! client resuming from the last of them was sent old messages and never the new one.
 
+use crate::common::admin::http_publish_acked;
 use crate::common::nats::{start_node, Cluster, NatsServer};
 use crate::common::*;
 use serde_json::{json, Value};
@@ -51,23 +52,6 @@ fn token() -> String {
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("signing a token")
-}
-
-/// `POST /publish?channel=user:7&ack=1`: the stored offset.
-fn publish(server: &Server, n: u64) -> u64 {
-    let body = format!("{{\"n\":{n}}}");
-    let r = http::request(
-        server.admin_addr(),
-        "POST",
-        &format!("/publish?channel={CHANNEL}&ack=1"),
-        &[],
-        body.as_bytes(),
-    )
-    .unwrap_or_else(|e| panic!("publish {n}: {e}\n{}", server.describe()));
-    assert_eq!(r.status, 200, "publish {n}: {}", r.text());
-    r.json()["offset"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("publish {n}: no offset in {}", r.text()))
 }
 
 /// Messages in the inbox stream, from nats-server's monitoring endpoint.
@@ -120,10 +104,12 @@ fn cluster_inbox_offsets_never_repeat_after_retention_empties_a_user() {
     );
 
     // Three messages nobody acks expire.
-    let first: Vec<u64> = (1..=3).map(|n| publish(server, n)).collect();
+    let first: Vec<u64> = (1..=3)
+        .map(|n| http_publish_acked(server, CHANNEL, &format!("{{\"n\":{n}}}")))
+        .collect();
     assert_eq!(first, [1, 2, 3]);
     wait_expired(&cluster.nats);
-    let next = publish(server, 4);
+    let next = http_publish_acked(server, CHANNEL, "{\"n\":4}");
     assert!(next > 3, "offset {next} given again after 1-3 expired");
 
     // The user gets it, acks it; three more arrive live, then expire unacked.
@@ -140,7 +126,9 @@ fn cluster_inbox_offsets_never_repeat_after_retention_empties_a_user() {
         (Some(200), Some(1)),
         "{ack}"
     );
-    let live: Vec<u64> = (5..=7).map(|n| publish(server, n)).collect();
+    let live: Vec<u64> = (5..=7)
+        .map(|n| http_publish_acked(server, CHANNEL, &format!("{{\"n\":{n}}}")))
+        .collect();
     assert_eq!(
         live,
         [next + 1, next + 2, next + 3],
@@ -157,7 +145,7 @@ fn cluster_inbox_offsets_never_repeat_after_retention_empties_a_user() {
 
     // The next message goes past every expired offset, in the same epoch, and a client
     // resuming from the last one it saw gets that message and nothing older.
-    let newest = publish(server, 8);
+    let newest = http_publish_acked(server, CHANNEL, "{\"n\":8}");
     assert!(
         newest > live[2],
         "offset {newest} given again after {live:?} expired"

@@ -9,6 +9,7 @@
 //! (its position token) and a WebSocket that names the channel and a `since` on its
 //! upgrade URL. Real nats-server, real binaries.
 
+use crate::common::admin::http_publish_offset;
 use crate::common::nats::{start_recovering_node, ws_subscribe, Cluster, NatsServer};
 use crate::common::*;
 use serde_json::{json, Value};
@@ -39,7 +40,10 @@ fn three_published_on_a(test: &'static str, channel: &str) -> (Cluster, String) 
     let c = two_nodes(test, 120);
     let a = &c.nodes[0];
     for i in 1..=3 {
-        assert_eq!(publish(a, channel, &json!({"n": i})), i);
+        assert_eq!(
+            http_publish_offset(a, channel, &json!({"n": i}).to_string()),
+            i
+        );
     }
     let (mut sub, reply) = ws_subscribe(a, &json!({"cmd":"subscribe","channel":channel,"id":1}));
     assert_eq!(reply["offset"], 3, "{reply}");
@@ -70,14 +74,6 @@ fn assert_joined(c: &Cluster, node: &Server, fetched: f64) {
     );
 }
 
-fn publish(server: &Server, channel: &str, payload: &Value) -> u64 {
-    let r = server.http_publish(Some(channel), payload.to_string().as_bytes());
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["offset"]
-        .as_u64()
-        .expect("offset in the publish answer")
-}
-
 #[test]
 fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
     const CHANNEL: &str = "news:moved";
@@ -87,12 +83,18 @@ fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
     );
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
 
-    assert_eq!(publish(a, CHANNEL, &json!({"n": 1})), 1);
+    assert_eq!(
+        http_publish_offset(a, CHANNEL, &json!({"n": 1}).to_string()),
+        1
+    );
     // The client reads messages on A up to offset 10, notes its position, goes away.
     let (mut client, reply) = ws_subscribe(a, &json!({"cmd":"subscribe","channel":CHANNEL,"id":1}));
     assert_eq!(reply["offset"], 1, "{reply}");
     for i in 2..=10 {
-        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
+        assert_eq!(
+            http_publish_offset(a, CHANNEL, &json!({"n": i}).to_string()),
+            i
+        );
     }
     let got = client.collect(9, Duration::from_secs(10));
     let at = got.last().expect("ten messages").offset;
@@ -101,7 +103,10 @@ fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
     client.close();
     // 15 more while it is away; B never had a subscriber of the channel.
     for i in 11..=25 {
-        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
+        assert_eq!(
+            http_publish_offset(a, CHANNEL, &json!({"n": i}).to_string()),
+            i
+        );
     }
     let (mut moved, reply) = ws_subscribe(
         b,
@@ -128,7 +133,10 @@ fn a_moved_client_recovers_on_a_node_that_never_followed_the_channel() {
     // Then live, from both nodes: the next offsets, nothing repeated.
     for i in 26..=30 {
         let node = if i % 2 == 0 { a } else { b };
-        assert_eq!(publish(node, CHANNEL, &json!({"n": i})), i);
+        assert_eq!(
+            http_publish_offset(node, CHANNEL, &json!({"n": i}).to_string()),
+            i
+        );
     }
     let live = moved.collect(5, Duration::from_secs(10));
     assert_eq!(
@@ -210,7 +218,7 @@ fn subscribers_joining_while_publishes_flow_get_every_offset_after_their_reply()
         assert_eq!(ns, expect, "{ch}: payloads");
         // Nothing after the last one: the next publish is the next offset.
         assert_eq!(
-            publish(a, &ch, &json!({"n": PER_CHANNEL + 1})),
+            http_publish_offset(a, &ch, &json!({"n": PER_CHANNEL + 1}).to_string()),
             PER_CHANNEL + 1
         );
         let next = sub
@@ -250,7 +258,10 @@ fn subscribers_before_the_first_publish_share_the_channels_cluster_epoch() {
 
     // The first publishes start at offset 1 in that epoch and reach both subscribers.
     for i in 1..=5 {
-        assert_eq!(publish(a, CHANNEL, &json!({"n": i})), i);
+        assert_eq!(
+            http_publish_offset(a, CHANNEL, &json!({"n": i}).to_string()),
+            i
+        );
     }
     for (name, sub) in [("A", &mut on_a), ("B", &mut on_b)] {
         let got = sub.collect(5, Duration::from_secs(10));
@@ -412,8 +423,14 @@ fn an_sse_subscriber_on_a_node_that_never_followed_the_channel_gets_the_streams_
         );
     }
     // Live from both nodes: the stream's next offsets.
-    assert_eq!(publish(a, CHANNEL, &json!({"n": 4})), 4);
-    assert_eq!(publish(b, CHANNEL, &json!({"n": 5})), 5);
+    assert_eq!(
+        http_publish_offset(a, CHANNEL, &json!({"n": 4}).to_string()),
+        4
+    );
+    assert_eq!(
+        http_publish_offset(b, CHANNEL, &json!({"n": 5}).to_string()),
+        5
+    );
     let live = sse.events(2, Duration::from_secs(10));
     for (k, (id, data)) in live.iter().enumerate() {
         let offset = k as u64 + 4;
@@ -488,7 +505,10 @@ fn a_long_poll_on_a_node_that_never_followed_the_channel_gets_the_streams_offset
     );
 
     // Published on B, then polled from that position: offset 4.
-    assert_eq!(publish(b, CHANNEL, &json!({"n": 4})), 4);
+    assert_eq!(
+        http_publish_offset(b, CHANNEL, &json!({"n": 4}).to_string()),
+        4
+    );
     let position = format!("{CHANNEL}~3~{epoch}");
     let answer = poll(
         b,
@@ -510,7 +530,10 @@ fn a_long_poll_on_a_node_that_never_followed_the_channel_gets_the_streams_offset
                 &format!("channels={CHANNEL}&since={CHANNEL}~4~{epoch}&timeout=30"),
             )
         });
-        assert_eq!(publish(a, CHANNEL, &json!({"n": 5})), 5);
+        assert_eq!(
+            http_publish_offset(a, CHANNEL, &json!({"n": 5}).to_string()),
+            5
+        );
         held.join().expect("the poll thread")
     });
     assert_eq!(polled_offsets(&answer, CHANNEL), [5], "{answer}");
@@ -563,7 +586,10 @@ fn an_upgrade_url_subscribe_on_a_node_that_never_followed_the_channel_gets_the_s
     // Live from both nodes after the replay: the stream's next offsets.
     for i in 4..=6 {
         let node = if i == 5 { b } else { a };
-        assert_eq!(publish(node, CHANNEL, &json!({"n": i})), i);
+        assert_eq!(
+            http_publish_offset(node, CHANNEL, &json!({"n": i}).to_string()),
+            i
+        );
     }
     let mut got = Vec::new();
     for k in 2..=6u64 {
@@ -578,7 +604,10 @@ fn an_upgrade_url_subscribe_on_a_node_that_never_followed_the_channel_gets_the_s
     }
     assert_eq!(got, (2..=6).collect::<Vec<_>>(), "{}", c.metrics());
     // Nothing repeated after them: the next publish is the next message.
-    assert_eq!(publish(b, CHANNEL, &json!({"n": 7})), 7);
+    assert_eq!(
+        http_publish_offset(b, CHANNEL, &json!({"n": 7}).to_string()),
+        7
+    );
     let next = sub
         .next_delivery(Duration::from_secs(10))
         .expect("offset 7 arrives");

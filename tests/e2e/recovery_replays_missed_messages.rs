@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use crate::common::admin::http_publish_offset;
 use crate::common::*;
 
 #[test]
@@ -73,8 +74,8 @@ fn since_on_the_upgrade_url_resumes_those_channels() {
     );
     let epoch_b = sub["epoch"].as_str().expect("epoch").to_string();
     for n in 1..=3 {
-        publish(&server, "url:a", &format!("{{\"n\":{n}}}"));
-        publish(&server, "url:b", &format!("{{\"n\":{n}}}"));
+        http_publish_offset(&server, "url:a", &format!("{{\"n\":{n}}}"));
+        http_publish_offset(&server, "url:b", &format!("{{\"n\":{n}}}"));
     }
     let got = first.collect(6, Duration::from_secs(5));
     let mut seen: Vec<(String, u64)> = got.iter().map(|d| (d.channel.clone(), d.offset)).collect();
@@ -87,8 +88,8 @@ fn since_on_the_upgrade_url_resumes_those_channels() {
     first.close();
     // Away: 4 and 5 are published to both.
     for n in 4..=5 {
-        publish(&server, "url:a", &format!("{{\"n\":{n}}}"));
-        publish(&server, "url:b", &format!("{{\"n\":{n}}}"));
+        http_publish_offset(&server, "url:a", &format!("{{\"n\":{n}}}"));
+        http_publish_offset(&server, "url:b", &format!("{{\"n\":{n}}}"));
     }
     let since = format!("url:b~3~{epoch_b}");
     let mut again = Subscriber::connect(&format!("{base}?channels=url:a,url:b&since={since}"));
@@ -107,8 +108,8 @@ fn since_on_the_upgrade_url_resumes_those_channels() {
         vec![("url:b".to_string(), 4), ("url:b".to_string(), 5)]
     );
     // Live from here on both, url:a without a reply (no position was given for it).
-    publish(&server, "url:a", "{\"n\":6}");
-    publish(&server, "url:b", "{\"n\":6}");
+    http_publish_offset(&server, "url:a", "{\"n\":6}");
+    http_publish_offset(&server, "url:b", "{\"n\":6}");
     // A reply for url:a here would fail the collector.
     let live = again.collect_without_replies(2, Duration::from_secs(5));
     let mut offsets: Vec<(String, u64)> =
@@ -128,9 +129,4 @@ fn since_on_the_upgrade_url_resumes_those_channels() {
     .expect("upgrade request");
     assert_eq!(bad.status, 400, "{}", bad.text());
     assert!(bad.text().contains("bad position"), "{}", bad.text());
-}
-
-fn publish(server: &Server, channel: &str, payload: &str) {
-    let answer = server.http_publish(Some(channel), payload.as_bytes());
-    assert_eq!(answer.status, 200, "{}", answer.text());
 }

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::common::admin::http_publish_offset;
 use crate::common::*;
 
 const FLEET: usize = 1000;
@@ -37,16 +38,6 @@ fn upgrade(addr: SocketAddr, source: &str, origin: Option<&str>) -> (u16, TcpStr
 /// [`upgrade`]'s status; the socket is closed on return.
 fn upgrade_status(addr: SocketAddr, source: &str, origin: Option<&str>) -> u16 {
     upgrade(addr, source, origin).0
-}
-
-/// Publishes one message over HTTP; returns its offset.
-fn publish(server: &Server, step: &str) -> u64 {
-    let payload = format!("{{\"step\":\"{step}\"}}");
-    let r = server.http_publish(Some(CHANNEL), payload.as_bytes());
-    assert_eq!(r.status, 200, "publishing {step}: {}", r.text());
-    r.json()["offset"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no offset in the publish answer: {}", r.text()))
 }
 
 /// The server still counts at least the fleet's connections (the fleet's own summary
@@ -94,7 +85,7 @@ fn sighup_reload_keeps_1k_clients() {
     );
     fleet.wait_ready(Duration::from_secs(60));
     server.wait_for_connections(FLEET, Duration::from_secs(30));
-    let first = publish(&server, "before");
+    let first = http_publish_offset(&server, CHANNEL, r#"{"step":"before"}"#);
 
     // The start's rules: 127.0.0.1 holds 1000 of its 1100; only origin a is allowed
     // (a client without Origin, like the fleet, is allowed by default).
@@ -136,7 +127,7 @@ fn sighup_reload_keeps_1k_clients() {
         m.describe("ringcast_connections_refused_total")
     );
     fleet_still_connected(&server, "after the reload");
-    publish(&server, "reloaded");
+    http_publish_offset(&server, CHANNEL, r#"{"step":"reloaded"}"#);
 
     // A broken file (one bad origin entry, and a per-IP limit that would change) is
     // refused as a whole, named by its key; the reloaded rules stay.
@@ -156,7 +147,7 @@ fn sighup_reload_keeps_1k_clients() {
     );
     check_admission(&server, &after, "after the refused reload");
     fleet_still_connected(&server, "after the refused reload");
-    let last = publish(&server, "refused");
+    let last = http_publish_offset(&server, CHANNEL, r#"{"step":"refused"}"#);
     assert_eq!(last, first + 2, "three messages, consecutive offsets");
 
     let summary = fleet.finish(Duration::from_secs(60));

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::common::admin::slow_consumer_closes;
 use crate::common::server::wait_for_messages_in;
 use crate::common::*;
 use serde_json::json;
@@ -40,13 +41,6 @@ fn connect_slow_consumer(server: &Server) -> RawWs {
         .connect_timeout(&server.ws_addr().into(), Duration::from_secs(5))
         .expect("connecting the slow consumer");
     RawWs::upgrade(TcpStream::from(socket), &format!("/ws?channels={CHANNEL}"))
-}
-
-fn slow_consumer_closes(server: &Server) -> f64 {
-    server.metrics().sum_where(
-        "ringcast_connections_closed_total",
-        &[("reason", "slow_consumer")],
-    )
 }
 
 /// Reads messages until `target` (set once publishing is over) have arrived.

@@ -13,6 +13,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use crate::common::admin::slow_consumer_closes;
 use crate::common::http::{get, read_head, read_some};
 use crate::common::server::wait_for_messages_in;
 use crate::common::*;
@@ -216,13 +217,6 @@ fn a_resume_of_many_long_named_channels_is_bounded_short_and_exact() {
         total < want * (longest + 400),
         "{total} bytes for {want} messages"
     );
-}
-
-fn slow_consumer_closes(server: &Server) -> f64 {
-    server.metrics().sum_where(
-        "ringcast_connections_closed_total",
-        &[("reason", "slow_consumer")],
-    )
 }
 
 #[test]
