@@ -23,6 +23,9 @@ use socket2::{Domain, Socket, Type};
 const CHANNELS: usize = 62;
 const PER_CHANNEL: u64 = 20;
 const BACKLOG: usize = 65536;
+/// Padding of each message the non-reading client is sent: with its id (at most ~900
+/// bytes) an event is under `SLOW_PAD + 2048`.
+const SLOW_PAD: usize = 6000;
 
 /// 62 names of 40 bytes: with a full position they fit the 8 KiB request head limit.
 fn channel_names() -> Vec<String> {
@@ -229,7 +232,7 @@ fn an_sse_client_that_does_not_read_its_replay_is_closed_as_a_slow_consumer() {
     let names = channel_names();
     // ~7.5 MB of history: more than the kernel buffers on loopback (a few MiB on the
     // server's side) and far more than the backlog bound.
-    let position = history(&server, &names, 6000);
+    let position = history(&server, &names, SLOW_PAD);
 
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
@@ -255,8 +258,11 @@ fn an_sse_client_that_does_not_read_its_replay_is_closed_as_a_slow_consumer() {
         },
     );
     eprintln!("the server held at most {most} bytes for the client");
+    // One event over the bound at most: the last one admitted is queued whole. Whether a
+    // metrics scrape sees that peak is timing (it showed with other tests running beside
+    // this one), so the allowance is a whole event, not a fixed 4 KiB.
     assert!(
-        most <= (BACKLOG + 4096) as f64,
+        most <= (BACKLOG + SLOW_PAD + 2048) as f64,
         "{most} bytes queued for a client with a {BACKLOG}-byte backlog bound"
     );
     assert_eq!(slow_consumer_closes(&server), 1.0);
