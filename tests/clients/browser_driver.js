@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Drives a real headless Chromium (Debian's /usr/bin/chromium, through playwright-core)
-// for ringcast's browser tests (tests/browser_client_*.rs, tests/common/browser.rs).
+// for ringcast's browser tests (tests/e2e/browser_client_*.rs, tests/e2e/common/browser.rs).
 //
 //   node browser_driver.js
 //

@@ -1,4 +1,4 @@
-"""TLS clients for tests/tls_listener_serves_wss_and_https.rs: `websockets` over `ssl`
+"""TLS clients for tests/e2e/tls_listener_serves_wss_and_https.rs: `websockets` over `ssl`
 (wss://) and the stdlib's `http.client` over `ssl` (https:// SSE), against a ringcast
 started with `--tls-listen`. Prints one JSON line per case: {"case", "ok", "error"}.
 
