@@ -10,6 +10,7 @@ use crate::auth::token::{JwtAlgorithm, KeyMaterial, Verifier};
 use crate::auth::AuthSettings;
 pub use crate::inbox::InboxConfig;
 use crate::ingest::key::IngestKey;
+use crate::live::Live;
 use crate::proto::origin::OriginPolicy;
 use crate::proto::proxy::Versions;
 use clap::{Parser, Subcommand};
@@ -438,6 +439,9 @@ pub enum ConfigAction {
 /// Validated settings the server runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The settings a SIGHUP may change ([`crate::live`]): swapped while serving, so
+    /// shards read them through [`crate::live::Cached`]; these are their values at start.
+    pub live: Live,
     /// WebSocket listen address.
     pub listen: SocketAddr,
     /// UDP ingest address, if enabled.
@@ -446,57 +450,31 @@ pub struct Settings {
     pub tcp_ingest: Option<SocketAddr>,
     /// Admin HTTP address.
     pub admin: SocketAddr,
-    /// Allowed sources for non-loopback ingest/admin.
-    pub ingest_allow: Vec<Cidr>,
-    /// Key TCP/HTTP publishers must present; `None`: none asked.
-    pub ingest_key: Option<IngestKey>,
     /// Deadline for a TCP ingest connection's `AUTH` line (with `ingest_key`).
     pub ingest_auth_timeout: Duration,
-    /// Open TCP ingest connections over the process.
-    pub max_tcp_ingest_connections: usize,
     /// Deadline for one whole admin request (and for writing its answer).
     pub admin_request_timeout: Duration,
-    /// Open admin-port connections.
-    pub max_admin_connections: usize,
     /// Log line format.
     pub log_format: LogFormat,
     /// Shard count (resolved, >= 1).
     pub shards: usize,
-    /// Connection limit over all shards (process-wide).
-    pub max_connections: usize,
     /// Listener accept queue length.
     pub listen_backlog: u32,
-    /// The TLS listener, when `tls_listen` is set.
-    pub tls: Option<TlsSettings>,
     /// Frame/message/payload size limit.
     pub max_message_size: usize,
-    /// Backlog bytes before skipping.
-    pub max_backlog_bytes: usize,
-    /// Backlog frames before skipping.
-    pub max_backlog_frames: usize,
-    /// Skips in a row before 1013.
-    pub slow_consumer_drop_limit: u32,
-    /// Seconds without progress before a lagging connection is closed.
-    pub slow_consumer_timeout: Duration,
     /// Subscriptions per connection.
     pub max_subscriptions_per_connection: usize,
     /// Channels with state, process-wide, beyond which subscribes to new ones are refused.
     pub max_channels: u64,
-    /// Inbound frames per second per connection.
-    pub max_inbound_per_sec: u32,
     /// Silence before a ping.
     pub ping_interval: Duration,
     /// Silence after a ping before the connection is dead.
     pub pong_timeout: Duration,
     /// Deadline for the whole upgrade, from accept to the answer written.
     pub handshake_timeout: Duration,
-    /// Upgrades in flight per shard before new sockets get 503.
-    pub max_handshakes_per_shard: usize,
-    /// Whether a full shard's upgrade places are shared fairly between addresses.
-    pub handshake_fair_share: bool,
-    /// Browser origins allowed on the WebSocket port.
-    pub origins: OriginPolicy,
-    /// Per source address limits ([`crate::admission::per_ip`]).
+    /// Per source address limits ([`crate::admission::per_ip`]). A reload applies the
+    /// three limits to the per-address table (when one was on at start), not through
+    /// [`Settings::live`]; `ipv6_prefix_len` needs a restart.
     pub per_ip: PerIpLimits,
     /// The PROXY header expected on the WebSocket port from `trusted_proxies`; `None`: off.
     pub proxy_protocol: Option<Versions>,
@@ -530,8 +508,6 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Whether transparent huge pages stay enabled for the process.
     pub transparent_huge_pages: bool,
-    /// Token verification and anonymous access.
-    pub auth: AuthSettings,
     /// Namespace rules, looked up per channel with [`Namespaces::rules_for`].
     pub namespaces: Namespaces,
     /// The NATS cluster; `None`: this node runs alone.
@@ -611,15 +587,6 @@ impl Settings {
     pub fn proxy_header_from(&self, peer: IpAddr) -> Option<Versions> {
         self.proxy_protocol
             .filter(|_| self.trusted_proxies.iter().any(|c| c.contains(peer)))
-    }
-
-    /// True when `ip` may use ingest/admin: loopback always, others by allowlist.
-    pub fn ingest_allowed(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        ip.is_loopback() || self.ingest_allow.iter().any(|c| c.contains(ip))
     }
 }
 
@@ -756,11 +723,79 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         message: e.message,
     })?;
     let s = Settings {
+        live: Live {
+            ingest_allow,
+            ingest_key: match pick!(ingest_key, String::new()) {
+                k if k.is_empty() => None,
+                k => Some(IngestKey::new(&k).map_err(|m| invalid("ingest_key", m))?),
+            },
+            max_tcp_ingest_connections: in_range(
+                "max_tcp_ingest_connections",
+                pick!(max_tcp_ingest_connections, 1024),
+                1,
+                1 << 20,
+            )?,
+            max_admin_connections: in_range(
+                "max_admin_connections",
+                pick!(max_admin_connections, 1024),
+                1,
+                1 << 20,
+            )?,
+            max_connections: in_range(
+                "max_connections",
+                pick!(max_connections, 1_000_000),
+                1,
+                100_000_000,
+            )?,
+            tls: resolve_tls(&cli, &file)?,
+            max_backlog_bytes: in_range(
+                "max_backlog_bytes",
+                pick!(max_backlog_bytes, 256 << 10),
+                1024,
+                1 << 30,
+            )?,
+            max_backlog_frames: in_range(
+                "max_backlog_frames",
+                pick!(max_backlog_frames, 4096),
+                1,
+                1 << 20,
+            )?,
+            slow_consumer_drop_limit: in_range(
+                "slow_consumer_drop_limit",
+                pick!(slow_consumer_drop_limit, 1000),
+                1,
+                u32::MAX,
+            )?,
+            slow_consumer_timeout: Duration::from_secs(in_range(
+                "slow_consumer_timeout",
+                pick!(slow_consumer_timeout, 10),
+                1,
+                3600,
+            )?),
+            max_inbound_per_sec: in_range(
+                "max_inbound_per_sec",
+                pick!(max_inbound_per_sec, 200),
+                1,
+                u32::MAX,
+            )?,
+            max_handshakes_per_shard: in_range(
+                "max_handshakes_per_shard",
+                pick!(max_handshakes_per_shard, 1024),
+                1,
+                1 << 20,
+            )?,
+            handshake_fair_share: pick!(handshake_fair_share, true),
+            origins: OriginPolicy::new(
+                &pick!(allowed_origins, vec!["*".to_string()]),
+                pick!(allow_missing_origin, true),
+            )
+            .map_err(|e| invalid("allowed_origins", e))?,
+            auth,
+        },
         listen: pick!(listen, SocketAddr::from(([0, 0, 0, 0], 8080))),
         udp_ingest: optional_addr("udp_ingest", pick!(udp_ingest, "127.0.0.1:9000".into()))?,
         tcp_ingest: optional_addr("tcp_ingest", pick!(tcp_ingest, "127.0.0.1:9001".into()))?,
         admin: pick!(admin, SocketAddr::from(([127, 0, 0, 1], 9090))),
-        ingest_allow,
         log_format: match pick!(log_format, "text".into()).as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -771,73 +806,26 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
                 ))
             }
         },
-        ingest_key: match pick!(ingest_key, String::new()) {
-            k if k.is_empty() => None,
-            k => Some(IngestKey::new(&k).map_err(|m| invalid("ingest_key", m))?),
-        },
         ingest_auth_timeout: Duration::from_secs(in_range(
             "ingest_auth_timeout",
             pick!(ingest_auth_timeout, 10),
             1,
             600,
         )?),
-        max_tcp_ingest_connections: in_range(
-            "max_tcp_ingest_connections",
-            pick!(max_tcp_ingest_connections, 1024),
-            1,
-            1 << 20,
-        )?,
         admin_request_timeout: Duration::from_secs(in_range(
             "admin_request_timeout",
             pick!(admin_request_timeout, 10),
             1,
             600,
         )?),
-        max_admin_connections: in_range(
-            "max_admin_connections",
-            pick!(max_admin_connections, 1024),
-            1,
-            1 << 20,
-        )?,
         shards,
-        max_connections: in_range(
-            "max_connections",
-            pick!(max_connections, 1_000_000),
-            1,
-            100_000_000,
-        )?,
         listen_backlog: in_range("listen_backlog", pick!(listen_backlog, 65_535), 1, 1 << 20)?,
-        tls: resolve_tls(&cli, &file)?,
         max_message_size: in_range(
             "max_message_size",
             pick!(max_message_size, 65_536),
             125,
             16 << 20,
         )?,
-        max_backlog_bytes: in_range(
-            "max_backlog_bytes",
-            pick!(max_backlog_bytes, 256 << 10),
-            1024,
-            1 << 30,
-        )?,
-        max_backlog_frames: in_range(
-            "max_backlog_frames",
-            pick!(max_backlog_frames, 4096),
-            1,
-            1 << 20,
-        )?,
-        slow_consumer_drop_limit: in_range(
-            "slow_consumer_drop_limit",
-            pick!(slow_consumer_drop_limit, 1000),
-            1,
-            u32::MAX,
-        )?,
-        slow_consumer_timeout: Duration::from_secs(in_range(
-            "slow_consumer_timeout",
-            pick!(slow_consumer_timeout, 10),
-            1,
-            3600,
-        )?),
         max_subscriptions_per_connection: in_range(
             "max_subscriptions_per_connection",
             pick!(max_subscriptions_per_connection, 64),
@@ -845,12 +833,6 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             65_536,
         )?,
         max_channels: in_range("max_channels", pick!(max_channels, 2_000_000), 1, 1 << 40)?,
-        max_inbound_per_sec: in_range(
-            "max_inbound_per_sec",
-            pick!(max_inbound_per_sec, 200),
-            1,
-            u32::MAX,
-        )?,
         ping_interval: Duration::from_secs(in_range(
             "ping_interval",
             pick!(ping_interval, 25),
@@ -869,18 +851,6 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             1,
             600,
         )?),
-        max_handshakes_per_shard: in_range(
-            "max_handshakes_per_shard",
-            pick!(max_handshakes_per_shard, 1024),
-            1,
-            1 << 20,
-        )?,
-        handshake_fair_share: pick!(handshake_fair_share, true),
-        origins: OriginPolicy::new(
-            &pick!(allowed_origins, vec!["*".to_string()]),
-            pick!(allow_missing_origin, true),
-        )
-        .map_err(|e| invalid("allowed_origins", e))?,
         per_ip: PerIpLimits {
             max_connections: pick!(max_connections_per_ip, 0),
             max_new_per_sec: pick!(max_new_connections_per_ip_per_sec, 0),
@@ -947,7 +917,6 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         inbox: resolve_inbox(&cli, &file)?,
         data_dir: pick!(data_dir, PathBuf::from("ringcast-data")),
         transparent_huge_pages: pick!(transparent_huge_pages, false),
-        auth,
         cluster: cli
             .cluster
             .as_ref()
@@ -962,7 +931,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
         namespaces,
     };
     let exposed = |key: &'static str, addr: Option<SocketAddr>| match addr {
-        Some(a) if !a.ip().is_loopback() && s.ingest_allow.is_empty() => Err(invalid(
+        Some(a) if !a.ip().is_loopback() && s.live.ingest_allow.is_empty() => Err(invalid(
             key,
             format!("{a} is not loopback: set ingest_allow (CIDRs of the publishers) to expose it"),
         )),
@@ -974,7 +943,7 @@ pub fn resolve(cli: ConfigLayer, file: ConfigLayer) -> Result<Settings, ConfigEr
             "proxy_protocol is on but no peer is trusted to send the header: list the balancers' CIDRs",
         ));
     }
-    if s.auth.cookie.is_some() && s.origins.allows_any() {
+    if s.live.auth.cookie.is_some() && s.live.origins.allows_any() {
         // With "*", any web site could open a WebSocket, SSE stream or poll that the
         // browser sends the visitor's cookie with, and read their channels.
         return Err(invalid(
@@ -1248,7 +1217,7 @@ mod tests {
             "0123456789abcdef0123456789abcdef",
         ])
         .unwrap();
-        assert!(ok.auth.subscribe_user_channel);
+        assert!(ok.live.auth.subscribe_user_channel);
     }
 
     #[test]
@@ -1259,12 +1228,15 @@ mod tests {
         assert_eq!(s.tcp_ingest.unwrap().to_string(), "127.0.0.1:9001");
         assert_eq!(s.admin.to_string(), "127.0.0.1:9090");
         assert_eq!(s.ping_interval, Duration::from_secs(25));
-        assert_eq!(s.max_handshakes_per_shard, 1024);
-        assert!(s.handshake_fair_share);
+        assert_eq!(s.live.max_handshakes_per_shard, 1024);
+        assert!(s.live.handshake_fair_share);
         assert_eq!(s.ingest_auth_timeout, Duration::from_secs(10));
         assert_eq!(s.admin_request_timeout, Duration::from_secs(10));
         assert_eq!(
-            (s.max_tcp_ingest_connections, s.max_admin_connections),
+            (
+                s.live.max_tcp_ingest_connections,
+                s.live.max_admin_connections
+            ),
             (1024, 1024)
         );
         for key in ["--ingest-auth-timeout", "--admin-request-timeout"] {
@@ -1402,7 +1374,7 @@ mod tests {
         assert!(err.contains("max_handshakes_per_shard"), "{err}");
         let file: ConfigLayer = toml::from_str("max_handshakes_per_shard = 7").unwrap();
         let s = resolve(ConfigLayer::default(), file).unwrap();
-        assert_eq!(s.max_handshakes_per_shard, 7);
+        assert_eq!(s.live.max_handshakes_per_shard, 7);
         let err = toml::from_str::<ConfigLayer>("max_mesage_size = 1")
             .unwrap_err()
             .to_string();
@@ -1413,9 +1385,9 @@ mod tests {
 
     #[test]
     fn the_ingest_key_is_optional_and_checked() {
-        assert!(parse(&[]).unwrap().ingest_key.is_none());
+        assert!(parse(&[]).unwrap().live.ingest_key.is_none());
         let s = parse(&["--ingest-key", SECRET]).unwrap();
-        assert!(s.ingest_key.unwrap().matches(SECRET.as_bytes()));
+        assert!(s.live.ingest_key.unwrap().matches(SECRET.as_bytes()));
         for bad in ["short", "with a space 0123456789"] {
             let err = parse(&["--ingest-key", bad]).unwrap_err().to_string();
             assert!(err.contains("`ingest_key`"), "{err}");
@@ -1426,21 +1398,21 @@ mod tests {
     #[test]
     fn no_auth_keys_means_everyone_is_anonymous() {
         let s = parse(&[]).unwrap();
-        assert!(!s.auth.enabled());
-        assert!(s.auth.allow_anonymous);
+        assert!(!s.live.auth.enabled());
+        assert!(s.live.auth.allow_anonymous);
         assert!(s.namespaces.rules_for("news:x").anonymous);
     }
 
     #[test]
     fn auth_keys_are_checked_and_name_their_key() {
         let s = parse(&["--jwt-secret", SECRET]).unwrap();
-        assert!(s.auth.enabled());
+        assert!(s.live.auth.enabled());
         assert!(
-            !s.auth.allow_anonymous,
+            !s.live.auth.allow_anonymous,
             "a key turns anonymous access off by default"
         );
         let s = parse(&["--jwt-secret", SECRET, "--allow-anonymous", "true"]).unwrap();
-        assert!(s.auth.allow_anonymous);
+        assert!(s.live.auth.allow_anonymous);
         for (args, key) in [
             (&["--jwt-secret", "short"][..], "jwt_secret"),
             (

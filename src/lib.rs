@@ -3,14 +3,16 @@
 //!
 //! # Layout
 //!
-//! The folders follow the data path of one message:
+//! The folders follow the data path of one message. Two of them are floors the rest
+//! stands on: [`proto`] at the bottom imports nothing else of the crate, and [`fanout`]
+//! imports only [`proto`] (what it reports upward, such as a channel's first subscriber,
+//! goes to a sink its owner gives); `scripts/check-floors.sh` checks both.
 //!
 //! - [`ingest`]: UDP datagrams, TCP lines and HTTP `POST /publish` become
 //!   `(channel, payload)` (pure parsing plus thin listeners).
 //! - [`fanout`]: the channel's offset is taken and the frame encoded once, then pushed into
 //!   the shared lock-free [`fanout::ring::Ring`]; every shard follows the ring with its own
-//!   cursor and is woken by coalesced cross-core wake-ups. Per connection, the
-//!   [`fanout::backlog::SendBacklog`] bounds what a slow reader can cost.
+//!   cursor and is woken by coalesced cross-core wake-ups.
 //! - [`engine`]: a shard's sans-io core: its connection table, subscription index and
 //!   the policy of a fan-out round (offers, pauses, overrun healing, catch-up from
 //!   history, ticks, close orders), driven by events; it asks its driver only to write a
@@ -22,7 +24,8 @@
 //!   socket, starts one shard thread per core, then waits for SIGHUP (reload) and
 //!   SIGTERM (drain); sets the process limits.
 //! - [`proto`]: sans-io WebSocket: upgrade parsing, frame codec, masking, commands, close
-//!   codes. Nothing there touches a socket or a clock.
+//!   codes, and per connection the [`proto::backlog::SendBacklog`] that bounds what a slow
+//!   reader can cost. Nothing there touches a socket or a clock.
 //! - [`auth`]: identity and permissions: JWT verification, channel grants, namespace
 //!   rules, and the registry of which user is connected on which shard (sans-io apart
 //!   from the registry).

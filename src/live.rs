@@ -1,7 +1,9 @@
 //! Settings that change while the server runs: a process-wide snapshot that SIGHUP swaps.
 //!
 //! [`Live`] holds the keys a reload may change (see [`RELOADABLE`]): limits checked once
-//! per upgrade or per tick, the ingest/admin allowlist and the token keys. It is published
+//! per upgrade or per tick, the ingest/admin allowlist and the token keys. It is the
+//! reloadable part of [`Settings`] (its field `live`, not a copy of it), resolved
+//! with every other key by [`crate::config::resolve`]. A reload publishes the new one
 //! behind a lock and a generation counter; readers keep a [`Cached`] copy and compare one
 //! relaxed atomic load against the counter, so nothing on a per-message path ever takes
 //! the lock. Every other key is read once at start and needs a restart; a reload that
@@ -12,7 +14,7 @@
 //! start, and names the keys whose values changed.
 
 use crate::auth::AuthSettings;
-use crate::config::{resolve, Cidr, ConfigError, ConfigLayer, Settings};
+use crate::config::{resolve, Cidr, ConfigError, ConfigLayer, Settings, TlsSettings};
 use crate::ingest::key::IngestKey;
 use crate::proto::origin::OriginPolicy;
 use parking_lot::RwLock;
@@ -64,7 +66,9 @@ pub const PER_IP_KEYS: &[&str] = &[
 /// Keys whose values are secret: a reload names them, never their values.
 pub const SECRET_KEYS: &[&str] = &["jwt_secret", "ingest_key"];
 
-/// The settings a reload may change.
+/// The settings a reload may change: the part of [`Settings`] swapped while serving
+/// ([`Settings::live`]). The per-IP limits among [`RELOADABLE`] are not here: they reload
+/// into the per-address table's atomics ([`crate::admission::per_ip::PerIpTable`]).
 #[derive(Debug, Clone)]
 pub struct Live {
     /// Connection limit over all shards.
@@ -95,34 +99,14 @@ pub struct Live {
     pub auth: AuthSettings,
     /// Browser origins allowed on the WebSocket port (upgrade, SSE, long-poll).
     pub origins: OriginPolicy,
-    /// The TLS listener's certificate and key (re-read from the files on every reload,
-    /// so a renewed certificate at the same path is picked up); new handshakes use the
-    /// newest, open connections keep theirs.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The TLS listener, when `tls_listen` is set. Its certificate and key are re-read
+    /// from the files on every reload, so a renewed certificate at the same path is picked
+    /// up: new handshakes use the newest, open connections keep theirs. Its `listen`
+    /// address is bound once at start.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Live {
-    /// The reloadable part of `settings`.
-    pub fn from_settings(settings: &Settings) -> Live {
-        Live {
-            max_connections: settings.max_connections,
-            max_handshakes_per_shard: settings.max_handshakes_per_shard,
-            handshake_fair_share: settings.handshake_fair_share,
-            max_tcp_ingest_connections: settings.max_tcp_ingest_connections,
-            max_admin_connections: settings.max_admin_connections,
-            max_backlog_bytes: settings.max_backlog_bytes,
-            max_backlog_frames: settings.max_backlog_frames,
-            slow_consumer_drop_limit: settings.slow_consumer_drop_limit,
-            slow_consumer_timeout: settings.slow_consumer_timeout,
-            max_inbound_per_sec: settings.max_inbound_per_sec,
-            ingest_allow: settings.ingest_allow.clone(),
-            ingest_key: settings.ingest_key.clone(),
-            auth: settings.auth.clone(),
-            origins: settings.origins.clone(),
-            tls: settings.tls.as_ref().map(|t| t.server_config.clone()),
-        }
-    }
-
     /// True when `ip` may use ingest/admin: loopback always, others by allowlist.
     pub fn ingest_allowed(&self, ip: IpAddr) -> bool {
         let ip = match ip {
@@ -162,7 +146,7 @@ impl Cached {
     /// that build a shard without starting a server).
     pub fn new(fallback: &Settings) -> Cached {
         let generation = GENERATION.load(Ordering::Acquire);
-        let live = current().unwrap_or_else(|| Arc::new(Live::from_settings(fallback)));
+        let live = current().unwrap_or_else(|| Arc::new(fallback.live.clone()));
         Cached {
             generation,
             live,
@@ -293,10 +277,6 @@ mod tests {
 
     #[test]
     fn every_reloadable_key_is_a_config_key() {
-        let defaults = crate::config::resolve(ConfigLayer::default(), ConfigLayer::default())
-            .expect("defaults resolve");
-        let live = Live::from_settings(&defaults);
-        assert_eq!(live.max_connections, defaults.max_connections);
         for key in RELOADABLE {
             let flag = format!("--{}", key.replace('_', "-"));
             let help = <ConfigLayer as clap::CommandFactory>::command()
@@ -311,14 +291,14 @@ mod tests {
         let defaults = crate::config::resolve(ConfigLayer::default(), ConfigLayer::default())
             .expect("defaults resolve");
         let mut cached = Cached::new(&defaults);
-        let mut pinned = Cached::pinned(Live::from_settings(&defaults));
-        let mut next = Live::from_settings(&defaults);
+        let mut pinned = Cached::pinned(defaults.live.clone());
+        let mut next = defaults.live.clone();
         next.max_connections = 7;
         install(next);
         assert!(cached.refresh());
         assert_eq!(cached.get().max_connections, 7);
         assert!(!cached.refresh(), "no newer snapshot");
         assert!(!pinned.refresh());
-        assert_eq!(pinned.get().max_connections, defaults.max_connections);
+        assert_eq!(pinned.get().max_connections, defaults.live.max_connections);
     }
 }

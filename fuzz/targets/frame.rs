@@ -9,7 +9,7 @@
 //! the bytes were split across reads.
 
 use ringcast::auth::session::Session;
-use ringcast::fanout::backlog::BacklogLimits;
+use ringcast::proto::backlog::BacklogLimits;
 use ringcast::proto::close::{CloseCode, CloseReason};
 use ringcast::proto::conn::{Answer, ConnConfig, Connection};
 use ringcast::proto::frame::{encode_frame, opcode, FrameDecoder, FrameHeader, Inbound};

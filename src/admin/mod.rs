@@ -77,7 +77,7 @@ pub async fn serve(listener: TcpListener, port: AdminPort) {
     full.headers = format!("Retry-After: {RETRY_AFTER_SECS}\r\n");
     let cap = PortCap {
         // Only shard 0 serves the admin port: a count of its own.
-        slots: ConnectionSlots::new(settings.max_admin_connections),
+        slots: ConnectionSlots::new(settings.live.max_admin_connections),
         limit: |live| live.max_admin_connections,
         refusal: encode(&full, false, false),
         refused: &metrics.admin_refused[AdminRefusal::MaxConnections as usize],

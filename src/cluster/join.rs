@@ -33,7 +33,7 @@
 
 use super::{Chan, Cluster, Node, Request, JS_TIMEOUT, LOCAL_AFTER};
 use crate::cluster::stored;
-use crate::fanout::history::Since;
+use crate::proto::recovery::Since;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use std::cell::{Cell, RefCell};

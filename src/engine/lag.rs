@@ -4,7 +4,7 @@
 
 use crate::engine::table::{Conn, Driver};
 use crate::engine::{Engine, Flush, Wire};
-use crate::fanout::history::{CatchUp, Since};
+use crate::proto::recovery::{CatchUp, Since};
 use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

@@ -151,7 +151,10 @@ impl<S: Driver> Engine<S> {
         Engine {
             id,
             conns: RefCell::new(ConnTable::with_capacity(capacity)),
-            index: RefCell::new(SubscriptionIndex::holding_for(publisher.clone())),
+            index: RefCell::new(SubscriptionIndex::holding_for(
+                publisher.clone(),
+                crate::cluster::interest,
+            )),
             publisher,
             metrics,
             conn_config: Cell::new(conn_config),

@@ -13,12 +13,12 @@
 
 use crate::engine::table::{Conn, Driver};
 use crate::engine::Engine;
-use crate::fanout::backlog::Offer;
-use crate::fanout::history::Since;
 use crate::fanout::ring::{Poll as RingPoll, RingKind, RingMessage};
 use crate::metrics::CloseCause;
+use crate::proto::backlog::Offer;
 use crate::proto::close::{CloseCode, CloseReason};
 use crate::proto::position::Position;
+use crate::proto::recovery::Since;
 use bytes::Bytes;
 use std::cmp::Reverse;
 use std::sync::atomic::Ordering::Relaxed;

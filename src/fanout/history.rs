@@ -21,6 +21,7 @@
 //! duplicate, and no buffering of live messages.
 
 use crate::fanout::spin::spin_lock;
+use crate::proto::recovery::CatchUp;
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::VecDeque;
@@ -38,15 +39,6 @@ pub struct Entry {
     pub at: u64,
     /// The message's WebSocket frame, as every subscriber received it.
     pub frame: Bytes,
-}
-
-/// A client's claimed position in a channel: `subscribe` with `since`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Since {
-    /// The last offset it received.
-    pub offset: u64,
-    /// The epoch that offset belongs to.
-    pub epoch: u64,
 }
 
 /// The bounds of one channel's history.
@@ -196,20 +188,6 @@ impl Window {
         }
         Ok(frames)
     }
-}
-
-/// What a lagging subscriber gets next from a channel's history
-/// ([`crate::fanout::publisher::Publisher::catch_up`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CatchUp {
-    /// Offsets it missed for good (no longer retained): it is told with a gap notice.
-    pub gap: Option<(u64, u64)>,
-    /// Frames to queue, oldest first.
-    pub frames: Vec<Bytes>,
-    /// The last offset those frames (or the gap) reach.
-    pub reached: u64,
-    /// True when `reached` is the subscriber's live position: it follows live again.
-    pub done: bool,
 }
 
 impl Window {

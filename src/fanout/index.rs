@@ -15,6 +15,11 @@ use std::sync::Arc;
 /// Identifies a connection within its shard (its connection-table key).
 pub type ConnKey = u32;
 
+/// Told that a channel got its first subscriber on this shard (`true`) or lost its last
+/// (`false`); the index's owner decides who hears of it (the cluster, in a server). A
+/// plain function: reporting a transition costs a call, never an allocation.
+pub type InterestSink = fn(channel: &str, subscribed: bool);
+
 struct ChannelMembers {
     name: Arc<str>,
     members: Vec<ConnKey>,
@@ -39,6 +44,8 @@ pub struct SubscriptionIndex {
     /// Told when a channel gets its first subscriber here and loses its last, so that
     /// channel state nobody publishes leaves with its subscribers.
     publisher: Option<Arc<Publisher>>,
+    /// Told of the same transitions, for whoever follows channels beyond this process.
+    interest: Option<InterestSink>,
 }
 
 impl SubscriptionIndex {
@@ -48,10 +55,12 @@ impl SubscriptionIndex {
     }
 
     /// An empty index that tells `publisher` which channels have subscribers here
-    /// ([`Publisher::occupy`], [`Publisher::vacate`]).
-    pub fn holding_for(publisher: Arc<Publisher>) -> Self {
+    /// ([`Publisher::occupy`], [`Publisher::vacate`]) and reports the same transitions
+    /// to `interest`.
+    pub fn holding_for(publisher: Arc<Publisher>, interest: InterestSink) -> Self {
         SubscriptionIndex {
             publisher: Some(publisher),
+            interest: Some(interest),
             ..Self::default()
         }
     }
@@ -69,8 +78,11 @@ impl SubscriptionIndex {
                     epoch: Cell::new(0),
                 }) as u32;
                 self.ids.insert(name, id);
-                // This shard's first subscriber: the cluster follows the channel here.
-                crate::cluster::interest(channel, true);
+                // This shard's first subscriber: the owner's sink hears of it (in a
+                // server, the cluster follows the channel here).
+                if let Some(interest) = self.interest {
+                    interest(channel, true);
+                }
                 if let Some(publisher) = &self.publisher {
                     publisher.occupy(channel);
                 }
@@ -137,7 +149,9 @@ impl SubscriptionIndex {
         } else if ch.members.is_empty() {
             let gone = self.channels.remove(id as usize);
             self.ids.remove(&gone.name);
-            crate::cluster::interest(&gone.name, false);
+            if let Some(interest) = self.interest {
+                interest(&gone.name, false);
+            }
             if let Some(publisher) = &self.publisher {
                 publisher.vacate(&gone.name);
             }
@@ -250,6 +264,37 @@ mod tests {
             (0u32..20, 0u8..5).prop_map(|(c, ch)| Op::Unsub(c, ch)),
             (0u32..20).prop_map(Op::Drop),
         ]
+    }
+
+    thread_local! {
+        static HEARD: std::cell::RefCell<Vec<(String, bool)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn hear(channel: &str, subscribed: bool) {
+        HEARD.with(|h| h.borrow_mut().push((channel.to_string(), subscribed)));
+    }
+
+    #[test]
+    fn the_sink_hears_only_the_first_subscriber_and_the_last_leaving() {
+        use crate::fanout::ring::Ring;
+        use crate::fanout::wake::IdleFlags;
+        let publisher = Arc::new(Publisher::new(
+            Arc::new(Ring::new(16)),
+            Arc::new(IdleFlags::new(1)),
+        ));
+        let mut index = SubscriptionIndex::holding_for(publisher, hear);
+        index.subscribe(1, "a");
+        index.subscribe(2, "a");
+        index.subscribe(2, "b");
+        index.unsubscribe(1, "a");
+        index.remove_conn(2);
+        let heard = HEARD.with(|h| h.take());
+        let expected = [("a", true), ("b", true), ("a", false), ("b", false)];
+        let expected: Vec<(String, bool)> = expected
+            .iter()
+            .map(|&(c, on)| (c.to_string(), on))
+            .collect();
+        assert_eq!(heard, expected);
     }
 
     proptest! {

@@ -6,9 +6,7 @@
 //! - [`wake`] wakes idle shards when the ring advances, coalescing wake-ups.
 //! - [`sync`] picks std or loom atomics for the wake protocol (model-checked).
 //! - [`index`] is a shard's channel -> subscribers index.
-//! - [`backlog`] is a connection's bounded send queue and the slow-consumer policy.
 
-pub mod backlog;
 pub mod history;
 pub mod index;
 pub mod publisher;

@@ -42,13 +42,13 @@
 //! wall clock was stepped back across the restart).
 
 use crate::fanout::history::{
-    Budget, CatchUp, ChannelHistory, Entry as HistoryEntry, HistoryStats, Limits, Since,
-    Unrecoverable, Window,
+    Budget, ChannelHistory, Entry as HistoryEntry, HistoryStats, Limits, Unrecoverable, Window,
 };
 use crate::fanout::ring::{Peek, Ring, RingKind, RingMessage};
 use crate::fanout::spin::spin_lock;
 use crate::fanout::wake::IdleFlags;
 use crate::proto::message::{encode_message, EncodedData};
+use crate::proto::recovery::{CatchUp, Since};
 use bytes::Bytes;
 use crossbeam_utils::{Backoff, CachePadded};
 use indexmap::IndexMap;

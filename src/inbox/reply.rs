@@ -9,10 +9,10 @@
 //! The backend also wakes idle shards after it gave messages to the publisher
 //! ([`ReplyPath::wake_idle`]), one token at most per shard.
 
-use crate::fanout::history::Since;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::handle::Request;
 use crate::inbox::{ErrorKind, StoreError};
+use crate::proto::recovery::Since;
 use bytes::Bytes;
 use std::sync::Arc;
 

@@ -3,8 +3,8 @@
 //! [`parse_command`] turns one text message into a [`Command`] or a [`CommandError`];
 //! [`Reply`] renders the answer. Every reply carries a `code` (200 on success).
 
-pub use crate::fanout::history::Since;
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
+pub use crate::proto::recovery::Since;
 use serde::Deserialize;
 use serde_json::Value;
 use std::fmt::Write as _;

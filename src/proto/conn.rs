@@ -26,12 +26,12 @@
 //! so a 64 KiB frame arriving one byte per segment costs O(n), not O(n²).
 
 use crate::auth::session::Session;
-use crate::fanout::backlog::{BacklogLimits, Offer, SendBacklog};
-use crate::fanout::history::CatchUp;
+use crate::proto::backlog::{BacklogLimits, Offer, SendBacklog};
 use crate::proto::close::{CloseCause, CloseCode, CloseReason};
 use crate::proto::frame::{encode_close, encode_frame, opcode, FrameDecoder, Inbound};
 use crate::proto::message::encode_gap;
 use crate::proto::position::Position;
+use crate::proto::recovery::CatchUp;
 use crate::proto::sse::{encode_positionless, HttpStream, Mode, Parts};
 use bytes::Bytes;
 use std::sync::Arc;

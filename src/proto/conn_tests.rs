@@ -1,5 +1,5 @@
 use super::*;
-use crate::fanout::backlog::BacklogLimits;
+use crate::proto::backlog::BacklogLimits;
 use crate::proto::frame::FrameHeader;
 use proptest::prelude::*;
 use std::io::IoSlice;

@@ -20,8 +20,8 @@
 //! empty string is the empty position. An entry is the `since` of a WebSocket `subscribe`
 //! for its channel.
 
-use crate::fanout::history::Since;
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
+use crate::proto::recovery::Since;
 use std::fmt::Write;
 
 /// A parsed position token: one entry per channel, in token order.

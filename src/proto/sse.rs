@@ -32,9 +32,9 @@
 //! cannot carry one ([`crate::proto::message::EncodedData`] turns line breaks between JSON
 //! tokens into spaces); every other frame is server-rendered and checked here anyway.
 
-use crate::fanout::history::Since;
 use crate::proto::frame::opcode;
 use crate::proto::position::Position;
+use crate::proto::recovery::Since;
 use bytes::Bytes;
 use serde::Deserialize;
 

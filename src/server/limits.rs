@@ -24,10 +24,10 @@ fn raise_fd_limit(settings: &Settings) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
     let usable = hard.saturating_sub(64 + 8 * settings.shards as u64);
-    if (settings.max_connections as u64) > usable {
+    if (settings.live.max_connections as u64) > usable {
         tracing::warn!(
             rlimit_nofile = hard,
-            max_connections = settings.max_connections,
+            max_connections = settings.live.max_connections,
             "RLIMIT_NOFILE allows only about {usable} connections; raise LimitNOFILE (kernel-tuning/) or lower max_connections"
         );
     }

@@ -25,7 +25,6 @@ mod sockets;
 pub mod startup_log;
 
 use crate::config::{ConfigLayer, Settings};
-use crate::live::Live;
 use crate::metrics;
 use crate::sd_notify::{Event, Notifier};
 use crate::shard::listener::BindError;
@@ -72,7 +71,7 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
         Some(path) => crate::live::read_file(path).map_or_else(|_| toml::Table::new(), |(t, _)| t),
         None => toml::Table::new(),
     };
-    crate::live::install(Live::from_settings(&settings));
+    crate::live::install(settings.live.clone());
     let settings = Arc::new(settings);
     metrics::init(settings.shards);
     limits::apply(&settings);
@@ -84,7 +83,7 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
     tracing::info!(
         shards = n,
         ws = %settings.listen,
-        tls = ?settings.tls.as_ref().map(|t| t.listen),
+        tls = ?settings.live.tls.as_ref().map(|t| t.listen),
         udp = ?settings.udp_ingest,
         tcp = ?settings.tcp_ingest,
         admin = %settings.admin,

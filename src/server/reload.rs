@@ -5,7 +5,6 @@
 use super::shared::Shared;
 use crate::admission::per_ip::PerIpTable;
 use crate::config::ConfigLayer;
-use crate::live::Live;
 use crate::metrics;
 use crate::shard::admission::ConnectionSlots;
 use std::sync::atomic::Ordering;
@@ -60,18 +59,18 @@ impl Reloader {
                         "config reload: `{key}` changed but needs a restart; the running value stays"
                     );
                 }
-                self.slots.set_limit(reloaded.settings.max_connections);
+                self.slots.set_limit(reloaded.settings.live.max_connections);
                 if let Some(table) = &self.per_ip {
                     table.set_limits(reloaded.settings.per_ip);
                 }
-                if let Some(tls) = &reloaded.settings.tls {
+                if let Some(tls) = &reloaded.settings.live.tls {
                     tracing::info!(
                         cert = %tls.cert_file.display(),
                         key = %tls.key_file.display(),
                         "TLS certificate and key re-read; new handshakes use them"
                     );
                 }
-                crate::live::install(Live::from_settings(&reloaded.settings));
+                crate::live::install(reloaded.settings.live);
                 self.table = reloaded.table;
                 counters[0].fetch_add(1, Ordering::Relaxed);
                 tracing::info!(

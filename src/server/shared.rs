@@ -67,9 +67,9 @@ impl Shared {
         }
         // One limit for the process, whatever share of the connections each shard's
         // SO_REUSEPORT listener happens to receive.
-        let slots = ConnectionSlots::new(settings.max_connections);
+        let slots = ConnectionSlots::new(settings.live.max_connections);
         // Every shard serves the TCP ingest port: one count for all of them.
-        let ingest_slots = ConnectionSlots::new(settings.max_tcp_ingest_connections);
+        let ingest_slots = ConnectionSlots::new(settings.live.max_tcp_ingest_connections);
         // One table for the process: SO_REUSEPORT spreads one address over every shard.
         let per_ip = settings
             .per_ip

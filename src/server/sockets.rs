@@ -25,7 +25,7 @@ pub(super) fn bind(settings: &Settings) -> Result<Vec<ShardSockets>, BindError> 
         n,
     )?
     .into_iter();
-    let mut tls = optional(settings.tls.as_ref().map(|t| t.listen), n, |a| {
+    let mut tls = optional(settings.live.tls.as_ref().map(|t| t.listen), n, |a| {
         tcp_listeners("TLS listener", a, settings.listen_backlog, n)
     })?;
     let mut udp = optional(settings.udp_ingest, n, |a| udp_sockets("UDP ingest", a, n))?;

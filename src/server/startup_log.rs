@@ -23,7 +23,7 @@ pub const UNUSED: &str = "unused";
 /// the `[channel_defaults]`, `[namespaces]` and `[cluster]` tables.
 pub fn entries(s: &Settings) -> Vec<(&'static str, String)> {
     let inbox = s.inbox.as_ref();
-    let verifier = s.auth.verifier.as_deref();
+    let verifier = s.live.auth.verifier.as_deref();
     let jwt = |value: &dyn Fn(&crate::auth::token::Verifier) -> String| {
         verifier.map_or_else(|| UNUSED.to_string(), value)
     };
@@ -32,15 +32,18 @@ pub fn entries(s: &Settings) -> Vec<(&'static str, String)> {
         ("udp_ingest", address_or_off(s.udp_ingest)),
         ("tcp_ingest", address_or_off(s.tcp_ingest)),
         ("admin", s.admin.to_string()),
-        ("ingest_allow", cidrs(&s.ingest_allow)),
-        ("ingest_key", secret(s.ingest_key.is_some())),
+        ("ingest_allow", cidrs(&s.live.ingest_allow)),
+        ("ingest_key", secret(s.live.ingest_key.is_some())),
         ("ingest_auth_timeout", secs(s.ingest_auth_timeout)),
         (
             "max_tcp_ingest_connections",
-            s.max_tcp_ingest_connections.to_string(),
+            s.live.max_tcp_ingest_connections.to_string(),
         ),
         ("admin_request_timeout", secs(s.admin_request_timeout)),
-        ("max_admin_connections", s.max_admin_connections.to_string()),
+        (
+            "max_admin_connections",
+            s.live.max_admin_connections.to_string(),
+        ),
         (
             "log_format",
             match s.log_format {
@@ -50,43 +53,52 @@ pub fn entries(s: &Settings) -> Vec<(&'static str, String)> {
             .to_string(),
         ),
         ("shards", s.shards.to_string()),
-        ("max_connections", s.max_connections.to_string()),
+        ("max_connections", s.live.max_connections.to_string()),
         ("listen_backlog", s.listen_backlog.to_string()),
-        ("tls_listen", optional(s.tls.as_ref().map(|t| t.listen))),
+        (
+            "tls_listen",
+            optional(s.live.tls.as_ref().map(|t| t.listen)),
+        ),
         (
             "tls_cert_file",
-            optional(s.tls.as_ref().map(|t| t.cert_file.display())),
+            optional(s.live.tls.as_ref().map(|t| t.cert_file.display())),
         ),
         (
             "tls_key_file",
-            optional(s.tls.as_ref().map(|t| t.key_file.display())),
+            optional(s.live.tls.as_ref().map(|t| t.key_file.display())),
         ),
         ("max_message_size", s.max_message_size.to_string()),
-        ("max_backlog_bytes", s.max_backlog_bytes.to_string()),
-        ("max_backlog_frames", s.max_backlog_frames.to_string()),
+        ("max_backlog_bytes", s.live.max_backlog_bytes.to_string()),
+        ("max_backlog_frames", s.live.max_backlog_frames.to_string()),
         (
             "slow_consumer_drop_limit",
-            s.slow_consumer_drop_limit.to_string(),
+            s.live.slow_consumer_drop_limit.to_string(),
         ),
-        ("slow_consumer_timeout", secs(s.slow_consumer_timeout)),
+        ("slow_consumer_timeout", secs(s.live.slow_consumer_timeout)),
         (
             "max_subscriptions_per_connection",
             s.max_subscriptions_per_connection.to_string(),
         ),
         ("max_channels", s.max_channels.to_string()),
-        ("max_inbound_per_sec", s.max_inbound_per_sec.to_string()),
+        (
+            "max_inbound_per_sec",
+            s.live.max_inbound_per_sec.to_string(),
+        ),
         ("ping_interval", secs(s.ping_interval)),
         ("pong_timeout", secs(s.pong_timeout)),
         ("handshake_timeout", secs(s.handshake_timeout)),
         (
             "max_handshakes_per_shard",
-            s.max_handshakes_per_shard.to_string(),
+            s.live.max_handshakes_per_shard.to_string(),
         ),
-        ("handshake_fair_share", s.handshake_fair_share.to_string()),
-        ("allowed_origins", list(s.origins.entries())),
+        (
+            "handshake_fair_share",
+            s.live.handshake_fair_share.to_string(),
+        ),
+        ("allowed_origins", list(s.live.origins.entries())),
         (
             "allow_missing_origin",
-            s.origins.allows_missing().to_string(),
+            s.live.origins.allows_missing().to_string(),
         ),
         (
             "max_connections_per_ip",
@@ -139,19 +151,19 @@ pub fn entries(s: &Settings) -> Vec<(&'static str, String)> {
         ),
         (
             "jwt_public_key_file",
-            optional(s.auth.public_key_file.as_deref().map(Path::display)),
+            optional(s.live.auth.public_key_file.as_deref().map(Path::display)),
         ),
         ("jwt_algorithm", jwt(&|v| v.algorithm().name().to_string())),
         ("jwt_leeway", jwt(&|v| v.leeway().to_string())),
-        ("jwt_cookie", optional(s.auth.cookie.as_ref())),
+        ("jwt_cookie", optional(s.live.auth.cookie.as_ref())),
         (
             "jwt_channels_claim",
             jwt(&|v| v.channels_claim().to_string()),
         ),
-        ("allow_anonymous", s.auth.allow_anonymous.to_string()),
+        ("allow_anonymous", s.live.auth.allow_anonymous.to_string()),
         (
             "subscribe_user_channel",
-            s.auth.subscribe_user_channel.to_string(),
+            s.live.auth.subscribe_user_channel.to_string(),
         ),
     ];
     let rules = s.namespaces.default_rules();

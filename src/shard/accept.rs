@@ -117,9 +117,12 @@ pub(super) async fn accept_loop(
                             }
                             if tls {
                                 // The newest certificate (SIGHUP), else the start's.
-                                let config = live.get().tls.clone().or_else(|| {
-                                    shard.settings.tls.as_ref().map(|t| t.server_config.clone())
-                                });
+                                let config = live
+                                    .get()
+                                    .tls
+                                    .as_ref()
+                                    .or(shard.settings.live.tls.as_ref())
+                                    .map(|t| t.server_config.clone());
                                 if let Some(config) = config {
                                     let upgrade = handshake::upgrade_tls(
                                         shard.clone(),

@@ -40,11 +40,11 @@
 
 use crate::auth::permission::Access;
 use crate::auth::session::Session;
-use crate::fanout::history::Since;
 use crate::inbox::{is_user_channel, Inbox, InboxAnswer, InboxReply, StoreError};
 use crate::inbox::{AnswerKind, Backlog, ShardTag};
 use crate::proto::command::Reply;
 use crate::proto::frame::{encode_frame, opcode};
+use crate::proto::recovery::Since;
 use crate::shard::state::Shard;
 use bytes::Bytes;
 use std::rc::Rc;

@@ -16,10 +16,10 @@
 //! (pending entries are keyed by connection key and generation, as the inbox's are).
 
 use crate::cluster::{JoinAnswer, JoinTag};
-use crate::fanout::history::Since;
 use crate::presence::ConnId;
 use crate::proto::command::Reply;
 use crate::proto::frame::{encode_frame, opcode};
+use crate::proto::recovery::Since;
 use crate::shard::state::Shard;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

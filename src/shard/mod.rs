@@ -295,8 +295,8 @@ pub async fn serve(setup: ShardSetup) {
     if let Some(ws) = sockets.ws {
         let ws = adopt_listener(ws);
         let gate = HandshakeGate::new(
-            settings.max_handshakes_per_shard,
-            settings.handshake_fair_share,
+            settings.live.max_handshakes_per_shard,
+            settings.live.handshake_fair_share,
             metrics,
         );
         glommio::spawn_local(accept_loop(
@@ -314,8 +314,8 @@ pub async fn serve(setup: ShardSetup) {
         // Its own gate: a TLS handshake costs more CPU, and a storm of them must not
         // take the plain listener's upgrade places.
         let gate = HandshakeGate::new(
-            settings.max_handshakes_per_shard,
-            settings.handshake_fair_share,
+            settings.live.max_handshakes_per_shard,
+            settings.live.handshake_fair_share,
             metrics,
         );
         glommio::spawn_local(accept_loop(

@@ -10,12 +10,12 @@ use crate::admission::per_ip::PerIpHold;
 use crate::auth::registry::Registry;
 use crate::config::Settings;
 use crate::engine::Engine;
-use crate::fanout::backlog::BacklogLimits;
 use crate::fanout::publisher::Publisher;
 use crate::inbox::Inbox;
 use crate::live::{Cached, Live};
 use crate::metrics::{self, Metrics};
 use crate::presence::Presence;
+use crate::proto::backlog::BacklogLimits;
 use crate::proto::conn::ConnConfig;
 use crate::shard::admission::ConnectionSlots;
 use crate::shard::batch::SendRing;
@@ -94,16 +94,16 @@ impl Shard {
             .max(1) as u32;
         let conn_config = ConnConfig {
             max_message_size: settings.max_message_size,
-            max_inbound_per_sec: settings.max_inbound_per_sec,
+            max_inbound_per_sec: settings.live.max_inbound_per_sec,
             backlog: BacklogLimits {
-                max_bytes: settings.max_backlog_bytes,
-                max_frames: settings.max_backlog_frames,
-                drop_limit: settings.slow_consumer_drop_limit,
+                max_bytes: settings.live.max_backlog_bytes,
+                max_frames: settings.live.max_backlog_frames,
+                drop_limit: settings.live.slow_consumer_drop_limit,
             },
             ping_after,
             dead_after: ping_after + settings.pong_timeout.as_secs() as u32,
             linger: crate::shard::conn::LINGER_SECS,
-            stall_after: settings.slow_consumer_timeout.as_secs() as u32,
+            stall_after: settings.live.slow_consumer_timeout.as_secs() as u32,
         };
         // Room for every connection the process may hold: SO_REUSEPORT does not promise
         // an even spread, so one shard may end up with most of them.
@@ -112,7 +112,7 @@ impl Shard {
             publisher,
             all_metrics.shard(id),
             conn_config,
-            settings.max_connections,
+            settings.live.max_connections,
             inbox.is_some(),
         );
         let live = Cached::new(&settings);
@@ -196,8 +196,8 @@ impl Shard {
             publisher.ring().clone(),
             publisher.idle_flags().clone(),
         ));
-        let slots = ConnectionSlots::new(settings.max_connections);
-        let live = Cached::pinned(Live::from_settings(&settings));
+        let slots = ConnectionSlots::new(settings.live.max_connections);
+        let live = Cached::pinned(settings.live.clone());
         let shard = Shard::new(
             0,
             Arc::new(settings),

@@ -19,9 +19,9 @@ const STALL: u32 = 3;
 fn shard_with_history() -> (Shard, Arc<Publisher>) {
     let mut settings =
         crate::config::resolve(Default::default(), Default::default()).expect("default settings");
-    settings.max_backlog_bytes = BACKLOG;
+    settings.live.max_backlog_bytes = BACKLOG;
     settings.max_recovery_messages = 10_000;
-    settings.slow_consumer_timeout = std::time::Duration::from_secs(u64::from(STALL));
+    settings.live.slow_consumer_timeout = std::time::Duration::from_secs(u64::from(STALL));
     let publisher = Arc::new(
         Publisher::new(Arc::new(Ring::new(4096)), Arc::new(IdleFlags::new(1))).with_history(
             |_| Limits {

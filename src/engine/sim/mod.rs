@@ -184,7 +184,7 @@ fn the_backlog_gauge_counts_a_delivered_frame_once() {
     let config = ConnConfig {
         max_message_size: 4096,
         max_inbound_per_sec: 100,
-        backlog: crate::fanout::backlog::BacklogLimits {
+        backlog: crate::proto::backlog::BacklogLimits {
             max_bytes: 4096,
             max_frames: 64,
             drop_limit: 8,
