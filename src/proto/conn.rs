@@ -180,7 +180,8 @@ pub struct Connection {
     /// An SSE stream (with or without its encoder), and whether it may release it.
     sse: Sse,
     /// The driver's own marks for this connection, kept here because they fit in this
-    /// struct's padding (a table entry stays 120 bytes; see `shard::table`, the driver's side of `engine::table`).
+    /// struct's padding (a served connection's table entry is 128 bytes; see the size
+    /// test in `shard::table`).
     pub driver: DriverMarks,
 }
 
