@@ -337,7 +337,7 @@ impl Metrics {
     }
 
     /// Renders every metric in the Prometheus text exposition format.
-    pub fn render(&self, draining: bool) -> String {
+    pub fn render(&self, draining: bool, cluster: Option<&crate::cluster::Cluster>) -> String {
         let mut out = String::with_capacity(8 * 1024);
         let mut scalar =
             |name: &str, kind: &str, help: &str, f: &dyn Fn(&ShardMetrics) -> &AtomicU64| {
@@ -568,7 +568,9 @@ impl Metrics {
         self.render_per_shard(&mut out);
         crate::procstat::render(&mut out, self.started_unix);
         self.render_inbox(&mut out);
-        crate::cluster::render_metrics(&mut out);
+        if let Some(cluster) = cluster {
+            crate::cluster::render_metrics(cluster, &mut out);
+        }
         self.render_tls(&mut out);
         let _ = writeln!(
             out,
@@ -903,7 +905,7 @@ mod tests {
         metrics.record_latency(0, 150);
         metrics.record_handshake(2, 20_000_000);
         metrics.shard(1).backlog_bytes.store(7, Relaxed);
-        let text = metrics.render(false);
+        let text = metrics.render(false, None);
         lint(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert!(text.contains("ringcast_delivery_latency_seconds_bucket{le=\"0.00025\"} 1\n"));
         assert!(text.contains("ringcast_handshake_duration_seconds_bucket{le=\"10\"} 0\n"));

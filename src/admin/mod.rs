@@ -25,11 +25,13 @@
 //! only once JetStream stored the message (503 `cluster: ...` while it cannot); without
 //! it, NATS unreachable for 2 s gives 200 with a local-epoch offset (docs/cluster.md).
 
+use crate::cluster::{Cluster, ClusterStats};
 use crate::config::Settings;
-use crate::fanout::publisher::{channels_full, Publisher};
-use crate::inbox::{is_user_channel, Inbox, InboxReply};
+use crate::fanout::publisher::channels_full;
+use crate::inbox::{Inbox, InboxReply};
 use crate::ingest::key::{bearer, IngestKey};
 use crate::ingest::line::validate_payload;
+use crate::ingest::route::{Routes, Target};
 use crate::metrics::{self, AdminRefusal, ShardMetrics, Source};
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use crate::proto::upgrade::{percent_decode, status_text, MAX_REQUEST_HEAD};
@@ -52,10 +54,8 @@ const ERROR_LINGER: Duration = Duration::from_secs(1);
 
 /// What the admin port answers from: the handles of the shard that serves it.
 pub struct AdminPort {
-    /// Publishes of `POST /publish`.
-    pub publisher: Arc<Publisher>,
-    /// Publishes to `user:` channels, when the inbox is on.
-    pub inbox: Option<Inbox>,
+    /// Where `POST /publish` sends a message.
+    pub routes: Routes,
     /// The settings of the start.
     pub settings: Arc<Settings>,
     /// The serving shard's counters.
@@ -264,8 +264,7 @@ async fn handle(mut stream: TcpStream, _slot: PortSlot, port: Rc<AdminPort>) {
 /// Routes one request to its answer.
 async fn answer(req: Request, port: &AdminPort) -> Response {
     let AdminPort {
-        publisher,
-        inbox,
+        routes,
         settings,
         metrics,
         control,
@@ -283,19 +282,17 @@ async fn answer(req: Request, port: &AdminPort) -> Response {
             Some(refused) => refused,
             None => {
                 let query = req.target.split_once('?').map_or("", |(_, q)| q);
-                publish(
-                    query,
-                    &req.body,
-                    publisher,
-                    inbox.as_ref(),
-                    settings,
-                    metrics,
-                )
-                .await
+                publish(query, &req.body, routes, settings, metrics).await
             }
         };
     }
-    route(&req.method, &req.target, settings, lifecycle)
+    route(
+        &req.method,
+        &req.target,
+        settings,
+        lifecycle,
+        routes.cluster.as_deref(),
+    )
 }
 
 /// Reads one request (method, target, `Authorization`, a Content-Length body) from
@@ -448,7 +445,14 @@ pub fn fuzz_parse_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Option<u
     }
 }
 
-fn route(method: &str, target: &str, settings: &Settings, lifecycle: &Lifecycle) -> Response {
+fn route(
+    method: &str,
+    target: &str,
+    settings: &Settings,
+    lifecycle: &Lifecycle,
+    cluster: Option<&Cluster>,
+) -> Response {
+    let cluster_stats = cluster.map(|c| &**c.stats());
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     let draining = lifecycle.shutting_down();
     // HEAD answers what GET would, without the body (written by the caller).
@@ -458,12 +462,12 @@ fn route(method: &str, target: &str, settings: &Settings, lifecycle: &Lifecycle)
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             headers: String::new(),
-            body: metrics::get().render(draining),
+            body: metrics::get().render(draining, cluster),
         },
         ("GET", "/healthz") => text(200, "ok\n"),
         ("GET", "/readyz") if draining => text(503, "draining\n"),
         ("GET", "/readyz") if lifecycle.shards_ready() < settings.shards => text(503, "starting\n"),
-        ("GET", "/readyz") if crate::cluster::is_not_ready() => {
+        ("GET", "/readyz") if cluster_stats.is_some_and(ClusterStats::is_not_ready) => {
             // Connected, but the stream cannot be used: cluster publishes are refused
             // (never served locally); subscribers keep what they have.
             text(
@@ -471,7 +475,7 @@ fn route(method: &str, target: &str, settings: &Settings, lifecycle: &Lifecycle)
                 "ready (cluster not ready: connected to NATS, JetStream stream not usable; publishes refused)\n",
             )
         }
-        ("GET", "/readyz") if crate::cluster::is_down() => {
+        ("GET", "/readyz") if cluster_stats.is_some_and(ClusterStats::is_down) => {
             // Still serving local clients and publishes: only cross-node delivery is down.
             text(
                 200,
@@ -525,8 +529,7 @@ async fn disconnect(method: &str, target: &str, control: &ShardControl) -> Respo
 async fn publish(
     query: &str,
     body: &[u8],
-    publisher: &Publisher,
-    inbox: Option<&Inbox>,
+    routes: &Routes,
     settings: &Settings,
     metrics: &ShardMetrics,
 ) -> Response {
@@ -567,67 +570,83 @@ async fn publish(
         metrics.ingest_rejected[source][e.index()].fetch_add(1, Ordering::Relaxed);
         return json_error(400, &e.to_string());
     }
-    if !publisher.has_room_for(&channel, settings.max_channels) {
+    if !routes
+        .publisher
+        .has_room_for(&channel, settings.max_channels)
+    {
         metrics.channels_refused.fetch_add(1, Ordering::Relaxed);
         return json_error(503, &channels_full(settings.max_channels));
     }
-    if let Some(inbox) = inbox.filter(|_| is_user_channel(&channel)) {
-        let (tx, rx) = flume::bounded(1);
-        let reply = if ack {
-            InboxReply::Wait(tx)
-        } else {
-            InboxReply::None
-        };
-        if let Err(e) = inbox.publish(&channel, body, reply) {
-            return json_error(503, &format!("inbox: {}", e.to_store_error()));
-        }
-        metrics.messages_in[source].fetch_add(1, Ordering::Relaxed);
-        if !ack {
+    let cluster = match routes.target(&channel) {
+        Target::Inbox(inbox) => return publish_to_inbox(inbox, &channel, body, ack, metrics).await,
+        Target::Cluster(cluster) => cluster,
+        Target::Local(publisher) => {
+            let published = publisher.publish(&channel, body);
+            metrics.messages_in[source].fetch_add(1, Ordering::Relaxed);
             return json(
-                202,
-                format!("{{\"channel\":\"{channel}\",\"queued\":true}}\n"),
+                200,
+                format!(
+                    "{{\"channel\":\"{channel}\",\"offset\":{}}}\n",
+                    published.offset
+                ),
             );
         }
-        return match rx.recv_async().await {
-            Ok(Ok(offset)) => json(
-                200,
-                format!("{{\"channel\":\"{channel}\",\"offset\":{offset},\"durable\":true}}\n"),
-            ),
-            Ok(Err(e)) => json_error(503, &format!("inbox: {e}")),
-            Err(_) => json_error(503, "inbox: the store thread stopped"),
-        };
+    };
+    // Through the NATS thread: the offset is the cluster's, answered once stored;
+    // without `ack=1`, a local-epoch offset while NATS is unreachable.
+    let (tx, rx) = flume::bounded(1);
+    let reply = if ack {
+        crate::cluster::ClusterReply::Stored(tx)
+    } else {
+        crate::cluster::ClusterReply::Wait(tx)
+    };
+    if let Err(e) = cluster.publish(&channel, body, reply) {
+        return json_error(503, e);
     }
-    if let Some(cluster) = crate::cluster::get() {
-        // Through the NATS thread: the offset is the cluster's, answered once stored;
-        // without `ack=1`, a local-epoch offset while NATS is unreachable.
-        let (tx, rx) = flume::bounded(1);
-        let reply = if ack {
-            crate::cluster::ClusterReply::Stored(tx)
-        } else {
-            crate::cluster::ClusterReply::Wait(tx)
-        };
-        if let Err(e) = cluster.publish(&channel, body, reply) {
-            return json_error(503, e);
-        }
-        metrics.messages_in[source].fetch_add(1, Ordering::Relaxed);
-        return match rx.recv_async().await {
-            Ok(Ok(offset)) => json(
-                200,
-                format!("{{\"channel\":\"{channel}\",\"offset\":{offset}}}\n"),
-            ),
-            Ok(Err(e)) => json_error(503, &e),
-            Err(_) => json_error(503, "cluster: the NATS thread stopped"),
-        };
-    }
-    let published = publisher.publish(&channel, body);
     metrics.messages_in[source].fetch_add(1, Ordering::Relaxed);
-    json(
-        200,
-        format!(
-            "{{\"channel\":\"{channel}\",\"offset\":{}}}\n",
-            published.offset
+    match rx.recv_async().await {
+        Ok(Ok(offset)) => json(
+            200,
+            format!("{{\"channel\":\"{channel}\",\"offset\":{offset}}}\n"),
         ),
-    )
+        Ok(Err(e)) => json_error(503, &e),
+        Err(_) => json_error(503, "cluster: the NATS thread stopped"),
+    }
+}
+
+/// `POST /publish` to a `user:` channel with the inbox on: stored before it is answered
+/// (`ack=1`: with its offset once committed).
+async fn publish_to_inbox(
+    inbox: &Inbox,
+    channel: &str,
+    body: &[u8],
+    ack: bool,
+    metrics: &ShardMetrics,
+) -> Response {
+    let (tx, rx) = flume::bounded(1);
+    let reply = if ack {
+        InboxReply::Wait(tx)
+    } else {
+        InboxReply::None
+    };
+    if let Err(e) = inbox.publish(channel, body, reply) {
+        return json_error(503, &format!("inbox: {}", e.to_store_error()));
+    }
+    metrics.messages_in[Source::Http as usize].fetch_add(1, Ordering::Relaxed);
+    if !ack {
+        return json(
+            202,
+            format!("{{\"channel\":\"{channel}\",\"queued\":true}}\n"),
+        );
+    }
+    match rx.recv_async().await {
+        Ok(Ok(offset)) => json(
+            200,
+            format!("{{\"channel\":\"{channel}\",\"offset\":{offset},\"durable\":true}}\n"),
+        ),
+        Ok(Err(e)) => json_error(503, &format!("inbox: {e}")),
+        Err(_) => json_error(503, "inbox: the store thread stopped"),
+    }
 }
 
 #[cfg(test)]
@@ -748,11 +767,11 @@ mod tests {
     fn head_answers_like_get() {
         let settings = crate::config::resolve(Default::default(), Default::default()).unwrap();
         assert_eq!(
-            route("HEAD", "/healthz", &settings, &Lifecycle::default()).status,
+            route("HEAD", "/healthz", &settings, &Lifecycle::default(), None).status,
             200
         );
         assert_eq!(
-            route("HEAD", "/publish", &settings, &Lifecycle::default()).status,
+            route("HEAD", "/publish", &settings, &Lifecycle::default(), None).status,
             405
         );
     }

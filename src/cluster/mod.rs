@@ -28,7 +28,6 @@ pub mod thread;
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use thread::{Cluster, ClusterReply, JoinAnswer, JoinTag};
@@ -280,52 +279,36 @@ pub struct ClusterStats {
     pub join_queued: AtomicU64,
 }
 
-static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-static STATS: OnceLock<Arc<ClusterStats>> = OnceLock::new();
-
-/// The process's cluster handle, when the cluster is on.
-pub fn get() -> Option<&'static Cluster> {
-    CLUSTER.get()
-}
-
-/// Installs the process's cluster handle (once, at start).
-pub fn install(cluster: Cluster) {
-    let _ = STATS.set(cluster.stats().clone());
-    let _ = CLUSTER.set(cluster);
-}
-
-/// A shard's subscription index gained (`true`) or lost its subscribers on `channel`:
-/// tells the NATS thread, which keeps the channel's live subscription while any shard has
-/// one (and `interest_linger` after). Never waits; nothing when the cluster is off.
-pub fn interest(channel: &str, on: bool) {
-    if interest::note_routed(channel, on) {
-        return; // A user channel kept by the JetStream inbox.
+impl ClusterStats {
+    /// True when the NATS connection is down.
+    pub fn is_down(&self) -> bool {
+        self.up.load(Relaxed) == 0 && self.connected.load(Relaxed) == 0
     }
-    if let Some(cluster) = get() {
-        cluster.interest(channel, on);
+
+    /// True when connected to NATS but the stream is not usable yet (JetStream
+    /// unavailable or refusing the stream): cluster publishes are refused.
+    pub fn is_not_ready(&self) -> bool {
+        self.up.load(Relaxed) == 0 && self.connected.load(Relaxed) == 1
+    }
+}
+
+impl Cluster {
+    /// A shard's subscription index gained (`true`) or lost its subscribers on `channel`:
+    /// tells the NATS thread, which keeps the channel's live subscription while any shard
+    /// has one (and `interest_linger` after). Never waits.
+    pub fn note_interest(&self, channel: &str, on: bool) {
+        if interest::note_routed(channel, on) {
+            return; // A user channel kept by the JetStream inbox.
+        }
+        self.interest(channel, on);
         presence::interest(channel, on);
     }
 }
 
-/// True when the cluster is configured and its NATS connection is down.
-pub fn is_down() -> bool {
-    STATS
-        .get()
-        .is_some_and(|s| s.up.load(Relaxed) == 0 && s.connected.load(Relaxed) == 0)
-}
-
-/// True when the cluster is configured, connected to NATS, and its stream is not usable
-/// yet (JetStream unavailable or refusing the stream): cluster publishes are refused.
-pub fn is_not_ready() -> bool {
-    STATS
-        .get()
-        .is_some_and(|s| s.up.load(Relaxed) == 0 && s.connected.load(Relaxed) == 1)
-}
-
-/// Appends the `ringcast_cluster_*` metrics (nothing when the cluster is off).
-pub fn render_metrics(out: &mut String) {
+/// Appends the `ringcast_cluster_*` metrics.
+pub fn render_metrics(cluster: &Cluster, out: &mut String) {
     use std::fmt::Write;
-    let Some(s) = STATS.get() else { return };
+    let s = cluster.stats();
     let rows: [(&str, &str, &str, &AtomicU64); 13] = [
         (
             "ringcast_cluster_publish_refused_total",
@@ -433,13 +416,11 @@ pub fn render_metrics(out: &mut String) {
             v.load(Relaxed)
         );
     }
-    if let Some(cluster) = get() {
-        let _ = writeln!(
-            out,
-            "# HELP ringcast_cluster_publish_queued Publishes accepted for the JetStream stream and not yet answered (at most [cluster] publish_queue).\n# TYPE ringcast_cluster_publish_queued gauge\nringcast_cluster_publish_queued {}",
-            cluster.publish_queued()
-        );
-    }
+    let _ = writeln!(
+        out,
+        "# HELP ringcast_cluster_publish_queued Publishes accepted for the JetStream stream and not yet answered (at most [cluster] publish_queue).\n# TYPE ringcast_cluster_publish_queued gauge\nringcast_cluster_publish_queued {}",
+        cluster.publish_queued()
+    );
     s.join.render(out);
     presence::render_metrics(out);
 }

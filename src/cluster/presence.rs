@@ -19,6 +19,7 @@
 use crate::auth::namespace::Namespaces;
 use crate::cluster::presence_wire::{Answer, Event, Merge, Merged, Query, WireMember};
 use crate::cluster::subject::{decode_channel, encode_channel};
+use crate::cluster::ClusterStats;
 use crate::fanout::publisher::Publisher;
 use crate::presence::{Member, Presence};
 use async_nats::Client;
@@ -105,6 +106,15 @@ struct Bridge {
     answer_txs: Vec<flume::Sender<ShardAnswer>>,
     answer_rxs: Vec<flume::Receiver<ShardAnswer>>,
     stats: Arc<PresenceClusterStats>,
+    /// The NATS link's state, once the cluster started.
+    link: OnceLock<Arc<ClusterStats>>,
+}
+
+impl Bridge {
+    /// True when the cluster's NATS connection is down.
+    fn link_down(&self) -> bool {
+        self.link.get().is_some_and(|s| s.is_down())
+    }
 }
 
 struct Local {
@@ -146,7 +156,16 @@ pub fn init(shards: usize, prefix: &str, window: Duration) {
         answer_txs,
         answer_rxs,
         stats: Arc::new(PresenceClusterStats::default()),
+        link: OnceLock::new(),
     });
+}
+
+/// Gives cross-node presence the cluster's link state (once, when the cluster started):
+/// while NATS is down, queries are answered from local state and events are dropped.
+pub fn watch_link(stats: Arc<ClusterStats>) {
+    if let Some(b) = BRIDGE.get() {
+        let _ = b.link.set(stats);
+    }
 }
 
 /// Gives the NATS thread the registry to answer from and the namespace rules that say
@@ -176,7 +195,7 @@ pub fn query(channel: &str, shard: usize, tag: QueryTag, max: usize) -> Result<(
     let Some(b) = BRIDGE.get() else {
         return Err(tag);
     };
-    if crate::cluster::is_down() {
+    if b.link_down() {
         b.stats.partial.fetch_add(1, Relaxed);
         return Err(tag);
     }
@@ -322,7 +341,7 @@ pub async fn serve(client: Client, publisher: Arc<Publisher>, wakes: Vec<flume::
             }
             Job::Event { channel, event } => {
                 let subject = format!("{}.presence.ev.{}", b.prefix, encode_channel(&channel));
-                if crate::cluster::is_down() {
+                if b.link_down() {
                     b.stats.events_dropped.fetch_add(1, Relaxed);
                 } else if client.publish(subject, event.encode().into()).await.is_ok() {
                     b.stats.events_out.fetch_add(1, Relaxed);

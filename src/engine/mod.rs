@@ -22,7 +22,7 @@ pub mod table;
 #[cfg(test)]
 mod sim;
 
-use crate::fanout::index::SubscriptionIndex;
+use crate::fanout::index::{InterestSink, SubscriptionIndex};
 use crate::fanout::publisher::Publisher;
 use crate::metrics::{CloseCause, ShardMetrics};
 use crate::proto::close::CloseReason;
@@ -138,7 +138,8 @@ pub struct Engine<S: Driver> {
 
 impl<S: Driver> Engine<S> {
     /// An engine with empty tables, room for `capacity` connections, reading the ring
-    /// from its current head.
+    /// from its current head; `interest` hears each channel's first subscriber here and
+    /// its last leaving (the cluster follows those channels).
     pub fn new(
         id: usize,
         publisher: Arc<Publisher>,
@@ -146,15 +147,13 @@ impl<S: Driver> Engine<S> {
         conn_config: ConnConfig,
         capacity: usize,
         inbox_on: bool,
+        interest: Option<InterestSink>,
     ) -> Self {
         let cursor = publisher.ring().head();
         Engine {
             id,
             conns: RefCell::new(ConnTable::with_capacity(capacity)),
-            index: RefCell::new(SubscriptionIndex::holding_for(
-                publisher.clone(),
-                crate::cluster::interest,
-            )),
+            index: RefCell::new(SubscriptionIndex::holding_for(publisher.clone(), interest)),
             publisher,
             metrics,
             conn_config: Cell::new(conn_config),

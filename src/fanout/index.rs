@@ -16,9 +16,9 @@ use std::sync::Arc;
 pub type ConnKey = u32;
 
 /// Told that a channel got its first subscriber on this shard (`true`) or lost its last
-/// (`false`); the index's owner decides who hears of it (the cluster, in a server). A
-/// plain function: reporting a transition costs a call, never an allocation.
-pub type InterestSink = fn(channel: &str, subscribed: bool);
+/// (`false`); the index's owner decides who hears of it (the cluster, in a server).
+/// Reporting a transition costs one call, never an allocation.
+pub type InterestSink = Box<dyn Fn(&str, bool)>;
 
 struct ChannelMembers {
     name: Arc<str>,
@@ -57,10 +57,10 @@ impl SubscriptionIndex {
     /// An empty index that tells `publisher` which channels have subscribers here
     /// ([`Publisher::occupy`], [`Publisher::vacate`]) and reports the same transitions
     /// to `interest`.
-    pub fn holding_for(publisher: Arc<Publisher>, interest: InterestSink) -> Self {
+    pub fn holding_for(publisher: Arc<Publisher>, interest: Option<InterestSink>) -> Self {
         SubscriptionIndex {
             publisher: Some(publisher),
-            interest: Some(interest),
+            interest,
             ..Self::default()
         }
     }
@@ -80,7 +80,7 @@ impl SubscriptionIndex {
                 self.ids.insert(name, id);
                 // This shard's first subscriber: the owner's sink hears of it (in a
                 // server, the cluster follows the channel here).
-                if let Some(interest) = self.interest {
+                if let Some(interest) = &self.interest {
                     interest(channel, true);
                 }
                 if let Some(publisher) = &self.publisher {
@@ -149,7 +149,7 @@ impl SubscriptionIndex {
         } else if ch.members.is_empty() {
             let gone = self.channels.remove(id as usize);
             self.ids.remove(&gone.name);
-            if let Some(interest) = self.interest {
+            if let Some(interest) = &self.interest {
                 interest(&gone.name, false);
             }
             if let Some(publisher) = &self.publisher {
@@ -282,7 +282,7 @@ mod tests {
             Arc::new(Ring::new(16)),
             Arc::new(IdleFlags::new(1)),
         ));
-        let mut index = SubscriptionIndex::holding_for(publisher, hear);
+        let mut index = SubscriptionIndex::holding_for(publisher, Some(Box::new(hear)));
         index.subscribe(1, "a");
         index.subscribe(2, "a");
         index.subscribe(2, "b");

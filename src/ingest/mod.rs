@@ -10,5 +10,6 @@
 
 pub mod key;
 pub mod line;
+pub mod route;
 pub mod tcp;
 pub mod udp;

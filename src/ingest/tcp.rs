@@ -30,11 +30,13 @@
 //! At most `max_tcp_ingest_connections` are open over the process; past it a new one is
 //! answered `ERR too many ingest connections` and closed.
 
+use crate::cluster::ClusterReply;
 use crate::config::Settings;
-use crate::fanout::publisher::{channels_full, Publisher};
-use crate::inbox::{is_user_channel, Inbox, InboxReply, StoreError};
+use crate::fanout::publisher::channels_full;
+use crate::inbox::{InboxReply, StoreError};
 use crate::ingest::key::{check_auth, AuthCheck, IngestKey, PRE_AUTH_LIMIT};
 use crate::ingest::line::{parse_message, strip_newline, IngestError};
+use crate::ingest::route::{Routes, Target};
 use crate::metrics::{ShardMetrics, Source, TcpIngestRefusal};
 use crate::shard::admission::ConnectionSlots;
 use crate::shard::listener::{accept_allowed, linger_close, PortCap, PortSlot};
@@ -48,8 +50,7 @@ use std::time::Duration;
 /// shard.
 pub async fn serve(
     listener: TcpListener,
-    publisher: Arc<Publisher>,
-    inbox: Option<Inbox>,
+    routes: Routes,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
     slots: Arc<ConnectionSlots>,
@@ -67,16 +68,7 @@ pub async fn serve(
         "TCP ingest",
         &settings.clone(),
         cap,
-        |stream, slot| {
-            connection(
-                stream,
-                slot,
-                publisher.clone(),
-                inbox.clone(),
-                settings.clone(),
-                metrics,
-            )
-        },
+        |stream, slot| connection(stream, slot, routes.clone(), settings.clone(), metrics),
     )
     .await
 }
@@ -157,8 +149,7 @@ async fn authorize(stream: &mut TcpStream, key: &IngestKey, timeout: Duration) -
 async fn connection(
     mut stream: TcpStream,
     _slot: PortSlot,
-    publisher: Arc<Publisher>,
-    inbox: Option<Inbox>,
+    routes: Routes,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
 ) {
@@ -227,15 +218,19 @@ async fn connection(
                 }
             };
             match parse_message(line, settings.max_message_size) {
-                Ok((channel, _)) if !publisher.has_room_for(channel, settings.max_channels) => {
+                Ok((channel, _))
+                    if !routes
+                        .publisher
+                        .has_room_for(channel, settings.max_channels) =>
+                {
                     metrics.channels_refused.fetch_add(1, Relaxed);
                     let refusal = channels_full(settings.max_channels);
                     replies.push(Pending::Ready(format!("ERR {refusal}\n").into_bytes()));
                 }
                 Ok((channel, payload)) => {
                     metrics.messages_in[Source::Tcp as usize].fetch_add(1, Relaxed);
-                    match &inbox {
-                        Some(inbox) if is_user_channel(channel) => {
+                    match routes.target(channel) {
+                        Target::Inbox(inbox) => {
                             let (reply, wait) = if acks {
                                 let (tx, rx) = flume::bounded(1);
                                 (InboxReply::Wait(tx), Some(rx))
@@ -250,24 +245,23 @@ async fn connection(
                                 ))))),
                             }
                         }
-                        _ if crate::cluster::get().is_some() => {
+                        Target::Cluster(cluster) => {
                             let (reply, wait) = if acks {
                                 let (tx, rx) = flume::bounded(1);
-                                (crate::cluster::ClusterReply::Stored(tx), Some(rx))
+                                (ClusterReply::Stored(tx), Some(rx))
                             } else {
-                                (crate::cluster::ClusterReply::None, None)
+                                (ClusterReply::None, None)
                             };
-                            if let Some(cluster) = crate::cluster::get() {
-                                // While publish_queue publishes wait for JetStream, this
-                                // connection is not read: TCP holds the sender back.
-                                match cluster.publish_waiting(channel, payload, reply).await {
-                                    Ok(()) => replies.extend(wait.map(Pending::Cluster)),
-                                    Err(e) => replies
-                                        .push(Pending::Ready(format!("ERR {e}\n").into_bytes())),
+                            // While publish_queue publishes wait for JetStream, this
+                            // connection is not read: TCP holds the sender back.
+                            match cluster.publish_waiting(channel, payload, reply).await {
+                                Ok(()) => replies.extend(wait.map(Pending::Cluster)),
+                                Err(e) => {
+                                    replies.push(Pending::Ready(format!("ERR {e}\n").into_bytes()))
                                 }
                             }
                         }
-                        _ => {
+                        Target::Local(publisher) => {
                             let published = publisher.publish(channel, payload);
                             if acks {
                                 replies.push(Pending::Ready(

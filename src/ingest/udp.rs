@@ -6,10 +6,12 @@
 //! (queue full, disk error) is only counted (`ringcast_inbox_errors_total`); publishers
 //! that need to know use TCP ack mode or HTTP `?ack=1`.
 
+use crate::cluster::ClusterReply;
 use crate::config::Settings;
-use crate::fanout::publisher::{channels_full, Publisher};
-use crate::inbox::{is_user_channel, Inbox, InboxReply};
+use crate::fanout::publisher::channels_full;
+use crate::inbox::InboxReply;
 use crate::ingest::line::{parse_message, strip_newline};
+use crate::ingest::route::{Routes, Target};
 use crate::metrics::{ShardMetrics, Source};
 use glommio::net::UdpSocket;
 use std::sync::atomic::Ordering::Relaxed;
@@ -19,8 +21,7 @@ use std::time::{Duration, Instant};
 /// Receives datagrams on `socket` and publishes them, forever.
 pub async fn serve(
     socket: UdpSocket,
-    publisher: Arc<Publisher>,
-    inbox: Option<Inbox>,
+    routes: Routes,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
 ) {
@@ -42,7 +43,11 @@ pub async fn serve(
             continue;
         }
         match parse_message(strip_newline(&buf[..n]), settings.max_message_size) {
-            Ok((channel, _)) if !publisher.has_room_for(channel, settings.max_channels) => {
+            Ok((channel, _))
+                if !routes
+                    .publisher
+                    .has_room_for(channel, settings.max_channels) =>
+            {
                 metrics.channels_refused.fetch_add(1, Relaxed);
                 if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                     last_log = Some(Instant::now());
@@ -50,22 +55,16 @@ pub async fn serve(
                 }
             }
             Ok((channel, payload)) => {
-                match &inbox {
-                    Some(inbox) if is_user_channel(channel) => {
-                        // Refusals are counted by the inbox; there is no one to tell.
+                // Refusals are counted by the inbox or the cluster; there is no one to tell.
+                match routes.target(channel) {
+                    Target::Inbox(inbox) => {
                         let _ = inbox.publish(channel, payload, InboxReply::None);
                     }
-                    _ => {
-                        match crate::cluster::get() {
-                            // Counted by the cluster when it cannot queue it.
-                            Some(c) => {
-                                let _ =
-                                    c.publish(channel, payload, crate::cluster::ClusterReply::None);
-                            }
-                            None => {
-                                publisher.publish(channel, payload);
-                            }
-                        }
+                    Target::Cluster(cluster) => {
+                        let _ = cluster.publish(channel, payload, ClusterReply::None);
+                    }
+                    Target::Local(publisher) => {
+                        publisher.publish(channel, payload);
                     }
                 }
                 metrics.messages_in[Source::Udp as usize].fetch_add(1, Relaxed);

@@ -66,6 +66,7 @@ pub(super) fn start(
             ingest_slots: shared.ingest_slots.clone(),
             per_ip: shared.per_ip.clone(),
             lifecycle: shared.lifecycle.clone(),
+            cluster: shared.cluster.clone(),
             sockets,
             wake_senders,
             wake_receivers,

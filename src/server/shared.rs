@@ -39,6 +39,8 @@ pub(super) struct Shared {
     pub per_ip: Option<Arc<PerIpTable>>,
     /// Serving, stopping or draining.
     pub lifecycle: Arc<Lifecycle>,
+    /// The cluster, when this node is part of one.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {
@@ -55,6 +57,7 @@ impl Shared {
             Some((inbox, queues)) => (Some(inbox), queues),
             None => (None, Vec::new()),
         };
+        let mut cluster_handle = None;
         if let Some(cluster) = &settings.cluster {
             crate::cluster::presence::init(n, &cluster.subject_prefix, cluster.presence_window);
             let handle = crate::cluster::Cluster::start(cluster.clone(), publisher.clone(), n)
@@ -62,7 +65,8 @@ impl Shared {
                     shard: 0,
                     message: format!("cluster: spawning the NATS thread: {e}"),
                 })?;
-            crate::cluster::install(handle);
+            crate::cluster::presence::watch_link(handle.stats().clone());
+            cluster_handle = Some(Arc::new(handle));
             tracing::info!(nats = %cluster.nats_url, stream = %cluster.stream_name, "cluster on: channels are published through NATS JetStream");
         }
         // One limit for the process, whatever share of the connections each shard's
@@ -96,6 +100,7 @@ impl Shared {
             ingest_slots,
             per_ip,
             lifecycle: Arc::default(),
+            cluster: cluster_handle,
         };
         Ok((shared, inbox_queues))
     }

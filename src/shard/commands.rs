@@ -307,7 +307,7 @@ impl Shard {
             // Answered once committed.
             return String::new();
         }
-        if let Some(cluster) = crate::cluster::get() {
+        if let Some(cluster) = &self.cluster {
             // Answered with the stream's offset once stored (crate::shard::cluster_publish).
             if let Err(e) =
                 crate::shard::cluster_publish::publish(cluster, tag(), channel, data.as_bytes())

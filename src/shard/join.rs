@@ -45,14 +45,14 @@ impl Shard {
         since: Option<Since>,
         reply: bool,
     ) -> Joining {
-        let Some(cluster) = crate::cluster::get() else {
+        let Some(cluster) = &self.cluster else {
             return Joining::Local;
         };
         if cluster.follows(channel) {
             return Joining::Local;
         }
         let stats = cluster.join_stats();
-        if crate::cluster::is_down() {
+        if cluster.stats().is_down() {
             stats.fallbacks.fetch_add(1, Relaxed);
             return Joining::Local;
         }

@@ -34,6 +34,7 @@ use crate::fanout::publisher::Publisher;
 use crate::fanout::wake::install_senders;
 use crate::inbox::Inbox;
 use crate::inbox::ShardQueues;
+use crate::ingest::route::Routes;
 use crate::presence::Presence;
 use crate::shard::accept::accept_loop;
 use crate::shard::admission::{ConnectionSlots, HandshakeGate};
@@ -106,6 +107,8 @@ pub struct ShardSetup {
     pub per_ip: Option<Arc<PerIpTable>>,
     /// Serving, stopping or draining.
     pub lifecycle: Arc<lifecycle::Lifecycle>,
+    /// The cluster, when this node is part of one.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The sockets this shard serves.
     pub sockets: ShardSockets,
     /// Wake-ups to every shard (this one included) when this shard publishes.
@@ -138,6 +141,7 @@ pub async fn serve(setup: ShardSetup) {
         ingest_slots,
         per_ip,
         lifecycle,
+        cluster,
         sockets,
         wake_senders,
         wake_receivers,
@@ -151,14 +155,18 @@ pub async fn serve(setup: ShardSetup) {
         Some((inbox, queues)) => (Some(inbox), Some(queues)),
         None => (None, None),
     };
+    let routes = Routes {
+        publisher: publisher.clone(),
+        inbox: inbox.clone(),
+        cluster: cluster.clone(),
+    };
     let shard = match Shard::new(
         id,
         settings.clone(),
-        publisher.clone(),
+        routes.clone(),
         registry.clone(),
         presence,
         slots,
-        inbox.clone(),
     ) {
         Ok(shard) => Rc::new(shard),
         Err(e) => {
@@ -202,10 +210,10 @@ pub async fn serve(setup: ShardSetup) {
         })
         .detach();
     }
-    if crate::cluster::get().is_some() {
+    if cluster.is_some() {
         glommio::spawn_local(cluster_publish::serve(shard.clone())).detach();
     }
-    if let Some(rx) = crate::cluster::get().and_then(|c| c.shard_wake(id)) {
+    if let Some(rx) = cluster.as_ref().and_then(|c| c.shard_wake(id)) {
         // The NATS thread publishes from outside any executor: its wake-ups come here.
         let notify = wake.clone();
         glommio::spawn_local(async move {
@@ -225,7 +233,7 @@ pub async fn serve(setup: ShardSetup) {
         })
         .detach();
     }
-    if let Some(answers) = crate::cluster::get().and_then(|c| c.join_answers(id)) {
+    if let Some(answers) = cluster.as_ref().and_then(|c| c.join_answers(id)) {
         // Joins answered by the NATS thread (see shard::join).
         let shard = shard.clone();
         glommio::spawn_local(async move {
@@ -250,8 +258,7 @@ pub async fn serve(setup: ShardSetup) {
         let socket = adopt_udp(udp);
         glommio::spawn_local(crate::ingest::udp::serve(
             socket,
-            publisher.clone(),
-            inbox.clone(),
+            routes.clone(),
             settings.clone(),
             metrics,
         ))
@@ -261,8 +268,7 @@ pub async fn serve(setup: ShardSetup) {
         let listener = adopt_listener(tcp);
         glommio::spawn_local(crate::ingest::tcp::serve(
             listener,
-            publisher.clone(),
-            inbox.clone(),
+            routes.clone(),
             settings.clone(),
             metrics,
             ingest_slots,
@@ -271,8 +277,7 @@ pub async fn serve(setup: ShardSetup) {
     }
     if let Some(admin) = sockets.admin {
         let listener = adopt_listener(admin);
-        let (publisher, settings, inbox) = (publisher.clone(), settings.clone(), inbox.clone());
-        let lifecycle = lifecycle.clone();
+        let (routes, settings, lifecycle) = (routes.clone(), settings.clone(), lifecycle.clone());
         glommio::spawn_local(async move {
             let mut senders = Vec::with_capacity(control_senders.len());
             for tx in control_senders {
@@ -280,8 +285,7 @@ pub async fn serve(setup: ShardSetup) {
             }
             let control = ShardControl::new(senders);
             let port = crate::admin::AdminPort {
-                publisher,
-                inbox,
+                routes,
                 settings,
                 metrics,
                 control,

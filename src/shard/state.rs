@@ -8,10 +8,12 @@
 
 use crate::admission::per_ip::PerIpHold;
 use crate::auth::registry::Registry;
+use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::engine::Engine;
-use crate::fanout::publisher::Publisher;
+use crate::fanout::index::InterestSink;
 use crate::inbox::Inbox;
+use crate::ingest::route::Routes;
 use crate::live::{Cached, Live};
 use crate::metrics::{self, Metrics};
 use crate::presence::Presence;
@@ -69,6 +71,8 @@ pub struct Shard {
     pub(super) fair: FairSlice,
     /// The durable inbox, when on: the owner of `user:` channels.
     pub(super) inbox: Option<Inbox>,
+    /// The cluster, when this node is part of one.
+    pub(super) cluster: Option<Arc<Cluster>>,
     started: Instant,
 }
 
@@ -80,12 +84,16 @@ impl Shard {
     pub fn new(
         id: usize,
         settings: Arc<Settings>,
-        publisher: Arc<Publisher>,
+        routes: Routes,
         registry: Arc<Registry>,
         presence: Arc<Presence>,
         slots: Arc<ConnectionSlots>,
-        inbox: Option<Inbox>,
     ) -> std::io::Result<Self> {
+        let Routes {
+            publisher,
+            inbox,
+            cluster,
+        } = routes;
         let all_metrics = metrics::get();
         let base = settings.ping_interval.as_secs();
         // +-10% per shard, so a fleet's shards do not ping in lockstep.
@@ -114,6 +122,11 @@ impl Shard {
             conn_config,
             settings.live.max_connections,
             inbox.is_some(),
+            cluster.clone().map(|cluster| {
+                let sink: InterestSink =
+                    Box::new(move |channel, on| cluster.note_interest(channel, on));
+                sink
+            }),
         );
         let live = Cached::new(&settings);
         Ok(Shard {
@@ -139,6 +152,7 @@ impl Shard {
             }),
             fair: FairSlice::default(),
             inbox,
+            cluster,
             started: Instant::now(),
         })
     }
@@ -176,6 +190,7 @@ impl Shard {
     /// presence registry and no inbox, for unit tests of the driver.
     #[cfg(test)]
     pub(crate) fn for_tests(settings: Settings, ring_capacity: usize) -> Shard {
+        use crate::fanout::publisher::Publisher;
         use crate::fanout::ring::Ring;
         use crate::fanout::wake::IdleFlags;
         let publisher = Arc::new(Publisher::new(
@@ -189,7 +204,7 @@ impl Shard {
     #[cfg(test)]
     pub(crate) fn for_tests_with(
         settings: Settings,
-        publisher: Arc<Publisher>,
+        publisher: Arc<crate::fanout::publisher::Publisher>,
         inbox: Option<Inbox>,
     ) -> Shard {
         let presence = Arc::new(Presence::new(
@@ -198,14 +213,18 @@ impl Shard {
         ));
         let slots = ConnectionSlots::new(settings.live.max_connections);
         let live = Cached::pinned(settings.live.clone());
+        let routes = Routes {
+            publisher,
+            inbox,
+            cluster: None,
+        };
         let shard = Shard::new(
             0,
             Arc::new(settings),
-            publisher,
+            routes,
             Arc::default(),
             presence,
             slots,
-            inbox,
         )
         .expect("shard");
         *shard.live.borrow_mut() = live;

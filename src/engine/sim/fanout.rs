@@ -238,6 +238,7 @@ fn run(seed: u64, steps: usize, ring_capacity: usize) {
                     CONFIG,
                     CONNS_PER_SHARD as usize,
                     false,
+                    None,
                 ),
                 last_rx: vec![0; CONNS_PER_SHARD as usize],
             })

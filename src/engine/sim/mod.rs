@@ -194,7 +194,7 @@ fn the_backlog_gauge_counts_a_delivered_frame_once() {
         linger: 2,
         stall_after: 3,
     };
-    let engine: Engine<Peer> = Engine::new(0, publisher.clone(), metrics, config, 8, false);
+    let engine: Engine<Peer> = Engine::new(0, publisher.clone(), metrics, config, 8, false, None);
     let key = engine.conns.borrow_mut().insert(Conn {
         fd: Peer::default(),
         generation: 1,

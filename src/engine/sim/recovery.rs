@@ -385,6 +385,7 @@ fn run(
                     CONFIG,
                     CONNS_PER_SHARD as usize,
                     false,
+                    None,
                 ),
                 paused: None,
             })
