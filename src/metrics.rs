@@ -14,7 +14,6 @@ use crossbeam_utils::CachePadded;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::sync::OnceLock;
 
 pub use crate::proto::close::CloseCause;
 
@@ -270,16 +269,16 @@ pub struct Metrics {
     pub ingest_unauthorized: [AtomicU64; 2],
 }
 
-static METRICS: OnceLock<Metrics> = OnceLock::new();
-
-/// Initializes the metrics for `shards` shards; later calls keep the first.
-pub fn init(shards: usize) -> &'static Metrics {
-    METRICS.get_or_init(|| Metrics::new(shards))
-}
-
 impl Metrics {
+    /// Zeroed metrics for `shards` shards that live as long as the process: a server
+    /// makes them once at start and hands them to every part that counts (its shards,
+    /// threads and ports hold plain references, no reference count on the hot path).
+    pub fn leak(shards: usize) -> &'static Metrics {
+        Box::leak(Box::new(Metrics::new(shards)))
+    }
+
     /// Zeroed metrics for `shards` shards.
-    fn new(shards: usize) -> Metrics {
+    pub fn new(shards: usize) -> Metrics {
         Metrics {
             shards: (0..shards)
                 .map(|_| CachePadded::new(ShardMetrics::default()))
@@ -302,11 +301,6 @@ impl Metrics {
             ingest_unauthorized: Default::default(),
         }
     }
-}
-
-/// The global metrics (initialized with one shard if `init` was never called).
-pub fn get() -> &'static Metrics {
-    init(1)
 }
 
 impl Metrics {

@@ -25,14 +25,14 @@
 //! only once JetStream stored the message (503 `cluster: ...` while it cannot); without
 //! it, NATS unreachable for 2 s gives 200 with a local-epoch offset (docs/cluster.md).
 
-use crate::cluster::{Cluster, ClusterStats};
+use crate::cluster::ClusterStats;
 use crate::config::Settings;
 use crate::fanout::publisher::channels_full;
 use crate::inbox::{Inbox, InboxReply};
 use crate::ingest::key::{bearer, IngestKey};
 use crate::ingest::line::validate_payload;
 use crate::ingest::route::{Routes, Target};
-use crate::metrics::{self, AdminRefusal, ShardMetrics, Source};
+use crate::metrics::{AdminRefusal, Metrics, ShardMetrics, Source};
 use crate::proto::channel::{is_valid_channel, CHANNEL_RULE};
 use crate::proto::upgrade::{percent_decode, status_text, MAX_REQUEST_HEAD};
 use crate::shard::admission::{ConnectionSlots, RETRY_AFTER_SECS};
@@ -60,6 +60,8 @@ pub struct AdminPort {
     pub settings: Arc<Settings>,
     /// The serving shard's counters.
     pub metrics: &'static ShardMetrics,
+    /// Every counter of the process (`/metrics`).
+    pub all_metrics: &'static Metrics,
     /// Requests to every shard (`/admin/disconnect`).
     pub control: Rc<ShardControl>,
     /// Serving, stopping or draining (`/readyz`).
@@ -141,9 +143,8 @@ fn key_refuses(key: Option<&IngestKey>, authorization: Option<&[u8]>) -> bool {
     })
 }
 
-/// The 401 for a missing or wrong key, counted.
+/// The 401 for a missing or wrong key (counted by the caller).
 fn unauthorized_response() -> Response {
-    metrics::get().ingest_unauthorized[1].fetch_add(1, Ordering::Relaxed);
     let mut response = json_error(
         401,
         "unauthorized: send the ingest key as Authorization: Bearer <ingest_key>",
@@ -242,7 +243,12 @@ async fn handle(mut stream: TcpStream, _slot: PortSlot, port: Rc<AdminPort>) {
                     (response, keep_alive, head_only, false)
                 }
                 // A request that could not be read leaves the stream unframed: close.
-                Some(Err(response)) => (response, false, false, true),
+                Some(Err(response)) => {
+                    if response.status == 401 {
+                        port.all_metrics.ingest_unauthorized[1].fetch_add(1, Ordering::Relaxed);
+                    }
+                    (response, false, false, true)
+                }
             };
         let out = encode(&response, keep_alive, head_only);
         let written =
@@ -267,9 +273,17 @@ async fn answer(req: Request, port: &AdminPort) -> Response {
         routes,
         settings,
         metrics,
+        all_metrics,
         control,
-        lifecycle,
+        ..
     } = port;
+    let unauthorized = |req: &Request| {
+        let refused = unauthorized(req);
+        if refused.is_some() {
+            all_metrics.ingest_unauthorized[1].fetch_add(1, Ordering::Relaxed);
+        }
+        refused
+    };
     let path = req.target.split('?').next().unwrap_or("");
     if path == "/admin/disconnect" {
         return match unauthorized(&req) {
@@ -286,13 +300,7 @@ async fn answer(req: Request, port: &AdminPort) -> Response {
             }
         };
     }
-    route(
-        &req.method,
-        &req.target,
-        settings,
-        lifecycle,
-        routes.cluster.as_deref(),
-    )
+    route(&req.method, &req.target, port)
 }
 
 /// Reads one request (method, target, `Authorization`, a Content-Length body) from
@@ -445,13 +453,9 @@ pub fn fuzz_parse_request(buf: &mut Vec<u8>, max_body: usize) -> Result<Option<u
     }
 }
 
-fn route(
-    method: &str,
-    target: &str,
-    settings: &Settings,
-    lifecycle: &Lifecycle,
-    cluster: Option<&Cluster>,
-) -> Response {
+fn route(method: &str, target: &str, port: &AdminPort) -> Response {
+    let (settings, lifecycle, all_metrics) = (&port.settings, &port.lifecycle, port.all_metrics);
+    let cluster = port.routes.cluster.as_deref();
     let cluster_stats = cluster.map(|c| &**c.stats());
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     let draining = lifecycle.shutting_down();
@@ -462,7 +466,7 @@ fn route(
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             headers: String::new(),
-            body: metrics::get().render(draining, cluster),
+            body: all_metrics.render(draining, cluster),
         },
         ("GET", "/healthz") => text(200, "ok\n"),
         ("GET", "/readyz") if draining => text(503, "draining\n"),
@@ -765,15 +769,28 @@ mod tests {
 
     #[test]
     fn head_answers_like_get() {
+        use crate::fanout::publisher::Publisher;
+        use crate::fanout::ring::Ring;
+        use crate::fanout::wake::IdleFlags;
         let settings = crate::config::resolve(Default::default(), Default::default()).unwrap();
-        assert_eq!(
-            route("HEAD", "/healthz", &settings, &Lifecycle::default(), None).status,
-            200
-        );
-        assert_eq!(
-            route("HEAD", "/publish", &settings, &Lifecycle::default(), None).status,
-            405
-        );
+        let all_metrics = Metrics::leak(1);
+        let port = AdminPort {
+            routes: Routes {
+                publisher: Arc::new(Publisher::new(
+                    Arc::new(Ring::new(8)),
+                    Arc::new(IdleFlags::new(1)),
+                )),
+                inbox: None,
+                cluster: None,
+            },
+            settings: Arc::new(settings),
+            metrics: all_metrics.shard(0),
+            all_metrics,
+            control: ShardControl::new(Vec::new()),
+            lifecycle: Arc::default(),
+        };
+        assert_eq!(route("HEAD", "/healthz", &port).status, 200);
+        assert_eq!(route("HEAD", "/publish", &port).status, 405);
     }
 
     proptest! {

@@ -37,7 +37,7 @@ use crate::inbox::{InboxReply, StoreError};
 use crate::ingest::key::{check_auth, AuthCheck, IngestKey, PRE_AUTH_LIMIT};
 use crate::ingest::line::{parse_message, strip_newline, IngestError};
 use crate::ingest::route::{Routes, Target};
-use crate::metrics::{ShardMetrics, Source, TcpIngestRefusal};
+use crate::metrics::{Metrics, ShardMetrics, Source, TcpIngestRefusal};
 use crate::shard::admission::ConnectionSlots;
 use crate::shard::listener::{accept_allowed, linger_close, PortCap, PortSlot};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -52,7 +52,7 @@ pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     settings: Arc<Settings>,
-    metrics: &'static ShardMetrics,
+    (metrics, all_metrics): (&'static ShardMetrics, &'static Metrics),
     slots: Arc<ConnectionSlots>,
 ) {
     let cap = PortCap {
@@ -68,7 +68,10 @@ pub async fn serve(
         "TCP ingest",
         &settings.clone(),
         cap,
-        |stream, slot| connection(stream, slot, routes.clone(), settings.clone(), metrics),
+        |stream, slot| {
+            let settings = settings.clone();
+            connection(stream, slot, routes.clone(), settings, metrics, all_metrics)
+        },
     )
     .await
 }
@@ -152,6 +155,7 @@ async fn connection(
     routes: Routes,
     settings: Arc<Settings>,
     metrics: &'static ShardMetrics,
+    all_metrics: &'static Metrics,
 ) {
     // None until the first line decides it.
     let mut ack_mode: Option<bool> = None;
@@ -165,7 +169,7 @@ async fn connection(
                 buf
             }
             PreAuth::Refused => {
-                crate::metrics::get().ingest_unauthorized[0].fetch_add(1, Relaxed);
+                all_metrics.ingest_unauthorized[0].fetch_add(1, Relaxed);
                 refuse(&mut stream, b"ERR unauthorized\n").await;
                 return;
             }

@@ -25,7 +25,7 @@ mod sockets;
 pub mod startup_log;
 
 use crate::config::{ConfigLayer, Settings};
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::sd_notify::{Event, Notifier};
 use crate::shard::listener::BindError;
 use crate::shard::ShardError;
@@ -73,9 +73,9 @@ pub fn run_reloadable(settings: Settings, cli: ConfigLayer) -> Result<(), StartE
     };
     crate::live::install(settings.live.clone());
     let settings = Arc::new(settings);
-    metrics::init(settings.shards);
+    let metrics = Metrics::leak(settings.shards);
     limits::apply(&settings);
-    let (shared, inbox_queues) = shared::Shared::start(settings.clone())?;
+    let (shared, inbox_queues) = shared::Shared::start(settings.clone(), metrics)?;
     let reloader = reload::Reloader::new(cli, table, &shared);
     let sockets = sockets::bind(&settings)?;
     let done = shard_threads::start(&shared, inbox_queues, sockets)?;

@@ -5,7 +5,7 @@
 use super::shared::Shared;
 use crate::admission::per_ip::PerIpTable;
 use crate::config::ConfigLayer;
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::shard::admission::ConnectionSlots;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,6 +19,8 @@ pub(super) struct Reloader {
     /// The per-address table, when a per-IP limit was on at start (its limits reload;
     /// without one, turning a limit on needs a restart).
     per_ip: Option<Arc<PerIpTable>>,
+    /// Counts reloads applied and refused.
+    metrics: &'static Metrics,
 }
 
 impl Reloader {
@@ -30,13 +32,14 @@ impl Reloader {
             table,
             slots: shared.slots.clone(),
             per_ip: shared.per_ip.clone(),
+            metrics: shared.metrics,
         }
     }
 
     /// Reads the configuration again and applies what can change at runtime; a bad file is
     /// refused (logged with the key at fault) and the running configuration stays.
     pub(super) fn reload(&mut self) {
-        let counters = &metrics::get().config_reloads;
+        let counters = &self.metrics.config_reloads;
         match crate::live::reload(&self.cli, &self.table) {
             Err(e) => {
                 counters[1].fetch_add(1, Ordering::Relaxed);

@@ -67,6 +67,7 @@ pub(super) fn start(
             per_ip: shared.per_ip.clone(),
             lifecycle: shared.lifecycle.clone(),
             cluster: shared.cluster.clone(),
+            metrics: shared.metrics,
             sockets,
             wake_senders,
             wake_receivers,

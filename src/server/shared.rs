@@ -12,7 +12,7 @@ use crate::fanout::ring::Ring;
 use crate::fanout::wake::IdleFlags;
 use crate::inbox::Inbox;
 use crate::inbox::ShardQueues;
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::shard::admission::ConnectionSlots;
 use crate::shard::lifecycle::Lifecycle;
@@ -39,6 +39,8 @@ pub(super) struct Shared {
     pub per_ip: Option<Arc<PerIpTable>>,
     /// Serving, stopping or draining.
     pub lifecycle: Arc<Lifecycle>,
+    /// Every counter of the process.
+    pub metrics: &'static Metrics,
     /// The cluster, when this node is part of one.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
@@ -50,10 +52,13 @@ impl Shared {
     /// # Errors
     /// [`StartError::Inbox`] when the inbox database cannot be used, or a
     /// [`ShardError`] when the NATS thread cannot be spawned.
-    pub fn start(settings: Arc<Settings>) -> Result<(Shared, Vec<ShardQueues>), StartError> {
+    pub fn start(
+        settings: Arc<Settings>,
+        metrics: &'static Metrics,
+    ) -> Result<(Shared, Vec<ShardQueues>), StartError> {
         let n = settings.shards;
-        let publisher = Arc::new(publisher(&settings));
-        let (inbox, inbox_queues) = match start_inbox(&settings, &publisher)? {
+        let publisher = Arc::new(publisher(&settings, metrics));
+        let (inbox, inbox_queues) = match start_inbox(&settings, &publisher, metrics)? {
             Some((inbox, queues)) => (Some(inbox), queues),
             None => (None, Vec::new()),
         };
@@ -79,10 +84,10 @@ impl Shared {
             .per_ip
             .any()
             .then(|| PerIpTable::new(settings.per_ip));
-        let registry = Arc::new(Registry::new().with_user_gauge(&metrics::get().users));
+        let registry = Arc::new(Registry::new().with_user_gauge(&metrics.users));
         let presence = Arc::new(
             Presence::new(publisher.ring().clone(), publisher.idle_flags().clone())
-                .with_stats(metrics::get().presence.clone()),
+                .with_stats(metrics.presence.clone()),
         );
         if settings.cluster.is_some() {
             crate::cluster::presence::install_registry(
@@ -100,6 +105,7 @@ impl Shared {
             ingest_slots,
             per_ip,
             lifecycle: Arc::default(),
+            metrics,
             cluster: cluster_handle,
         };
         Ok((shared, inbox_queues))
@@ -107,11 +113,11 @@ impl Shared {
 }
 
 /// The publisher over a new ring, with each channel's history limits from its namespace.
-fn publisher(settings: &Arc<Settings>) -> Publisher {
+fn publisher(settings: &Arc<Settings>, metrics: &'static Metrics) -> Publisher {
     let ring = Arc::new(Ring::new(settings.ring_capacity));
     Publisher::new(ring, Arc::new(IdleFlags::new(settings.shards)))
         .with_idle_timeout(settings.channel_idle_timeout)
-        .with_channel_gauge(&metrics::get().channels)
+        .with_channel_gauge(&metrics.channels)
         .with_history(
             {
                 let settings = settings.clone();
@@ -124,7 +130,7 @@ fn publisher(settings: &Arc<Settings>) -> Publisher {
                 }
             },
             settings.history_max_bytes,
-            metrics::get().history.clone(),
+            metrics.history.clone(),
         )
 }
 
@@ -133,6 +139,7 @@ fn publisher(settings: &Arc<Settings>) -> Publisher {
 fn start_inbox(
     settings: &Settings,
     publisher: &Arc<Publisher>,
+    metrics: &Metrics,
 ) -> Result<Option<(Inbox, Vec<ShardQueues>)>, StartError> {
     let n = settings.shards;
     let Some(config) = &settings.inbox else {
@@ -146,14 +153,11 @@ fn start_inbox(
             config.clone(),
             publisher.clone(),
             n,
-            metrics::get().inbox.clone(),
+            metrics.inbox.clone(),
         ),
-        None => crate::inbox::redb::start(
-            config.clone(),
-            publisher.clone(),
-            n,
-            metrics::get().inbox.clone(),
-        ),
+        None => {
+            crate::inbox::redb::start(config.clone(), publisher.clone(), n, metrics.inbox.clone())
+        }
     }
     .map_err(StartError::Inbox)?;
     let path = match settings.cluster {

@@ -109,6 +109,8 @@ pub struct ShardSetup {
     pub lifecycle: Arc<lifecycle::Lifecycle>,
     /// The cluster, when this node is part of one.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Every counter of the process.
+    pub metrics: &'static crate::metrics::Metrics,
     /// The sockets this shard serves.
     pub sockets: ShardSockets,
     /// Wake-ups to every shard (this one included) when this shard publishes.
@@ -142,6 +144,7 @@ pub async fn serve(setup: ShardSetup) {
         per_ip,
         lifecycle,
         cluster,
+        metrics: all_metrics,
         sockets,
         wake_senders,
         wake_receivers,
@@ -167,6 +170,7 @@ pub async fn serve(setup: ShardSetup) {
         registry.clone(),
         presence,
         slots,
+        all_metrics,
     ) {
         Ok(shard) => Rc::new(shard),
         Err(e) => {
@@ -270,7 +274,7 @@ pub async fn serve(setup: ShardSetup) {
             listener,
             routes.clone(),
             settings.clone(),
-            metrics,
+            (metrics, all_metrics),
             ingest_slots,
         ))
         .detach();
@@ -288,6 +292,7 @@ pub async fn serve(setup: ShardSetup) {
                 routes,
                 settings,
                 metrics,
+                all_metrics,
                 control,
                 lifecycle,
             };

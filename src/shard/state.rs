@@ -15,7 +15,7 @@ use crate::fanout::index::InterestSink;
 use crate::inbox::Inbox;
 use crate::ingest::route::Routes;
 use crate::live::{Cached, Live};
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::proto::backlog::BacklogLimits;
 use crate::proto::conn::ConnConfig;
@@ -88,13 +88,13 @@ impl Shard {
         registry: Arc<Registry>,
         presence: Arc<Presence>,
         slots: Arc<ConnectionSlots>,
+        all_metrics: &'static Metrics,
     ) -> std::io::Result<Self> {
         let Routes {
             publisher,
             inbox,
             cluster,
         } = routes;
-        let all_metrics = metrics::get();
         let base = settings.ping_interval.as_secs();
         // +-10% per shard, so a fleet's shards do not ping in lockstep.
         let ping_after = (base + Jitter::new(id as u64 + 1).below(base / 5 + 1))
@@ -225,6 +225,7 @@ impl Shard {
             Arc::default(),
             presence,
             slots,
+            Metrics::leak(1),
         )
         .expect("shard");
         *shard.live.borrow_mut() = live;
