@@ -9,7 +9,8 @@
 //! goes to a sink its owner gives); `scripts/check-floors.sh` checks both.
 //!
 //! - [`ingest`]: UDP datagrams, TCP lines and HTTP `POST /publish` become
-//!   `(channel, payload)` (pure parsing plus thin listeners).
+//!   `(channel, payload)` (pure parsing plus thin listeners); [`ingest::route`] says
+//!   where a message goes (the inbox, the cluster or this node's publisher).
 //! - [`fanout`]: the channel's offset is taken and the frame encoded once, then pushed into
 //!   the shared lock-free [`fanout::ring::Ring`]; every shard follows the ring with its own
 //!   cursor and is woken by coalesced cross-core wake-ups.
