@@ -14,6 +14,7 @@ use crate::fanout::publisher::channels_full;
 use crate::inbox::InboxReply;
 use crate::inbox::ShardTag;
 use crate::ingest::line::validate_payload;
+use crate::ingest::route::Target;
 use crate::metrics::Source;
 use crate::presence::ConnId;
 use crate::proto::command::{parse_command, Command, Reply, Since};
@@ -295,36 +296,40 @@ impl Shard {
             since: None,
             attempt: 0,
         };
-        if let Some(inbox) = self.inbox_for(channel) {
-            let reply = InboxReply::Shard {
-                shard: self.id,
-                tag: tag(),
-            };
-            if let Err(e) = inbox.publish(channel, data.as_bytes(), reply) {
-                return refuse(503, &format!("inbox: {}", e.to_store_error()));
+        let answered_later = match self.routes.target(channel) {
+            Target::Inbox(inbox) => {
+                let reply = InboxReply::Shard {
+                    shard: self.id,
+                    tag: tag(),
+                };
+                inbox
+                    .publish(channel, data.as_bytes(), reply)
+                    .map_err(|e| format!("inbox: {}", e.to_store_error()))
             }
-            self.engine.metrics.messages_in[source].fetch_add(1, Relaxed);
-            // Answered once committed.
-            return String::new();
-        }
-        if let Some(cluster) = &self.cluster {
             // Answered with the stream's offset once stored (crate::shard::cluster_publish).
-            if let Err(e) =
+            Target::Cluster(cluster) => {
                 crate::shard::cluster_publish::publish(cluster, tag(), channel, data.as_bytes())
-            {
-                return refuse(503, e);
+                    .map_err(str::to_string)
             }
-            self.engine.metrics.messages_in[source].fetch_add(1, Relaxed);
-            return String::new();
+            Target::Local(publisher) => {
+                let published = publisher.publish(channel, data.as_bytes());
+                self.engine.metrics.messages_in[source].fetch_add(1, Relaxed);
+                return Reply::Published {
+                    id,
+                    channel,
+                    offset: published.offset,
+                }
+                .to_json();
+            }
+        };
+        match answered_later {
+            Ok(()) => {
+                self.engine.metrics.messages_in[source].fetch_add(1, Relaxed);
+                // Answered once committed or stored.
+                String::new()
+            }
+            Err(e) => refuse(503, &e),
         }
-        let published = self.engine.publisher.publish(channel, data.as_bytes());
-        self.engine.metrics.messages_in[source].fetch_add(1, Relaxed);
-        Reply::Published {
-            id,
-            channel,
-            offset: published.offset,
-        }
-        .to_json()
     }
 
     /// `{"cmd":"refresh"}`: a new token for the same user moves the connection's expiry

@@ -98,7 +98,7 @@ pub(crate) fn adopt(
         match shard.may_subscribe(conn.machine.session(), ch) {
             Ok(()) if shard.inbox_for(ch).is_some() => {
                 // Live messages only once the unacked ones are in (see shard::inbox).
-                if let Some(inbox) = &shard.inbox {
+                if let Some(inbox) = &shard.routes.inbox {
                     if let Err(reply) =
                         shard.inbox_subscribe(inbox, key, generation, ch, None, at, 0)
                     {
@@ -208,7 +208,7 @@ pub(crate) fn adopt_stream(
         let session = conn.machine.session();
         let mut replay = Vec::new();
         let reply = match shard.may_subscribe(session, ch) {
-            Ok(()) => match shard.inbox_for(ch).zip(shard.inbox.as_ref()) {
+            Ok(()) => match shard.inbox_for(ch).zip(shard.routes.inbox.as_ref()) {
                 // Answered when the store has the unacked messages (see shard::inbox).
                 Some((_, inbox)) => {
                     // The index holds no position for an inbox channel: the stream keeps

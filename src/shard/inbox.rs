@@ -77,7 +77,10 @@ fn store_refusal(kind: &'static str, id: Option<&str>, channel: &str, e: &StoreE
 impl Shard {
     /// The inbox, if it owns `channel`.
     pub(super) fn inbox_for(&self, channel: &str) -> Option<&Inbox> {
-        self.inbox.as_ref().filter(|_| is_user_channel(channel))
+        self.routes
+            .inbox
+            .as_ref()
+            .filter(|_| is_user_channel(channel))
     }
 
     /// Starts an inbox subscribe (permission already checked): the reply comes with the
@@ -140,7 +143,7 @@ impl Shard {
         session: Option<&Session>,
     ) -> String {
         let Some(inbox) = self.inbox_for(channel) else {
-            let why = if self.inbox.is_none() {
+            let why = if self.routes.inbox.is_none() {
                 "the inbox is off on this server (inbox = false): nothing to ack"
             } else {
                 "only user:<id> channels have an inbox to ack"
@@ -364,7 +367,7 @@ impl Shard {
             .remove(&(tag.key, Arc::from(channel)));
         let id = tag.id.clone();
         let attempt = tag.attempt + 1;
-        let retried = match &self.inbox {
+        let retried = match &self.routes.inbox {
             Some(inbox) if attempt < MAX_ATTEMPTS => self
                 .inbox_subscribe(
                     inbox,

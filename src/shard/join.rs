@@ -45,7 +45,7 @@ impl Shard {
         since: Option<Since>,
         reply: bool,
     ) -> Joining {
-        let Some(cluster) = &self.cluster else {
+        let Some(cluster) = &self.routes.cluster else {
             return Joining::Local;
         };
         if cluster.follows(channel) {

@@ -8,11 +8,9 @@
 
 use crate::admission::per_ip::PerIpHold;
 use crate::auth::registry::Registry;
-use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::engine::Engine;
 use crate::fanout::index::InterestSink;
-use crate::inbox::Inbox;
 use crate::ingest::route::Routes;
 use crate::live::{Cached, Live};
 use crate::metrics::Metrics;
@@ -69,10 +67,9 @@ pub struct Shard {
     pub(super) send_ring: RefCell<Option<SendRing>>,
     /// How long the fan-out has held the core since it last yielded.
     pub(super) fair: FairSlice,
-    /// The durable inbox, when on: the owner of `user:` channels.
-    pub(super) inbox: Option<Inbox>,
-    /// The cluster, when this node is part of one.
-    pub(super) cluster: Option<Arc<Cluster>>,
+    /// Where a client's publish goes (the inbox for `user:` channels, the cluster, or
+    /// this node's publisher), and the inbox and cluster themselves.
+    pub(super) routes: Routes,
     started: Instant,
 }
 
@@ -90,11 +87,7 @@ impl Shard {
         slots: Arc<ConnectionSlots>,
         all_metrics: &'static Metrics,
     ) -> std::io::Result<Self> {
-        let Routes {
-            publisher,
-            inbox,
-            cluster,
-        } = routes;
+        let publisher = routes.publisher.clone();
         let base = settings.ping_interval.as_secs();
         // +-10% per shard, so a fleet's shards do not ping in lockstep.
         let ping_after = (base + Jitter::new(id as u64 + 1).below(base / 5 + 1))
@@ -121,8 +114,8 @@ impl Shard {
             all_metrics.shard(id),
             conn_config,
             settings.live.max_connections,
-            inbox.is_some(),
-            cluster.clone().map(|cluster| {
+            routes.inbox.is_some(),
+            routes.cluster.clone().map(|cluster| {
                 let sink: InterestSink =
                     Box::new(move |channel, on| cluster.note_interest(channel, on));
                 sink
@@ -151,8 +144,7 @@ impl Shard {
                 }
             }),
             fair: FairSlice::default(),
-            inbox,
-            cluster,
+            routes,
             started: Instant::now(),
         })
     }
@@ -205,7 +197,7 @@ impl Shard {
     pub(crate) fn for_tests_with(
         settings: Settings,
         publisher: Arc<crate::fanout::publisher::Publisher>,
-        inbox: Option<Inbox>,
+        inbox: Option<crate::inbox::Inbox>,
     ) -> Shard {
         let presence = Arc::new(Presence::new(
             publisher.ring().clone(),
