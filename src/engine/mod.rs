@@ -244,6 +244,24 @@ impl<S: Driver> Engine<S> {
         });
     }
 
+    /// Decides that each connection of `connections` (key, generation) still in the
+    /// table closes with `reason`; returns how many were not closing already.
+    pub fn close_each(
+        &self,
+        connections: impl IntoIterator<Item = (u32, u32)>,
+        reason: &CloseReason,
+        cause: CloseCause,
+    ) -> usize {
+        let mut conns = self.conns.borrow_mut();
+        let mut closed = 0;
+        for (key, generation) in connections {
+            if let Some(conn) = conns.get_current(key, generation) {
+                closed += usize::from(self.schedule_close(key, conn, Some(reason.clone()), cause));
+            }
+        }
+        closed
+    }
+
     /// The closes decided since the last call, in order.
     pub fn take_closes(&self) -> Vec<CloseOrder> {
         std::mem::take(&mut *self.closes.borrow_mut())

@@ -108,35 +108,22 @@ pub async fn serve(shard: Rc<Shard>, rx: ConnectedReceiver<ShardRequest>) {
     while let Some(request) = rx.recv().await {
         match request {
             ShardRequest::DisconnectUser { user, ticket } => {
-                ticket.report(shard.disconnect_user(&user));
+                ticket.report(disconnect_user(&shard, &user));
             }
         }
     }
 }
 
-impl Shard {
-    /// Closes every connection of `user` on this shard with 4403; returns how many.
-    pub fn disconnect_user(&self, user: &str) -> usize {
-        let mut closed = 0;
-        {
-            let mut conns = self.engine.conns.borrow_mut();
-            for (key, generation) in self.registry.connections_on(user, self.id as u32) {
-                let Some(conn) = conns.get_current(key, generation) else {
-                    continue;
-                };
-                let reason = CloseReason::new(CloseCode::Forbidden, DISCONNECT_REASON);
-                if self
-                    .engine
-                    .schedule_close(key, conn, Some(reason), CloseCause::AdminDisconnect)
-                {
-                    closed += 1;
-                }
-            }
-        }
-        if closed > 0 {
-            tracing::info!(shard = self.id, user, closed, "admin disconnect");
-        }
-        self.settle();
-        closed
+/// Closes every connection of `user` on `shard` with 4403; returns how many.
+pub fn disconnect_user(shard: &Shard, user: &str) -> usize {
+    let reason = CloseReason::new(CloseCode::Forbidden, DISCONNECT_REASON);
+    let connections = shard.registry.connections_on(user, shard.id as u32);
+    let closed = shard
+        .engine
+        .close_each(connections, &reason, CloseCause::AdminDisconnect);
+    if closed > 0 {
+        tracing::info!(shard = shard.id, user, closed, "admin disconnect");
     }
+    shard.settle();
+    closed
 }

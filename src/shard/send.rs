@@ -112,7 +112,7 @@ impl Shard {
             return Flush::Done;
         }
         if conn.tls.is_some() {
-            return self.flush_tls(conn);
+            return crate::shard::tls_io::flush(self, conn);
         }
         loop {
             if conn.machine.backlog().is_empty() {

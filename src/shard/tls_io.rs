@@ -5,7 +5,7 @@
 //! Input: the shared read loop ([`crate::shard::conn::read_socket`]) reads ciphertext into
 //! the shard's scratch buffer; [`decrypt_input`] decrypts it there, in place, into the
 //! shard's plaintext buffer and hands that to the machine exactly as a plain read would
-//! be; the peer's close_notify is its EOF. Output: [`Shard::flush_tls`] writes what the
+//! be; the peer's close_notify is its EOF. Output: [`flush`] writes what the
 //! session holds, then encrypts more of the backlog (into a per-shard buffer, written at
 //! once) only once everything earlier is out, so the backlog bounds and the
 //! slow-consumer policy apply unchanged; the session keeps only what the socket refused.
@@ -63,7 +63,7 @@ pub(super) fn decrypt_input(shard: &Shard, key: u32, conn: &mut Conn, cipher: &m
         Err(e) => {
             tracing::debug!(shard = shard.id, error = %e, "TLS error on an open connection; closing it");
             // The alert the session queued, if the socket takes it.
-            let _ = shard.flush_tls(conn);
+            let _ = flush(shard, conn);
             shard
                 .engine
                 .schedule_close(key, conn, None, CloseCause::IoError);
@@ -77,66 +77,64 @@ fn send_some(fd: RawFd, bytes: &[u8]) -> Result<usize, Errno> {
     send(fd, bytes, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL)
 }
 
-impl Shard {
-    /// [`Shard::flush`] for a TLS connection: the session's unsent ciphertext first, then
-    /// the backlog, encrypted a feed at a time; close_notify after the close frame, and
-    /// the write side shut once that is out.
-    pub(super) fn flush_tls(&self, conn: &mut Conn) -> Flush {
-        let fd = conn.fd.as_raw_fd();
-        let result = SEAL.with(|seal| {
-            let (stage, out) = &mut *seal.borrow_mut();
-            loop {
-                let Some(tls) = conn.tls.as_deref_mut() else {
-                    return Flush::Failed;
-                };
-                while tls.wants_write() {
-                    self.engine.metrics.send_calls.fetch_add(1, Relaxed);
-                    match send_some(fd, tls.unsent()) {
-                        Ok(n) => {
-                            self.engine.metrics.bytes_out.fetch_add(n as u64, Relaxed);
-                            tls.sent(n);
-                        }
-                        Err(Errno::EAGAIN) => return Flush::Blocked,
-                        Err(Errno::EINTR) => {}
-                        Err(_) => return Flush::Failed,
+/// [`Shard::flush`] for a TLS connection: the session's unsent ciphertext first, then
+/// the backlog, encrypted a feed at a time; close_notify after the close frame, and
+/// the write side shut once that is out.
+pub(super) fn flush(shard: &Shard, conn: &mut Conn) -> Flush {
+    let fd = conn.fd.as_raw_fd();
+    let result = SEAL.with(|seal| {
+        let (stage, out) = &mut *seal.borrow_mut();
+        loop {
+            let Some(tls) = conn.tls.as_deref_mut() else {
+                return Flush::Failed;
+            };
+            while tls.wants_write() {
+                shard.engine.metrics.send_calls.fetch_add(1, Relaxed);
+                match send_some(fd, tls.unsent()) {
+                    Ok(n) => {
+                        shard.engine.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+                        tls.sent(n);
                     }
-                }
-                if tls.take_shutdown() {
-                    let _ = shutdown(fd, Shutdown::Write);
-                }
-                if conn.machine.backlog().is_empty() {
-                    return Flush::Done;
-                }
-                let mut slices = [IoSlice::new(&[]); FEED_SLICES];
-                let n = conn.machine.backlog().io_slices(&mut slices);
-                let taken = match tls.encrypt(&slices[..n], stage, out) {
-                    Ok(taken @ 1..) => taken,
-                    // Nothing is unsent here: no plaintext taken means a failed session.
-                    _ => return Flush::Failed,
-                };
-                // Straight to the socket; the session keeps what it does not take.
-                let mut at = 0;
-                while at < out.len() {
-                    self.engine.metrics.send_calls.fetch_add(1, Relaxed);
-                    match send_some(fd, &out[at..]) {
-                        Ok(n) => {
-                            self.engine.metrics.bytes_out.fetch_add(n as u64, Relaxed);
-                            at += n;
-                        }
-                        Err(Errno::EINTR) => {}
-                        Err(Errno::EAGAIN) => break,
-                        Err(_) => return Flush::Failed,
-                    }
-                }
-                tls.keep_unsent(&out[at..]);
-                if conn.machine.on_written(taken) == Written::ShutWrite {
-                    if let Some(tls) = conn.tls.as_deref_mut() {
-                        tls.close();
-                    }
+                    Err(Errno::EAGAIN) => return Flush::Blocked,
+                    Err(Errno::EINTR) => {}
+                    Err(_) => return Flush::Failed,
                 }
             }
-        });
-        self.engine.count_backlog(conn);
-        result
-    }
+            if tls.take_shutdown() {
+                let _ = shutdown(fd, Shutdown::Write);
+            }
+            if conn.machine.backlog().is_empty() {
+                return Flush::Done;
+            }
+            let mut slices = [IoSlice::new(&[]); FEED_SLICES];
+            let n = conn.machine.backlog().io_slices(&mut slices);
+            let taken = match tls.encrypt(&slices[..n], stage, out) {
+                Ok(taken @ 1..) => taken,
+                // Nothing is unsent here: no plaintext taken means a failed session.
+                _ => return Flush::Failed,
+            };
+            // Straight to the socket; the session keeps what it does not take.
+            let mut at = 0;
+            while at < out.len() {
+                shard.engine.metrics.send_calls.fetch_add(1, Relaxed);
+                match send_some(fd, &out[at..]) {
+                    Ok(n) => {
+                        shard.engine.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+                        at += n;
+                    }
+                    Err(Errno::EINTR) => {}
+                    Err(Errno::EAGAIN) => break,
+                    Err(_) => return Flush::Failed,
+                }
+            }
+            tls.keep_unsent(&out[at..]);
+            if conn.machine.on_written(taken) == Written::ShutWrite {
+                if let Some(tls) = conn.tls.as_deref_mut() {
+                    tls.close();
+                }
+            }
+        }
+    });
+    shard.engine.count_backlog(conn);
+    result
 }
