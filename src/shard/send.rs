@@ -155,9 +155,7 @@ impl Shard {
     /// submitted to the kernel at once through the shard's send ring when it has one.
     pub fn flush_dirty(&self) {
         while let Some(keys) = self.engine.take_dirty() {
-            for chunk in keys.chunks(FAIR_CHUNK) {
-                self.flush_keys(chunk);
-            }
+            self.flush_listed(&keys);
             self.engine.recycle_dirty(keys);
         }
     }

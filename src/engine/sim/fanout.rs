@@ -18,7 +18,7 @@
 //! - the backlog gauge equals the bytes queued whenever the engine has counted them, and
 //!   is zero once every socket drained.
 
-use super::{parse_wire, Peer, SimWire};
+use super::{Peer, SimWire};
 use crate::engine::round::{Delivery, Next};
 use crate::engine::table::Conn;
 use crate::engine::{CloseOrder, Engine};
@@ -160,27 +160,11 @@ impl Sim {
         self.carry_out(s, engine.take_closes(), now);
     }
 
-    /// The client of `key` reads up to `take` bytes; freed space in a full buffer is a
-    /// writable edge, served as the driver serves it.
+    /// The client of `key` on shard `s` reads up to `take` bytes ([`super::read`]); the
+    /// closes that decided are carried out.
     fn read(&self, s: usize, key: u32, take: usize, now: u32) {
         let engine = self.engine(s);
-        {
-            let mut conns = engine.conns.borrow_mut();
-            let Some(conn) = conns.get_mut(key) else {
-                return;
-            };
-            let take = take.min(conn.fd.kernel.len());
-            let read: Vec<u8> = conn.fd.kernel.drain(..take).collect();
-            conn.fd.client.wire.extend_from_slice(&read);
-            parse_wire(&mut conn.fd.client, self.seed);
-            if take > 0 && std::mem::take(&mut conn.fd.blocked) {
-                let wire = SimWire { engine };
-                engine.flush_or_close(&wire, key, conn);
-                if conn.machine.is_open() {
-                    engine.catch_up(&wire, key, conn);
-                }
-            }
-        }
+        super::read(engine, key, take, self.seed);
         self.carry_out(s, engine.take_closes(), now);
     }
 

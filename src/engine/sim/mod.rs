@@ -106,6 +106,28 @@ impl Wire<Peer> for SimWire<'_> {
     }
 }
 
+/// The client of `key` reads up to `take` bytes of what its socket holds. Space freed in
+/// a full buffer is a writable edge, served as the driver serves one: write what is
+/// queued, then a lagging connection takes its next part from history. The closes this
+/// decides are left in the engine's list for the caller to carry out.
+pub(crate) fn read(engine: &Engine<Peer>, key: u32, take: usize, seed: u64) {
+    let mut conns = engine.conns.borrow_mut();
+    let Some(conn) = conns.get_mut(key) else {
+        return;
+    };
+    let take = take.min(conn.fd.kernel.len());
+    let read: Vec<u8> = conn.fd.kernel.drain(..take).collect();
+    conn.fd.client.wire.extend_from_slice(&read);
+    parse_wire(&mut conn.fd.client, seed);
+    if take > 0 && std::mem::take(&mut conn.fd.blocked) {
+        let wire = SimWire { engine };
+        engine.flush_or_close(&wire, key, conn);
+        if conn.machine.is_open() {
+            engine.catch_up(&wire, key, conn);
+        }
+    }
+}
+
 /// Parses the frames that arrived, checking each channel's sequence: the next offset, or
 /// a gap notice starting at it.
 pub(crate) fn parse_wire(client: &mut Client, seed: u64) {

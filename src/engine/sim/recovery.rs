@@ -23,7 +23,7 @@
 //! What the simulation writes itself is only the driver's part: the socket, the client
 //! and the subscribe command's attach.
 
-use super::{parse_wire, Client, Peer, SimWire};
+use super::{Client, Peer, SimWire};
 use crate::engine::round::{Delivery, Next};
 use crate::engine::table::Conn;
 use crate::engine::{CloseOrder, Engine};
@@ -272,31 +272,11 @@ impl Sim {
         }
     }
 
-    /// The client of `key` reads up to `take` bytes of what its socket holds; space
-    /// freed in a full buffer is a writable edge, served as the driver serves it.
+    /// The client of `key` on shard `s` reads up to `take` bytes ([`super::read`]); the
+    /// closes that decided are carried out.
     fn read(&mut self, s: usize, key: u32, take: usize, now: u32) {
-        let seed = self.seed;
         let engine = &self.shards[s].engine;
-        let mut conns = engine.conns.borrow_mut();
-        let Some(conn) = conns.get_mut(key) else {
-            return;
-        };
-        let take = take.min(conn.fd.kernel.len());
-        let read: Vec<u8> = conn.fd.kernel.drain(..take).collect();
-        conn.fd.client.wire.extend_from_slice(&read);
-        parse_wire(&mut conn.fd.client, seed);
-        if take == 0 || !std::mem::take(&mut conn.fd.blocked) {
-            return;
-        }
-        let wire = SimWire { engine };
-        if conn.machine.is_open() {
-            engine.flush_or_close(&wire, key, conn);
-            // Drained: a lagging connection takes its next part from history.
-            engine.catch_up(&wire, key, conn);
-        } else {
-            engine.flush_or_close(&wire, key, conn);
-        }
-        drop(conns);
+        super::read(engine, key, take, self.seed);
         self.carry_out(s, engine.take_closes(), now);
     }
 
